@@ -1,0 +1,190 @@
+"""The contract between the engine and a model family.
+
+A model family (``nodes/wan``, ``nodes/qwen_image``) declares, as plain data, the stages of each task it
+supports: which components each stage needs and which tensors it consumes and produces, with dtypes and
+symbolic shapes. That declaration is all the engine needs to validate a graph, derive what each edge
+carries and size its buffers, without importing torch or loading a weight.
+
+At run time a worker asks the family to load only the components its node's stages need and to build the
+stages; a stage then runs one request at a time on tensors. This module imports no heavy library: a
+family's declaration must stay importable in milliseconds (``engine validate`` answers in well under a
+second), so families import torch and diffusers only inside their runtime methods.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+#: Dtype names used in tensor declarations and graph files. ``model`` stands for the graph's model dtype.
+DTYPES = ("float32", "bfloat16", "float16", "uint8", "int64", "int32", "bool")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "uint8": 1, "int64": 8, "int32": 4, "bool": 1}
+MODEL_DTYPE = "model"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor a stage produces.
+
+    ``shape`` holds one expression per dimension: an integer or an arithmetic expression over the symbols
+    the family derives from the request and the model configs (``"(num_frames - 1) // t_scale + 1"``).
+    ``dtype`` is a name from :data:`DTYPES` or ``"model"`` for the graph's model dtype. ``optional`` tensors
+    may be absent from a request (``negative_prompt_embeds`` without guidance); buffers are sized as if
+    present. ``variable`` dimensions are bounded by their expression but may be shorter in a request (a
+    prompt's token count): an edge then carries exactly the bytes of the real shape.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+    optional: bool = False
+    variable: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a task: the components it needs, the tensors it reads and the tensors it writes."""
+
+    name: str
+    components: tuple[str, ...]
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A loadable part of a model.
+
+    ``folder`` is the diffusers-layout subfolder it lives in (``vae``); ``prefixes`` restricts it to the
+    parameters whose names start with one of them (the encoder half of the VAE), empty for the whole
+    module. ``weights`` is False for tokenizers, processors and schedulers.
+    """
+
+    name: str
+    folder: str
+    prefixes: tuple[str, ...] = ()
+    weights: bool = True
+
+
+class RequestParams(BaseModel):
+    """Base of a family's request parameters. Families subclass it with their fields and rules.
+
+    Unknown keys are rejected; values are checked by field and model validators, whose messages the
+    engine reports with the file and line of the request they came from.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = Field(0, ge=0, lt=2**63, description="Seed of the initial noise.")
+
+    #: Request fields that bound buffer sizes (``height``, ``width``, ``num_frames``...): the planner sizes
+    #: edge buffers at the largest value of each the graph admits.
+    size_fields: ClassVar[tuple[str, ...]] = ()
+
+    def resolve_paths(self, base: Path) -> "RequestParams":
+        """Return a copy whose file fields (an input image) are resolved against ``base``."""
+        return self
+
+
+#: Reports denoising progress: ``progress(step, total)`` after each step.
+ProgressFn = Callable[[int, int], None]
+
+
+class Stage(ABC):
+    """A loaded stage, ready to run requests. Built by :meth:`ModelFamily.build_stage`."""
+
+    spec: StageSpec
+
+    @abstractmethod
+    def run(
+        self, request: RequestParams, inputs: Mapping[str, "torch.Tensor"], progress: ProgressFn
+    ) -> dict[str, "torch.Tensor"]:
+        """Run one request: read ``inputs`` (named as in ``spec.inputs``), return ``spec.outputs`` by name."""
+
+
+@dataclass
+class LoadedComponents:
+    """What a node replica holds: component name -> object (module, tokenizer, scheduler...)."""
+
+    objects: dict[str, Any] = field(default_factory=dict)
+
+    def parameter_bytes(self) -> dict[str, int]:
+        """Resident parameter and buffer bytes per component (0 for components without weights)."""
+        sizes: dict[str, int] = {}
+        for name, obj in self.objects.items():
+            total = 0
+            if hasattr(obj, "parameters"):
+                seen: set[int] = set()
+                for tensor in [*obj.parameters(), *obj.buffers()]:
+                    if id(tensor) not in seen:
+                        seen.add(id(tensor))
+                        total += tensor.numel() * tensor.element_size()
+            sizes[name] = total
+        return sizes
+
+
+class ModelFamily(ABC):
+    """A model family: its tasks, their stages, and how to load and run them.
+
+    The declaration methods (``tasks`` to ``request_type``, ``shape_symbols``) must not import torch or
+    diffusers. The runtime methods (``resolve_source`` onwards) may.
+    """
+
+    name: ClassVar[str]
+    #: Task names (``t2v``, ``i2v``).
+    tasks: ClassVar[tuple[str, ...]]
+    #: Named model presets a graph may give as ``model.path`` (``tiny``, ``bench``), besides folders and repo ids.
+    presets: ClassVar[tuple[str, ...]] = ()
+
+    # -- declaration (no heavy imports) -------------------------------------------------------------------
+
+    @abstractmethod
+    def stages(self, task: str) -> tuple[StageSpec, ...]:
+        """The task's stages in execution order."""
+
+    @abstractmethod
+    def components(self, task: str) -> dict[str, ComponentSpec]:
+        """Every component the task's stages may name, by name."""
+
+    @abstractmethod
+    def request_type(self, task: str) -> type[RequestParams]:
+        """The pydantic model of a request for ``task``."""
+
+    @abstractmethod
+    def shape_symbols(self, task: str, configs: Mapping[str, Mapping[str, Any]], request: RequestParams) -> dict[str, int]:
+        """Values of the symbols used in the stages' shape expressions.
+
+        ``configs`` maps a component folder (``text_encoder``, ``vae``...) to its parsed ``config.json``.
+        """
+
+    # -- runtime (may import torch / diffusers) -----------------------------------------------------------
+
+    @abstractmethod
+    def resolve_source(self, task: str, path: str) -> Path:
+        """Return a local diffusers-layout folder for ``path``: a preset (built locally on first use and
+        cached), a local folder, or a Hugging Face repo id (from the local cache when offline). Raises
+        :class:`~engine.errors.ModelError` with what was tried when nothing is found."""
+
+    @abstractmethod
+    def load_components(
+        self, task: str, names: tuple[str, ...], source: Path, device: str, dtype: str
+    ) -> LoadedComponents:
+        """Instantiate exactly the named components from ``source`` on ``device`` in ``dtype``."""
+
+    @abstractmethod
+    def build_stage(self, task: str, name: str, components: LoadedComponents, device: str, dtype: str) -> Stage:
+        """A runnable stage over already-loaded components."""
+
+    @abstractmethod
+    def write_output(self, request: RequestParams, outputs: Mapping[str, "torch.Tensor"], out_dir: Path, stem: str) -> list[Path]:
+        """Write a request's final tensors (decoded frames) as files; return their paths."""

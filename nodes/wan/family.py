@@ -1,0 +1,176 @@
+"""Wan2.1 family declaration: tasks, stages, components, request parameters and shape symbols.
+
+Only data and pydantic here (no torch import): ``engine validate`` reads this in milliseconds.
+The runtime side (loading, stage execution, output writing) lives in the sibling modules and is
+imported only when a worker needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field, model_validator
+
+from engine.stages import MODEL_DTYPE, ComponentSpec, ModelFamily, RequestParams, StageSpec, TensorSpec
+
+#: The umT5 prompt length the Wan pipelines pad to.
+TEXT_LEN = 512
+
+_LATENT = ("batch", "z_dim", "latent_frames", "latent_h", "latent_w")
+
+TEXT_ENCODE = StageSpec(
+    "text_encode",
+    components=("tokenizer", "text_encoder"),
+    outputs=(
+        TensorSpec("prompt_embeds", MODEL_DTYPE, ("batch", "text_len", "text_dim")),
+        TensorSpec("negative_prompt_embeds", MODEL_DTYPE, ("batch", "text_len", "text_dim"), optional=True),
+    ),
+    description="umT5 prompt embeddings (and negative prompt embeddings when guidance is on)",
+)
+IMAGE_ENCODE = StageSpec(
+    "image_encode",
+    components=("image_processor", "image_encoder"),
+    outputs=(TensorSpec("image_embeds", MODEL_DTYPE, ("batch", "image_tokens", "image_dim")),),
+    description="CLIP vision penultimate hidden states of the input image",
+)
+VAE_ENCODE = StageSpec(
+    "vae_encode",
+    components=("vae_encoder",),
+    outputs=(TensorSpec("condition", MODEL_DTYPE, ("batch", "t_scale + z_dim", "latent_frames", "latent_h", "latent_w")),),
+    description="first-frame mask and VAE latent of the input image (I2V conditioning)",
+)
+DENOISE_T2V = StageSpec(
+    "denoise",
+    components=("transformer", "scheduler"),
+    inputs=("prompt_embeds", "negative_prompt_embeds"),
+    outputs=(TensorSpec("latents", "float32", _LATENT),),
+    description="DiT denoising loop with classifier-free guidance",
+)
+DENOISE_I2V = StageSpec(
+    "denoise",
+    components=("transformer", "scheduler"),
+    inputs=("prompt_embeds", "negative_prompt_embeds", "image_embeds", "condition"),
+    outputs=(TensorSpec("latents", "float32", _LATENT),),
+    description="DiT denoising loop with classifier-free guidance, conditioned on the image",
+)
+VAE_DECODE = StageSpec(
+    "vae_decode",
+    components=("vae_decoder",),
+    inputs=("latents",),
+    outputs=(TensorSpec("frames", "float32", ("batch", "num_frames", "height", "width", 3)),),
+    description="VAE decoder to RGB frames in [0, 1]",
+)
+
+_STAGES = {
+    "t2v": (TEXT_ENCODE, DENOISE_T2V, VAE_DECODE),
+    "i2v": (TEXT_ENCODE, IMAGE_ENCODE, VAE_ENCODE, DENOISE_I2V, VAE_DECODE),
+}
+
+_COMPONENTS = {
+    "tokenizer": ComponentSpec("tokenizer", "tokenizer", weights=False),
+    "text_encoder": ComponentSpec("text_encoder", "text_encoder"),
+    "image_processor": ComponentSpec("image_processor", "image_processor", weights=False),
+    "image_encoder": ComponentSpec("image_encoder", "image_encoder"),
+    "transformer": ComponentSpec("transformer", "transformer"),
+    "scheduler": ComponentSpec("scheduler", "scheduler", weights=False),
+    "vae_encoder": ComponentSpec("vae_encoder", "vae", prefixes=("encoder.", "quant_conv.")),
+    "vae_decoder": ComponentSpec("vae_decoder", "vae", prefixes=("decoder.", "post_quant_conv.")),
+}
+_T2V_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "scheduler", "vae_encoder", "vae_decoder")
+
+
+class WanRequest(RequestParams):
+    """A Wan2.1 text-to-video request."""
+
+    size_fields: ClassVar[tuple[str, ...]] = ("height", "width", "num_frames")
+
+    prompt: str = Field(min_length=1, description="What the video shows.")
+    negative_prompt: str = Field("", description="What the video should not show (used when guidance_scale > 1).")
+    height: int = Field(480, ge=16, le=4096, multiple_of=16, description="Frame height in pixels, a multiple of 16.")
+    width: int = Field(832, ge=16, le=4096, multiple_of=16, description="Frame width in pixels, a multiple of 16.")
+    num_frames: int = Field(81, ge=1, le=1025, description="Number of frames, 4k+1 (1, 5, ..., 81).")
+    steps: int = Field(50, ge=1, le=1000, description="Denoising steps.")
+    guidance_scale: float = Field(5.0, ge=0.0, le=100.0, description="Classifier-free guidance scale; <= 1 turns it off.")
+    flow_shift: float | None = Field(None, gt=0.0, le=100.0, description="Scheduler flow shift; default: the model's scheduler config.")
+    fps: int = Field(16, ge=1, le=120, description="Frame rate of the written video.")
+
+    @model_validator(mode="after")
+    def _frames_are_4k_plus_1(self) -> "WanRequest":
+        if (self.num_frames - 1) % 4 != 0:
+            below = self.num_frames - (self.num_frames - 1) % 4
+            raise ValueError(f"num_frames must be 4k+1 (e.g. {below} or {below + 4}), got {self.num_frames}")
+        return self
+
+
+class WanImageRequest(WanRequest):
+    """A Wan2.1 image-to-video request: a text request plus the first frame."""
+
+    image: Path = Field(description="Path of the first frame (PNG/JPEG), resized to height x width.")
+
+    def resolve_paths(self, base: Path) -> "WanImageRequest":
+        return self if self.image.is_absolute() else self.model_copy(update={"image": base / self.image})
+
+
+class WanFamily(ModelFamily):
+    name = "wan"
+    tasks = ("t2v", "i2v")
+    presets = ("tiny", "bench")
+
+    def stages(self, task: str) -> tuple[StageSpec, ...]:
+        return _STAGES[task]
+
+    def components(self, task: str) -> dict[str, ComponentSpec]:
+        names = _T2V_COMPONENTS if task == "t2v" else tuple(_COMPONENTS)
+        return {name: _COMPONENTS[name] for name in names}
+
+    def request_type(self, task: str) -> type[RequestParams]:
+        return WanImageRequest if task == "i2v" else WanRequest
+
+    def shape_symbols(self, task: str, configs: Mapping[str, Mapping[str, Any]], request: RequestParams) -> dict[str, int]:
+        assert isinstance(request, WanRequest)
+        vae = configs["vae"]
+        t_scale = 2 ** sum(bool(d) for d in vae["temperal_downsample"])
+        s_scale = 2 ** len(vae["temperal_downsample"])
+        symbols = {
+            "batch": 1,
+            "text_len": TEXT_LEN,
+            "text_dim": int(configs["text_encoder"]["d_model"]),
+            "z_dim": int(vae["z_dim"]),
+            "t_scale": t_scale,
+            "s_scale": s_scale,
+            "num_frames": request.num_frames,
+            "height": request.height,
+            "width": request.width,
+            "latent_frames": (request.num_frames - 1) // t_scale + 1,
+            "latent_h": request.height // s_scale,
+            "latent_w": request.width // s_scale,
+        }
+        if task == "i2v":
+            vision = configs["image_encoder"]
+            symbols["image_tokens"] = (int(vision["image_size"]) // int(vision["patch_size"])) ** 2 + 1
+            symbols["image_dim"] = int(vision["hidden_size"])
+        return symbols
+
+    # -- runtime ------------------------------------------------------------------------------------------
+
+    def resolve_source(self, task: str, path: str) -> Path:
+        from nodes.wan.sources import resolve_source
+
+        return resolve_source(task, path)
+
+    def load_components(self, task, names, source, device, dtype):
+        from nodes.wan.loading import load_components
+
+        return load_components(task, names, source, device, dtype)
+
+    def build_stage(self, task, name, components, device, dtype):
+        from nodes.wan.stages import build_stage
+
+        return build_stage(task, name, components, device, dtype)
+
+    def write_output(self, request, outputs, out_dir, stem):
+        from nodes.wan.output import write_video
+
+        return write_video(request, outputs, out_dir, stem)
