@@ -1,0 +1,220 @@
+"""Qwen-Image family declaration: tasks, stages, components, request parameters and shape symbols.
+
+Only data and pydantic here (no torch import): ``engine validate`` reads this in milliseconds.
+The runtime side (sources, loading, stage execution, output writing) lives in the sibling modules and is
+imported only when a worker needs it.
+
+Sizes follow diffusers' QwenImagePipeline / QwenImageEditPipeline:
+- prompt embeddings hold the real token count (after the template's system prefix is dropped), never
+  padded: their length is a variable dimension bounded by what the pipeline admits;
+- latents are packed 2x2 patches, ``[batch, (height / 16) * (width / 16), 4 * z_dim]``, in the model
+  dtype (the pipeline's scheduler hands them back in the dtype of the prompt embeddings);
+- Edit encodes its input image at about one megapixel with the input's aspect ratio
+  (``calculate_dimensions`` in the Edit pipeline), whatever the output size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from engine.stages import MODEL_DTYPE, ComponentSpec, ModelFamily, RequestParams, StageSpec, TensorSpec
+
+#: Prompt embeddings past this many tokens are cut off by QwenImagePipeline (its ``max_sequence_length``).
+T2I_MAX_SEQUENCE_LENGTH = 512
+#: Text tokens an Edit prompt may have (QwenImageEditPipeline does not truncate; longer prompts are refused).
+EDIT_MAX_TEXT_TOKENS = 1024
+#: Pixel area the Edit pipeline resizes its input image to before encoding it.
+EDIT_IMAGE_AREA = 1024 * 1024
+#: Widest input aspect ratio (long side / short side) an Edit request accepts.
+EDIT_MAX_ASPECT = 4.0
+
+_PROMPT = ("batch", "prompt_len", "text_dim")
+_MASK = ("batch", "prompt_len")
+_PACKED = ("batch", "latent_tokens", "packed_dim")
+
+TEXT_ENCODE_OUTPUTS = (
+    TensorSpec("prompt_embeds", MODEL_DTYPE, _PROMPT, variable=(1,)),
+    TensorSpec("prompt_embeds_mask", "int64", _MASK, variable=(1,)),
+    TensorSpec("negative_prompt_embeds", MODEL_DTYPE, _PROMPT, optional=True, variable=(1,)),
+    TensorSpec("negative_prompt_embeds_mask", "int64", _MASK, optional=True, variable=(1,)),
+)
+_PROMPT_INPUTS = tuple(spec.name for spec in TEXT_ENCODE_OUTPUTS)
+
+TEXT_ENCODE_T2I = StageSpec(
+    "text_encode",
+    components=("tokenizer", "text_encoder"),
+    outputs=TEXT_ENCODE_OUTPUTS,
+    description="Qwen2.5-VL last hidden states of the prompt (and of the negative prompt with true CFG)",
+)
+TEXT_ENCODE_EDIT = StageSpec(
+    "text_encode",
+    components=("processor", "text_encoder"),
+    outputs=TEXT_ENCODE_OUTPUTS,
+    description="Qwen2.5-VL last hidden states of the prompt with the input image (and of the negative prompt)",
+)
+VAE_ENCODE = StageSpec(
+    "vae_encode",
+    components=("vae_encoder",),
+    outputs=(
+        TensorSpec(
+            "image_latents", MODEL_DTYPE, ("batch", "z_dim", 1, "image_latent_h", "image_latent_w"), variable=(3, 4)
+        ),
+    ),
+    description="normalised VAE latent (distribution mode) of the input image at about one megapixel",
+)
+DENOISE_T2I = StageSpec(
+    "denoise",
+    components=("transformer", "scheduler"),
+    inputs=_PROMPT_INPUTS,
+    outputs=(TensorSpec("latents", MODEL_DTYPE, _PACKED),),
+    description="MMDiT flow-matching loop with true classifier-free guidance",
+)
+DENOISE_EDIT = StageSpec(
+    "denoise",
+    components=("transformer", "scheduler"),
+    inputs=(*_PROMPT_INPUTS, "image_latents"),
+    outputs=(TensorSpec("latents", MODEL_DTYPE, _PACKED),),
+    description="MMDiT flow-matching loop with true classifier-free guidance, conditioned on the image latents",
+)
+VAE_DECODE = StageSpec(
+    "vae_decode",
+    components=("vae_decoder",),
+    inputs=("latents",),
+    outputs=(TensorSpec("image", "float32", ("batch", "height", "width", 3)),),
+    description="VAE decoder to an RGB image in [0, 1]",
+)
+
+_STAGES = {
+    "t2i": (TEXT_ENCODE_T2I, DENOISE_T2I, VAE_DECODE),
+    "edit": (TEXT_ENCODE_EDIT, VAE_ENCODE, DENOISE_EDIT, VAE_DECODE),
+}
+
+_COMPONENTS = {
+    "tokenizer": ComponentSpec("tokenizer", "tokenizer", weights=False),
+    "processor": ComponentSpec("processor", "processor", weights=False),
+    "text_encoder": ComponentSpec("text_encoder", "text_encoder"),
+    "transformer": ComponentSpec("transformer", "transformer"),
+    "scheduler": ComponentSpec("scheduler", "scheduler", weights=False),
+    "vae_encoder": ComponentSpec("vae_encoder", "vae", prefixes=("encoder.", "quant_conv.")),
+    "vae_decoder": ComponentSpec("vae_decoder", "vae", prefixes=("decoder.", "post_quant_conv.")),
+}
+
+
+class QwenImageRequest(RequestParams):
+    """A Qwen-Image text-to-image request."""
+
+    size_fields: ClassVar[tuple[str, ...]] = ("height", "width")
+
+    prompt: str = Field(min_length=1, description="What the image shows.")
+    negative_prompt: str | None = Field(
+        None, description="What the image should not show; true CFG runs only when given and true_cfg_scale > 1."
+    )
+    height: int = Field(1024, ge=16, le=4096, multiple_of=16, description="Image height in pixels, a multiple of 16.")
+    width: int = Field(1024, ge=16, le=4096, multiple_of=16, description="Image width in pixels, a multiple of 16.")
+    steps: int = Field(50, ge=1, le=1000, description="Denoising steps.")
+    true_cfg_scale: float = Field(
+        4.0, ge=0.0, le=100.0, description="True classifier-free guidance scale; <= 1 (or no negative prompt) turns it off."
+    )
+
+    @property
+    def true_cfg(self) -> bool:
+        """Whether the request runs true CFG (the pipeline's ``do_true_cfg``)."""
+        return self.true_cfg_scale > 1 and self.negative_prompt is not None
+
+
+class QwenImageEditRequest(QwenImageRequest):
+    """A Qwen-Image Edit request: a text request plus the image to edit."""
+
+    image: Path = Field(
+        description=f"Path of the image to edit (PNG/JPEG), aspect ratio at most {EDIT_MAX_ASPECT:g}:1 either way."
+    )
+
+    def resolve_paths(self, base: Path) -> "QwenImageEditRequest":
+        return self if self.image.is_absolute() else self.model_copy(update={"image": base / self.image})
+
+
+def edit_image_size_bounds() -> tuple[int, int]:
+    """Largest side and largest area (pixels) of the Edit pipeline's resized input image.
+
+    ``calculate_dimensions`` sets ``width = round(sqrt(area * ratio) / 32) * 32`` and ``height`` likewise
+    from ``area / ratio``; each side is off by at most 16 from the exact value.
+    """
+    long_side = math.sqrt(EDIT_IMAGE_AREA * EDIT_MAX_ASPECT)
+    short_side = math.sqrt(EDIT_IMAGE_AREA / EDIT_MAX_ASPECT)
+    max_side = round(long_side / 32) * 32
+    max_area = EDIT_IMAGE_AREA + 16 * math.ceil(long_side + short_side) + 16 * 16
+    return max_side, max_area
+
+
+def text_hidden_size(config: Mapping[str, Any]) -> int:
+    """Hidden size of a Qwen2.5-VL text encoder config (nested under ``text_config`` in transformers 5)."""
+    return int(config.get("text_config", config).get("hidden_size", config.get("hidden_size")))
+
+
+class QwenImageFamily(ModelFamily):
+    name = "qwen_image"
+    tasks = ("t2i", "edit")
+    presets = ("tiny",)
+
+    def stages(self, task: str) -> tuple[StageSpec, ...]:
+        return _STAGES[task]
+
+    def components(self, task: str) -> dict[str, ComponentSpec]:
+        names = dict.fromkeys(name for stage in _STAGES[task] for name in stage.components)
+        return {name: _COMPONENTS[name] for name in names}
+
+    def request_type(self, task: str) -> type[RequestParams]:
+        return QwenImageEditRequest if task == "edit" else QwenImageRequest
+
+    def shape_symbols(self, task: str, configs: Mapping[str, Mapping[str, Any]], request: RequestParams) -> dict[str, int]:
+        assert isinstance(request, QwenImageRequest)
+        vae = configs["vae"]
+        vae_scale = 2 ** len(vae["temperal_downsample"])
+        patch = 2 * vae_scale  # one packed latent token covers patch x patch pixels
+        symbols = {
+            "batch": 1,
+            "text_dim": text_hidden_size(configs["text_encoder"]),
+            "z_dim": int(vae["z_dim"]),
+            "packed_dim": int(configs["transformer"]["in_channels"]),
+            "height": request.height,
+            "width": request.width,
+            "latent_tokens": (request.height // patch) * (request.width // patch),
+            "prompt_len": T2I_MAX_SEQUENCE_LENGTH,
+        }
+        if task == "edit":
+            max_side, max_area = edit_image_size_bounds()
+            vision = configs["text_encoder"]["vision_config"]
+            factor = int(vision["patch_size"]) * int(vision["spatial_merge_size"])
+            # the processor rounds each side to a multiple of ``factor``, moving it by at most factor / 2
+            half, short_side = factor / 2, math.ceil(max_area / max_side)
+            vision_tokens = math.ceil((max_area + half * (max_side + short_side) + half**2) / factor**2)
+            symbols["prompt_len"] = EDIT_MAX_TEXT_TOKENS + vision_tokens
+            symbols["image_latent_h"] = symbols["image_latent_w"] = max_side // vae_scale
+        return symbols
+
+    # -- runtime ------------------------------------------------------------------------------------------
+
+    def resolve_source(self, task: str, path: str) -> Path:
+        from nodes.qwen_image.sources import resolve_source
+
+        return resolve_source(task, path)
+
+    def load_components(self, task, names, source, device, dtype):
+        from nodes.qwen_image.loading import load_components
+
+        return load_components(task, names, source, device, dtype)
+
+    def build_stage(self, task, name, components, device, dtype):
+        from nodes.qwen_image.stages import build_stage
+
+        return build_stage(task, name, components, device, dtype)
+
+    def write_output(self, request, outputs, out_dir, stem):
+        from nodes.qwen_image.output import write_image
+
+        return write_image(request, outputs, out_dir, stem)
