@@ -1,0 +1,99 @@
+"""From a checked graph to the plan: tensor shapes and edge buffer sizes at the largest admitted request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engine.errors import PlanError
+from engine.models.meta import read_component_config
+from engine.plan.check import CheckedGraph
+from engine.plan.model import Plan, PlannedEdge, PlannedNode, PlannedTensor
+from engine.plan.shapes import ShapeExpressionError, evaluate_shape
+from engine.stages import DTYPE_BYTES, MODEL_DTYPE, RequestParams
+
+
+def sizing_request(checked: CheckedGraph) -> RequestParams:
+    """The largest request the graph admits: each size parameter at its limit, or else at the largest value
+    any declared request or default uses. Buffers sized for it fit every request the graph accepts."""
+    spec = checked.loaded.spec
+    request_type = checked.family.request_type(spec.model.task)
+    sizes: dict[str, Any] = {}
+    for name in request_type.size_fields:
+        if name in spec.limits:
+            sizes[name] = spec.limits[name]
+            continue
+        values = [getattr(r, name) for r in checked.requests]
+        values.append(checked.request_defaults.get(name, request_type.model_fields[name].default))
+        sizes[name] = max(values)
+    return request_type.model_construct(**sizes)
+
+
+def limits_of(checked: CheckedGraph) -> dict[str, int]:
+    request = sizing_request(checked)
+    return {name: getattr(request, name) for name in type(request).size_fields}
+
+
+def component_configs(checked: CheckedGraph, source: Path) -> dict[str, dict[str, Any]]:
+    """Parsed config.json of every weighted component folder the task uses."""
+    components = checked.family.components(checked.loaded.spec.model.task)
+    folders = sorted({c.folder for c in components.values() if c.weights})
+    return {folder: read_component_config(source, folder) for folder in folders}
+
+
+def node_dtype(checked: CheckedGraph, node: str) -> str:
+    return checked.loaded.spec.nodes[node].dtype or checked.loaded.spec.model.dtype
+
+
+def build_plan(checked: CheckedGraph, source: Path) -> Plan:
+    """Resolve shapes against the model at ``source`` and size every edge."""
+    spec, lines = checked.loaded.spec, checked.loaded.lines
+    task = spec.model.task
+    try:
+        symbols = checked.family.shape_symbols(task, component_configs(checked, source), sizing_request(checked))
+    except KeyError as exc:
+        raise PlanError(f"model at {source}: a component config lacks {exc} needed to size the edges") from None
+    components = checked.family.components(task)
+
+    nodes = {}
+    for name, node in spec.nodes.items():
+        needed = dict.fromkeys(c for stage in node.stages for c in checked.stages[stage].components)
+        missing = [c for c in needed if c not in components]
+        if missing:
+            raise PlanError(f"node {name!r}: the {spec.model.family} family declares no component {missing}")
+        nodes[name] = PlannedNode(
+            name=name, stages=tuple(node.stages), components=tuple(needed), host=node.place.host,
+            device=node.place.device, replicas=node.replicas, dtype=node_dtype(checked, name),
+            memory_bytes=node.place.memory_bytes, line=lines.line(("nodes", name)),
+        )
+
+    edges = []
+    for i, edge in enumerate(spec.edges):
+        tensors = []
+        for flow in checked.flows:
+            if (flow.source, flow.target) != (edge.source, edge.target):
+                continue
+            tensor = flow.tensor
+            dtype = nodes[flow.source].dtype if tensor.dtype == MODEL_DTYPE else tensor.dtype
+            try:
+                shape = evaluate_shape(tensor.shape, symbols)
+            except ShapeExpressionError as exc:
+                raise PlanError(f"{spec.model.family} {task}, tensor {tensor.name!r}: {exc}") from None
+            nbytes = DTYPE_BYTES[dtype]
+            for dim in shape:
+                nbytes *= dim
+            tensors.append(PlannedTensor(tensor.name, dtype, shape, nbytes, tensor.optional, tensor.variable,
+                                         flow.producer, flow.consumers))
+        edges.append(PlannedEdge(
+            name=edge.name, source=edge.source, target=edge.target, transport=checked.transports[edge.name],
+            integrity=edge.integrity, retries=edge.retries, slots=edge.slots, tensors=tuple(tensors),
+            line=lines.line(("edges", i)),
+        ))
+
+    return Plan(
+        graph=spec.name, file=lines.file, family=spec.model.family, task=task, model_path=spec.model.path,
+        dtype=spec.model.dtype, broker=spec.broker, nodes=nodes, edges=tuple(edges), segments=checked.segments,
+        final_outputs=checked.final_outputs, request_defaults=checked.request_defaults, requests=checked.requests,
+        limits=limits_of(checked), timeouts=spec.timeouts, base_dir=str(checked.loaded.base_dir),
+        component_folders={name: c.folder for name, c in components.items()},
+    )

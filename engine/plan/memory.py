@@ -1,0 +1,106 @@
+"""Memory per node and fit per device: parameter bytes from the model configs on the meta device.
+
+Weights are counted exactly (no checkpoint is read); activation memory is not estimated, so a device
+that fits "with 2% to spare" may still run out at large resolutions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from engine.errors import PlanError
+from engine.models.meta import parameter_count
+from engine.plan.model import Plan
+from engine.stages import DTYPE_BYTES, ModelFamily
+
+
+@dataclass(frozen=True)
+class NodeMemory:
+    node: str
+    host: str
+    device: str
+    replicas: int
+    dtype: str
+    parameters: dict[str, int]  #: component -> parameter count
+    receive_bytes: int  #: edge receive slots one replica registers
+
+    @property
+    def weight_bytes(self) -> int:
+        """Parameter bytes one replica holds."""
+        return sum(self.parameters.values()) * DTYPE_BYTES[self.dtype]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.replicas * (self.weight_bytes + self.receive_bytes)
+
+
+@dataclass(frozen=True)
+class DeviceFit:
+    host: str
+    device: str
+    capacity: int | None  #: None: not declared and not detectable from here
+    required: int
+    nodes: tuple[str, ...]
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.capacity is None else self.required <= self.capacity
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    nodes: tuple[NodeMemory, ...]
+    devices: tuple[DeviceFit, ...]
+
+    def raise_if_over(self) -> None:
+        over = [d for d in self.devices if d.fits is False]
+        if over:
+            lines = [f"{d.host} {d.device}: nodes {', '.join(d.nodes)} need {gib(d.required)}, the device has {gib(d.capacity or 0)}" for d in over]
+            raise PlanError("the graph does not fit in memory:\n  " + "\n  ".join(lines)
+                            + "\nmove a node to another device, lower replicas, or use a smaller dtype (bf16)")
+
+
+def gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+@cache
+def _count(source: str, family: ModelFamily, task: str, component: str) -> int:
+    return parameter_count(Path(source), family.components(task)[component])
+
+
+def detect_capacity(host: str, device: str) -> int | None:
+    """Total memory of a device on this host; None for other hosts and devices not visible here."""
+    if host != "local":
+        return None
+    if device == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    kind, _, index = device.partition(":")
+    import torch
+
+    backend = getattr(torch, kind, None)
+    if backend is None or not backend.is_available() or int(index) >= backend.device_count():
+        return None
+    return backend.get_device_properties(int(index)).total_memory
+
+
+def memory_report(plan: Plan, family: ModelFamily, source: Path) -> MemoryReport:
+    nodes = []
+    for node in plan.nodes.values():
+        parameters = {c: _count(str(source), family, plan.task, c) for c in node.components}
+        receive = sum(e.slots * e.slot_bytes for e in plan.edges_into(node.name))
+        nodes.append(NodeMemory(node.name, node.host, node.device, node.replicas, node.dtype, parameters, receive))
+    devices: dict[tuple[str, str], list[NodeMemory]] = {}
+    for memory in nodes:
+        devices.setdefault((memory.host, memory.device), []).append(memory)
+    fits = []
+    for (host, device), members in devices.items():
+        declared = [plan.nodes[m.node].memory_bytes for m in members if plan.nodes[m.node].memory_bytes is not None]
+        if len(set(declared)) > 1:
+            raise PlanError(f"{host} {device}: nodes {', '.join(m.node for m in members)} declare different place.memory")
+        capacity = declared[0] if declared else detect_capacity(host, device)
+        fits.append(DeviceFit(host, device, capacity, sum(m.total_bytes for m in members), tuple(m.node for m in members)))
+    return MemoryReport(tuple(nodes), tuple(fits))

@@ -1,0 +1,109 @@
+"""The plan: an immutable description of what runs where, derived from a valid graph.
+
+Everything after planning (deploy, control, transport, runtime) reads this and never the YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.spec.schema import Timeouts
+from engine.stages import RequestParams
+
+#: Every tensor in an edge payload starts at a multiple of this many bytes.
+PAYLOAD_ALIGNMENT = 64
+
+
+def align(nbytes: int, alignment: int = PAYLOAD_ALIGNMENT) -> int:
+    return -(-nbytes // alignment) * alignment
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor an edge carries, at the largest request the graph admits."""
+
+    name: str
+    dtype: str  #: concrete dtype name (``model`` resolved)
+    shape: tuple[int, ...]
+    nbytes: int
+    optional: bool
+    variable: tuple[int, ...]
+    producer: str  #: stage that writes it
+    consumers: tuple[str, ...]  #: stages that read it
+
+
+@dataclass(frozen=True)
+class PlannedEdge:
+    name: str
+    source: str
+    target: str
+    transport: str  #: mooncake, shm or inproc (``auto`` resolved)
+    integrity: str
+    retries: int
+    slots: int
+    tensors: tuple[PlannedTensor, ...]
+    line: int | None
+
+    @property
+    def slot_bytes(self) -> int:
+        """Receive-slot size: every tensor at its largest shape, each start aligned."""
+        return sum(align(t.nbytes) for t in self.tensors)
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class PlannedNode:
+    name: str
+    stages: tuple[str, ...]
+    components: tuple[str, ...]
+    host: str
+    device: str
+    replicas: int
+    dtype: str
+    memory_bytes: int | None  #: declared in the graph; None: detect
+    line: int | None
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive stages of a request that run on one node without leaving it."""
+
+    index: int
+    node: str
+    stages: tuple[str, ...]
+    inputs: tuple[str, ...]  #: tensors it reads that come from other nodes
+    outputs: tuple[str, ...]  #: tensors it writes that other nodes read (or final outputs)
+
+
+@dataclass(frozen=True)
+class Plan:
+    graph: str
+    file: str
+    family: str
+    task: str
+    model_path: str
+    dtype: str
+    broker: str
+    nodes: dict[str, PlannedNode]
+    edges: tuple[PlannedEdge, ...]
+    segments: tuple[Segment, ...]
+    final_outputs: tuple[str, ...]
+    request_defaults: dict[str, Any]
+    requests: tuple[RequestParams, ...]
+    limits: dict[str, int]
+    timeouts: Timeouts
+    base_dir: str
+    component_folders: dict[str, str] = field(default_factory=dict)
+
+    def edge_between(self, source: str, target: str) -> PlannedEdge:
+        return next(e for e in self.edges if e.source == source and e.target == target)
+
+    def edges_into(self, node: str) -> tuple[PlannedEdge, ...]:
+        return tuple(e for e in self.edges if e.target == node)
+
+    def edges_from(self, node: str) -> tuple[PlannedEdge, ...]:
+        return tuple(e for e in self.edges if e.source == node)

@@ -1,0 +1,122 @@
+"""The graph file format as pydantic models: plain data, checked field by field.
+
+This module knows nothing of model families or of the rest of the engine; cross-references (stages,
+nodes, edges, tensors) are checked in :mod:`engine.plan`, which reads these models and never the YAML.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda:\d+|xpu:\d+)$")
+NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+MEMORY_PATTERN = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+MEMORY_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+               "fp32": "float32", "float32": "float32"}
+TRANSPORTS = ("auto", "mooncake", "shm", "inproc")
+INTEGRITY = ("xxh3-128", "none")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _dtype(value: Any) -> Any:
+    if isinstance(value, str) and value in DTYPE_NAMES:
+        return DTYPE_NAMES[value]
+    raise ValueError(f"got {value!r}; expected one of bf16, fp16, fp32 (or bfloat16, float16, float32)")
+
+
+def parse_memory(text: str) -> int:
+    match = MEMORY_PATTERN.match(text.strip())
+    if not match:
+        raise ValueError(f"got {text!r}; expected a size such as 80GiB, 24GB or 512MiB")
+    return int(float(match.group(1)) * MEMORY_UNITS[match.group(2)])
+
+
+class ModelSpec(Strict):
+    family: str = Field(description="Model family, e.g. wan or qwen_image.")
+    task: str = Field(description="Task of the family, e.g. t2v, i2v, t2i, edit.")
+    path: str = Field(description="A preset (tiny), a diffusers-layout folder, or a Hugging Face repo id.")
+    dtype: str = Field("bfloat16", description="Default weight and activation dtype: bf16, fp16 or fp32.")
+
+    _check_dtype = field_validator("dtype", mode="before")(_dtype)
+
+
+class Place(Strict):
+    host: str = Field("local", min_length=1, description="Host running the node: local, or an agent's host name.")
+    device: str = Field(description="Device: cpu, cuda:N or xpu:N.")
+    memory: str | None = Field(None, description="Memory to plan against (80GiB); default: detected.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError(f"got {value!r}; expected cpu, cuda:N or xpu:N (N a device index, e.g. cuda:0)")
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_memory(value)
+        return value
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return parse_memory(self.memory) if self.memory is not None else None
+
+
+class NodeSpec(Strict):
+    stages: list[str] = Field(min_length=1, description="Stages this node runs, in order (exact names).")
+    place: Place = Field(description="Where the node's replicas run.")
+    replicas: int = Field(1, ge=1, le=64, description="Worker processes running this node.")
+    dtype: str | None = Field(None, description="Overrides the model dtype for this node.")
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _check_dtype(cls, value: Any) -> Any:
+        return None if value is None else _dtype(value)
+
+
+class EdgeSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN, description="Edge name, e.g. phase1.")
+    source: str = Field(alias="from", description="Node that produces the tensors.")
+    target: str = Field(alias="to", description="Node that consumes them.")
+    transport: Literal["auto", "mooncake", "shm", "inproc"] = Field(
+        "auto", description="mooncake (TCP/RDMA), shm (same host), inproc (same process), auto (by placement).")
+    integrity: Literal["xxh3-128", "none"] = Field("xxh3-128", description="Payload digest checked before use.")
+    retries: int = Field(3, ge=0, le=20, description="Retransmissions after a failed integrity check.")
+    slots: int = Field(2, ge=1, le=64, description="Receive slots per target replica (requests in flight on this edge).")
+
+
+class Timeouts(Strict):
+    ready_s: float = Field(300.0, gt=0, description="Wait for every replica to load and announce itself.")
+    heartbeat_s: float = Field(10.0, gt=0, description="A replica silent this long is considered stuck.")
+    stage_s: float = Field(3600.0, gt=0, description="Longest a stage may run for one request.")
+    transfer_s: float = Field(30.0, gt=0, description="Longest one edge transfer may take.")
+
+
+class GraphSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN, description="Graph name.")
+    model: ModelSpec
+    broker: str = Field("embedded", description="embedded, mqtt://[user:pass@]host:port or mqtts://...")
+    nodes: dict[str, NodeSpec] = Field(min_length=1, description="Placement units by name.")
+    edges: list[EdgeSpec] = Field(default_factory=list, description="Tensor flows between nodes.")
+    request: dict[str, Any] = Field(default_factory=dict, description="Request defaults of the model's parameters.")
+    requests: list[dict[str, Any]] = Field(default_factory=list, description="Requests `engine run` submits.")
+    limits: dict[str, int] = Field(default_factory=dict, description="Largest value of size parameters (height, width, num_frames) a request may use; sizes edge buffers.")
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+
+    @field_validator("nodes")
+    @classmethod
+    def _node_names(cls, value: dict[str, NodeSpec]) -> dict[str, NodeSpec]:
+        for name in value:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"node name {name!r} must be lower-case letters, digits and _ (starting with a letter)")
+        return value

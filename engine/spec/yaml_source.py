@@ -1,0 +1,112 @@
+"""Reading a graph file: YAML to plain data plus the line of every key and item.
+
+PyYAML's ``safe_load`` forgets where things were and silently keeps the last of two equal keys. Composing
+the node tree instead keeps each node's start mark, so every later error can name ``file:line``; duplicate
+keys are reported instead of overwritten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.errors import Problem, SpecError
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclass
+class LineMap:
+    """Line numbers (1-based) of every mapping key and sequence item, by their path in the document."""
+
+    file: str
+    lines: dict[Path_, int] = field(default_factory=dict)
+    #: Paths set on the command line (``--set``), with the option that set them.
+    overrides: dict[Path_, str] = field(default_factory=dict)
+
+    def line(self, path: Path_) -> int | None:
+        """Line of ``path``, or of its nearest ancestor that has one (a missing key: its parent's line)."""
+        path = tuple(path)
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get((), None)
+
+    def problem(self, path: Path_, message: str) -> Problem:
+        for depth in range(len(path), 0, -1):
+            option = self.overrides.get(tuple(path[:depth]))
+            if option is not None:
+                return Problem(f"{self.file} ({option})", None, dotted(path), message)
+        return Problem(self.file, self.line(path), dotted(path), message)
+
+
+def dotted(path: Path_) -> str:
+    """``("nodes", "encoder", "place", "device")`` -> ``nodes.encoder.place.device``; items as ``edges[1]``."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _to_data(node: yaml.Node, path: Path_, lines: LineMap, problems: list[Problem]) -> Any:
+    lines.lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = yaml.safe_load(yaml.serialize(key_node)) if not isinstance(key_node, yaml.ScalarNode) else _scalar(key_node)
+            if not isinstance(key, str):
+                problems.append(Problem(lines.file, key_node.start_mark.line + 1, dotted(path), f"keys must be text, got {key!r}"))
+                continue
+            child = (*path, key)
+            if key in result:
+                first = lines.lines[child]
+                problems.append(Problem(lines.file, key_node.start_mark.line + 1, dotted(child), f"duplicate key (first given on line {first})"))
+                continue
+            lines.lines[child] = key_node.start_mark.line + 1
+            result[key] = _to_data(value_node, child, lines, problems)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_data(item, (*path, i), lines, problems) for i, item in enumerate(node.value)]
+    return _scalar(node)
+
+
+def _scalar(node: yaml.Node) -> Any:
+    return yaml.SafeLoader(yaml.serialize(node)).get_single_data() if node.tag != "tag:yaml.org,2002:str" else node.value
+
+
+def parse_yaml(text: str, file: str) -> tuple[Any, LineMap]:
+    """Parse one YAML document. Raises SpecError (with the line) for syntax errors and duplicate keys."""
+    lines = LineMap(file)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([Problem(file, mark.line + 1 if mark else None, "", f"invalid YAML: {reason}")]) from None
+    if root is None:
+        raise SpecError([Problem(file, None, "", "the file is empty; a graph needs name, model, nodes and edges")])
+    problems: list[Problem] = []
+    try:
+        data = _to_data(root, (), lines, problems)
+    except yaml.YAMLError as exc:  # an unknown tag, a bad timestamp...
+        mark = getattr(exc, "problem_mark", None)
+        raise SpecError([Problem(file, mark.line + 1 if mark else None, "", f"invalid YAML value: {getattr(exc, 'problem', None) or exc}")]) from None
+    except RecursionError:
+        raise SpecError([Problem(file, None, "", "invalid YAML: a recursive alias (&anchor referring to itself)")]) from None
+    if problems:
+        raise SpecError(problems)
+    return data, lines
+
+
+def read_yaml(path: Path) -> tuple[Any, LineMap]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError([Problem(str(path), None, "", "no such graph file")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([Problem(str(path), None, "", f"cannot read the graph file: {exc}")]) from None
+    return parse_yaml(text, str(path))
