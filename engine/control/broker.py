@@ -1,0 +1,261 @@
+"""Where the broker is, and starting one ourselves when the graph says ``broker: embedded``.
+
+``parse_broker`` turns a graph's broker setting into either an :class:`EmbeddedBroker` request or a
+:class:`BrokerAddress`. ``embedded_broker`` starts mosquitto on a free loopback port when it is installed,
+otherwise amqtt inside this process, and yields the address clients connect to. Whatever happens inside the
+``async with`` (an exception, a cancellation), the broker is stopped on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeAlias
+from urllib.parse import unquote, urlsplit
+
+from amqtt.broker import Broker
+from amqtt.errors import BrokerError
+from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.session import Session
+
+from engine.errors import ControlError
+
+BrokerKind: TypeAlias = Literal["auto", "mosquitto", "amqtt"]
+_KINDS: tuple[BrokerKind, ...] = ("auto", "mosquitto", "amqtt")
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+_VALID = "expected 'embedded', 'embedded:mosquitto', 'embedded:amqtt', 'mqtt://[user:pass@]host[:port]' or 'mqtts://...'"
+_MOSQUITTO_PLACES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
+
+
+@dataclass(frozen=True)
+class TLSOptions:
+    """TLS settings for an ``mqtts://`` broker; with no CA file the system's trusted CAs are used."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False  # skip certificate and host name verification (test brokers only)
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ControlError("a TLS client certificate needs both cert_file and key_file")
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """A broker clients can connect to."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: TLSOptions | None = None
+
+    @property
+    def display(self) -> str:
+        """``host:port``, for messages (never shows the password)."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The address as a URL without the password."""
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.display}"
+
+
+@dataclass(frozen=True)
+class EmbeddedBroker:
+    """The graph asks the engine to start its own broker."""
+
+    kind: BrokerKind = "auto"
+
+
+def parse_broker(setting: str, *, tls: TLSOptions | None = None) -> BrokerAddress | EmbeddedBroker:
+    """Parse a broker setting; ``tls`` applies to ``mqtts://`` URLs (default: verify against system CAs)."""
+    text = setting.strip()
+    if text == "embedded" or text.startswith("embedded:"):
+        kind = text.partition(":")[2] or "auto"
+        if kind not in _KINDS:
+            raise ControlError(f"broker {setting!r}: unknown embedded broker {kind!r}; {_VALID}")
+        return EmbeddedBroker(kind)  # type: ignore[arg-type]
+    try:
+        url = urlsplit(text)
+        port = url.port
+    except ValueError as exc:
+        raise ControlError(f"broker {setting!r}: {exc}; {_VALID}") from exc
+    if url.scheme not in _DEFAULT_PORTS:
+        raise ControlError(f"broker {setting!r}: unknown scheme {url.scheme!r}; {_VALID}")
+    if not url.hostname:
+        raise ControlError(f"broker {setting!r}: no host; {_VALID}")
+    if url.path not in ("", "/") or url.query or url.fragment:
+        raise ControlError(f"broker {setting!r}: a broker URL has no path, query or fragment; {_VALID}")
+    if url.password is not None and not url.username:
+        raise ControlError(f"broker {setting!r}: a password needs a user name; {_VALID}")
+    if url.scheme == "mqtt" and tls is not None:
+        raise ControlError(f"broker {setting!r}: TLS options need an mqtts:// URL")
+    return BrokerAddress(
+        host=url.hostname,
+        port=port if port is not None else _DEFAULT_PORTS[url.scheme],
+        username=unquote(url.username) if url.username else None,
+        password=unquote(url.password) if url.password is not None else None,
+        tls=(tls or TLSOptions()) if url.scheme == "mqtts" else None,
+    )
+
+
+def find_mosquitto() -> Path | None:
+    """The mosquitto binary: on PATH, or where distributions put it (often not on a user's PATH)."""
+    found = shutil.which("mosquitto")
+    if found:
+        return Path(found)
+    return next((Path(place) for place in _MOSQUITTO_PLACES if os.access(place, os.X_OK)), None)
+
+
+@contextlib.asynccontextmanager
+async def embedded_broker(
+    kind: BrokerKind = "auto",
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    start_timeout_s: float = 5.0,
+) -> AsyncIterator[BrokerAddress]:
+    """Run a broker on a free loopback port for the duration of the block; yields its address.
+
+    ``auto`` means mosquitto when it is installed, otherwise amqtt in this process. With ``username`` and
+    ``password`` the broker accepts only that user (and the yielded address carries the credentials).
+    """
+    if (username is None) != (password is None):
+        raise ControlError("an embedded broker with authentication needs both username and password")
+    if kind not in _KINDS:
+        raise ControlError(f"unknown embedded broker {kind!r}; expected one of {', '.join(_KINDS)}")
+    binary = find_mosquitto() if kind != "amqtt" else None
+    if kind == "mosquitto" and binary is None:
+        raise ControlError("mosquitto is not installed (not on PATH nor in /usr/sbin); install it or use amqtt")
+    runner = _mosquitto(binary, username, password, start_timeout_s) if binary else _amqtt(username, password)
+    async with runner as port:
+        yield BrokerAddress(host="127.0.0.1", port=port, username=username, password=password)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def mosquitto_password_line(username: str, password: str) -> str:
+    """One line of a mosquitto 2 password file (PBKDF2-SHA512, 101 rounds: what ``mosquitto_passwd`` writes)."""
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
+    return f"{username}:$7$101${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}\n"
+
+
+@contextlib.asynccontextmanager
+async def _mosquitto(
+    binary: Path, username: str | None, password: str | None, start_timeout_s: float
+) -> AsyncIterator[int]:
+    with tempfile.TemporaryDirectory(prefix="dge-mosquitto-") as tmp:
+        folder = Path(tmp)
+        auth = "allow_anonymous true\n"
+        if username is not None and password is not None:
+            (folder / "passwd").write_text(mosquitto_password_line(username, password))
+            auth = f"allow_anonymous false\npassword_file {folder / 'passwd'}\n"
+        # Another process may take the probed port before mosquitto binds it: then try a fresh one.
+        for _ in range(3):
+            port = _free_port()
+            config = folder / "mosquitto.conf"
+            # "user": started as root, mosquitto would switch to user mosquitto, who cannot read our folder.
+            config.write_text(
+                f"listener {port} 127.0.0.1\nuser {pwd.getpwuid(os.getuid()).pw_name}\n{auth}persistence false\nmax_inflight_messages 0\n"
+                "max_queued_messages 100000\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\n"
+            )
+            log = folder / "mosquitto.log"
+            with log.open("wb") as log_file:
+                process = subprocess.Popen(
+                    [str(binary), "-c", str(config)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file
+                )
+            try:
+                if await _wait_listening(process, port, start_timeout_s, log):
+                    yield port
+                    return
+            finally:
+                _stop(process)
+        raise ControlError(f"mosquitto could not bind a free loopback port in 3 tries: {log.read_text()[-500:]}")
+
+
+async def _wait_listening(process: subprocess.Popen[bytes], port: int, timeout_s: float, log: Path) -> bool:
+    """True once the port accepts; False if mosquitto exited because the port was taken."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            text = log.read_text(errors="replace")
+            if "Address already in use" in text:
+                return False
+            raise ControlError(f"mosquitto exited with code {process.returncode} at start: {text[-500:]}")
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return True
+        await asyncio.sleep(0.01)
+    raise ControlError(f"mosquitto did not accept connections on 127.0.0.1:{port} within {timeout_s:g} s")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop mosquitto synchronously, so that even a cancelled caller leaves no process behind."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=3)
+
+
+class SingleUserAuthPlugin(BaseAuthPlugin):
+    """amqtt authentication accepting exactly one user name and password."""
+
+    @dataclass
+    class Config:
+        username: str
+        password: str
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        expected: SingleUserAuthPlugin.Config = self.config
+        return session.username == expected.username and hmac.compare_digest(
+            (session.password or "").encode(), expected.password.encode()
+        )
+
+
+@contextlib.asynccontextmanager
+async def _amqtt(username: str | None, password: str | None) -> AsyncIterator[int]:
+    if username is not None and password is not None:
+        auth = {f"{__name__}.SingleUserAuthPlugin": {"username": username, "password": password}}
+    else:
+        auth = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+    last_error: BrokerError | None = None
+    for _ in range(3):
+        port = _free_port()
+        broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}}, "plugins": auth})
+        try:
+            await broker.start()
+        except BrokerError as exc:  # a taken port: try another one
+            last_error = exc
+            continue
+        try:
+            yield port
+        finally:
+            await asyncio.wait_for(broker.shutdown(), timeout=5)
+        return
+    raise ControlError(f"amqtt could not start on a free loopback port in 3 tries: {last_error}")

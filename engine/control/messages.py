@@ -1,0 +1,244 @@
+"""Every control message, as a frozen pydantic model, and its JSON encoding.
+
+A message on the wire is one JSON object with a version ``v`` and a ``kind`` that selects the model. ``decode``
+checks the envelope first (JSON object, known version, known kind) so that the error says which of those is
+wrong, then validates the fields strictly: unknown keys, missing fields and wrong types are all errors. Payload
+parts owned by the data plane (slot grants, manifests, transport locations) travel as JSON objects here and are
+validated by the transport's own models where they are used.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from engine.errors import ControlError
+
+VERSION = 1
+
+JsonObject: TypeAlias = dict[str, Any]
+ReplicaState: TypeAlias = Literal["starting", "loading", "ready", "busy", "stopping", "stopped", "failed", "dead"]
+
+_NAME = Field(min_length=1, description="node name, exactly as in the graph")
+_REPLICA = Field(ge=0, description="replica index of the node, from 0")
+_REQUEST = Field(min_length=1, description="request id")
+_EDGE = Field(min_length=1, description="edge name, exactly as in the graph")
+_ATTEMPT = Field(ge=0, description="dispatch attempt of this stage run, from 0; a retry increments it")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class ReplicaRef(_Model):
+    """One replica of one node: where an edge message comes from or a reply goes to."""
+
+    node: str = _NAME
+    replica: int = _REPLICA
+
+
+class EdgeStats(_Model):
+    """What one outgoing edge transfer of a stage run cost."""
+
+    nbytes: int = Field(ge=0, description="payload bytes written to the receiver")
+    seconds: float = Field(ge=0, description="wall time from grant request to acknowledgement")
+    digest: str = Field(min_length=1, description="xxh3-128 digest of the payload, hex")
+
+
+class Status(_Model):
+    """A replica's lifecycle state; published retained on its status topic and used as its last will."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["status"] = "status"
+    node: str = _NAME
+    replica: int = _REPLICA
+    state: ReplicaState = Field(description="lifecycle state; 'dead' is only ever sent as the last will")
+    pid: int = Field(gt=0, description="worker process id")
+    host: str = Field(min_length=1, description="host name the worker runs on")
+    detail: str | None = Field(default=None, description="error text for failed/dead, otherwise None")
+    receive_edges: dict[str, JsonObject] | None = Field(
+        default=None, description="at ready: edge name -> transport location of this replica's receive slots"
+    )
+    param_bytes: int | None = Field(default=None, ge=0, description="at ready: resident parameter bytes")
+    load_s: float | None = Field(default=None, ge=0, description="at ready: seconds spent loading components")
+
+    @model_validator(mode="after")
+    def _ready_announces_itself(self) -> Status:
+        if self.state == "ready" and (self.receive_edges is None or self.param_bytes is None or self.load_s is None):
+            raise ValueError("state 'ready' needs receive_edges, param_bytes and load_s")
+        return self
+
+
+class Heartbeat(_Model):
+    """Periodic liveness and progress of a replica; progress that stops moving means the replica is stuck."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["heartbeat"] = "heartbeat"
+    node: str = _NAME
+    replica: int = _REPLICA
+    seq: int = Field(ge=0, description="heartbeat number since the worker started")
+    request_id: str | None = Field(description="request being computed, None when idle")
+    stage: str | None = Field(description="stage being computed, None when idle")
+    step: int = Field(ge=0, description="steps of the current stage done")
+    total_steps: int = Field(ge=0, description="steps the current stage takes (0 when idle or not step-based)")
+    requests_done: int = Field(ge=0, description="requests this replica finished since it started")
+    rss_bytes: int = Field(ge=0, description="resident memory of the worker process")
+    time: float = Field(description="sender's wall clock (time.time()) when sent")
+
+
+class RunStage(_Model):
+    """Controller -> replica: run this node's stages for a request."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["run_stage"] = "run_stage"
+    request_id: str = _REQUEST
+    request: JsonObject = Field(description="the request's parameters (prompt, seed, sizes, ...)")
+    node: str = _NAME
+    attempt: int = _ATTEMPT
+    deadline_s: float = Field(gt=0, description="seconds the replica has to finish, from receipt")
+    send_to: dict[str, int] = Field(description="outgoing edge name -> replica index of the receiving node")
+
+
+class StageDone(_Model):
+    """Replica -> controller: the node's stages finished for a request."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["stage_done"] = "stage_done"
+    request_id: str = _REQUEST
+    node: str = _NAME
+    replica: int = _REPLICA
+    attempt: int = _ATTEMPT
+    timings: dict[str, float] = Field(description="stage name -> seconds it took")
+    edges: dict[str, EdgeStats] = Field(description="outgoing edge name -> transfer statistics")
+
+
+class StageFailed(_Model):
+    """Replica -> controller: the node's stages failed for a request."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["stage_failed"] = "stage_failed"
+    request_id: str = _REQUEST
+    node: str = _NAME
+    replica: int = _REPLICA
+    attempt: int = _ATTEMPT
+    stage: str | None = Field(description="the stage that failed, None if it failed outside a stage")
+    error_type: str = Field(min_length=1, description="exception class name, e.g. 'EdgeTimeout'")
+    error: str = Field(description="exception text")
+    traceback_tail: str = Field(description="last lines of the traceback")
+    log_tail: str = Field(description="last lines of the worker's log")
+
+
+class GrantRequest(_Model):
+    """Sender -> receiving replica: ask for a slot to write one edge payload into."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["grant_request"] = "grant_request"
+    request_id: str = _REQUEST
+    edge: str = _EDGE
+    attempt: int = _ATTEMPT
+    sender: ReplicaRef = Field(description="replica that will write and waits for the grant")
+    nbytes: int = Field(ge=0, description="payload bytes the sender will write")
+
+
+class Grant(_Model):
+    """Receiver -> sender: a slot granted for one edge payload."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["grant"] = "grant"
+    request_id: str = _REQUEST
+    edge: str = _EDGE
+    attempt: int = _ATTEMPT
+    receiver: ReplicaRef = Field(description="replica that owns the slot")
+    grant: JsonObject = Field(description="the transport's SlotGrant as a JSON object")
+
+
+class Delivered(_Model):
+    """Sender -> receiver: the payload is in the granted slot; verify it against the manifest."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["delivered"] = "delivered"
+    request_id: str = _REQUEST
+    edge: str = _EDGE
+    attempt: int = _ATTEMPT
+    sender: ReplicaRef = Field(description="replica that wrote the payload")
+    manifest: JsonObject = Field(description="the transport's Manifest as a JSON object")
+
+
+class Ack(_Model):
+    """Receiver -> sender: the delivered payload verified (ok) or not (reason)."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["ack"] = "ack"
+    request_id: str = _REQUEST
+    edge: str = _EDGE
+    attempt: int = _ATTEMPT
+    receiver: ReplicaRef = Field(description="replica that verified the payload")
+    ok: bool = Field(description="whether the payload verified")
+    reason: str | None = Field(description="why it did not verify; None when ok")
+
+    @model_validator(mode="after")
+    def _reason_iff_not_ok(self) -> Ack:
+        if self.ok == (self.reason is not None):
+            raise ValueError("an ack has a reason exactly when ok is false")
+        return self
+
+
+class Fence(_Model):
+    """Sender -> receiver: abandon a granted slot (failed or timed-out write); its generation must not be used."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["fence"] = "fence"
+    request_id: str = _REQUEST
+    edge: str = _EDGE
+    attempt: int = _ATTEMPT
+    sender: ReplicaRef = Field(description="replica that held the grant")
+    grant: JsonObject = Field(description="the SlotGrant being fenced, as a JSON object")
+    reason: str = Field(min_length=1, description="why the slot is fenced")
+
+
+class Shutdown(_Model):
+    """Controller -> every replica: stop after the current stage and exit."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["shutdown"] = "shutdown"
+    reason: str = Field(min_length=1, description="why the run ends, for the workers' logs")
+
+
+Message: TypeAlias = Annotated[
+    Status | Heartbeat | RunStage | StageDone | StageFailed | GrantRequest | Grant | Delivered | Ack | Fence | Shutdown,
+    Field(discriminator="kind"),
+]
+_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
+KINDS: frozenset[str] = frozenset(
+    model.model_fields["kind"].default
+    for model in (Status, Heartbeat, RunStage, StageDone, StageFailed, GrantRequest, Grant, Delivered, Ack, Fence, Shutdown)
+)
+
+
+def encode(message: Message) -> bytes:
+    """The message as compact UTF-8 JSON."""
+    return message.model_dump_json().encode()
+
+
+def decode(payload: bytes) -> Message:
+    """Parse and validate one message; ControlError says what is wrong with it."""
+    try:
+        raw = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ControlError(f"control message is not JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ControlError(f"control message must be a JSON object, got {type(raw).__name__}")
+    if raw.get("v") != VERSION:
+        raise ControlError(f"control message has version {raw.get('v')!r}; this engine speaks version {VERSION}")
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise ControlError(f"unknown control message kind {kind!r}; expected one of {', '.join(sorted(KINDS))}")
+    try:
+        return _ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'][1:]) or '<message>'}: {error['msg']}" for error in exc.errors()
+        )
+        raise ControlError(f"invalid {kind!r} message: {problems}") from exc
