@@ -12,7 +12,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import hmac
 import os
 import pwd
 import secrets
@@ -26,11 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeAlias
 from urllib.parse import unquote, urlsplit
-
-from amqtt.broker import Broker
-from amqtt.errors import BrokerError
-from amqtt.plugins.base import BaseAuthPlugin
-from amqtt.session import Session
 
 from engine.errors import ControlError
 
@@ -144,12 +138,17 @@ async def embedded_broker(
     binary = find_mosquitto() if kind != "amqtt" else None
     if kind == "mosquitto" and binary is None:
         raise ControlError("mosquitto is not installed (not on PATH nor in /usr/sbin); install it or use amqtt")
-    runner = _mosquitto(binary, username, password, start_timeout_s) if binary else _amqtt(username, password)
+    if binary is not None:
+        runner = _mosquitto(binary, username, password, start_timeout_s)
+    else:
+        from engine.control.amqtt_broker import run_amqtt  # amqtt is heavy to import; workers never need it
+
+        runner = run_amqtt(username, password)
     async with runner as port:
         yield BrokerAddress(host="127.0.0.1", port=port, username=username, password=password)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -174,7 +173,7 @@ async def _mosquitto(
             auth = f"allow_anonymous false\npassword_file {folder / 'passwd'}\n"
         # Another process may take the probed port before mosquitto binds it: then try a fresh one.
         for _ in range(3):
-            port = _free_port()
+            port = free_port()
             config = folder / "mosquitto.conf"
             # "user": started as root, mosquitto would switch to user mosquitto, who cannot read our folder.
             config.write_text(
@@ -221,41 +220,3 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=3)
-
-
-class SingleUserAuthPlugin(BaseAuthPlugin):
-    """amqtt authentication accepting exactly one user name and password."""
-
-    @dataclass
-    class Config:
-        username: str
-        password: str
-
-    async def authenticate(self, *, session: Session) -> bool | None:
-        expected: SingleUserAuthPlugin.Config = self.config
-        return session.username == expected.username and hmac.compare_digest(
-            (session.password or "").encode(), expected.password.encode()
-        )
-
-
-@contextlib.asynccontextmanager
-async def _amqtt(username: str | None, password: str | None) -> AsyncIterator[int]:
-    if username is not None and password is not None:
-        auth = {f"{__name__}.SingleUserAuthPlugin": {"username": username, "password": password}}
-    else:
-        auth = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
-    last_error: BrokerError | None = None
-    for _ in range(3):
-        port = _free_port()
-        broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}}, "plugins": auth})
-        try:
-            await broker.start()
-        except BrokerError as exc:  # a taken port: try another one
-            last_error = exc
-            continue
-        try:
-            yield port
-        finally:
-            await asyncio.wait_for(broker.shutdown(), timeout=5)
-        return
-    raise ControlError(f"amqtt could not start on a free loopback port in 3 tries: {last_error}")

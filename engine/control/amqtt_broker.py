@@ -1,0 +1,55 @@
+"""The embedded broker when mosquitto is not installed: amqtt inside this process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from amqtt.broker import Broker
+from amqtt.errors import BrokerError
+from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.session import Session
+
+from engine.control.broker import free_port
+from engine.errors import ControlError
+
+
+class SingleUserAuthPlugin(BaseAuthPlugin):
+    """amqtt authentication accepting exactly one user name and password."""
+
+    @dataclass
+    class Config:
+        username: str
+        password: str
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        expected: SingleUserAuthPlugin.Config = self.config
+        return session.username == expected.username and hmac.compare_digest(
+            (session.password or "").encode(), expected.password.encode()
+        )
+
+
+@contextlib.asynccontextmanager
+async def run_amqtt(username: str | None, password: str | None) -> AsyncIterator[int]:
+    if username is not None and password is not None:
+        auth = {f"{__name__}.SingleUserAuthPlugin": {"username": username, "password": password}}
+    else:
+        auth = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+    last_error: BrokerError | None = None
+    for _ in range(3):
+        port = free_port()
+        broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}}, "plugins": auth})
+        try:
+            await broker.start()
+        except BrokerError as exc:  # a taken port: try another one
+            last_error = exc
+            continue
+        try:
+            yield port
+        finally:
+            await asyncio.wait_for(broker.shutdown(), timeout=5)
+        return
+    raise ControlError(f"amqtt could not start on a free loopback port in 3 tries: {last_error}")

@@ -1,0 +1,102 @@
+"""Broker settings: embedded choices, mqtt/mqtts URLs, and clear errors naming what is valid."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from engine.control.broker import (
+    BrokerAddress,
+    EmbeddedBroker,
+    TLSOptions,
+    find_mosquitto,
+    mosquitto_password_line,
+    parse_broker,
+)
+from engine.errors import ControlError
+
+
+@pytest.mark.parametrize(
+    ("setting", "kind"),
+    [("embedded", "auto"), ("embedded:mosquitto", "mosquitto"), ("embedded:amqtt", "amqtt")],
+)
+def test_embedded(setting, kind):
+    assert parse_broker(setting) == EmbeddedBroker(kind)
+
+
+def test_plain_url_with_default_port():
+    assert parse_broker("mqtt://broker.lan") == BrokerAddress(host="broker.lan", port=1883)
+
+
+def test_url_with_credentials_port_and_escapes():
+    address = parse_broker("mqtt://al%40ice:p%3Ass@10.0.0.5:1884")
+    assert address == BrokerAddress(host="10.0.0.5", port=1884, username="al@ice", password="p:ss")
+    assert "p:ss" not in repr(address)
+    assert address.url == "mqtt://al@ice@10.0.0.5:1884"
+    assert address.display == "10.0.0.5:1884"
+
+
+def test_mqtts_defaults_to_verified_tls_on_8883():
+    address = parse_broker("mqtts://broker.example.com")
+    assert address.port == 8883
+    assert address.tls == TLSOptions()
+
+
+def test_mqtts_with_tls_options(tmp_path: Path):
+    tls = TLSOptions(ca_file=tmp_path / "ca.pem", cert_file=tmp_path / "c.pem", key_file=tmp_path / "k.pem")
+    address = parse_broker("mqtts://u:p@broker:9883", tls=tls)
+    assert address.tls == tls
+    assert address.url == "mqtts://u@broker:9883"
+
+
+def test_ipv6_host():
+    assert parse_broker("mqtt://[::1]:1999") == BrokerAddress(host="::1", port=1999)
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("", "unknown scheme ''"),
+        ("localhost:1883", "unknown scheme 'localhost'"),
+        ("http://broker:1883", "unknown scheme 'http'"),
+        ("embedded:hivemq", "unknown embedded broker 'hivemq'"),
+        ("mqtt://", "no host"),
+        ("mqtt://broker:notaport", "Port could not be cast"),
+        ("mqtt://broker:70000", "Port out of range"),
+        ("mqtt://broker:1883/topic", "no path, query or fragment"),
+        ("mqtt://broker?x=1", "no path, query or fragment"),
+        ("mqtt://:secret@broker", "a password needs a user name"),
+    ],
+)
+def test_malformed_settings_name_what_is_valid(setting, expected):
+    with pytest.raises(ControlError) as info:
+        parse_broker(setting)
+    assert expected in str(info.value)
+    if expected != "a password needs a user name":
+        assert "expected 'embedded'" in str(info.value)
+
+
+def test_tls_options_need_mqtts():
+    with pytest.raises(ControlError, match="TLS options need an mqtts:// URL"):
+        parse_broker("mqtt://broker", tls=TLSOptions(insecure=True))
+
+
+def test_client_certificate_needs_both_files(tmp_path: Path):
+    with pytest.raises(ControlError, match="both cert_file and key_file"):
+        TLSOptions(cert_file=tmp_path / "c.pem")
+
+
+def test_mosquitto_password_line_is_pbkdf2_sha512():
+    user, _, hashed = mosquitto_password_line("alice", "s3cret").rstrip("\n").partition(":")
+    _, algorithm, rounds, salt, digest = hashed.split("$")
+    assert (user, algorithm, rounds) == ("alice", "7", "101")
+    expected = hashlib.pbkdf2_hmac("sha512", b"s3cret", base64.b64decode(salt), 101)
+    assert base64.b64decode(digest) == expected
+
+
+def test_find_mosquitto_finds_an_executable_or_none():
+    found = find_mosquitto()
+    assert found is None or found.name == "mosquitto"

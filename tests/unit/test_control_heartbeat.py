@@ -1,0 +1,167 @@
+"""Progress counters shared across threads, and the liveness monitor's verdicts on a fake clock."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from engine.control.heartbeat import LivenessMonitor, Progress, heartbeat, rss_bytes
+from engine.control.messages import Heartbeat, Status
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def beat(node: str = "transformer", replica: int = 0, *, request_id: str | None = None, step: int = 0, done: int = 0):
+    return Heartbeat(
+        node=node, replica=replica, seq=0, request_id=request_id, stage="denoise" if request_id else None, step=step,
+        total_steps=10 if request_id else 0, requests_done=done, rss_bytes=1, time=0.0,
+    )
+
+
+def status(state: str, detail: str | None = None, node: str = "transformer", replica: int = 0) -> Status:
+    return Status(node=node, replica=replica, state=state, pid=1, host="h", detail=detail)  # type: ignore[arg-type]
+
+
+def test_progress_lifecycle():
+    progress = Progress()
+    progress.stage_started("r1", "denoise", 50)
+    progress.step_done(3)
+    snap = progress.snapshot()
+    assert (snap.request_id, snap.stage, snap.step, snap.total_steps, snap.requests_done) == ("r1", "denoise", 3, 50, 0)
+    progress.request_finished()
+    snap = progress.snapshot()
+    assert (snap.request_id, snap.stage, snap.step, snap.requests_done) == (None, None, 0, 1)
+
+
+def test_progress_is_consistent_under_concurrent_writers():
+    progress = Progress()
+
+    def work(worker: int) -> None:
+        for i in range(500):
+            progress.stage_started(f"r{worker}-{i}", "denoise", 10)
+            progress.step_done(5)
+            progress.request_finished()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert progress.snapshot().requests_done == 2000
+
+
+def test_heartbeat_carries_the_snapshot_and_memory():
+    progress = Progress()
+    progress.stage_started("r9", "vae_decode", 1)
+    message = heartbeat("decoder", 1, 7, progress.snapshot())
+    assert (message.node, message.replica, message.seq, message.request_id, message.stage) == (
+        "decoder", 1, 7, "r9", "vae_decode",
+    )
+    assert message.rss_bytes == pytest.approx(rss_bytes(), rel=0.5)
+    assert message.rss_bytes > 1_000_000
+
+
+def test_fresh_heartbeats_mean_no_trouble():
+    clock = FakeClock()
+    monitor = LivenessMonitor(heartbeat_timeout_s=3, clock=clock)
+    for _ in range(10):
+        monitor.observe(beat())
+        clock.now += 1
+    assert monitor.check() == []
+
+
+def test_silent_replica_is_reported_after_the_timeout_only():
+    clock = FakeClock()
+    monitor = LivenessMonitor(heartbeat_timeout_s=3, clock=clock)
+    monitor.observe(beat())
+    clock.now += 2.9
+    assert monitor.check() == []
+    clock.now += 0.2
+    [trouble] = monitor.check()
+    assert (trouble.node, trouble.replica, trouble.problem) == ("transformer", 0, "silent")
+    assert str(trouble) == "node 'transformer' replica 0: no heartbeat for 3.1 s (heartbeat timeout 3 s)"
+
+
+def test_expected_replica_that_never_beats_is_silent():
+    clock = FakeClock()
+    monitor = LivenessMonitor(heartbeat_timeout_s=1, clock=clock)
+    monitor.expect("decoder", 0)
+    clock.now += 1.5
+    [trouble] = monitor.check()
+    assert trouble.problem == "silent"
+    assert "no heartbeat at all" in trouble.detail
+
+
+def test_last_will_marks_dead_and_a_restart_revives():
+    clock = FakeClock()
+    monitor = LivenessMonitor(heartbeat_timeout_s=3, clock=clock)
+    monitor.observe(beat())
+    monitor.observe(status("dead", "connection lost"))
+    [trouble] = monitor.check()
+    assert trouble.problem == "dead"
+    assert str(trouble) == "node 'transformer' replica 0: dead: connection lost"
+    monitor.observe(status("starting"))
+    monitor.observe(beat())
+    assert monitor.check() == []
+
+
+def test_failed_status_is_reported():
+    monitor = LivenessMonitor(heartbeat_timeout_s=3, clock=FakeClock())
+    monitor.observe(status("failed", "ModelError: no weights at /models/wan"))
+    [trouble] = monitor.check()
+    assert trouble.problem == "failed"
+    assert "no weights" in trouble.detail
+
+
+def test_stopped_replica_is_forgotten():
+    clock = FakeClock()
+    monitor = LivenessMonitor(heartbeat_timeout_s=1, clock=clock)
+    monitor.observe(beat())
+    monitor.observe(status("stopped"))
+    clock.now += 10
+    assert monitor.check() == []
+
+
+def test_busy_replica_whose_progress_does_not_move_is_stalled():
+    clock = FakeClock()
+    monitor = LivenessMonitor(heartbeat_timeout_s=2, stall_timeout_s=5, clock=clock)
+    for step in range(3):  # progressing
+        monitor.observe(beat(request_id="r1", step=step))
+        clock.now += 1
+    assert monitor.check() == []
+    for _ in range(6):  # heartbeats keep coming, the step does not move
+        monitor.observe(beat(request_id="r1", step=2))
+        clock.now += 1
+    [trouble] = monitor.check()
+    assert trouble.problem == "stalled"
+    assert "request r1 stage 'denoise' stuck at step 2" in trouble.detail
+
+
+def test_idle_replica_is_never_stalled():
+    clock = FakeClock()
+    monitor = LivenessMonitor(heartbeat_timeout_s=2, stall_timeout_s=1, clock=clock)
+    for _ in range(10):
+        monitor.observe(beat(done=4))
+        clock.now += 1
+    assert monitor.check() == []
+
+
+def test_troubles_are_listed_in_replica_order():
+    clock = FakeClock()
+    monitor = LivenessMonitor(heartbeat_timeout_s=1, clock=clock)
+    for node, replica in [("transformer", 1), ("decoder", 0), ("transformer", 0)]:
+        monitor.expect(node, replica)
+    clock.now += 2
+    assert [(t.node, t.replica) for t in monitor.check()] == [("decoder", 0), ("transformer", 0), ("transformer", 1)]
+
+
+def test_timeouts_must_be_positive():
+    with pytest.raises(ValueError, match="must be > 0"):
+        LivenessMonitor(heartbeat_timeout_s=0)

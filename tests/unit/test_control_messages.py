@@ -1,0 +1,155 @@
+"""Control messages: round trips, the discriminated union, and clear errors for every kind of bad payload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.control.messages import (
+    KINDS,
+    Ack,
+    Delivered,
+    EdgeStats,
+    Fence,
+    Grant,
+    GrantRequest,
+    Heartbeat,
+    ReplicaRef,
+    RunStage,
+    Shutdown,
+    StageDone,
+    StageFailed,
+    Status,
+    decode,
+    encode,
+)
+from engine.errors import ControlError
+
+SENDER = ReplicaRef(node="encoder", replica=0)
+RECEIVER = ReplicaRef(node="transformer", replica=1)
+
+EXAMPLES = [
+    Status(node="transformer", replica=1, state="starting", pid=42, host="gpu-1"),
+    Status(
+        node="transformer",
+        replica=1,
+        state="ready",
+        pid=42,
+        host="gpu-1",
+        receive_edges={"phase1": {"segment": "gpu-1:12345", "offset": 0, "slots": 2}},
+        param_bytes=1 << 30,
+        load_s=12.5,
+    ),
+    Status(node="decoder", replica=0, state="dead", pid=7, host="h", detail="connection lost"),
+    Heartbeat(
+        node="transformer", replica=0, seq=3, request_id="r1", stage="denoise", step=4, total_steps=50,
+        requests_done=2, rss_bytes=10_000_000, time=1.7e9,
+    ),
+    Heartbeat(
+        node="transformer", replica=0, seq=4, request_id=None, stage=None, step=0, total_steps=0,
+        requests_done=3, rss_bytes=1, time=1.7e9,
+    ),
+    RunStage(
+        request_id="r1", request={"prompt": "a cat", "seed": 0}, node="transformer", attempt=0, deadline_s=60,
+        send_to={"phase2": 0},
+    ),
+    StageDone(
+        request_id="r1", node="transformer", replica=0, attempt=1, timings={"denoise": 3.5},
+        edges={"phase2": EdgeStats(nbytes=1024, seconds=0.01, digest="ab" * 16)},
+    ),
+    StageFailed(
+        request_id="r1", node="transformer", replica=0, attempt=0, stage="denoise", error_type="RuntimeError",
+        error="CUDA out of memory", traceback_tail="File x, line 1", log_tail="loading...",
+    ),
+    GrantRequest(request_id="r1", edge="phase1", attempt=0, sender=SENDER, nbytes=4096),
+    Grant(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, grant={"slot": 1, "generation": 5}),
+    Delivered(request_id="r1", edge="phase1", attempt=0, sender=SENDER, manifest={"tensors": []}),
+    Ack(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, ok=True, reason=None),
+    Ack(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, ok=False, reason="digest mismatch"),
+    Fence(request_id="r1", edge="phase1", attempt=0, sender=SENDER, grant={"slot": 1}, reason="write timed out"),
+    Shutdown(reason="run finished"),
+]
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: m.kind)
+def test_every_message_round_trips_to_its_own_type(message):
+    decoded = decode(encode(message))
+    assert type(decoded) is type(message)
+    assert decoded == message
+
+
+def test_examples_cover_every_kind():
+    assert {m.kind for m in EXAMPLES} == KINDS
+
+
+def test_wire_format_is_json_with_version_and_kind():
+    raw = json.loads(encode(Shutdown(reason="bye")))
+    assert raw == {"v": 1, "kind": "shutdown", "reason": "bye"}
+
+
+def test_messages_are_frozen():
+    message = Shutdown(reason="bye")
+    with pytest.raises(Exception, match="frozen"):
+        message.reason = "other"  # type: ignore[misc]
+
+
+def _payload(**fields) -> bytes:
+    return json.dumps(fields).encode()
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (b"\x80\x04pickle", "not JSON"),
+        (b"{not json", "not JSON"),
+        (b"[1, 2]", "must be a JSON object, got list"),
+        (_payload(kind="shutdown", reason="x"), "version None"),
+        (_payload(v=2, kind="shutdown", reason="x"), "version 2; this engine speaks version 1"),
+        (_payload(v=1, kind="reboot"), "unknown control message kind 'reboot'; expected one of ack, "),
+        (_payload(v=1, reason="x"), "unknown control message kind None"),
+        (_payload(v=1, kind="shutdown"), "invalid 'shutdown' message: reason: Field required"),
+        (_payload(v=1, kind="shutdown", reason="x", extra=1), "extra: Extra inputs are not permitted"),
+        (_payload(v=1, kind="shutdown", reason=5), "reason: Input should be a valid string"),
+        (
+            _payload(v=1, kind="status", node="n", replica=-1, state="ready", pid=1, host="h"),
+            "replica: Input should be greater than or equal to 0",
+        ),
+        (
+            _payload(v=1, kind="status", node="n", replica=0, state="asleep", pid=1, host="h"),
+            "state: Input should be 'starting'",
+        ),
+        (
+            _payload(v=1, kind="status", node="n", replica=0, state="ready", pid=1, host="h"),
+            "state 'ready' needs receive_edges, param_bytes and load_s",
+        ),
+        (
+            _payload(v=1, kind="run_stage", request_id="r", request={}, node="n", attempt="0", deadline_s=1, send_to={}),
+            "attempt: Input should be a valid integer",
+        ),
+        (
+            _payload(
+                v=1, kind="ack", request_id="r", edge="e", attempt=0, receiver={"node": "n", "replica": 0},
+                ok=False, reason=None,
+            ),
+            "an ack has a reason exactly when ok is false",
+        ),
+        (
+            _payload(
+                v=1, kind="grant_request", request_id="r", edge="e", attempt=0, sender={"node": "n"}, nbytes=1
+            ),
+            "sender.replica: Field required",
+        ),
+    ],
+)
+def test_invalid_payloads_are_rejected_with_the_reason(payload, expected):
+    with pytest.raises(ControlError) as info:
+        decode(payload)
+    assert expected in str(info.value)
+
+
+def test_required_fields_have_no_defaults():
+    with pytest.raises(Exception, match="request_id"):
+        RunStage(request={}, node="n", attempt=0, deadline_s=1, send_to={})  # type: ignore[call-arg]
+    with pytest.raises(Exception, match="request_id"):
+        Heartbeat(node="n", replica=0, seq=0, stage=None, step=0, total_steps=0, requests_done=0, rss_bytes=0, time=0)  # type: ignore[call-arg]
