@@ -97,3 +97,13 @@ def build_plan(checked: CheckedGraph, source: Path) -> Plan:
         limits=limits_of(checked), timeouts=spec.timeouts, base_dir=str(checked.loaded.base_dir),
         component_folders={name: c.folder for name, c in components.items()},
     )
+
+
+def plan_graph(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> tuple[Plan, CheckedGraph, Path]:
+    """Load, check and plan a graph file; resolves (and for presets builds) the model source."""
+    from engine.plan.check import check_graph
+    from engine.spec.load import load_graph
+
+    checked = check_graph(load_graph(path, overrides))
+    source = checked.family.resolve_source(checked.loaded.spec.model.task, checked.loaded.spec.model.path)
+    return build_plan(checked, source), checked, source

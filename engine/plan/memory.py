@@ -25,12 +25,13 @@ class NodeMemory:
     replicas: int
     dtype: str
     parameters: dict[str, int]  #: component -> parameter count
+    weights: dict[str, int]  #: component -> parameter bytes (in the dtype the component runs in)
     receive_bytes: int  #: edge receive slots one replica registers
 
     @property
     def weight_bytes(self) -> int:
         """Parameter bytes one replica holds."""
-        return sum(self.parameters.values()) * DTYPE_BYTES[self.dtype]
+        return sum(self.weights.values())
 
     @property
     def total_bytes(self) -> int:
@@ -90,9 +91,11 @@ def detect_capacity(host: str, device: str) -> int | None:
 def memory_report(plan: Plan, family: ModelFamily, source: Path) -> MemoryReport:
     nodes = []
     for node in plan.nodes.values():
+        components = family.components(plan.task)
         parameters = {c: _count(str(source), family, plan.task, c) for c in node.components}
+        weights = {c: n * DTYPE_BYTES[getattr(components[c], "dtype", None) or node.dtype] for c, n in parameters.items()}
         receive = sum(e.slots * e.slot_bytes for e in plan.edges_into(node.name))
-        nodes.append(NodeMemory(node.name, node.host, node.device, node.replicas, node.dtype, parameters, receive))
+        nodes.append(NodeMemory(node.name, node.host, node.device, node.replicas, node.dtype, parameters, weights, receive))
     devices: dict[tuple[str, str], list[NodeMemory]] = {}
     for memory in nodes:
         devices.setdefault((memory.host, memory.device), []).append(memory)

@@ -1,0 +1,135 @@
+"""The ``engine`` command: validate, draw, plan and run graphs.
+
+Heavy libraries (torch, diffusers) are imported only by the commands that need them, so ``--help`` and
+``engine validate`` answer at once. Errors a user can cause print one clear message and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine import __version__
+from engine.errors import EngineError
+
+EPILOG = """\
+examples:
+  engine validate graphs/wan_i2v.yaml
+  engine graph graphs/wan_i2v.yaml --out wan_i2v.png
+  engine plan graphs/wan_i2v.yaml --set model.path=configs/wan2.1-i2v-14b-480p --set model.dtype=bf16
+  engine run graphs/wan_i2v.yaml --prompt "a red fox in snow" --image fox.png --seed 7
+
+--set dotted.key=value overrides any field of the graph file, e.g.
+  --set nodes.transformer.replicas=2   --set nodes.encoder.place.device=cuda:1   --set request.steps=20
+"""
+
+
+def _add_graph_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("graph", type=Path, help="graph file (YAML), e.g. graphs/wan_i2v.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the graph file (dotted path; repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="engine", description="Disaggregated diffusion inference: stages of a model as a dataflow graph.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"engine {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser("validate", help="check a graph file without loading anything",
+                                   description="Check schema, stages, placement, edges, devices and requests. "
+                                               "Exit 0 when valid, 1 with every problem (file:line field) otherwise.")
+    _add_graph_arguments(validate)
+
+    graph = commands.add_parser("graph", help="show nodes, stages, placement and what each edge carries",
+                                description="Print the graph with the tensors and bytes each edge carries at the "
+                                            "graph's largest request, and optionally draw it.")
+    _add_graph_arguments(graph)
+    graph.add_argument("--out", type=Path, help="also draw the graph to a .png, .svg or .dot file")
+
+    plan = commands.add_parser("plan", help="weights per node, buffers per edge, fit per device",
+                               description="Parameter bytes per node computed from the model configs on the meta "
+                                           "device (no weights loaded), edge buffer sizes, and fit against each "
+                                           "device's memory (place.memory, or detected on this host).")
+    _add_graph_arguments(plan)
+
+    from engine.runtime.cli_run import add_run_parser
+
+    add_run_parser(commands, _add_graph_arguments)
+    return parser
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from engine.plan.check import check_graph
+    from engine.spec.load import load_graph
+
+    checked = check_graph(load_graph(args.graph, args.overrides))
+    spec = checked.loaded.spec
+    print(f"{args.graph}: valid ({spec.model.family} {spec.model.task}, {len(spec.nodes)} node(s), "
+          f"{len(spec.edges)} edge(s), {len(checked.requests)} request(s))")
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from engine.display import graph_text, write_picture
+    from engine.plan.build import plan_graph
+
+    plan, _, _ = plan_graph(args.graph, args.overrides)
+    print(graph_text(plan))
+    if args.out:
+        write_picture(plan, args.out)
+        print(f"\ndrawn to {args.out}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from engine.display import human_bytes, table
+    from engine.plan.build import plan_graph
+    from engine.plan.memory import memory_report
+
+    plan, checked, source = plan_graph(args.graph, args.overrides)
+    report = memory_report(plan, checked.family, source)
+    print(f"plan for {plan.graph}: {plan.family} {plan.task}, model {source}, sized for "
+          + ", ".join(f"{k}={v}" for k, v in plan.limits.items()))
+    print("\nweights per node (one replica; parameters counted from the configs on the meta device):")
+    rows = []
+    for node in report.nodes:
+        for component, count in node.parameters.items():
+            rows.append([node.node, component, f"{count / 1e9:.3f} B" if count else "-",
+                         human_bytes(node.weights[component]) if count else "-"])
+        rows.append([node.node, "total", f"{sum(node.parameters.values()) / 1e9:.3f} B",
+                     f"{human_bytes(node.weight_bytes)} ({node.weight_bytes / 1e9:.2f} GB, {node.dtype})"])
+    print(table(["node", "component", "parameters", "bytes"], rows))
+    print("\nedge buffers (receiver-owned slots, sized at the largest request):")
+    print(table(["edge", "from -> to", "transport", "slot", "slots", "per replica"],
+                [[e.name, f"{e.source} -> {e.target}", e.transport, human_bytes(e.slot_bytes), e.slots,
+                  human_bytes(e.slot_bytes * e.slots)] for e in plan.edges]) if plan.edges else "  none")
+    print("\nfit per device (weights + receive buffers, all replicas; activations not included):")
+    print(table(["host", "device", "nodes", "needs", "has", "fits"],
+                [[d.host, d.device, ", ".join(d.nodes), human_bytes(d.required),
+                  human_bytes(d.capacity) if d.capacity is not None else "unknown",
+                  {True: "yes", False: "NO", None: "not checked (set place.memory)"}[d.fits]] for d in report.devices]))
+    return 0 if all(d.fits is not False for d in report.devices) else 1
+
+
+COMMANDS = {"validate": cmd_validate, "graph": cmd_graph, "plan": cmd_plan}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in COMMANDS:
+            return COMMANDS[args.command](args)
+        return args.handler(args)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

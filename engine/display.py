@@ -1,0 +1,88 @@
+"""Text tables and graph pictures for the CLI."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from engine.errors import EngineError
+from engine.plan.model import Plan
+
+
+def human_bytes(nbytes: int | float) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def graph_text(plan: Plan) -> str:
+    parts = [f"graph {plan.graph} ({plan.file}): {plan.family} {plan.task}, model {plan.model_path}, {plan.dtype}",
+             f"sized for {', '.join(f'{k}={v}' for k, v in plan.limits.items())}", ""]
+    parts.append(table(["node", "stages", "host", "device", "replicas", "dtype"],
+                       [[n.name, ", ".join(n.stages), n.host, n.device, n.replicas, n.dtype] for n in plan.nodes.values()]))
+    parts.append("")
+    if not plan.edges:
+        parts.append("no edges: every stage runs in one node")
+    for edge in plan.edges:
+        parts.append(f"edge {edge.name}: {edge.source} -> {edge.target} over {edge.transport} "
+                     f"(integrity {edge.integrity}), slot {human_bytes(edge.slot_bytes)} x {edge.slots}")
+        parts.append(table(["tensor", "dtype", "shape", "bytes", "from", "to"],
+                           [[t.name + (" (optional)" if t.optional else ""), t.dtype, shape_text(t.shape),
+                             human_bytes(t.nbytes), t.producer, ", ".join(t.consumers)] for t in edge.tensors]))
+        parts.append("")
+    parts.append("a request runs through: " + " -> ".join(f"{s.node}[{', '.join(s.stages)}]" for s in plan.segments))
+    return "\n".join(parts)
+
+
+def graph_dot(plan: Plan) -> str:
+    """The graph in Graphviz DOT: one box per node (its stages, placement), one arrow per edge."""
+    def quote(text: str) -> str:
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+    lines = [f"digraph {quote(plan.graph)} {{", "  rankdir=LR;", '  node [shape=box, style="rounded,filled", fillcolor="#eef3fb", fontname="Helvetica"];',
+             '  edge [fontname="Helvetica", fontsize=10];',
+             f"  label={quote(f'{plan.graph}: {plan.family} {plan.task} ({plan.model_path}, {plan.dtype})')}; labelloc=t;"]
+    for node in plan.nodes.values():
+        replicas = f" x{node.replicas}" if node.replicas > 1 else ""
+        label = f"{node.name}{replicas}\n{node.host} {node.device}\n" + "\n".join(node.stages)
+        lines.append(f"  {quote(node.name)} [label={quote(label)}];")
+    for edge in plan.edges:
+        tensors = "\n".join(f"{t.name} {shape_text(t.shape)} {t.dtype}" for t in edge.tensors)
+        label = f"{edge.name} ({edge.transport}, {human_bytes(edge.slot_bytes)})\n{tensors}"
+        lines.append(f"  {quote(edge.source)} -> {quote(edge.target)} [label={quote(label)}];")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def write_picture(plan: Plan, out: Path) -> None:
+    """Write the graph as .dot, or render it to .png / .svg with Graphviz's ``dot``."""
+    source = graph_dot(plan)
+    suffix = out.suffix.lower()
+    if suffix == ".dot":
+        out.write_text(source)
+        return
+    if suffix not in (".png", ".svg"):
+        raise EngineError(f"{out}: the picture must end in .png, .svg or .dot")
+    dot = shutil.which("dot")
+    if dot is None:
+        raise EngineError("drawing needs Graphviz's `dot` (apt-get install graphviz); or write --out graph.dot")
+    result = subprocess.run([dot, f"-T{suffix[1:]}", "-o", str(out)], input=source, text=True, capture_output=True, timeout=60)
+    if result.returncode != 0:
+        raise EngineError(f"dot failed to draw {out}: {result.stderr.strip()}")
