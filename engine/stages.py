@@ -67,13 +67,15 @@ class ComponentSpec:
 
     ``folder`` is the diffusers-layout subfolder it lives in (``vae``); ``prefixes`` restricts it to the
     parameters whose names start with one of them (the encoder half of the VAE), empty for the whole
-    module. ``weights`` is False for tokenizers, processors and schedulers.
+    module. ``weights`` is False for tokenizers, processors and schedulers. ``dtype`` fixes the dtype a
+    component always runs in whatever the node's dtype (the Wan VAE runs in float32), None for the node's.
     """
 
     name: str
     folder: str
     prefixes: tuple[str, ...] = ()
     weights: bool = True
+    dtype: str | None = None
 
 
 class RequestParams(BaseModel):
@@ -186,5 +188,18 @@ class ModelFamily(ABC):
         """A runnable stage over already-loaded components."""
 
     @abstractmethod
-    def write_output(self, request: RequestParams, outputs: Mapping[str, "torch.Tensor"], out_dir: Path, stem: str) -> list[Path]:
-        """Write a request's final tensors (decoded frames) as files; return their paths."""
+    def write_output(
+        self,
+        request: RequestParams,
+        outputs: Mapping[str, "torch.Tensor"],
+        out_dir: Path,
+        stem: str,
+        *,
+        meta: Mapping[str, Any] | None = None,
+        save_frames: bool = False,
+    ) -> list[Path]:
+        """Write a request's final tensors (decoded frames) as files; return their paths.
+
+        ``meta`` (graph, model, node facts) goes into the sidecar JSON next to the request; ``save_frames``
+        also writes the raw decoded frames, for exact comparison (a video file is lossy).
+        """
