@@ -83,6 +83,7 @@ class ControlClient:
         self._connected = asyncio.Event()
         self._maintainer: asyncio.Task[None] | None = None
         self._closed = False
+        self.reconnects = 0  # connections re-established after a loss, for diagnostics
 
     async def __aenter__(self) -> ControlClient:
         await self.connect()
@@ -221,12 +222,15 @@ class ControlClient:
         connection = self._connection_for()
         try:
             await asyncio.wait_for(connection.__aenter__(), self._connect_timeout_s + 1)
-        except MqttConnectError as exc:
-            raise ControlError(f"broker at {where} refused the connection: {exc} (check user name and password)") from exc
-        except aiomqtt.MqttError as exc:
-            raise ControlError(f"cannot reach broker at {where}: {exc}") from exc
-        except asyncio.TimeoutError:
-            raise ControlError(f"cannot reach broker at {where}: no answer within {self._connect_timeout_s:g} s") from None
+        except (aiomqtt.MqttError, asyncio.TimeoutError) as exc:
+            # aiomqtt leaves the socket of a failed handshake open; paho closes it after sending DISCONNECT.
+            connection._client.disconnect()  # noqa: SLF001
+            if isinstance(exc, MqttConnectError):
+                raise ControlError(
+                    f"broker at {where} refused the connection: {exc} (check user name and password)"
+                ) from exc
+            reason = str(exc) if isinstance(exc, aiomqtt.MqttError) else f"no answer within {self._connect_timeout_s:g} s"
+            raise ControlError(f"cannot reach broker at {where}: {reason}") from exc
         try:
             for topic_filter in self._filters:
                 await self._subscribe(connection, topic_filter)
@@ -262,6 +266,7 @@ class ControlClient:
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, self._max_backoff_s)
                 continue
+            self.reconnects += 1
             log.info("control client %s reconnected to broker %s", self.client_id, self.address.display)
             return connection
 

@@ -1,0 +1,285 @@
+"""The control client against real brokers: mosquitto (Debian's) and the embedded amqtt."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+import aiomqtt
+import pytest
+
+from engine.control import ControlClient, Topics, embedded_broker
+from engine.control.broker import BrokerAddress, find_mosquitto, free_port
+from engine.control.messages import RunStage, Shutdown, StageDone, Status
+from engine.errors import ControlError
+
+pytestmark = pytest.mark.integration
+
+BROKERS = [
+    pytest.param(
+        "mosquitto", marks=pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+    ),
+    "amqtt",
+]
+TOPICS = Topics(run_id="test-run")
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=20))
+
+
+def accepts(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def expect(client: ControlClient, what: str, timeout_s: float = 3.0):
+    inbound = await client.receive(timeout_s)
+    assert inbound is not None, f"no message within {timeout_s} s: expected {what}"
+    return inbound
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_request_response_round_trip(kind):
+    request = RunStage(
+        request_id="r1", request={"prompt": "a cat"}, node="transformer", attempt=0, deadline_s=30, send_to={"p2": 0}
+    )
+    reply = StageDone(request_id="r1", node="transformer", replica=0, attempt=0, timings={"denoise": 0.1}, edges={})
+
+    async def scenario():
+        async with embedded_broker(kind) as address:
+            async with (
+                ControlClient(address, client_id="controller") as controller,
+                ControlClient(address, client_id="worker") as worker,
+            ):
+                await controller.subscribe(TOPICS.controller)
+                await worker.subscribe(TOPICS.inbox("transformer", 0))
+                await controller.publish(TOPICS.inbox("transformer", 0), request)
+                got = await expect(worker, "run_stage")
+                assert (got.topic, got.message, got.retained) == (TOPICS.inbox("transformer", 0), request, False)
+                await worker.publish(TOPICS.controller, reply)
+                answer = await expect(controller, "stage_done")
+                assert answer.message == reply
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_retained_status_reaches_a_late_subscriber_until_cleared(kind):
+    status = Status(node="decoder", replica=0, state="starting", pid=123, host="h")
+
+    async def scenario():
+        async with embedded_broker(kind) as address:
+            async with ControlClient(address, client_id="worker") as worker:
+                await worker.publish(TOPICS.status("decoder", 0), status, retain=True)
+            async with ControlClient(address, client_id="late") as late:
+                await late.subscribe(TOPICS.all_status)
+                got = await expect(late, "the retained status")
+                assert (got.topic, got.message, got.retained) == (TOPICS.status("decoder", 0), status, True)
+                await late.clear_retained(TOPICS.status("decoder", 0))
+            async with ControlClient(address, client_id="later") as later:
+                await later.subscribe(TOPICS.all_status)
+                assert await later.receive(0.3) is None
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_invalid_messages_are_dropped_with_a_warning_and_the_loop_goes_on(kind, caplog):
+    async def scenario():
+        async with embedded_broker(kind) as address:
+            async with ControlClient(address, client_id="controller") as controller:
+                await controller.subscribe(TOPICS.controller)
+                async with aiomqtt.Client(address.host, address.port, identifier="rogue") as rogue:
+                    await rogue.publish(TOPICS.controller, b"\x80\x04 not json", qos=1)
+                    await rogue.publish(TOPICS.controller, b'{"v": 9, "kind": "shutdown"}', qos=1)
+                await controller.publish(TOPICS.controller, Shutdown(reason="still alive"))
+                got = await expect(controller, "the valid message after two invalid ones")
+                assert got.message == Shutdown(reason="still alive")
+
+    with caplog.at_level(logging.WARNING, logger="engine.control.client"):
+        run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(TOPICS.controller in w and "not JSON" in w for w in warnings), warnings
+    assert any(TOPICS.controller in w and "version 9" in w for w in warnings), warnings
+
+
+class DroppingProxy:
+    """A TCP proxy in front of the broker whose connections the test can cut, like a network failure."""
+
+    def __init__(self, target: BrokerAddress):
+        self.target = target
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> BrokerAddress:
+        self.server = await asyncio.start_server(self._connected, "127.0.0.1", 0)
+        return BrokerAddress("127.0.0.1", self.server.sockets[0].getsockname()[1])
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(self.target.host, self.target.port)
+        self.writers += [writer, upstream_writer]
+        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    def drop(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        self.writers.clear()
+
+    def close(self) -> None:
+        self.drop()
+        assert self.server is not None
+        self.server.close()
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_reconnects_and_subscribes_again_after_losing_the_connection(kind):
+    async def wait_until(condition, what: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, f"{what} within {timeout_s} s"
+            await asyncio.sleep(0.01)
+
+    async def scenario():
+        async with embedded_broker(kind) as address:
+            proxy = DroppingProxy(address)
+            via_proxy = await proxy.start()
+            try:
+                async with (
+                    ControlClient(via_proxy, client_id="worker", max_backoff_s=0.2) as worker,
+                    ControlClient(address, client_id="controller") as controller,
+                ):
+                    await worker.subscribe(TOPICS.inbox("w", 0))
+                    proxy.drop()
+                    await wait_until(lambda: worker.reconnects == 1 and worker.connected, "worker reconnected", 5)
+                    await controller.publish(TOPICS.inbox("w", 0), Shutdown(reason="after reconnect"))
+                    got = await expect(worker, "a message on the re-subscribed inbox")
+                    assert got.message == Shutdown(reason="after reconnect")
+            finally:
+                proxy.close()
+
+    run(scenario())
+
+
+def test_unreachable_broker_fails_fast_with_the_address():
+    port = free_port()
+
+    async def scenario():
+        started = time.monotonic()
+        with pytest.raises(ControlError, match=f"cannot reach broker at 127.0.0.1:{port}"):
+            async with ControlClient(BrokerAddress("127.0.0.1", port), client_id="c", connect_timeout_s=2):
+                pass
+        return time.monotonic() - started
+
+    assert run(scenario()) < 3
+
+
+def test_silent_broker_times_out_within_the_connect_timeout():
+    async def scenario():
+        closed_by_client = asyncio.Event()
+
+        async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while await reader.read(1024):
+                pass
+            closed_by_client.set()
+            writer.close()
+
+        # A listener that accepts TCP but never answers the MQTT CONNECT.
+        server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        started = time.monotonic()
+        try:
+            with pytest.raises(ControlError, match=f"cannot reach broker at 127.0.0.1:{port}"):
+                async with ControlClient(BrokerAddress("127.0.0.1", port), client_id="c", connect_timeout_s=1):
+                    pass
+            elapsed = time.monotonic() - started
+            await asyncio.wait_for(closed_by_client.wait(), 2)  # the abandoned attempt leaves no open socket
+        finally:
+            server.close()
+        return elapsed
+
+    assert run(scenario()) < 3
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_username_and_password(kind):
+    async def scenario():
+        async with embedded_broker(kind, username="alice", password="s3cret") as address:
+            async with ControlClient(address, client_id="alice") as client:
+                await client.subscribe(TOPICS.controller)
+                await client.publish(TOPICS.controller, Shutdown(reason="authenticated"))
+                assert (await expect(client, "own message")).message == Shutdown(reason="authenticated")
+            for name, wrong in [
+                ("wrong password", BrokerAddress(address.host, address.port, username="alice", password="nope")),
+                ("anonymous", BrokerAddress(address.host, address.port)),
+            ]:
+                with pytest.raises(ControlError, match="refused the connection") as info:
+                    async with ControlClient(wrong, client_id="mallory"):
+                        pass
+                assert "127.0.0.1" in str(info.value), name
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_embedded_broker_is_gone_after_the_block_also_when_cancelled(kind):
+    ports: list[int] = []
+
+    async def hold() -> None:
+        async with embedded_broker(kind) as address:
+            ports.append(address.port)
+            await asyncio.sleep(60)
+
+    async def scenario():
+        async with embedded_broker(kind) as address:
+            assert accepts(address.port)
+        assert not accepts(address.port)
+        task = asyncio.create_task(hold())
+        while not ports:
+            await asyncio.sleep(0.01)
+        assert accepts(ports[0])
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not accepts(ports[0])
+
+    run(scenario())
+
+
+def test_forcing_mosquitto_without_it_installed_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr("engine.control.broker.find_mosquitto", lambda: None)
+
+    async def scenario():
+        with pytest.raises(ControlError, match="mosquitto is not installed"):
+            async with embedded_broker("mosquitto"):
+                pass
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_closed_client_refuses_to_publish_and_ends_its_iterator(kind):
+    async def scenario():
+        async with embedded_broker(kind) as address:
+            client = ControlClient(address, client_id="c")
+            await client.connect()
+            await client.close()
+            with pytest.raises(ControlError, match="is closed"):
+                await client.publish(TOPICS.controller, Shutdown(reason="late"))
+            assert [inbound async for inbound in client.messages()] == []
+
+    run(scenario())
