@@ -1,0 +1,247 @@
+"""The two ends of an edge: a :class:`Receiver` owns a pool of slots, a :class:`Sender` writes into one.
+
+The transports (``mooncake``, ``shm``, ``inproc``) differ only in where the pool's memory lives and how
+the bytes get there; granting, verifying, fencing, packing, hashing and fault injection live here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from engine.errors import TransportError
+from engine.transport.errors import PayloadMismatch
+from engine.transport.faults import Faults
+from engine.transport.manifest import (
+    Manifest,
+    SlotGrant,
+    TensorHeader,
+    combine,
+    pack,
+    payload_nbytes,
+    tensor_digests,
+    unpack,
+)
+from engine.transport.pool import SlotPool
+
+PAGE = mmap.PAGESIZE
+INLINE_BYTES = 1 << 20
+"""Payloads up to this size are packed and hashed on the event loop; larger ones in a worker thread."""
+
+
+def page_aligned(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+def default_quarantine_s() -> float:
+    """Longer than the transfer engine's own timeout (``MC_TRANSFER_TIMEOUT``, default 30 s) plus a margin."""
+    return float(os.environ.get("MC_TRANSFER_TIMEOUT", "30")) + 5.0
+
+
+def anonymous_memory(nbytes: int) -> mmap.mmap:
+    """Private anonymous memory with every page faulted in now (first touch runs at under 1 GB/s)."""
+    return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+
+
+def verify(payload: torch.Tensor, manifest: Manifest) -> None:
+    """Raise PayloadMismatch (naming the edge, request and tensors) unless ``payload`` matches ``manifest``."""
+    where = {"edge": manifest.edge, "request_id": manifest.request_id, "tensors": ()}
+    if len(manifest.tensor_digests) != len(manifest.tensors):
+        raise PayloadMismatch("manifest carries a digest count that differs from its tensor count", **where)
+    for header in manifest.tensors:
+        if header.offset + header.nbytes > manifest.nbytes:
+            raise PayloadMismatch(
+                f"tensor {header.name!r} lies outside the {manifest.nbytes}-byte payload", **{**where, "tensors": (header.name,)}
+            )
+    actual = tensor_digests(payload, manifest.tensors)
+    if combine(manifest.edge, manifest.request_id, manifest.tensors, actual) == manifest.digest:
+        return
+    bad = [h.name for h, want, got in zip(manifest.tensors, manifest.tensor_digests, actual) if want != got]
+    if bad:
+        raise PayloadMismatch(f"digest mismatch in tensor(s) {', '.join(repr(n) for n in bad)}", **{**where, "tensors": bad})
+    raise PayloadMismatch("manifest digest mismatch: the headers, edge or request id were altered", **where)
+
+
+class Receiver(ABC):
+    """Owns one edge's receive pool: grants slots, verifies payloads, hands out views, fences slots."""
+
+    transport: ClassVar[str]
+
+    def __init__(self, edge: str, slot_bytes: int, slots: int, *, quarantine_s: float | None = None, lease_s: float = 60.0):
+        if slot_bytes <= 0:
+            raise ValueError(f"edge {edge!r}: slot_bytes must be positive, got {slot_bytes}")
+        self.edge = edge
+        self.slot_bytes = slot_bytes
+        self.slot_stride = page_aligned(slot_bytes)
+        self.pool = SlotPool(
+            edge, slots, quarantine_s=default_quarantine_s() if quarantine_s is None else quarantine_s, lease_s=lease_s
+        )
+
+    @property
+    @abstractmethod
+    def location(self) -> dict[str, Any]:
+        """What a sender needs to reach this pool (JSON)."""
+
+    def grant(self, request_id: str, nbytes: int) -> SlotGrant:
+        """Grant a slot for a payload of ``nbytes``.
+
+        Raises TransportError if ``nbytes`` exceeds the slot size, SlotsExhausted if no slot is free.
+        """
+        if nbytes > self.slot_bytes:
+            raise TransportError(
+                f"payload of {nbytes} bytes exceeds the slot size of {self.slot_bytes} bytes "
+                "(the plan sized this edge for smaller tensors)",
+                edge=self.edge, request_id=request_id,
+            )
+        slot = self.pool.grant(request_id)
+        return SlotGrant(
+            edge=self.edge, request_id=request_id, slot=slot.index, generation=slot.generation,
+            offset=slot.index * self.slot_stride, capacity=self.slot_bytes, location=self.location,
+        )
+
+    @abstractmethod
+    def open(self, manifest: Manifest) -> dict[str, torch.Tensor]:
+        """Verify the slot's payload against ``manifest`` and return zero-copy views of its tensors.
+
+        Raises IntegrityError on a mismatch (the slot stays granted, so the sender can retransmit) and
+        TransportError for a manifest that does not name this edge or a live grant.
+        """
+
+    def release(self, held: SlotGrant | Manifest | int) -> None:
+        """Return a slot to the pool once its views are no longer used."""
+        if isinstance(held, int):
+            self.pool.release(held, self.pool.state(held).generation)
+        else:
+            self.pool.release(held.slot, held.generation)
+
+    def fence(self, held: SlotGrant | Manifest | int) -> bool:
+        """Fence a slot after a failed write: bump its generation and quarantine it.
+
+        A grant or manifest of an older generation is ignored (already fenced); returns whether it fenced.
+        """
+        if isinstance(held, int):
+            return self.pool.fence(held, self.pool.state(held).generation)
+        return self.pool.fence(held.slot, held.generation)
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free the pool (views handed out keep their memory alive until they are dropped)."""
+
+    def _check(self, manifest: Manifest) -> None:
+        if manifest.edge != self.edge:
+            raise TransportError(f"manifest for edge {manifest.edge!r} delivered here", edge=self.edge, request_id=manifest.request_id)
+        self.pool.check(manifest.slot, manifest.generation, manifest.request_id)
+
+
+class ByteReceiver(Receiver):
+    """A receiver whose pool is memory the sender writes bytes into (mooncake, shm)."""
+
+    @abstractmethod
+    def _slot_bytes(self, slot: int) -> torch.Tensor:
+        """The uint8 tensor over slot ``slot``'s memory."""
+
+    def open(self, manifest: Manifest) -> dict[str, torch.Tensor]:
+        self._check(manifest)
+        if manifest.nbytes > self.slot_bytes:
+            raise PayloadMismatch(
+                f"manifest claims {manifest.nbytes} bytes, the slot holds {self.slot_bytes}",
+                edge=self.edge, request_id=manifest.request_id, tensors=(),
+            )
+        payload = self._slot_bytes(manifest.slot)[: manifest.nbytes]
+        verify(payload, manifest)
+        self.pool.opened(manifest.slot)
+        return unpack(payload, manifest)
+
+
+class Sender(ABC):
+    """Writes one request's tensors into a slot a receiver granted, and describes them in a manifest."""
+
+    transport: ClassVar[str]
+
+    def __init__(self, edge: str, max_bytes: int, *, timeout_s: float = 10.0, faults: Faults | None = None):
+        if max_bytes <= 0:
+            raise ValueError(f"edge {edge!r}: max_bytes must be positive, got {max_bytes}")
+        self.edge = edge
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.faults = faults if faults is not None else Faults.from_env(edge)
+        self._lock = asyncio.Lock()
+
+    @abstractmethod
+    def connect(self, location: dict[str, Any]) -> None:
+        """Reach the receiver at ``location`` ahead of the first write (handshake, probe)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the staging memory and connections."""
+
+    @abstractmethod
+    async def write(self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], request_id: str) -> Manifest:
+        """Put ``tensors`` into the granted slot and return the manifest to deliver.
+
+        Raises PeerDead or EdgeTimeout (naming edge and request) when the bytes could not be written; the
+        caller must then fence the slot.
+        """
+
+    def _check_grant(self, grant: SlotGrant, request_id: str) -> None:
+        if grant.edge != self.edge or grant.request_id != request_id:
+            raise TransportError(
+                f"grant is for edge {grant.edge!r} request {grant.request_id}", edge=self.edge, request_id=request_id
+            )
+
+
+class ByteSender(Sender):
+    """A sender that packs into a region (staging or the slot), hashes it, and moves the bytes (mooncake, shm)."""
+
+    @abstractmethod
+    def _region(self, grant: SlotGrant, nbytes: int) -> torch.Tensor:
+        """Where to pack the payload: a staging buffer, or the granted slot itself."""
+
+    @abstractmethod
+    async def _transfer(self, grant: SlotGrant, nbytes: int) -> None:
+        """Move the packed region's first ``nbytes`` into the granted slot (no-op if packed in place)."""
+
+    @abstractmethod
+    def _discard(self, region: torch.Tensor) -> None:
+        """Undo a packed region for an injected drop (the bytes must not reach the slot)."""
+
+    async def write(self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], request_id: str) -> Manifest:
+        """Pack, hash and write ``tensors`` into the granted slot; return the manifest to deliver."""
+        where = {"edge": self.edge, "request_id": request_id}
+        self._check_grant(grant, request_id)
+        nbytes = payload_nbytes(tensors)
+        if nbytes > min(grant.capacity, self.max_bytes):
+            raise TransportError(
+                f"payload of {nbytes} bytes exceeds the slot ({grant.capacity}) or staging ({self.max_bytes}) size",
+                **where,
+            )
+        async with self._lock:
+            region = self._region(grant, nbytes)
+            if nbytes > INLINE_BYTES:
+                headers, digests = await asyncio.to_thread(_pack_and_hash, tensors, region)
+            else:
+                headers, digests = _pack_and_hash(tensors, region)
+            manifest = Manifest(
+                edge=self.edge, request_id=request_id, slot=grant.slot, generation=grant.generation, nbytes=nbytes,
+                tensors=headers, tensor_digests=digests, digest=combine(self.edge, request_id, headers, digests),
+            )
+            delay = self.faults.take_delay()
+            if delay:
+                await asyncio.sleep(delay)
+            self.faults.corrupt(region, headers)
+            if self.faults.take_drop():
+                self._discard(region[:nbytes])
+            else:
+                await self._transfer(grant, nbytes)
+            return manifest
+
+
+def _pack_and_hash(tensors: Mapping[str, torch.Tensor], region: torch.Tensor) -> tuple[tuple[TensorHeader, ...], tuple[str, ...]]:
+    headers = pack(tensors, region)
+    return headers, tensor_digests(region, headers)

@@ -1,0 +1,214 @@
+"""Edges over the Mooncake transfer engine (TCP by default, RDMA by option).
+
+One transfer engine per process, initialised in P2P-handshake mode (no metadata service); the receiver
+registers its whole pool once, the sender its staging buffer once. Writes use the only non-blocking pair
+the Python binding offers, ``transfer_submit_write`` + ``transfer_check_status``, polled with
+``asyncio.sleep`` so the event loop never blocks, under our own watchdog (some failures take Mooncake 60 s
+to report).
+
+Options (keyword arguments of make_receiver / make_sender, else the environment):
+``hostname`` (``ENGINE_MOONCAKE_HOST``, default 127.0.0.1: the address peers reach this process at),
+``protocol`` (``ENGINE_MOONCAKE_PROTOCOL``, ``tcp`` or ``rdma``), ``device_name``
+(``ENGINE_MOONCAKE_DEVICE``, the RDMA NIC, e.g. ``mlx5_0``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from typing import Any
+
+import torch
+
+from engine.errors import EdgeTimeout, PeerDead, TransportError
+from engine.transport.base import PAGE, ByteReceiver, ByteSender, anonymous_memory, page_aligned
+from engine.transport.faults import Faults
+from engine.transport.manifest import SlotGrant
+
+DONE, RUNNING, FAILED, TIMED_OUT = 1, 0, -1, -2
+PROBE_WAIT_S = 0.5
+"""How long to wait for a probe of a peer whose write failed (a dead peer refuses in under 1 ms)."""
+
+_engines: dict[tuple[str, str, str], Any] = {}
+_engines_lock = threading.Lock()
+
+
+def _options(hostname: str | None, protocol: str | None, device_name: str | None) -> tuple[str, str, str]:
+    protocol = protocol or os.environ.get("ENGINE_MOONCAKE_PROTOCOL", "tcp")
+    if protocol not in ("tcp", "rdma"):
+        raise ValueError(f"mooncake protocol must be tcp or rdma, got {protocol!r}")
+    return (
+        hostname or os.environ.get("ENGINE_MOONCAKE_HOST", "127.0.0.1"),
+        protocol,
+        device_name if device_name is not None else os.environ.get("ENGINE_MOONCAKE_DEVICE", ""),
+    )
+
+
+def transfer_engine(hostname: str, protocol: str, device_name: str) -> Any:
+    """This process's transfer engine for ``(hostname, protocol, device_name)``, initialised once."""
+    key = (hostname, protocol, device_name)
+    with _engines_lock:
+        if key not in _engines:
+            from mooncake.engine import TransferEngine
+
+            engine = TransferEngine()
+            if engine.initialize(hostname, "P2PHANDSHAKE", protocol, device_name) != 0:
+                raise TransportError(f"mooncake transfer engine failed to start on {hostname} over {protocol} {device_name!r}")
+            _engines[key] = engine
+        return _engines[key]
+
+
+class MooncakeReceiver(ByteReceiver):
+    """A receive pool in pre-faulted memory registered with the transfer engine once.
+
+    One page past the last slot is a warm-up target: senders write there on ``connect`` to set up their
+    connection before the first payload, and nothing ever reads it.
+    """
+
+    transport = "mooncake"
+
+    def __init__(
+        self, edge: str, slot_bytes: int, slots: int, *, hostname: str | None = None, protocol: str | None = None,
+        device_name: str | None = None, quarantine_s: float | None = None, lease_s: float = 60.0,
+    ):
+        super().__init__(edge, slot_bytes, slots, quarantine_s=quarantine_s, lease_s=lease_s)
+        hostname, protocol, device_name = _options(hostname, protocol, device_name)
+        self._engine = transfer_engine(hostname, protocol, device_name)
+        self._memory = anonymous_memory(self.slot_stride * slots + PAGE)
+        self._bytes = torch.frombuffer(self._memory, dtype=torch.uint8)
+        self._base = self._bytes.data_ptr()
+        if self._engine.register_memory(self._base, len(self._memory)) != 0:
+            raise TransportError(f"registering a {len(self._memory)}-byte receive pool failed", edge=edge)
+        self._location = {
+            "transport": "mooncake", "session": f"{hostname}:{self._engine.get_rpc_port()}", "base": self._base,
+            "warmup_offset": self.slot_stride * slots,
+        }
+
+    @property
+    def location(self) -> dict[str, Any]:
+        return dict(self._location)
+
+    def _slot_bytes(self, slot: int) -> torch.Tensor:
+        start = slot * self.slot_stride
+        return self._bytes[start : start + self.slot_bytes]
+
+    def close(self) -> None:
+        if self._memory is None:
+            return
+        self._engine.unregister_memory(self._base)
+        self._bytes = None
+        try:
+            self._memory.close()
+        except BufferError:
+            pass  # views handed out by open() still export the pages; they are freed with the last view
+        self._memory = None
+
+
+class MooncakeSender(ByteSender):
+    """Packs into a staging buffer registered once (pinned when CUDA is present) and pushes it to the slot."""
+
+    transport = "mooncake"
+
+    def __init__(
+        self, edge: str, max_bytes: int, *, hostname: str | None = None, protocol: str | None = None,
+        device_name: str | None = None, timeout_s: float = 10.0, faults: Faults | None = None,
+    ):
+        super().__init__(edge, max_bytes, timeout_s=timeout_s, faults=faults)
+        self._engine = transfer_engine(*_options(hostname, protocol, device_name))
+        if torch.cuda.is_available():
+            self._memory = None
+            self._staging = torch.empty(page_aligned(max_bytes), dtype=torch.uint8, pin_memory=True)
+        else:
+            self._memory = anonymous_memory(page_aligned(max_bytes))
+            self._staging = torch.frombuffer(self._memory, dtype=torch.uint8)
+        self._staging_addr = self._staging.data_ptr()
+        if self._engine.register_memory(self._staging_addr, self._staging.numel()) != 0:
+            raise TransportError(f"registering a {self._staging.numel()}-byte staging buffer failed", edge=edge)
+        self._connected: set[str] = set()
+        self._orphans: list[int] = []  # batches our watchdog gave up on; polled until Mooncake settles them
+
+    def connect(self, location: dict[str, Any]) -> None:
+        """Probe the receiver and write once to its warm-up page, so the first payload skips the handshake."""
+        session = location["session"]
+        rc = self._probe(session)
+        if rc is None:
+            raise EdgeTimeout(f"receiver {session} does not answer a probe within {PROBE_WAIT_S} s", edge=self.edge)
+        if rc != 0:
+            raise PeerDead(f"receiver {session} refuses a probe ({rc})", edge=self.edge)
+        batch = self._engine.transfer_submit_write(session, self._staging_addr, location["base"] + location["warmup_offset"], 64)
+        deadline = time.monotonic() + self.timeout_s
+        while (status := self._engine.transfer_check_status(batch)) == RUNNING:
+            if time.monotonic() > deadline:
+                self._orphans.append(batch)
+                raise EdgeTimeout(f"warm-up write to {session} did not finish in {self.timeout_s} s", edge=self.edge)
+            time.sleep(0.0005)
+        if status != DONE:
+            raise TransportError(f"warm-up write to {session} failed ({status})", edge=self.edge)
+        self._connected.add(session)
+
+    def _region(self, grant: SlotGrant, nbytes: int) -> torch.Tensor:
+        return self._staging[:nbytes]
+
+    def _discard(self, region: torch.Tensor) -> None:
+        """A dropped write simply never leaves the staging buffer."""
+
+    async def _transfer(self, grant: SlotGrant, nbytes: int) -> None:
+        where = {"edge": self.edge, "request_id": grant.request_id}
+        session = grant.location["session"]
+        if session not in self._connected:
+            await asyncio.to_thread(self.connect, grant.location)
+        self._reap()
+        if nbytes == 0:
+            return
+        start = time.monotonic()
+        batch = self._engine.transfer_submit_write(session, self._staging_addr, grant.location["base"] + grant.offset, nbytes)
+        pause = 0.0
+        while (status := self._engine.transfer_check_status(batch)) == RUNNING:
+            if time.monotonic() - start > self.timeout_s:
+                self._orphans.append(batch)
+                raise EdgeTimeout(
+                    f"write of {nbytes} bytes to slot {grant.slot} at {session} did not finish in {self.timeout_s} s "
+                    "(receiver hung or overloaded)",
+                    **where,
+                )
+            await asyncio.sleep(pause)
+            pause = min(max(pause * 2, 20e-6), 1e-3)
+        if status == DONE:
+            return
+        if status == TIMED_OUT:
+            raise EdgeTimeout(f"transfer engine timed out writing slot {grant.slot} at {session}", **where)
+        rc = await self._probe_async(session)
+        if rc is None:
+            raise EdgeTimeout(f"write to slot {grant.slot} failed and {session} does not answer a probe", **where)
+        if rc != 0:
+            self._connected.discard(session)
+            raise PeerDead(f"write to slot {grant.slot} failed: receiver {session} is gone (probe {rc})", **where)
+        raise TransportError(f"write of {nbytes} bytes to slot {grant.slot} at {session} failed; the receiver is alive", **where)
+
+    def _reap(self) -> None:
+        """Forget orphaned batches Mooncake has settled (each id is checked until its first final status only)."""
+        self._orphans = [b for b in self._orphans if self._engine.transfer_check_status(b) == RUNNING]
+
+    def _probe(self, session: str) -> int | None:
+        """``send_probe`` in a daemon thread (a stopped peer can hold it for a long time); None if no answer."""
+        result: list[int] = []
+        thread = threading.Thread(target=lambda: result.append(self._engine.send_probe(session)), daemon=True)
+        thread.start()
+        thread.join(PROBE_WAIT_S)
+        return result[0] if result else None
+
+    async def _probe_async(self, session: str) -> int | None:
+        return await asyncio.to_thread(self._probe, session)
+
+    def close(self) -> None:
+        if self._staging is None:
+            return
+        self._engine.unregister_memory(self._staging_addr)
+        self._staging = None
+        if self._memory is not None:
+            try:
+                self._memory.close()
+            except BufferError:
+                pass  # a packed region is still referenced; the pages go with it

@@ -1,0 +1,165 @@
+"""send_tensors over the in-process link, on the shm and inproc transports, with injected faults."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from engine.errors import EdgeTimeout, IntegrityError, TransportError
+from engine.transport import LocalLink, Manifest, make_receiver, make_sender, send_tensors
+from engine.transport.errors import SlotsExhausted
+from engine.transport.faults import ENV_VAR, FaultPlan, Faults
+from engine.transport.pool import SlotState
+
+
+def payload() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "prompt_embeds": torch.randn(2, 7, 16, generator=gen).to(torch.bfloat16),
+        "mask": torch.rand(2, 7, generator=gen) > 0.5,
+        "latents": torch.randn(1, 4, 3, 8, 8, generator=gen),
+    }
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+@pytest.fixture
+def shm_edge():
+    receiver = make_receiver("shm", "phase1", slot_bytes=1 << 16, slots=2, quarantine_s=0.05)
+    sender = make_sender("shm", "phase1", max_bytes=1 << 16, faults=Faults())
+    yield receiver, sender
+    sender.close()
+    receiver.close()
+
+
+def test_shm_delivers_bit_exact_views_of_the_shared_segment(shm_edge):
+    receiver, sender = shm_edge
+    link = LocalLink(receiver)
+    tensors = payload()
+    manifest = asyncio.run(send_tensors(sender, link, tensors, "req-1"))
+    views = link.delivered["req-1"]
+    assert all(same_bytes(views[k], tensors[k]) for k in tensors)
+    slot = receiver._slot_bytes(manifest.slot)
+    assert views["latents"].untyped_storage().data_ptr() == slot.untyped_storage().data_ptr()
+    receiver.release(manifest)
+    assert receiver.pool.state(manifest.slot).state is SlotState.FREE
+
+
+def test_flipped_bit_is_detected_named_and_retransmitted(shm_edge):
+    receiver, sender = shm_edge
+    link = LocalLink(receiver)
+    sender.faults.arm(corrupt=1)
+    tensors = payload()
+    asyncio.run(send_tensors(sender, link, tensors, "req-1"))
+    assert [a.ok for a in link.acks] == [False, True]
+    assert len(link.acks[0].tensors) == 1 and link.acks[0].tensors[0] in tensors
+    assert "digest mismatch in tensor(s)" in link.acks[0].reason
+    assert all(same_bytes(link.delivered["req-1"][k], tensors[k]) for k in tensors)
+
+
+def test_persistent_corruption_fails_naming_edge_and_tensor_and_fences_the_slot(shm_edge):
+    receiver, sender = shm_edge
+    link = LocalLink(receiver)
+    tensors = {"latents": torch.ones(64)}
+    sender.faults.arm(corrupt=3)
+    with pytest.raises(IntegrityError, match=r"edge 'phase1', request req-1: 'latents' failed verification on 3 attempts"):
+        asyncio.run(send_tensors(sender, link, tensors, "req-1", retries=2))
+    assert [s for s in (receiver.pool.state(i) for i in range(2)) if s.state is SlotState.FENCED]
+
+
+def test_dropped_write_is_detected_and_retransmitted(shm_edge):
+    receiver, sender = shm_edge
+    link = LocalLink(receiver)
+    sender.faults.arm(drop=1)
+    tensors = payload()
+    asyncio.run(send_tensors(sender, link, tensors, "req-1"))
+    assert sender.faults.injected == ["drop"] and [a.ok for a in link.acks] == [False, True]
+
+
+def test_delayed_write_does_not_block_the_event_loop(shm_edge):
+    receiver, sender = shm_edge
+    link = LocalLink(receiver)
+    sender.faults.arm(delay=1, delay_s=0.2)
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    async def main():
+        task = asyncio.create_task(ticker())
+        await send_tensors(sender, link, payload(), "req-1")
+        task.cancel()
+
+    asyncio.run(main())
+    assert ticks >= 10
+
+
+def test_stale_generation_manifest_is_refused_after_a_fence(shm_edge):
+    receiver, sender = shm_edge
+    grant = receiver.grant("req-1", 1024)
+    manifest = asyncio.run(sender.write(grant, {"x": torch.ones(8)}, "req-1"))
+    assert receiver.fence(grant)
+    with pytest.raises(TransportError, match="slot was fenced"):
+        receiver.open(manifest)
+
+
+def test_tampered_manifest_is_refused(shm_edge):
+    receiver, sender = shm_edge
+    grant = receiver.grant("req-1", 1024)
+    manifest = asyncio.run(sender.write(grant, {"x": torch.ones(8)}, "req-1"))
+    header = manifest.tensors[0].model_copy(update={"shape": (2, 4)})
+    with pytest.raises(IntegrityError, match="headers, edge or request id were altered"):
+        receiver.open(manifest.model_copy(update={"tensors": (header,)}))
+    assert receiver.open(manifest)["x"].shape == (8,)
+
+
+def test_grant_errors_say_which(shm_edge):
+    receiver, _ = shm_edge
+    with pytest.raises(TransportError, match="exceeds the slot size of 65536"):
+        receiver.grant("req-1", (1 << 16) + 1)
+    receiver.grant("req-1", 10)
+    receiver.grant("req-2", 10)
+    with pytest.raises(SlotsExhausted, match="2 in use"):
+        receiver.grant("req-3", 10)
+
+
+def test_failed_write_fences_the_slot():
+    class FailingLink(LocalLink):
+        async def deliver(self, manifest: Manifest):
+            raise AssertionError("a failed write must not be delivered")
+
+    class HungSender:
+        edge = "phase1"
+
+        async def write(self, grant, tensors, request_id):
+            raise EdgeTimeout("write did not finish", edge="phase1", request_id=request_id)
+
+    receiver = make_receiver("inproc", "phase1", slot_bytes=1024, slots=1, quarantine_s=60)
+    with pytest.raises(EdgeTimeout):
+        asyncio.run(send_tensors(HungSender(), FailingLink(receiver), {"x": torch.ones(4)}, "req-1"))
+    assert receiver.pool.state(0).state is SlotState.FENCED
+    with pytest.raises(SlotsExhausted, match="1 fenced"):
+        receiver.grant("req-2", 16)
+
+
+def test_inproc_hands_over_the_same_tensors():
+    receiver = make_receiver("inproc", "phase1", slot_bytes=1 << 16, slots=1)
+    sender = make_sender("inproc", "phase1", max_bytes=1 << 16)
+    link = LocalLink(receiver)
+    tensors = payload()
+    asyncio.run(send_tensors(sender, link, tensors, "req-1"))
+    assert all(link.delivered["req-1"][k] is tensors[k] for k in tensors)
+    receiver.close()
+
+
+def test_faults_from_environment_apply_only_to_named_edges(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, FaultPlan(corrupt=2, edges=("phase2",)).model_dump_json())
+    assert Faults.from_env("phase2").plan.corrupt == 2
+    assert Faults.from_env("phase1").plan.corrupt == 0
