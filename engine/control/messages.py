@@ -98,6 +98,7 @@ class RunStage(_Model):
     node: str = _NAME
     attempt: int = _ATTEMPT
     deadline_s: float = Field(gt=0, description="seconds the replica has to finish, from receipt")
+    segment: int = Field(ge=0, description="which of the plan's segments (runs of stages on one node) to run")
     send_to: dict[str, int] = Field(description="outgoing edge name -> replica index of the receiving node")
 
 
@@ -112,6 +113,8 @@ class StageDone(_Model):
     attempt: int = _ATTEMPT
     timings: dict[str, float] = Field(description="stage name -> seconds it took")
     edges: dict[str, EdgeStats] = Field(description="outgoing edge name -> transfer statistics")
+    outputs: list[str] = Field(description="files written for the request's final outputs (empty before the last segment)")
+    peak_rss_bytes: int = Field(ge=0, description="peak resident memory of the worker process so far")
 
 
 class StageFailed(_Model):
@@ -151,7 +154,8 @@ class Grant(_Model):
     edge: str = _EDGE
     attempt: int = _ATTEMPT
     receiver: ReplicaRef = Field(description="replica that owns the slot")
-    grant: JsonObject = Field(description="the transport's SlotGrant as a JSON object")
+    grant: JsonObject | None = Field(description="the transport's SlotGrant as a JSON object; None when refused")
+    error: str | None = Field(description="why no slot can be granted (payload larger than a slot...); None when granted")
 
 
 class Delivered(_Model):

@@ -52,18 +52,19 @@ EXAMPLES = [
     ),
     RunStage(
         request_id="r1", request={"prompt": "a cat", "seed": 0}, node="transformer", attempt=0, deadline_s=60,
-        send_to={"phase2": 0},
+        segment=1, send_to={"phase2": 0},
     ),
     StageDone(
         request_id="r1", node="transformer", replica=0, attempt=1, timings={"denoise": 3.5},
-        edges={"phase2": EdgeStats(nbytes=1024, seconds=0.01, digest="ab" * 16)},
+        edges={"phase2": EdgeStats(nbytes=1024, seconds=0.01, digest="ab" * 16)}, outputs=[], peak_rss_bytes=2**30,
     ),
     StageFailed(
         request_id="r1", node="transformer", replica=0, attempt=0, stage="denoise", error_type="RuntimeError",
         error="CUDA out of memory", traceback_tail="File x, line 1", log_tail="loading...",
     ),
     GrantRequest(request_id="r1", edge="phase1", attempt=0, sender=SENDER, nbytes=4096),
-    Grant(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, grant={"slot": 1, "generation": 5}),
+    Grant(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, grant={"slot": 1, "generation": 5}, error=None),
+    Grant(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, grant=None, error="payload larger than a slot"),
     Delivered(request_id="r1", edge="phase1", attempt=0, sender=SENDER, manifest={"tensors": []}),
     Ack(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, ok=True, reason=None),
     Ack(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, ok=False, reason="digest mismatch"),
