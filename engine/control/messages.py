@@ -157,6 +157,12 @@ class Grant(_Model):
     grant: JsonObject | None = Field(description="the transport's SlotGrant as a JSON object; None when refused")
     error: str | None = Field(description="why no slot can be granted (payload larger than a slot...); None when granted")
 
+    @model_validator(mode="after")
+    def _grant_or_error(self) -> Grant:
+        if (self.grant is None) == (self.error is None):
+            raise ValueError("a grant carries exactly one of grant (granted) and error (refused)")
+        return self
+
 
 class Delivered(_Model):
     """Sender -> receiver: the payload is in the granted slot; verify it against the manifest."""

@@ -45,9 +45,13 @@ async def expect(client: ControlClient, what: str, timeout_s: float = 3.0):
 @pytest.mark.parametrize("kind", BROKERS)
 def test_request_response_round_trip(kind):
     request = RunStage(
-        request_id="r1", request={"prompt": "a cat"}, node="transformer", attempt=0, deadline_s=30, send_to={"p2": 0}
+        request_id="r1", request={"prompt": "a cat"}, node="transformer", attempt=0, deadline_s=30, segment=1,
+        send_to={"p2": 0},
     )
-    reply = StageDone(request_id="r1", node="transformer", replica=0, attempt=0, timings={"denoise": 0.1}, edges={})
+    reply = StageDone(
+        request_id="r1", node="transformer", replica=0, attempt=0, timings={"denoise": 0.1}, edges={}, outputs=[],
+        peak_rss_bytes=1 << 30,
+    )
 
     async def scenario():
         async with embedded_broker(kind) as address:

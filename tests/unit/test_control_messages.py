@@ -137,6 +137,13 @@ def _payload(**fields) -> bytes:
         ),
         (
             _payload(
+                v=1, kind="grant", request_id="r", edge="e", attempt=0, receiver={"node": "n", "replica": 0},
+                grant={"slot": 0}, error="refused",
+            ),
+            "exactly one of grant (granted) and error (refused)",
+        ),
+        (
+            _payload(
                 v=1, kind="grant_request", request_id="r", edge="e", attempt=0, sender={"node": "n"}, nbytes=1
             ),
             "sender.replica: Field required",
