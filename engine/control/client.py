@@ -17,7 +17,6 @@ import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from types import TracebackType
 
 import aiomqtt
@@ -25,6 +24,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
 from engine.control.broker import BrokerAddress
+from engine.control.bus import Inbound, InboxQueue, LastWill
 from engine.control.messages import Message, decode, encode
 from engine.errors import ControlError
 
@@ -33,27 +33,6 @@ log = logging.getLogger(__name__)
 # Without TCP_NODELAY a request/response round trip takes ~90 ms (Nagle + delayed ACK) instead of ~2 ms.
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 _SUBACK_FAILURE = 0x80
-
-
-@dataclass(frozen=True)
-class LastWill:
-    """What the broker publishes when this client's connection dies without a clean disconnect.
-
-    Keep ``retain`` off on amqtt: its retained will is delivered to the next subscriber of any topic.
-    """
-
-    topic: str
-    message: Message
-    retain: bool = False
-
-
-@dataclass(frozen=True)
-class Inbound:
-    """A received, validated control message."""
-
-    topic: str
-    message: Message
-    retained: bool
 
 
 class ControlClient:
@@ -78,7 +57,7 @@ class ControlClient:
         self._operation_timeout_s = operation_timeout_s
         self._max_backoff_s = max_backoff_s
         self._filters: list[str] = []
-        self._inbox: asyncio.Queue[Inbound | None] = asyncio.Queue()
+        self._inbox = InboxQueue()
         self._connection: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._maintainer: asyncio.Task[None] | None = None
@@ -119,7 +98,7 @@ class ControlClient:
         if connection is not None:
             with contextlib.suppress(aiomqtt.MqttError):
                 await connection.__aexit__(None, None, None)
-        self._inbox.put_nowait(None)
+        self._inbox.end()
 
     async def publish(self, topic: str, message: Message, *, retain: bool = False) -> None:
         """Publish with QoS 1 and wait for the broker's acknowledgement."""
@@ -147,19 +126,12 @@ class ControlClient:
 
     async def receive(self, timeout_s: float) -> Inbound | None:
         """The next message, or None when none arrived within ``timeout_s`` or the client is closed."""
-        try:
-            inbound = await asyncio.wait_for(self._inbox.get(), timeout_s)
-        except asyncio.TimeoutError:
-            return None
-        if inbound is None:
-            self._inbox.put_nowait(None)  # keep the end marker for every other reader
-        return inbound
+        return await self._inbox.get(timeout_s)
 
     async def messages(self) -> AsyncIterator[Inbound]:
         """Every received message, in arrival order, until the client is closed."""
-        while (inbound := await self._inbox.get()) is not None:
+        async for inbound in self._inbox:
             yield inbound
-        self._inbox.put_nowait(None)
 
     async def _wait_connected(self, what: str) -> aiomqtt.Client:
         if self._closed:
@@ -283,4 +255,4 @@ class ControlClient:
         except ControlError as exc:
             log.warning("dropping invalid control message on %s: %s", topic, exc)
             return
-        self._inbox.put_nowait(Inbound(topic=topic, message=message, retained=raw.retain))
+        self._inbox.put(Inbound(topic=topic, message=message, retained=raw.retain))

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
-from engine.control.client import ControlClient
+from engine.control.bus import ControlBus
 from engine.control.messages import Heartbeat, Status
 from engine.errors import ControlError
 
@@ -90,7 +90,7 @@ def heartbeat(node: str, replica: int, seq: int, progress: ProgressSnapshot) -> 
 
 
 async def publish_heartbeats(
-    client: ControlClient, topic: str, node: str, replica: int, progress: Progress, period_s: float = 1.0
+    client: ControlBus, topic: str, node: str, replica: int, progress: Progress, period_s: float = 1.0
 ) -> None:
     """Publish a heartbeat every ``period_s`` until cancelled. A failed publish (broker briefly gone) is logged
     and the next period tries again: the controller, not this loop, decides when silence means trouble."""

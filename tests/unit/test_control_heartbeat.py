@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
 
-from engine.control.heartbeat import LivenessMonitor, Progress, heartbeat, rss_bytes
-from engine.control.messages import Heartbeat, Status
+from engine.control.heartbeat import LivenessMonitor, Progress, heartbeat, publish_heartbeats, rss_bytes
+from engine.control.memory import MemoryBroker
+from engine.control.messages import Heartbeat, Message, Status
+from engine.errors import ControlError
 
 
 class FakeClock:
@@ -165,3 +168,50 @@ def test_troubles_are_listed_in_replica_order():
 def test_timeouts_must_be_positive():
     with pytest.raises(ValueError, match="must be > 0"):
         LivenessMonitor(heartbeat_timeout_s=0)
+
+
+def test_publisher_sends_numbered_heartbeats_with_current_progress():
+
+    async def scenario():
+        broker = MemoryBroker()
+        progress = Progress()
+        async with broker.connect("controller") as controller, broker.connect("worker") as worker:
+            await controller.subscribe("hb/#")
+            task = asyncio.create_task(publish_heartbeats(worker, "hb/w/0", "w", 0, progress, period_s=0.01))
+            first = await controller.receive(1)
+            progress.stage_started("r1", "denoise", 8)
+            progress.step_done(5)
+            beats = [await controller.receive(1) for _ in range(3)]
+            task.cancel()
+        assert first is not None and first.message.seq == 0 and first.message.request_id is None
+        last = beats[-1]
+        assert last is not None and last.message.seq == 3
+        assert (last.message.request_id, last.message.stage, last.message.step, last.message.total_steps) == (
+            "r1", "denoise", 5, 8,
+        )
+
+    asyncio.run(asyncio.wait_for(scenario(), 5))
+
+
+def test_publisher_survives_a_failed_publish(caplog):
+
+    class FlakyBus:
+        def __init__(self) -> None:
+            self.sent: list[Message] = []
+
+        async def publish(self, topic: str, message: Message, *, retain: bool = False) -> None:
+            if len(self.sent) == 0 and not caplog.records:
+                raise ControlError("not connected to broker 127.0.0.1:1 for 5 s")
+            self.sent.append(message)
+
+    async def scenario():
+        bus = FlakyBus()
+        task = asyncio.create_task(publish_heartbeats(bus, "hb/w/0", "w", 0, Progress(), period_s=0.01))  # type: ignore[arg-type]
+        while len(bus.sent) < 2:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return bus.sent
+
+    sent = asyncio.run(asyncio.wait_for(scenario(), 5))
+    assert [m.seq for m in sent[:2]] == [1, 2]
+    assert "heartbeat 0 of w/0 not sent: not connected" in caplog.text

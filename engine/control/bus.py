@@ -1,0 +1,79 @@
+"""The control bus interface: what the runtime needs from the control plane, in five methods.
+
+:class:`engine.control.client.ControlClient` implements it over MQTT; :class:`engine.control.memory.MemoryBus`
+implements it in memory for unit tests of the runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from engine.control.messages import Message
+
+
+@dataclass(frozen=True)
+class LastWill:
+    """What the broker publishes when a client's connection dies without a clean disconnect.
+
+    Keep ``retain`` off on amqtt: its retained will is delivered to the next subscriber of any topic.
+    """
+
+    topic: str
+    message: Message
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A received, validated control message."""
+
+    topic: str
+    message: Message
+    retained: bool
+
+
+class ControlBus(Protocol):
+    async def publish(self, topic: str, message: Message, *, retain: bool = False) -> None:
+        """Publish with QoS 1; ControlError if it cannot be delivered to the broker."""
+
+    async def clear_retained(self, topic: str) -> None:
+        """Remove the retained message of a topic."""
+
+    async def subscribe(self, topic_filter: str) -> None:
+        """Subscribe (MQTT filter syntax); retained messages of matching topics follow."""
+
+    async def receive(self, timeout_s: float) -> Inbound | None:
+        """The next message, or None if none arrived within ``timeout_s`` or the bus is closed."""
+
+    def messages(self) -> AsyncIterator[Inbound]:
+        """Every received message until the bus is closed."""
+
+
+class InboxQueue:
+    """Received messages in arrival order, with an end marker once the bus closes."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Inbound | None] = asyncio.Queue()
+
+    def put(self, inbound: Inbound) -> None:
+        self._queue.put_nowait(inbound)
+
+    def end(self) -> None:
+        self._queue.put_nowait(None)
+
+    async def get(self, timeout_s: float) -> Inbound | None:
+        try:
+            inbound = await asyncio.wait_for(self._queue.get(), timeout_s)
+        except asyncio.TimeoutError:
+            return None
+        if inbound is None:
+            self.end()  # keep the end marker for every other reader
+        return inbound
+
+    async def __aiter__(self) -> AsyncIterator[Inbound]:
+        while (inbound := await self._queue.get()) is not None:
+            yield inbound
+        self.end()
