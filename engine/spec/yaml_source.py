@@ -57,7 +57,9 @@ def _to_data(node: yaml.Node, path: Path_, lines: LineMap, problems: list[Proble
     if isinstance(node, yaml.MappingNode):
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = yaml.safe_load(yaml.serialize(key_node)) if not isinstance(key_node, yaml.ScalarNode) else _scalar(key_node)
+            key = _construct(key_node, path, lines, problems)
+            if key is _INVALID:
+                continue
             if not isinstance(key, str):
                 problems.append(Problem(lines.file, key_node.start_mark.line + 1, dotted(path), f"keys must be text, got {key!r}"))
                 continue
@@ -71,11 +73,27 @@ def _to_data(node: yaml.Node, path: Path_, lines: LineMap, problems: list[Proble
         return result
     if isinstance(node, yaml.SequenceNode):
         return [_to_data(item, (*path, i), lines, problems) for i, item in enumerate(node.value)]
-    return _scalar(node)
+    value = _construct(node, path, lines, problems)
+    return None if value is _INVALID else value
 
 
-def _scalar(node: yaml.Node) -> Any:
-    return yaml.SafeLoader(yaml.serialize(node)).get_single_data() if node.tag != "tag:yaml.org,2002:str" else node.value
+#: What :func:`_construct` returns for a value it could not build (a problem has been recorded).
+_INVALID = object()
+
+
+def _construct(node: yaml.Node, path: Path_, lines: LineMap, problems: list[Problem]) -> Any:
+    """The Python value of a scalar (or of a complex mapping key); a tagged value that cannot be built
+    (``!!int two``, ``!!timestamp soon``) is recorded as a problem at its line."""
+    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
+        return node.value
+    try:
+        return yaml.SafeLoader(yaml.serialize(node)).get_single_data()
+    except (yaml.YAMLError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        # PyYAML's constructors raise plain ValueError/KeyError/AttributeError for ill-formed tagged scalars.
+        tag = node.tag.rsplit(":", 1)[-1]
+        reason = getattr(exc, "problem", None) or f"cannot read {getattr(node, 'value', '')!r} as {tag}"
+        problems.append(Problem(lines.file, node.start_mark.line + 1, dotted(path), f"invalid YAML value: {reason}"))
+        return _INVALID
 
 
 def parse_yaml(text: str, file: str) -> tuple[Any, LineMap]:
