@@ -104,6 +104,9 @@ def parse_yaml(text: str, file: str) -> tuple[Any, LineMap]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         reason = getattr(exc, "problem", None) or str(exc)
+        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and context_mark is not None:  # where the unclosed bracket or quote was opened
+            reason += f" ({context} that starts on line {context_mark.line + 1})"
         raise SpecError([Problem(file, mark.line + 1 if mark else None, "", f"invalid YAML: {reason}")]) from None
     if root is None:
         raise SpecError([Problem(file, None, "", "the file is empty; a graph needs name, model, nodes and edges")])
