@@ -109,7 +109,8 @@ def load_graph(path: str | Path, overrides: typing.Sequence[str] = ()) -> Loaded
     path = Path(path)
     data, lines = read_yaml(path)
     if not isinstance(data, dict):
-        raise SpecError([Problem(str(path), 1, "", "a graph file is a mapping with name, model, nodes and edges")])
+        got = type(data).__name__ if data is not None else "null"
+        raise SpecError([Problem(str(path), lines.line(()), "", f"a graph file is a mapping with name, model, nodes and edges; got a {got}")])
     for assignment in overrides:
         apply_override(data, lines, assignment)
     try:
