@@ -33,6 +33,9 @@ _KINDS: tuple[BrokerKind, ...] = ("auto", "mosquitto", "amqtt")
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 _VALID = "expected 'embedded', 'embedded:mosquitto', 'embedded:amqtt', 'mqtt://[user:pass@]host[:port]' or 'mqtts://...'"
 _MOSQUITTO_PLACES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
+# If this process is killed outright, the kernel sends mosquitto SIGTERM (util-linux setpriv; Linux only).
+_SETPRIV = shutil.which("setpriv")
+_DIE_WITH_PARENT = [_SETPRIV, "--pdeathsig", "TERM"] if _SETPRIV else []
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,8 @@ def free_port() -> int:
 
 def mosquitto_password_line(username: str, password: str) -> str:
     """One line of a mosquitto 2 password file (PBKDF2-SHA512, 101 rounds: what ``mosquitto_passwd`` writes)."""
+    if not username or any(char in username for char in ":\n\r") or any(char in password for char in "\n\r"):
+        raise ControlError("a broker user name must be non-empty without ':' or line breaks; a password without line breaks")
     salt = secrets.token_bytes(12)
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
     return f"{username}:$7$101${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}\n"
@@ -177,13 +182,17 @@ async def _mosquitto(
             config = folder / "mosquitto.conf"
             # "user": started as root, mosquitto would switch to user mosquitto, who cannot read our folder.
             config.write_text(
-                f"listener {port} 127.0.0.1\nuser {pwd.getpwuid(os.getuid()).pw_name}\n{auth}persistence false\nmax_inflight_messages 0\n"
-                "max_queued_messages 100000\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\n"
+                f"listener {port} 127.0.0.1\nuser {pwd.getpwuid(os.getuid()).pw_name}\n{auth}persistence false\n"
+                "max_inflight_messages 0\nmax_queued_messages 100000\nset_tcp_nodelay true\n"
+                "log_dest stderr\nlog_type error\n"
             )
             log = folder / "mosquitto.log"
             with log.open("wb") as log_file:
                 process = subprocess.Popen(
-                    [str(binary), "-c", str(config)], stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file
+                    [*_DIE_WITH_PARENT, str(binary), "-c", str(config)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
                 )
             try:
                 if await _wait_listening(process, port, start_timeout_s, log):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import subprocess
+import sys
 import time
 
 import aiomqtt
@@ -287,3 +289,32 @@ def test_closed_client_refuses_to_publish_and_ends_its_iterator(kind):
             assert [inbound async for inbound in client.messages()] == []
 
     run(scenario())
+
+
+@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+def test_embedded_mosquitto_dies_with_a_killed_parent():
+    parent = subprocess.Popen(
+        [
+            sys.executable, "-c",
+            "import asyncio\n"
+            "from engine.control import embedded_broker\n"
+            "async def main():\n"
+            "    async with embedded_broker('mosquitto') as address:\n"
+            "        print(address.port, flush=True)\n"
+            "        await asyncio.sleep(60)\n"
+            "asyncio.run(main())\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        port = int(parent.stdout.readline())
+        assert accepts(port)
+    finally:
+        parent.kill()
+        parent.wait(timeout=5)
+    deadline = time.monotonic() + 3
+    while accepts(port):
+        assert time.monotonic() < deadline, f"mosquitto on port {port} outlived its killed parent by 3 s"
+        time.sleep(0.02)
