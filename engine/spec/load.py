@@ -40,7 +40,8 @@ def apply_override(data: Any, lines: LineMap, assignment: str) -> None:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError as exc:
         raise SpecError([Problem(lines.file, None, origin, f"cannot parse the value: {exc}")]) from None
-    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
+    # list indices are ASCII digits only: str.isdigit() also accepts "²", which int() refuses
+    parts: list[str | int] = [int(p) if p.isascii() and p.isdigit() else p for p in key.split(".")]
     if not isinstance(data, dict):
         raise SpecError([Problem(lines.file, None, origin, "the graph file is not a mapping")])
     target: Any = data
