@@ -92,7 +92,7 @@ def _message(error: dict[str, Any], loc: tuple[Any, ...]) -> str:
     if kind == "missing":
         return "required but missing"
     message = error["msg"].removeprefix("Value error, ")
-    if kind.startswith(("literal_error", "string_pattern", "greater", "less", "int_", "float_", "bool_", "string_", "dict_", "list_", "too_", "model_type")):
+    if kind.startswith(("literal_error", "string_pattern", "greater", "less", "int_", "float_", "bool_", "string_", "dict_", "list_", "too_", "model_type", "multiple_of", "finite_number")):
         return f"got {error.get('input')!r}; {message[0].lower()}{message[1:]}"
     return message
 
