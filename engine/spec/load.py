@@ -101,6 +101,8 @@ def problems_from_validation(exc: ValidationError, lines: LineMap, prefix: tuple
     problems = []
     for error in exc.errors():
         loc = tuple(error["loc"])
+        if loc and loc[-1] == "[key]":  # a mapping key itself is wrong (a node name): name the key's line
+            loc = loc[:-1]
         problems.append(lines.problem((*prefix, *loc), _message(error, loc)))
     return problems
 

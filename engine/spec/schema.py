@@ -7,9 +7,9 @@ nodes, edges, tensors) are checked in :mod:`engine.plan`, which reads these mode
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda:\d+|xpu:\d+)$")
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
@@ -102,21 +102,23 @@ class Timeouts(Strict):
     transfer_s: float = Field(30.0, gt=0, description="Longest one edge transfer may take.")
 
 
+def _node_name(name: str) -> str:
+    if not re.match(NAME_PATTERN, name):
+        raise ValueError(f"node name {name!r} must be lower-case letters, digits and _ (starting with a letter)")
+    return name
+
+
+#: A node name, checked as a key of ``nodes`` so that an error names the node's own line.
+NodeName = Annotated[str, AfterValidator(_node_name)]
+
+
 class GraphSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="Graph name.")
     model: ModelSpec
     broker: str = Field("embedded", description="embedded, mqtt://[user:pass@]host:port or mqtts://...")
-    nodes: dict[str, NodeSpec] = Field(min_length=1, description="Placement units by name.")
+    nodes: dict[NodeName, NodeSpec] = Field(min_length=1, description="Placement units by name.")
     edges: list[EdgeSpec] = Field(default_factory=list, description="Tensor flows between nodes.")
     request: dict[str, Any] = Field(default_factory=dict, description="Request defaults of the model's parameters.")
     requests: list[dict[str, Any]] = Field(default_factory=list, description="Requests `engine run` submits.")
     limits: dict[str, int] = Field(default_factory=dict, description="Largest value of size parameters (height, width, num_frames) a request may use; sizes edge buffers.")
     timeouts: Timeouts = Field(default_factory=Timeouts)
-
-    @field_validator("nodes")
-    @classmethod
-    def _node_names(cls, value: dict[str, NodeSpec]) -> dict[str, NodeSpec]:
-        for name in value:
-            if not re.match(NAME_PATTERN, name):
-                raise ValueError(f"node name {name!r} must be lower-case letters, digits and _ (starting with a letter)")
-        return value
