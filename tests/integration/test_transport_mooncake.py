@@ -1,0 +1,212 @@
+"""Edges over real Mooncake TCP between real processes: integrity, dead and hung peers, fencing, zombies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+
+os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
+
+from transport_helpers import PipeLink, start_receiver, tensor_sha256  # noqa: E402
+
+from engine.errors import EdgeTimeout, PeerDead  # noqa: E402
+from engine.transport import Manifest, SlotsExhausted, make_sender, send_tensors  # noqa: E402
+from engine.transport.faults import Faults  # noqa: E402
+from engine.transport.manifest import DTYPES, combine, pack, tensor_digests  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+EDGE = "phase1"
+SLOT_BYTES = 1 << 20
+
+
+def random_payload(rng: random.Random) -> dict[str, torch.Tensor]:
+    """1-4 tensors of random dtypes (bf16 always among the choices) and shapes, with random bytes."""
+    tensors = {}
+    for i in range(rng.randint(1, 4)):
+        dtype = DTYPES[rng.choice(["bfloat16", "bfloat16", "float32", "float16", "int64", "int8", "bool", "uint8"])]
+        shape = tuple(rng.randint(1, 24) for _ in range(rng.randint(0, 3)))
+        element = torch.empty(0, dtype=dtype).element_size()
+        raw = torch.frombuffer(bytearray(rng.randbytes(max(1, int(torch.Size(shape).numel())) * element)), dtype=torch.uint8)
+        if dtype == torch.bool:
+            raw &= 1
+        tensors[f"t{i}"] = raw.view(dtype).reshape(shape)
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    process = start_receiver("mooncake", EDGE, SLOT_BYTES, 2, quarantine_s=1.0)
+    yield process
+    process.stop()
+
+
+def test_200_random_payloads_with_a_flipped_bit_each_are_caught_and_retransmitted(receiver):
+    sender = make_sender("mooncake", EDGE, SLOT_BYTES, faults=Faults(), timeout_s=5.0)
+    sender.connect(receiver.location)
+    link = PipeLink(EDGE, receiver.conn)
+    rng = random.Random(4)
+
+    async def run() -> None:
+        for i in range(200):
+            tensors = random_payload(rng)
+            sender.faults.arm(corrupt=1)
+            manifest = await send_tensors(sender, link, tensors, f"req-{i}", retries=2)
+            nack, ack = link.acks[-2:]
+            assert not nack.ok and len(nack.tensors) == 1 and nack.tensors[0] in tensors, nack
+            assert ack.ok
+            assert link.received[f"req-{i}"] == {name: tensor_sha256(t) for name, t in tensors.items()}
+            link.release(manifest)
+
+    asyncio.run(run())
+    assert len(sender.faults.injected) == 200 and all(f.startswith("corrupt@") for f in sender.faults.injected)
+    assert len(link.acks) == 400
+    sender.close()
+
+
+def test_large_write_keeps_the_event_loop_responsive(receiver):
+    sender = make_sender("mooncake", EDGE, SLOT_BYTES, faults=Faults())
+    sender.connect(receiver.location)
+    link = PipeLink(EDGE, receiver.conn)
+    tensors = {"latents": torch.randn(SLOT_BYTES // 4 - 16)}
+    gaps: list[float] = []
+
+    async def run() -> Manifest:
+        async def ticker():
+            last = time.perf_counter()
+            while True:
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        task = asyncio.create_task(ticker())
+        manifests = []
+        for i in range(10):
+            manifests.append(await send_tensors(sender, link, tensors, f"big-{i}"))
+            link.release(manifests[-1])
+        task.cancel()
+        return manifests[-1]
+
+    asyncio.run(run())
+    assert link.received["big-9"] == {"latents": tensor_sha256(tensors["latents"])}
+    assert max(gaps) < 0.1, f"event loop stalled for {max(gaps) * 1000:.0f} ms"
+    sender.close()
+
+
+def test_dead_peer_is_reported_within_2_s():
+    process = start_receiver("mooncake", EDGE, 16 << 20, 1)
+    sender = make_sender("mooncake", EDGE, 16 << 20, faults=Faults(), timeout_s=10.0)
+    sender.connect(process.location)
+    link = PipeLink(EDGE, process.conn)
+    tensors = {"latents": torch.ones(4 << 20)}
+
+    async def run() -> float:
+        grant = await link.request_grant("req-dead", 16 << 20)
+        process.process.kill()
+        killed = time.monotonic()
+        with pytest.raises(PeerDead, match=r"edge 'phase1', request req-dead: .*is gone"):
+            await sender.write(grant, tensors, "req-dead")
+        return time.monotonic() - killed
+
+    try:
+        elapsed = asyncio.run(run())
+    finally:
+        process.stop()
+        sender.close()
+    assert elapsed < 2.0
+
+
+def test_hung_peer_times_out_its_slot_is_fenced_and_the_late_zombie_write_is_not_accepted():
+    process = start_receiver("mooncake", EDGE, SLOT_BYTES, 1, quarantine_s=2.0)
+    sender = make_sender("mooncake", EDGE, SLOT_BYTES, faults=Faults(), timeout_s=1.0)
+    sender.connect(process.location)
+    zombie = {"latents": torch.full((SLOT_BYTES // 8,), 7.0)}
+    fresh = {"latents": torch.full((SLOT_BYTES // 8,), 9.0)}
+    grants = []
+
+    class StopAfterGrant(PipeLink):
+        """Stops the receiver (SIGSTOP) right after it granted the first slot."""
+
+        async def request_grant(self, request_id, nbytes):
+            grant = await super().request_grant(request_id, nbytes)
+            if not grants:
+                grants.append(grant)
+                os.kill(process.process.pid, signal.SIGSTOP)
+            return grant
+
+    link = StopAfterGrant(EDGE, process.conn)
+
+    async def run() -> None:
+        start = time.monotonic()
+        try:
+            with pytest.raises(EdgeTimeout, match=r"edge 'phase1', request req-hung: .*did not finish in 1.0 s"):
+                await send_tensors(sender, link, zombie, "req-hung")
+            elapsed = time.monotonic() - start
+        finally:
+            os.kill(process.process.pid, signal.SIGCONT)
+        assert 1.0 <= elapsed < 1.5, elapsed
+        grant = grants[0]
+
+        # The write the sender gave up on lands once the receiver runs again, into the fenced slot.
+        deadline = time.monotonic() + 5
+        while (peek := await link.peek(grant.slot, SLOT_BYTES // 2))["sha256"] != tensor_sha256(zombie["latents"]):
+            assert time.monotonic() < deadline, "the late write never landed"
+            await asyncio.sleep(0.05)
+        assert peek["state"] == "fenced" and peek["generation"] == grant.generation + 1
+
+        # Its bytes verify against the manifest it was written for, but that grant's generation is gone.
+        staged = bytearray(SLOT_BYTES // 2)
+        headers = pack(zombie, staged)
+        digests = tensor_digests(staged, headers)
+        stale = Manifest(
+            edge=EDGE, request_id="req-hung", slot=grant.slot, generation=grant.generation, nbytes=len(staged),
+            tensors=headers, tensor_digests=digests, digest=combine(EDGE, "req-hung", headers, digests),
+        )
+        ack = await link.deliver(stale)
+        assert not ack.ok and "fenced" in ack.reason
+
+        # The fenced slot is not granted again before its quarantine ends ...
+        with pytest.raises(SlotsExhausted, match="1 fenced") as info:
+            await link.request_grant("req-next", SLOT_BYTES // 2)
+        await asyncio.sleep(info.value.retry_after_s + 0.05)
+        # ... and afterwards carries the next request's bytes at the new generation.
+        manifest = await send_tensors(sender, link, fresh, "req-next")
+        assert manifest.slot == grant.slot and manifest.generation == grant.generation + 1
+        assert link.received["req-next"] == {"latents": tensor_sha256(fresh["latents"])}
+        assert (await link.peek(grant.slot, SLOT_BYTES // 2))["sha256"] == tensor_sha256(fresh["latents"])
+
+    try:
+        asyncio.run(run())
+    finally:
+        process.stop()
+        sender.close()
+
+
+def test_shm_edge_between_processes_delivers_bit_exact():
+    process = start_receiver("shm", EDGE, SLOT_BYTES, 2, quarantine_s=1.0)
+    sender = make_sender("shm", EDGE, SLOT_BYTES, faults=Faults())
+    sender.connect(process.location)
+    link = PipeLink(EDGE, process.conn)
+    rng = random.Random(7)
+
+    async def run() -> None:
+        for i in range(20):
+            tensors = random_payload(rng)
+            sender.faults.arm(corrupt=1)
+            manifest = await send_tensors(sender, link, tensors, f"shm-{i}")
+            assert link.received[f"shm-{i}"] == {name: tensor_sha256(t) for name, t in tensors.items()}
+            link.release(manifest)
+
+    try:
+        asyncio.run(run())
+    finally:
+        process.stop()
+        sender.close()
+    assert [a.ok for a in link.acks] == [False, True] * 20
