@@ -13,6 +13,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda:\d+|xpu:\d+)$")
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+#: The broker forms the control plane accepts (``engine.control.broker.parse_broker`` checks the details).
+BROKER_PATTERN = re.compile(r"^(embedded(:[a-z]+)?|mqtts?://[^\s/?#]+/?)$")
 MEMORY_PATTERN = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 MEMORY_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                 "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
@@ -122,3 +124,10 @@ class GraphSpec(Strict):
     requests: list[dict[str, Any]] = Field(default_factory=list, description="Requests `engine run` submits.")
     limits: dict[str, int] = Field(default_factory=dict, description="Largest value of size parameters (height, width, num_frames) a request may use; sizes edge buffers.")
     timeouts: Timeouts = Field(default_factory=Timeouts)
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, value: str) -> str:
+        if not BROKER_PATTERN.match(value):
+            raise ValueError(f"got {value!r}; expected embedded, mqtt://[user:pass@]host:port or mqtts://[user:pass@]host:port")
+        return value
