@@ -122,7 +122,8 @@ def _check_stage_order(loaded: LoadedGraph, stages: dict[str, StageSpec], node_o
         for name in stage.inputs:
             graph.add_edge(produced[name][0], stage.name, why=f"{stage.name!r} reads {name!r}")
     for node_name, node in loaded.spec.nodes.items():
-        placed = [s for s in node.stages if node_of.get(s) == node_name]
+        # each stage once, where it was first listed (a repeat is reported by _placement, not as a cycle)
+        placed = list(dict.fromkeys(s for s in node.stages if node_of.get(s) == node_name))
         for before, after in zip(placed, placed[1:]):
             graph.add_edge(before, after, why=f"node {node_name!r} lists {before!r} before {after!r}")
     try:
