@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from engine.control.messages import Message
+from engine.errors import ControlError
 
 
 @dataclass(frozen=True)
@@ -46,34 +47,40 @@ class ControlBus(Protocol):
         """Subscribe (MQTT filter syntax); retained messages of matching topics follow."""
 
     async def receive(self, timeout_s: float) -> Inbound | None:
-        """The next message, or None if none arrived within ``timeout_s`` or the bus is closed."""
+        """The next message, or None if none arrived within ``timeout_s``; ControlError once the bus is closed."""
 
     def messages(self) -> AsyncIterator[Inbound]:
         """Every received message until the bus is closed."""
 
 
 class InboxQueue:
-    """Received messages in arrival order, with an end marker once the bus closes."""
+    """Received messages in arrival order; once the bus ends, readers get what was queued, then the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str) -> None:
+        self._owner = owner
         self._queue: asyncio.Queue[Inbound | None] = asyncio.Queue()
+        self._end_reason: str | None = None
 
     def put(self, inbound: Inbound) -> None:
         self._queue.put_nowait(inbound)
 
-    def end(self) -> None:
-        self._queue.put_nowait(None)
+    def end(self, reason: str) -> None:
+        if self._end_reason is None:
+            self._end_reason = reason
+            self._queue.put_nowait(None)
 
     async def get(self, timeout_s: float) -> Inbound | None:
+        """The next message; None on timeout; ControlError once the bus has ended."""
         try:
             inbound = await asyncio.wait_for(self._queue.get(), timeout_s)
         except asyncio.TimeoutError:
             return None
         if inbound is None:
-            self.end()  # keep the end marker for every other reader
+            self._queue.put_nowait(None)  # keep the end marker for every other reader
+            raise ControlError(f"control client {self._owner!r} {self._end_reason}")
         return inbound
 
     async def __aiter__(self) -> AsyncIterator[Inbound]:
         while (inbound := await self._queue.get()) is not None:
             yield inbound
-        self.end()
+        self._queue.put_nowait(None)

@@ -57,7 +57,7 @@ class ControlClient:
         self._operation_timeout_s = operation_timeout_s
         self._max_backoff_s = max_backoff_s
         self._filters: list[str] = []
-        self._inbox = InboxQueue()
+        self._inbox = InboxQueue(client_id)
         self._connection: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._maintainer: asyncio.Task[None] | None = None
@@ -83,13 +83,12 @@ class ControlClient:
             raise ControlError(f"control client {self.client_id!r} is already connected or closed")
         connection = await self._open()
         self._maintainer = asyncio.create_task(self._maintain(connection), name=f"mqtt {self.client_id}")
+        self._maintainer.add_done_callback(self._maintainer_ended)
 
     async def close(self) -> None:
         """Disconnect cleanly (the broker does not publish the will) and end ``messages()``."""
-        if self._closed:
-            return
         self._closed = True
-        if self._maintainer is not None:
+        if self._maintainer is not None and not self._maintainer.done():
             self._maintainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintainer
@@ -98,7 +97,7 @@ class ControlClient:
         if connection is not None:
             with contextlib.suppress(aiomqtt.MqttError):
                 await connection.__aexit__(None, None, None)
-        self._inbox.end()
+        self._inbox.end("was closed")
 
     async def publish(self, topic: str, message: Message, *, retain: bool = False) -> None:
         """Publish with QoS 1 and wait for the broker's acknowledgement."""
@@ -125,7 +124,7 @@ class ControlClient:
         await self._subscribe(connection, topic_filter)
 
     async def receive(self, timeout_s: float) -> Inbound | None:
-        """The next message, or None when none arrived within ``timeout_s`` or the client is closed."""
+        """The next message, or None when none arrived within ``timeout_s``; ControlError once closed."""
         return await self._inbox.get(timeout_s)
 
     async def messages(self) -> AsyncIterator[Inbound]:
@@ -213,6 +212,16 @@ class ControlClient:
         self._connection = connection
         self._connected.set()
         return connection
+
+    def _maintainer_ended(self, task: asyncio.Task[None]) -> None:
+        """The receive loop only ends by close(); if it failed, end the client loudly rather than go deaf."""
+        if task.cancelled() or task.exception() is None:
+            return
+        reason = f"stopped: its receive loop failed with {task.exception()!r}"
+        log.error("control client %s %s", self.client_id, reason, exc_info=task.exception())
+        self._closed = True
+        self._connected.clear()
+        self._inbox.end(reason)
 
     async def _maintain(self, connection: aiomqtt.Client) -> None:
         """Receive until the connection drops, then reconnect with backoff; runs until close()."""

@@ -32,7 +32,7 @@ class MemoryBroker:
     def kill(self, client_id: str) -> None:
         """The client's process dies: it is disconnected and its last will is published."""
         bus = self._clients.pop(client_id)
-        bus._end()  # noqa: SLF001
+        bus._end("was killed")  # noqa: SLF001
         if bus.will is not None:
             self.route(bus.will.topic, encode(bus.will.message), retain=bus.will.retain)
 
@@ -62,7 +62,7 @@ class MemoryBus:
         self.will = will
         self._broker = broker
         self._filters: list[str] = []
-        self._inbox = InboxQueue()
+        self._inbox = InboxQueue(client_id)
         self._closed = False
 
     async def __aenter__(self) -> MemoryBus:
@@ -77,7 +77,7 @@ class MemoryBus:
         """Disconnect cleanly: no last will."""
         if not self._closed:
             self._broker.disconnect(self.client_id)
-            self._end()
+            self._end("was closed")
 
     async def publish(self, topic: str, message: Message, *, retain: bool = False) -> None:
         self._check_open(f"publishing {message.kind!r} to {topic}")
@@ -109,6 +109,6 @@ class MemoryBus:
         if any(Topic(topic).matches(topic_filter) for topic_filter in self._filters):
             self._inbox.put(Inbound(topic=topic, message=decode(payload), retained=False))
 
-    def _end(self) -> None:
+    def _end(self, reason: str) -> None:
         self._closed = True
-        self._inbox.end()
+        self._inbox.end(reason)

@@ -287,6 +287,8 @@ def test_closed_client_refuses_to_publish_and_ends_its_iterator(kind):
             with pytest.raises(ControlError, match="is closed"):
                 await client.publish(TOPICS.controller, Shutdown(reason="late"))
             assert [inbound async for inbound in client.messages()] == []
+            with pytest.raises(ControlError, match="'c' was closed"):
+                await client.receive(1)
 
     run(scenario())
 
@@ -318,3 +320,22 @@ def test_embedded_mosquitto_dies_with_a_killed_parent():
     while accepts(port):
         assert time.monotonic() < deadline, f"mosquitto on port {port} outlived its killed parent by 3 s"
         time.sleep(0.02)
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_a_failing_receive_loop_ends_the_client_loudly(kind, monkeypatch, caplog):
+    def broken(self, raw):
+        raise RuntimeError("bug in message handling")
+
+    async def scenario():
+        async with embedded_broker(kind) as address:
+            async with ControlClient(address, client_id="deafened") as client:
+                await client.subscribe(TOPICS.controller)
+                monkeypatch.setattr(ControlClient, "_accept", broken)
+                await client.publish(TOPICS.controller, Shutdown(reason="trigger"))
+                with pytest.raises(ControlError, match="receive loop failed with RuntimeError"):
+                    await client.receive(3)
+                assert not client.connected
+
+    run(scenario())
+    assert "bug in message handling" in caplog.text

@@ -100,3 +100,9 @@ def test_mosquitto_password_line_is_pbkdf2_sha512():
 def test_find_mosquitto_finds_an_executable_or_none():
     found = find_mosquitto()
     assert found is None or found.name == "mosquitto"
+
+
+@pytest.mark.parametrize(("username", "password"), [("", "p"), ("a:b", "p"), ("a\nb", "p"), ("alice", "p\nq")])
+def test_password_file_refuses_names_it_cannot_hold(username, password):
+    with pytest.raises(ControlError, match="user name must be non-empty without ':'"):
+        mosquitto_password_line(username, password)

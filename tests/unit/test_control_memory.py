@@ -88,6 +88,8 @@ def test_kill_publishes_the_will_and_a_clean_close_does_not():
             with pytest.raises(ControlError, match="'doomed' is closed"):
                 await doomed.publish(TOPICS.controller, Shutdown(reason="too late"))
             assert [m async for m in doomed.messages()] == []
+            with pytest.raises(ControlError, match="'doomed' was killed"):
+                await doomed.receive(1)
 
     asyncio.run(scenario())
 
