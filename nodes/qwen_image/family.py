@@ -151,6 +151,17 @@ def edit_image_size_bounds() -> tuple[int, int]:
     return max_side, max_area
 
 
+def edit_prompt_len_bound(vision_config: Mapping[str, Any]) -> int:
+    """Most prompt embedding tokens an Edit request may produce: text tokens plus the input image's
+    vision tokens, which the processor counts on each side rounded to ``patch_size * spatial_merge_size``
+    (moving it by at most half that)."""
+    max_side, max_area = edit_image_size_bounds()
+    factor = int(vision_config["patch_size"]) * int(vision_config["spatial_merge_size"])
+    half, short_side = factor / 2, math.ceil(max_area / max_side)
+    vision_tokens = math.ceil((max_area + half * (max_side + short_side) + half**2) / factor**2)
+    return EDIT_MAX_TEXT_TOKENS + vision_tokens
+
+
 def text_hidden_size(config: Mapping[str, Any]) -> int:
     """Hidden size of a Qwen2.5-VL text encoder config (nested under ``text_config`` in transformers 5)."""
     return int(config.get("text_config", config).get("hidden_size", config.get("hidden_size")))
@@ -187,14 +198,8 @@ class QwenImageFamily(ModelFamily):
             "prompt_len": T2I_MAX_SEQUENCE_LENGTH,
         }
         if task == "edit":
-            max_side, max_area = edit_image_size_bounds()
-            vision = configs["text_encoder"]["vision_config"]
-            factor = int(vision["patch_size"]) * int(vision["spatial_merge_size"])
-            # the processor rounds each side to a multiple of ``factor``, moving it by at most factor / 2
-            half, short_side = factor / 2, math.ceil(max_area / max_side)
-            vision_tokens = math.ceil((max_area + half * (max_side + short_side) + half**2) / factor**2)
-            symbols["prompt_len"] = EDIT_MAX_TEXT_TOKENS + vision_tokens
-            symbols["image_latent_h"] = symbols["image_latent_w"] = max_side // vae_scale
+            symbols["prompt_len"] = edit_prompt_len_bound(configs["text_encoder"]["vision_config"])
+            symbols["image_latent_h"] = symbols["image_latent_w"] = edit_image_size_bounds()[0] // vae_scale
         return symbols
 
     # -- runtime ------------------------------------------------------------------------------------------
