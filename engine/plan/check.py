@@ -66,7 +66,7 @@ def check_graph(loaded: LoadedGraph) -> CheckedGraph:
     segments, final_outputs = _segments(stages, node_of, produced, flows, loaded, problems)
     defaults, requests = _requests(loaded, family, problems)
     if problems:
-        raise SpecError(problems)
+        raise SpecError(list(dict.fromkeys(problems)))  # a problem found twice is reported once
     return CheckedGraph(loaded, family, stages, node_of, tuple(flows), segments, final_outputs, transports, defaults, requests)
 
 
@@ -229,30 +229,40 @@ def _requests(loaded: LoadedGraph, family: ModelFamily, problems: list[Problem])
             requests.append(request)
     if not spec.requests:  # defaults alone may lack a prompt; check what they do give
         defaults_problems: list[Problem] = []
-        validate_request(request_type, {}, spec.request, loaded, ("request",), defaults_problems)
+        validate_request(request_type, spec.request, {}, loaded, ("request",), defaults_problems)
         problems.extend(p for p in defaults_problems if "required but missing" not in p.message)
     return dict(spec.request), tuple(requests)
 
 
 def validate_request(request_type: type[RequestParams], defaults: dict[str, Any], values: dict[str, Any],
                      loaded: LoadedGraph, at: tuple[Any, ...], problems: list[Problem]) -> RequestParams | None:
-    """Merge ``values`` over ``defaults`` and validate; problems point at whichever line gave the value."""
+    """Merge ``values`` over ``defaults`` and validate; problems point at whichever line gave the value.
+
+    Unknown keys among the ``defaults`` are not reported here: the graph's defaults are checked once, on
+    their own, rather than again for every request that inherits them.
+    """
     merged = {**defaults, **values}
+    fields = list(request_type.model_fields)
+
+    def where(key: Any) -> tuple[Any, ...]:
+        return ("request", key) if key is not None and key not in values and key in defaults else (*at, key)
+
     try:
         request = request_type.model_validate(merged)
     except ValidationError as exc:
         for problem, error in zip(problems_from_validation(exc, loaded.lines, at), exc.errors()):
             key = error["loc"][0] if error["loc"] else None
-            if key is not None and key not in values and key in defaults:
-                problem = loaded.lines.problem(("request", key), problem.message)
             if error["type"] == "extra_forbidden":
-                problem = loaded.lines.problem((*at, key), f"unknown request parameter{did_you_mean(str(key), request_type.model_fields)} (valid: {', '.join(request_type.model_fields)})")
+                if where(key)[0] == "request":
+                    continue
+                problem = loaded.lines.problem(where(key), f"unknown request parameter{did_you_mean(str(key), fields)} (valid: {', '.join(fields)})")
+            elif key is not None:
+                problem = loaded.lines.problem(where(key), problem.message)
             problems.append(problem)
         return None
     request = request.resolve_paths(loaded.base_dir)
     for name, value in request:
         if isinstance(value, Path) and not value.is_file():
-            key = name if name in values or name not in defaults else None
-            problems.append(loaded.lines.problem((*at, name) if key else ("request", name), f"no such file: {value}"))
+            problems.append(loaded.lines.problem(where(name), f"no such file: {value}"))
             return None
     return request
