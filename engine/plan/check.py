@@ -260,9 +260,17 @@ def validate_request(request_type: type[RequestParams], defaults: dict[str, Any]
                 problem = loaded.lines.problem(where(key), problem.message)
             problems.append(problem)
         return None
-    request = request.resolve_paths(loaded.base_dir)
-    for name, value in request:
-        if isinstance(value, Path) and not value.is_file():
-            problems.append(loaded.lines.problem(where(name), f"no such file: {value}"))
+    # Files (an input image) must exist; relative paths resolve against the graph file's folder.
+    files = {name: value for name, value in request if isinstance(value, Path)}
+    for name, value in files.items():
+        resolved = value if value.is_absolute() else loaded.base_dir / value
+        if not resolved.is_file():
+            problems.append(loaded.lines.problem(where(name), f"no such file: {resolved}"))
             return None
-    return request
+    try:
+        return request.resolve_paths(loaded.base_dir)
+    except ValidationError as exc:  # the family checks the file itself (an unreadable image)
+        for error in exc.errors():
+            loc = error["loc"] or (tuple(files)[:1] if len(files) == 1 else ())
+            problems.append(loaded.lines.problem(where(loc[0]) if loc else at, error["msg"].removeprefix("Value error, ")))
+        return None
