@@ -72,7 +72,10 @@ class InboxQueue:
     async def get(self, timeout_s: float) -> Inbound | None:
         """The next message; None on timeout; ControlError once the bus has ended."""
         try:
-            inbound = await asyncio.wait_for(self._queue.get(), timeout_s)
+            # get_nowait first: wait_for(get(), 0) times out even when a message is queued.
+            inbound = self._queue.get_nowait() if not self._queue.empty() else await asyncio.wait_for(
+                self._queue.get(), timeout_s
+            )
         except asyncio.TimeoutError:
             return None
         if inbound is None:

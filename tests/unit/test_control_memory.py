@@ -99,3 +99,18 @@ def test_client_ids_are_unique():
     broker.connect("worker-0")
     with pytest.raises(ControlError, match="already connected"):
         broker.connect("worker-0")
+
+
+def test_receive_with_zero_timeout_drains_what_is_queued():
+    async def scenario():
+        broker = MemoryBroker()
+        async with broker.connect("a") as a:
+            await a.subscribe(TOPICS.controller)
+            for n in range(3):
+                await a.publish(TOPICS.controller, Shutdown(reason=str(n)))
+            drained = []
+            while (inbound := await a.receive(0)) is not None:
+                drained.append(inbound.message.reason)
+            assert drained == ["0", "1", "2"]
+
+    asyncio.run(scenario())
