@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import networkx as nx
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from engine.errors import EngineError, Problem, SpecError
 from engine.families import family_names, get_family
@@ -218,13 +218,15 @@ def _requests(loaded: LoadedGraph, family: ModelFamily, problems: list[Problem])
     for key in spec.limits:
         if key not in request_type.size_fields:
             problems.append(lines.problem(("limits", key), f"not a size parameter{did_you_mean(key, request_type.size_fields)} (valid: {', '.join(request_type.size_fields)})"))
+    _check_limits(loaded, request_type, problems)
     requests = []
     for i, overrides in enumerate(spec.requests):
         request = validate_request(request_type, spec.request, overrides, loaded, ("requests", i), problems)
         if request is not None:
             for name in request_type.size_fields:
                 limit = spec.limits.get(name)
-                if limit is not None and getattr(request, name) > limit:
+                # a default over the limit is reported once, at the default's line (_check_limits)
+                if limit is not None and getattr(request, name) > limit and (name in overrides or name not in spec.request):
                     problems.append(lines.problem(("requests", i, name), f"{getattr(request, name)} exceeds limits.{name} = {limit}"))
             requests.append(request)
     if not spec.requests:  # defaults alone may lack a prompt; check what they do give
@@ -232,6 +234,26 @@ def _requests(loaded: LoadedGraph, family: ModelFamily, problems: list[Problem])
         validate_request(request_type, spec.request, {}, loaded, ("request",), defaults_problems)
         problems.extend(p for p in defaults_problems if "required but missing" not in p.message)
     return dict(spec.request), tuple(requests)
+
+
+def _check_limits(loaded: LoadedGraph, request_type: type[RequestParams], problems: list[Problem]) -> None:
+    """Each limit is a value the request could take (it sizes buffers), and the defaults stay within it."""
+    spec, lines = loaded.spec, loaded.lines
+    for name, limit in spec.limits.items():
+        if name not in request_type.size_fields:
+            continue
+        field = request_type.model_fields[name]
+        try:
+            TypeAdapter(Annotated[field.annotation, field]).validate_python(limit)
+        except ValidationError as exc:
+            problems.extend(problems_from_validation(exc, lines, ("limits", name)))
+            continue
+        default = spec.request.get(name, field.default)
+        if isinstance(default, int) and default > limit:
+            if name in spec.request:
+                problems.append(lines.problem(("request", name), f"{default} exceeds limits.{name} = {limit}"))
+            else:
+                problems.append(lines.problem(("limits", name), f"{limit} is below the model's default {name} ({default}), which a request without {name} would use; set request.{name} as well"))
 
 
 def validate_request(request_type: type[RequestParams], defaults: dict[str, Any], values: dict[str, Any],
