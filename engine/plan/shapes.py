@@ -68,4 +68,8 @@ def _bounded(value: int, text: str) -> int:
 
 
 def evaluate_shape(shape: tuple[int | str, ...], symbols: Mapping[str, int]) -> tuple[int, ...]:
-    return tuple(evaluate(dim, symbols) for dim in shape)
+    """Every dimension of ``shape``; a negative dimension is an error."""
+    dims = tuple(evaluate(dim, symbols) for dim in shape)
+    if any(dim < 0 for dim in dims):
+        raise ShapeExpressionError(f"shape {shape!r} gives a negative dimension {dims} with {dict(symbols)}")
+    return dims
