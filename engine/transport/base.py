@@ -223,25 +223,35 @@ class ByteSender(Sender):
             )
         async with self._lock:
             region = self._region(grant, nbytes)
-            if nbytes > INLINE_BYTES:
-                headers, digests = await asyncio.to_thread(_pack_and_hash, tensors, region)
-            else:
-                headers, digests = _pack_and_hash(tensors, region)
-            manifest = Manifest(
+            headers = await _offload(nbytes, pack, tensors, region)
+            if self.faults.armed:
+                digests = await _offload(nbytes, tensor_digests, region, headers)
+                await self._inject_and_transfer(grant, region, headers, nbytes)
+            else:  # hash while the bytes move: both only read the packed region
+                digests, _ = await asyncio.gather(
+                    _offload(nbytes, tensor_digests, region, headers), self._transfer(grant, nbytes)
+                )
+            return Manifest(
                 edge=self.edge, request_id=request_id, slot=grant.slot, generation=grant.generation, nbytes=nbytes,
                 tensors=headers, tensor_digests=digests, digest=combine(self.edge, request_id, headers, digests),
             )
-            delay = self.faults.take_delay()
-            if delay:
-                await asyncio.sleep(delay)
-            self.faults.corrupt(region, headers)
-            if self.faults.take_drop():
-                self._discard(region[:nbytes])
-            else:
-                await self._transfer(grant, nbytes)
-            return manifest
+
+    async def _inject_and_transfer(
+        self, grant: SlotGrant, region: torch.Tensor, headers: tuple[TensorHeader, ...], nbytes: int
+    ) -> None:
+        """The write with faults: after hashing, so the digest describes the bytes as they should have arrived."""
+        delay = self.faults.take_delay()
+        if delay:
+            await asyncio.sleep(delay)
+        self.faults.corrupt(region, headers)
+        if self.faults.take_drop():
+            self._discard(region[:nbytes])
+        else:
+            await self._transfer(grant, nbytes)
 
 
-def _pack_and_hash(tensors: Mapping[str, torch.Tensor], region: torch.Tensor) -> tuple[tuple[TensorHeader, ...], tuple[str, ...]]:
-    headers = pack(tensors, region)
-    return headers, tensor_digests(region, headers)
+async def _offload(nbytes: int, function, *args):
+    """Run a copy or hash over ``nbytes`` inline when small, else in a worker thread (both release the GIL)."""
+    if nbytes > INLINE_BYTES:
+        return await asyncio.to_thread(function, *args)
+    return function(*args)

@@ -52,6 +52,11 @@ class Faults:
         plan = FaultPlan.model_validate_json(raw)
         return cls(plan if not plan.edges or edge in plan.edges else None)
 
+    @property
+    def armed(self) -> bool:
+        """Whether any fault is still to be injected."""
+        return bool(self.plan.corrupt or self.plan.drop or self.plan.delay)
+
     def arm(self, *, corrupt: int = 0, drop: int = 0, delay: int = 0, delay_s: float | None = None) -> None:
         """Add faults to inject on the next writes."""
         update = {

@@ -13,6 +13,7 @@ request id or any header field changes the digest.
 
 from __future__ import annotations
 
+import ctypes
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -142,9 +143,21 @@ def pack(tensors: Mapping[str, torch.Tensor], buffer: Any) -> tuple[TensorHeader
         if header.offset > end:
             out[end : header.offset].zero_()
         if header.nbytes:
-            out[header.offset : header.offset + header.nbytes].copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+            _copy_bytes(out, header.offset, tensor.detach().contiguous(), header.nbytes)
         end = header.offset + header.nbytes
     return headers
+
+
+def _copy_bytes(out: torch.Tensor, offset: int, src: torch.Tensor, nbytes: int) -> None:
+    """Copy a contiguous tensor's bytes to ``out[offset:]``.
+
+    A CPU tensor goes through one ``memmove`` (which releases the GIL): torch's own copy splits the work
+    across its intra-op threads, which on a busy host runs at a fraction of memcpy speed.
+    """
+    if src.device.type == "cpu":
+        ctypes.memmove(out.data_ptr() + offset, src.data_ptr(), nbytes)
+    else:
+        out[offset : offset + nbytes].copy_(src.reshape(-1).view(torch.uint8))
 
 
 def unpack(buffer: Any, manifest: Manifest) -> dict[str, torch.Tensor]:
