@@ -1,0 +1,97 @@
+"""What one worker process is told to be: its node, replica, model, device, edges and broker.
+
+The controller derives a :class:`WorkerSpec` per node replica from the plan and hands it to the worker as
+a JSON file (credentials never appear on a command line). The worker reads nothing else: not the graph
+file, not the plan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.plan.model import Plan
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EdgeEnd(_Frozen):
+    """One end of an edge as a worker sees it."""
+
+    name: str
+    peer: str = Field(description="node at the other end")
+    transport: str
+    integrity: str
+    retries: int
+    slot_bytes: int
+    slots: int
+    tensors: tuple[str, ...]
+
+
+class SegmentSpec(_Frozen):
+    index: int
+    stages: tuple[str, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+class WorkerSpec(_Frozen):
+    run_id: str
+    node: str
+    replica: int
+    family: str
+    task: str
+    source: str = Field(description="local diffusers-layout folder of the model")
+    device: str
+    dtype: str
+    components: tuple[str, ...]
+    stages: tuple[str, ...]
+    segments: tuple[SegmentSpec, ...]
+    inbound: tuple[EdgeEnd, ...]
+    outbound: tuple[EdgeEnd, ...]
+    final_outputs: tuple[str, ...]
+    broker: dict[str, Any] = Field(description="the broker's address (host, port, credentials, TLS files)")
+    out_dir: str
+    heartbeat_s: float
+    transfer_timeout_s: float
+    save_frames: bool
+    meta: dict[str, str] = Field(description="graph name, file and model path, written beside outputs")
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def read(cls, path: Path) -> WorkerSpec:
+        return cls.model_validate_json(path.read_text())
+
+
+def worker_specs(plan: Plan, *, run_id: str, source: Path, broker: dict[str, Any], out_dir: Path,
+                 save_frames: bool, heartbeat_s: float) -> list[WorkerSpec]:
+    """One spec per node replica, in plan order."""
+    def end(edge, peer: str) -> EdgeEnd:  # noqa: ANN001 - PlannedEdge
+        return EdgeEnd(name=edge.name, peer=peer, transport=edge.transport, integrity=edge.integrity,
+                       retries=edge.retries, slot_bytes=edge.slot_bytes, slots=edge.slots, tensors=edge.tensor_names)
+
+    specs = []
+    for node in plan.nodes.values():
+        segments = tuple(SegmentSpec(index=s.index, stages=s.stages, inputs=s.inputs, outputs=s.outputs)
+                         for s in plan.segments if s.node == node.name)
+        for replica in range(node.replicas):
+            specs.append(WorkerSpec(
+                run_id=run_id, node=node.name, replica=replica, family=plan.family, task=plan.task,
+                source=str(source), device=node.device, dtype=node.dtype, components=node.components,
+                stages=node.stages, segments=segments,
+                inbound=tuple(end(e, e.source) for e in plan.edges_into(node.name)),
+                outbound=tuple(end(e, e.target) for e in plan.edges_from(node.name)),
+                final_outputs=plan.final_outputs, broker=broker, out_dir=str(out_dir),
+                heartbeat_s=heartbeat_s, transfer_timeout_s=plan.timeouts.transfer_s, save_frames=save_frames,
+                meta={"graph": plan.graph, "graph_file": plan.file, "model": plan.model_path, "family": plan.family,
+                      "task": plan.task, "dtype": node.dtype},
+            ))
+    return specs

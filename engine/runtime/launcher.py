@@ -1,0 +1,104 @@
+"""Local worker processes: start one per node replica, watch them, stop them all (no orphans)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.runtime.deployment import WorkerSpec
+
+
+@dataclass
+class WorkerProcess:
+    spec: WorkerSpec
+    process: subprocess.Popen
+    log_path: Path
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.spec.node, self.spec.replica)
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.node}[{self.spec.replica}]"
+
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            with self.log_path.open(errors="replace") as log:
+                return "".join(deque(log, maxlen=lines)).rstrip()
+        except OSError:
+            return ""
+
+
+def exit_description(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class LocalLauncher:
+    """Starts workers as subprocesses of this one, each in its own process group."""
+
+    def __init__(self, deploy_dir: Path):
+        self.deploy_dir = deploy_dir
+        self.workers: dict[tuple[str, int], WorkerProcess] = {}
+
+    def start(self, spec: WorkerSpec) -> WorkerProcess:
+        stem = f"{spec.node}-{spec.replica}"
+        spec_path = self.deploy_dir / f"{stem}.json"
+        spec.write(spec_path)
+        log_path = self.deploy_dir / f"{stem}.log"
+        env = {**os.environ, "MC_LOG_LEVEL": os.environ.get("MC_LOG_LEVEL", "WARNING"), "PYTHONUNBUFFERED": "1"}
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "engine.runtime.worker", str(spec_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+        worker = WorkerProcess(spec, process, log_path)
+        self.workers[worker.key] = worker
+        return worker
+
+    def exited(self) -> list[WorkerProcess]:
+        return [w for w in self.workers.values() if w.exit_code() is not None]
+
+    def kill(self, key: tuple[str, int]) -> None:
+        worker = self.workers[key]
+        if worker.exit_code() is None:
+            _signal_group(worker.process, signal.SIGKILL)
+            worker.process.wait(timeout=5)
+
+    def stop_all(self, grace_s: float = 3.0) -> None:
+        """SIGTERM every worker's process group, then SIGKILL whatever is left after ``grace_s``."""
+        alive = [w for w in self.workers.values() if w.exit_code() is None]
+        for worker in alive:
+            _signal_group(worker.process, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for worker in alive:
+            try:
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for worker in self.workers.values():
+            _signal_group(worker.process, signal.SIGKILL)  # also reaps any child left in the group
+            if worker.exit_code() is None:
+                worker.process.wait(timeout=5)
+
+
+def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

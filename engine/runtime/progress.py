@@ -1,0 +1,74 @@
+"""Live progress of a run on the terminal: per request, per segment, per denoising step.
+
+On a terminal the step counter of each busy replica is redrawn in place; elsewhere (logs, CI) only stage
+transitions are printed, one line each.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from engine.control.messages import Heartbeat, StageDone
+from engine.display import human_bytes
+from engine.plan.model import Segment
+
+
+class ProgressView:
+    def __init__(self, *, quiet: bool = False, stream: TextIO = sys.stderr):
+        self.quiet = quiet
+        self.stream = stream
+        self.live = stream.isatty() and not quiet
+        self.started = time.monotonic()
+        self._stages: dict[tuple[str, int], str | None] = {}
+        self._line_open = False
+
+    def _print(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self._line_open:
+            self.stream.write("\r\033[K")
+            self._line_open = False
+        self.stream.write(f"[{time.monotonic() - self.started:7.2f}s] {text}\n")
+        self.stream.flush()
+
+    def deploying(self, replicas: int) -> None:
+        self._print(f"starting {replicas} worker process(es), loading weights ...")
+
+    def ready(self, seconds: float, replicas: dict[Any, Any]) -> None:
+        loads = ", ".join(f"{r.node}[{r.replica}] {r.load_s:.1f} s" for r in replicas.values() if r.load_s is not None)
+        self._print(f"all workers ready in {seconds:.1f} s (load: {loads})")
+
+    def segment_started(self, request: Any, segment: Segment, replica: int) -> None:
+        self._print(f"{request.id}: {segment.node}[{replica}] {', '.join(segment.stages)} ...")
+
+    def segment_done(self, request: Any, segment: Segment, done: StageDone) -> None:
+        stages = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in done.timings.items())
+        edges = "".join(f"; {name} {human_bytes(s.nbytes)} in {s.seconds * 1e3:.1f} ms" for name, s in done.edges.items())
+        self._print(f"{request.id}: {segment.node}[{done.replica}] done ({stages}{edges})")
+
+    def heartbeat(self, beat: Heartbeat) -> None:
+        self._stages[(beat.node, beat.replica)] = beat.stage
+        if self.live and beat.request_id and beat.total_steps:
+            width = 24
+            filled = width * beat.step // beat.total_steps
+            self.stream.write(f"\r\033[K  {beat.request_id}: {beat.node}[{beat.replica}] {beat.stage} "
+                              f"[{'#' * filled}{'.' * (width - filled)}] step {beat.step}/{beat.total_steps}")
+            self.stream.flush()
+            self._line_open = True
+
+    def current_stage(self, node: str, replica: int) -> str | None:
+        return self._stages.get((node, replica))
+
+    def replica_down(self, info: Any, why: str) -> None:
+        self._print(f"!! {info.node}[{info.replica}] is out: {why}")
+
+    def retry(self, request: Any, why: str) -> None:
+        self._print(f"{request.id}: retrying on another replica (attempt {request.attempt + 1})")
+
+    def request_finished(self, request: Any) -> None:
+        if request.error:
+            self._print(f"{request.id}: FAILED after {request.seconds:.2f} s: {request.error}")
+        else:
+            self._print(f"{request.id}: done in {request.seconds:.2f} s -> {', '.join(request.outputs)}")

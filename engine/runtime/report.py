@@ -1,0 +1,72 @@
+"""The run report: ``report.json`` beside the outputs, and the summary printed at the end."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.display import human_bytes, table
+from engine.plan.model import Plan
+from engine.runtime.controller import RunResult
+
+
+def build_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:
+    requests = []
+    for request in result.requests:
+        transfer_s = sum(e["seconds"] for e in request.edges.values())
+        compute_s = sum(request.stage_seconds.values())
+        segments_s = sum(request.segment_seconds.values())
+        requests.append({
+            "id": request.id,
+            "state": request.state.value,
+            "error": request.error,
+            "attempts": request.attempt + 1,
+            "seconds": round(request.seconds, 4),
+            "params": request.params.model_dump(mode="json"),
+            "outputs": request.outputs,
+            "stage_seconds": {k: round(v, 4) for k, v in request.stage_seconds.items()},
+            "edges": request.edges,
+            # Time a request spent neither computing nor on an edge: waiting in a replica's queue, messaging.
+            "queue_wait_seconds": round(max(0.0, segments_s - compute_s - transfer_s), 4),
+            "timeline": [{"t": round(e.time, 4), "state": e.state.value, "detail": e.detail} for e in request.events],
+        })
+    return {
+        "run_id": result.run_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "graph": {"name": plan.graph, "file": plan.file, "family": plan.family, "task": plan.task},
+        "model": {"path": plan.model_path, "source": str(source), "dtype": plan.dtype},
+        "ready_seconds": round(result.ready_s, 4),
+        "seconds": round(result.seconds, 4),
+        "nodes": [{"node": r.node, "replica": r.replica, "pid": r.pid, "state": r.state, "down": r.down,
+                   "load_seconds": r.load_s, "param_bytes": r.param_bytes, "peak_rss_bytes": r.peak_rss_bytes}
+                  for r in result.replicas.values()],
+        "edges": [{"name": e.name, "from": e.source, "to": e.target, "transport": e.transport,
+                   "slot_bytes": e.slot_bytes, "slots": e.slots} for e in plan.edges],
+        "requests": requests,
+    }
+
+
+def write_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:
+    report = build_report(result, plan, source)
+    (result.out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def print_summary(result: RunResult, report: dict[str, Any]) -> None:
+    rows = []
+    for request in report["requests"]:
+        edges = ", ".join(f"{n} {human_bytes(e['nbytes'])}" for n, e in request["edges"].items()) or "-"
+        rows.append([request["id"], request["state"], f"{request['seconds']:.2f}", edges,
+                     ", ".join(request["outputs"]) or (request["error"] or "").splitlines()[0]])
+    print(table(["request", "state", "seconds", "edges", "outputs"], rows))
+    nodes = [[f"{n['node']}[{n['replica']}]", f"{n['load_seconds'] or 0:.2f}", human_bytes(n["param_bytes"] or 0),
+              human_bytes(n["peak_rss_bytes"])] for n in report["nodes"]]
+    print()
+    print(table(["replica", "load s", "weights", "peak RSS"], nodes))
+    print(f"\nrun {result.run_id}: ready in {result.ready_s:.1f} s, total {result.seconds:.1f} s; "
+          f"report: {result.out_dir / 'report.json'}")
+    failed = [r for r in report["requests"] if r["state"] != "done"]
+    for request in failed:
+        print(f"\nerror: request {request['id']}: {request['error']}")

@@ -1,0 +1,72 @@
+"""Requests as state machines: the allowed transitions as a table, every transition timestamped."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from engine.errors import EngineError
+from engine.stages import RequestParams
+
+
+class State(str, Enum):
+    QUEUED = "queued"  #: waiting for a free slot in the pipeline (or re-queued for a retry)
+    RUNNING = "running"  #: one of its segments is dispatched to a replica
+    DONE = "done"
+    FAILED = "failed"
+
+
+ALLOWED: dict[State, frozenset[State]] = {
+    State.QUEUED: frozenset({State.RUNNING, State.FAILED}),
+    State.RUNNING: frozenset({State.RUNNING, State.DONE, State.FAILED, State.QUEUED}),
+    State.DONE: frozenset(),
+    State.FAILED: frozenset(),
+}
+
+
+@dataclass
+class Event:
+    time: float  #: seconds since the run started
+    state: State
+    detail: str
+
+
+@dataclass
+class TrackedRequest:
+    id: str
+    params: RequestParams
+    clock_zero: float
+    state: State = State.QUEUED
+    attempt: int = 0
+    segment: int = -1  #: segment running now (-1 before the first)
+    dispatched_at: float = 0.0
+    deadline: float = float("inf")  #: monotonic time by which the running segment must report
+    replica_of: dict[int, int] = field(default_factory=dict)  #: segment -> replica it runs (or will run) on
+    events: list[Event] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    segment_seconds: dict[int, float] = field(default_factory=dict)  #: dispatch to done, per segment
+    edges: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        self.events.append(Event(self.now(), self.state, "submitted"))
+
+    def now(self) -> float:
+        return time.monotonic() - self.clock_zero
+
+    def move(self, state: State, detail: str) -> None:
+        if state not in ALLOWED[self.state]:
+            raise EngineError(f"request {self.id}: no transition from {self.state.value} to {state.value} ({detail})")
+        self.state = state
+        self.events.append(Event(self.now(), state, detail))
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (State.DONE, State.FAILED)
+
+    @property
+    def seconds(self) -> float:
+        return self.events[-1].time - self.events[0].time

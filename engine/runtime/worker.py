@@ -1,0 +1,368 @@
+"""A worker: one OS process running one replica of one node.
+
+It loads only its stages' components, opens the receive pools of its inbound edges once, announces itself
+(retained ``status`` ready, with where senders write), then serves: ``run_stage`` jobs run one at a time on a
+compute thread; edge messages (grants, deliveries, acknowledgements, fences) are answered by the asyncio loop
+meanwhile, so a replica busy denoising still receives the next request's inputs. Heartbeats carry progress.
+
+    python -m engine.runtime.worker SPEC.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from engine.control.broker import BrokerAddress, TLSOptions
+from engine.control.client import ControlClient, LastWill
+from engine.control.heartbeat import Progress, publish_heartbeats, rss_bytes
+from engine.control.messages import (Ack, Delivered, EdgeStats, Fence, Grant, GrantRequest, ReplicaRef, RunStage,
+                                     Shutdown, StageDone, StageFailed, Status)
+from engine.control.topics import Topics
+from engine.errors import EngineError, TransportError
+from engine.families import get_family
+from engine.runtime.deployment import EdgeEnd, WorkerSpec
+from engine.runtime.edge_link import MqttEdgeLink
+from engine.runtime.replies import Replies
+from engine.stages import Stage
+from engine.transport import Manifest, Receiver, Sender, SlotGrant, SlotsExhausted, accept, make_receiver, make_sender, send_tensors
+
+log = logging.getLogger("engine.worker")
+
+
+class LogTail(logging.Handler):
+    """The last lines this worker logged, sent along with a failure."""
+
+    def __init__(self, lines: int = 20):
+        super().__init__()
+        self.lines: deque[str] = deque(maxlen=lines)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, client: ControlClient, topics: Topics, log_tail: LogTail):
+        self.spec = spec
+        self.client = client
+        self.topics = topics
+        self.log_tail = log_tail
+        self.me = ReplicaRef(node=spec.node, replica=spec.replica)
+        self.family = get_family(spec.family)
+        self.progress = Progress()
+        self.replies = Replies()
+        self.stages: dict[str, Stage] = {}
+        self.receivers: dict[str, Receiver] = {}
+        self.senders: dict[str, Sender] = {}
+        self.connected: set[tuple[str, str, int]] = set()
+        self.peers: dict[tuple[str, int], Status] = {}
+        self.received: dict[tuple[str, str], tuple[Manifest, dict[str, Any]]] = {}  # (request, edge) -> payload
+        self.waiting_grants: dict[str, deque[GrantRequest]] = {}
+        self.jobs: asyncio.Queue[RunStage] = asyncio.Queue()
+        self.stopping = asyncio.Event()
+        self.requests_done = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+
+    async def status(self, state: str, **fields: Any) -> None:
+        await self.client.publish(self.topics.status(self.spec.node, self.spec.replica),
+                                  Status(node=self.spec.node, replica=self.spec.replica, state=state, pid=os.getpid(),
+                                         host=socket.gethostname(), **fields), retain=True)
+
+    async def load(self) -> None:
+        """Load the node's components, build its stages, open its edges, announce ready."""
+        spec = self.spec
+        await self.status("loading")
+        started = time.perf_counter()
+        components = await asyncio.to_thread(self.family.load_components, spec.task, spec.components,
+                                              Path(spec.source), spec.device, spec.dtype)
+        for name in spec.stages:
+            self.stages[name] = self.family.build_stage(spec.task, name, components, spec.device, spec.dtype)
+        for edge in spec.inbound:
+            self.receivers[edge.name] = await asyncio.to_thread(make_receiver, edge.transport, edge.name, edge.slot_bytes, edge.slots)
+        for edge in spec.outbound:
+            self.senders[edge.name] = await asyncio.to_thread(make_sender, edge.transport, edge.name, edge.slot_bytes,
+                                                              timeout_s=spec.transfer_timeout_s)
+        load_s = time.perf_counter() - started
+        param_bytes = sum(components.parameter_bytes().values())
+        log.info("loaded %s in %.2f s: %d parameter bytes", ", ".join(spec.stages), load_s, param_bytes)
+        await self.status("ready", receive_edges={name: r.location for name, r in self.receivers.items()},
+                          param_bytes=param_bytes, load_s=load_s)
+
+    def close(self) -> None:
+        for endpoint in [*self.senders.values(), *self.receivers.values()]:
+            with contextlib.suppress(EngineError, OSError):
+                endpoint.close()
+
+    async def subscribe(self) -> None:
+        """Subscribe before announcing ready: the first run_stage may follow the announcement at once."""
+        await self.client.subscribe(self.topics.inbox(self.spec.node, self.spec.replica))
+        await self.client.subscribe(self.topics.all_status)
+
+    async def serve(self) -> None:
+        tasks = [asyncio.create_task(self._compute_loop(), name="compute"),
+                 asyncio.create_task(publish_heartbeats(self.client, self.topics.heartbeat(self.spec.node, self.spec.replica),
+                                                        self.spec.node, self.spec.replica, self.progress,
+                                                        self.spec.heartbeat_s), name="heartbeat"),
+                 asyncio.create_task(self._watch_parent(), name="parent")]
+        try:
+            async for inbound in self.client.messages():
+                self._on_message(inbound.message)
+                if self.stopping.is_set():
+                    break
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch_parent(self) -> None:
+        """Local workers end with the controller that started them, even if it was killed."""
+        parent = os.getppid()
+        while os.getppid() == parent:
+            await asyncio.sleep(0.5)
+        log.warning("the controller (pid %d) is gone; stopping", parent)
+        self.stopping.set()
+        await self.client.close()
+
+    # -- messages ---------------------------------------------------------------------------------------------
+
+    def _on_message(self, message: Any) -> None:
+        if isinstance(message, RunStage):
+            self.jobs.put_nowait(message)
+        elif isinstance(message, GrantRequest):
+            self.waiting_grants.setdefault(message.edge, deque()).append(message)
+            self._serve_grants(message.edge)
+        elif isinstance(message, Delivered):
+            asyncio.create_task(self._on_delivered(message))
+        elif isinstance(message, Grant):
+            self.replies.resolve(("grant", message.request_id, message.edge, message.attempt), message)
+        elif isinstance(message, Ack):
+            self.replies.resolve(("ack", message.request_id, message.edge, message.attempt), message)
+        elif isinstance(message, Fence):
+            receiver = self.receivers.get(message.edge)
+            if receiver is not None:
+                receiver.fence(SlotGrant.model_validate(message.grant))
+                self._serve_grants(message.edge)
+        elif isinstance(message, Status):
+            self.peers[(message.node, message.replica)] = message
+            if message.state in ("dead", "failed", "stopped"):
+                self.replies.peer_died((message.node, message.replica), message.detail or message.state)
+        elif isinstance(message, Shutdown):
+            log.info("shutdown: %s", message.reason)
+            self.stopping.set()
+
+    def _serve_grants(self, edge: str) -> None:
+        """Grant slots to waiting senders in arrival order while slots are free."""
+        queue = self.waiting_grants.get(edge)
+        receiver = self.receivers.get(edge)
+        while queue:
+            request = queue[0]
+            grant, error = None, None
+            if receiver is None:
+                error = f"{self.spec.node} does not receive on edge {edge!r}"
+            else:
+                try:
+                    grant = receiver.grant(request.request_id, request.nbytes)
+                except SlotsExhausted as exc:
+                    if exc.retry_after_s is not None:
+                        asyncio.get_running_loop().call_later(exc.retry_after_s, self._serve_grants, edge)
+                    return  # a release or fence serves it later
+                except TransportError as exc:
+                    error = str(exc)
+            queue.popleft()
+            reply = Grant(request_id=request.request_id, edge=edge, attempt=request.attempt, receiver=self.me,
+                          grant=grant.model_dump(mode="json") if grant else None, error=error)
+            asyncio.create_task(self._publish_to(request.sender, reply))
+
+    async def _publish_to(self, replica: ReplicaRef, message: Any) -> None:
+        await self.client.publish(self.topics.inbox(replica.node, replica.replica), message)
+
+    async def _on_delivered(self, message: Delivered) -> None:
+        receiver = self.receivers[message.edge]
+        manifest = Manifest.model_validate(message.manifest)
+        ack, views = await asyncio.to_thread(accept, receiver, manifest)  # hashing a large payload takes a while
+        if views is not None:
+            self.received[(message.request_id, message.edge)] = (manifest, views)
+        await self._publish_to(message.sender, Ack(request_id=message.request_id, edge=message.edge, attempt=message.attempt,
+                                                   receiver=self.me, ok=ack.ok, reason=ack.reason))
+
+    # -- compute ----------------------------------------------------------------------------------------------
+
+    async def _compute_loop(self) -> None:
+        while True:
+            job = await self.jobs.get()
+            try:
+                done = await self._run_segment(job)
+            except Exception as exc:  # reported to the controller, which decides what the request does next
+                log.error("request %s failed: %s", job.request_id, exc)
+                failure = StageFailed(request_id=job.request_id, node=self.spec.node, replica=self.spec.replica,
+                                      attempt=job.attempt, stage=self.progress.snapshot().stage, error_type=type(exc).__name__,
+                                      error=str(exc), traceback_tail="".join(traceback.format_exc().splitlines(True)[-12:]),
+                                      log_tail="\n".join(self.log_tail.lines))
+                self._release_inputs(job)
+                await self.client.publish(self.topics.controller, failure)
+            else:
+                await self.client.publish(self.topics.controller, done)
+            finally:
+                self.requests_done += 1
+                self.progress.request_finished()
+
+    async def _run_segment(self, job: RunStage) -> StageDone:
+        spec = self.spec
+        segment = next((s for s in spec.segments if s.index == job.segment), None)
+        if segment is None:
+            raise EngineError(f"node {spec.node!r} has no segment {job.segment}")
+        request = self.family.request_type(spec.task).model_validate(job.request)
+
+        # 1. Inputs: the verified payloads of every inbound edge this segment reads.
+        tensors: dict[str, Any] = {}
+        for edge in self._inbound_for(segment.inputs):
+            held = self.received.get((job.request_id, edge.name))
+            if held is None:
+                raise TransportError(f"no verified payload for segment {segment.index}", edge=edge.name, request_id=job.request_id)
+            tensors.update(held[1])
+
+        # 2. Stages, in order, on the compute thread; progress goes out with the heartbeats.
+        timings = await asyncio.to_thread(self._compute, job.request_id, segment.stages, request, tensors)
+
+        # 3. Outgoing edges: each to the replica the controller chose.
+        edge_stats = {}
+        for edge in spec.outbound:
+            payload = {name: tensors[name] for name in edge.tensors if name in tensors and name in segment.outputs}
+            if payload:
+                edge_stats[edge.name] = await self._send(edge, job, payload)
+
+        # 4. Final outputs (decoded frames): files in the run's output folder.
+        outputs: list[str] = []
+        finals = {name: tensors[name] for name in spec.final_outputs if name in segment.outputs}
+        if finals:
+            paths = await asyncio.to_thread(self.family.write_output, request, finals, Path(spec.out_dir), job.request_id,
+                                            meta={**spec.meta, "request_id": job.request_id}, save_frames=spec.save_frames)
+            outputs = [str(p) for p in paths]
+        self._release_inputs(job)
+        return StageDone(request_id=job.request_id, node=spec.node, replica=spec.replica, attempt=job.attempt,
+                         timings=timings, edges=edge_stats, outputs=outputs, peak_rss_bytes=peak_rss_bytes())
+
+    def _compute(self, request_id: str, stages: tuple[str, ...], request: Any, tensors: dict[str, Any]) -> dict[str, float]:
+        timings = {}
+        for name in stages:
+            self.progress.stage_started(request_id, name, 0)
+
+            def progress(step: int, total: int, _name: str = name) -> None:
+                if step == 1 or self.progress.snapshot().total_steps != total:
+                    self.progress.stage_started(request_id, _name, total)
+                self.progress.step_done(step)
+
+            started = time.perf_counter()
+            tensors.update(self.stages[name].run(request, tensors, progress))
+            timings[name] = time.perf_counter() - started
+            log.info("request %s: %s took %.3f s", request_id, name, timings[name])
+        return timings
+
+    def _inbound_for(self, names: tuple[str, ...]) -> list[EdgeEnd]:
+        return [e for e in self.spec.inbound if set(e.tensors) & set(names)]
+
+    def _release_inputs(self, job: RunStage) -> None:
+        for edge in self.spec.inbound:
+            held = self.received.pop((job.request_id, edge.name), None)
+            if held is not None:
+                self.receivers[edge.name].release(held[0])
+                self._serve_grants(edge.name)
+
+    async def _send(self, edge: EdgeEnd, job: RunStage, payload: dict[str, Any]) -> EdgeStats:
+        replica = job.send_to.get(edge.name)
+        if replica is None:
+            raise EngineError(f"run_stage for {job.request_id} names no target replica for edge {edge.name!r}")
+        sender = self.senders[edge.name]
+        if (edge.name, edge.peer, replica) not in self.connected:
+            peer = self.peers.get((edge.peer, replica))
+            if peer is None or peer.receive_edges is None or edge.name not in peer.receive_edges:
+                raise TransportError(f"{edge.peer}[{replica}] has not announced where to write", edge=edge.name,
+                                     request_id=job.request_id)
+            await asyncio.to_thread(sender.connect, peer.receive_edges[edge.name])
+            self.connected.add((edge.name, edge.peer, replica))
+        link = MqttEdgeLink(edge=edge.name, client=self.client, topics=self.topics, replies=self.replies, me=self.me,
+                            target=ReplicaRef(node=edge.peer, replica=replica), attempt=job.attempt,
+                            timeout_s=self.spec.transfer_timeout_s)
+        started = time.perf_counter()
+        manifest = await send_tensors(sender, link, payload, job.request_id, retries=edge.retries)
+        return EdgeStats(nbytes=manifest.nbytes, seconds=time.perf_counter() - started, digest=manifest.digest)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (VmHWM), falling back to the current RSS."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return rss_bytes()
+
+
+async def run_worker(spec: WorkerSpec) -> int:
+    topics = Topics(spec.run_id)
+    tls = spec.broker.get("tls")
+    address = BrokerAddress(**{**spec.broker, "tls": TLSOptions(**tls) if tls is not None else None})
+    tail = LogTail()
+    tail.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(tail)
+    will = LastWill(topics.status(spec.node, spec.replica),
+                    Status(node=spec.node, replica=spec.replica, state="dead", pid=os.getpid(), host=socket.gethostname(),
+                           detail="connection lost without a goodbye (process died or hung)"))
+    # A long keepalive: loading weights can starve the event loop for seconds, and a broker that drops us then
+    # would publish our last will. A hung worker is caught by its missing heartbeats instead; a dead one closes
+    # its socket, which fires the will at once.
+    client = ControlClient(address, client_id=f"{spec.run_id}-{spec.node}-{spec.replica}", will=will, keepalive_s=60)
+    await client.connect()
+    worker = Worker(spec, client, topics, tail)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, worker.stopping.set)
+    stop_task = asyncio.create_task(worker.stopping.wait())
+    try:
+        await worker.status("starting")
+        await worker.subscribe()
+        await worker.load()
+        serve = asyncio.create_task(worker.serve())
+        await asyncio.wait([serve, stop_task], return_when=asyncio.FIRST_COMPLETED)
+        serve.cancel()
+        await asyncio.gather(serve, return_exceptions=True)
+        await worker.status("stopped")
+        return 0
+    except Exception as exc:
+        log.error("worker failed: %s", exc, exc_info=not isinstance(exc, EngineError))
+        with contextlib.suppress(EngineError):
+            await worker.status("failed", detail=f"{type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        stop_task.cancel()
+        worker.close()
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    spec = WorkerSpec.read(Path(argv[0]))
+    # The heavy imports happen before the broker connection, not while the event loop should be answering it.
+    import diffusers  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    return asyncio.run(run_worker(spec))
+
+
+if __name__ == "__main__":
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    # Exit now: the transfer engine's native threads can keep a finished interpreter from ever exiting.
+    os._exit(code)
