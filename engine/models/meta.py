@@ -53,12 +53,17 @@ def component_class(source: Path, folder: str) -> type:
     return cls
 
 
-def build_on_meta(source: Path, folder: str, dtype: "Any | None" = None) -> Any:
-    """Instantiate ``folder``'s model class from its config on the meta device (no memory allocated)."""
+def build_on_meta(source: Path, folder: str, dtype: "Any | None" = None, buffers_on_meta: bool = True) -> Any:
+    """Instantiate ``folder``'s model class from its config on the meta device (no memory allocated).
+
+    With ``buffers_on_meta=False`` only the parameters go to meta: buffers a module computes at
+    construction (rotary tables) and never saves stay real, as a loader needs them.
+    """
     import torch
+    from accelerate import init_empty_weights
 
     cls = component_class(source, folder)
-    with torch.device("meta"):
+    with torch.device("meta") if buffers_on_meta else init_empty_weights(include_buffers=False):
         if hasattr(cls, "load_config") and hasattr(cls, "from_config"):  # diffusers ModelMixin
             model = cls.from_config(cls.load_config(source / folder))
         else:  # transformers PreTrainedModel
@@ -77,3 +82,50 @@ def parameter_count(source: Path, component: ComponentSpec) -> int:
         return 0
     model = build_on_meta(source, component.folder)
     return sum(p.numel() for name, p in model.named_parameters() if matches(name, component.prefixes))
+
+
+def keeps_float32(model: Any, name: str, dtype: "Any") -> bool:
+    """Whether ``from_pretrained(..., dtype=dtype)`` keeps tensor ``name`` of ``model`` in float32.
+
+    diffusers models keep the submodules named in ``_keep_in_fp32_modules`` in float32 at any dtype (a
+    name matches a whole path element); transformers models do so for float16 only, and for the
+    ``_keep_in_fp32_modules_strict`` names at float16 and bfloat16 too (a name matches a substring).
+    """
+    import torch
+
+    if dtype == torch.float32:
+        return False
+    if hasattr(model, "load_config"):  # diffusers ModelMixin
+        return any(module in name.split(".") for module in model._keep_in_fp32_modules or ())
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return any(module in name for module in keep)
+
+
+def tensor_dtype(model: Any, name: str, tensor: Any, dtype: "Any") -> "Any":
+    """The dtype a loaded ``tensor`` named ``name`` ends up in: integer tensors keep theirs."""
+    import torch
+
+    if not tensor.is_floating_point():
+        return tensor.dtype
+    return torch.float32 if keeps_float32(model, name, dtype) else dtype
+
+
+def parameter_bytes(source: Path, component: ComponentSpec, dtype: str) -> int:
+    """Resident bytes of a loaded component: parameters and buffers (restricted to its prefixes), in the
+    dtype each ends up in when loaded at ``dtype`` (``component.dtype`` wins when set). Equals
+    :meth:`engine.stages.LoadedComponents.parameter_bytes` for the component as loaded, without a weight read.
+    """
+    import torch
+
+    if not component.weights:
+        return 0
+    target = getattr(torch, component.dtype or dtype)
+    model = build_on_meta(source, component.folder)
+    tensors = {id(t): (name, t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    return sum(
+        t.numel() * torch.empty((), dtype=tensor_dtype(model, name, t, target)).element_size()
+        for name, t in tensors.values()
+        if matches(name, component.prefixes)
+    )
