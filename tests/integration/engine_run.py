@@ -1,0 +1,115 @@
+"""Running `engine run` for the runtime integration tests: a real mosquitto from Debian's package, the real
+CLI in a subprocess, and the monolithic diffusers pipelines as the reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+GRAPHS = REPO / "graphs"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def mosquitto(tmp: Path) -> Iterator[str]:
+    """A mosquitto broker on a free loopback port, as a deployment would run it; yields its mqtt:// URL."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    config = tmp / "mosquitto.conf"
+    config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\n"
+                      f"max_queued_messages 100000\nset_tcp_nodelay true\nlog_type none\nuser {os.environ.get('USER', 'root')}\n")
+    process = subprocess.Popen([binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"mosquitto did not start on port {port}")
+            time.sleep(0.02)
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    out: Path
+
+    @property
+    def report(self) -> dict:
+        return json.loads((self.out / "report.json").read_text())
+
+
+def engine_run(graph: str, out: Path, *settings: str, extra: tuple[str, ...] = (), timeout: float = 300) -> Run:
+    command = [sys.executable, "-m", "engine.cli", "run", str(GRAPHS / graph), "--out", str(out), "--save-frames", *extra]
+    for setting in settings:
+        command += ["--set", setting]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return Run(result.returncode, result.stdout, result.stderr, out)
+
+
+def live_worker_pids() -> set[int]:
+    """Process ids of engine workers still running on this machine."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"engine.runtime.worker" in cmdline and (entry / "stat").read_text().split()[2] != "Z":
+                found.add(int(entry.name))
+    return found
+
+
+@cache
+def reference_frames(task: str, request_json: str) -> np.ndarray:
+    """Frames of the monolithic diffusers pipeline for a request, as the diffusers Wan examples load it
+    (VAE and image encoder in float32, the rest in float32 here)."""
+    import torch
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline
+    from PIL import Image
+    from transformers import CLIPVisionModel
+
+    from engine.families import get_family
+
+    request = json.loads(request_json)
+    source = get_family("wan").resolve_source(task, "tiny")
+    vae = AutoencoderKLWan.from_pretrained(source / "vae", torch_dtype=torch.float32)
+    extra = {}
+    if task == "t2v":
+        pipe = WanPipeline.from_pretrained(source, vae=vae, dtype=torch.float32)
+    else:
+        image_encoder = CLIPVisionModel.from_pretrained(source / "image_encoder", dtype=torch.float32)
+        pipe = WanImageToVideoPipeline.from_pretrained(source, vae=vae, image_encoder=image_encoder, dtype=torch.float32)
+        extra["image"] = Image.open(request["image"]).convert("RGB")
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(prompt=request["prompt"], negative_prompt=request["negative_prompt"], height=request["height"],
+                  width=request["width"], num_frames=request["num_frames"], num_inference_steps=request["steps"],
+                  guidance_scale=request["guidance_scale"], generator=torch.Generator().manual_seed(request["seed"]),
+                  **extra).frames
+    return frames[0]
