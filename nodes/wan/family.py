@@ -68,15 +68,17 @@ _STAGES = {
     "i2v": (TEXT_ENCODE, IMAGE_ENCODE, VAE_ENCODE, DENOISE_I2V, VAE_DECODE),
 }
 
+# The VAE and the CLIP image encoder run in float32 whatever the node's dtype, as in the diffusers Wan
+# examples (they load both with torch_dtype=torch.float32 next to a bfloat16 pipeline).
 _COMPONENTS = {
     "tokenizer": ComponentSpec("tokenizer", "tokenizer", weights=False),
     "text_encoder": ComponentSpec("text_encoder", "text_encoder"),
     "image_processor": ComponentSpec("image_processor", "image_processor", weights=False),
-    "image_encoder": ComponentSpec("image_encoder", "image_encoder"),
+    "image_encoder": ComponentSpec("image_encoder", "image_encoder", dtype="float32"),
     "transformer": ComponentSpec("transformer", "transformer"),
     "scheduler": ComponentSpec("scheduler", "scheduler", weights=False),
-    "vae_encoder": ComponentSpec("vae_encoder", "vae", prefixes=("encoder.", "quant_conv.")),
-    "vae_decoder": ComponentSpec("vae_decoder", "vae", prefixes=("decoder.", "post_quant_conv.")),
+    "vae_encoder": ComponentSpec("vae_encoder", "vae", prefixes=("encoder.", "quant_conv."), dtype="float32"),
+    "vae_decoder": ComponentSpec("vae_decoder", "vae", prefixes=("decoder.", "post_quant_conv."), dtype="float32"),
 }
 _T2V_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "scheduler", "vae_encoder", "vae_decoder")
 
@@ -109,8 +111,30 @@ class WanImageRequest(WanRequest):
 
     image: Path = Field(description="Path of the first frame (PNG/JPEG), resized to height x width.")
 
+    @model_validator(mode="after")
+    def _image_is_readable(self) -> "WanImageRequest":
+        # A relative path is checked once resolve_paths has anchored it to the request file's folder.
+        if self.image.is_absolute():
+            check_image(self.image)
+        return self
+
     def resolve_paths(self, base: Path) -> "WanImageRequest":
-        return self if self.image.is_absolute() else self.model_copy(update={"image": base / self.image})
+        if self.image.is_absolute():
+            return self
+        return type(self).model_validate({**self.model_dump(), "image": base / self.image})
+
+
+def check_image(path: Path) -> None:
+    """Raise ValueError unless ``path`` is a readable image file (PIL is imported here, not at module load)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise ValueError(f"image {path} does not exist or is not a file")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        raise ValueError(f"image {path} cannot be read as an image: {exc}") from None
 
 
 class WanFamily(ModelFamily):
@@ -170,7 +194,7 @@ class WanFamily(ModelFamily):
 
         return build_stage(task, name, components, device, dtype)
 
-    def write_output(self, request, outputs, out_dir, stem):
+    def write_output(self, request, outputs, out_dir, stem, *, meta=None, save_frames=False):
         from nodes.wan.output import write_video
 
-        return write_video(request, outputs, out_dir, stem)
+        return write_video(request, outputs, out_dir, stem, meta=meta, save_frames=save_frames)

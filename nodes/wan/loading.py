@@ -1,0 +1,41 @@
+"""Load the Wan components a node's stages need, and nothing else.
+
+Each component loads on its own (:func:`engine.models.loading.load_component`): the text encoder and
+the transformer whole with ``from_pretrained``, the VAE as two independent halves (``vae_encoder``
+holds ``encoder.*`` and ``quant_conv.*``, ``vae_decoder`` holds ``decoder.*`` and ``post_quant_conv.*``,
+each an ``AutoencoderKLWan`` whose other half is absent). The VAE and the CLIP image encoder run in
+float32 whatever the node's dtype (their ``ComponentSpec.dtype``), as in the diffusers Wan examples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.errors import ModelError
+from engine.models.loading import load_component
+from engine.models.meta import read_component_config
+from engine.stages import LoadedComponents
+from nodes.wan.family import WanFamily
+
+#: Temporal and spatial strides of the Wan2.1 VAE. The denoise stage draws its noise at these strides
+#: without holding the VAE, as the diffusers pipelines do when built without one.
+VAE_STRIDES = (4, 8)
+
+
+def load_components(task: str, names: tuple[str, ...], source: Path, device: str, dtype: str) -> LoadedComponents:
+    """Instantiate exactly ``names`` from the model folder ``source`` on ``device``."""
+    specs = WanFamily().components(task)
+    unknown = [name for name in names if name not in specs]
+    if unknown:
+        raise ModelError(f"wan {task} has no component {unknown}; components: {', '.join(specs)}")
+    if "transformer" in names:
+        check_vae_strides(source)
+    return LoadedComponents({name: load_component(source, specs[name], device, dtype) for name in names})
+
+
+def check_vae_strides(source: Path) -> None:
+    """Fail early when the folder's VAE does not have the strides the denoise stage assumes."""
+    vae = read_component_config(source, "vae")
+    strides = (vae.get("scale_factor_temporal", 4), vae.get("scale_factor_spatial", 8))
+    if strides != VAE_STRIDES:
+        raise ModelError(f"{source}/vae: strides (temporal, spatial) {strides}; Wan2.1 stages need {VAE_STRIDES}")

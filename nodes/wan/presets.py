@@ -1,0 +1,111 @@
+"""Random-weight Wan2.1 models in the real diffusers layout, built locally (no download).
+
+``tiny`` keeps every component small enough that a 32x32..64x48 request with 5-9 frames and 2-4 steps
+runs in about a second on a CPU. ``bench`` keeps that compute but gives the tensors crossing the edges
+the real Wan2.1 480P widths (umT5 4096-wide prompt embeddings, 257 x 1280 CLIP tokens, z_dim 16), so a
+transport benchmark moves the real byte counts.
+
+Weights come from a fixed seed per component: every process builds the same model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Seed of the random weights; each component reseeds so its weights do not depend on build order.
+SEED = 0
+
+
+@dataclass(frozen=True)
+class PresetSizes:
+    text_dim: int  # umT5 d_model, the width of prompt_embeds
+    text_layers: int
+    image_size: int  # CLIP input side; image tokens = (image_size / patch)^2 + 1
+    image_patch: int
+    image_dim: int  # CLIP hidden size, the width of image_embeds
+    heads: int
+    head_dim: int
+    layers: int
+    vae_base_dim: int
+
+
+PRESETS = {
+    "tiny": PresetSizes(
+        text_dim=32, text_layers=2, image_size=32, image_patch=8, image_dim=16,
+        heads=2, head_dim=12, layers=2, vae_base_dim=8,
+    ),
+    "bench": PresetSizes(
+        text_dim=4096, text_layers=1, image_size=224, image_patch=14, image_dim=1280,
+        heads=2, head_dim=12, layers=1, vae_base_dim=8,
+    ),
+}
+
+
+def build_preset(preset: str, task: str, dest: Path) -> None:
+    """Write the random-weight ``preset`` model for ``task`` (``t2v`` or ``i2v``) into ``dest``."""
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+    from transformers import (
+        ByT5Tokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        UMT5Config,
+        UMT5EncoderModel,
+    )
+
+    sizes = PRESETS[preset]
+    i2v = task == "i2v"
+
+    # 1. Byte-level tokenizer: no vocabulary file to ship; its 384 ids bound the text encoder's vocabulary.
+    tokenizer = ByT5Tokenizer()
+
+    # 2. umT5 encoder, the architecture of umT5-XXL at a small width.
+    torch.manual_seed(SEED)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer), d_model=sizes.text_dim, d_kv=8, d_ff=64, num_layers=sizes.text_layers,
+            num_heads=4, relative_attention_num_buckets=8,
+        )
+    )
+
+    # 3. The DiT: I2V takes 16 noise + 4 mask + 16 image-latent channels and cross-attends to CLIP tokens.
+    torch.manual_seed(SEED)
+    dim = sizes.heads * sizes.head_dim
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=sizes.heads, attention_head_dim=sizes.head_dim,
+        in_channels=36 if i2v else 16, out_channels=16, text_dim=sizes.text_dim, freq_dim=256, ffn_dim=32,
+        num_layers=sizes.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+        image_dim=sizes.image_dim if i2v else None, added_kv_proj_dim=dim if i2v else None, rope_max_seq_len=32,
+    )
+
+    # 4. The causal video VAE with the real strides (T4, H8, W8) and z_dim 16.
+    torch.manual_seed(SEED)
+    vae = AutoencoderKLWan(base_dim=sizes.vae_base_dim, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+
+    # 5. The scheduler of the Wan2.1 repos: UniPC with flow-matching sigmas.
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+
+    if not i2v:
+        WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer).save_pretrained(dest)
+        return
+
+    # 6. I2V: a CLIP vision encoder (penultimate hidden states) and its processor with the CLIP statistics.
+    torch.manual_seed(SEED)
+    image_encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=sizes.image_dim, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            image_size=sizes.image_size, patch_size=sizes.image_patch, projection_dim=sizes.image_dim,
+        )
+    )
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": sizes.image_size}, crop_size={"height": sizes.image_size, "width": sizes.image_size},
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    WanImageToVideoPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer,
+        image_encoder=image_encoder, image_processor=image_processor,
+    ).save_pretrained(dest)

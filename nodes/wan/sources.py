@@ -1,0 +1,24 @@
+"""Where a Wan model comes from: a preset, a local diffusers-layout folder or a Hugging Face repo id.
+
+Resolution itself is the engine's (:mod:`engine.models.sources`: atomic cached builds, cache-only hub
+lookups). This module names the Wan presets: each task has its own model (the I2V one adds the image
+encoder), so presets are cached per task, under ``<cache>/wan/<task>/<preset>-v<version>``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from engine.models.sources import Preset
+from engine.models.sources import resolve_source as resolve_model_source
+from nodes.wan.presets import PRESETS, build_preset
+
+#: Bump when build_preset changes what it writes, so cached folders of the old recipe are not reused.
+PRESET_VERSION = 1
+
+
+def resolve_source(task: str, path: str) -> Path:
+    """A local diffusers-layout folder for ``path``: a preset name, a folder, or a cached repo id."""
+    presets = {name: Preset(build=partial(build_preset, name, task), version=PRESET_VERSION) for name in PRESETS}
+    return resolve_model_source(f"wan/{task}", path, presets)

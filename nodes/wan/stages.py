@@ -1,0 +1,264 @@
+"""The Wan2.1 stages: the diffusers WanPipeline / WanImageToVideoPipeline, cut at the edges of the graph.
+
+Each stage holds a diffusers pipeline built with only the components its node loaded (the others None)
+and calls the pipeline's own methods where one exists (``encode_prompt``, ``encode_image``,
+``prepare_latents``), so a disaggregated run computes exactly what the monolithic pipeline computes.
+Where the pipeline's ``__call__`` does the work inline (the I2V conditioning, the denoising loop, the
+decode) the code below follows it step by step. Stages run under ``torch.no_grad`` like ``__call__``.
+
+Tensors leaving a stage are the outputs declared in :mod:`nodes.wan.family`, in the declared dtypes
+(``model``: the node's dtype). Casting there is exact: the pipeline casts the same tensors to the
+transformer's dtype before using them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+from diffusers.pipelines.wan.pipeline_wan_i2v import retrieve_latents
+from diffusers.utils import load_image
+from diffusers.video_processor import VideoProcessor
+
+from engine.errors import ModelError, RequestError
+from engine.models.loading import torch_dtype
+from engine.stages import LoadedComponents, ProgressFn, Stage
+from nodes.wan.family import TEXT_LEN, WanFamily, WanImageRequest, WanRequest
+from nodes.wan.loading import VAE_STRIDES
+
+
+def build_stage(task: str, name: str, components: LoadedComponents, device: str, dtype: str) -> Stage:
+    """The stage ``name`` of ``task`` over ``components`` (which must hold the stage's components)."""
+    spec = next((s for s in WanFamily().stages(task) if s.name == name), None)
+    if spec is None:
+        names = ", ".join(s.name for s in WanFamily().stages(task))
+        raise ModelError(f"wan {task} has no stage {name!r}; stages: {names}")
+    missing = [c for c in spec.components if c not in components.objects]
+    if missing:
+        raise ModelError(f"stage {name!r} needs components {missing}, which this node did not load")
+    held = {c: components.objects[c] for c in spec.components}
+    stage = _STAGES[name](torch.device(device), torch_dtype(dtype), **held)
+    stage.spec = spec
+    return stage
+
+
+def _read_image(path: Path):
+    """The request's first frame as an RGB PIL image, exactly as ``diffusers.utils.load_image`` reads it."""
+    try:
+        return load_image(str(path))
+    except (OSError, ValueError) as exc:
+        raise RequestError(f"cannot read image {path}: {exc}") from exc
+
+
+def _latent_stats(vae, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's per-channel latent mean and 1 / std, shaped to broadcast over [B, C, F, H, W]."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(device, dtype)
+    return mean, inv_std
+
+
+class TextEncode(Stage):
+    """umT5 embeddings of the prompt and, with guidance on, of the negative prompt."""
+
+    def __init__(self, device, dtype, *, tokenizer, text_encoder):
+        self.device, self.dtype = device, dtype
+        self.pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, scheduler=None)
+
+    @torch.no_grad()
+    def run(self, request: WanRequest, inputs, progress: ProgressFn) -> dict[str, torch.Tensor]:
+        # 1. The pipeline's encode_prompt: prompt cleaning, 512-token padding, zeros past the real tokens.
+        #    The negative prompt is encoded only when guidance is on, as in __call__.
+        prompt_embeds, negative_prompt_embeds = self.pipe.encode_prompt(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            do_classifier_free_guidance=request.guidance_scale > 1.0,
+            max_sequence_length=TEXT_LEN,
+            device=self.device,
+        )
+        # 2. Hand over in the node's dtype, the one __call__ casts to before the transformer.
+        outputs = {"prompt_embeds": prompt_embeds.to(self.dtype)}
+        if negative_prompt_embeds is not None:
+            outputs["negative_prompt_embeds"] = negative_prompt_embeds.to(self.dtype)
+        return outputs
+
+
+class ImageEncode(Stage):
+    """CLIP penultimate hidden states of the first frame (I2V)."""
+
+    def __init__(self, device, dtype, *, image_processor, image_encoder):
+        self.device, self.dtype = device, dtype
+        self.pipe = WanImageToVideoPipeline(
+            tokenizer=None, text_encoder=None, vae=None, scheduler=None,
+            image_processor=image_processor, image_encoder=image_encoder,
+        )
+
+    @torch.no_grad()
+    def run(self, request: WanImageRequest, inputs, progress: ProgressFn) -> dict[str, torch.Tensor]:
+        # 1. The pipeline's encode_image, on the image as loaded from the file.
+        image_embeds = self.pipe.encode_image(_read_image(request.image), self.device)
+        # 2. In the node's dtype, as __call__ casts it for the transformer.
+        return {"image_embeds": image_embeds.to(self.dtype)}
+
+
+class VaeEncode(Stage):
+    """The I2V condition: a mask of the frames the image fixes and the VAE latent of the image video."""
+
+    def __init__(self, device, dtype, *, vae_encoder):
+        self.device, self.dtype = device, dtype
+        self.vae = vae_encoder
+        self.t_scale = vae_encoder.config.scale_factor_temporal
+        self.s_scale = vae_encoder.config.scale_factor_spatial
+        self.video_processor = VideoProcessor(vae_scale_factor=self.s_scale)
+
+    @torch.no_grad()
+    def run(self, request: WanImageRequest, inputs, progress: ProgressFn) -> dict[str, torch.Tensor]:
+        # Follows WanImageToVideoPipeline.__call__ step 5 and prepare_latents, less the noise, which the
+        # denoise stage draws.
+        num_frames, height, width = request.num_frames, request.height, request.width
+        latent_h, latent_w = height // self.s_scale, width // self.s_scale
+
+        # 1. The first frame resized to the request and scaled to [-1, 1].
+        image = _read_image(request.image)
+        image = self.video_processor.preprocess(image, height=height, width=width).to(self.device, dtype=torch.float32)
+
+        # 2. A video of that frame followed by num_frames - 1 black frames, encoded to the posterior's mode
+        #    and normalised with the VAE's latent statistics.
+        image = image.unsqueeze(2)
+        video_condition = torch.cat(
+            [image, image.new_zeros(image.shape[0], image.shape[1], num_frames - 1, height, width)], dim=2
+        ).to(device=self.device, dtype=self.vae.dtype)
+        latents_mean, latents_std = _latent_stats(self.vae, torch.float32, self.device)
+        latent_condition = retrieve_latents(self.vae.encode(video_condition), sample_mode="argmax")
+        latent_condition = latent_condition.to(device=self.device, dtype=torch.float32)
+        latent_condition = (latent_condition - latents_mean) * latents_std
+
+        # 3. The mask: 1 on the first frame only. The first frame is repeated t_scale times so that every
+        #    latent frame covers t_scale mask frames, then folded into t_scale channels.
+        mask = torch.ones(1, 1, num_frames, latent_h, latent_w)
+        mask[:, :, list(range(1, num_frames))] = 0
+        first_frame_mask = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=self.t_scale)
+        mask = torch.concat([first_frame_mask, mask[:, :, 1:, :]], dim=2)
+        mask = mask.view(1, -1, self.t_scale, latent_h, latent_w).transpose(1, 2).to(latent_condition.device)
+
+        # 4. Mask channels then latent channels, in the node's dtype (__call__ casts the concatenation of
+        #    latents and condition to the transformer's dtype; the cast is elementwise, so doing it here is exact).
+        return {"condition": torch.concat([mask, latent_condition], dim=1).to(self.dtype)}
+
+
+class Denoise(Stage):
+    """The DiT denoising loop with classifier-free guidance, from freshly drawn noise to clean latents."""
+
+    def __init__(self, device, dtype, *, transformer, scheduler):
+        self.device, self.dtype = device, dtype
+        self.transformer = transformer
+        self.scheduler_config = scheduler.config
+        # The pipeline without text encoder and VAE: it draws noise at the Wan2.1 VAE strides.
+        self.pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
+        self.pipe.vae_scale_factor_temporal, self.pipe.vae_scale_factor_spatial = VAE_STRIDES
+
+    def _scheduler(self, request: WanRequest) -> UniPCMultistepScheduler:
+        # A fresh scheduler per request: its multistep state must not carry over between requests, and
+        # flow_shift may differ per request (the diffusers examples rebuild it with from_config too).
+        shift = {} if request.flow_shift is None else {"flow_shift": request.flow_shift}
+        return type(self.pipe.scheduler).from_config(self.scheduler_config, **shift)
+
+    @torch.no_grad()
+    def run(self, request: WanRequest, inputs: Mapping[str, torch.Tensor], progress: ProgressFn) -> dict[str, torch.Tensor]:
+        transformer_dtype = self.transformer.dtype
+        guidance = request.guidance_scale > 1.0
+
+        # 1. Conditioning in the transformer's dtype, as __call__ casts it before the loop.
+        prompt_embeds = inputs["prompt_embeds"].to(self.device, transformer_dtype)
+        negative_prompt_embeds = inputs["negative_prompt_embeds"].to(self.device, transformer_dtype) if guidance else None
+        image_embeds = inputs.get("image_embeds")
+        condition = inputs.get("condition")
+        image_kwargs = {}
+        if image_embeds is not None:
+            image_kwargs["encoder_hidden_states_image"] = image_embeds.to(self.device, transformer_dtype)
+        if condition is not None:
+            condition = condition.to(self.device)
+
+        # 2. Timesteps.
+        scheduler = self._scheduler(request)
+        scheduler.set_timesteps(request.steps, device=self.device)
+        timesteps = scheduler.timesteps
+
+        # 3. The initial noise, float32, from a CPU generator seeded with the request's seed: the same
+        #    noise on every device, and what the pipeline draws given generator=torch.Generator().manual_seed(seed).
+        latents = self.pipe.prepare_latents(
+            1,
+            self.transformer.config.out_channels,
+            request.height,
+            request.width,
+            request.num_frames,
+            torch.float32,
+            self.device,
+            torch.Generator(device="cpu").manual_seed(request.seed),
+        )
+
+        # 4. The denoising loop of __call__ (Wan2.1: one transformer, no timestep expansion).
+        scheduler.set_begin_index(0)
+        for i, t in enumerate(timesteps):
+            # I2V feeds the condition channels next to the noisy latents.
+            latent_model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
+            latent_model_input = latent_model_input.to(transformer_dtype)
+            timestep = t.expand(latents.shape[0])
+
+            with self.transformer.cache_context("cond"):
+                noise_pred = self.transformer(
+                    hidden_states=latent_model_input,
+                    timestep=timestep,
+                    encoder_hidden_states=prompt_embeds,
+                    return_dict=False,
+                    **image_kwargs,
+                )[0]
+            if guidance:
+                with self.transformer.cache_context("uncond"):
+                    noise_uncond = self.transformer(
+                        hidden_states=latent_model_input,
+                        timestep=timestep,
+                        encoder_hidden_states=negative_prompt_embeds,
+                        return_dict=False,
+                        **image_kwargs,
+                    )[0]
+                noise_pred = noise_uncond + request.guidance_scale * (noise_pred - noise_uncond)
+
+            # x_t -> x_t-1
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            progress(i + 1, len(timesteps))
+
+        return {"latents": latents}
+
+
+class VaeDecode(Stage):
+    """VAE decoder: clean latents to RGB frames in [0, 1], [batch, frames, height, width, 3]."""
+
+    def __init__(self, device, dtype, *, vae_decoder):
+        self.device, self.dtype = device, dtype
+        self.vae = vae_decoder
+        self.video_processor = VideoProcessor(vae_scale_factor=vae_decoder.config.scale_factor_spatial)
+
+    @torch.no_grad()
+    def run(self, request: WanRequest, inputs, progress: ProgressFn) -> dict[str, torch.Tensor]:
+        # 1. Undo the latent normalisation in the VAE's dtype, as __call__ does before decoding.
+        latents = inputs["latents"].to(self.device, dtype=self.vae.dtype)
+        latents_mean, latents_std = _latent_stats(self.vae, latents.dtype, latents.device)
+        latents = latents / latents_std + latents_mean
+
+        # 2. Decode, then map [-1, 1] to [0, 1] like the pipeline's postprocessing ("pt" is "np" before the
+        #    NumPy conversion: [B, F, C, H, W]); channels last as the pipeline's frames.
+        video = self.vae.decode(latents, return_dict=False)[0]
+        frames = self.video_processor.postprocess_video(video, output_type="pt")
+        return {"frames": frames.permute(0, 1, 3, 4, 2).float().contiguous()}
+
+
+_STAGES = {
+    "text_encode": TextEncode,
+    "image_encode": ImageEncode,
+    "vae_encode": VaeEncode,
+    "denoise": Denoise,
+    "vae_decode": VaeDecode,
+}
