@@ -104,7 +104,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(table(["node", "component", "parameters", "bytes"], rows))
     print("\nedge buffers (receiver-owned slots, sized at the largest request):")
     print(table(["edge", "from -> to", "transport", "slot", "slots", "per replica"],
-                [[e.name, f"{e.source} -> {e.target}", e.transport, human_bytes(e.slot_bytes), e.slots,
+                [[e.name, f"{e.source} -> {e.target}", e.transport, f"{e.slot_bytes} ({human_bytes(e.slot_bytes)})", e.slots,
                   human_bytes(e.slot_bytes * e.slots)] for e in plan.edges]) if plan.edges else "  none")
     print("\nfit per device (weights + receive buffers, all replicas; activations not included):")
     print(table(["host", "device", "nodes", "needs", "has", "fits"],

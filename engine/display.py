@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from engine.errors import EngineError
-from engine.plan.model import Plan
+from engine.plan.model import PAYLOAD_ALIGNMENT, Plan
 
 
 def human_bytes(nbytes: int | float) -> str:
@@ -42,9 +42,10 @@ def graph_text(plan: Plan) -> str:
         parts.append("no edges: every stage runs in one node")
     for edge in plan.edges:
         parts.append(f"edge {edge.name}: {edge.source} -> {edge.target} over {edge.transport} "
-                     f"(integrity {edge.integrity}), slot {human_bytes(edge.slot_bytes)} x {edge.slots}")
-        parts.append(table(["tensor", "dtype", "shape", "bytes", "from", "to"],
-                           [[t.name + (" (optional)" if t.optional else ""), t.dtype, shape_text(t.shape),
+                     f"(integrity {edge.integrity}), slot {edge.slot_bytes} bytes ({human_bytes(edge.slot_bytes)}) "
+                     f"x {edge.slots}, each tensor {PAYLOAD_ALIGNMENT}-byte aligned")
+        parts.append(table(["tensor", "dtype", "shape", "bytes", "size", "from", "to"],
+                           [[t.name + (" (optional)" if t.optional else ""), t.dtype, shape_text(t.shape), t.nbytes,
                              human_bytes(t.nbytes), t.producer, ", ".join(t.consumers)] for t in edge.tensors]))
         parts.append("")
     parts.append("a request runs through: " + " -> ".join(f"{s.node}[{', '.join(s.stages)}]" for s in plan.segments))
