@@ -37,10 +37,15 @@ class LineMap:
         return self.lines.get((), None)
 
     def problem(self, path: Path_, message: str) -> Problem:
+        path = tuple(path)
         for depth in range(len(path), 0, -1):
-            option = self.overrides.get(tuple(path[:depth]))
+            option = self.overrides.get(path[:depth])
             if option is not None:
                 return Problem(f"{self.file} ({option})", None, dotted(path), message)
+        # A problem with a whole part (a request) that an option changed inside: the file's line, and the option.
+        inside = [option for at, option in self.overrides.items() if len(at) > len(path) and at[:len(path)] == path]
+        if inside:
+            message += f" (after {', '.join(inside)})"
         return Problem(self.file, self.line(path), dotted(path), message)
 
 
