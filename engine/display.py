@@ -76,11 +76,16 @@ def write_picture(plan: Plan, out: Path) -> None:
     """Write the graph as .dot, or render it to .png / .svg with Graphviz's ``dot``."""
     source = graph_dot(plan)
     suffix = out.suffix.lower()
-    if suffix == ".dot":
-        out.write_text(source)
-        return
-    if suffix not in (".png", ".svg"):
+    if suffix not in (".png", ".svg", ".dot"):
         raise EngineError(f"{out}: the picture must end in .png, .svg or .dot")
+    if not out.parent.is_dir():
+        raise EngineError(f"{out}: no folder {out.parent} to write the picture into")
+    if suffix == ".dot":
+        try:
+            out.write_text(source)
+        except OSError as exc:
+            raise EngineError(f"cannot write {out}: {exc.strerror or exc}") from exc
+        return
     dot = shutil.which("dot")
     if dot is None:
         raise EngineError("drawing needs Graphviz's `dot` (apt-get install graphviz); or write --out graph.dot")
