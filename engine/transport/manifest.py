@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import xxhash
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ALIGNMENT = 64
 """Byte alignment of every tensor inside a payload (one cache line)."""
@@ -48,6 +49,15 @@ class TensorHeader(BaseModel):
     shape: tuple[int, ...] = Field(description="tensor shape")
     offset: int = Field(ge=0, description=f"byte offset from the payload start, a multiple of {ALIGNMENT} unless empty")
     nbytes: int = Field(ge=0, description="byte length of the tensor's data")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TensorHeader:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"tensor {self.name!r}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        expected = math.prod(self.shape) * DTYPES[self.dtype].itemsize
+        if self.nbytes != expected:
+            raise ValueError(f"tensor {self.name!r}: {self.nbytes} bytes, but {self.dtype} {self.shape} needs {expected}")
+        return self
 
 
 class Manifest(BaseModel):

@@ -6,6 +6,11 @@ the Python binding offers, ``transfer_submit_write`` + ``transfer_check_status``
 ``asyncio.sleep`` so the event loop never blocks, under our own watchdog (some failures take Mooncake 60 s
 to report).
 
+After our watchdog gives up on a write, Mooncake may still deliver it (a "zombie"). The sender keeps the
+batch id and polls it until Mooncake settles it; the receiver has fenced the slot by then (see pool.py), so
+whatever the zombie carries, including bytes of a later payload packed into the same staging buffer, lands
+only in a quarantined slot whose generation no manifest names any more.
+
 Options (keyword arguments of make_receiver / make_sender, else the environment):
 ``hostname`` (``ENGINE_MOONCAKE_HOST``, default 127.0.0.1: the address peers reach this process at),
 ``protocol`` (``ENGINE_MOONCAKE_PROTOCOL``, ``tcp`` or ``rdma``), ``device_name``
@@ -164,17 +169,21 @@ class MooncakeSender(ByteSender):
             return
         start = time.monotonic()
         batch = self._engine.transfer_submit_write(session, self._staging_addr, grant.location["base"] + grant.offset, nbytes)
+        status = FAILED if batch <= 0 else RUNNING
         pause = 0.0
-        while (status := self._engine.transfer_check_status(batch)) == RUNNING:
-            if time.monotonic() - start > self.timeout_s:
+        try:
+            while status == RUNNING and (status := self._engine.transfer_check_status(batch)) == RUNNING:
+                if time.monotonic() - start > self.timeout_s:
+                    raise EdgeTimeout(
+                        f"write of {nbytes} bytes to slot {grant.slot} at {session} did not finish in {self.timeout_s} s "
+                        "(receiver hung or overloaded)",
+                        **where,
+                    )
+                await asyncio.sleep(pause)
+                pause = min(max(pause * 2, 20e-6), 1e-3)
+        finally:
+            if status == RUNNING:  # given up (watchdog or cancelled): Mooncake may still deliver it later
                 self._orphans.append(batch)
-                raise EdgeTimeout(
-                    f"write of {nbytes} bytes to slot {grant.slot} at {session} did not finish in {self.timeout_s} s "
-                    "(receiver hung or overloaded)",
-                    **where,
-                )
-            await asyncio.sleep(pause)
-            pause = min(max(pause * 2, 20e-6), 1e-3)
         if status == DONE:
             return
         if status == TIMED_OUT:

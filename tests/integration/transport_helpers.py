@@ -97,7 +97,8 @@ def start_receiver(transport: str, edge: str, slot_bytes: int, slots: int, **opt
     engine once) so that each test's receiver starts in milliseconds rather than re-importing torch.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
+    # Python 3.11's fork server does not take the test's sys.path, so preload what it can import: the engine.
+    ctx.set_forkserver_preload(["engine.transport.mooncake", "engine.transport.shm", "mooncake.engine"])
     parent, child = ctx.Pipe()
     process = ctx.Process(target=serve, args=(transport, edge, slot_bytes, slots, options, child), daemon=True)
     process.start()

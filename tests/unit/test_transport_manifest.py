@@ -129,3 +129,7 @@ def test_manifest_and_grant_round_trip_as_json_and_forbid_unknown_keys():
         Manifest.model_validate(data)
     with pytest.raises(ValueError):
         TensorHeader(name="a", dtype="float32", shape=(1,), offset=-1, nbytes=4)
+    with pytest.raises(ValueError, match="needs 8"):
+        TensorHeader(name="a", dtype="float32", shape=(2,), offset=0, nbytes=4)
+    with pytest.raises(ValueError, match="is not one of"):
+        TensorHeader(name="a", dtype="float31", shape=(1,), offset=0, nbytes=4)
