@@ -163,3 +163,16 @@ def test_faults_from_environment_apply_only_to_named_edges(monkeypatch):
     monkeypatch.setenv(ENV_VAR, FaultPlan(corrupt=2, edges=("phase2",)).model_dump_json())
     assert Faults.from_env("phase2").plan.corrupt == 2
     assert Faults.from_env("phase1").plan.corrupt == 0
+
+
+def test_public_surface():
+    import engine.transport as transport
+
+    assert sorted(transport.__all__) == sorted([
+        "ALIGNMENT", "Ack", "EdgeLink", "FaultPlan", "Faults", "LocalLink", "Manifest", "PayloadMismatch", "Receiver",
+        "Sender", "SlotGrant", "SlotsExhausted", "TRANSPORTS", "TensorHeader", "accept", "digest", "make_receiver",
+        "make_sender", "pack", "payload_nbytes", "send_tensors", "unpack",
+    ])
+    assert all(hasattr(transport, name) for name in transport.__all__)
+    with pytest.raises(ValueError, match="unknown transport 'rdma'; expected one of mooncake, shm, inproc"):
+        make_receiver("rdma", "phase1", 1024, 1)
