@@ -10,11 +10,14 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from engine.errors import ModelError, RequestError
 from engine.stages import RequestParams, Stage
 from nodes.qwen_image import family
 from nodes.qwen_image.sources import resolve_source
@@ -121,3 +124,122 @@ def test_t2i_matches_the_pipeline_bit_for_bit(sources, t2i_pipeline, size, negat
         outputs, crossed = run_partition("t2i", sources["t2i"], partition, request)
         assert torch.equal(outputs["image"], expected)
         assert ("negative_prompt_embeds" in outputs) == (negative_prompt is not None)
+
+
+# -- edit -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def edit_pipeline(sources):
+    from diffusers import QwenImageEditPipeline
+
+    from nodes.qwen_image.loading import load_processor
+
+    processor = load_processor(sources["edit"] / "processor")
+    return QwenImageEditPipeline.from_pretrained(sources["edit"], processor=processor)
+
+
+def write_image(path: Path, width: int, height: int) -> Path:
+    pixels = np.random.default_rng(width * height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+# Every Edit run encodes its input at about one megapixel (~15 s on two cores), so the Edit cases pair
+# aspect ratio, guidance and partition instead of taking every combination.
+EDIT_CASES = [
+    pytest.param((60, 40), (48, 80), "blurry", THREE_NODES["edit"], id="landscape-cfg-three-nodes"),
+    pytest.param((36, 64), (96, 48), None, ONE_NODE["edit"], id="portrait-no-cfg-one-node"),
+]
+
+
+@pytest.mark.parametrize(("input_size", "size", "negative_prompt", "partition"), EDIT_CASES)
+def test_edit_matches_the_pipeline_bit_for_bit(sources, edit_pipeline, tmp_path, input_size, size, negative_prompt, partition):
+    from diffusers.utils import load_image
+
+    request = family.request_type("edit")(
+        prompt="make the sky green", negative_prompt=negative_prompt, image=write_image(tmp_path / "in.png", *input_size),
+        height=size[0], width=size[1], steps=2, true_cfg_scale=4.0, seed=11,
+    )
+    expected = monolithic(edit_pipeline, request, image=load_image(str(request.image)))
+    assert expected.shape == (1, *size, 3)
+    outputs, crossed = run_partition("edit", sources["edit"], partition, request)
+    assert torch.equal(outputs["image"], expected)
+
+
+# -- edges carry the real token count ------------------------------------------------------------------
+
+@pytest.mark.parametrize("words", [3, 60, 400])
+def test_prompt_embeds_cross_with_exactly_their_token_bytes(sources, words):
+    prompt = " ".join(["fox"] * words)
+    request = family.request_type("t2i")(prompt=prompt, negative_prompt="dark", height=32, width=32, steps=1)
+    (text_encode,), _ = load_node("t2i", sources["t2i"], ("text_encode",))
+    outputs = text_encode.run(request, {}, lambda step, total: None)
+
+    # The real count: the templated prompt's tokens less the template prefix the pipeline drops, at most 512.
+    pipe = text_encode.pipe
+    tokens = len(pipe.tokenizer(pipe.prompt_template_encode.format(prompt)).input_ids)
+    tokens = min(tokens - pipe.prompt_template_encode_start_idx, 512)
+    assert (tokens == 512) == (words == 400)
+    text_dim = pipe.text_encoder.config.text_config.hidden_size
+    embeds = outputs["prompt_embeds"]
+    assert embeds.shape == (1, tokens, text_dim) and embeds.dtype == torch.float32
+    assert len(cross_edge(embeds).view(torch.uint8).reshape(-1)) == tokens * text_dim * 4
+    assert torch.equal(outputs["prompt_embeds_mask"], torch.ones(1, tokens, dtype=torch.int64))
+    assert outputs["negative_prompt_embeds"].shape[1] < tokens
+
+
+def test_nodes_hold_only_their_stages_weights(sources, t2i_pipeline):
+    def bytes_of(module, prefixes=("",)):
+        tensors = [*module.named_parameters(), *module.named_buffers()]
+        return sum(t.numel() * t.element_size() for name, t in tensors if name.startswith(prefixes))
+
+    vae = t2i_pipeline.vae
+    encoder_half = bytes_of(vae, ("encoder.", "quant_conv."))
+    decoder_half = bytes_of(vae, ("decoder.", "post_quant_conv."))
+    assert encoder_half + decoder_half == bytes_of(vae)
+
+    held = {stage: load_node("edit", sources["edit"], stages)[1] for stage, stages in
+            [("encoder", THREE_NODES["edit"][0]), ("transformer", ("denoise",)), ("decoder", ("vae_decode",))]}
+    assert held["transformer"] == {"transformer": bytes_of(t2i_pipeline.transformer), "scheduler": 0}
+    assert held["decoder"] == {"vae_decoder": decoder_half}
+    assert held["encoder"] == {"processor": 0, "text_encoder": bytes_of(t2i_pipeline.text_encoder), "vae_encoder": encoder_half}
+
+    (decode,), _ = load_node("edit", sources["edit"], ("vae_decode",))
+    assert not [name for name, _ in decode.pipe.vae.named_parameters() if name.startswith(("encoder.", "quant_conv."))]
+
+
+def test_output_png_is_the_pipeline_pil_image(sources, t2i_pipeline, tmp_path):
+    request = family.request_type("t2i")(prompt="a lighthouse", height=32, width=48, steps=2, seed=3)
+    outputs, _ = run_partition("t2i", sources["t2i"], THREE_NODES["t2i"], request)
+    paths = family.write_output(request, outputs, tmp_path, "r1")
+    assert [path.name for path in paths] == ["r1.png", "r1.json"]
+    expected = t2i_pipeline(
+        prompt=request.prompt, height=32, width=48, num_inference_steps=2, generator=torch.Generator().manual_seed(3)
+    ).images[0]
+    assert np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(expected))
+    sidecar = json.loads(paths[1].read_text())
+    assert sidecar["request"]["prompt"] == "a lighthouse" and sidecar["image"] == [32, 48, 3]
+
+    from nodes.qwen_image.output import write_image
+
+    paths = write_image(request, outputs, tmp_path, "r2", meta={"graph": "g.yaml"}, save_array=True)
+    assert np.array_equal(np.load(paths[2]), outputs["image"][0].numpy())
+    assert json.loads(paths[1].read_text())["graph"] == "g.yaml"
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+
+def test_edit_refuses_an_input_wider_than_the_admitted_aspect(sources, tmp_path):
+    request = family.request_type("edit")(prompt="x", image=write_image(tmp_path / "wide.png", 90, 20), steps=1)
+    (_, vae_encode), _ = load_node("edit", sources["edit"], THREE_NODES["edit"][0])
+    with pytest.raises(RequestError, match="aspect 4.50"):
+        vae_encode.run(request, {}, lambda step, total: None)
+
+
+def test_loading_names_what_is_missing(sources, tmp_path):
+    with pytest.raises(ModelError, match="no component \\['processor'\\]"):
+        family.load_components("t2i", ("processor",), sources["t2i"], "cpu", "float32")
+    with pytest.raises(ModelError, match="'processor' .* is missing"):
+        family.load_components("edit", ("processor",), sources["t2i"], "cpu", "float32")
+    with pytest.raises(ModelError, match="not a preset of qwen_image/t2i \\(tiny\\)"):
+        family.resolve_source("t2i", "huge")

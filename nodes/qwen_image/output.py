@@ -1,0 +1,52 @@
+"""Write a finished Qwen-Image request: a PNG, a sidecar JSON, and optionally the raw float image.
+
+The PNG holds the pixels QwenImagePipeline returns with ``output_type="pil"`` (the float image scaled to
+0..255 and rounded); ``save_array`` also writes the float image as ``.npy`` so that two runs can be
+compared exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.image_processor import VaeImageProcessor
+
+from nodes.qwen_image.family import QwenImageRequest
+
+
+def write_image(
+    request: QwenImageRequest,
+    outputs: Mapping[str, torch.Tensor],
+    out_dir: Path,
+    stem: str,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    save_array: bool = False,
+) -> list[Path]:
+    """Write ``outputs["image"]`` ([1, H, W, 3] float in [0, 1]) as ``<stem>.png`` + ``<stem>.json``
+    (+ ``<stem>.npy``) in ``out_dir``; return the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image = outputs["image"].float().cpu().numpy()
+
+    # 1. The image, converted as the pipeline converts it to PIL.
+    image_path = out_dir / f"{stem}.png"
+    VaeImageProcessor.numpy_to_pil(image)[0].save(image_path)
+    paths = [image_path]
+
+    # 2. The sidecar: the request as validated, plus what the runtime knows (graph, model, nodes).
+    sidecar = {"request": request.model_dump(mode="json"), "image": list(image.shape[1:]), **(meta or {})}
+    sidecar_path = out_dir / f"{stem}.json"
+    sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
+    paths.append(sidecar_path)
+
+    # 3. The exact float image, on request.
+    if save_array:
+        array_path = out_dir / f"{stem}.npy"
+        np.save(array_path, image[0])
+        paths.append(array_path)
+    return paths
