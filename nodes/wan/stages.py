@@ -69,8 +69,8 @@ class TextEncode(Stage):
 
     @torch.no_grad()
     def run(self, request: WanRequest, inputs, progress: ProgressFn) -> dict[str, torch.Tensor]:
-        # 1. The pipeline's encode_prompt: prompt cleaning, 512-token padding, zeros past the real tokens.
-        #    The negative prompt is encoded only when guidance is on, as in __call__.
+        # 1. The pipeline's encode_prompt (the I2V pipeline's is a copy): prompt cleaning, 512-token
+        #    padding, zeros past the real tokens. The negative prompt only with guidance on, as in __call__.
         prompt_embeds, negative_prompt_embeds = self.pipe.encode_prompt(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -153,8 +153,7 @@ class Denoise(Stage):
 
     def __init__(self, device, dtype, *, transformer, scheduler):
         self.device, self.dtype = device, dtype
-        self.transformer = transformer
-        self.scheduler_config = scheduler.config
+        self.transformer, self.scheduler = transformer, scheduler
         # The pipeline without text encoder and VAE: it draws noise at the Wan2.1 VAE strides.
         self.pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
         self.pipe.vae_scale_factor_temporal, self.pipe.vae_scale_factor_spatial = VAE_STRIDES
@@ -163,7 +162,7 @@ class Denoise(Stage):
         # A fresh scheduler per request: its multistep state must not carry over between requests, and
         # flow_shift may differ per request (the diffusers examples rebuild it with from_config too).
         shift = {} if request.flow_shift is None else {"flow_shift": request.flow_shift}
-        return type(self.pipe.scheduler).from_config(self.scheduler_config, **shift)
+        return type(self.scheduler).from_config(self.scheduler.config, **shift)
 
     @torch.no_grad()
     def run(self, request: WanRequest, inputs: Mapping[str, torch.Tensor], progress: ProgressFn) -> dict[str, torch.Tensor]:
@@ -199,7 +198,8 @@ class Denoise(Stage):
             torch.Generator(device="cpu").manual_seed(request.seed),
         )
 
-        # 4. The denoising loop of __call__ (Wan2.1: one transformer, no timestep expansion).
+        # 4. The denoising loop of __call__ (Wan2.1: one transformer, no timestep expansion). Starting at
+        #    index 0, as WanPipeline sets it, spares the scheduler a device sync to find the first step.
         scheduler.set_begin_index(0)
         for i, t in enumerate(timesteps):
             # I2V feeds the condition channels next to the noisy latents.

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 from PIL import Image
 from transformers import CLIPVisionModel
 
@@ -136,3 +136,19 @@ def test_seed_changes_the_video():
     second, _ = run_partition("t2v", PARTITIONS["one_node"], "float32", make_request("t2v", 32, 32, 5.0, seed=2))
 
     assert not torch.equal(first["frames"], second["frames"])
+
+
+def test_flow_shift_matches_the_pipeline_with_its_scheduler_rebuilt():
+    request = make_request("t2v", 32, 32, 5.0, seed=5).model_copy(update={"flow_shift": 7.0})
+    pipe = reference_pipeline("t2v", "float32")
+    default = pipe.scheduler
+    pipe.scheduler = UniPCMultistepScheduler.from_config(default.config, flow_shift=7.0)
+    try:
+        expected = reference_frames.__wrapped__("t2v", "float32", request)
+    finally:
+        pipe.scheduler = default
+
+    tensors, _ = run_partition("t2v", PARTITIONS["three_nodes"], "float32", request)
+
+    assert torch.equal(tensors["frames"], expected)
+    assert not torch.equal(tensors["frames"], reference_frames("t2v", "float32", request.model_copy(update={"flow_shift": None})))
