@@ -1,0 +1,181 @@
+"""Units of the graph spec and plan that the corpus and the CLI do not pin down on their own: line numbers,
+``--set`` overrides, sizes and the sizing request, device fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.errors import PlanError, Problem, SpecError
+from engine.plan.build import sizing_request
+from engine.plan.check import check_graph
+from engine.plan.memory import DeviceFit, MemoryReport
+from engine.plan.model import align
+from engine.spec.load import apply_override, did_you_mean, load_graph
+from engine.spec.schema import parse_memory
+from engine.spec.yaml_source import LineMap, dotted, parse_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+DOC = """\
+# a comment
+name: g
+nodes:
+  encoder:
+    stages: [text_encode, image_encode]
+    place:
+      device: cpu
+edges:
+  - {name: phase1, from: encoder, to: transformer}
+  - name: phase2
+    from: transformer
+"""
+
+
+def test_line_map_has_every_key_and_item() -> None:
+    data, lines = parse_yaml(DOC, "g.yaml")
+    assert data["nodes"]["encoder"]["stages"] == ["text_encode", "image_encode"]
+    assert lines.line(()) == 2
+    assert lines.line(("name",)) == 2
+    assert lines.line(("nodes", "encoder")) == 4
+    assert lines.line(("nodes", "encoder", "stages", 1)) == 5
+    assert lines.line(("nodes", "encoder", "place", "device")) == 7
+    assert lines.line(("edges", 1)) == 10
+    assert lines.line(("edges", 1, "from")) == 11
+    # a missing key: its nearest ancestor's line
+    assert lines.line(("edges", 1, "to")) == 10
+    assert lines.line(("nodes", "decoder", "place")) == 3
+
+
+def test_dotted_paths() -> None:
+    assert dotted(("nodes", "encoder", "place", "device")) == "nodes.encoder.place.device"
+    assert dotted(("edges", 1, "from")) == "edges[1].from"
+    assert dotted(("requests", 0)) == "requests[0]"
+    assert dotted(()) == ""
+
+
+def test_duplicate_keys_are_all_reported() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_yaml("a: 1\nb: 2\na: 3\nc:\n  d: 1\n  d: 2\n", "d.yaml")
+    assert [(p.line, p.field) for p in caught.value.problems] == [(3, "a"), (6, "c.d")]
+    assert "first given on line 1" in caught.value.problems[0].message
+
+
+def test_non_text_keys_are_reported() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_yaml("nodes:\n  1: x\n  ? [a]\n  : y\n", "k.yaml")
+    assert [(p.line, p.field) for p in caught.value.problems] == [(2, "nodes"), (3, "nodes")]
+
+
+def test_problem_text() -> None:
+    assert str(Problem("g.yaml", 4, "nodes.a", "bad")) == "g.yaml:4 nodes.a: bad"
+    assert str(Problem("g.yaml", None, "", "empty")) == "g.yaml: empty"
+    error = SpecError([Problem("g.yaml", 9, "b", "two"), Problem("g.yaml", 2, "a", "one")])
+    assert str(error).splitlines() == ["2 problems in the graph:", "  g.yaml:2 a: one", "  g.yaml:9 b: two"]
+
+
+# -- --set ----------------------------------------------------------------------------------------------------
+
+
+def overridden(*assignments: str) -> tuple[dict, LineMap]:
+    data, lines = parse_yaml(DOC, "g.yaml")
+    for assignment in assignments:
+        apply_override(data, lines, assignment)
+    return data, lines
+
+
+def test_override_values_are_yaml_scalars_and_flow_collections() -> None:
+    data, lines = overridden("nodes.encoder.place.device=cuda:1", "nodes.encoder.replicas=2",
+                             "nodes.encoder.stages=[denoise]", "edges.1.to=decoder", "request.prompt=a b=c",
+                             "request.negative_prompt=")
+    assert data["nodes"]["encoder"]["place"]["device"] == "cuda:1"
+    assert data["nodes"]["encoder"]["replicas"] == 2
+    assert data["nodes"]["encoder"]["stages"] == ["denoise"]
+    assert data["edges"][1]["to"] == "decoder"
+    assert data["request"] == {"prompt": "a b=c", "negative_prompt": ""}
+    assert lines.overrides[("nodes", "encoder", "replicas")] == "--set nodes.encoder.replicas=2"
+
+
+def test_override_appends_to_a_list_but_does_not_skip_items() -> None:
+    data, _ = overridden("edges.2={name: phase3, from: a, to: b}")
+    assert data["edges"][2]["name"] == "phase3"
+    data, _ = overridden("nodes.encoder.stages.2=denoise")
+    assert data["nodes"]["encoder"]["stages"] == ["text_encode", "image_encode", "denoise"]
+    with pytest.raises(SpecError, match="index 5 is out of range for a list of 2"):
+        overridden("nodes.encoder.stages.5=denoise")
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("replicas", "expected dotted.key=value"),
+    ("=3", "expected dotted.key=value"),
+    ("name.x=1", "name is not a mapping or list that can hold name.x"),
+    ("edges.9.name=x", "edges.9 is not a mapping or list"),
+    ("nodes.encoder.stages.x.y=1", "nodes.encoder.stages.x is not a mapping or list"),
+    ("request.prompt=[", "cannot parse the value"),
+])
+def test_bad_overrides(assignment: str, message: str) -> None:
+    with pytest.raises(SpecError, match=message.replace("[", "\\[")) as caught:
+        overridden(assignment)
+    assert caught.value.problems[0].field == f"--set {assignment}"
+
+
+def test_problems_under_an_override_name_the_option() -> None:
+    _, lines = overridden("nodes.encoder.place.device=gpu")
+    problem = lines.problem(("nodes", "encoder", "place", "device"), "bad")
+    assert (problem.file, problem.line) == ("g.yaml (--set nodes.encoder.place.device=gpu)", None)
+    # a problem with the whole node keeps the file's line and names the option that changed it
+    problem = lines.problem(("nodes", "encoder"), "bad")
+    assert (problem.line, problem.message) == (4, "bad (after --set nodes.encoder.place.device=gpu)")
+    # elsewhere, nothing changes
+    assert lines.problem(("edges", 0), "bad") == Problem("g.yaml", 9, "edges[0]", "bad")
+
+
+def test_overrides_are_applied_before_the_schema() -> None:
+    loaded = load_graph(ROOT / "graphs" / "wan_t2v.yaml", ["nodes.transformer.replicas=3", "broker=mqtt://h:1883"])
+    assert loaded.spec.nodes["transformer"].replicas == 3
+    assert loaded.spec.broker == "mqtt://h:1883"
+
+
+# -- sizes ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, size", [("80GiB", 80 * 2**30), ("24GB", 24 * 10**9), ("512 MiB", 512 * 2**20),
+                                        ("1.5TiB", int(1.5 * 2**40)), ("100B", 100)])
+def test_parse_memory(text: str, size: int) -> None:
+    assert parse_memory(text) == size
+
+
+@pytest.mark.parametrize("text", ["80", "80gb", "80 gigs", "-1GiB", "GiB", "1e3GB", ""])
+def test_parse_memory_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="expected a size such as 80GiB"):
+        parse_memory(text)
+
+
+def test_did_you_mean() -> None:
+    assert did_you_mean("denoising", ["text_encode", "denoise"]) == "; did you mean 'denoise'?"
+    assert did_you_mean("zzz", ["text_encode", "denoise"]) == ""
+
+
+def test_align() -> None:
+    assert [align(n) for n in (0, 1, 64, 65, 657920)] == [0, 64, 64, 128, 657920]
+
+
+def test_sizing_request_is_the_largest_admitted() -> None:
+    path = ROOT / "graphs" / "wan_t2v.yaml"
+    checked = check_graph(load_graph(path, ["requests.1={prompt: b, height: 96, num_frames: 5}"]))
+    request = sizing_request(checked)
+    assert (request.height, request.width, request.num_frames) == (96, 64, 9)
+    checked = check_graph(load_graph(path, ["limits.height=480", "limits.num_frames=81"]))
+    request = sizing_request(checked)
+    assert (request.height, request.width, request.num_frames) == (480, 64, 81)
+
+
+def test_device_fit() -> None:
+    fits = DeviceFit("local", "cuda:0", capacity=100, required=100, nodes=("a",))
+    over = DeviceFit("local", "cuda:1", capacity=2**30, required=2**31, nodes=("b", "c"))
+    unknown = DeviceFit("h", "cuda:0", capacity=None, required=1, nodes=("d",))
+    assert (fits.fits, over.fits, unknown.fits) == (True, False, None)
+    MemoryReport((), (fits, unknown)).raise_if_over()
+    with pytest.raises(PlanError, match=r"local cuda:1: nodes b, c need 2.00 GiB, the device has 1.00 GiB"):
+        MemoryReport((), (fits, over, unknown)).raise_if_over()
