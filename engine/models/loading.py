@@ -28,6 +28,8 @@ from engine.errors import ModelError
 from engine.models.meta import build_on_meta, component_class, matches, tensor_dtype
 from engine.stages import ComponentSpec
 
+__all__ = ["DTYPES", "load_component", "load_part", "prune", "read_safetensors", "torch_dtype"]
+
 #: The dtype names a node may run in.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
