@@ -229,7 +229,8 @@ class Controller:
             if info is not None:
                 info.rss_bytes = message.rss_bytes
                 info.peak_rss_bytes = max(info.peak_rss_bytes, message.rss_bytes)
-                self.monitor.observe(message)
+                if info.state == "ready":  # silence counts from readiness: loading sends no heartbeats
+                    self.monitor.observe(message)
                 self.view.heartbeat(message)
         elif isinstance(message, StageDone):
             self._on_done(message)
@@ -245,7 +246,6 @@ class Controller:
             info.load_s, info.param_bytes = status.load_s, status.param_bytes
         if status.state in ("dead", "failed") and info.down is None:
             self._replica_down(info, f"{status.state}: {status.detail or 'no detail'}")
-        self.monitor.observe(status)
 
     def _current(self, request_id: str, attempt: int, node: str) -> tuple[TrackedRequest, Segment] | None:
         request = next((r for r in self.requests if r.id == request_id), None)

@@ -1,0 +1,138 @@
+"""Failures end in clear errors within seconds, never a hang: a worker killed or stopped mid-request, a broker
+that cannot be reached, weights that fail to load. Real processes, real broker, real Mooncake."""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.families import get_family
+from tests.integration.engine_run import GRAPHS, REPO, engine_run, free_port, live_worker_pids
+
+pytestmark = pytest.mark.integration
+
+
+class LiveRun:
+    """`engine run` in the background, its progress lines readable as they come."""
+
+    def __init__(self, graph: str, out: Path, *settings: str):
+        command = [sys.executable, "-m", "engine.cli", "run", str(GRAPHS / graph), "--out", str(out)]
+        for setting in settings:
+            command += ["--set", setting]
+        self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout: float) -> float:
+        """Wait for a line containing ``text``; return when it came (monotonic)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            if text in line:
+                return time.monotonic()
+        raise AssertionError(f"no line with {text!r} within {timeout} s; output so far:\n{''.join(self.seen)[-4000:]}")
+
+    def finish(self, timeout: float = 60) -> int:
+        code = self.process.wait(timeout=timeout)
+        time.sleep(0.2)
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return code
+
+    @property
+    def output(self) -> str:
+        return "".join(self.seen)
+
+
+def worker_pid(out: Path, node: str, replica: int = 0) -> int:
+    spec = str(out / "deploy" / f"{node}-{replica}.json").encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if spec in (entry / "cmdline").read_bytes().split(b"\0"):
+                    return int(entry.name)
+            except OSError:
+                continue
+    raise AssertionError(f"no worker process for {node}[{replica}]")
+
+
+LONG_DENOISE = ("request.steps=400",)  # a tiny model still takes several seconds for 400 steps
+
+
+def test_killed_transformer_fails_the_request_within_5s_naming_it(tmp_path):
+    before = live_worker_pids()
+    run = LiveRun("wan_t2v.yaml", tmp_path / "out", *LONG_DENOISE)
+    run.wait_for("transformer[0] denoise", timeout=240)
+    time.sleep(1.0)  # well inside the denoising loop
+    os.kill(worker_pid(tmp_path / "out", "transformer"), signal.SIGKILL)
+    killed = time.monotonic()
+    failed = run.wait_for("FAILED", timeout=10)
+    assert failed - killed < 5.0, f"failure reported {failed - killed:.1f} s after the kill"
+    assert run.finish() == 1
+    assert "'transformer' replica 0" in run.output and "denoise" in run.output
+    assert "Traceback" not in run.output
+    assert live_worker_pids() - before == set()
+
+
+def test_stuck_transformer_is_detected_within_the_heartbeat_timeout(tmp_path):
+    before = live_worker_pids()
+    run = LiveRun("wan_t2v.yaml", tmp_path / "out", *LONG_DENOISE, "timeouts.heartbeat_s=2")
+    run.wait_for("transformer[0] denoise", timeout=240)
+    time.sleep(1.0)
+    os.kill(worker_pid(tmp_path / "out", "transformer"), signal.SIGSTOP)
+    stopped = time.monotonic()
+    failed = run.wait_for("FAILED", timeout=15)
+    assert failed - stopped < 2.0 + 2.0, f"stuck worker noticed {failed - stopped:.1f} s after it stopped"
+    assert run.finish() == 1
+    assert "stopped responding" in run.output and "'transformer' replica 0" in run.output
+    assert live_worker_pids() - before == set()
+
+
+def test_request_is_retried_on_the_other_replica(tmp_path):
+    run = LiveRun("wan_t2v_two_dit.yaml", tmp_path / "out", "request.steps=200")
+    run.wait_for("denoise ...", timeout=240)
+    line = run.seen[-1]
+    replica = 0 if "transformer[0]" in line else 1
+    time.sleep(0.5)
+    os.kill(worker_pid(tmp_path / "out", "transformer", replica), signal.SIGKILL)
+    assert run.finish(timeout=240) == 0, run.output[-3000:]
+    assert "retrying on another replica" in run.output
+    assert f"transformer[{1 - replica}] done" in run.output
+
+
+def test_unreachable_broker_is_a_clear_error(tmp_path):
+    started = time.monotonic()
+    run = engine_run("wan_t2v.yaml", tmp_path / "out", f"broker=mqtt://127.0.0.1:{free_port()}", timeout=60)
+    assert run.returncode == 1
+    assert time.monotonic() - started < 30
+    assert "cannot reach broker" in run.stderr and "Traceback" not in run.stderr + run.stdout
+
+
+def test_weights_that_fail_to_load_name_the_node(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(get_family("wan").resolve_source("t2v", "tiny"), model)
+    for weights in (model / "transformer").glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])  # truncated: not a loadable checkpoint
+    run = engine_run("wan_t2v.yaml", tmp_path / "out", f"model.path={model}", timeout=240)
+    assert run.returncode == 1
+    assert "'transformer' replica 0" in run.stderr and "failed" in run.stderr
+    assert "Traceback" not in run.stderr
