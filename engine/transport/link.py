@@ -71,9 +71,10 @@ async def send_tensors(
     """Send ``tensors`` for ``request_id`` over the edge and return the manifest the receiver accepted.
 
     A payload the receiver rejects is written again into the same slot, up to ``retries`` times, then the
-    slot is fenced and IntegrityError names the edge and the tensors. A write that fails or times out
-    fences the slot and raises (PeerDead, EdgeTimeout): retrying a dead or hung peer belongs to the caller,
-    which can pick another replica.
+    slot is fenced and IntegrityError names the edge and the tensors. A write that fails or times out, or a
+    delivery that gets no acknowledgement, fences the slot and raises (PeerDead, EdgeTimeout): retrying a
+    dead or hung peer belongs to the caller, which can pick another replica. (A receiver that did open the
+    payload ignores that fence, see SlotPool.fence.)
     """
     grant = await link.request_grant(request_id, payload_nbytes(tensors))
     ack: Ack | None = None
@@ -83,7 +84,11 @@ async def send_tensors(
         except TransportError as exc:
             await _fence(link, grant, f"write failed: {exc}")
             raise
-        ack = await link.deliver(manifest)
+        try:
+            ack = await link.deliver(manifest)
+        except TransportError as exc:
+            await _fence(link, grant, f"no acknowledgement: {exc}")
+            raise
         if ack.ok:
             return manifest
         log.warning("edge %r request %s: delivery %d rejected: %s", link.edge, request_id, attempt + 1, ack.reason)

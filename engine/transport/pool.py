@@ -109,10 +109,14 @@ class SlotPool:
                 self._move(slot, SlotState.FREE, None, self._clock())
 
     def fence(self, index: int, generation: int) -> bool:
-        """Fence slot ``index`` if it is still at ``generation``; returns whether it was fenced now."""
+        """Fence slot ``index`` if it is still at ``generation``; returns whether it was fenced now.
+
+        An OPEN slot is left alone: its payload verified and a stage is reading it, so the fence comes from
+        a sender that lost the acknowledgement, not from a failed write; its release frees it.
+        """
         with self._lock:
             slot = self._slot(index, None)
-            if slot.generation != generation:
+            if slot.generation != generation or slot.state in (SlotState.OPEN, SlotState.FENCED):
                 return False
             self._fence(slot, self._clock())
             return True

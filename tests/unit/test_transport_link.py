@@ -176,3 +176,15 @@ def test_public_surface():
     assert all(hasattr(transport, name) for name in transport.__all__)
     with pytest.raises(ValueError, match="unknown transport 'rdma'; expected one of mooncake, shm, inproc"):
         make_receiver("rdma", "phase1", 1024, 1)
+
+
+def test_unacknowledged_delivery_fences_the_slot(shm_edge):
+    receiver, sender = shm_edge
+
+    class LostAck(LocalLink):
+        async def deliver(self, manifest):
+            raise EdgeTimeout("no acknowledgement in 1 s", edge="phase1", request_id=manifest.request_id)
+
+    with pytest.raises(EdgeTimeout, match="no acknowledgement"):
+        asyncio.run(send_tensors(sender, LostAck(receiver), {"x": torch.ones(4)}, "req-1"))
+    assert [receiver.pool.state(i).state for i in range(2)].count(SlotState.FENCED) == 1

@@ -84,3 +84,11 @@ def test_open_slot_does_not_expire_and_release_frees_it():
         pool.grant("b")
     pool.release(slot.index, slot.generation)
     assert pool.grant("b").generation == slot.generation
+
+
+def test_fence_leaves_an_open_slot_alone():
+    pool, _ = make_pool(slots=1)
+    slot = pool.grant("a")
+    pool.opened(slot.index)
+    assert not pool.fence(slot.index, slot.generation)
+    assert pool.state(0).state is SlotState.OPEN and pool.state(0).generation == slot.generation
