@@ -63,6 +63,7 @@ def check_graph(loaded: LoadedGraph) -> CheckedGraph:
     flows = _flows(stages, node_of, produced)
     _check_stage_order(loaded, stages, node_of, produced, problems)
     transports = _check_edges(loaded, flows, problems)
+    _check_devices(loaded, problems)
     segments, final_outputs = _segments(stages, node_of, produced, flows, loaded, problems)
     defaults, requests = _requests(loaded, family, problems)
     if problems:
@@ -177,6 +178,19 @@ def _check_edges(loaded: LoadedGraph, flows: list[Flow], problems: list[Problem]
         if (source, target) not in declared:
             problems.append(lines.problem(("edges",), f"missing edge from {source!r} to {target!r}: node {target!r} reads {', '.join(tensors)} produced on {source!r}; add `- {{name: ..., from: {source}, to: {target}}}`"))
     return transports
+
+
+def _check_devices(loaded: LoadedGraph, problems: list[Problem]) -> None:
+    """Nodes sharing one device plan against one memory size: they may not declare different ones."""
+    first: dict[tuple[str, str], tuple[str, str]] = {}
+    for name, node in loaded.spec.nodes.items():
+        place = node.place
+        if place.memory is None:
+            continue
+        key = (place.host, place.device)
+        other = first.setdefault(key, (name, place.memory))
+        if place.memory_bytes != loaded.spec.nodes[other[0]].place.memory_bytes:
+            problems.append(loaded.lines.problem(("nodes", name, "place", "memory"), f"{place.memory} differs from node {other[0]!r} on the same device ({place.host} {place.device}: {other[1]}); nodes sharing a device declare one memory size"))
 
 
 def _segments(stages: dict[str, StageSpec], node_of: dict[str, str], produced: dict[str, tuple[str, TensorSpec]],
