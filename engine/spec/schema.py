@@ -94,7 +94,7 @@ class EdgeSpec(Strict):
         "auto", description="mooncake (TCP/RDMA), shm (same host), inproc (same process), auto (by placement).")
     integrity: Literal["xxh3-128", "none"] = Field("xxh3-128", description="Payload digest checked before use.")
     retries: int = Field(3, ge=0, le=20, description="Retransmissions after a failed integrity check.")
-    slots: int = Field(2, ge=1, le=64, description="Receive slots per target replica (requests in flight on this edge).")
+    slots: int = Field(3, ge=1, le=64, description="Receive slots per target replica: requests in flight on this edge (pipelining depth).")
 
 
 class Timeouts(Strict):

@@ -72,17 +72,19 @@ def engine_run(graph: str, out: Path, *settings: str, extra: tuple[str, ...] = (
     return Run(result.returncode, result.stdout, result.stderr, out)
 
 
-def live_worker_pids() -> set[int]:
-    """Process ids of engine workers still running on this machine."""
-    found = set()
+def live_workers(out: Path) -> list[int]:
+    """Process ids of the workers of the run writing to ``out`` that are still running."""
+    deploy = str(out / "deploy").encode()
+    found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+                running = (entry / "stat").read_text().split()[2] != "Z"
             except OSError:
                 continue
-            if b"engine.runtime.worker" in cmdline and (entry / "stat").read_text().split()[2] != "Z":
-                found.add(int(entry.name))
+            if b"engine.runtime.worker" in cmdline and any(arg.startswith(deploy) for arg in cmdline) and running:
+                found.append(int(entry.name))
     return found
 
 
