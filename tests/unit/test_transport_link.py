@@ -188,3 +188,15 @@ def test_unacknowledged_delivery_fences_the_slot(shm_edge):
     with pytest.raises(EdgeTimeout, match="no acknowledgement"):
         asyncio.run(send_tensors(sender, LostAck(receiver), {"x": torch.ones(4)}, "req-1"))
     assert [receiver.pool.state(i).state for i in range(2)].count(SlotState.FENCED) == 1
+
+
+def test_concurrent_sends_on_one_sender_each_arrive_intact(shm_edge):
+    receiver, sender = shm_edge
+    link = LocalLink(receiver)
+    payloads = {f"req-{i}": {"x": torch.full((1000,), float(i))} for i in range(2)}
+
+    async def main():
+        await asyncio.gather(*(send_tensors(sender, link, t, rid) for rid, t in payloads.items()))
+
+    asyncio.run(main())
+    assert all(torch.equal(link.delivered[rid]["x"], t["x"]) for rid, t in payloads.items())
