@@ -41,13 +41,15 @@ def sources(tmp_path_factory) -> dict[str, Path]:
 
 
 @cache
-def load_node(task: str, source: Path, stage_names: tuple[str, ...]) -> tuple[tuple[Stage, ...], dict[str, int]]:
+def load_node(
+    task: str, source: Path, stage_names: tuple[str, ...], dtype: str = "float32"
+) -> tuple[tuple[Stage, ...], dict[str, int]]:
     """One node: its stages' components loaded (and their resident bytes), its stages built.
     Cached: a node serves many requests."""
     specs = {spec.name: spec for spec in family.stages(task)}
     names = tuple(dict.fromkeys(name for stage in stage_names for name in specs[stage].components))
-    components = family.load_components(task, names, source, "cpu", "float32")
-    stages = tuple(family.build_stage(task, stage, components, "cpu", "float32") for stage in stage_names)
+    components = family.load_components(task, names, source, "cpu", dtype)
+    stages = tuple(family.build_stage(task, stage, components, "cpu", dtype) for stage in stage_names)
     return stages, components.parameter_bytes()
 
 
@@ -57,12 +59,12 @@ def cross_edge(tensor: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(tensor.dtype).reshape(tensor.shape)
 
 
-def run_partition(task: str, source: Path, partition, request: RequestParams):
+def run_partition(task: str, source: Path, partition, request: RequestParams, dtype: str = "float32"):
     """Run ``request`` through the nodes of ``partition``; return (all outputs, bytes of each tensor that crossed)."""
     produced: dict[str, tuple[int, torch.Tensor]] = {}  # tensor name -> (producing node, tensor)
     crossed: dict[str, int] = {}
     for node, stage_names in enumerate(partition):
-        for stage in load_node(task, source, stage_names)[0]:
+        for stage in load_node(task, source, stage_names, dtype)[0]:
             inputs = {}
             for name in (name for name in stage.spec.inputs if name in produced):  # optional ones may be absent
                 producer, tensor = produced[name]
@@ -98,32 +100,43 @@ def monolithic(pipeline, request: RequestParams, **extra) -> torch.Tensor:
 # -- text to image --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def t2i_pipeline(sources):
+def t2i_pipelines(sources):
+    """The monolithic pipeline per model dtype."""
     from diffusers import QwenImagePipeline
 
-    return QwenImagePipeline.from_pretrained(sources["t2i"])
+    return {
+        name: QwenImagePipeline.from_pretrained(sources["t2i"], dtype=getattr(torch, name))
+        for name in ("float32", "bfloat16")
+    }
 
 
 T2I_CASES = [
-    pytest.param((48, 80), None, id="landscape-no-cfg"),
-    pytest.param((48, 80), "blurry, dark", id="landscape-cfg"),
-    pytest.param((96, 32), None, id="portrait-no-cfg"),
-    pytest.param((96, 32), " ", id="portrait-cfg"),
+    pytest.param((48, 80), None, "float32", id="landscape-no-cfg"),
+    pytest.param((48, 80), "blurry, dark", "float32", id="landscape-cfg"),
+    pytest.param((96, 32), None, "float32", id="portrait-no-cfg"),
+    pytest.param((96, 32), " ", "float32", id="portrait-cfg"),
+    pytest.param((48, 80), "blurry, dark", "bfloat16", id="landscape-cfg-bf16"),
 ]
 
 
-@pytest.mark.parametrize(("size", "negative_prompt"), T2I_CASES)
-def test_t2i_matches_the_pipeline_bit_for_bit(sources, t2i_pipeline, size, negative_prompt):
+@pytest.mark.parametrize(("size", "negative_prompt", "dtype"), T2I_CASES)
+def test_t2i_matches_the_pipeline_bit_for_bit(sources, t2i_pipelines, size, negative_prompt, dtype):
     request = family.request_type("t2i")(
         prompt="a red fox in fresh snow", negative_prompt=negative_prompt, height=size[0], width=size[1],
-        steps=3, true_cfg_scale=4.0, seed=7,
+        steps=2, true_cfg_scale=4.0, seed=7,
     )
-    expected = monolithic(t2i_pipeline, request)
+    expected = monolithic(t2i_pipelines[dtype], request)
     assert expected.shape == (1, *size, 3)
     for partition in (ONE_NODE["t2i"], THREE_NODES["t2i"]):
-        outputs, crossed = run_partition("t2i", sources["t2i"], partition, request)
+        outputs, crossed = run_partition("t2i", sources["t2i"], partition, request, dtype)
         assert torch.equal(outputs["image"], expected)
         assert ("negative_prompt_embeds" in outputs) == (negative_prompt is not None)
+
+    # Three nodes: Phase1 carries the prompt tensors, Phase2 the packed latents, each with its exact bytes.
+    assert set(crossed) == {name for name in outputs if name != "image"}
+    assert crossed == {name: tensor.numel() * tensor.element_size() for name, tensor in outputs.items() if name in crossed}
+    assert outputs["latents"].shape == (1, (size[0] // 16) * (size[1] // 16), 64)
+    assert outputs["latents"].dtype == outputs["prompt_embeds"].dtype == getattr(torch, dtype)
 
 
 # -- edit -----------------------------------------------------------------------------------------------
@@ -165,6 +178,12 @@ def test_edit_matches_the_pipeline_bit_for_bit(sources, edit_pipeline, tmp_path,
     outputs, crossed = run_partition("edit", sources["edit"], partition, request)
     assert torch.equal(outputs["image"], expected)
 
+    # The input image is encoded at about a megapixel with its own aspect ratio, whatever the output size.
+    width, height = (1248, 832) if input_size[0] > input_size[1] else (768, 1376)
+    assert outputs["image_latents"].shape == (1, 16, 1, height // 8, width // 8)
+    if partition == THREE_NODES["edit"]:
+        assert crossed["image_latents"] == 16 * (height // 8) * (width // 8) * 4
+
 
 # -- edges carry the real token count ------------------------------------------------------------------
 
@@ -188,7 +207,8 @@ def test_prompt_embeds_cross_with_exactly_their_token_bytes(sources, words):
     assert outputs["negative_prompt_embeds"].shape[1] < tokens
 
 
-def test_nodes_hold_only_their_stages_weights(sources, t2i_pipeline):
+def test_nodes_hold_only_their_stages_weights(sources, t2i_pipelines):
+    t2i_pipeline = t2i_pipelines["float32"]
     def bytes_of(module, prefixes=("",)):
         tensors = [*module.named_parameters(), *module.named_buffers()]
         return sum(t.numel() * t.element_size() for name, t in tensors if name.startswith(prefixes))
@@ -208,12 +228,12 @@ def test_nodes_hold_only_their_stages_weights(sources, t2i_pipeline):
     assert not [name for name, _ in decode.pipe.vae.named_parameters() if name.startswith(("encoder.", "quant_conv."))]
 
 
-def test_output_png_is_the_pipeline_pil_image(sources, t2i_pipeline, tmp_path):
+def test_output_png_is_the_pipeline_pil_image(sources, t2i_pipelines, tmp_path):
     request = family.request_type("t2i")(prompt="a lighthouse", height=32, width=48, steps=2, seed=3)
     outputs, _ = run_partition("t2i", sources["t2i"], THREE_NODES["t2i"], request)
     paths = family.write_output(request, outputs, tmp_path, "r1")
     assert [path.name for path in paths] == ["r1.png", "r1.json"]
-    expected = t2i_pipeline(
+    expected = t2i_pipelines["float32"](
         prompt=request.prompt, height=32, width=48, num_inference_steps=2, generator=torch.Generator().manual_seed(3)
     ).images[0]
     assert np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(expected))
