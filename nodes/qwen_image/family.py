@@ -26,7 +26,8 @@ from engine.stages import MODEL_DTYPE, ComponentSpec, ModelFamily, RequestParams
 
 #: Prompt embeddings past this many tokens are cut off by QwenImagePipeline (its ``max_sequence_length``).
 T2I_MAX_SEQUENCE_LENGTH = 512
-#: Text tokens an Edit prompt may have (QwenImageEditPipeline does not truncate; longer prompts are refused).
+#: Prompt embedding tokens an Edit request may have besides its image's vision tokens. QwenImageEditPipeline
+#: does not truncate; a request past the bound is refused by text_encode.
 EDIT_MAX_TEXT_TOKENS = 1024
 #: Pixel area the Edit pipeline resizes its input image to before encoding it.
 EDIT_IMAGE_AREA = 1024 * 1024

@@ -1,8 +1,8 @@
 """Write a finished Qwen-Image request: a PNG, a sidecar JSON, and optionally the raw float image.
 
 The PNG holds the pixels QwenImagePipeline returns with ``output_type="pil"`` (the float image scaled to
-0..255 and rounded); ``save_array`` also writes the float image as ``.npy`` so that two runs can be
-compared exactly.
+0..255 and rounded); ``save_frames`` (the runtime's name for "keep the raw decoder output") also writes
+the float image as ``.npy`` so that two runs can be compared exactly.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def write_image(
     stem: str,
     *,
     meta: Mapping[str, Any] | None = None,
-    save_array: bool = False,
+    save_frames: bool = False,
 ) -> list[Path]:
     """Write ``outputs["image"]`` ([1, H, W, 3] float in [0, 1]) as ``<stem>.png`` + ``<stem>.json``
     (+ ``<stem>.npy``) in ``out_dir``; return the paths written."""
@@ -45,7 +45,7 @@ def write_image(
     paths.append(sidecar_path)
 
     # 3. The exact float image, on request.
-    if save_array:
+    if save_frames:
         array_path = out_dir / f"{stem}.npy"
         np.save(array_path, image[0])
         paths.append(array_path)

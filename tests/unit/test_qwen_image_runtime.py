@@ -242,7 +242,7 @@ def test_output_png_is_the_pipeline_pil_image(sources, t2i_pipelines, tmp_path):
 
     from nodes.qwen_image.output import write_image
 
-    paths = write_image(request, outputs, tmp_path, "r2", meta={"graph": "g.yaml"}, save_array=True)
+    paths = write_image(request, outputs, tmp_path, "r2", meta={"graph": "g.yaml"}, save_frames=True)
     assert np.array_equal(np.load(paths[2]), outputs["image"][0].numpy())
     assert json.loads(paths[1].read_text())["graph"] == "g.yaml"
 
