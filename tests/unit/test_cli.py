@@ -17,6 +17,7 @@ import pytest
 
 from engine.plan.build import plan_graph
 from engine.plan.model import PAYLOAD_ALIGNMENT, align
+from engine.spec.schema import EdgeSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = shutil.which("engine")
@@ -222,7 +223,7 @@ def test_plan_wan_i2v_14b_edge_slots() -> None:
     for edge, slot in (("phase1", phase1), ("phase2", phase2)):
         match = re.search(rf"^{edge}\s+\S+ -> \S+\s+\S+\s+(\d+) \(.*\)\s+(\d+)\s", text, re.MULTILINE)
         assert match, f"no {edge} row in:\n{text}"
-        assert int(match[1]) == slot and int(match[2]) == 2
+        assert int(match[1]) == slot and int(match[2]) == EdgeSpec.model_fields["slots"].default  # not set in the graph
     assert "fits" in text and re.search(r"^local\s+cpu\s+encoder, transformer, decoder\s.*80\.00 GiB\s+yes$", text,
                                         re.MULTILINE)
 
