@@ -49,10 +49,15 @@ def build_plan(checked: CheckedGraph, source: Path) -> Plan:
     """Resolve shapes against the model at ``source`` and size every edge."""
     spec, lines = checked.loaded.spec, checked.loaded.lines
     task = spec.model.task
+    configs = component_configs(checked, source)
     try:
-        symbols = checked.family.shape_symbols(task, component_configs(checked, source), sizing_request(checked))
+        symbols = checked.family.shape_symbols(task, configs, sizing_request(checked))
     except KeyError as exc:
         raise PlanError(f"model at {source}: a component config lacks {exc} needed to size the edges") from None
+    except (TypeError, ValueError, AttributeError, ArithmeticError) as exc:
+        # a config of another model (a missing or ill-typed field the family reads)
+        raise PlanError(f"model at {source}: its component configs do not fit {spec.model.family} {task} "
+                        f"({type(exc).__name__}: {exc}); is model.path a {spec.model.family} model?") from None
     components = checked.family.components(task)
 
     nodes = {}
