@@ -94,14 +94,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     report = memory_report(plan, checked.family, source)
     print(f"plan for {plan.graph}: {plan.family} {plan.task}, model {source}, sized for "
           + ", ".join(f"{k}={v}" for k, v in plan.limits.items()))
-    print("\nweights per node (one replica; parameters counted from the configs on the meta device):")
+    print("\nweights per node (one replica; counted from the configs on the meta device, no weights read):")
     rows = []
     for node in report.nodes:
         for component, count in node.parameters.items():
             rows.append([node.node, component, f"{count / 1e9:.3f} B" if count else "-",
                          human_bytes(node.weights[component]) if count else "-"])
+        kept = f"; {', '.join(node.kept_float32)} kept in float32" if node.kept_float32 else ""
         rows.append([node.node, "total", f"{sum(node.parameters.values()) / 1e9:.3f} B",
-                     f"{human_bytes(node.weight_bytes)} ({node.weight_bytes / 1e9:.2f} GB, {node.dtype})"])
+                     f"{human_bytes(node.weight_bytes)} ({node.weight_bytes / 1e9:.2f} GB resident; "
+                     f"{node.nominal_bytes / 1e9:.2f} GB in {node.dtype}{kept})"])
     print(table(["node", "component", "parameters", "bytes"], rows))
     print("\nedge buffers (receiver-owned slots, sized at the largest request):")
     print(table(["edge", "from -> to", "transport", "slot", "slots", "per replica"],

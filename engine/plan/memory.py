@@ -12,7 +12,7 @@ from functools import cache
 from pathlib import Path
 
 from engine.errors import PlanError
-from engine.models.meta import parameter_count
+from engine.models.meta import parameter_bytes, parameter_count
 from engine.plan.model import Plan
 from engine.stages import DTYPE_BYTES, ModelFamily
 
@@ -25,13 +25,23 @@ class NodeMemory:
     replicas: int
     dtype: str
     parameters: dict[str, int]  #: component -> parameter count
-    weights: dict[str, int]  #: component -> parameter bytes (in the dtype the component runs in)
+    weights: dict[str, int]  #: component -> resident bytes (parameters and buffers, in the dtypes they load in)
     receive_bytes: int  #: edge receive slots one replica registers
 
     @property
     def weight_bytes(self) -> int:
         """Parameter bytes one replica holds."""
         return sum(self.weights.values())
+
+    @property
+    def nominal_bytes(self) -> int:
+        """Parameter bytes if every component ran in the node's dtype (what model cards quote)."""
+        return sum(self.parameters.values()) * DTYPE_BYTES[self.dtype]
+
+    @property
+    def kept_float32(self) -> tuple[str, ...]:
+        """Components that stay in float32 whatever the node's dtype (as the reference pipelines run them)."""
+        return tuple(c for c, n in self.parameters.items() if n and self.weights[c] >= n * 4 and self.dtype != "float32")
 
     @property
     def total_bytes(self) -> int:
@@ -73,6 +83,11 @@ def _count(source: str, family: ModelFamily, task: str, component: str) -> int:
     return parameter_count(Path(source), family.components(task)[component])
 
 
+@cache
+def _bytes(source: str, family: ModelFamily, task: str, component: str, dtype: str) -> int:
+    return parameter_bytes(Path(source), family.components(task)[component], dtype)
+
+
 def detect_capacity(host: str, device: str) -> int | None:
     """Total memory of a device on this host; None for other hosts and devices not visible here."""
     if host != "local":
@@ -91,9 +106,8 @@ def detect_capacity(host: str, device: str) -> int | None:
 def memory_report(plan: Plan, family: ModelFamily, source: Path) -> MemoryReport:
     nodes = []
     for node in plan.nodes.values():
-        components = family.components(plan.task)
         parameters = {c: _count(str(source), family, plan.task, c) for c in node.components}
-        weights = {c: n * DTYPE_BYTES[getattr(components[c], "dtype", None) or node.dtype] for c, n in parameters.items()}
+        weights = {c: _bytes(str(source), family, plan.task, c, node.dtype) for c in node.components}
         receive = sum(e.slots * e.slot_bytes for e in plan.edges_into(node.name))
         nodes.append(NodeMemory(node.name, node.host, node.device, node.replicas, node.dtype, parameters, weights, receive))
     devices: dict[tuple[str, str], list[NodeMemory]] = {}

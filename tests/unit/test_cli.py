@@ -6,6 +6,7 @@ shipped configs on the meta device, edge slots from the shape expressions at 480
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -196,18 +197,22 @@ def plan_output() -> str:
     return result.stdout
 
 
-def node_total(text: str, node: str) -> tuple[float, float]:
-    """(parameters in billions, weight bytes in GB) of the node's ``total`` row."""
-    match = re.search(rf"^{node}\s+total\s+([\d.]+) B\s+.*\(([\d.]+) GB, bfloat16\)", text, re.MULTILINE)
+def node_total(text: str, node: str) -> tuple[float, float, float]:
+    """(parameters in billions, resident GB, GB were every parameter in bf16) of the node's ``total`` row."""
+    match = re.search(rf"^{node}\s+total\s+([\d.]+) B\s+.*\(([\d.]+) GB resident; ([\d.]+) GB in bfloat16", text, re.MULTILINE)
     assert match, f"no total row for {node} in:\n{text}"
-    return float(match[1]), float(match[2])
+    return float(match[1]), float(match[2]), float(match[3])
 
 
 def test_plan_wan_i2v_14b_node_weights() -> None:
     text = plan_output()
     print(text)
-    encoder_params, encoder_gb = node_total(text, "encoder")
-    transformer_params, transformer_gb = node_total(text, "transformer")
+    encoder_params, encoder_resident, encoder_gb = node_total(text, "encoder")
+    transformer_params, transformer_resident, transformer_gb = node_total(text, "transformer")
+    # What the node really holds: CLIP and the VAE half stay in float32, as in the diffusers reference pipeline.
+    assert encoder_resident == pytest.approx(12.8 + (0.63 + 0.054) * 2, rel=TOLERANCE)
+    assert "image_encoder, vae_encoder kept in float32" in text
+    assert transformer_resident == pytest.approx(transformer_gb, rel=0.01)
     # umT5-XXL encoder 5.68B + CLIP ViT-H/14 vision tower 0.63B + VAE encoder half 0.05B; the DiT 16.4B
     assert encoder_params == pytest.approx(5.68 + 0.63 + 0.05, rel=TOLERANCE)
     assert transformer_params == pytest.approx(16.4, rel=TOLERANCE)
@@ -240,3 +245,16 @@ def test_plan_edges_in_process_match_the_shapes() -> None:
         assert edge.slot_bytes == sum(align(n) for n in expected.values())
         assert edge.slot_bytes % PAYLOAD_ALIGNMENT == 0
     assert edges["phase1"].slot_bytes == 14288128 and edges["phase2"].slot_bytes == 8386560
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback() -> None:
+    """`engine graph ... | head`: the reader may be gone before the output is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([ENGINE, "validate", "graphs/wan_t2v.yaml"], cwd=ROOT, stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
