@@ -220,7 +220,7 @@ class QwenImageFamily(ModelFamily):
 
         return build_stage(task, name, components, device, dtype)
 
-    def write_output(self, request, outputs, out_dir, stem):
+    def write_output(self, request, outputs, out_dir, stem, *, meta=None, save_frames=False):
         from nodes.qwen_image.output import write_image
 
-        return write_image(request, outputs, out_dir, stem)
+        return write_image(request, outputs, out_dir, stem, meta=meta, save_frames=save_frames)
