@@ -13,7 +13,7 @@ import torch
 
 os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
 
-from transport_helpers import PipeLink, start_receiver, tensor_sha256  # noqa: E402
+from transport_helpers import PipeLink, freeze, start_receiver, tensor_sha256  # noqa: E402
 
 from engine.errors import EdgeTimeout, PeerDead  # noqa: E402
 from engine.transport import Manifest, SlotsExhausted, make_sender, send_tensors  # noqa: E402
@@ -140,7 +140,7 @@ def test_hung_peer_times_out_its_slot_is_fenced_and_the_late_zombie_write_is_not
             grant = await super().request_grant(request_id, nbytes)
             if not grants:
                 grants.append(grant)
-                os.kill(process.process.pid, signal.SIGSTOP)
+                freeze(process.process.pid)
             return grant
 
     link = StopAfterGrant(EDGE, process.conn)

@@ -13,8 +13,11 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,6 +91,16 @@ class ReceiverProcess:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(5)
+
+
+def freeze(pid: int, timeout_s: float = 5.0) -> None:
+    """SIGSTOP ``pid`` and wait until the kernel reports it stopped (the signal is delivered asynchronously)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"process {pid} did not stop in {timeout_s} s")
+        time.sleep(0.001)
 
 
 def start_receiver(transport: str, edge: str, slot_bytes: int, slots: int, **options: Any) -> ReceiverProcess:
