@@ -71,7 +71,8 @@ def test_200_random_payloads_with_a_flipped_bit_each_are_caught_and_retransmitte
 
 
 def test_large_writes_keep_the_event_loop_responsive():
-    nbytes = 32 << 20
+    """A 64 MiB write takes 50-200 ms here; done on the loop it would show as a gap that long."""
+    nbytes = 64 << 20
     process = start_receiver("mooncake", EDGE, nbytes, 2, quarantine_s=1.0)
     sender = make_sender("mooncake", EDGE, nbytes, faults=Faults())
     sender.connect(process.location)
@@ -89,7 +90,7 @@ def test_large_writes_keep_the_event_loop_responsive():
                 last = now
 
         task = asyncio.create_task(ticker())
-        for i in range(4):
+        for i in range(3):
             link.release(await send_tensors(sender, link, tensors, f"big-{i}"))
         task.cancel()
 
@@ -98,7 +99,7 @@ def test_large_writes_keep_the_event_loop_responsive():
     finally:
         process.stop()
         sender.close()
-    assert link.received["big-3"] == {"latents": tensor_sha256(tensors["latents"])}
+    assert link.received["big-2"] == {"latents": tensor_sha256(tensors["latents"])}
     assert max(gaps) < 0.1, f"event loop stalled for {max(gaps) * 1000:.0f} ms"
 
 
