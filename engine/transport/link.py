@@ -30,6 +30,9 @@ class Ack(BaseModel):
     ok: bool = Field(description="the payload verified and was handed to the consuming stage")
     reason: str | None = Field(description="why not, when ok is false")
     tensors: tuple[str, ...] = Field(description="tensors whose bytes failed verification (may be empty)")
+    retryable: bool = Field(
+        True, description="false when the slot is no longer granted to this request, so writing again cannot help"
+    )
 
 
 class EdgeLink(Protocol):
@@ -53,15 +56,14 @@ def accept(receiver: Receiver, manifest: Manifest) -> tuple[Ack, dict[str, torch
     """The receiver's handling of a delivered manifest: the Ack to send back, and the views when it verified.
 
     On a PayloadMismatch the slot stays granted so the sender can retransmit into it. A manifest for a slot
-    that is no longer granted (fenced, released) is refused with ok=false as well; the sender gives up on it
-    after its retries.
+    that is no longer granted to it (fenced, expired, released) is refused as not retryable.
     """
     try:
         views = receiver.open(manifest)
     except PayloadMismatch as exc:
         return Ack(ok=False, reason=str(exc), tensors=exc.tensors), None
     except TransportError as exc:
-        return Ack(ok=False, reason=str(exc), tensors=()), None
+        return Ack(ok=False, reason=str(exc), tensors=(), retryable=False), None
     return Ack(ok=True, reason=None, tensors=()), views
 
 
@@ -74,7 +76,7 @@ async def send_tensors(
     slot is fenced and IntegrityError names the edge and the tensors. A write that fails or times out, or a
     delivery that gets no acknowledgement, fences the slot and raises (PeerDead, EdgeTimeout): retrying a
     dead or hung peer belongs to the caller, which can pick another replica. (A receiver that did open the
-    payload ignores that fence, see SlotPool.fence.)
+    payload ignores that fence, see SlotPool.fence.) A delivery refused as not retryable raises TransportError.
     """
     grant = await link.request_grant(request_id, payload_nbytes(tensors))
     ack: Ack | None = None
@@ -91,6 +93,8 @@ async def send_tensors(
             raise
         if ack.ok:
             return manifest
+        if not ack.retryable:
+            raise TransportError(f"the receiver refused the delivery: {ack.reason}", edge=link.edge, request_id=request_id)
         log.warning("edge %r request %s: delivery %d rejected: %s", link.edge, request_id, attempt + 1, ack.reason)
     await _fence(link, grant, "payload rejected after every retransmission")
     names = ", ".join(repr(n) for n in ack.tensors) if ack.tensors else "the manifest"

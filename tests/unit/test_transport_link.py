@@ -200,3 +200,18 @@ def test_concurrent_sends_on_one_sender_each_arrive_intact(shm_edge):
 
     asyncio.run(main())
     assert all(torch.equal(link.delivered[rid]["x"], t["x"]) for rid, t in payloads.items())
+
+
+def test_delivery_into_a_slot_fenced_meanwhile_is_refused_without_retransmitting(shm_edge):
+    receiver, sender = shm_edge
+
+    class FenceBeforeDelivery(LocalLink):
+        async def deliver(self, manifest):
+            self.receiver.fence(manifest)
+            return await super().deliver(manifest)
+
+    link = FenceBeforeDelivery(receiver)
+    with pytest.raises(TransportError, match="refused the delivery: .*slot was fenced") as info:
+        asyncio.run(send_tensors(sender, link, {"x": torch.ones(4)}, "req-1"))
+    assert not isinstance(info.value, IntegrityError)
+    assert len(link.acks) == 1 and not link.acks[0].retryable
