@@ -10,8 +10,8 @@ import asyncio
 import mmap
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -30,6 +30,7 @@ from engine.transport.manifest import (
 )
 from engine.transport.pool import SlotPool
 
+T = TypeVar("T")
 PAGE = mmap.PAGESIZE
 INLINE_BYTES = 1 << 20
 """Payloads up to this size are packed and hashed on the event loop; larger ones in a worker thread."""
@@ -250,7 +251,7 @@ class ByteSender(Sender):
             await self._transfer(grant, nbytes)
 
 
-async def _offload(nbytes: int, function, *args):
+async def _offload(nbytes: int, function: Callable[..., T], *args: Any) -> T:
     """Run a copy or hash over ``nbytes`` inline when small, else in a worker thread (both release the GIL)."""
     if nbytes > INLINE_BYTES:
         return await asyncio.to_thread(function, *args)

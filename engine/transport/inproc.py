@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from engine.errors import PeerDead
-from engine.transport.errors import PayloadMismatch
 from engine.transport.base import Receiver, Sender
+from engine.transport.errors import PayloadMismatch
 from engine.transport.manifest import Manifest, SlotGrant, combine, headers_for, payload_nbytes
 
 _receivers: weakref.WeakValueDictionary[int, InprocReceiver] = weakref.WeakValueDictionary()
