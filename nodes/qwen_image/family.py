@@ -119,7 +119,8 @@ class QwenImageRequest(RequestParams):
     width: int = Field(1024, ge=16, le=4096, multiple_of=16, description="Image width in pixels, a multiple of 16.")
     steps: int = Field(50, ge=1, le=1000, description="Denoising steps.")
     true_cfg_scale: float = Field(
-        4.0, ge=0.0, le=100.0, description="True classifier-free guidance scale; <= 1 (or no negative prompt) turns it off."
+        4.0, ge=0.0, le=100.0,
+        description="True classifier-free guidance scale; <= 1 (or no negative prompt) turns it off.",
     )
 
     @property
@@ -129,7 +130,11 @@ class QwenImageRequest(RequestParams):
 
 
 class QwenImageEditRequest(QwenImageRequest):
-    """A Qwen-Image Edit request: a text request plus the image to edit."""
+    """A Qwen-Image Edit request: a text request plus the image to edit.
+
+    The output is ``height`` x ``width`` as for text-to-image (QwenImageEditPipeline would default it to the
+    input's aspect ratio at about one megapixel); the input is encoded at that aspect ratio in any case.
+    """
 
     image: Path = Field(
         description=f"Path of the image to edit (PNG/JPEG), aspect ratio at most {EDIT_MAX_ASPECT:g}:1 either way."
@@ -165,7 +170,7 @@ def edit_prompt_len_bound(vision_config: Mapping[str, Any]) -> int:
 
 def text_hidden_size(config: Mapping[str, Any]) -> int:
     """Hidden size of a Qwen2.5-VL text encoder config (nested under ``text_config`` in transformers 5)."""
-    return int(config.get("text_config", config).get("hidden_size", config.get("hidden_size")))
+    return int((config.get("text_config") or config)["hidden_size"])
 
 
 class QwenImageFamily(ModelFamily):
@@ -183,7 +188,9 @@ class QwenImageFamily(ModelFamily):
     def request_type(self, task: str) -> type[RequestParams]:
         return QwenImageEditRequest if task == "edit" else QwenImageRequest
 
-    def shape_symbols(self, task: str, configs: Mapping[str, Mapping[str, Any]], request: RequestParams) -> dict[str, int]:
+    def shape_symbols(
+        self, task: str, configs: Mapping[str, Mapping[str, Any]], request: RequestParams
+    ) -> dict[str, int]:
         assert isinstance(request, QwenImageRequest)
         vae = configs["vae"]
         vae_scale = 2 ** len(vae["temperal_downsample"])

@@ -12,8 +12,6 @@ Noise comes from a CPU ``torch.Generator`` seeded with the request's seed, as wi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 import torch
 from diffusers import QwenImageEditPipeline, QwenImagePipeline
@@ -22,7 +20,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dime
 from diffusers.utils import load_image
 
 from engine.errors import ModelError, RequestError
-from engine.stages import LoadedComponents, ProgressFn, Stage, StageSpec
+from engine.stages import LoadedComponents, Stage, StageSpec
 from nodes.qwen_image.family import (
     EDIT_IMAGE_AREA,
     EDIT_MAX_ASPECT,
@@ -62,7 +60,6 @@ class QwenImageStage(Stage):
     """A stage over a pipeline that holds exactly the stage's components."""
 
     def __init__(self, task: str, spec: StageSpec, components: LoadedComponents, device: str):
-        self.task = task
         self.spec = spec
         self.device = torch.device(device)
         self.pipe = build_pipeline(task, components, spec.components)
@@ -154,7 +151,9 @@ class Denoise(QwenImageStage):
             img_shapes = [[grid, image_grid]]
         else:
             image_latents = None
-            latents = pipe.prepare_latents(1, num_channels_latents, height, width, prompt_embeds.dtype, device, generator)
+            latents = pipe.prepare_latents(
+                1, num_channels_latents, height, width, prompt_embeds.dtype, device, generator
+            )
             img_shapes = [[grid]]
 
         # 3. Timesteps: linear sigmas, shifted by the image sequence length.
@@ -214,7 +213,8 @@ class VaeDecode(QwenImageStage):
     def run(self, request, inputs, progress):
         assert isinstance(request, QwenImageRequest)
         pipe, vae = self.pipe, self.pipe.vae
-        latents = pipe._unpack_latents(inputs["latents"].to(self.device), request.height, request.width, pipe.vae_scale_factor)
+        latents = inputs["latents"].to(self.device)
+        latents = pipe._unpack_latents(latents, request.height, request.width, pipe.vae_scale_factor)
         latents = latents.to(vae.dtype)
         shape = (1, vae.config.z_dim, 1, 1, 1)
         latents_mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)

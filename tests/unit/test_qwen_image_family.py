@@ -18,7 +18,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def real_configs(name: str) -> dict[str, dict]:
-    return {folder: json.loads((CONFIGS / name / folder / "config.json").read_text()) for folder in ("vae", "text_encoder", "transformer")}
+    folders = ("vae", "text_encoder", "transformer")
+    return {folder: json.loads((CONFIGS / name / folder / "config.json").read_text()) for folder in folders}
 
 
 def test_registered_and_importable_without_torch():
@@ -38,7 +39,9 @@ def test_every_input_is_produced_by_an_earlier_stage(task):
 
 def test_components_are_exactly_those_the_stages_name():
     assert set(family.components("t2i")) == {"tokenizer", "text_encoder", "transformer", "scheduler", "vae_decoder"}
-    assert set(family.components("edit")) == {"processor", "text_encoder", "vae_encoder", "transformer", "scheduler", "vae_decoder"}
+    assert set(family.components("edit")) == {
+        "processor", "text_encoder", "vae_encoder", "transformer", "scheduler", "vae_decoder"
+    }
     halves = family.components("edit")
     assert halves["vae_encoder"].folder == halves["vae_decoder"].folder == "vae"
     assert not set(halves["vae_encoder"].prefixes) & set(halves["vae_decoder"].prefixes)

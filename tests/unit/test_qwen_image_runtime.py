@@ -7,10 +7,9 @@ from the model folder; a tensor produced in one node and consumed in another cro
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from pathlib import Path
-
-import json
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from PIL import Image
 from engine.errors import ModelError, RequestError
 from engine.stages import RequestParams, Stage
 from nodes.qwen_image import family
+from nodes.qwen_image.family import edit_prompt_len_bound
 from nodes.qwen_image.sources import resolve_source
 
 ONE_NODE = {
@@ -134,7 +134,8 @@ def test_t2i_matches_the_pipeline_bit_for_bit(sources, t2i_pipelines, size, nega
 
     # Three nodes: Phase1 carries the prompt tensors, Phase2 the packed latents, each with its exact bytes.
     assert set(crossed) == {name for name in outputs if name != "image"}
-    assert crossed == {name: tensor.numel() * tensor.element_size() for name, tensor in outputs.items() if name in crossed}
+    sizes = {name: tensor.numel() * tensor.element_size() for name, tensor in outputs.items()}
+    assert crossed == {name: sizes[name] for name in crossed}
     assert outputs["latents"].shape == (1, (size[0] // 16) * (size[1] // 16), 64)
     assert outputs["latents"].dtype == outputs["prompt_embeds"].dtype == getattr(torch, dtype)
 
@@ -157,8 +158,9 @@ def write_image(path: Path, width: int, height: int) -> Path:
     return path
 
 
-# Every Edit run encodes its input at about one megapixel (~15 s on two cores), so the Edit cases pair
-# aspect ratio, guidance and partition instead of taking every combination.
+# Every Edit run encodes its input at about one megapixel and runs the DiT over its ~4,000 latent tokens
+# (seconds each on two cores), so the Edit cases pair aspect ratio, guidance and partition instead of
+# taking every combination; T2I takes every combination.
 EDIT_CASES = [
     pytest.param((60, 40), (48, 80), "blurry", THREE_NODES["edit"], id="landscape-cfg-three-nodes"),
     pytest.param((36, 64), (96, 48), None, ONE_NODE["edit"], id="portrait-no-cfg-one-node"),
@@ -166,11 +168,14 @@ EDIT_CASES = [
 
 
 @pytest.mark.parametrize(("input_size", "size", "negative_prompt", "partition"), EDIT_CASES)
-def test_edit_matches_the_pipeline_bit_for_bit(sources, edit_pipeline, tmp_path, input_size, size, negative_prompt, partition):
+def test_edit_matches_the_pipeline_bit_for_bit(
+    sources, edit_pipeline, tmp_path, input_size, size, negative_prompt, partition
+):
     from diffusers.utils import load_image
 
+    image = write_image(tmp_path / "in.png", *input_size)
     request = family.request_type("edit")(
-        prompt="make the sky green", negative_prompt=negative_prompt, image=write_image(tmp_path / "in.png", *input_size),
+        prompt="make the sky green", negative_prompt=negative_prompt, image=image,
         height=size[0], width=size[1], steps=2, true_cfg_scale=4.0, seed=11,
     )
     expected = monolithic(edit_pipeline, request, image=load_image(str(request.image)))
@@ -218,11 +223,12 @@ def test_nodes_hold_only_their_stages_weights(sources, t2i_pipelines):
     decoder_half = bytes_of(vae, ("decoder.", "post_quant_conv."))
     assert encoder_half + decoder_half == bytes_of(vae)
 
-    held = {stage: load_node("edit", sources["edit"], stages)[1] for stage, stages in
-            [("encoder", THREE_NODES["edit"][0]), ("transformer", ("denoise",)), ("decoder", ("vae_decode",))]}
+    nodes = {"encoder": THREE_NODES["edit"][0], "transformer": ("denoise",), "decoder": ("vae_decode",)}
+    held = {node: load_node("edit", sources["edit"], stages)[1] for node, stages in nodes.items()}
     assert held["transformer"] == {"transformer": bytes_of(t2i_pipeline.transformer), "scheduler": 0}
     assert held["decoder"] == {"vae_decoder": decoder_half}
-    assert held["encoder"] == {"processor": 0, "text_encoder": bytes_of(t2i_pipeline.text_encoder), "vae_encoder": encoder_half}
+    text_encoder = bytes_of(t2i_pipeline.text_encoder)
+    assert held["encoder"] == {"processor": 0, "text_encoder": text_encoder, "vae_encoder": encoder_half}
 
     (decode,), _ = load_node("edit", sources["edit"], ("vae_decode",))
     assert not [name for name, _ in decode.pipe.vae.named_parameters() if name.startswith(("encoder.", "quant_conv."))]
@@ -254,6 +260,14 @@ def test_edit_refuses_an_input_wider_than_the_admitted_aspect(sources, tmp_path)
     (_, vae_encode), _ = load_node("edit", sources["edit"], THREE_NODES["edit"][0])
     with pytest.raises(RequestError, match="aspect 4.50"):
         vae_encode.run(request, {}, lambda step, total: None)
+
+
+def test_edit_refuses_a_prompt_past_the_planned_bound(sources, tmp_path):
+    request = family.request_type("edit")(prompt="x" * 2500, image=write_image(tmp_path / "in.png", 40, 40))
+    (text_encode, _), _ = load_node("edit", sources["edit"], THREE_NODES["edit"][0])
+    bound = edit_prompt_len_bound(text_encode.pipe.text_encoder.config.vision_config.to_dict())
+    with pytest.raises(RequestError, match=f"at most {bound} are accepted"):
+        text_encode.run(request, {}, lambda step, total: None)
 
 
 def test_loading_names_what_is_missing(sources, tmp_path):
