@@ -187,6 +187,8 @@ class Ack(_Model):
     receiver: ReplicaRef = Field(description="replica that verified the payload")
     ok: bool = Field(description="whether the payload verified")
     reason: str | None = Field(description="why it did not verify; None when ok")
+    tensors: list[str] = Field(description="tensors whose bytes failed verification (empty when ok or unknown)")
+    retryable: bool = Field(description="whether writing the payload again into the same slot may succeed")
 
     @model_validator(mode="after")
     def _reason_iff_not_ok(self) -> Ack:

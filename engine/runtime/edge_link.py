@@ -54,7 +54,7 @@ class MqttEdgeLink:
                                                            sender=self.me, manifest=manifest.model_dump(mode="json")))
         ack = await self.replies.wait(key, future, self.timeout_s, f"acknowledgement from {self.target.node}[{self.target.replica}]",
                                       self.edge, manifest.request_id)
-        return Ack(ok=ack.ok, reason=ack.reason, tensors=())
+        return Ack(ok=ack.ok, reason=ack.reason, tensors=tuple(ack.tensors), retryable=ack.retryable)
 
     async def fence(self, grant: SlotGrant, reason: str) -> None:
         try:

@@ -194,7 +194,8 @@ class Worker:
         if views is not None:
             self.received[(message.request_id, message.edge)] = (manifest, views)
         await self._publish_to(message.sender, Ack(request_id=message.request_id, edge=message.edge, attempt=message.attempt,
-                                                   receiver=self.me, ok=ack.ok, reason=ack.reason))
+                                                   receiver=self.me, ok=ack.ok, reason=ack.reason,
+                                                   tensors=list(ack.tensors), retryable=ack.retryable))
 
     # -- compute ----------------------------------------------------------------------------------------------
 

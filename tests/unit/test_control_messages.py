@@ -66,8 +66,8 @@ EXAMPLES = [
     Grant(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, grant={"slot": 1, "generation": 5}, error=None),
     Grant(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, grant=None, error="payload larger than a slot"),
     Delivered(request_id="r1", edge="phase1", attempt=0, sender=SENDER, manifest={"tensors": []}),
-    Ack(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, ok=True, reason=None),
-    Ack(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, ok=False, reason="digest mismatch"),
+    Ack(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, ok=True, reason=None, tensors=[], retryable=True),
+    Ack(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, ok=False, reason="digest mismatch", tensors=["prompt_embeds"], retryable=True),
     Fence(request_id="r1", edge="phase1", attempt=0, sender=SENDER, grant={"slot": 1}, reason="write timed out"),
     Shutdown(reason="run finished"),
 ]
