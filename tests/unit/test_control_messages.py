@@ -131,7 +131,7 @@ def _payload(**fields) -> bytes:
         (
             _payload(
                 v=1, kind="ack", request_id="r", edge="e", attempt=0, receiver={"node": "n", "replica": 0},
-                ok=False, reason=None,
+                ok=False, reason=None, tensors=[], retryable=True,
             ),
             "an ack has a reason exactly when ok is false",
         ),
