@@ -57,7 +57,19 @@ def dotted(path: Path_) -> str:
     return text
 
 
-def _to_data(node: yaml.Node, path: Path_, lines: LineMap, problems: list[Problem]) -> Any:
+#: More values than any graph needs; aliases nested in aliases (``[*a, *a, ...]``) could otherwise expand a
+#: few lines into millions of values and hang the validator.
+MAX_VALUES = 10_000
+
+
+class _TooLarge(Exception):
+    """The document expands to more than MAX_VALUES values."""
+
+
+def _to_data(node: yaml.Node, path: Path_, lines: LineMap, problems: list[Problem], budget: list[int]) -> Any:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooLarge(node.start_mark.line + 1)
     lines.lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         result: dict[Any, Any] = {}
@@ -74,10 +86,10 @@ def _to_data(node: yaml.Node, path: Path_, lines: LineMap, problems: list[Proble
                 problems.append(Problem(lines.file, key_node.start_mark.line + 1, dotted(child), f"duplicate key (first given on line {first})"))
                 continue
             lines.lines[child] = key_node.start_mark.line + 1
-            result[key] = _to_data(value_node, child, lines, problems)
+            result[key] = _to_data(value_node, child, lines, problems, budget)
         return result
     if isinstance(node, yaml.SequenceNode):
-        return [_to_data(item, (*path, i), lines, problems) for i, item in enumerate(node.value)]
+        return [_to_data(item, (*path, i), lines, problems, budget) for i, item in enumerate(node.value)]
     value = _construct(node, path, lines, problems)
     return None if value is _INVALID else value
 
@@ -117,7 +129,10 @@ def parse_yaml(text: str, file: str) -> tuple[Any, LineMap]:
         raise SpecError([Problem(file, None, "", "the file is empty; a graph needs name, model, nodes and edges")])
     problems: list[Problem] = []
     try:
-        data = _to_data(root, (), lines, problems)
+        data = _to_data(root, (), lines, problems, [MAX_VALUES])
+    except _TooLarge as exc:
+        raise SpecError([Problem(file, exc.args[0], "", f"the document expands to more than {MAX_VALUES} values "
+                                                        "(aliases repeated inside aliases?); a graph needs a few hundred")]) from None
     except yaml.YAMLError as exc:  # an unknown tag, a bad timestamp...
         mark = getattr(exc, "problem_mark", None)
         raise SpecError([Problem(file, mark.line + 1 if mark else None, "", f"invalid YAML value: {getattr(exc, 'problem', None) or exc}")]) from None
