@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.constructor import SafeConstructor
 
 from engine.errors import Problem, SpecError
 
@@ -104,7 +105,8 @@ def _construct(node: yaml.Node, path: Path_, lines: LineMap, problems: list[Prob
     if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":
         return node.value
     try:
-        return yaml.SafeLoader(yaml.serialize(node)).get_single_data()
+        # a fresh safe constructor per value: what yaml.safe_load would build, without re-parsing text
+        return SafeConstructor().construct_object(node, deep=True)
     except (yaml.YAMLError, ValueError, KeyError, AttributeError, TypeError) as exc:
         # PyYAML's constructors raise plain ValueError/KeyError/AttributeError for ill-formed tagged scalars.
         tag = node.tag.rsplit(":", 1)[-1]
