@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,18 @@ def test_device_fit() -> None:
     MemoryReport((), (fits, unknown)).raise_if_over()
     with pytest.raises(PlanError, match=r"local cuda:1: nodes b, c need 2.00 GiB, the device has 1.00 GiB"):
         MemoryReport((), (fits, over, unknown)).raise_if_over()
+
+
+def test_aliases_cannot_expand_a_small_file_into_millions_of_values() -> None:
+    doc = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+    previous = "a"
+    for level in range(8):  # 10**9 values once expanded
+        doc += f"b{level}: &b{level} [{', '.join([f'*{previous}'] * 10)}]\n"
+        previous = f"b{level}"
+    start = time.perf_counter()
+    with pytest.raises(SpecError, match="expands to more than 10000 values"):
+        parse_yaml(doc, "bomb.yaml")
+    assert time.perf_counter() - start < 10
+    # an alias used as intended still works
+    data, _ = parse_yaml("p: &p {device: cpu}\nq: *p\n", "ok.yaml")
+    assert data["q"] == {"device": "cpu"}
