@@ -134,3 +134,19 @@ def test_weights_that_fail_to_load_name_the_node(tmp_path):
     assert run.returncode == 1
     assert "'transformer' replica 0" in run.stderr and "failed" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_stopping_the_controller_leaves_no_worker_behind(signum, tmp_path):
+    run = LiveRun("wan_t2v.yaml", tmp_path / "out", *LONG_DENOISE)
+    run.wait_for("transformer[0] denoise", timeout=240)
+    assert len(live_workers(tmp_path / "out")) == 3
+    run.process.send_signal(signum)
+    code = run.finish(timeout=30)
+    assert code == (130 if signum != signal.SIGKILL else -signal.SIGKILL)
+    deadline = time.monotonic() + 5  # a killed controller's workers notice their parent is gone
+    while live_workers(tmp_path / "out") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert live_workers(tmp_path / "out") == []
+    if signum != signal.SIGKILL:
+        assert "interrupted" in run.output and "Traceback" not in run.output
