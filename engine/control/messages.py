@@ -42,7 +42,8 @@ class ReplicaRef(_Model):
 class EdgeStats(_Model):
     """What one outgoing edge transfer of a stage run cost."""
 
-    nbytes: int = Field(ge=0, description="payload bytes written to the receiver")
+    nbytes: int = Field(ge=0, description="payload bytes written to the receiver (tensors and alignment gaps)")
+    tensor_bytes: int = Field(ge=0, description="bytes of the tensors themselves: the sum of their exact sizes")
     seconds: float = Field(ge=0, description="wall time from grant request to acknowledgement")
     digest: str = Field(min_length=1, description="xxh3-128 digest of the payload, hex")
 

@@ -297,7 +297,8 @@ class Worker:
                             timeout_s=self.spec.transfer_timeout_s)
         started = time.perf_counter()
         manifest = await send_tensors(sender, link, payload, job.request_id, retries=edge.retries)
-        return EdgeStats(nbytes=manifest.nbytes, seconds=time.perf_counter() - started, digest=manifest.digest)
+        return EdgeStats(nbytes=manifest.nbytes, tensor_bytes=sum(h.nbytes for h in manifest.tensors),
+                         seconds=time.perf_counter() - started, digest=manifest.digest)
 
 
 def peak_rss_bytes() -> int:

@@ -56,7 +56,7 @@ EXAMPLES = [
     ),
     StageDone(
         request_id="r1", node="transformer", replica=0, attempt=1, timings={"denoise": 3.5},
-        edges={"phase2": EdgeStats(nbytes=1024, seconds=0.01, digest="ab" * 16)}, outputs=[], peak_rss_bytes=2**30,
+        edges={"phase2": EdgeStats(nbytes=1024, tensor_bytes=1000, seconds=0.01, digest="ab" * 16)}, outputs=[], peak_rss_bytes=2**30,
     ),
     StageFailed(
         request_id="r1", node="transformer", replica=0, attempt=0, stage="denoise", error_type="RuntimeError",
