@@ -1,0 +1,105 @@
+"""Qwen-Image through `engine run`: real processes, broker and Mooncake; images equal the monolithic diffusers
+pipelines'; prompt embeddings cross phase1 with exactly their bytes, whatever the prompt's length."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+
+import numpy as np
+import pytest
+import yaml
+
+from engine.families import get_family
+from tests.integration.engine_run import GRAPHS, engine_run, live_workers
+
+pytestmark = pytest.mark.integration
+
+SHORT = "a fox"
+LONG = " ".join(["a lighthouse on a cliff at dusk, waves below, gulls circling, watercolor"] * 6)
+
+
+@cache
+def pipeline(task: str):
+    import torch
+    from diffusers import QwenImageEditPipeline, QwenImagePipeline
+
+    from nodes.qwen_image.loading import load_processor
+
+    source = get_family("qwen_image").resolve_source(task, "tiny")
+    if task == "t2i":
+        pipe = QwenImagePipeline.from_pretrained(source, dtype=torch.float32)
+    else:
+        pipe = QwenImageEditPipeline.from_pretrained(source, processor=load_processor(source / "processor"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference_image(task: str, request: dict) -> np.ndarray:
+    import torch
+    from PIL import Image
+
+    extra = {"image": Image.open(request["image"]).convert("RGB")} if task == "edit" else {}
+    images = pipeline(task)(prompt=request["prompt"], negative_prompt=request["negative_prompt"],
+                            true_cfg_scale=request["true_cfg_scale"], height=request["height"], width=request["width"],
+                            num_inference_steps=request["steps"], generator=torch.Generator().manual_seed(request["seed"]),
+                            output_type="np", **extra).images
+    return np.asarray(images)[0]
+
+
+def prompt_tokens(prompt: str) -> int:
+    """Tokens the T2I text encoder keeps for a prompt: the templated prompt less the template prefix, at most 512."""
+    pipe = pipeline("t2i")
+    tokens = len(pipe.tokenizer(pipe.prompt_template_encode.format(prompt)).input_ids)
+    return min(tokens - pipe.prompt_template_encode_start_idx, 512)
+
+
+def graph_with_requests(tmp_path, graph: str, requests: list[dict]) -> str:
+    document = yaml.safe_load((GRAPHS / graph).read_text())
+    document["requests"] = requests
+    for request in requests:
+        if "image" in request:
+            request["image"] = str(GRAPHS / request["image"])
+    path = tmp_path / graph
+    path.write_text(yaml.safe_dump(document))
+    return str(path)
+
+
+@pytest.mark.parametrize("graph", ["qwen_image_t2i.yaml", "qwen_image_t2i_single.yaml"])
+def test_t2i_matches_the_pipeline_and_sends_exact_prompt_bytes(graph, tmp_path):
+    path = graph_with_requests(tmp_path, graph, [{"prompt": SHORT, "seed": 1}, {"prompt": LONG, "seed": 2}])
+    run = engine_run(path, tmp_path / "out")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = run.report
+    assert [r["state"] for r in report["requests"]] == ["done", "done"]
+    for request in report["requests"]:
+        params = json.loads((run.out / f"{request['id']}.json").read_text())["request"]
+        image = np.load(run.out / f"{request['id']}.npy")
+        expected = reference_image("t2i", params)
+        assert image.shape == expected.shape and np.array_equal(image, expected)
+    assert live_workers(run.out) == []
+    if graph.endswith("_single.yaml"):
+        assert all(r["edges"] == {} for r in report["requests"])
+        return
+
+    text_dim = pipeline("t2i").text_encoder.config.text_config.hidden_size
+    negative = prompt_tokens(report["requests"][0]["params"]["negative_prompt"])
+    sent = []
+    for request, prompt in zip(report["requests"], (SHORT, LONG)):
+        phase1 = request["edges"]["phase1"]
+        expected = sum(tokens * (text_dim * 4 + 8) for tokens in (prompt_tokens(prompt), negative))  # fp32 embeds + int64 mask
+        assert phase1["tensor_bytes"] == expected
+        assert 0 <= phase1["nbytes"] - expected < 4 * 64  # only the four tensors' 64-byte alignment gaps
+        sent.append(phase1["tensor_bytes"])
+    slot = next(e["slot_bytes"] for e in report["edges"] if e["name"] == "phase1")
+    assert sent[0] < sent[1] < slot  # never the whole buffer: exactly the prompt's bytes
+
+
+def test_edit_matches_the_pipeline(tmp_path):
+    path = graph_with_requests(tmp_path, "qwen_image_edit.yaml",
+                               [{"prompt": "make the sky stormy", "image": "assets/first_frame.png", "seed": 3}])
+    run = engine_run(path, tmp_path / "out")
+    assert run.returncode == 0, run.stderr[-3000:]
+    params = json.loads((run.out / "r1.json").read_text())["request"]
+    assert np.array_equal(np.load(run.out / "r1.npy"), reference_image("edit", params))
+    assert (run.out / "r1.png").stat().st_size > 0 and live_workers(run.out) == []
