@@ -28,12 +28,12 @@ def check_limits(plan: Plan, request: RequestParams, label: str) -> None:
 def build_request(checked: CheckedGraph, values: dict[str, Any], label: str) -> RequestParams:
     request_type = checked.family.request_type(checked.loaded.spec.model.task)
     try:
-        request = request_type.model_validate({**checked.request_defaults, **values})
+        request = request_type.model_validate({**checked.request_defaults, **values}).resolve_paths(Path.cwd())
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" if e["loc"]
+            else e["msg"].removeprefix("Value error, ") for e in exc.errors())
         raise RequestError(f"{label}: {problems}") from None
-    request = request.resolve_paths(Path.cwd())
     for name, value in request:
         if isinstance(value, Path) and not value.is_file():
             raise RequestError(f"{label}: {name}: no such file: {value}")

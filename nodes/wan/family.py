@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from engine.stages import MODEL_DTYPE, ComponentSpec, ModelFamily, RequestParams, StageSpec, TensorSpec
 
@@ -98,12 +98,13 @@ class WanRequest(RequestParams):
     flow_shift: float | None = Field(None, gt=0.0, le=100.0, description="Scheduler flow shift; default: the model's scheduler config.")
     fps: int = Field(16, ge=1, le=120, description="Frame rate of the written video.")
 
-    @model_validator(mode="after")
-    def _frames_are_4k_plus_1(self) -> "WanRequest":
-        if (self.num_frames - 1) % 4 != 0:
-            below = self.num_frames - (self.num_frames - 1) % 4
-            raise ValueError(f"num_frames must be 4k+1 (e.g. {below} or {below + 4}), got {self.num_frames}")
-        return self
+    @field_validator("num_frames")
+    @classmethod
+    def _frames_are_4k_plus_1(cls, num_frames: int) -> int:
+        if (num_frames - 1) % 4 != 0:
+            below = num_frames - (num_frames - 1) % 4
+            raise ValueError(f"num_frames must be 4k+1 (e.g. {below} or {below + 4}), got {num_frames}")
+        return num_frames
 
 
 class WanImageRequest(WanRequest):
