@@ -11,7 +11,8 @@ from typing import Any
 from engine.spec.schema import Timeouts
 from engine.stages import RequestParams
 
-#: Every tensor in an edge payload starts at a multiple of this many bytes.
+#: Every tensor in an edge payload starts at a multiple of this many bytes (one cache line). The transport packs
+#: payloads with it and the planner sizes receive slots with it.
 PAYLOAD_ALIGNMENT = 64
 
 

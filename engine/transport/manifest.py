@@ -23,8 +23,8 @@ import torch
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ALIGNMENT = 64
-"""Byte alignment of every tensor inside a payload (one cache line)."""
+from engine.plan.model import PAYLOAD_ALIGNMENT as ALIGNMENT  # the planner sizes slots with the same layout
+from engine.plan.model import align as aligned
 
 DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name)
@@ -95,11 +95,6 @@ def dtype_name(dtype: torch.dtype) -> str:
         return _DTYPE_NAMES[dtype]
     except KeyError:
         raise ValueError(f"dtype {dtype} cannot cross an edge; supported: {', '.join(DTYPES)}") from None
-
-
-def aligned(n: int) -> int:
-    """``n`` rounded up to the next multiple of :data:`ALIGNMENT`."""
-    return -(-n // ALIGNMENT) * ALIGNMENT
 
 
 def layout(tensors: Mapping[str, torch.Tensor]) -> list[tuple[int, int]]:
