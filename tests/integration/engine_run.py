@@ -64,11 +64,13 @@ class Run:
         return json.loads((self.out / "report.json").read_text())
 
 
-def engine_run(graph: str, out: Path, *settings: str, extra: tuple[str, ...] = (), timeout: float = 300) -> Run:
+def engine_run(graph: str, out: Path, *settings: str, extra: tuple[str, ...] = (), timeout: float = 300,
+               env: dict[str, str] | None = None) -> Run:
     command = [sys.executable, "-m", "engine.cli", "run", str(GRAPHS / graph), "--out", str(out), "--save-frames", *extra]
     for setting in settings:
         command += ["--set", setting]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                            env={**os.environ, **(env or {})})
     return Run(result.returncode, result.stdout, result.stderr, out)
 
 

@@ -150,3 +150,20 @@ def test_stopping_the_controller_leaves_no_worker_behind(signum, tmp_path):
     assert live_workers(tmp_path / "out") == []
     if signum != signal.SIGKILL:
         assert "interrupted" in run.output and "Traceback" not in run.output
+
+
+def test_a_corrupted_transfer_is_retransmitted_and_the_output_is_unchanged(tmp_path):
+    clean = engine_run("wan_t2v.yaml", tmp_path / "clean")
+    faulty = engine_run("wan_t2v.yaml", tmp_path / "faulty", env={"ENGINE_TRANSPORT_FAULTS": '{"corrupt": 2, "edges": ["phase1"]}'})
+    assert clean.returncode == 0 and faulty.returncode == 0, faulty.stderr[-3000:]
+    log = (tmp_path / "faulty" / "deploy" / "encoder-0.log").read_text()
+    assert log.count("rejected") == 2  # two deliveries failed verification, the third went through
+    assert (tmp_path / "clean" / "r1.npy").read_bytes() == (tmp_path / "faulty" / "r1.npy").read_bytes()
+
+
+def test_a_transfer_corrupted_every_time_fails_the_request_naming_the_edge(tmp_path):
+    run = engine_run("wan_t2v.yaml", tmp_path / "out", "edges.0.retries=1",
+                     env={"ENGINE_TRANSPORT_FAULTS": '{"corrupt": 100, "edges": ["phase1"]}'})
+    assert run.returncode == 1
+    assert "edge 'phase1'" in run.stdout and "failed verification on 2 attempts" in run.stdout
+    assert "Traceback" not in run.stderr
