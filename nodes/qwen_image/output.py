@@ -7,15 +7,14 @@ the float image as ``.npy`` so that two runs can be compared exactly.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
+from engine.models.outputs import write_exact, write_sidecar
 from nodes.qwen_image.family import QwenImageRequest
 
 
@@ -39,14 +38,9 @@ def write_image(
     paths = [image_path]
 
     # 2. The sidecar: the request as validated, plus what the runtime knows (graph, model, nodes).
-    sidecar = {"request": request.model_dump(mode="json"), "image": list(image.shape[1:]), **(meta or {})}
-    sidecar_path = out_dir / f"{stem}.json"
-    sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
-    paths.append(sidecar_path)
+    paths.append(write_sidecar(out_dir, stem, request, meta, image=list(image.shape[1:])))
 
     # 3. The exact float image, on request.
     if save_frames:
-        array_path = out_dir / f"{stem}.npy"
-        np.save(array_path, image[0])
-        paths.append(array_path)
+        paths.append(write_exact(out_dir, stem, image[0]))
     return paths

@@ -6,7 +6,6 @@ as ``.npy`` so that two runs can be compared exactly.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.models.outputs import write_exact, write_sidecar
 from nodes.wan.family import WanRequest
 
 
@@ -37,16 +37,11 @@ def write_video(
     paths = [video_path]
 
     # 2. The sidecar: the request as validated, plus what the runtime knows (graph, model, nodes).
-    sidecar = {"request": request.model_dump(mode="json"), "frames": list(frames.shape), **(meta or {})}
-    sidecar_path = out_dir / f"{stem}.json"
-    sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
-    paths.append(sidecar_path)
+    paths.append(write_sidecar(out_dir, stem, request, meta, frames=list(frames.shape)))
 
     # 3. The exact frames, on request.
     if save_frames:
-        frames_path = out_dir / f"{stem}.npy"
-        np.save(frames_path, frames)
-        paths.append(frames_path)
+        paths.append(write_exact(out_dir, stem, frames))
     return paths
 
 
