@@ -30,7 +30,15 @@ def build_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:
             "edges": request.edges,
             # Time a request spent neither computing nor on an edge: waiting in a replica's queue, messaging.
             "queue_wait_seconds": round(max(0.0, segments_s - compute_s - transfer_s), 4),
+            # The request's clock (timeline, segments) starts this long after the run's (ready_seconds).
+            "submitted_seconds": round(request.clock_zero - result.started, 4),
             "timeline": [{"t": round(e.time, 4), "state": e.state.value, "detail": e.detail} for e in request.events],
+            # Each segment dispatch: on which replica, from dispatch to the controller hearing it end.
+            "segments": [{"segment": run.segment, "node": plan.segments[run.segment].node, "replica": run.replica,
+                          "stages": list(plan.segments[run.segment].stages), "attempt": run.attempt,
+                          "dispatched": round(run.dispatched, 4),
+                          "done": round(run.done, 4) if run.done is not None else None, "outcome": run.outcome}
+                         for run in request.runs],
         })
     return {
         "run_id": result.run_id,

@@ -1,4 +1,5 @@
-"""Requests as state machines: the allowed transitions as a table, every transition timestamped."""
+"""Requests as state machines: the allowed transitions as a table, every transition timestamped, and each
+segment run (which replica, dispatched when, over when) recorded for the report's timeline."""
 
 from __future__ import annotations
 
@@ -25,12 +26,32 @@ ALLOWED: dict[State, frozenset[State]] = {
     State.FAILED: frozenset(),
 }
 
+#: How the running segment ended, by the transition that ends it.
+RUN_OUTCOME: dict[State, str] = {
+    State.RUNNING: "done",  # the next segment was dispatched
+    State.DONE: "done",
+    State.FAILED: "failed",
+    State.QUEUED: "retried",  # abandoned: the request starts again on other replicas
+}
+
 
 @dataclass
 class Event:
     time: float  #: seconds since the run started
     state: State
     detail: str
+
+
+@dataclass
+class SegmentRun:
+    """One dispatch of one segment to a replica; times in seconds on the request's clock (as events)."""
+
+    segment: int
+    replica: int | None
+    attempt: int
+    dispatched: float
+    done: float | None = None  #: when the controller heard it finish, or gave up on it
+    outcome: str | None = None  #: done, failed or retried; None while it runs
 
 
 @dataclass
@@ -45,6 +66,7 @@ class TrackedRequest:
     deadline: float = float("inf")  #: monotonic time by which the running segment must report
     replica_of: dict[int, int] = field(default_factory=dict)  #: segment -> replica it runs (or will run) on
     events: list[Event] = field(default_factory=list)
+    runs: list[SegmentRun] = field(default_factory=list)  #: every segment dispatch, in order
     stage_seconds: dict[str, float] = field(default_factory=dict)
     segment_seconds: dict[int, float] = field(default_factory=dict)  #: dispatch to done, per segment
     edges: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -60,8 +82,13 @@ class TrackedRequest:
     def move(self, state: State, detail: str) -> None:
         if state not in ALLOWED[self.state]:
             raise EngineError(f"request {self.id}: no transition from {self.state.value} to {state.value} ({detail})")
+        now = self.now()
+        if self.runs and self.runs[-1].outcome is None:  # any transition ends the running segment
+            self.runs[-1].done, self.runs[-1].outcome = now, RUN_OUTCOME[state]
+        if state == State.RUNNING:  # a dispatch: the controller has set segment and replica_of
+            self.runs.append(SegmentRun(self.segment, self.replica_of.get(self.segment), self.attempt, now))
         self.state = state
-        self.events.append(Event(self.now(), state, detail))
+        self.events.append(Event(now, state, detail))
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,154 @@
+"""Pipelined throughput: 8 requests through the three-node graph against the monolithic pipeline run 8 times.
+
+    python bench/throughput.py [--json] [--requests 8] [--height 64 --width 112 --frames 9 --steps 4] [--png F]
+
+The engine deploys graphs/wan_<task>.yaml on the ``bench`` preset (edge buffers sized for 480x832x81, three
+receive slots per edge: up to three requests in flight) and submits all requests at once; its time is from
+the first dispatch to the last completion (deploying and loading not included). The baseline runs the
+same requests one after the other through the diffusers pipeline in a fresh process (after loading).
+Neither side is warmed up: both pay their first request's one-time costs once.
+
+Beside the measured speed-up, the theoretical bound of pipelining from the measured stage times: each node's
+time per request is the sum of its stages (the monolithic pipeline's stage times, the decoder's output writing
+included) plus its outgoing transfers (the engine's); stages of different requests overlap, so a request
+leaves every ``slowest node`` seconds: speed-up <= sum / slowest. The cores bound it too: a request of the
+monolithic pipeline already keeps ``p = CPU seconds / wall seconds`` cores busy, so overlapping can at most
+reach ``cores / p``. The bound is the smaller of the two. The timeline picture (one lane per node replica,
+one bar per stage per request, transfers hatched) is drawn from the engine run's report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (REAL_480P, cores, emit, finish_machine, graph_path, machine, machine_line,  # noqa: E402
+                          make_requests, median, on_run_clock, plan_graph, request_values, run_engine, run_monolithic,
+                          size_overrides, work_dir)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=("i2v", "t2v"), default="i2v", help="graphs/wan_<task>.yaml")
+    parser.add_argument("--model", default="bench", help="preset or diffusers folder (default: the bench preset)")
+    parser.add_argument("--requests", type=int, default=8, help="requests per side")
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=112)
+    parser.add_argument("--frames", type=int, default=9, help="4k+1")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto", help="embedded broker")
+    parser.add_argument("--out", type=Path, help="folder for outputs and reports (default: a temporary folder)")
+    parser.add_argument("--png", type=Path, help="timeline picture (default: <out>/timeline.png); needs matplotlib")
+    parser.add_argument("--no-png", action="store_true", help="do not draw the timeline")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    args = parser.parse_args(argv)
+    if args.requests < 1:
+        parser.error("--requests must be at least 1")
+    return args
+
+
+def pipeline_bound(plan, stage_seconds: dict[str, float], edge_seconds: dict[str, float], parallelism: float,
+                   n_cores: int) -> dict:
+    """Per-node seconds per request, and the speed-up pipelining can reach at most."""
+    node_seconds = {}
+    for node in plan.nodes.values():
+        seconds = sum(stage_seconds[s] for s in node.stages)
+        if any(s.node == node.name for s in plan.segments if set(s.outputs) & set(plan.final_outputs)):
+            seconds += stage_seconds.get("write", 0.0)
+        seconds += sum(edge_seconds.get(e.name, 0.0) for e in plan.edges_from(node.name))
+        node_seconds[node.name] = seconds / node.replicas
+    stages_bound = sum(node_seconds.values()) / max(node_seconds.values())
+    cores_bound = n_cores / parallelism
+    return {"node_seconds": node_seconds, "stages_bound": stages_bound, "cores": n_cores, "parallelism": parallelism,
+            "cores_bound": cores_bound, "bound": min(stages_bound, cores_bound)}
+
+
+def measure(args: argparse.Namespace) -> dict:
+    graph = graph_path(args.task)
+    out = work_dir(args.out, "throughput")
+    plan, checked, source = plan_graph(graph, [f"model.path={args.model}", *size_overrides(*REAL_480P)])
+    values = request_values(args.task, height=args.height, width=args.width, frames=args.frames, steps=args.steps)
+    requests = make_requests(checked, values, args.requests)
+    info = machine()
+
+    # 1. The engine: every request submitted at once, pipelined through the three nodes.
+    report = run_engine(plan, source, requests, out / "engine", broker_kind=args.broker)
+    runs = report["requests"]
+    first = min(on_run_clock(r, r["segments"][0]["dispatched"]) for r in runs)
+    last = max(on_run_clock(r, r["segments"][-1]["done"]) for r in runs)
+    engine_s = last - first
+
+    # 2. The monolithic pipeline: the same requests one after the other.
+    mono = run_monolithic(args.task, source, requests, out / "monolithic", warmup=0, dtype=plan.dtype)
+    mono_runs = mono["requests"]
+    mono_s = sum(r["seconds"] for r in mono_runs)
+
+    # 3. The bound, from the monolithic stage times and the engine's transfer times.
+    stage_names = [*(s for segment in plan.segments for s in segment.stages), "write"]
+    stage_seconds = {s: median([r["stage_seconds"][s] for r in mono_runs]) for s in stage_names}
+    edge_seconds = {e.name: median([r["edges"][e.name]["seconds"] for r in runs]) for e in plan.edges}
+    parallelism = sum(r["cpu_seconds"] for r in mono_runs) / mono_s
+    bound = pipeline_bound(plan, stage_seconds, edge_seconds, parallelism, cores())
+
+    png = None
+    if not args.no_png:
+        from bench.timeline import draw
+
+        png = str(draw(report, args.png or out / "timeline.png",
+                       f"{plan.graph}: {args.requests} requests, {args.height}x{args.width}x{args.frames}, "
+                       f"{args.steps} steps, model {args.model}"))
+    return {
+        "benchmark": "throughput",
+        "graph": plan.graph,
+        "model": args.model,
+        "request": {"height": args.height, "width": args.width, "frames": args.frames, "steps": args.steps},
+        "requests": args.requests,
+        "in_flight": min(e.slots * plan.nodes[e.target].replicas for e in plan.edges),
+        "engine": {"seconds": engine_s, "requests_per_second": args.requests / engine_s,
+                   "latency_seconds": [on_run_clock(r, r["segments"][-1]["done"]) - on_run_clock(r, r["segments"][0]["dispatched"]) for r in runs],
+                   "stage_seconds": {s: median([r["stage_seconds"][s] for r in runs]) for s in stage_names if s != "write"},
+                   "edge_seconds": edge_seconds},
+        "monolithic": {"seconds": mono_s, "requests_per_second": args.requests / mono_s,
+                       "latency_seconds": [r["seconds"] for r in mono_runs], "stage_seconds": stage_seconds},
+        "speedup": mono_s / engine_s,
+        "bound": bound,
+        "timeline_png": png,
+        "machine": finish_machine(info),
+        "out": str(out),
+    }
+
+
+def render(result: dict) -> str:
+    from engine.display import table
+
+    request, engine, mono, bound = result["request"], result["engine"], result["monolithic"], result["bound"]
+    lines = [f"Pipelined throughput: {result['graph']}, model {result['model']}, {result['requests']} requests of "
+             f"{request['height']}x{request['width']}x{request['frames']}, {request['steps']} steps "
+             f"(engine: up to {result['in_flight']} in flight; no warm-up on either side)", ""]
+    lines.append(table(["", "seconds", "requests/s", "median latency s"], [
+        ["engine (3 nodes, pipelined)", f"{engine['seconds']:.2f}", f"{engine['requests_per_second']:.3f}", f"{median(engine['latency_seconds']):.2f}"],
+        ["monolithic, one after another", f"{mono['seconds']:.2f}", f"{mono['requests_per_second']:.3f}", f"{median(mono['latency_seconds']):.2f}"],
+    ]))
+    lines += ["", table(["node", "seconds per request (stages + outgoing transfers)"],
+                        [[node, f"{s:.3f}"] for node, s in bound["node_seconds"].items()]), ""]
+    lines.append(f"speed-up engine / monolithic: {result['speedup']:.2f}x; theoretical bound {bound['bound']:.2f}x = "
+                 f"min(sum / slowest node {bound['stages_bound']:.2f}x, cores / parallelism "
+                 f"{bound['cores']} / {bound['parallelism']:.2f} = {bound['cores_bound']:.2f}x); "
+                 f"{result['speedup'] / bound['bound'] * 100:.0f}% of the bound")
+    if result["timeline_png"]:
+        lines.append(f"timeline: {result['timeline_png']}")
+    lines.append(machine_line(result["machine"]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    emit(measure(args), args.json, render)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""bench/ scripts run end to end with --json on the tiny model (real workers, broker, Mooncake, the monolithic
+pipeline in its own process): the JSON has the figures the README quotes, with sane values. Nothing is timed
+against a target here: the figures depend on the machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--model", "tiny", "--height", "32", "--width", "32", "--frames", "5", "--steps", "2"]
+
+
+def bench(script: str, *argv: str, timeout: float = 280) -> dict:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / f"{script}.py"), *argv, "--json"], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_control_plane_percentiles_on_amqtt():
+    result = bench("control", "--messages", "30", "--brokers", "amqtt", "--no-transport")
+    figures = result["brokers"]["amqtt"]
+    assert figures["messages"] == 30
+    for name in ("dispatch", "publish_ack", "round_trip"):
+        assert 0 < figures[name]["p50_ms"] <= figures[name]["p99_ms"] <= figures[name]["max_ms"]
+    assert figures["dispatch"]["p50_ms"] < figures["round_trip"]["p50_ms"]
+    assert result["machine"]["cores"] >= 1
+
+
+def test_overhead_compares_a_deployed_graph_with_the_pipeline(tmp_path):
+    result = bench("overhead", *TINY, "--repeats", "1", "--out", str(tmp_path))
+    assert len(result["engine"]["latency_seconds"]) == len(result["monolithic"]["latency_seconds"]) == 1
+    assert result["ratio"] == pytest.approx(result["engine"]["median_seconds"] / result["monolithic"]["median_seconds"])
+    assert result["frames_max_abs_diff"] == 0.0  # the engine is bit-identical to the pipeline on CPU
+    assert set(result["engine"]["stage_seconds"]) == {"text_encode", "image_encode", "vae_encode", "denoise", "vae_decode"}
+    assert all(edge["nbytes"] > 0 for edge in result["engine"]["edges"].values())
+    assert result["edges_480p"]["ok"] is False  # the tiny model's widths are not Wan2.1's
+    assert (tmp_path / "engine" / "report.json").is_file()
+
+
+def test_throughput_runs_both_sides_and_draws_the_timeline(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = bench("throughput", *TINY, "--requests", "3", "--out", str(tmp_path))
+    assert len(result["engine"]["latency_seconds"]) == len(result["monolithic"]["latency_seconds"]) == 3
+    assert result["speedup"] == pytest.approx(result["monolithic"]["seconds"] / result["engine"]["seconds"])
+    assert 1.0 <= result["bound"]["bound"] <= result["bound"]["stages_bound"]
+    assert set(result["bound"]["node_seconds"]) == {"encoder", "transformer", "decoder"}
+    assert Path(result["timeline_png"]).stat().st_size > 0
+
+
+def test_memory_and_cold_start_per_node(tmp_path):
+    memory = bench("memory", *TINY, "--out", str(tmp_path / "memory"))
+    assert [n["node"] for n in memory["nodes"]] == ["encoder", "transformer", "decoder"]
+    assert memory["engine"]["param_bytes"] == memory["monolithic"]["param_bytes"]  # the same weights, split
+    assert all(n["peak_rss_bytes"] > memory["imports_only_rss_bytes"] / 2 for n in memory["nodes"])
+    assert memory["real_checkpoint"]["node_weight_bytes"]["transformer"] > 30e9  # Wan2.1-I2V-14B in bf16
+
+    cold = bench("cold_start", "--model", "tiny", "--repeats", "1", "--out", str(tmp_path / "cold"))
+    assert set(cold["nodes"]) == {"encoder[0]", "transformer[0]", "decoder[0]"}
+    for node in cold["nodes"].values():
+        assert 0 < node["start_to_connected"] < node["start_to_ready"] and 0 <= node["load"] < node["start_to_ready"]
+    assert cold["monolithic"]["start_to_ready"] > cold["monolithic"]["start_to_imported"] > 0

@@ -1,0 +1,184 @@
+"""bench/: every script's options and --help, the figures they derive (percentiles, the pipelining bound, the
+480P edge shapes, the timeline's bars), segment runs in the tracker and the report, and the GPU script's exit
+without CUDA. No process is started here; tests/integration/test_bench_runs.py runs the scripts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from engine.runtime.tracker import State, TrackedRequest
+from nodes.wan.family import WanRequest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+SCRIPTS = ("overhead", "throughput", "control", "memory", "cold_start", "gpu_wan", "timeline", "monolithic")
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_has_help(name, capsys):
+    module = load(name)
+    entry = module.parse_args if hasattr(module, "parse_args") else module.main
+    with pytest.raises(SystemExit) as exit_info:
+        entry(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ("overhead", "throughput", "control", "memory", "cold_start", "gpu_wan"))
+def test_measuring_scripts_offer_json(name):
+    assert load(name).parse_args(["--json"]).json is True
+
+
+@pytest.mark.parametrize(("name", "argv", "message"), [
+    ("overhead", ["--repeats", "0"], "--repeats must be at least 1"),
+    ("throughput", ["--requests", "0"], "--requests must be at least 1"),
+    ("control", ["--messages", "1"], "--messages must be at least 2"),
+    ("cold_start", ["--repeats", "0"], "--repeats must be at least 1"),
+    ("gpu_wan", ["--requests", "-1"], "--requests must be 0 or more"),
+])
+def test_bad_counts_are_refused(name, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        load(name).parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the exit without CUDA")
+def test_gpu_script_exits_cleanly_without_cuda(capsys):
+    assert load("gpu_wan").main(["--json"]) == 0
+    assert "CUDA is not available" in json.loads(capsys.readouterr().out)["skipped"]
+
+
+def test_percentiles_interpolate_between_ranks():
+    common = load("common")
+    values = [float(v) for v in range(1, 101)]
+    assert common.percentile(values, 50) == pytest.approx(50.5)
+    assert common.percentile(values, 99) == pytest.approx(99.01)
+    assert common.percentile([3.0], 99) == 3.0
+    with pytest.raises(ValueError):
+        common.percentile([], 50)
+
+
+def test_the_bench_preset_edges_carry_the_real_480p_shapes():
+    common = load("common")
+    for task in ("i2v", "t2v"):
+        checked = common.edges_at_480p(common.graph_path(task), ["model.path=bench"], task)
+        assert checked["ok"], checked
+    i2v = common.edges_at_480p(common.graph_path("i2v"), ["model.path=bench"], "i2v")
+    assert i2v["edges"]["phase1"]["condition"] == [1, 20, 21, 60, 104]
+    assert i2v["edges"]["phase2"]["latents"] == [1, 16, 21, 60, 104]
+    assert i2v["payload_bytes"]["phase2"] == 16 * 21 * 60 * 104 * 4
+
+
+def test_the_tiny_preset_is_not_mistaken_for_480p():
+    common = load("common")
+    assert not common.edges_at_480p(common.graph_path("t2v"), ["model.path=tiny"], "t2v")["ok"]
+
+
+def test_serial_overrides_leave_one_request_in_flight():
+    common = load("common")
+    graph = common.graph_path("i2v")
+    plan, _, _ = common.plan_graph(graph, common.serial_overrides(graph, ["model.path=tiny"]))
+    assert [e.slots for e in plan.edges] == [1, 1]
+
+
+def test_pipeline_bound_is_the_smaller_of_stages_and_cores():
+    throughput, common = load("throughput"), load("common")
+    plan, _, _ = common.plan_graph(common.graph_path("i2v"), ["model.path=tiny"])
+    stages = {"text_encode": 1.0, "image_encode": 0.5, "vae_encode": 0.5, "denoise": 3.0, "vae_decode": 1.5, "write": 0.5}
+    bound = throughput.pipeline_bound(plan, stages, {"phase1": 0.1, "phase2": 0.0}, parallelism=1.0, n_cores=2)
+    assert bound["node_seconds"] == pytest.approx({"encoder": 2.1, "transformer": 3.0, "decoder": 2.0})
+    assert bound["stages_bound"] == pytest.approx(7.1 / 3.0)
+    assert bound["cores_bound"] == 2.0 and bound["bound"] == 2.0
+    # A request that already keeps both cores busy leaves pipelining nothing to gain.
+    assert throughput.pipeline_bound(plan, stages, {}, parallelism=2.0, n_cores=2)["bound"] == 1.0
+
+
+# -- segment runs: tracker -> report -> timeline -----------------------------------------------------------------
+
+def tracked(request_id: str, replicas: list[int]) -> TrackedRequest:
+    """A request walked through three segments on the given replicas, as the controller does it."""
+    request = TrackedRequest(request_id, WanRequest(prompt="a cat"), time.monotonic())
+    for index, replica in enumerate(replicas):
+        request.segment, request.replica_of[index] = index, replica
+        request.dispatched_at = time.monotonic()
+        request.move(State.RUNNING, f"segment {index}")
+    request.move(State.DONE, "written")
+    return request
+
+
+def test_the_tracker_records_each_segment_run():
+    request = tracked("r1", [0, 1, 0])
+    assert [(r.segment, r.replica, r.outcome) for r in request.runs] == [(0, 0, "done"), (1, 1, "done"), (2, 0, "done")]
+    assert all(r.dispatched <= r.done for r in request.runs)
+    assert [r.done for r in request.runs[:-1]] == [r.dispatched for r in request.runs[1:]]
+
+
+def test_a_retry_and_a_failure_close_the_running_segment():
+    request = TrackedRequest("r1", WanRequest(prompt="a cat"), time.monotonic())
+    request.segment, request.replica_of[0] = 0, 1
+    request.move(State.RUNNING, "encoder")
+    request.attempt += 1
+    request.move(State.QUEUED, "retrying")
+    request.replica_of = {0: 0}
+    request.move(State.RUNNING, "encoder again")
+    request.move(State.FAILED, "gave up")
+    assert [(r.replica, r.attempt, r.outcome) for r in request.runs] == [(1, 0, "retried"), (0, 1, "failed")]
+
+
+def test_the_report_names_node_replica_and_stages_of_each_segment():
+    from engine.runtime.report import build_report
+
+    common = load("common")
+    plan, _, source = common.plan_graph(common.graph_path("i2v"), ["model.path=tiny"])
+    request = tracked("r1", [0, 0, 0])
+    result = SimpleNamespace(run_id="t", requests=[request], replicas={}, started=request.clock_zero - 2.0, ready_s=2.0,
+                             seconds=3.0, out_dir=Path("/nonexistent"))
+    report = build_report(result, plan, source)
+    (entry,) = report["requests"]
+    assert entry["submitted_seconds"] == pytest.approx(2.0)
+    assert [(s["node"], s["stages"]) for s in entry["segments"]] == [
+        ("encoder", ["text_encode", "image_encode", "vae_encode"]), ("transformer", ["denoise"]), ("decoder", ["vae_decode"])]
+
+
+def test_timeline_bars_follow_each_replica_queue(tmp_path):
+    timeline = load("timeline")
+
+    def request(rid, segments, stage_seconds):
+        return {"id": rid, "submitted_seconds": 10.0, "stage_seconds": stage_seconds,
+                "edges": {"phase1": {"seconds": 0.1}, "phase2": {"seconds": 0.05}},
+                "segments": [{"segment": i, "node": node, "replica": 0, "stages": stages, "attempt": 0,
+                              "dispatched": start, "done": end, "outcome": "done"}
+                             for i, (node, stages, start, end) in enumerate(segments)]}
+
+    stages = {"text_encode": 0.5, "denoise": 1.0, "vae_decode": 0.4}
+    report = {"run_id": "t", "graph": {"name": "g"},
+              "nodes": [{"node": n, "replica": 0} for n in ("encoder", "transformer", "decoder")],
+              "edges": [{"name": "phase1", "from": "encoder", "to": "transformer"},
+                        {"name": "phase2", "from": "transformer", "to": "decoder"}],
+              "requests": [
+                  request("r1", [("encoder", ["text_encode"], 0.0, 0.6), ("transformer", ["denoise"], 0.6, 1.7),
+                                 ("decoder", ["vae_decode"], 1.7, 2.2)], stages),
+                  # r2 is dispatched with r1 but waits for the encoder to finish r1.
+                  request("r2", [("encoder", ["text_encode"], 0.0, 1.2), ("transformer", ["denoise"], 1.7, 2.8),
+                                 ("decoder", ["vae_decode"], 2.8, 3.3)], stages)]}
+    bars = timeline.bars(report)
+    r2_encode = next(b for b in bars if b["request"] == "r2" and b["name"] == "text_encode")
+    assert r2_encode["start"] == pytest.approx(10.6) and r2_encode["end"] == pytest.approx(11.1)
+    transfers = [b for b in bars if b["kind"] == "transfer" and b["request"] == "r1"]
+    assert [(b["name"], b["lane"]) for b in transfers] == [("phase1", ("encoder", 0)), ("phase2", ("transformer", 0))]
+    assert len([b for b in bars if b["kind"] == "segment"]) == 6
+    pytest.importorskip("matplotlib")
+    assert timeline.draw(report, tmp_path / "timeline.png").stat().st_size > 0
