@@ -101,7 +101,8 @@ def test_set_value_that_breaks_validation_points_at_the_option() -> None:
     assert_user_error(result, "graphs/wan_t2v.yaml (--set nodes.encoder.place.device=gpu:0) "
                               "nodes.encoder.place.device: got 'gpu:0'; expected cpu, cuda:N or xpu:N")
     result = engine("validate", "graphs/wan_t2v.yaml", "--set", "requests.0.num_frames=12")
-    assert_user_error(result, "num_frames must be 4k+1 (e.g. 9 or 13), got 12 (after --set requests.0.num_frames=12)")
+    assert_user_error(result, "graphs/wan_t2v.yaml (--set requests.0.num_frames=12) requests[0].num_frames: "
+                              "num_frames must be 4k+1 (e.g. 9 or 13), got 12")
 
 
 def test_set_unknown_key_path() -> None:
