@@ -164,15 +164,26 @@ def make_requests(checked, values: dict[str, Any], count: int) -> list:
 # -- running the engine ---------------------------------------------------------------------------------------
 
 def run_engine(plan, source: Path, requests: list, out_dir: Path, *, broker_kind: str = "auto",
-               save_frames: bool = False, run_id: str | None = None) -> dict[str, Any]:
-    """Deploy, run ``requests``, tear down; the run's report (also written as ``report.json``)."""
+               save_frames: bool = False, run_id: str | None = None, worker_threads: int | None = None) -> dict[str, Any]:
+    """Deploy, run ``requests``, tear down; the run's report (also written as ``report.json``). With
+    ``worker_threads`` each worker process runs torch on that many threads (``OMP_NUM_THREADS``, which the
+    launcher passes on), else on torch's default (every core)."""
     from engine.runtime.controller import RunOptions, run_graph
     from engine.runtime.report import build_report
 
     options = RunOptions(out_dir=out_dir, quiet=True, broker_kind=broker_kind, save_frames=save_frames)
     if run_id is not None:
         options = dataclasses.replace(options, run_id=run_id)
-    result = asyncio.run(run_graph(plan, source, requests, options))
+    previous = os.environ.get("OMP_NUM_THREADS")
+    if worker_threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(worker_threads)
+    try:
+        result = asyncio.run(run_graph(plan, source, requests, options))
+    finally:
+        if previous is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous
     report = build_report(result, plan, source)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     failed = [r for r in report["requests"] if r["state"] != "done"]

@@ -11,8 +11,8 @@ monolithic WanPipeline: request latency (overhead), pipelined throughput, and me
    1 + ``--repeats`` requests at 480x832x81 one at a time; the same requests through WanPipeline in a fresh
    process. Latency from the first dispatch to the last segment done; the first request is a warm-up.
 3. Throughput: ``--requests`` requests submitted at once (three slots per edge) against the same requests one
-   after the other in the pipeline's process; the bound from the stage times as in bench/throughput.py (one
-   GPU: the cores bound is left out, stages share the GPU).
+   after the other in the pipeline's process; the bound from the stage times as in bench/throughput.py, with
+   the GPU as the one shared resource (one stage computes at a time).
 4. Memory: per node the resident parameter bytes (report) and the peak GPU memory of its process (polled with
    nvidia-smi, CUDA context included), against the pipeline's process; the engine's peak RSS beside it.
 
@@ -200,12 +200,14 @@ def measure(args: argparse.Namespace) -> dict:
         engine_total = (max(on_run_clock(r, r["segments"][-1]["done"]) for r in runs)
                         - min(on_run_clock(r, r["segments"][0]["dispatched"]) for r in runs))
         mono_total = sum(r["seconds"] for r in mono_batch)
-        stage_seconds = {s: median([r["stage_seconds"][s] for r in mono_batch]) for s in [*stages, "write"]}
+        stage_seconds = {s: median([r["stage_seconds"][s] for r in runs]) for s in stages}
+        stage_seconds["write"] = median([r["stage_seconds"]["write"] for r in mono_batch])
         edge_seconds = {e.name: median([r["edges"][e.name]["seconds"] for r in runs]) for e in plan.edges}
-        bound = pipeline_bound(pipelined, stage_seconds, edge_seconds, 1.0, 1)
+        # One GPU: one stage computes at a time (as one core with one thread).
+        bound = pipeline_bound(pipelined, stage_seconds, edge_seconds, median([r["seconds"] for r in mono_batch]), 1, 1)
         result["throughput"] = {"requests": len(batch), "engine_seconds": engine_total, "monolithic_seconds": mono_total,
                                 "speedup": mono_total / engine_total, "node_seconds": bound["node_seconds"],
-                                "bound": bound["stages_bound"]}
+                                "stages_bound": bound["stages_bound"], "bound": bound["bound"]}
         peaks = {**serial_gpu.peak, **{pid: max(v, serial_gpu.peak.get(pid, 0)) for pid, v in batch_gpu.peak.items()}}
         node_reports = [report["nodes"], batch_report["nodes"]]
     else:
@@ -246,7 +248,8 @@ def render(result: dict) -> str:
     if "throughput" in result:
         t = result["throughput"]
         lines += ["", f"throughput, {t['requests']} requests: engine {t['engine_seconds']:.2f} s, monolithic "
-                      f"{t['monolithic_seconds']:.2f} s: {t['speedup']:.2f}x (bound from the stage times {t['bound']:.2f}x: "
+                      f"{t['monolithic_seconds']:.2f} s: {t['speedup']:.2f}x (bound {t['bound']:.2f}x, one stage on the GPU at a "
+                      f"time; sum / slowest node {t['stages_bound']:.2f}x: "
                       + ", ".join(f"{n} {s:.2f} s" for n, s in t["node_seconds"].items()) + " per request)"]
     memory = result["memory"]
     gpu = lambda b: human_bytes(b) if b is not None else "n/a"  # noqa: E731

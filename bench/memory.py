@@ -1,6 +1,6 @@
 """Memory: resident parameter bytes and peak RSS per node against the monolithic pipeline.
 
-    python bench/memory.py [--json] [--height 96 --width 160 --frames 9 --steps 4]
+    python bench/memory.py [--json] [--height 128 --width 224 --frames 17 --steps 4]
 
 The engine deploys graphs/wan_<task>.yaml on the ``bench`` preset (edge buffers sized for 480x832x81) and runs
 one request; per node replica the report gives the parameter and buffer bytes its components hold (the
@@ -31,9 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=("i2v", "t2v"), default="i2v", help="graphs/wan_<task>.yaml")
     parser.add_argument("--model", default="bench", help="preset or diffusers folder (default: the bench preset)")
-    parser.add_argument("--height", type=int, default=96)
-    parser.add_argument("--width", type=int, default=160)
-    parser.add_argument("--frames", type=int, default=9, help="4k+1")
+    parser.add_argument("--height", type=int, default=128)
+    parser.add_argument("--width", type=int, default=224)
+    parser.add_argument("--frames", type=int, default=17, help="4k+1")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", type=Path, help="folder for outputs and reports (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")

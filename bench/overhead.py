@@ -1,6 +1,6 @@
 """Engine overhead: one request's latency through the three-node graph against the monolithic diffusers pipeline.
 
-    python bench/overhead.py [--json] [--repeats 3] [--height 96 --width 160 --frames 9 --steps 4]
+    python bench/overhead.py [--json] [--repeats 5] [--height 128 --width 224 --frames 17 --steps 4]
 
 The engine side deploys graphs/wan_<task>.yaml (encoder | transformer | decoder, one worker process each, real
 broker, real Mooncake edges with xxh3-128 checks) on the ``bench`` preset (tiny compute, the real Wan2.1 480P
@@ -38,11 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=("i2v", "t2v"), default="i2v", help="graphs/wan_<task>.yaml")
     parser.add_argument("--model", default="bench", help="preset or diffusers folder (default: the bench preset)")
-    parser.add_argument("--height", type=int, default=96)
-    parser.add_argument("--width", type=int, default=160)
-    parser.add_argument("--frames", type=int, default=9, help="4k+1")
+    parser.add_argument("--height", type=int, default=128)
+    parser.add_argument("--width", type=int, default=224)
+    parser.add_argument("--frames", type=int, default=17, help="4k+1")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3, help="timed requests per side, after one warm-up")
+    parser.add_argument("--repeats", type=int, default=5, help="timed requests per side, after one warm-up")
     parser.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto", help="embedded broker")
     parser.add_argument("--out", type=Path, help="folder for outputs and reports (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")

@@ -94,16 +94,24 @@ def test_serial_overrides_leave_one_request_in_flight():
     assert [e.slots for e in plan.edges] == [1, 1]
 
 
-def test_pipeline_bound_is_the_smaller_of_stages_and_cores():
+def test_pipeline_bound_takes_the_slower_of_the_slowest_node_and_the_cores():
     throughput, common = load("throughput"), load("common")
     plan, _, _ = common.plan_graph(common.graph_path("i2v"), ["model.path=tiny"])
     stages = {"text_encode": 1.0, "image_encode": 0.5, "vae_encode": 0.5, "denoise": 3.0, "vae_decode": 1.5, "write": 0.5}
-    bound = throughput.pipeline_bound(plan, stages, {"phase1": 0.1, "phase2": 0.0}, parallelism=1.0, n_cores=2)
+    bound = throughput.pipeline_bound(plan, stages, {"phase1": 0.1, "phase2": 0.0}, 7.0, worker_threads=1, n_cores=2)
     assert bound["node_seconds"] == pytest.approx({"encoder": 2.1, "transformer": 3.0, "decoder": 2.0})
     assert bound["stages_bound"] == pytest.approx(7.1 / 3.0)
-    assert bound["cores_bound"] == 2.0 and bound["bound"] == 2.0
-    # A request that already keeps both cores busy leaves pipelining nothing to gain.
-    assert throughput.pipeline_bound(plan, stages, {}, parallelism=2.0, n_cores=2)["bound"] == 1.0
+    assert bound["period_seconds"] == pytest.approx(7.1 / 2) and bound["bound"] == pytest.approx(7.0 / 3.55)
+    # Workers that each take every core cannot overlap: nothing to gain.
+    assert throughput.pipeline_bound(plan, stages, {}, 7.0, worker_threads=2, n_cores=2)["bound"] == pytest.approx(1.0)
+    # Enough cores: the slowest node sets the pace.
+    assert throughput.pipeline_bound(plan, stages, {}, 7.0, worker_threads=1, n_cores=8)["bound"] == pytest.approx(7.0 / 3.0)
+
+
+def test_workers_share_the_cores():
+    throughput, common = load("throughput"), load("common")
+    plan, _, _ = common.plan_graph(common.graph_path("i2v"), ["model.path=tiny"])
+    assert [throughput.default_worker_threads(plan, n) for n in (1, 2, 3, 16)] == [1, 1, 1, 5]
 
 
 # -- segment runs: tracker -> report -> timeline -----------------------------------------------------------------
