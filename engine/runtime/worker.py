@@ -192,6 +192,9 @@ class Worker:
         manifest = Manifest.model_validate(message.manifest)
         ack, views = await asyncio.to_thread(accept, receiver, manifest)  # hashing a large payload takes a while
         if views is not None:
+            stale = self.received.pop((message.request_id, message.edge), None)
+            if stale is not None:  # an earlier attempt's payload: the retried request replaces it
+                receiver.release(stale[0])
             self.received[(message.request_id, message.edge)] = (manifest, views)
         await self._publish_to(message.sender, Ack(request_id=message.request_id, edge=message.edge, attempt=message.attempt,
                                                    receiver=self.me, ok=ack.ok, reason=ack.reason,
