@@ -10,7 +10,7 @@ to its last segment's completion: deploying and loading are not in it (bench/col
 
 The baseline is the diffusers pipeline (WanImageToVideoPipeline / WanPipeline) from the same model folder in
 a fresh process, the same 1 + ``--repeats`` requests, each a pipeline call plus the same output writing the
-decoder node does. The first request of each side is a warm-up, reported apart. Both sides save the frames,
+decoder node does. The first request of each side is a warm-up (``--warmup``), reported apart. Both sides save the frames,
 and the last pair is compared (the engine is bit-identical to the pipeline on CPU).
 
 The edge buffers are sized for 480x832x81 (the graph's limits), and the plan's edge tensors at that size are
@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=224)
     parser.add_argument("--frames", type=int, default=17, help="4k+1")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5, help="timed requests per side, after one warm-up")
+    parser.add_argument("--repeats", type=int, default=5, help="timed requests per side, after the warm-up")
+    parser.add_argument("--warmup", type=int, choices=(0, 1), default=1, help="untimed first requests per side")
     parser.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto", help="embedded broker")
     parser.add_argument("--out", type=Path, help="folder for outputs and reports (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
@@ -59,26 +60,27 @@ def measure(args: argparse.Namespace) -> dict:
     overrides = serial_overrides(graph, base)
     plan, checked, source = plan_graph(graph, overrides)
     values = request_values(args.task, height=args.height, width=args.width, frames=args.frames, steps=args.steps)
-    requests = make_requests(checked, values, 1 + args.repeats)
+    requests = make_requests(checked, values, args.warmup + args.repeats)
+    w = args.warmup
     info = machine()
 
     # 1. The engine: deployed once, requests one at a time.
     report = run_engine(plan, source, requests, out / "engine", broker_kind=args.broker, save_frames=True)
     engine_runs = report["requests"]
-    engine_s = [latency(r) for r in engine_runs[1:]]
+    engine_s = [latency(r) for r in engine_runs[w:]]
 
     # 2. The monolithic pipeline, fresh process, same requests.
-    mono = run_monolithic(args.task, source, requests, out / "monolithic", warmup=1,
+    mono = run_monolithic(args.task, source, requests, out / "monolithic", warmup=w,
                           dtype=plan.dtype, save_frames=True)
     mono_runs = mono["requests"]
-    mono_s = [r["seconds"] for r in mono_runs[1:]]
+    mono_s = [r["seconds"] for r in mono_runs[w:]]
 
     # 3. Where the time goes, per side (medians over the timed requests).
     stages = [s for segment in plan.segments for s in segment.stages]
-    engine_stage = {s: median([r["stage_seconds"][s] for r in engine_runs[1:]]) for s in stages}
-    engine_edges = {e.name: {"seconds": median([r["edges"][e.name]["seconds"] for r in engine_runs[1:]]),
+    engine_stage = {s: median([r["stage_seconds"][s] for r in engine_runs[w:]]) for s in stages}
+    engine_edges = {e.name: {"seconds": median([r["edges"][e.name]["seconds"] for r in engine_runs[w:]]),
                              "nbytes": engine_runs[-1]["edges"][e.name]["nbytes"]} for e in plan.edges}
-    mono_stage = {s: median([r["stage_seconds"][s] for r in mono_runs[1:]]) for s in [*stages, "write"]}
+    mono_stage = {s: median([r["stage_seconds"][s] for r in mono_runs[w:]]) for s in [*stages, "write"]}
     engine_median, mono_median = median(engine_s), median(mono_s)
     last = len(requests)
     return {
@@ -90,11 +92,12 @@ def measure(args: argparse.Namespace) -> dict:
         "request": {"height": args.height, "width": args.width, "frames": args.frames, "steps": args.steps,
                     "guidance_scale": requests[0].guidance_scale},
         "repeats": args.repeats,
+        "warmup": w,
         "broker": args.broker,
-        "engine": {"latency_seconds": engine_s, "median_seconds": engine_median, "warmup_seconds": latency(engine_runs[0]),
+        "engine": {"latency_seconds": engine_s, "median_seconds": engine_median, "warmup_seconds": latency(engine_runs[0]) if w else None,
                    "stage_seconds": engine_stage, "edges": engine_edges,
                    "other_seconds": engine_median - sum(engine_stage.values()) - sum(e["seconds"] for e in engine_edges.values())},
-        "monolithic": {"latency_seconds": mono_s, "median_seconds": mono_median, "warmup_seconds": mono_runs[0]["seconds"],
+        "monolithic": {"latency_seconds": mono_s, "median_seconds": mono_median, "warmup_seconds": mono_runs[0]["seconds"] if w else None,
                        "stage_seconds": mono_stage},
         "ratio": engine_median / mono_median,
         "target_ratio": TARGET_RATIO,
@@ -114,7 +117,8 @@ def render(result: dict) -> str:
              f"({' | '.join(', '.join(s) for s in result['nodes'].values())}), model {result['model']}, "
              f"{request['height']}x{request['width']}x{request['frames']}, {request['steps']} steps, "
              f"guidance {request['guidance_scale']:g}",
-             f"request latency after ready, seconds, median of {result['repeats']} (after 1 warm-up)", ""]
+             f"request latency after ready, seconds, median of {result['repeats']} "
+             f"({'after 1 warm-up' if result['warmup'] else 'no warm-up: first requests'})", ""]
     rows = []
     for node, stages in result["nodes"].items():
         for stage in stages:
@@ -124,7 +128,8 @@ def render(result: dict) -> str:
             rows.append([f"{name} transfer ({human_bytes(edge['nbytes'])})", f"{edge['seconds']:.3f}", "-"])
     rows.append(["output writing, control, queues", f"{engine['other_seconds']:.3f}", f"{mono['stage_seconds']['write']:.3f}"])
     rows.append(["request (median)", f"{engine['median_seconds']:.3f}", f"{mono['median_seconds']:.3f}"])
-    rows.append(["warm-up request", f"{engine['warmup_seconds']:.3f}", f"{mono['warmup_seconds']:.3f}"])
+    if result["warmup"]:
+        rows.append(["warm-up request", f"{engine['warmup_seconds']:.3f}", f"{mono['warmup_seconds']:.3f}"])
     lines.append(table(["", "engine (3 processes)", "monolithic"], rows))
     verdict = "ok" if result["ratio"] <= result["target_ratio"] else "ABOVE TARGET"
     lines += ["", f"ratio engine / monolithic: {result['ratio']:.3f} (target <= {result['target_ratio']}) {verdict}",
