@@ -11,8 +11,8 @@ monolithic WanPipeline: request latency (overhead), pipelined throughput, and me
    1 + ``--repeats`` requests at 480x832x81 one at a time; the same requests through WanPipeline in a fresh
    process. Latency from the first dispatch to the last segment done; the first request is a warm-up.
 3. Throughput: ``--requests`` requests submitted at once (three slots per edge) against the same requests one
-   after the other in the pipeline's process; the bound from the stage times as in bench/throughput.py, with
-   the GPU as the one shared resource (one stage computes at a time).
+   after the other in a fresh pipeline process (both sides cold); the bound from the stage times as in
+   bench/throughput.py, with the GPU as the one shared resource (one stage computes at a time).
 4. Memory: per node the resident parameter bytes (report) and the peak GPU memory of its process (polled with
    nvidia-smi, CUDA context included), against the pipeline's process; the engine's peak RSS beside it.
 
@@ -169,9 +169,8 @@ def measure(args: argparse.Namespace) -> dict:
         report = run_engine(plan, source, single, out / "engine-serial")
     engine_s = [latency(r) for r in report["requests"][1:]]
     with GpuMemoryPoller() as mono_gpu:
-        mono = run_monolithic("t2v", source, [*single, *batch], out / "monolithic", warmup=1, device=device, dtype=plan.dtype)
-    mono_single = mono["requests"][:len(single)]
-    mono_batch = mono["requests"][len(single):]
+        mono = run_monolithic("t2v", source, single, out / "monolithic", warmup=1, device=device, dtype=plan.dtype)
+    mono_single = mono["requests"]
     mono_s = [r["seconds"] for r in mono_single[1:]]
     stages = [s for segment in plan.segments for s in segment.stages]
     result = {
@@ -196,6 +195,9 @@ def measure(args: argparse.Namespace) -> dict:
         pipelined, _, _ = plan_graph(graph, base)
         with GpuMemoryPoller() as batch_gpu:
             batch_report = run_engine(pipelined, source, batch, out / "engine-batch")
+        # A fresh pipeline process, cold as the freshly deployed workers are.
+        mono_batch = run_monolithic("t2v", source, batch, out / "monolithic-batch", warmup=0, device=device,
+                                    dtype=plan.dtype)["requests"]
         runs = batch_report["requests"]
         engine_total = (max(on_run_clock(r, r["segments"][-1]["done"]) for r in runs)
                         - min(on_run_clock(r, r["segments"][0]["dispatched"]) for r in runs))

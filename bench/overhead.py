@@ -118,7 +118,7 @@ def render(result: dict) -> str:
              f"{request['height']}x{request['width']}x{request['frames']}, {request['steps']} steps, "
              f"guidance {request['guidance_scale']:g}",
              f"request latency after ready, seconds, median of {result['repeats']} "
-             f"({'after 1 warm-up' if result['warmup'] else 'no warm-up: first requests'})", ""]
+             f"({'after 1 warm-up' if result.get('warmup', 1) else 'no warm-up: first requests'})", ""]
     rows = []
     for node, stages in result["nodes"].items():
         for stage in stages:
@@ -128,7 +128,7 @@ def render(result: dict) -> str:
             rows.append([f"{name} transfer ({human_bytes(edge['nbytes'])})", f"{edge['seconds']:.3f}", "-"])
     rows.append(["output writing, control, queues", f"{engine['other_seconds']:.3f}", f"{mono['stage_seconds']['write']:.3f}"])
     rows.append(["request (median)", f"{engine['median_seconds']:.3f}", f"{mono['median_seconds']:.3f}"])
-    if result["warmup"]:
+    if result.get("warmup", 1):
         rows.append(["warm-up request", f"{engine['warmup_seconds']:.3f}", f"{mono['warmup_seconds']:.3f}"])
     lines.append(table(["", "engine (3 processes)", "monolithic"], rows))
     verdict = "ok" if result["ratio"] <= result["target_ratio"] else "ABOVE TARGET"

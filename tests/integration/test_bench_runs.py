@@ -67,3 +67,15 @@ def test_memory_and_cold_start_per_node(tmp_path):
     for node in cold["nodes"].values():
         assert 0 < node["start_to_connected"] < node["start_to_ready"] and 0 <= node["load"] < node["start_to_ready"]
     assert cold["monolithic"]["start_to_ready"] > cold["monolithic"]["start_to_imported"] > 0
+
+
+def test_gpu_script_smoke_run_on_the_cpu_with_a_tiny_config(tmp_path):
+    from engine.families import get_family
+
+    config = get_family("wan").resolve_source("t2v", "tiny")  # its config.json files; the script builds its own weights
+    result = bench("gpu_wan", "--device", "cpu", "--config", str(config), "--dtype", "fp32", "--height", "32", "--width", "32",
+                   "--frames", "5", "--steps", "2", "--repeats", "1", "--requests", "2", "--out", str(tmp_path))
+    assert result["overhead"]["ratio"] > 0 and len(result["overhead"]["engine_seconds"]) == 1
+    assert result["throughput"]["requests"] == 2 and result["throughput"]["speedup"] > 0
+    assert set(result["memory"]["nodes"]) == {"encoder[0]", "transformer[0]", "decoder[0]"}
+    assert not (tmp_path / "model").exists()  # the built model is removed unless --keep-model
