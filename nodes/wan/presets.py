@@ -77,7 +77,7 @@ def build_preset(preset: str, task: str, dest: Path) -> None:
         patch_size=(1, 2, 2), num_attention_heads=sizes.heads, attention_head_dim=sizes.head_dim,
         in_channels=36 if i2v else 16, out_channels=16, text_dim=sizes.text_dim, freq_dim=256, ffn_dim=32,
         num_layers=sizes.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-        image_dim=sizes.image_dim if i2v else None, added_kv_proj_dim=dim if i2v else None, rope_max_seq_len=32,
+        image_dim=sizes.image_dim if i2v else None, added_kv_proj_dim=dim if i2v else None, rope_max_seq_len=1024,
     )
 
     # 4. The causal video VAE with the real strides (T4, H8, W8) and z_dim 16.

@@ -15,7 +15,7 @@ from engine.models.sources import resolve_source as resolve_model_source
 from nodes.wan.presets import PRESETS, build_preset
 
 #: Bump when build_preset changes what it writes, so cached folders of the old recipe are not reused.
-PRESET_VERSION = 1
+PRESET_VERSION = 2
 
 
 def resolve_source(task: str, path: str) -> Path:
