@@ -141,11 +141,35 @@ class Receiver(ABC):
 
 
 class ByteReceiver(Receiver):
-    """A receiver whose pool is memory the sender writes bytes into (mooncake, shm)."""
+    """A receiver whose pool is memory the sender writes bytes into (mooncake, shm).
+
+    Subclasses map the pool as ``_memory`` (an mmap) with ``_bytes`` a uint8 tensor over it, and say in
+    ``_detach`` how peers stop reaching it (unregister it, unlink its name) before it is unmapped.
+    """
+
+    _memory: mmap.mmap | None
+    _bytes: torch.Tensor | None
 
     @abstractmethod
+    def _detach(self) -> None:
+        """Make the pool unreachable to senders; called once by ``close`` before the memory is released."""
+
     def _slot_bytes(self, slot: int) -> torch.Tensor:
         """The uint8 tensor over slot ``slot``'s memory."""
+        assert self._bytes is not None
+        start = slot * self.slot_stride
+        return self._bytes[start : start + self.slot_bytes]
+
+    def close(self) -> None:
+        if self._memory is None:
+            return
+        self._detach()
+        self._bytes = None
+        try:
+            self._memory.close()
+        except BufferError:
+            pass  # views handed out by open() still export the pages; they are freed with the last view
+        self._memory = None
 
     def open(self, manifest: Manifest) -> dict[str, torch.Tensor]:
         self._check(manifest)

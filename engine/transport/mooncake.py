@@ -95,20 +95,8 @@ class MooncakeReceiver(ByteReceiver):
     def location(self) -> dict[str, Any]:
         return dict(self._location)
 
-    def _slot_bytes(self, slot: int) -> torch.Tensor:
-        start = slot * self.slot_stride
-        return self._bytes[start : start + self.slot_bytes]
-
-    def close(self) -> None:
-        if self._memory is None:
-            return
+    def _detach(self) -> None:
         self._engine.unregister_memory(self._base)
-        self._bytes = None
-        try:
-            self._memory.close()
-        except BufferError:
-            pass  # views handed out by open() still export the pages; they are freed with the last view
-        self._memory = None
 
 
 class MooncakeSender(ByteSender):

@@ -56,20 +56,8 @@ class ShmReceiver(ByteReceiver):
     def location(self) -> dict[str, Any]:
         return {"transport": "shm", "segment": self._name, "size": self._size}
 
-    def _slot_bytes(self, slot: int) -> torch.Tensor:
-        start = slot * self.slot_stride
-        return self._bytes[start : start + self.slot_bytes]
-
-    def close(self) -> None:
-        if self._memory is None:
-            return
+    def _detach(self) -> None:
         os.unlink(self._path)
-        self._bytes = None
-        try:
-            self._memory.close()
-        except BufferError:
-            pass  # views handed out by open() still export the pages; they are freed with the last view
-        self._memory = None
 
 
 class ShmSender(ByteSender):
