@@ -172,31 +172,24 @@ class Denoise(QwenImageStage):
         for i, t in enumerate(timesteps):
             latent_model_input = latents if image_latents is None else torch.cat([latents, image_latents], dim=1)
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            with pipe.transformer.cache_context("cond"):
-                noise_pred = pipe.transformer(
-                    hidden_states=latent_model_input,
-                    timestep=timestep / 1000,
-                    guidance=None,
-                    encoder_hidden_states_mask=prompt_embeds_mask,
-                    encoder_hidden_states=prompt_embeds,
-                    img_shapes=img_shapes,
-                    attention_kwargs={},
-                    return_dict=False,
-                )[0]
-                noise_pred = noise_pred[:, : latents.size(1)]
-            if do_true_cfg:
-                with pipe.transformer.cache_context("uncond"):
-                    neg_noise_pred = pipe.transformer(
+
+            def predict(context: str, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                with pipe.transformer.cache_context(context):
+                    prediction = pipe.transformer(
                         hidden_states=latent_model_input,
                         timestep=timestep / 1000,
                         guidance=None,
-                        encoder_hidden_states_mask=negative_prompt_embeds_mask,
-                        encoder_hidden_states=negative_prompt_embeds,
+                        encoder_hidden_states_mask=mask,
+                        encoder_hidden_states=embeds,
                         img_shapes=img_shapes,
                         attention_kwargs={},
                         return_dict=False,
                     )[0]
-                    neg_noise_pred = neg_noise_pred[:, : latents.size(1)]
+                return prediction[:, : latents.size(1)]
+
+            noise_pred = predict("cond", prompt_embeds, prompt_embeds_mask)
+            if do_true_cfg:
+                neg_noise_pred = predict("uncond", negative_prompt_embeds, negative_prompt_embeds_mask)
                 comb_pred = neg_noise_pred + request.true_cfg_scale * (noise_pred - neg_noise_pred)
                 cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
                 noise_norm = torch.norm(comb_pred, dim=-1, keepdim=True)
