@@ -207,23 +207,19 @@ class Denoise(Stage):
             latent_model_input = latent_model_input.to(transformer_dtype)
             timestep = t.expand(latents.shape[0])
 
-            with self.transformer.cache_context("cond"):
-                noise_pred = self.transformer(
-                    hidden_states=latent_model_input,
-                    timestep=timestep,
-                    encoder_hidden_states=prompt_embeds,
-                    return_dict=False,
-                    **image_kwargs,
-                )[0]
-            if guidance:
-                with self.transformer.cache_context("uncond"):
-                    noise_uncond = self.transformer(
+            def predict(context: str, embeds: torch.Tensor) -> torch.Tensor:
+                with self.transformer.cache_context(context):
+                    return self.transformer(
                         hidden_states=latent_model_input,
                         timestep=timestep,
-                        encoder_hidden_states=negative_prompt_embeds,
+                        encoder_hidden_states=embeds,
                         return_dict=False,
                         **image_kwargs,
                     )[0]
+
+            noise_pred = predict("cond", prompt_embeds)
+            if guidance:
+                noise_uncond = predict("uncond", negative_prompt_embeds)
                 noise_pred = noise_uncond + request.guidance_scale * (noise_pred - noise_uncond)
 
             # x_t -> x_t-1
