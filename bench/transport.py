@@ -2,15 +2,20 @@
 
     python bench/transport.py [--json] [--repeats N] [--sizes-mib 1 16 64 256]
 
-One receiver process holds a Mooncake pool, a shared-memory pool and a loopback socket; this process sends.
+One receiver process holds Mooncake and shared-memory pools and a loopback socket; this process sends.
+Every repeat runs each row once, in turn, so a change in the machine's load hits all rows alike.
 Rows (GB/s, medians over the repeats):
-  mooncake channel   send_tensors: grant, pack into staging, xxh3 per tensor, Mooncake TCP write (submit +
-                     poll), deliver, receiver verifies, ack
-  mooncake raw       transfer_sync_write of the same bytes from a registered buffer, nothing else
-  socket             sendall / recv_into over loopback TCP, plus a one-byte ack
-  shm channel        send_tensors over shared memory: pack into the slot, hash, deliver, verify, ack
-  hash+verify share  (sender hash + receiver verify) / mooncake channel time, counted as if nothing overlapped
-                     (the sender hashes while Mooncake writes, so the time it adds is lower)
+  mooncake channel     send_tensors: grant, Mooncake TCP write of the tensor from where it lies while the
+                       sender hashes it, deliver, receiver verifies (xxh3-128 on its cores), ack
+  mooncake, no digest  the same edge with integrity none: what the channel costs without hashing
+  mooncake raw         transfer_sync_write of the same bytes from a registered buffer, nothing else
+  socket               sendall / recv_into over loopback TCP, plus a one-byte ack
+  shm channel          send_tensors over shared memory: copy into the slot hashing each chunk as it is
+                       copied, deliver, verify, ack
+  integrity added      (mooncake channel - mooncake, no digest) / mooncake channel: the edge time hashing
+                       and verification add
+  hash+verify work     (sender hash + receiver verify) / mooncake channel, as if nothing overlapped (the
+                       sender hashes while Mooncake writes, so the time it adds is lower)
 Control messages travel over a pipe as JSON, as the runtime's would over MQTT.
 """
 
@@ -35,43 +40,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from engine.transport import Ack, Manifest, SlotGrant, make_receiver, make_sender, send_tensors  # noqa: E402
+from engine.transport.base import anonymous_memory  # noqa: E402
 from engine.transport.faults import Faults  # noqa: E402
 from engine.transport.link import accept  # noqa: E402
-from engine.transport.manifest import TensorHeader, tensor_digests  # noqa: E402
+from engine.transport.mooncake import transfer_engine  # noqa: E402
+from engine.transport.payload import source_digests  # noqa: E402
 
 MIB = 1 << 20
-TARGETS = "targets: mooncake channel >= 0.8x socket for >= 16 MiB; hash+verify <= 10% of edge time; shm >= 3x socket"
+TARGETS = "targets: mooncake channel >= 0.8x socket for >= 16 MiB; integrity added <= 10% of edge time; shm >= 3x socket"
+EDGES = {"mooncake": ("mooncake", "xxh3-128"), "mooncake, no digest": ("mooncake", "none"), "shm": ("shm", "xxh3-128")}
 
 
 def receiver_main(max_bytes: int, conn: Connection) -> None:
-    """The receiving process: answers grant/deliver/release for both pools, and receives socket payloads."""
-    pools = {t: make_receiver(t, "bench", max_bytes, 1, quarantine_s=0.0) for t in ("mooncake", "shm")}
+    """The receiving process: answers grant/deliver for every pool, and receives socket payloads."""
+    pools = {
+        name: make_receiver(transport, "bench", max_bytes, 1, quarantine_s=0.0, integrity=integrity)
+        for name, (transport, integrity) in EDGES.items()
+    }
     listener = socket.create_server(("127.0.0.1", 0))
-    sink = bytearray(max_bytes)
-    conn.send_bytes(json.dumps({t: r.location for t, r in pools.items()} | {"socket_port": listener.getsockname()[1]}).encode())
+    sink = memoryview(anonymous_memory(max_bytes))
+    conn.send_bytes(json.dumps({"pools": {n: r.location for n, r in pools.items()}, "socket_port": listener.getsockname()[1]}).encode())
     peer, _ = listener.accept()
     peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    view = memoryview(sink)
     while True:
         try:
             message = json.loads(conn.recv_bytes())
         except EOFError:
             break
-        receiver = pools.get(message.get("transport"))
+        if message["op"] == "socket":
+            got, nbytes = 0, message["nbytes"]
+            while got < nbytes:
+                got += peer.recv_into(sink[got:nbytes])
+            peer.sendall(b"k")
+            continue
+        receiver = pools[message["edge"]]
         if message["op"] == "grant":
             reply: dict[str, Any] = {"grant": receiver.grant(message["request_id"], message["nbytes"]).model_dump(mode="json")}
-        elif message["op"] == "deliver":
+        else:
             manifest = Manifest.model_validate(message["manifest"])
             start = time.perf_counter()
             ack, _ = accept(receiver, manifest)
             reply = {"ack": ack.model_dump(mode="json"), "verify_s": time.perf_counter() - start}
             receiver.release(manifest)
-        elif message["op"] == "socket":
-            got, nbytes = 0, message["nbytes"]
-            while got < nbytes:
-                got += peer.recv_into(view[got:nbytes])
-            peer.sendall(b"k")
-            continue
         conn.send_bytes(json.dumps(reply).encode())
     for receiver in pools.values():
         receiver.close()
@@ -80,14 +90,14 @@ def receiver_main(max_bytes: int, conn: Connection) -> None:
 class BenchLink:
     """An EdgeLink over the pipe to the receiving process; records the receiver's verify times."""
 
-    def __init__(self, transport: str, conn: Connection):
+    def __init__(self, name: str, conn: Connection):
         self.edge = "bench"
-        self.transport = transport
+        self.name = name
         self.conn = conn
         self.verify_s: list[float] = []
 
     def call(self, message: dict[str, Any]) -> dict[str, Any]:
-        self.conn.send_bytes(json.dumps(message | {"transport": self.transport}).encode())
+        self.conn.send_bytes(json.dumps(message | {"edge": self.name}).encode())
         return json.loads(self.conn.recv_bytes())
 
     async def request_grant(self, request_id: str, nbytes: int) -> SlotGrant:
@@ -102,24 +112,10 @@ class BenchLink:
         raise RuntimeError(f"a benchmark write failed: {reason}")
 
 
-def median_time(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-async def median_channel_time(sender, link: BenchLink, tensors: dict[str, torch.Tensor], repeats: int) -> float:
-    """Median seconds of one send_tensors (grant to ack), after one warm-up, all in one event loop."""
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        await send_tensors(sender, link, tensors, f"{link.transport}-{i}")
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+def timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 def measure(sizes: list[int], repeats: int) -> dict[str, dict[str, float]]:
@@ -127,55 +123,73 @@ def measure(sizes: list[int], repeats: int) -> dict[str, dict[str, float]]:
     parent, child = ctx.Pipe()
     process = ctx.Process(target=receiver_main, args=(max(sizes), child), daemon=True)
     process.start()
-    locations = json.loads(parent.recv_bytes())
-    sock = socket.create_connection(("127.0.0.1", locations["socket_port"]))
+    hello = json.loads(parent.recv_bytes())
+    sock = socket.create_connection(("127.0.0.1", hello["socket_port"]))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    senders = {t: make_sender(t, "bench", max(sizes), faults=Faults(), timeout_s=60.0) for t in ("mooncake", "shm")}
-    for transport, sender in senders.items():
-        sender.connect(locations[transport])
-    raw_engine, raw_src = senders["mooncake"]._engine, senders["mooncake"]._staging_addr
-    session, base = locations["mooncake"]["session"], locations["mooncake"]["base"]
-    results: dict[str, dict[str, float]] = {k: {} for k in ("mooncake channel", "mooncake raw", "socket", "shm channel", "hash+verify share")}
+    senders = {}
+    for name, (transport, integrity) in EDGES.items():
+        senders[name] = make_sender(transport, "bench", max(sizes), faults=Faults(), timeout_s=60.0, integrity=integrity)
+        senders[name].connect(hello["pools"][name])
+    engine = transfer_engine("127.0.0.1", "tcp", "")
+    raw_memory = anonymous_memory(max(sizes))
+    raw_source = torch.frombuffer(raw_memory, dtype=torch.uint8).random_(0, 256)
+    engine.register_memory(raw_source.data_ptr(), raw_source.numel())
+    session, base = hello["pools"]["mooncake"]["session"], hello["pools"]["mooncake"]["base"]
+    rows = ("mooncake channel", "mooncake, no digest", "mooncake raw", "socket", "shm channel",
+            "integrity added", "hash+verify work")
+    results: dict[str, dict[str, float]] = {row: {} for row in rows}
+    loop = asyncio.new_event_loop()
     try:
         for nbytes in sizes:
-            label = f"{nbytes // MIB} MiB"
             tensors = {"latents": torch.randn(nbytes // 2).to(torch.bfloat16)}
-            links = {t: BenchLink(t, parent) for t in senders}
-            channel = {t: asyncio.run(median_channel_time(senders[t], links[t], tensors, repeats)) for t in senders}
-            raw = median_time(lambda: raw_engine.transfer_sync_write(session, raw_src, base, nbytes), repeats)
-            payload = memoryview(bytearray(os.urandom(1024)) * (nbytes // 1024))
+            links = {name: BenchLink(name, parent) for name in EDGES}
+            counter = iter(range(1 << 30))
+
+            def channel(name: str):
+                return lambda: loop.run_until_complete(send_tensors(senders[name], links[name], tensors, f"r{next(counter)}"))
 
             def over_socket():
                 parent.send_bytes(json.dumps({"op": "socket", "nbytes": nbytes}).encode())
-                sock.sendall(payload)
+                sock.sendall(memoryview(raw_memory)[:nbytes])
                 sock.recv(1)
 
-            plain = median_time(over_socket, repeats)
-            staged = senders["mooncake"]._staging[:nbytes]
-            header = (TensorHeader(name="latents", dtype="uint8", shape=(nbytes,), offset=0, nbytes=nbytes),)
-            hash_s = median_time(lambda: tensor_digests(staged, header), repeats)
-            verify_s = statistics.median(links["mooncake"].verify_s)
-            gbps = lambda seconds: nbytes / seconds / 1e9  # noqa: E731
-            results["mooncake channel"][label] = gbps(channel["mooncake"])
-            results["mooncake raw"][label] = gbps(raw)
-            results["socket"][label] = gbps(plain)
-            results["shm channel"][label] = gbps(channel["shm"])
-            results["hash+verify share"][label] = (hash_s + verify_s) / channel["mooncake"]
+            runs = {
+                "mooncake channel": channel("mooncake"),
+                "mooncake, no digest": channel("mooncake, no digest"),
+                "mooncake raw": lambda: engine.transfer_sync_write(session, raw_source.data_ptr(), base, nbytes),
+                "socket": over_socket,
+                "shm channel": channel("shm"),
+                "hash": lambda: source_digests([tensors["latents"]]),
+            }
+            times: dict[str, list[float]] = {name: [] for name in runs}
+            for repeat in range(repeats + 1):  # the first round warms up and is dropped
+                for name, run in runs.items():
+                    seconds = timed(run)
+                    if repeat:
+                        times[name].append(seconds)
+            median = {name: statistics.median(values) for name, values in times.items()}
+            verify_s = statistics.median(links["mooncake"].verify_s[1:])
+            label = f"{nbytes // MIB} MiB"
+            for name in ("mooncake channel", "mooncake, no digest", "mooncake raw", "socket", "shm channel"):
+                results[name][label] = nbytes / median[name] / 1e9
+            results["integrity added"][label] = 1 - median["mooncake, no digest"] / median["mooncake channel"]
+            results["hash+verify work"][label] = (median["hash"] + verify_s) / median["mooncake channel"]
     finally:
+        loop.close()
         for sender in senders.values():
             sender.close()
+        engine.unregister_memory(raw_source.data_ptr())
         sock.close()
         parent.close()
         process.join(10)
     return results
 
 
-
 def table(results: dict[str, dict[str, float]]) -> str:
     labels = list(next(iter(results.values())))
     lines = [f"{'GB/s (median)':<20}" + "".join(f"{label:>10}" for label in labels)]
     for row, values in results.items():
-        if row.endswith("share"):
+        if row in ("integrity added", "hash+verify work"):
             cell = lambda v: f"{v * 100:9.1f}%"  # noqa: E731
         elif row.endswith(" x"):
             cell = lambda v: f"{v:9.2f}x"  # noqa: E731

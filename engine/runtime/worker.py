@@ -89,10 +89,11 @@ class Worker:
         for name in spec.stages:
             self.stages[name] = self.family.build_stage(spec.task, name, components, spec.device, spec.dtype)
         for edge in spec.inbound:
-            self.receivers[edge.name] = await asyncio.to_thread(make_receiver, edge.transport, edge.name, edge.slot_bytes, edge.slots)
+            self.receivers[edge.name] = await asyncio.to_thread(make_receiver, edge.transport, edge.name, edge.slot_bytes,
+                                                                edge.slots, integrity=edge.integrity)
         for edge in spec.outbound:
             self.senders[edge.name] = await asyncio.to_thread(make_sender, edge.transport, edge.name, edge.slot_bytes,
-                                                              timeout_s=spec.transfer_timeout_s)
+                                                              timeout_s=spec.transfer_timeout_s, integrity=edge.integrity)
         load_s = time.perf_counter() - started
         param_bytes = sum(components.parameter_bytes().values())
         log.info("loaded %s in %.2f s: %d parameter bytes", ", ".join(spec.stages), load_s, param_bytes)

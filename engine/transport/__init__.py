@@ -1,8 +1,8 @@
 """The data plane: edges that move a request's tensors from one node to another, verified.
 
 The receiving node owns a pool of slots (:func:`make_receiver`), grants one per request, and opens a
-delivered payload only after its xxh3-128 digest verifies; the sending node packs the tensors into one
-contiguous region and writes it into the granted slot (:func:`make_sender`). :func:`send_tensors` runs one
+delivered payload only after its xxh3-128 digest verifies; the sending node puts the tensors into the
+granted slot as one contiguous region, hashing them on the way (:func:`make_sender`). :func:`send_tensors` runs one
 transfer over an :class:`EdgeLink` (the control messages between the two), retransmitting on a mismatch
 and fencing the slot after a failed write. Transports: ``mooncake`` (TCP or RDMA, any hosts), ``shm``
 (same host), ``inproc`` (same process).
@@ -16,14 +16,15 @@ from engine.transport.base import Receiver, Sender
 from engine.transport.errors import PayloadMismatch, SlotsExhausted
 from engine.transport.faults import FaultPlan, Faults
 from engine.transport.link import Ack, EdgeLink, LocalLink, accept, send_tensors
-from engine.transport.manifest import ALIGNMENT, Manifest, SlotGrant, TensorHeader, digest, pack, payload_nbytes, unpack
+from engine.transport.manifest import ALIGNMENT, Manifest, SlotGrant, TensorHeader, payload_nbytes
+from engine.transport.payload import pack, tensor_digests, unpack
 
 TRANSPORTS = ("mooncake", "shm", "inproc")
 
 __all__ = [
     "ALIGNMENT", "Ack", "EdgeLink", "FaultPlan", "Faults", "LocalLink", "Manifest", "PayloadMismatch", "Receiver",
-    "Sender", "SlotGrant", "SlotsExhausted", "TRANSPORTS", "TensorHeader", "accept", "digest", "make_receiver",
-    "make_sender", "pack", "payload_nbytes", "send_tensors", "unpack",
+    "Sender", "SlotGrant", "SlotsExhausted", "TRANSPORTS", "TensorHeader", "accept", "make_receiver",
+    "make_sender", "pack", "payload_nbytes", "send_tensors", "tensor_digests", "unpack",
 ]
 
 
@@ -31,7 +32,7 @@ def make_receiver(transport: str, edge: str, slot_bytes: int, slots: int, **opti
     """A receive pool of ``slots`` slots of ``slot_bytes`` for ``edge``, allocated, pre-faulted and registered now.
 
     Options: ``quarantine_s`` (how long a fenced slot sits out), ``lease_s`` (an undelivered grant is fenced
-    after this), and for mooncake ``hostname``, ``protocol`` (tcp, rdma) and ``device_name``.
+    after this), ``integrity`` (``xxh3-128``, the default, or ``none``: payloads are not hashed), and for mooncake ``hostname``, ``protocol`` (tcp, rdma) and ``device_name``.
     """
     if transport == "mooncake":
         from engine.transport.mooncake import MooncakeReceiver
@@ -52,7 +53,7 @@ def make_sender(transport: str, edge: str, max_bytes: int, **options: Any) -> Se
     """A sender for ``edge`` able to write payloads of up to ``max_bytes``.
 
     Options: ``timeout_s`` (watchdog on one write), ``faults`` (a Faults to inject; default from
-    ``ENGINE_TRANSPORT_FAULTS``), and for mooncake ``hostname``, ``protocol`` and ``device_name``.
+    ``ENGINE_TRANSPORT_FAULTS``), ``integrity`` (as the receiver's), and for mooncake ``hostname``, ``protocol`` and ``device_name``.
     """
     if transport == "mooncake":
         from engine.transport.mooncake import MooncakeSender

@@ -18,22 +18,15 @@ import torch
 from engine.errors import TransportError
 from engine.transport.errors import PayloadMismatch
 from engine.transport.faults import Faults
-from engine.transport.manifest import (
-    Manifest,
-    SlotGrant,
-    TensorHeader,
-    combine,
-    pack,
-    payload_nbytes,
-    tensor_digests,
-    unpack,
-)
+from engine.transport.manifest import Manifest, SlotGrant, TensorHeader, combine, headers_for, payload_nbytes
+from engine.transport.payload import cpu_sources, source_digests, tensor_digests, unpack
 from engine.transport.pool import SlotPool
 
 T = TypeVar("T")
 PAGE = mmap.PAGESIZE
 INLINE_BYTES = 1 << 20
 """Payloads up to this size are packed and hashed on the event loop; larger ones in a worker thread."""
+INTEGRITY = ("xxh3-128", "none")
 
 
 def page_aligned(n: int) -> int:
@@ -50,17 +43,22 @@ def anonymous_memory(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
 
 
-def verify(payload: torch.Tensor, manifest: Manifest) -> None:
-    """Raise PayloadMismatch (naming the edge, request and tensors) unless ``payload`` matches ``manifest``."""
+def verify(payload: torch.Tensor, manifest: Manifest, integrity: str) -> None:
+    """Raise PayloadMismatch (naming the edge, request and tensors) unless ``payload`` matches ``manifest``.
+
+    With integrity ``none`` the bytes are not hashed, but the manifest must still bind edge, request and headers.
+    """
     where = {"edge": manifest.edge, "request_id": manifest.request_id, "tensors": ()}
-    if len(manifest.tensor_digests) != len(manifest.tensors):
-        raise PayloadMismatch("manifest carries a digest count that differs from its tensor count", **where)
+    hashing = integrity != "none"
+    if len(manifest.tensor_digests) != (len(manifest.tensors) if hashing else 0):
+        raise PayloadMismatch(f"manifest carries {len(manifest.tensor_digests)} digests for {len(manifest.tensors)} "
+                              f"tensors on an edge with integrity {integrity}", **where)
     for header in manifest.tensors:
         if header.offset + header.nbytes > manifest.nbytes:
             raise PayloadMismatch(
                 f"tensor {header.name!r} lies outside the {manifest.nbytes}-byte payload", **{**where, "tensors": (header.name,)}
             )
-    actual = tensor_digests(payload, manifest.tensors)
+    actual = tensor_digests(payload, manifest.tensors) if hashing else ()
     if combine(manifest.edge, manifest.request_id, manifest.tensors, actual) == manifest.digest:
         return
     bad = [h.name for h, want, got in zip(manifest.tensors, manifest.tensor_digests, actual) if want != got]
@@ -69,15 +67,25 @@ def verify(payload: torch.Tensor, manifest: Manifest) -> None:
     raise PayloadMismatch("manifest digest mismatch: the headers, edge or request id were altered", **where)
 
 
+def _check_integrity(edge: str, integrity: str) -> str:
+    if integrity not in INTEGRITY:
+        raise ValueError(f"edge {edge!r}: integrity must be one of {', '.join(INTEGRITY)}, got {integrity!r}")
+    return integrity
+
+
 class Receiver(ABC):
     """Owns one edge's receive pool: grants slots, verifies payloads, hands out views, fences slots."""
 
     transport: ClassVar[str]
 
-    def __init__(self, edge: str, slot_bytes: int, slots: int, *, quarantine_s: float | None = None, lease_s: float = 60.0):
+    def __init__(
+        self, edge: str, slot_bytes: int, slots: int, *, quarantine_s: float | None = None, lease_s: float = 60.0,
+        integrity: str = "xxh3-128",
+    ):
         if slot_bytes <= 0:
             raise ValueError(f"edge {edge!r}: slot_bytes must be positive, got {slot_bytes}")
         self.edge = edge
+        self.integrity = _check_integrity(edge, integrity)
         self.slot_bytes = slot_bytes
         self.slot_stride = page_aligned(slot_bytes)
         self.pool = SlotPool(
@@ -179,7 +187,7 @@ class ByteReceiver(Receiver):
                 edge=self.edge, request_id=manifest.request_id, tensors=(),
             )
         payload = self._slot_bytes(manifest.slot)[: manifest.nbytes]
-        verify(payload, manifest)
+        verify(payload, manifest, self.integrity)
         self.pool.opened(manifest.slot)
         return unpack(payload, manifest)
 
@@ -189,10 +197,14 @@ class Sender(ABC):
 
     transport: ClassVar[str]
 
-    def __init__(self, edge: str, max_bytes: int, *, timeout_s: float = 10.0, faults: Faults | None = None):
+    def __init__(
+        self, edge: str, max_bytes: int, *, timeout_s: float = 10.0, faults: Faults | None = None,
+        integrity: str = "xxh3-128",
+    ):
         if max_bytes <= 0:
             raise ValueError(f"edge {edge!r}: max_bytes must be positive, got {max_bytes}")
         self.edge = edge
+        self.integrity = _check_integrity(edge, integrity)
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.faults = faults if faults is not None else Faults.from_env(edge)
@@ -222,61 +234,60 @@ class Sender(ABC):
 
 
 class ByteSender(Sender):
-    """A sender that packs into a region (staging or the slot), hashes it, and moves the bytes (mooncake, shm)."""
+    """A sender that moves bytes into the receiver's slot (mooncake, shm); subclasses say how they get there."""
 
     @abstractmethod
-    def _region(self, grant: SlotGrant, nbytes: int) -> torch.Tensor:
-        """Where to pack the payload: a staging buffer, or the granted slot itself."""
+    async def _put(
+        self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], headers: tuple[TensorHeader, ...], hashing: bool
+    ) -> tuple[str, ...]:
+        """Move the tensors' bytes into the granted slot at the headers' offsets; return their digests (or ()).
+
+        Raises PeerDead or EdgeTimeout (naming edge and request) when the bytes could not be written.
+        """
 
     @abstractmethod
-    async def _transfer(self, grant: SlotGrant, nbytes: int) -> None:
-        """Move the packed region's first ``nbytes`` into the granted slot (no-op if packed in place)."""
-
-    @abstractmethod
-    def _discard(self, region: torch.Tensor) -> None:
-        """Undo a packed region for an injected drop (the bytes must not reach the slot)."""
+    async def _poke(self, grant: SlotGrant, offset: int, value: int) -> None:
+        """Overwrite the byte at payload ``offset`` in the granted slot (injected corruption in transit)."""
 
     async def write(self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], request_id: str) -> Manifest:
-        """Pack, hash and write ``tensors`` into the granted slot; return the manifest to deliver."""
+        """Move ``tensors`` into the granted slot, hashing them on the way; return the manifest to deliver."""
         where = {"edge": self.edge, "request_id": request_id}
         self._check_grant(grant, request_id)
         nbytes = payload_nbytes(tensors)
         if nbytes > min(grant.capacity, self.max_bytes):
             raise TransportError(
-                f"payload of {nbytes} bytes exceeds the slot ({grant.capacity}) or staging ({self.max_bytes}) size",
+                f"payload of {nbytes} bytes exceeds the slot ({grant.capacity}) or sender ({self.max_bytes}) size",
                 **where,
             )
+        headers = headers_for(tensors)
+        hashing = self.integrity != "none"
         async with self._lock:
-            region = self._region(grant, nbytes)
-            headers = await _offload(nbytes, pack, tensors, region)
-            if self.faults.armed:
-                digests = await _offload(nbytes, tensor_digests, region, headers)
-                await self._inject_and_transfer(grant, region, headers, nbytes)
-            else:  # hash while the bytes move: both only read the packed region
-                digests, _ = await asyncio.gather(
-                    _offload(nbytes, tensor_digests, region, headers), self._transfer(grant, nbytes)
-                )
-            return Manifest(
-                edge=self.edge, request_id=request_id, slot=grant.slot, generation=grant.generation, nbytes=nbytes,
-                tensors=headers, tensor_digests=digests, digest=combine(self.edge, request_id, headers, digests),
-            )
-
-    async def _inject_and_transfer(
-        self, grant: SlotGrant, region: torch.Tensor, headers: tuple[TensorHeader, ...], nbytes: int
-    ) -> None:
-        """The write with faults: after hashing, so the digest describes the bytes as they should have arrived."""
-        delay = self.faults.take_delay()
-        if delay:
-            await asyncio.sleep(delay)
-        self.faults.corrupt(region, headers)
-        if self.faults.take_drop():
-            self._discard(region[:nbytes])
-        else:
-            await self._transfer(grant, nbytes)
+            delay = self.faults.take_delay()
+            if delay:
+                await asyncio.sleep(delay)
+            if self.faults.take_drop():  # the bytes never move; the manifest describes them as they should be
+                digests = await offload(nbytes, source_digests, cpu_sources(tensors)) if hashing else ()
+            else:
+                digests = await self._put(grant, tensors, headers, hashing)
+                flip = self.faults.take_corruption(headers)
+                if flip is not None:
+                    await self._poke(grant, flip[0], _byte_at(tensors, headers, flip[0]) ^ (1 << flip[1]))
+        return Manifest(
+            edge=self.edge, request_id=request_id, slot=grant.slot, generation=grant.generation, nbytes=nbytes,
+            tensors=headers, tensor_digests=digests, digest=combine(self.edge, request_id, headers, digests),
+        )
 
 
-async def _offload(nbytes: int, function: Callable[..., T], *args: Any) -> T:
+def _byte_at(tensors: Mapping[str, torch.Tensor], headers: tuple[TensorHeader, ...], offset: int) -> int:
+    """The value of the payload byte at ``offset`` (which lies in a tensor, not in a gap)."""
+    for header, tensor in zip(headers, tensors.values()):
+        if header.offset <= offset < header.offset + header.nbytes:
+            return int(tensor.detach().reshape(-1).view(torch.uint8)[offset - header.offset])
+    raise ValueError(f"payload byte {offset} lies in no tensor")
+
+
+async def offload(nbytes: int, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a copy or hash over ``nbytes`` inline when small, else in a worker thread (both release the GIL)."""
     if nbytes > INLINE_BYTES:
-        return await asyncio.to_thread(function, *args)
-    return function(*args)
+        return await asyncio.to_thread(function, *args, **kwargs)
+    return function(*args, **kwargs)

@@ -1,7 +1,8 @@
 """Fault injection on the sending side of an edge, for tests of the integrity and fencing paths.
 
-A sender applies faults after it has hashed the payload and before the bytes move, so every injected fault
-is something the receiver must catch or the sender's watchdog must report. Faults are counted down: each
+A sender hashes the bytes as they should arrive, then applies the faults: a delay holds the write back, a
+drop keeps the bytes from moving, a corruption flips one bit in the slot after the bytes landed. Each is
+something the receiver must catch or the sender's watchdog must report. Faults are counted down: each
 write consumes at most one of each kind. Tests set them on a sender directly; runtime tests set them for a
 whole process through ``ENGINE_TRANSPORT_FAULTS``, a JSON object like
 ``{"corrupt": 1, "drop": 0, "delay": 1, "delay_s": 2.0, "edges": ["phase1"]}`` (``edges`` empty or absent:
@@ -14,7 +15,6 @@ import os
 import random
 from collections.abc import Sequence
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.transport.manifest import TensorHeader
@@ -27,7 +27,7 @@ class FaultPlan(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    corrupt: int = Field(0, ge=0, description="next writes that get one bit flipped after hashing")
+    corrupt: int = Field(0, ge=0, description="next writes that get one bit flipped in the slot after they land")
     drop: int = Field(0, ge=0, description="next writes whose bytes are never written")
     delay: int = Field(0, ge=0, description="next writes held back by delay_s before the bytes move")
     delay_s: float = Field(0.0, ge=0, description="how long a delayed write is held back")
@@ -84,14 +84,14 @@ class Faults:
         self.injected.append("drop")
         return True
 
-    def corrupt(self, payload: torch.Tensor, headers: Sequence[TensorHeader]) -> None:
-        """Flip one random bit of a tensor's bytes in ``payload`` (uint8) if a corruption is armed.
+    def take_corruption(self, headers: Sequence[TensorHeader]) -> tuple[int, int] | None:
+        """``(payload byte, bit)`` to flip in the slot after this write, if a corruption is armed.
 
         The bit is picked among the tensors' bytes, never in alignment gaps (which nothing reads).
         """
         total = sum(h.nbytes for h in headers)
         if not self.plan.corrupt or total == 0:
-            return
+            return None
         self.plan = self.plan.model_copy(update={"corrupt": self.plan.corrupt - 1})
         pick, bit = self._random.randrange(total), self._random.randrange(8)
         for header in headers:
@@ -99,5 +99,5 @@ class Faults:
                 byte = header.offset + pick
                 break
             pick -= header.nbytes
-        payload[byte] ^= 1 << bit
         self.injected.append(f"corrupt@{byte}.{bit}")
+        return byte, bit

@@ -28,8 +28,8 @@ _ids = itertools.count()
 class InprocReceiver(Receiver):
     transport = "inproc"
 
-    def __init__(self, edge: str, slot_bytes: int, slots: int, *, quarantine_s: float | None = None, lease_s: float = 60.0):
-        super().__init__(edge, slot_bytes, slots, quarantine_s=0.0 if quarantine_s is None else quarantine_s, lease_s=lease_s)
+    def __init__(self, edge: str, slot_bytes: int, slots: int, *, quarantine_s: float | None = None, **options: Any):
+        super().__init__(edge, slot_bytes, slots, quarantine_s=0.0 if quarantine_s is None else quarantine_s, **options)
         self._id = next(_ids)
         self._handed: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()

@@ -1,19 +1,20 @@
-"""What crosses an edge: tensor headers, the manifest and its digest, and packing into one region.
+"""What crosses an edge: tensor headers, the payload layout, the manifest and its digest.
 
-A payload is the tensors of one request on one edge, packed back to back into one contiguous region.
+A payload is the tensors of one request on one edge, packed back to back into one contiguous region
+(engine.transport.payload does the packing and hashing).
 Each non-empty tensor starts at a multiple of :data:`ALIGNMENT` bytes from the region's start (so a view of
 any dtype is aligned, and CPU/GPU copies run on cache-line boundaries); the only padding is the gap that
 alignment needs, and it is written as zeros. The payload ends with the last tensor's last byte.
 
 The manifest's digest is xxh3-128 over a canonical preamble (edge, request id, every header) followed by
-the xxh3-128 digest of each tensor's bytes. Every payload byte is hashed exactly once (per tensor), the
-per-tensor digests travel in the manifest so a mismatch can name the tensor, and changing the edge, the
-request id or any header field changes the digest.
+the digest of each tensor's bytes (see engine.transport.payload). Every payload byte is hashed exactly once,
+the per-tensor digests travel in the manifest so a mismatch can name the tensor, and changing the edge, the
+request id or any header field changes the digest. An edge with integrity ``none`` sends no per-tensor
+digests; its manifest digest still binds the edge, request and headers.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -71,7 +72,7 @@ class Manifest(BaseModel):
     generation: int = Field(ge=0, description="generation of the slot the grant was issued for")
     nbytes: int = Field(ge=0, description="payload length in bytes, alignment gaps included")
     tensors: tuple[TensorHeader, ...] = Field(description="one header per tensor, in payload order")
-    tensor_digests: tuple[str, ...] = Field(description="xxh3-128 hex digest of each tensor's bytes")
+    tensor_digests: tuple[str, ...] = Field(description="digest of each tensor's bytes, hex; empty on an edge without integrity")
     digest: str = Field(min_length=32, max_length=32, description="xxh3-128 hex digest binding all of the above")
 
 
@@ -109,79 +110,16 @@ def layout(tensors: Mapping[str, torch.Tensor]) -> list[tuple[int, int]]:
 
 
 def payload_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    """Bytes :func:`pack` will use for ``tensors`` (what a sender asks a slot for)."""
+    """Bytes a payload of ``tensors`` takes (what a sender asks a slot for)."""
     return max((offset + nbytes for offset, nbytes in layout(tensors)), default=0)
 
 
 def headers_for(tensors: Mapping[str, torch.Tensor]) -> tuple[TensorHeader, ...]:
-    """The headers :func:`pack` writes for ``tensors``, without packing them."""
+    """The headers of ``tensors`` in a payload (where each lies, how to view it)."""
     return tuple(
         TensorHeader(name=name, dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape), offset=offset, nbytes=nbytes)
         for (name, tensor), (offset, nbytes) in zip(tensors.items(), layout(tensors))
     )
-
-
-def as_bytes(buffer: Any) -> torch.Tensor:
-    """A flat uint8 CPU tensor over ``buffer`` (a uint8 tensor, or any writable buffer-protocol object)."""
-    if isinstance(buffer, torch.Tensor):
-        if buffer.dtype != torch.uint8 or buffer.dim() != 1:
-            raise ValueError(f"a byte buffer must be a 1-d uint8 tensor, got {buffer.dtype} {tuple(buffer.shape)}")
-        return buffer
-    if memoryview(buffer).nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(buffer, dtype=torch.uint8)
-
-
-def pack(tensors: Mapping[str, torch.Tensor], buffer: Any) -> tuple[TensorHeader, ...]:
-    """Copy ``tensors`` back to back into ``buffer`` (one copy per tensor) and return their headers.
-
-    Tensors may live on any device; a CUDA tensor is copied device-to-host into the buffer (pinned when
-    the buffer is a sender's staging buffer). Raises ValueError if the payload does not fit.
-    """
-    out = as_bytes(buffer)
-    headers = headers_for(tensors)
-    total = max((h.offset + h.nbytes for h in headers), default=0)
-    if total > out.numel():
-        raise ValueError(f"payload of {total} bytes does not fit a buffer of {out.numel()} bytes")
-    end = 0
-    for header, tensor in zip(headers, tensors.values()):
-        if header.offset > end:
-            out[end : header.offset].zero_()
-        if header.nbytes:
-            _copy_bytes(out, header.offset, tensor.detach().contiguous(), header.nbytes)
-        end = header.offset + header.nbytes
-    return headers
-
-
-def _copy_bytes(out: torch.Tensor, offset: int, src: torch.Tensor, nbytes: int) -> None:
-    """Copy a contiguous tensor's bytes to ``out[offset:]``.
-
-    A CPU tensor goes through one ``memmove`` (which releases the GIL): torch's own copy splits the work
-    across its intra-op threads, which on a busy host runs at a fraction of memcpy speed.
-    """
-    if src.device.type == "cpu":
-        ctypes.memmove(out.data_ptr() + offset, src.data_ptr(), nbytes)
-    else:
-        out[offset : offset + nbytes].copy_(src.reshape(-1).view(torch.uint8))
-
-
-def unpack(buffer: Any, manifest: Manifest) -> dict[str, torch.Tensor]:
-    """Zero-copy views of the manifest's tensors over ``buffer`` (the payload's first byte at index 0)."""
-    data = as_bytes(buffer)
-    views = {}
-    for header in manifest.tensors:
-        dtype = DTYPES[header.dtype]
-        if header.nbytes == 0:  # no bytes to view, and an unaligned empty slice cannot change dtype
-            views[header.name] = torch.empty(header.shape, dtype=dtype)
-            continue
-        views[header.name] = data[header.offset : header.offset + header.nbytes].view(dtype).reshape(header.shape)
-    return views
-
-
-def tensor_digests(payload: Any, headers: Sequence[TensorHeader]) -> tuple[str, ...]:
-    """xxh3-128 hex digest of each tensor's bytes in ``payload`` (a buffer-protocol object or uint8 tensor)."""
-    view = memoryview(payload.numpy() if isinstance(payload, torch.Tensor) else payload).cast("B")
-    return tuple(xxhash.xxh3_128_hexdigest(view[h.offset : h.offset + h.nbytes]) for h in headers)
 
 
 def combine(edge: str, request_id: str, headers: Sequence[TensorHeader], digests: Sequence[str]) -> str:
@@ -196,8 +134,3 @@ def combine(edge: str, request_id: str, headers: Sequence[TensorHeader], digests
     for value in digests:
         hasher.update(bytes.fromhex(value))
     return hasher.hexdigest()
-
-
-def digest(payload: Any, edge: str, request_id: str, headers: Sequence[TensorHeader]) -> str:
-    """xxh3-128 over the payload bytes, bound to ``edge``, ``request_id`` and ``headers``."""
-    return combine(edge, request_id, headers, tensor_digests(payload, headers))

@@ -1,15 +1,16 @@
 """Edges over the Mooncake transfer engine (TCP by default, RDMA by option).
 
 One transfer engine per process, initialised in P2P-handshake mode (no metadata service); the receiver
-registers its whole pool once, the sender its staging buffer once. Writes use the only non-blocking pair
+registers its whole pool once, the sender its send buffers once (TCP reads unregistered memory too, so
+CPU tensors go out from where they lie). Writes use the only non-blocking pair
 the Python binding offers, ``transfer_submit_write`` + ``transfer_check_status``, polled with
 ``asyncio.sleep`` so the event loop never blocks, under our own watchdog (some failures take Mooncake 60 s
 to report).
 
 After our watchdog gives up on a write, Mooncake may still deliver it (a "zombie"). The sender keeps the
-batch id and polls it until Mooncake settles it; the receiver has fenced the slot by then (see pool.py), so
-whatever the zombie carries, including bytes of a later payload packed into the same staging buffer, lands
-only in a quarantined slot whose generation no manifest names any more.
+batch id, and the memory it reads, until Mooncake settles it; the receiver has fenced the slot by then (see
+pool.py), so whatever the zombie carries, including bytes of a later payload packed into the same staging
+buffer, lands only in a quarantined slot whose generation no manifest names any more.
 
 Options (keyword arguments of make_receiver / make_sender, else the environment):
 ``hostname`` (``ENGINE_MOONCAKE_HOST``, default 127.0.0.1: the address peers reach this process at),
@@ -20,17 +21,19 @@ Options (keyword arguments of make_receiver / make_sender, else the environment)
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from engine.errors import EdgeTimeout, PeerDead, TransportError
-from engine.transport.base import PAGE, ByteReceiver, ByteSender, anonymous_memory, page_aligned
-from engine.transport.faults import Faults
-from engine.transport.manifest import SlotGrant
+from engine.transport.base import PAGE, ByteReceiver, ByteSender, anonymous_memory, offload, page_aligned
+from engine.transport.manifest import SlotGrant, TensorHeader, payload_nbytes
+from engine.transport.payload import cpu_sources, pack, source_digests
 
 DONE, RUNNING, FAILED, TIMED_OUT = 1, 0, -1, -2
 PROBE_WAIT_S = 0.5
@@ -76,9 +79,9 @@ class MooncakeReceiver(ByteReceiver):
 
     def __init__(
         self, edge: str, slot_bytes: int, slots: int, *, hostname: str | None = None, protocol: str | None = None,
-        device_name: str | None = None, quarantine_s: float | None = None, lease_s: float = 60.0,
+        device_name: str | None = None, **options: Any,
     ):
-        super().__init__(edge, slot_bytes, slots, quarantine_s=quarantine_s, lease_s=lease_s)
+        super().__init__(edge, slot_bytes, slots, **options)
         hostname, protocol, device_name = _options(hostname, protocol, device_name)
         self._engine = transfer_engine(hostname, protocol, device_name)
         self._memory = anonymous_memory(self.slot_stride * slots + PAGE)
@@ -100,27 +103,43 @@ class MooncakeReceiver(ByteReceiver):
 
 
 class MooncakeSender(ByteSender):
-    """Packs into a staging buffer registered once (pinned when CUDA is present) and pushes it to the slot."""
+    """Writes a payload into the receiver's slot with the transfer engine.
+
+    Over TCP, CPU tensors are written straight from their own memory, one write per tensor, and hashed while
+    the transfer engine moves them: no staging copy. Over RDMA (which reads only registered memory) and for
+    CUDA tensors, the tensors are packed into a staging buffer registered once (pinned when CUDA is present),
+    hashed chunk by chunk as they are copied, and written in one piece. A registered scratch page serves the
+    connection warm-up and injected corruption.
+    """
 
     transport = "mooncake"
 
     def __init__(
         self, edge: str, max_bytes: int, *, hostname: str | None = None, protocol: str | None = None,
-        device_name: str | None = None, timeout_s: float = 10.0, faults: Faults | None = None,
+        device_name: str | None = None, **options: Any,
     ):
-        super().__init__(edge, max_bytes, timeout_s=timeout_s, faults=faults)
-        self._engine = transfer_engine(*_options(hostname, protocol, device_name))
-        if torch.cuda.is_available():
-            self._memory = None
-            self._staging = torch.empty(page_aligned(max_bytes), dtype=torch.uint8, pin_memory=True)
-        else:
-            self._memory = anonymous_memory(page_aligned(max_bytes))
-            self._staging = torch.frombuffer(self._memory, dtype=torch.uint8)
-        self._staging_addr = self._staging.data_ptr()
-        if self._engine.register_memory(self._staging_addr, self._staging.numel()) != 0:
-            raise TransportError(f"registering a {self._staging.numel()}-byte staging buffer failed", edge=edge)
+        super().__init__(edge, max_bytes, **options)
+        hostname, self.protocol, device_name = _options(hostname, protocol, device_name)
+        self._engine = transfer_engine(hostname, self.protocol, device_name)
+        self._registered: list[tuple[int, mmap.mmap | None]] = []  # (address, owning mmap) to unregister and free
+        self._scratch = self._register(anonymous_memory(PAGE))
+        self._staging: torch.Tensor | None = None
+        if self.protocol == "rdma" or torch.cuda.is_available():
+            if torch.cuda.is_available():
+                self._staging = self._register(torch.empty(page_aligned(max_bytes), dtype=torch.uint8, pin_memory=True))
+            else:
+                self._staging = self._register(anonymous_memory(page_aligned(max_bytes)))
         self._connected: set[str] = set()
-        self._orphans: list[int] = []  # batches our watchdog gave up on; polled until Mooncake settles them
+        self._orphans: list[tuple[int, Any]] = []  # (batch, what it reads) given up on; kept until Mooncake settles them
+
+    def _register(self, memory: mmap.mmap | torch.Tensor) -> torch.Tensor:
+        """Register ``memory`` with the transfer engine for the sender's life; return it as uint8."""
+        owner = memory if isinstance(memory, mmap.mmap) else None
+        buffer = torch.frombuffer(memory, dtype=torch.uint8) if owner is not None else memory
+        if self._engine.register_memory(buffer.data_ptr(), buffer.numel()) != 0:
+            raise TransportError(f"registering a {buffer.numel()}-byte send buffer failed", edge=self.edge)
+        self._registered.append((buffer.data_ptr(), owner))
+        return buffer
 
     def connect(self, location: dict[str, Any]) -> None:
         """Probe the receiver and write once to its warm-up page, so the first payload skips the handshake."""
@@ -130,37 +149,66 @@ class MooncakeSender(ByteSender):
             raise EdgeTimeout(f"receiver {session} does not answer a probe within {PROBE_WAIT_S} s", edge=self.edge)
         if rc != 0:
             raise PeerDead(f"receiver {session} refuses a probe ({rc})", edge=self.edge)
-        batch = self._engine.transfer_submit_write(session, self._staging_addr, location["base"] + location["warmup_offset"], 64)
+        batch = self._engine.transfer_submit_write(
+            session, self._scratch.data_ptr(), location["base"] + location["warmup_offset"], 64
+        )
         deadline = time.monotonic() + self.timeout_s
         while (status := self._engine.transfer_check_status(batch)) == RUNNING:
             if time.monotonic() > deadline:
-                self._orphans.append(batch)
+                self._orphans.append((batch, None))
                 raise EdgeTimeout(f"warm-up write to {session} did not finish in {self.timeout_s} s", edge=self.edge)
             time.sleep(0.0005)
         if status != DONE:
             raise TransportError(f"warm-up write to {session} failed ({status})", edge=self.edge)
         self._connected.add(session)
 
-    def _region(self, grant: SlotGrant, nbytes: int) -> torch.Tensor:
-        return self._staging[:nbytes]
+    async def _put(
+        self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], headers: tuple[TensorHeader, ...], hashing: bool
+    ) -> tuple[str, ...]:
+        base = grant.location["base"] + grant.offset
+        if self._staging is None:  # TCP and CPU tensors only: write each from where it lies
+            sources = cpu_sources(tensors)
+            writes = [(source.data_ptr(), base + h.offset, h.nbytes) for source, h in zip(sources, headers) if h.nbytes]
+            moving = self._write(grant, writes, sources)
+            if not hashing:
+                await moving
+                return ()
+            digests, _ = await asyncio.gather(offload(payload_nbytes(tensors), source_digests, sources), moving)
+            return digests
+        nbytes = payload_nbytes(tensors)
+        _, digests = await offload(nbytes, pack, tensors, self._staging[:nbytes], hashing=hashing)
+        await self._write(grant, [(self._staging.data_ptr(), base, nbytes)] if nbytes else [], None)
+        return digests
 
-    def _discard(self, region: torch.Tensor) -> None:
-        """A dropped write simply never leaves the staging buffer."""
+    async def _poke(self, grant: SlotGrant, offset: int, value: int) -> None:
+        self._scratch[0] = value
+        await self._write(grant, [(self._scratch.data_ptr(), grant.location["base"] + grant.offset + offset, 1)], None)
 
-    async def _transfer(self, grant: SlotGrant, nbytes: int) -> None:
+    async def _write(self, grant: SlotGrant, writes: list[tuple[int, int, int]], reads: Any) -> None:
+        """Submit ``writes`` (source address, destination address, bytes) and poll them under the watchdog.
+
+        ``reads`` (whatever owns the source memory) is kept alive until Mooncake settles every write, even
+        one our watchdog gave up on.
+        """
         where = {"edge": self.edge, "request_id": grant.request_id}
         session = grant.location["session"]
         if session not in self._connected:
             await asyncio.to_thread(self.connect, grant.location)
         self._reap()
-        if nbytes == 0:
-            return
-        start = time.monotonic()
-        batch = self._engine.transfer_submit_write(session, self._staging_addr, grant.location["base"] + grant.offset, nbytes)
-        status = FAILED if batch <= 0 else RUNNING
-        pause = 0.0
+        nbytes = sum(n for _, _, n in writes)
+        batches = [self._engine.transfer_submit_write(session, src, dst, n) for src, dst, n in writes]
+        running = [b for b in batches if b > 0]
+        failed = len(running) < len(batches)
+        start, pause = time.monotonic(), 0.0
         try:
-            while status == RUNNING and (status := self._engine.transfer_check_status(batch)) == RUNNING:
+            while running and not failed:
+                statuses = [self._engine.transfer_check_status(b) for b in running]
+                if any(status == TIMED_OUT for status in statuses):
+                    raise EdgeTimeout(f"transfer engine timed out writing slot {grant.slot} at {session}", **where)
+                failed = any(status == FAILED for status in statuses)
+                running = [b for b, status in zip(running, statuses) if status == RUNNING]
+                if not running or failed:
+                    break
                 if time.monotonic() - start > self.timeout_s:
                     raise EdgeTimeout(
                         f"write of {nbytes} bytes to slot {grant.slot} at {session} did not finish in {self.timeout_s} s "
@@ -170,12 +218,10 @@ class MooncakeSender(ByteSender):
                 await asyncio.sleep(pause)
                 pause = min(max(pause * 2, 20e-6), 1e-3)
         finally:
-            if status == RUNNING:  # given up (watchdog or cancelled): Mooncake may still deliver it later
-                self._orphans.append(batch)
-        if status == DONE:
+            # given up (failed, watchdog or cancelled): Mooncake may still deliver what is running later
+            self._orphans += [(b, reads) for b in running]
+        if not failed:
             return
-        if status == TIMED_OUT:
-            raise EdgeTimeout(f"transfer engine timed out writing slot {grant.slot} at {session}", **where)
         rc = await self._probe_async(session)
         if rc is None:
             raise EdgeTimeout(f"write to slot {grant.slot} failed and {session} does not answer a probe", **where)
@@ -186,7 +232,7 @@ class MooncakeSender(ByteSender):
 
     def _reap(self) -> None:
         """Forget orphaned batches Mooncake has settled (each id is checked until its first final status only)."""
-        self._orphans = [b for b in self._orphans if self._engine.transfer_check_status(b) == RUNNING]
+        self._orphans = [(b, reads) for b, reads in self._orphans if self._engine.transfer_check_status(b) == RUNNING]
 
     def _probe(self, session: str) -> int | None:
         """``send_probe`` in a daemon thread (a stopped peer can hold it for a long time); None if no answer."""
@@ -200,12 +246,12 @@ class MooncakeSender(ByteSender):
         return await asyncio.to_thread(self._probe, session)
 
     def close(self) -> None:
-        if self._staging is None:
-            return
-        self._engine.unregister_memory(self._staging_addr)
-        self._staging = None
-        if self._memory is not None:
-            try:
-                self._memory.close()
-            except BufferError:
-                pass  # a packed region is still referenced; the pages go with it
+        for address, owner in self._registered:
+            self._engine.unregister_memory(address)
+            if owner is not None:
+                try:
+                    owner.close()
+                except BufferError:
+                    pass  # a view of it is still referenced; the pages go with it
+        self._registered = []
+        self._scratch = self._staging = None

@@ -2,7 +2,8 @@
 
 The receiver's pool is a file in ``/dev/shm`` that it creates, allocates up front (so a full tmpfs fails at
 start-up with ENOSPC rather than with SIGBUS mid-transfer) and maps pre-faulted. The sender maps the same
-segment and packs the tensors straight into the granted slot: one copy per payload, then the hash. The
+segment and packs the tensors straight into the granted slot, hashing each chunk as it copies it: one pass
+over the bytes, on several cores for a large payload. The
 segment is a plain file rather than ``multiprocessing.shared_memory`` because Python 3.11's resource tracker
 unlinks a segment when any process that merely attached to it exits.
 """
@@ -13,14 +14,15 @@ import mmap
 import os
 import re
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from engine.errors import TransportError
-from engine.transport.base import ByteReceiver, ByteSender
-from engine.transport.faults import Faults
-from engine.transport.manifest import SlotGrant
+from engine.transport.base import ByteReceiver, ByteSender, offload
+from engine.transport.manifest import SlotGrant, TensorHeader, payload_nbytes
+from engine.transport.payload import pack
 
 SHM_DIR = "/dev/shm"
 
@@ -36,8 +38,8 @@ def _map(path: str, nbytes: int) -> mmap.mmap:
 class ShmReceiver(ByteReceiver):
     transport = "shm"
 
-    def __init__(self, edge: str, slot_bytes: int, slots: int, *, quarantine_s: float | None = None, lease_s: float = 60.0):
-        super().__init__(edge, slot_bytes, slots, quarantine_s=quarantine_s, lease_s=lease_s)
+    def __init__(self, edge: str, slot_bytes: int, slots: int, **options: Any):
+        super().__init__(edge, slot_bytes, slots, **options)
         self._name = f"engine-{re.sub(r'[^A-Za-z0-9_.-]', '_', edge)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._path = os.path.join(SHM_DIR, self._name)
         self._size = self.slot_stride * slots
@@ -65,8 +67,8 @@ class ShmSender(ByteSender):
 
     transport = "shm"
 
-    def __init__(self, edge: str, max_bytes: int, *, timeout_s: float = 10.0, faults: Faults | None = None):
-        super().__init__(edge, max_bytes, timeout_s=timeout_s, faults=faults)
+    def __init__(self, edge: str, max_bytes: int, **options: Any):
+        super().__init__(edge, max_bytes, **options)
         self._segment: str | None = None
         self._memory: mmap.mmap | None = None
         self._bytes: torch.Tensor | None = None
@@ -83,16 +85,19 @@ class ShmSender(ByteSender):
         self._bytes = torch.frombuffer(self._memory, dtype=torch.uint8)
         self._segment = location["segment"]
 
-    def _region(self, grant: SlotGrant, nbytes: int) -> torch.Tensor:
+    def _slot(self, grant: SlotGrant) -> torch.Tensor:
         self.connect(grant.location)
-        return self._bytes[grant.offset : grant.offset + nbytes]
+        assert self._bytes is not None
+        return self._bytes[grant.offset : grant.offset + grant.capacity]
 
-    async def _transfer(self, grant: SlotGrant, nbytes: int) -> None:
-        """Nothing to move: the payload was packed into the slot."""
+    async def _put(
+        self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], headers: tuple[TensorHeader, ...], hashing: bool
+    ) -> tuple[str, ...]:
+        _, digests = await offload(payload_nbytes(tensors), pack, tensors, self._slot(grant), hashing=hashing)
+        return digests
 
-    def _discard(self, region: torch.Tensor) -> None:
-        """Packing already wrote the slot; a drop leaves it as a never-written slot would be (zeros)."""
-        region.zero_()
+    async def _poke(self, grant: SlotGrant, offset: int, value: int) -> None:
+        self._slot(grant)[offset] = value
 
     def close(self) -> None:
         if self._memory is None:

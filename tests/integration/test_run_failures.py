@@ -159,6 +159,12 @@ def test_a_corrupted_transfer_is_retransmitted_and_the_output_is_unchanged(tmp_p
     log = (tmp_path / "faulty" / "deploy" / "encoder-0.log").read_text()
     assert log.count("rejected") == 2  # two deliveries failed verification, the third went through
     assert (tmp_path / "clean" / "r1.npy").read_bytes() == (tmp_path / "faulty" / "r1.npy").read_bytes()
+    # The same fault on an edge declared `integrity: none` goes through unchecked. (Had only one end taken the
+    # setting, the receiver would reject every delivery for carrying the wrong number of digests.)
+    unchecked = engine_run("wan_t2v.yaml", tmp_path / "unchecked", "edges.0.integrity=none",
+                           env={"ENGINE_TRANSPORT_FAULTS": '{"corrupt": 1, "edges": ["phase1"]}'})
+    assert unchecked.returncode == 0, unchecked.stderr[-3000:]
+    assert "rejected" not in (tmp_path / "unchecked" / "deploy" / "encoder-0.log").read_text()
 
 
 def test_a_transfer_corrupted_every_time_fails_the_request_naming_the_edge(tmp_path):

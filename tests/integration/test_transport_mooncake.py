@@ -18,7 +18,8 @@ from transport_helpers import PipeLink, freeze, start_receiver, tensor_sha256  #
 from engine.errors import EdgeTimeout, PeerDead  # noqa: E402
 from engine.transport import Manifest, SlotsExhausted, make_sender, send_tensors  # noqa: E402
 from engine.transport.faults import Faults  # noqa: E402
-from engine.transport.manifest import DTYPES, combine, pack, tensor_digests  # noqa: E402
+from engine.transport.manifest import DTYPES, combine  # noqa: E402
+from engine.transport.payload import pack  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -166,8 +167,7 @@ def test_hung_peer_times_out_its_slot_is_fenced_and_the_late_zombie_write_is_not
 
         # Its bytes verify against the manifest it was written for, but that grant's generation is gone.
         staged = bytearray(SLOT_BYTES // 2)
-        headers = pack(zombie, staged)
-        digests = tensor_digests(staged, headers)
+        headers, digests = pack(zombie, staged, hashing=True)
         stale = Manifest(
             edge=EDGE, request_id="req-hung", slot=grant.slot, generation=grant.generation, nbytes=len(staged),
             tensors=headers, tensor_digests=digests, digest=combine(EDGE, "req-hung", headers, digests),

@@ -61,6 +61,42 @@ def test_flipped_bit_is_detected_named_and_retransmitted(shm_edge):
     assert all(same_bytes(link.delivered["req-1"][k], tensors[k]) for k in tensors)
 
 
+def test_integrity_none_moves_bytes_unhashed_but_still_binds_the_headers():
+    receiver = make_receiver("shm", "phase1", slot_bytes=1 << 16, slots=2, integrity="none")
+    sender = make_sender("shm", "phase1", max_bytes=1 << 16, faults=Faults(), integrity="none")
+    try:
+        link = LocalLink(receiver)
+        tensors = payload()
+        manifest = asyncio.run(send_tensors(sender, link, tensors, "req-1"))
+        assert manifest.tensor_digests == ()
+        assert all(same_bytes(link.delivered["req-1"][k], tensors[k]) for k in tensors)
+        sender.faults.arm(corrupt=1)  # nothing hashes the bytes, so a flipped bit goes through: that is what "none" means
+        asyncio.run(send_tensors(sender, link, tensors, "req-2"))
+        assert link.acks[-1].ok and sender.faults.injected[0].startswith("corrupt@")
+        assert not all(same_bytes(link.delivered["req-2"][k], tensors[k]) for k in tensors)
+        receiver.release(manifest)
+        grant = receiver.grant("req-3", manifest.nbytes)
+        renamed = manifest.model_copy(update={"request_id": "req-3", "slot": grant.slot, "generation": grant.generation})
+        ack = asyncio.run(link.deliver(renamed))  # the manifest digest still binds edge, request and headers
+        assert not ack.ok and "manifest digest mismatch" in ack.reason
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_integrity_setting_must_agree_on_both_ends():
+    receiver = make_receiver("shm", "phase1", slot_bytes=1 << 16, slots=1, integrity="xxh3-128")
+    sender = make_sender("shm", "phase1", max_bytes=1 << 16, faults=Faults(), integrity="none")
+    try:
+        with pytest.raises(IntegrityError, match="0 digests for 3 tensors on an edge with integrity xxh3-128"):
+            asyncio.run(send_tensors(sender, LocalLink(receiver), payload(), "req-1", retries=0))
+    finally:
+        sender.close()
+        receiver.close()
+    with pytest.raises(ValueError, match="integrity must be one of xxh3-128, none, got 'md5'"):
+        make_receiver("shm", "phase1", slot_bytes=1 << 16, slots=1, integrity="md5")
+
+
 def test_persistent_corruption_fails_naming_edge_and_tensor_and_fences_the_slot(shm_edge):
     receiver, sender = shm_edge
     link = LocalLink(receiver)
@@ -170,8 +206,8 @@ def test_public_surface():
 
     assert sorted(transport.__all__) == sorted([
         "ALIGNMENT", "Ack", "EdgeLink", "FaultPlan", "Faults", "LocalLink", "Manifest", "PayloadMismatch", "Receiver",
-        "Sender", "SlotGrant", "SlotsExhausted", "TRANSPORTS", "TensorHeader", "accept", "digest", "make_receiver",
-        "make_sender", "pack", "payload_nbytes", "send_tensors", "unpack",
+        "Sender", "SlotGrant", "SlotsExhausted", "TRANSPORTS", "TensorHeader", "accept", "make_receiver",
+        "make_sender", "pack", "payload_nbytes", "send_tensors", "tensor_digests", "unpack",
     ])
     assert all(hasattr(transport, name) for name in transport.__all__)
     with pytest.raises(ValueError, match="unknown transport 'rdma'; expected one of mooncake, shm, inproc"):

@@ -1,4 +1,4 @@
-"""Packing, unpacking and the digest of edge payloads."""
+"""Packing, unpacking and the digests of edge payloads."""
 
 from __future__ import annotations
 
@@ -9,24 +9,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.transport.manifest import (
-    ALIGNMENT,
-    DTYPES,
-    Manifest,
-    SlotGrant,
-    TensorHeader,
-    combine,
-    digest,
-    pack,
-    payload_nbytes,
-    tensor_digests,
-    unpack,
-)
+import xxhash
+
+from engine.transport import payload
+from engine.transport.manifest import ALIGNMENT, DTYPES, Manifest, SlotGrant, TensorHeader, combine, payload_nbytes
+from engine.transport.payload import CHUNK_BYTES, pack, source_digests, tensor_digests, unpack
 
 
 def make_manifest(tensors, buffer, *, edge="phase1", request_id="req-1") -> Manifest:
-    headers = pack(tensors, buffer)
-    digests = tensor_digests(buffer, headers)
+    headers, digests = pack(tensors, buffer, hashing=True)
     return Manifest(
         edge=edge, request_id=request_id, slot=0, generation=0, nbytes=payload_nbytes(tensors),
         tensors=headers, tensor_digests=digests, digest=combine(edge, request_id, headers, digests),
@@ -55,7 +46,8 @@ def test_unpack_returns_views_into_the_buffer_without_copying():
 
 def test_tensors_are_aligned_and_only_alignment_pads():
     tensors = {"x": torch.ones(3, dtype=torch.int8), "y": torch.ones(5, dtype=torch.float64), "z": torch.ones(0)}
-    headers = pack(tensors, bytearray(payload_nbytes(tensors)))
+    headers, digests = pack(tensors, bytearray(payload_nbytes(tensors)))
+    assert digests == ()
     assert [h.offset for h in headers] == [0, ALIGNMENT, ALIGNMENT + 40]
     assert payload_nbytes(tensors) == ALIGNMENT + 40
     assert [h.nbytes for h in headers] == [3, 40, 0]
@@ -93,10 +85,14 @@ def test_any_tensors_round_trip_byte_exact(specs):
         assert bytes(view.reshape(-1).view(torch.uint8).numpy()) == bytes(tensors[name].reshape(-1).view(torch.uint8).numpy())
 
 
+def digest(buffer, edge, request_id, headers) -> str:
+    return combine(edge, request_id, headers, tensor_digests(buffer, headers))
+
+
 def test_digest_binds_edge_request_and_every_header_field():
     tensors = {"a": torch.arange(16, dtype=torch.float32), "b": torch.arange(8, dtype=torch.int64)}
     buffer = bytearray(payload_nbytes(tensors))
-    headers = pack(tensors, buffer)
+    headers, _ = pack(tensors, buffer)
     base = digest(buffer, "phase1", "req-1", headers)
     assert digest(buffer, "phase1", "req-1", headers) == base
     assert digest(buffer, "phase2", "req-1", headers) != base
@@ -109,10 +105,39 @@ def test_digest_binds_edge_request_and_every_header_field():
     assert digest(buffer, "phase1", "req-1", headers) != base
 
 
+def reference_digest(data: bytes) -> str:
+    """A tensor's digest as the manifest documents it: xxh3-128 over the xxh3-128 of each 1 MiB chunk."""
+    chunks = [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
+    return xxhash.xxh3_128_hexdigest(b"".join(xxhash.xxh3_128_digest(c) for c in chunks))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_digests_follow_the_chunked_definition_from_slot_and_from_source(monkeypatch, workers):
+    monkeypatch.setattr(payload, "WORKERS", workers)
+    gen = torch.Generator().manual_seed(3)
+    tensors = {  # 0, 1 and 7 chunks + a partial one, with gaps; large enough to be split among threads
+        "empty": torch.empty(0, dtype=torch.float16),
+        "mask": torch.randint(0, 2, (999,), generator=gen).bool(),
+        "latents": torch.randn(7 * CHUNK_BYTES // 2 + 3, generator=gen).to(torch.bfloat16),
+        "embeds": torch.randn(2 * CHUNK_BYTES // 4 + 5, generator=gen),
+        "big": torch.randn(9 * CHUNK_BYTES // 4, generator=gen),
+    }
+    buffer = torch.full((payload_nbytes(tensors),), 0xAB, dtype=torch.uint8)
+    headers, packed = pack(tensors, buffer, hashing=True)
+    expected = tuple(reference_digest(t.reshape(-1).view(torch.uint8).numpy().tobytes()) for t in tensors.values())
+    assert packed == expected
+    assert tensor_digests(buffer, headers) == expected
+    assert source_digests(payload.cpu_sources(tensors)) == expected
+    assert buffer[headers[1].offset + headers[1].nbytes : headers[2].offset].eq(0).all()  # gaps zeroed
+    buffer[headers[2].offset + 5 * CHUNK_BYTES + 17] ^= 0x10  # one bit, deep inside a later chunk
+    changed = tensor_digests(buffer, headers)
+    assert [a != b for a, b in zip(changed, expected)] == [False, False, True, False, False]
+
+
 def test_digest_is_xxh3_128_hex():
     tensors = {"a": torch.ones(4)}
     buffer = bytearray(payload_nbytes(tensors))
-    value = digest(buffer, "e", "r", pack(tensors, buffer))
+    value = digest(buffer, "e", "r", pack(tensors, buffer)[0])
     assert len(value) == 32 and int(value, 16) >= 0
 
 
