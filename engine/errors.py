@@ -63,9 +63,10 @@ class ModelError(EngineError):
 
 
 class TransportError(EngineError):
-    """An edge transfer failed."""
+    """An edge transfer failed. ``detail`` is the message without the edge and request in front."""
 
     def __init__(self, message: str, *, edge: str | None = None, request_id: str | None = None):
+        self.detail = message
         self.edge = edge
         self.request_id = request_id
         context = ", ".join(

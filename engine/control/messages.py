@@ -165,6 +165,21 @@ class Grant(_Model):
         return self
 
 
+class Landed(_Model):
+    """Sender -> receiver, a hint: these byte ranges of the granted slot hold their final bytes (hash them now)."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["landed"] = "landed"
+    request_id: str = _REQUEST
+    edge: str = _EDGE
+    attempt: int = _ATTEMPT
+    slot: int = Field(ge=0, description="slot of the receiver's pool being written")
+    generation: int = Field(ge=0, description="generation of the grant being written")
+    ranges: list[Annotated[list[int], Field(min_length=2, max_length=2)]] = Field(
+        max_length=4096, description="[start, stop) payload byte ranges that landed"
+    )
+
+
 class Delivered(_Model):
     """Sender -> receiver: the payload is in the granted slot; verify it against the manifest."""
 
@@ -220,13 +235,16 @@ class Shutdown(_Model):
 
 
 Message: TypeAlias = Annotated[
-    Status | Heartbeat | RunStage | StageDone | StageFailed | GrantRequest | Grant | Delivered | Ack | Fence | Shutdown,
+    Status | Heartbeat | RunStage | StageDone | StageFailed | GrantRequest | Grant | Landed | Delivered | Ack | Fence
+    | Shutdown,
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
 KINDS: frozenset[str] = frozenset(
     model.model_fields["kind"].default
-    for model in (Status, Heartbeat, RunStage, StageDone, StageFailed, GrantRequest, Grant, Delivered, Ack, Fence, Shutdown)
+    for model in (
+        Status, Heartbeat, RunStage, StageDone, StageFailed, GrantRequest, Grant, Landed, Delivered, Ack, Fence, Shutdown
+    )
 )
 
 

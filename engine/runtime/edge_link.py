@@ -1,20 +1,25 @@
 """The data plane's EdgeLink carried over the control plane (MQTT), for one outgoing edge and one target.
 
 A sender asks the receiving replica for a slot (grant_request -> grant), writes the payload with its
-transport, tells the receiver (delivered -> ack) and on a failed write fences the slot (fence). Replies are
-matched by (kind, request, edge, attempt); a receiver that dies fails the wait at once.
+transport while hinting at the ranges that have landed (landed), tells the receiver (delivered -> ack) and
+on a failed write fences the slot (fence). Replies are matched by (kind, request, edge, attempt); a receiver
+that dies fails the wait at once.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.control.client import ControlClient
-from engine.control.messages import Delivered, Fence, GrantRequest, ReplicaRef
+from engine.control.messages import Delivered, Fence, GrantRequest, Landed, ReplicaRef
 from engine.control.topics import Topics
 from engine.errors import ControlError, TransportError
 from engine.runtime.replies import Replies
 from engine.transport import Ack, Manifest, SlotGrant
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +51,14 @@ class MqttEdgeLink:
             raise TransportError(f"{self.target.node}[{self.target.replica}] refused a slot: {grant.error}",
                                  edge=self.edge, request_id=request_id)
         return SlotGrant.model_validate(grant.grant)
+
+    async def landed(self, grant: SlotGrant, ranges: Sequence[tuple[int, int]]) -> None:
+        try:
+            await self.client.publish(self._inbox(), Landed(request_id=grant.request_id, edge=self.edge, attempt=self.attempt,
+                                                            slot=grant.slot, generation=grant.generation,
+                                                            ranges=[[start, stop] for start, stop in ranges]))
+        except ControlError as exc:  # only a hint: the receiver hashes these bytes at delivery instead
+            log.debug("edge %r request %s: landed hint not sent: %s", self.edge, grant.request_id, exc)
 
     async def deliver(self, manifest: Manifest) -> Ack:
         key = ("ack", manifest.request_id, self.edge, self.attempt)

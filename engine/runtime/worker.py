@@ -26,9 +26,10 @@ from typing import Any
 from engine.control.broker import BrokerAddress, TLSOptions
 from engine.control.client import ControlClient, LastWill
 from engine.control.heartbeat import Progress, publish_heartbeats, rss_bytes
-from engine.control.messages import (Ack, Delivered, EdgeStats, Fence, Grant, GrantRequest, ReplicaRef, RunStage,
+from engine.control.messages import (Ack, Delivered, EdgeStats, Fence, Grant, GrantRequest, Landed, ReplicaRef, RunStage,
                                      Shutdown, StageDone, StageFailed, Status)
 from engine.control.topics import Topics
+from engine.display import human_bytes
 from engine.errors import EngineError, TransportError
 from engine.families import get_family
 from engine.runtime.deployment import EdgeEnd, WorkerSpec
@@ -67,6 +68,7 @@ class Worker:
         self.connected: set[tuple[str, str, int]] = set()
         self.peers: dict[tuple[str, int], Status] = {}
         self.received: dict[tuple[str, str], tuple[Manifest, dict[str, Any]]] = {}  # (request, edge) -> payload
+        self.landed_bytes: dict[tuple[str, str], int] = {}  # (request, edge) -> bytes hinted landed ahead of delivery
         self.waiting_grants: dict[str, deque[GrantRequest]] = {}
         self.jobs: asyncio.Queue[RunStage] = asyncio.Queue()
         self.stopping = asyncio.Event()
@@ -143,6 +145,12 @@ class Worker:
         elif isinstance(message, GrantRequest):
             self.waiting_grants.setdefault(message.edge, deque()).append(message)
             self._serve_grants(message.edge)
+        elif isinstance(message, Landed):
+            receiver = self.receivers.get(message.edge)
+            if receiver is not None:
+                receiver.landed(message.slot, message.generation, message.request_id, message.ranges)
+                key = (message.request_id, message.edge)
+                self.landed_bytes[key] = self.landed_bytes.get(key, 0) + sum(stop - start for start, stop in message.ranges)
         elif isinstance(message, Delivered):
             asyncio.create_task(self._on_delivered(message))
         elif isinstance(message, Grant):
@@ -179,7 +187,7 @@ class Worker:
                         asyncio.get_running_loop().call_later(exc.retry_after_s, self._serve_grants, edge)
                     return  # a release or fence serves it later
                 except TransportError as exc:
-                    error = str(exc)
+                    error = exc.detail
             queue.popleft()
             reply = Grant(request_id=request.request_id, edge=edge, attempt=request.attempt, receiver=self.me,
                           grant=grant.model_dump(mode="json") if grant else None, error=error)
@@ -191,8 +199,13 @@ class Worker:
     async def _on_delivered(self, message: Delivered) -> None:
         receiver = self.receivers[message.edge]
         manifest = Manifest.model_validate(message.manifest)
+        started = time.perf_counter()
         ack, views = await asyncio.to_thread(accept, receiver, manifest)  # hashing a large payload takes a while
+        ahead = self.landed_bytes.pop((message.request_id, message.edge), 0)
         if views is not None:
+            early = f" ({human_bytes(ahead)} of it hashed as it landed)" if ahead else ""
+            log.info("edge %r request %s: %s verified in %.1f ms%s", message.edge, message.request_id,
+                     human_bytes(manifest.nbytes), (time.perf_counter() - started) * 1e3, early)
             stale = self.received.pop((message.request_id, message.edge), None)
             if stale is not None:  # an earlier attempt's payload: the retried request replaces it
                 receiver.release(stale[0])

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import Future
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -19,14 +21,16 @@ from engine.errors import TransportError
 from engine.transport.errors import PayloadMismatch
 from engine.transport.faults import Faults
 from engine.transport.manifest import Manifest, SlotGrant, TensorHeader, combine, headers_for, payload_nbytes
-from engine.transport.payload import cpu_sources, source_digests, tensor_digests, unpack
-from engine.transport.pool import SlotPool
+from engine.transport.payload import byte_view, cpu_sources, hash_ahead, source_digests, tensor_digests, unpack
+from engine.transport.pool import SlotPool, SlotState
 
 T = TypeVar("T")
 PAGE = mmap.PAGESIZE
 INLINE_BYTES = 1 << 20
 """Payloads up to this size are packed and hashed on the event loop; larger ones in a worker thread."""
 INTEGRITY = ("xxh3-128", "none")
+LandedHook = Callable[[Sequence[tuple[int, int]]], Awaitable[None]]
+"""Told the payload ranges that have landed in the slot while other bytes are still moving."""
 
 
 def page_aligned(n: int) -> int:
@@ -43,10 +47,13 @@ def anonymous_memory(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
 
 
-def verify(payload: torch.Tensor, manifest: Manifest, integrity: str) -> None:
+def verify(
+    payload: torch.Tensor, manifest: Manifest, integrity: str, known: Mapping[tuple[int, int], Future[bytes]] | None = None
+) -> None:
     """Raise PayloadMismatch (naming the edge, request and tensors) unless ``payload`` matches ``manifest``.
 
     With integrity ``none`` the bytes are not hashed, but the manifest must still bind edge, request and headers.
+    ``known``: chunk digests already being computed (see ByteReceiver.landed).
     """
     where = {"edge": manifest.edge, "request_id": manifest.request_id, "tensors": ()}
     hashing = integrity != "none"
@@ -58,7 +65,7 @@ def verify(payload: torch.Tensor, manifest: Manifest, integrity: str) -> None:
             raise PayloadMismatch(
                 f"tensor {header.name!r} lies outside the {manifest.nbytes}-byte payload", **{**where, "tensors": (header.name,)}
             )
-    actual = tensor_digests(payload, manifest.tensors) if hashing else ()
+    actual = tensor_digests(payload, manifest.tensors, known) if hashing else ()
     if combine(manifest.edge, manifest.request_id, manifest.tensors, actual) == manifest.digest:
         return
     bad = [h.name for h, want, got in zip(manifest.tensors, manifest.tensor_digests, actual) if want != got]
@@ -114,6 +121,13 @@ class Receiver(ABC):
             offset=slot.index * self.slot_stride, capacity=self.slot_bytes, location=self.location,
         )
 
+    def landed(self, slot: int, generation: int, request_id: str, ranges: Sequence[tuple[int, int]]) -> None:
+        """A hint that ``ranges`` of a granted slot hold their final bytes while the rest is still moving.
+
+        Receivers that hash start on them now, so that verification at delivery has only the last bytes
+        left to hash. A wrong hint can only make verification fail (and the sender retransmit).
+        """
+
     @abstractmethod
     def open(self, manifest: Manifest) -> dict[str, torch.Tensor]:
         """Verify the slot's payload against ``manifest`` and return zero-copy views of its tensors.
@@ -157,6 +171,12 @@ class ByteReceiver(Receiver):
 
     _memory: mmap.mmap | None
     _bytes: torch.Tensor | None
+    _ahead: dict[int, tuple[int, dict[tuple[int, int], Future[bytes]]]]  # slot -> (generation, chunk digests)
+
+    def __init__(self, edge: str, slot_bytes: int, slots: int, **options: Any):
+        super().__init__(edge, slot_bytes, slots, **options)
+        self._ahead = {}
+        self._ahead_lock = threading.Lock()  # hints arrive on the event loop, deliveries open in a worker thread
 
     @abstractmethod
     def _detach(self) -> None:
@@ -179,6 +199,27 @@ class ByteReceiver(Receiver):
             pass  # views handed out by open() still export the pages; they are freed with the last view
         self._memory = None
 
+    def grant(self, request_id: str, nbytes: int) -> SlotGrant:
+        grant = super().grant(request_id, nbytes)
+        with self._ahead_lock:
+            self._ahead.pop(grant.slot, None)
+        return grant
+
+    def landed(self, slot: int, generation: int, request_id: str, ranges: Sequence[tuple[int, int]]) -> None:
+        if self.integrity == "none" or self._bytes is None:
+            return
+        try:
+            self.pool.check(slot, generation, request_id)
+        except TransportError:
+            return  # a late hint for a slot fenced, released or granted anew
+        if self.pool.state(slot).state is not SlotState.GRANTED:
+            return  # already opened: nothing left to verify
+        ranges = [(start, stop) for start, stop in ranges if 0 <= start < stop <= self.slot_bytes]
+        started = hash_ahead(byte_view(self._slot_bytes(slot)), ranges)
+        with self._ahead_lock:
+            then, ahead = self._ahead.get(slot, (generation, {}))
+            self._ahead[slot] = (generation, (ahead if then == generation else {}) | started)
+
     def open(self, manifest: Manifest) -> dict[str, torch.Tensor]:
         self._check(manifest)
         if manifest.nbytes > self.slot_bytes:
@@ -187,7 +228,9 @@ class ByteReceiver(Receiver):
                 edge=self.edge, request_id=manifest.request_id, tensors=(),
             )
         payload = self._slot_bytes(manifest.slot)[: manifest.nbytes]
-        verify(payload, manifest, self.integrity)
+        with self._ahead_lock:
+            generation, ahead = self._ahead.pop(manifest.slot, (manifest.generation, {}))
+        verify(payload, manifest, self.integrity, ahead if generation == manifest.generation else None)
         self.pool.opened(manifest.slot)
         return unpack(payload, manifest)
 
@@ -219,11 +262,14 @@ class Sender(ABC):
         """Release the staging memory and connections."""
 
     @abstractmethod
-    async def write(self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], request_id: str) -> Manifest:
+    async def write(
+        self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], request_id: str, on_landed: LandedHook | None = None
+    ) -> Manifest:
         """Put ``tensors`` into the granted slot and return the manifest to deliver.
 
-        Raises PeerDead or EdgeTimeout (naming edge and request) when the bytes could not be written; the
-        caller must then fence the slot.
+        A sender that moves a payload in pieces tells ``on_landed`` which ranges have landed while the rest
+        is still moving (for the receiver to hash ahead). Raises PeerDead or EdgeTimeout (naming edge and
+        request) when the bytes could not be written; the caller must then fence the slot.
         """
 
     def _check_grant(self, grant: SlotGrant, request_id: str) -> None:
@@ -238,7 +284,8 @@ class ByteSender(Sender):
 
     @abstractmethod
     async def _put(
-        self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], headers: tuple[TensorHeader, ...], hashing: bool
+        self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], headers: tuple[TensorHeader, ...], hashing: bool,
+        on_landed: LandedHook | None,
     ) -> tuple[str, ...]:
         """Move the tensors' bytes into the granted slot at the headers' offsets; return their digests (or ()).
 
@@ -249,8 +296,14 @@ class ByteSender(Sender):
     async def _poke(self, grant: SlotGrant, offset: int, value: int) -> None:
         """Overwrite the byte at payload ``offset`` in the granted slot (injected corruption in transit)."""
 
-    async def write(self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], request_id: str) -> Manifest:
-        """Move ``tensors`` into the granted slot, hashing them on the way; return the manifest to deliver."""
+    async def write(
+        self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], request_id: str, on_landed: LandedHook | None = None
+    ) -> Manifest:
+        """Move ``tensors`` into the granted slot, hashing them on the way; return the manifest to deliver.
+
+        No landed ranges are reported without integrity (nothing hashes them), nor for a write that will get
+        an injected corruption (it is flipped after the bytes land, so the receiver would hash it too early).
+        """
         where = {"edge": self.edge, "request_id": request_id}
         self._check_grant(grant, request_id)
         nbytes = payload_nbytes(tensors)
@@ -268,7 +321,8 @@ class ByteSender(Sender):
             if self.faults.take_drop():  # the bytes never move; the manifest describes them as they should be
                 digests = await offload(nbytes, source_digests, cpu_sources(tensors)) if hashing else ()
             else:
-                digests = await self._put(grant, tensors, headers, hashing)
+                hints = on_landed if hashing and not self.faults.plan.corrupt else None
+                digests = await self._put(grant, tensors, headers, hashing, hints)
                 flip = self.faults.take_corruption(headers)
                 if flip is not None:
                     await self._poke(grant, flip[0], _byte_at(tensors, headers, flip[0]) ^ (1 << flip[1]))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from engine.errors import PeerDead
-from engine.transport.base import Receiver, Sender
+from engine.transport.base import LandedHook, Receiver, Sender
 from engine.transport.errors import PayloadMismatch
 from engine.transport.manifest import Manifest, SlotGrant, combine, headers_for, payload_nbytes
 
@@ -70,7 +70,9 @@ class InprocSender(Sender):
     def connect(self, location: dict[str, Any]) -> None:
         self._receiver(location)
 
-    async def write(self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], request_id: str) -> Manifest:
+    async def write(
+        self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], request_id: str, on_landed: LandedHook | None = None
+    ) -> Manifest:
         """Hand ``tensors`` to the receiver as they are (the caller must not modify them afterwards)."""
         self._check_grant(grant, request_id)
         headers = headers_for(tensors)

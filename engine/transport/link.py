@@ -7,8 +7,9 @@ sides share one notion of what a delivery means, and :func:`send_tensors` holds 
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -40,12 +41,16 @@ class EdgeLink(Protocol):
 
     ``request_grant`` and ``deliver`` wait for the receiver's answer (under the link's own timeout, raising
     EdgeTimeout or PeerDead); ``fence`` is one-way and must not wait for the receiver, which may be hung.
-    A grant the receiver refuses arrives as the TransportError the receiver raised.
+    ``landed`` is a one-way hint (Receiver.landed) that must not raise: a hint that does not arrive only
+    costs the receiver the time to hash those bytes at delivery. A grant the receiver refuses arrives as
+    the TransportError the receiver raised.
     """
 
     edge: str
 
     async def request_grant(self, request_id: str, nbytes: int) -> SlotGrant: ...
+
+    async def landed(self, grant: SlotGrant, ranges: Sequence[tuple[int, int]]) -> None: ...
 
     async def deliver(self, manifest: Manifest) -> Ack: ...
 
@@ -61,9 +66,9 @@ def accept(receiver: Receiver, manifest: Manifest) -> tuple[Ack, dict[str, torch
     try:
         views = receiver.open(manifest)
     except PayloadMismatch as exc:
-        return Ack(ok=False, reason=str(exc), tensors=exc.tensors), None
+        return Ack(ok=False, reason=exc.detail, tensors=exc.tensors), None
     except TransportError as exc:
-        return Ack(ok=False, reason=str(exc), tensors=(), retryable=False), None
+        return Ack(ok=False, reason=exc.detail, tensors=(), retryable=False), None
     return Ack(ok=True, reason=None, tensors=()), views
 
 
@@ -82,7 +87,7 @@ async def send_tensors(
     ack: Ack | None = None
     for attempt in range(retries + 1):
         try:
-            manifest = await sender.write(grant, tensors, request_id)
+            manifest = await sender.write(grant, tensors, request_id, functools.partial(link.landed, grant))
         except TransportError as exc:
             await _fence(link, grant, f"write failed: {exc}")
             raise
@@ -125,6 +130,9 @@ class LocalLink:
 
     async def request_grant(self, request_id: str, nbytes: int) -> SlotGrant:
         return self.receiver.grant(request_id, nbytes)
+
+    async def landed(self, grant: SlotGrant, ranges: Sequence[tuple[int, int]]) -> None:
+        self.receiver.landed(grant.slot, grant.generation, grant.request_id, ranges)
 
     async def deliver(self, manifest: Manifest) -> Ack:
         ack, views = accept(self.receiver, manifest)

@@ -31,11 +31,15 @@ from typing import Any
 import torch
 
 from engine.errors import EdgeTimeout, PeerDead, TransportError
-from engine.transport.base import PAGE, ByteReceiver, ByteSender, anonymous_memory, offload, page_aligned
+from engine.transport.base import PAGE, ByteReceiver, ByteSender, LandedHook, anonymous_memory, offload, page_aligned
 from engine.transport.manifest import SlotGrant, TensorHeader, payload_nbytes
-from engine.transport.payload import cpu_sources, pack, source_digests
+from engine.transport.payload import CHUNK_BYTES, cpu_sources, pack, source_digests
 
 DONE, RUNNING, FAILED, TIMED_OUT = 1, 0, -1, -2
+PIECE_BYTES = 8 * CHUNK_BYTES
+"""Large tensors are written in pieces of this size, so the receiver can hash the first while the rest move."""
+WINDOW = 2
+"""Pieces in flight at once: enough to keep the connection busy, few enough that they land in order."""
 PROBE_WAIT_S = 0.5
 """How long to wait for a probe of a peer whose write failed (a dead peer refuses in under 1 ms)."""
 
@@ -52,6 +56,19 @@ def _options(hostname: str | None, protocol: str | None, device_name: str | None
         protocol,
         device_name if device_name is not None else os.environ.get("ENGINE_MOONCAKE_DEVICE", ""),
     )
+
+
+def _pieces(origins: list[int], headers: tuple[TensorHeader, ...]) -> list[tuple[int, int, int]]:
+    """``(source address, start, stop)`` of the PIECE_BYTES pieces the tensors are written in.
+
+    ``origins[i]`` is the address payload byte 0 would have if tensor i lay in a payload-shaped buffer. Each
+    piece starts where one of its tensor's digest chunks starts, so a landed piece can be hashed alone.
+    """
+    return [
+        (origin + start, start, min(start + PIECE_BYTES, h.offset + h.nbytes))
+        for origin, h in zip(origins, headers)
+        for start in range(h.offset, h.offset + h.nbytes, PIECE_BYTES)
+    ]
 
 
 def transfer_engine(hostname: str, protocol: str, device_name: str) -> Any:
@@ -105,11 +122,12 @@ class MooncakeReceiver(ByteReceiver):
 class MooncakeSender(ByteSender):
     """Writes a payload into the receiver's slot with the transfer engine.
 
-    Over TCP, CPU tensors are written straight from their own memory, one write per tensor, and hashed while
-    the transfer engine moves them: no staging copy. Over RDMA (which reads only registered memory) and for
-    CUDA tensors, the tensors are packed into a staging buffer registered once (pinned when CUDA is present),
-    hashed chunk by chunk as they are copied, and written in one piece. A registered scratch page serves the
-    connection warm-up and injected corruption.
+    Over TCP, CPU tensors are written straight from their own memory and hashed while the transfer engine
+    moves them: no staging copy. Over RDMA (which reads only registered memory) and for CUDA tensors, the
+    tensors are packed into a staging buffer registered once (pinned when CUDA is present), hashed chunk by
+    chunk as they are copied, then written. Either way large tensors go in PIECE_BYTES pieces, WINDOW in
+    flight, and the receiver hears of each piece that lands (``on_landed``) so that it hashes it while the
+    rest moves. A registered scratch page serves the connection warm-up and injected corruption.
     """
 
     transport = "mooncake"
@@ -163,53 +181,72 @@ class MooncakeSender(ByteSender):
         self._connected.add(session)
 
     async def _put(
-        self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], headers: tuple[TensorHeader, ...], hashing: bool
+        self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], headers: tuple[TensorHeader, ...], hashing: bool,
+        on_landed: LandedHook | None,
     ) -> tuple[str, ...]:
-        base = grant.location["base"] + grant.offset
-        if self._staging is None:  # TCP and CPU tensors only: write each from where it lies
-            sources = cpu_sources(tensors)
-            writes = [(source.data_ptr(), base + h.offset, h.nbytes) for source, h in zip(sources, headers) if h.nbytes]
-            moving = self._write(grant, writes, sources)
-            if not hashing:
-                await moving
-                return ()
-            digests, _ = await asyncio.gather(offload(payload_nbytes(tensors), source_digests, sources), moving)
-            return digests
         nbytes = payload_nbytes(tensors)
-        _, digests = await offload(nbytes, pack, tensors, self._staging[:nbytes], hashing=hashing)
-        await self._write(grant, [(self._staging.data_ptr(), base, nbytes)] if nbytes else [], None)
+        if self._staging is not None:  # RDMA reads registered memory only; CUDA tensors come to the host first
+            _, digests = await offload(nbytes, pack, tensors, self._staging[:nbytes], hashing=hashing)
+            await self._write(grant, _pieces([self._staging.data_ptr()] * len(headers), headers), None, on_landed)
+            return digests
+        sources = cpu_sources(tensors)  # TCP: each tensor is written from where it lies, and hashed meanwhile
+        origins = [source.data_ptr() - h.offset for source, h in zip(sources, headers)]  # where payload byte 0 would be
+        moving = self._write(grant, _pieces(origins, headers), sources, on_landed)
+        if not hashing:
+            await moving
+            return ()
+        digests, _ = await asyncio.gather(offload(nbytes, source_digests, sources), moving)
         return digests
 
     async def _poke(self, grant: SlotGrant, offset: int, value: int) -> None:
         self._scratch[0] = value
-        await self._write(grant, [(self._scratch.data_ptr(), grant.location["base"] + grant.offset + offset, 1)], None)
+        await self._write(grant, [(self._scratch.data_ptr(), offset, offset + 1)], None, None)
 
-    async def _write(self, grant: SlotGrant, writes: list[tuple[int, int, int]], reads: Any) -> None:
-        """Submit ``writes`` (source address, destination address, bytes) and poll them under the watchdog.
+    async def _write(
+        self, grant: SlotGrant, pieces: list[tuple[int, int, int]], reads: Any, on_landed: LandedHook | None
+    ) -> None:
+        """Write ``pieces`` (source address, start and stop in the payload), WINDOW at a time, under the watchdog.
 
-        ``reads`` (whatever owns the source memory) is kept alive until Mooncake settles every write, even
-        one our watchdog gave up on.
+        Mooncake moves the writes it holds side by side, so pieces are submitted as earlier ones land: they
+        then land in order, and ``on_landed`` hears of each while later ones still move. The watchdog fires
+        when no piece lands for ``timeout_s``. ``reads`` (whatever owns the source memory) is kept alive
+        until Mooncake settles every write, even one the watchdog gave up on.
         """
         where = {"edge": self.edge, "request_id": grant.request_id}
-        session = grant.location["session"]
+        session, base = grant.location["session"], grant.location["base"] + grant.offset
         if session not in self._connected:
             await asyncio.to_thread(self.connect, grant.location)
         self._reap()
-        nbytes = sum(n for _, _, n in writes)
-        batches = [self._engine.transfer_submit_write(session, src, dst, n) for src, dst, n in writes]
-        running = [b for b in batches if b > 0]
-        failed = len(running) < len(batches)
-        start, pause = time.monotonic(), 0.0
+        nbytes = sum(stop - start for _, start, stop in pieces)
+        waiting = list(reversed(pieces))
+        running: list[tuple[int, tuple[int, int]]] = []
+        failed, progress, pause = False, time.monotonic(), 0.0
         try:
-            while running and not failed:
-                statuses = [self._engine.transfer_check_status(b) for b in running]
-                if any(status == TIMED_OUT for status in statuses):
-                    raise EdgeTimeout(f"transfer engine timed out writing slot {grant.slot} at {session}", **where)
-                failed = any(status == FAILED for status in statuses)
-                running = [b for b, status in zip(running, statuses) if status == RUNNING]
-                if not running or failed:
+            while waiting or running:
+                while waiting and len(running) < WINDOW:
+                    src, start, stop = waiting.pop()
+                    batch = self._engine.transfer_submit_write(session, src, base + start, stop - start)
+                    if batch <= 0:
+                        failed = True
+                        break
+                    running.append((batch, (start, stop)))
+                if failed:
                     break
-                if time.monotonic() - start > self.timeout_s:
+                statuses = [self._engine.transfer_check_status(batch) for batch, _ in running]
+                if TIMED_OUT in statuses:
+                    raise EdgeTimeout(f"transfer engine timed out writing slot {grant.slot} at {session}", **where)
+                if FAILED in statuses:
+                    failed = True
+                    running = [piece for piece, status in zip(running, statuses) if status == RUNNING]
+                    break
+                landed = [span for (_, span), status in zip(running, statuses) if status == DONE]
+                running = [piece for piece, status in zip(running, statuses) if status == RUNNING]
+                if landed:
+                    progress, pause = time.monotonic(), 0.0
+                    if on_landed is not None and (waiting or running):
+                        await on_landed(landed)
+                    continue
+                if time.monotonic() - progress > self.timeout_s:
                     raise EdgeTimeout(
                         f"write of {nbytes} bytes to slot {grant.slot} at {session} did not finish in {self.timeout_s} s "
                         "(receiver hung or overloaded)",
@@ -219,7 +256,7 @@ class MooncakeSender(ByteSender):
                 pause = min(max(pause * 2, 20e-6), 1e-3)
         finally:
             # given up (failed, watchdog or cancelled): Mooncake may still deliver what is running later
-            self._orphans += [(b, reads) for b in running]
+            self._orphans += [(batch, reads) for batch, _ in running]
         if not failed:
             return
         rc = await self._probe_async(session)

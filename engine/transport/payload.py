@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ class _Chunk:
     tensor: int  # index of the tensor the chunk belongs to
     data: memoryview  # the chunk's bytes where they are hashed (after the copy, if any)
     copy: tuple[int, int] | None  # (destination address, source address) of a CPU copy to make first
+    span: tuple[int, int] | None = None  # (start, stop) in the payload, where that is what is hashed
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
@@ -61,10 +62,34 @@ def cpu_sources(tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
     return [t.detach().to("cpu").contiguous() for t in tensors.values()]
 
 
-def tensor_digests(payload: Any, headers: Sequence[TensorHeader]) -> tuple[str, ...]:
-    """The digest of each tensor whose bytes lie in ``payload`` (a uint8 tensor or buffer) at ``headers``."""
+def tensor_digests(
+    payload: Any, headers: Sequence[TensorHeader], known: Mapping[tuple[int, int], Future[bytes]] | None = None
+) -> tuple[str, ...]:
+    """The digest of each tensor whose bytes lie in ``payload`` (a uint8 tensor or buffer) at ``headers``.
+
+    ``known`` maps ``(start, stop)`` payload ranges to chunk digests already being computed (see
+    :func:`chunk_ranges`); a chunk found there is not hashed again.
+    """
     view = byte_view(as_bytes(payload))
-    return _digests(len(headers), _chunks(view[h.offset : h.offset + h.nbytes] for h in headers))
+    chunks = [
+        _Chunk(index, view[start:stop], None, (start, stop))
+        for index, header in enumerate(headers)
+        for start, stop in _spans(header.offset, header.nbytes)
+    ]
+    known = known or {}
+    missing = [chunk for chunk in chunks if chunk.span not in known]
+    computed = dict(zip((chunk.span for chunk in missing), _run(missing, True)))
+    return _fold(len(headers), chunks, [computed[c.span] if c.span in computed else known[c.span].result() for c in chunks])
+
+
+def chunk_ranges(start: int, stop: int) -> list[tuple[int, int]]:
+    """The chunks of payload range ``[start, stop)`` when ``start`` is where a tensor or one of its chunks begins."""
+    return _spans(start, stop - start)
+
+
+def hash_ahead(payload: memoryview, ranges: Sequence[tuple[int, int]]) -> dict[tuple[int, int], Future[bytes]]:
+    """Start hashing ``ranges`` of ``payload`` (chunk by chunk) in the background; the futures by chunk."""
+    return {span: _pool.submit(xxhash.xxh3_128_digest, payload[span[0] : span[1]]) for a, b in ranges for span in chunk_ranges(a, b)}
 
 
 def source_digests(sources: Sequence[torch.Tensor]) -> tuple[str, ...]:
@@ -130,7 +155,7 @@ def _spans(offset: int, nbytes: int) -> list[tuple[int, int]]:
 
 def _chunks(views: Any) -> list[_Chunk]:
     return [
-        _Chunk(index, view[start:stop], None)
+        _Chunk(index, view[start:stop], None, (start, stop))
         for index, view in enumerate(views)
         for start, stop in _spans(0, len(view))
     ]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from engine.errors import TransportError
-from engine.transport.base import ByteReceiver, ByteSender, offload
+from engine.transport.base import ByteReceiver, ByteSender, LandedHook, offload
 from engine.transport.manifest import SlotGrant, TensorHeader, payload_nbytes
 from engine.transport.payload import pack
 
@@ -91,8 +91,10 @@ class ShmSender(ByteSender):
         return self._bytes[grant.offset : grant.offset + grant.capacity]
 
     async def _put(
-        self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], headers: tuple[TensorHeader, ...], hashing: bool
+        self, grant: SlotGrant, tensors: Mapping[str, torch.Tensor], headers: tuple[TensorHeader, ...], hashing: bool,
+        on_landed: LandedHook | None,
     ) -> tuple[str, ...]:
+        """Pack into the slot (hashing as it copies) in one go: the receiver has nothing to hash ahead."""
         _, digests = await offload(payload_nbytes(tensors), pack, tensors, self._slot(grant), hashing=hashing)
         return digests
 

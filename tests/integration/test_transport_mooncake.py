@@ -104,6 +104,39 @@ def test_large_writes_keep_the_event_loop_responsive():
     assert max(gaps) < 0.1, f"event loop stalled for {max(gaps) * 1000:.0f} ms"
 
 
+def test_large_payload_moves_in_pieces_the_receiver_hashes_as_they_land():
+    """Tensors over 8 MiB go out in 8 MiB pieces; the receiver hears of landed pieces and hashes them early."""
+    nbytes = 56 << 20
+    process = start_receiver("mooncake", EDGE, nbytes, 1, quarantine_s=1.0)
+    sender = make_sender("mooncake", EDGE, nbytes, faults=Faults())
+    sender.connect(process.location)
+    link = PipeLink(EDGE, process.conn)
+    gen = torch.Generator().manual_seed(5)
+    tensors = {
+        "mask": torch.ones(3, 5, dtype=torch.bool),
+        "latents": torch.randn(20 << 20, generator=gen).to(torch.bfloat16),  # 40 MiB: 5 pieces
+        "embeds": torch.randn(3 << 20, generator=gen).reshape(3, -1),  # 12 MiB: 2 pieces
+    }
+
+    async def run() -> tuple[Manifest, list]:
+        manifest = await send_tensors(sender, link, tensors, "big")
+        return manifest, await link.hinted()
+
+    try:
+        manifest, hinted = asyncio.run(run())
+    finally:
+        process.stop()
+        sender.close()
+    assert link.received["big"] == {name: tensor_sha256(t) for name, t in tensors.items()}
+    assert [a.ok for a in link.acks] == [True]
+    headers = {h.name: h for h in manifest.tensors}
+    piece_starts = {h.offset + k * (8 << 20) for h in headers.values() for k in range(-(-h.nbytes // (8 << 20)))}
+    ranges = [tuple(r) for hint in hinted for r in hint]
+    assert ranges, "no piece was reported landed before the last"
+    assert all(start in piece_starts and stop - start <= 8 << 20 for start, stop in ranges)
+    assert len(ranges) < len(piece_starts)  # the last pieces land with the delivery, not as a hint
+
+
 def test_dead_peer_is_reported_within_2_s():
     process = start_receiver("mooncake", EDGE, 16 << 20, 1)
     sender = make_sender("mooncake", EDGE, 16 << 20, faults=Faults(), timeout_s=10.0)

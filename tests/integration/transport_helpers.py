@@ -1,9 +1,10 @@
 """A receiver in its own process and an EdgeLink to it over a pipe, for the transport integration tests.
 
 Messages on the pipe are JSON (``send_bytes``/``recv_bytes``), the same shapes the runtime sends over MQTT:
-``grant`` -> SlotGrant or an error, ``deliver`` -> Ack (plus, for the tests, a SHA-256 of every received
-tensor's bytes, an independent check of what arrived), ``fence`` one-way, ``release``, and ``peek`` (a
-slot's state and the SHA-256 of its first bytes, to watch a late write land).
+``grant`` -> SlotGrant or an error, ``landed`` one-way, ``deliver`` -> Ack (plus, for the tests, a SHA-256
+of every received tensor's bytes, an independent check of what arrived), ``fence`` one-way, ``release``,
+``peek`` (a slot's state and the SHA-256 of its first bytes, to watch a late write land) and ``hinted``
+(every landed hint received so far).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def serve(transport: str, edge: str, slot_bytes: int, slots: int, options: dict[
     receiver = make_receiver(transport, edge, slot_bytes, slots, **options)
     conn.send_bytes(json.dumps({"location": receiver.location}).encode())
     opened: dict[str, dict[str, torch.Tensor]] = {}
+    hinted: list[list[list[int]]] = []  # the ranges of every landed hint, for the tests to see
     while True:
         try:
             message = json.loads(conn.recv_bytes())
@@ -51,9 +53,9 @@ def serve(transport: str, edge: str, slot_bytes: int, slots: int, options: dict[
                 grant = receiver.grant(message["request_id"], message["nbytes"])
                 reply: dict[str, Any] = {"grant": grant.model_dump(mode="json")}
             except SlotsExhausted as exc:
-                reply = {"error": "SlotsExhausted", "message": str(exc), "retry_after_s": exc.retry_after_s}
+                reply = {"error": "SlotsExhausted", "message": exc.detail, "retry_after_s": exc.retry_after_s}
             except TransportError as exc:
-                reply = {"error": "TransportError", "message": str(exc)}
+                reply = {"error": "TransportError", "message": exc.detail}
         elif op == "deliver":
             manifest = Manifest.model_validate(message["manifest"])
             ack, views = accept(receiver, manifest)
@@ -61,6 +63,12 @@ def serve(transport: str, edge: str, slot_bytes: int, slots: int, options: dict[
             if views is not None:
                 reply["sha256"] = {name: tensor_sha256(view) for name, view in views.items()}
                 opened[manifest.request_id] = views
+        elif op == "landed":
+            receiver.landed(message["slot"], message["generation"], message["request_id"], message["ranges"])
+            hinted.append(message["ranges"])
+            continue
+        elif op == "hinted":
+            reply = {"ranges": hinted}
         elif op == "fence":
             receiver.fence(SlotGrant.model_validate(message["grant"]))
             continue
@@ -148,6 +156,13 @@ class PipeLink:
         if ack.ok:
             self.received[manifest.request_id] = reply["sha256"]
         return ack
+
+    async def landed(self, grant: SlotGrant, ranges) -> None:
+        message = {"op": "landed", "slot": grant.slot, "generation": grant.generation, "request_id": grant.request_id}
+        self.send(message | {"ranges": [list(r) for r in ranges]}, grant.request_id)
+
+    async def hinted(self) -> list[list[list[int]]]:
+        return (await self.call({"op": "hinted"}, None))["ranges"]
 
     async def fence(self, grant: SlotGrant, reason: str) -> None:
         self.send({"op": "fence", "grant": grant.model_dump(mode="json"), "reason": reason}, grant.request_id)

@@ -15,6 +15,7 @@ from engine.control.messages import (
     Grant,
     GrantRequest,
     Heartbeat,
+    Landed,
     ReplicaRef,
     RunStage,
     Shutdown,
@@ -69,6 +70,7 @@ EXAMPLES = [
     Ack(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, ok=True, reason=None, tensors=[], retryable=True),
     Ack(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, ok=False, reason="digest mismatch", tensors=["prompt_embeds"], retryable=True),
     Fence(request_id="r1", edge="phase1", attempt=0, sender=SENDER, grant={"slot": 1}, reason="write timed out"),
+    Landed(request_id="r1", edge="phase1", attempt=0, slot=1, generation=2, ranges=[[0, 1 << 20], [1 << 20, 2 << 20]]),
     Shutdown(reason="run finished"),
 ]
 

@@ -97,6 +97,63 @@ def test_integrity_setting_must_agree_on_both_ends():
         make_receiver("shm", "phase1", slot_bytes=1 << 16, slots=1, integrity="md5")
 
 
+def big_payload() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    return {"latents": torch.randn(3 << 20, generator=gen), "mask": torch.ones(9, dtype=torch.bool)}  # 12 MiB + 9 B
+
+
+def test_receiver_hashes_landed_ranges_ahead_and_only_the_rest_at_delivery(monkeypatch):
+    from engine.transport import payload as payload_module
+
+    receiver = make_receiver("shm", "phase1", slot_bytes=16 << 20, slots=1)
+    sender = make_sender("shm", "phase1", max_bytes=16 << 20, faults=Faults())
+    hashed_at_delivery: list[int] = []
+    run = payload_module._run
+
+    class HintingLink(LocalLink):
+        async def deliver(self, manifest):  # the first 8 MiB of latents "landed" before the rest
+            receiver.landed(manifest.slot, manifest.generation, manifest.request_id, [(0, 8 << 20)])
+            monkeypatch.setattr(payload_module, "_run", lambda chunks, hashing: hashed_at_delivery.append(
+                sum(len(c.data) for c in chunks)) or run(chunks, hashing))
+            try:
+                return await super().deliver(manifest)
+            finally:
+                monkeypatch.setattr(payload_module, "_run", run)
+
+    try:
+        link = HintingLink(receiver)
+        tensors = big_payload()
+        asyncio.run(send_tensors(sender, link, tensors, "req-1"))
+        assert [a.ok for a in link.acks] == [True]
+        assert all(same_bytes(link.delivered["req-1"][k], tensors[k]) for k in tensors)
+        assert hashed_at_delivery == [(12 << 20) - (8 << 20) + 9]  # 4 MiB of latents and the mask
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_hint_for_bytes_that_had_not_landed_fails_verification_and_the_retransmission_passes():
+    receiver = make_receiver("shm", "phase1", slot_bytes=16 << 20, slots=1)
+    sender = make_sender("shm", "phase1", max_bytes=16 << 20, faults=Faults())
+
+    class EarlyLink(LocalLink):
+        async def request_grant(self, request_id, nbytes):
+            grant = await super().request_grant(request_id, nbytes)
+            if not self.acks:  # the slot still holds zeros: these digests describe the wrong bytes
+                receiver.landed(grant.slot, grant.generation, request_id, [(0, 4 << 20)])
+            return grant
+
+    try:
+        link = EarlyLink(receiver)
+        tensors = big_payload()
+        asyncio.run(send_tensors(sender, link, tensors, "req-1"))
+        assert [a.ok for a in link.acks] == [False, True] and link.acks[0].tensors == ("latents",)
+        assert all(same_bytes(link.delivered["req-1"][k], tensors[k]) for k in tensors)
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def test_persistent_corruption_fails_naming_edge_and_tensor_and_fences_the_slot(shm_edge):
     receiver, sender = shm_edge
     link = LocalLink(receiver)
@@ -174,7 +231,7 @@ def test_failed_write_fences_the_slot():
     class HungSender:
         edge = "phase1"
 
-        async def write(self, grant, tensors, request_id):
+        async def write(self, grant, tensors, request_id, on_landed=None):
             raise EdgeTimeout("write did not finish", edge="phase1", request_id=request_id)
 
     receiver = make_receiver("inproc", "phase1", slot_bytes=1024, slots=1, quarantine_s=60)
