@@ -41,6 +41,14 @@ def random_payload(rng: random.Random) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def mooncake_edge(slot_bytes: int, slots: int, **options):
+    """A receiver process with a Mooncake pool, a sender here connected to it, and the link between them."""
+    process = start_receiver("mooncake", EDGE, slot_bytes, slots, **options)
+    sender = make_sender("mooncake", EDGE, slot_bytes, faults=Faults(), timeout_s=10.0)
+    sender.connect(process.location)
+    return process, sender, PipeLink(EDGE, process.conn)
+
+
 @pytest.fixture(scope="module")
 def receiver():
     process = start_receiver("mooncake", EDGE, SLOT_BYTES, 2, quarantine_s=1.0)
@@ -74,10 +82,7 @@ def test_200_random_payloads_with_a_flipped_bit_each_are_caught_and_retransmitte
 def test_large_writes_keep_the_event_loop_responsive():
     """A 64 MiB write takes 50-200 ms here; done on the loop it would show as a gap that long."""
     nbytes = 64 << 20
-    process = start_receiver("mooncake", EDGE, nbytes, 2, quarantine_s=1.0)
-    sender = make_sender("mooncake", EDGE, nbytes, faults=Faults())
-    sender.connect(process.location)
-    link = PipeLink(EDGE, process.conn)
+    process, sender, link = mooncake_edge(nbytes, 2, quarantine_s=1.0)
     tensors = {"latents": torch.randn(nbytes // 4)}
     gaps: list[float] = []
 
@@ -107,10 +112,7 @@ def test_large_writes_keep_the_event_loop_responsive():
 def test_large_payload_moves_in_pieces_the_receiver_hashes_as_they_land():
     """Tensors over 8 MiB go out in 8 MiB pieces; the receiver hears of landed pieces and hashes them early."""
     nbytes = 56 << 20
-    process = start_receiver("mooncake", EDGE, nbytes, 1, quarantine_s=1.0)
-    sender = make_sender("mooncake", EDGE, nbytes, faults=Faults())
-    sender.connect(process.location)
-    link = PipeLink(EDGE, process.conn)
+    process, sender, link = mooncake_edge(nbytes, 1, quarantine_s=1.0)
     gen = torch.Generator().manual_seed(5)
     tensors = {
         "mask": torch.ones(3, 5, dtype=torch.bool),
@@ -138,10 +140,7 @@ def test_large_payload_moves_in_pieces_the_receiver_hashes_as_they_land():
 
 
 def test_dead_peer_is_reported_within_2_s():
-    process = start_receiver("mooncake", EDGE, 16 << 20, 1)
-    sender = make_sender("mooncake", EDGE, 16 << 20, faults=Faults(), timeout_s=10.0)
-    sender.connect(process.location)
-    link = PipeLink(EDGE, process.conn)
+    process, sender, link = mooncake_edge(16 << 20, 1)
     tensors = {"latents": torch.ones(4 << 20)}
 
     async def run() -> float:
