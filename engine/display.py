@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from engine.errors import EngineError
-from engine.plan.model import PAYLOAD_ALIGNMENT, Plan
+from engine.plan.model import PAYLOAD_ALIGNMENT, Plan, PlannedEdge
 
 
 def human_bytes(nbytes: int | float) -> str:
@@ -41,7 +41,7 @@ def graph_text(plan: Plan) -> str:
     if not plan.edges:
         parts.append("no edges: every stage runs in one node")
     for edge in plan.edges:
-        parts.append(f"edge {edge.name}: {edge.source} -> {edge.target} over {edge.transport} "
+        parts.append(f"edge {edge.name}: {edge.source} -> {edge.target} over {transport_text(edge)} "
                      f"(integrity {edge.integrity}), slot {edge.slot_bytes} bytes ({human_bytes(edge.slot_bytes)}) "
                      f"x {edge.slots}, each tensor {PAYLOAD_ALIGNMENT}-byte aligned")
         parts.append(table(["tensor", "dtype", "shape", "bytes", "size", "from", "to"],
@@ -50,6 +50,11 @@ def graph_text(plan: Plan) -> str:
         parts.append("")
     parts.append("a request runs through: " + " -> ".join(f"{s.node}[{', '.join(s.stages)}]" for s in plan.segments))
     return "\n".join(parts)
+
+
+def transport_text(edge: PlannedEdge) -> str:
+    """``mooncake``, or ``mooncake rdma`` where the graph sets the protocol."""
+    return f"{edge.transport} {edge.protocol}" if edge.protocol else edge.transport
 
 
 def graph_dot(plan: Plan) -> str:
@@ -66,7 +71,7 @@ def graph_dot(plan: Plan) -> str:
         lines.append(f"  {quote(node.name)} [label={quote(label)}];")
     for edge in plan.edges:
         tensors = "\n".join(f"{t.name} {shape_text(t.shape)} {t.dtype}" for t in edge.tensors)
-        label = f"{edge.name} ({edge.transport}, {human_bytes(edge.slot_bytes)})\n{tensors}"
+        label = f"{edge.name} ({transport_text(edge)}, {human_bytes(edge.slot_bytes)})\n{tensors}"
         lines.append(f"  {quote(edge.source)} -> {quote(edge.target)} [label={quote(label)}];")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -69,7 +69,7 @@ def build_plan(checked: CheckedGraph, source: Path) -> Plan:
         nodes[name] = PlannedNode(
             name=name, stages=tuple(node.stages), components=tuple(needed), host=node.place.host,
             device=node.place.device, replicas=node.replicas, dtype=node_dtype(checked, name),
-            memory_bytes=node.place.memory_bytes, line=lines.line(("nodes", name)),
+            memory_bytes=node.place.memory_bytes, rdma_device=node.place.rdma_device, line=lines.line(("nodes", name)),
         )
 
     edges = []
@@ -91,7 +91,7 @@ def build_plan(checked: CheckedGraph, source: Path) -> Plan:
                                          flow.producer, flow.consumers))
         edges.append(PlannedEdge(
             name=edge.name, source=edge.source, target=edge.target, transport=checked.transports[edge.name],
-            integrity=edge.integrity, retries=edge.retries, slots=edge.slots, tensors=tuple(tensors),
+            protocol=edge.protocol, integrity=edge.integrity, retries=edge.retries, slots=edge.slots, tensors=tuple(tensors),
             line=lines.line(("edges", i)),
         ))
 

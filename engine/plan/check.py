@@ -169,11 +169,14 @@ def _check_edges(loaded: LoadedGraph, flows: list[Flow], problems: list[Problem]
             problems.append(lines.problem(at, f"edge {edge.name!r} carries nothing: no stage on {edge.target!r} reads a tensor produced on {edge.source!r}; remove it"))
         source_host = spec.nodes[edge.source].place.host
         same_host = source_host == spec.nodes[edge.target].place.host
+        if edge.protocol is not None and edge.transport in ("shm", "inproc"):
+            problems.append(lines.problem((*at, "protocol"), f"protocol {edge.protocol} applies to mooncake edges; this edge uses {edge.transport} (drop protocol, or use transport mooncake)"))
         if edge.transport == "inproc":
             problems.append(lines.problem((*at, "transport"), f"inproc joins stages inside one node; {edge.source!r} and {edge.target!r} run in separate processes: use {'shm or ' if same_host else ''}mooncake (or auto)"))
         elif edge.transport == "shm" and not same_host:
             problems.append(lines.problem((*at, "transport"), f"shm needs both nodes on one host; {edge.source!r} is on {source_host!r}, {edge.target!r} on {spec.nodes[edge.target].place.host!r}: use mooncake (or auto)"))
-        transports[edge.name] = edge.transport if edge.transport != "auto" else ("shm" if same_host else "mooncake")
+        auto = "shm" if same_host and edge.protocol is None else "mooncake"  # a protocol asks for Mooncake
+        transports[edge.name] = edge.transport if edge.transport != "auto" else auto
     for (source, target), tensors in needed.items():
         if (source, target) not in declared:
             problems.append(lines.problem(("edges",), f"missing edge from {source!r} to {target!r}: node {target!r} reads {', '.join(tensors)} produced on {source!r}; add `- {{name: ..., from: {source}, to: {target}}}`"))

@@ -40,6 +40,7 @@ class PlannedEdge:
     source: str
     target: str
     transport: str  #: mooncake, shm or inproc (``auto`` resolved)
+    protocol: str | None  #: tcp or rdma for mooncake; None: the environment's default
     integrity: str
     retries: int
     slots: int
@@ -66,6 +67,7 @@ class PlannedNode:
     replicas: int
     dtype: str
     memory_bytes: int | None  #: declared in the graph; None: detect
+    rdma_device: str | None  #: the NIC for Mooncake RDMA; None: the environment's default
     line: int | None
 
 

@@ -153,7 +153,7 @@ class Controller:
             await self._messages()
             failed = [r for r in self.replicas.values() if r.down is not None]
             if failed:
-                raise NodeError(self._replica_report(failed[0]), node=failed[0].node, replica=failed[0].replica)
+                raise NodeError(self._replica_report(failed[0], named=False), node=failed[0].node, replica=failed[0].replica)
             if all(r.state == "ready" for r in self.replicas.values()):
                 for r in self.replicas.values():
                     self.monitor.expect(r.node, r.replica)
@@ -335,8 +335,10 @@ class Controller:
             return None
         return self.view.current_stage(info.node, info.replica) or ", ".join(segment.stages)
 
-    def _replica_report(self, info: ReplicaInfo, stage: str | None = None) -> str:
-        text = f"node {info.node!r} replica {info.replica}" + (f" (stage {stage!r})" if stage else "") + f": {info.down}"
+    def _replica_report(self, info: ReplicaInfo, stage: str | None = None, *, named: bool = True) -> str:
+        """Why a replica is out, with its log tail; ``named`` puts the node, replica and stage in front."""
+        where = f"node {info.node!r} replica {info.replica}" + (f" (stage {stage!r})" if stage else "") + ": "
+        text = (where if named else "") + str(info.down)
         worker = self.launcher.workers.get((info.node, info.replica)) if self.launcher else None
         tail = worker.log_tail() if worker is not None else ""
         return text + (f"\n  last log lines ({worker.log_path}):\n    " + tail.replace("\n", "\n    ") if tail else "")

@@ -25,6 +25,7 @@ class EdgeEnd(_Frozen):
     name: str
     peer: str = Field(description="node at the other end")
     transport: str
+    protocol: str | None = Field(description="tcp or rdma on a mooncake edge; None: the environment's default")
     integrity: str
     retries: int
     slot_bytes: int
@@ -47,6 +48,7 @@ class WorkerSpec(_Frozen):
     task: str
     source: str = Field(description="local diffusers-layout folder of the model")
     device: str
+    rdma_device: str | None = Field(description="RDMA NIC for mooncake edges; None: the environment's default")
     dtype: str
     components: tuple[str, ...]
     stages: tuple[str, ...]
@@ -75,7 +77,7 @@ def worker_specs(plan: Plan, *, run_id: str, source: Path, broker: dict[str, Any
                  save_frames: bool, heartbeat_s: float) -> list[WorkerSpec]:
     """One spec per node replica, in plan order."""
     def end(edge, peer: str) -> EdgeEnd:  # noqa: ANN001 - PlannedEdge
-        return EdgeEnd(name=edge.name, peer=peer, transport=edge.transport, integrity=edge.integrity,
+        return EdgeEnd(name=edge.name, peer=peer, transport=edge.transport, protocol=edge.protocol, integrity=edge.integrity,
                        retries=edge.retries, slot_bytes=edge.slot_bytes, slots=edge.slots, tensors=edge.tensor_names)
 
     specs = []
@@ -85,7 +87,7 @@ def worker_specs(plan: Plan, *, run_id: str, source: Path, broker: dict[str, Any
         for replica in range(node.replicas):
             specs.append(WorkerSpec(
                 run_id=run_id, node=node.name, replica=replica, family=plan.family, task=plan.task,
-                source=str(source), device=node.device, dtype=node.dtype, components=node.components,
+                source=str(source), device=node.device, rdma_device=node.rdma_device, dtype=node.dtype, components=node.components,
                 stages=node.stages, segments=segments,
                 inbound=tuple(end(e, e.source) for e in plan.edges_into(node.name)),
                 outbound=tuple(end(e, e.target) for e in plan.edges_from(node.name)),

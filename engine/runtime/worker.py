@@ -92,15 +92,22 @@ class Worker:
             self.stages[name] = self.family.build_stage(spec.task, name, components, spec.device, spec.dtype)
         for edge in spec.inbound:
             self.receivers[edge.name] = await asyncio.to_thread(make_receiver, edge.transport, edge.name, edge.slot_bytes,
-                                                                edge.slots, integrity=edge.integrity)
+                                                                edge.slots, integrity=edge.integrity, **self._mooncake(edge))
         for edge in spec.outbound:
             self.senders[edge.name] = await asyncio.to_thread(make_sender, edge.transport, edge.name, edge.slot_bytes,
-                                                              timeout_s=spec.transfer_timeout_s, integrity=edge.integrity)
+                                                              timeout_s=spec.transfer_timeout_s, integrity=edge.integrity,
+                                                              **self._mooncake(edge))
         load_s = time.perf_counter() - started
         param_bytes = sum(components.parameter_bytes().values())
         log.info("loaded %s in %.2f s: %d parameter bytes", ", ".join(spec.stages), load_s, param_bytes)
         await self.status("ready", receive_edges={name: r.location for name, r in self.receivers.items()},
                           param_bytes=param_bytes, load_s=load_s)
+
+    def _mooncake(self, edge: EdgeEnd) -> dict[str, Any]:
+        """Mooncake options of an edge end: its protocol and this node's NIC (None: the environment's)."""
+        if edge.transport != "mooncake":
+            return {}
+        return {"protocol": edge.protocol, "device_name": self.spec.rdma_device}
 
     def close(self) -> None:
         for endpoint in [*self.senders.values(), *self.receivers.values()]:

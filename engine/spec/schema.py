@@ -54,6 +54,9 @@ class Place(Strict):
     host: str = Field("local", min_length=1, description="Host running the node: local, or an agent's host name.")
     device: str = Field(description="Device: cpu, cuda:N or xpu:N.")
     memory: str | None = Field(None, description="Memory to plan against (80GiB); default: detected.")
+    rdma_device: str | None = Field(
+        None, min_length=1,
+        description="RDMA NIC this node's Mooncake edges use, e.g. mlx5_0; default: ENGINE_MOONCAKE_DEVICE, else Mooncake's choice.")
 
     @field_validator("device")
     @classmethod
@@ -92,6 +95,8 @@ class EdgeSpec(Strict):
     target: str = Field(alias="to", description="Node that consumes them.")
     transport: Literal["auto", "mooncake", "shm", "inproc"] = Field(
         "auto", description="mooncake (TCP/RDMA), shm (same host), inproc (same process), auto (by placement).")
+    protocol: Literal["tcp", "rdma"] | None = Field(
+        None, description="Mooncake protocol, for mooncake edges: tcp or rdma; default: ENGINE_MOONCAKE_PROTOCOL, else tcp.")
     integrity: Literal["xxh3-128", "none"] = Field("xxh3-128", description="Payload digest checked before use.")
     retries: int = Field(3, ge=0, le=20, description="Retransmissions after a failed integrity check.")
     slots: int = Field(3, ge=1, le=64, description="Receive slots per target replica: requests in flight on this edge (pipelining depth).")

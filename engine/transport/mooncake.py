@@ -21,6 +21,7 @@ Options (keyword arguments of make_receiver / make_sender, else the environment)
 from __future__ import annotations
 
 import asyncio
+import json
 import mmap
 import os
 import threading
@@ -71,8 +72,16 @@ def _pieces(origins: list[int], headers: tuple[TensorHeader, ...]) -> list[tuple
     ]
 
 
-def transfer_engine(hostname: str, protocol: str, device_name: str) -> Any:
-    """This process's transfer engine for ``(hostname, protocol, device_name)``, initialised once."""
+def _has_rdma_device(engine: Any) -> bool:
+    """Whether Mooncake's topology (``{location: [[preferred NICs], [other NICs]]}``) lists any NIC."""
+    return any(nics for lists in json.loads(engine.get_local_topology()).values() for nics in lists)
+
+
+def transfer_engine(hostname: str, protocol: str, device_name: str, edge: str | None = None) -> Any:
+    """This process's transfer engine for ``(hostname, protocol, device_name)``, initialised once.
+
+    Raises TransportError (naming ``edge``, the first edge that needs it) if it cannot start.
+    """
     key = (hostname, protocol, device_name)
     with _engines_lock:
         if key not in _engines:
@@ -80,7 +89,15 @@ def transfer_engine(hostname: str, protocol: str, device_name: str) -> Any:
 
             engine = TransferEngine()
             if engine.initialize(hostname, "P2PHANDSHAKE", protocol, device_name) != 0:
-                raise TransportError(f"mooncake transfer engine failed to start on {hostname} over {protocol} {device_name!r}")
+                raise TransportError(
+                    f"mooncake transfer engine failed to start on {hostname} over {protocol} {device_name!r}", edge=edge
+                )
+            if protocol == "rdma" and not _has_rdma_device(engine):  # Mooncake would quietly use TCP instead
+                raise TransportError(
+                    f"protocol rdma, but the transfer engine finds no RDMA device on this host"
+                    f"{f' named {device_name!r}' if device_name else ''}; use protocol tcp, or check the NIC and its drivers",
+                    edge=edge,
+                )
             _engines[key] = engine
         return _engines[key]
 
@@ -100,7 +117,7 @@ class MooncakeReceiver(ByteReceiver):
     ):
         super().__init__(edge, slot_bytes, slots, **options)
         hostname, protocol, device_name = _options(hostname, protocol, device_name)
-        self._engine = transfer_engine(hostname, protocol, device_name)
+        self._engine = transfer_engine(hostname, protocol, device_name, edge)
         self._memory = anonymous_memory(self.slot_stride * slots + PAGE)
         self._bytes = torch.frombuffer(self._memory, dtype=torch.uint8)
         self._base = self._bytes.data_ptr()
@@ -138,7 +155,7 @@ class MooncakeSender(ByteSender):
     ):
         super().__init__(edge, max_bytes, **options)
         hostname, self.protocol, device_name = _options(hostname, protocol, device_name)
-        self._engine = transfer_engine(hostname, self.protocol, device_name)
+        self._engine = transfer_engine(hostname, self.protocol, device_name, edge)
         self._registered: list[tuple[int, mmap.mmap | None]] = []  # (address, owning mmap) to unregister and free
         self._scratch = self._register(anonymous_memory(PAGE))
         self._staging: torch.Tensor | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -173,3 +174,18 @@ def test_a_transfer_corrupted_every_time_fails_the_request_naming_the_edge(tmp_p
     assert run.returncode == 1
     assert "edge 'phase1'" in run.stdout and "failed verification on 2 attempts" in run.stdout
     assert "Traceback" not in run.stderr
+
+
+HAS_RDMA = Path("/sys/class/infiniband").is_dir() and any(Path("/sys/class/infiniband").iterdir())
+
+
+@pytest.mark.skipif(HAS_RDMA, reason="this host has an RDMA device, so an rdma edge starts")
+def test_an_rdma_edge_without_an_rdma_device_fails_at_start_naming_the_edge(tmp_path):
+    # Mooncake itself would fall back to TCP without a word; the engine refuses instead.
+    run = engine_run("wan_t2v.yaml", tmp_path / "out", "edges.0.protocol=rdma")
+    assert run.returncode == 1
+    error = next(line for line in run.stderr.splitlines() if line.startswith("error:"))
+    assert "edge 'phase1': protocol rdma, but the transfer engine finds no RDMA device on this host" in error
+    assert re.match(r"error: node '(encoder|transformer)' replica 0: failed: TransportError", error), error
+    assert "Traceback" not in run.stderr
+    assert live_workers(tmp_path / "out") == []

@@ -83,6 +83,17 @@ def test_worker_specs_carry_each_replica_its_edges_and_segments():
     assert transformer.components == ("transformer", "scheduler")
 
 
+def test_mooncake_protocol_and_nic_reach_both_ends_of_an_edge():
+    plan, _ = planned("wan_t2v.yaml", "edges.0.transport=auto", "edges.0.protocol=rdma",
+                      "nodes.encoder.place.rdma_device=mlx5_0", "nodes.transformer.place.rdma_device=mlx5_1")
+    assert plan.edges[0].transport == "mooncake"  # auto would pick shm on one host; a protocol asks for Mooncake
+    assert plan.edges[1].protocol is None  # the environment's default
+    specs = {s.node: s for s in worker_specs(plan, run_id="t", source=Path("/m"), broker={}, out_dir=Path("/o"),
+                                             save_frames=False, heartbeat_s=1.0)}
+    assert specs["encoder"].outbound[0].protocol == specs["transformer"].inbound[0].protocol == "rdma"
+    assert (specs["encoder"].rdma_device, specs["transformer"].rdma_device, specs["decoder"].rdma_device) == ("mlx5_0", "mlx5_1", None)
+
+
 def test_shared_codec_node_runs_two_segments():
     plan, _ = planned("wan_t2v_shared_codec.yaml")
     (codec,) = [s for s in worker_specs(plan, run_id="t", source=Path("/m"), broker={}, out_dir=Path("/o"),
