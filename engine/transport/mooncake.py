@@ -41,6 +41,8 @@ PIECE_BYTES = 8 * CHUNK_BYTES
 """Large tensors are written in pieces of this size, so the receiver can hash the first while the rest move."""
 WINDOW = 2
 """Pieces in flight at once: enough to keep the connection busy, few enough that they land in order."""
+POLL_MAX_S = 1e-3
+"""Longest sleep between two looks at a running write (the sleeps start at 20 us and double)."""
 PROBE_WAIT_S = 0.5
 """How long to wait for a probe of a peer whose write failed (a dead peer refuses in under 1 ms)."""
 
@@ -270,7 +272,7 @@ class MooncakeSender(ByteSender):
                         **where,
                     )
                 await asyncio.sleep(pause)
-                pause = min(max(pause * 2, 20e-6), 1e-3)
+                pause = min(max(pause * 2, 20e-6), POLL_MAX_S)
         finally:
             # given up (failed, watchdog or cancelled): Mooncake may still deliver what is running later
             self._orphans += [(batch, reads) for batch, _ in running]
