@@ -67,8 +67,8 @@ def tensor_digests(
 ) -> tuple[str, ...]:
     """The digest of each tensor whose bytes lie in ``payload`` (a uint8 tensor or buffer) at ``headers``.
 
-    ``known`` maps ``(start, stop)`` payload ranges to chunk digests already being computed (see
-    :func:`chunk_ranges`); a chunk found there is not hashed again.
+    ``known`` maps ``(start, stop)`` chunk spans to digests already being computed (see :func:`hash_ahead`);
+    a chunk found there is not hashed again.
     """
     view = byte_view(as_bytes(payload))
     chunks = [
@@ -82,14 +82,13 @@ def tensor_digests(
     return _fold(len(headers), chunks, [computed[c.span] if c.span in computed else known[c.span].result() for c in chunks])
 
 
-def chunk_ranges(start: int, stop: int) -> list[tuple[int, int]]:
-    """The chunks of payload range ``[start, stop)`` when ``start`` is where a tensor or one of its chunks begins."""
-    return _spans(start, stop - start)
-
-
 def hash_ahead(payload: memoryview, ranges: Sequence[tuple[int, int]]) -> dict[tuple[int, int], Future[bytes]]:
-    """Start hashing ``ranges`` of ``payload`` (chunk by chunk) in the background; the futures by chunk."""
-    return {span: _pool.submit(xxhash.xxh3_128_digest, payload[span[0] : span[1]]) for a, b in ranges for span in chunk_ranges(a, b)}
+    """Start hashing ``ranges`` of ``payload`` chunk by chunk in the background; the futures by chunk span.
+
+    Each range must start where a tensor or one of its chunks starts, so its chunks are the tensor's.
+    """
+    spans = [span for start, stop in ranges for span in _spans(start, stop - start)]
+    return {span: _pool.submit(xxhash.xxh3_128_digest, payload[span[0] : span[1]]) for span in spans}
 
 
 def source_digests(sources: Sequence[torch.Tensor]) -> tuple[str, ...]:
