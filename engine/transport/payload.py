@@ -6,7 +6,9 @@ hashed on several threads (xxhash and ``memmove`` release the GIL), and a sender
 hashes each chunk right after copying it, while the chunk is still in cache, instead of reading the whole
 payload a second time. The digest of a tensor is the same whether it is computed from the sender's tensor
 or from the receiver's slot, which is what lets a sender hash its tensors while the transfer engine moves
-them. :func:`engine.transport.manifest.combine` binds the per-tensor digests to the edge, request and headers.
+them, and lets a receiver hash the part of a payload that has landed while the rest still moves
+(:func:`hash_ahead`). :func:`engine.transport.manifest.combine` binds the per-tensor digests to the edge,
+request and headers.
 """
 
 from __future__ import annotations
