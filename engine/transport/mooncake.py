@@ -156,16 +156,16 @@ class MooncakeSender(ByteSender):
         device_name: str | None = None, **options: Any,
     ):
         super().__init__(edge, max_bytes, **options)
-        hostname, self.protocol, device_name = _options(hostname, protocol, device_name)
-        self._engine = transfer_engine(hostname, self.protocol, device_name, edge)
+        hostname, protocol, device_name = _options(hostname, protocol, device_name)
+        self._engine = transfer_engine(hostname, protocol, device_name, edge)
         self._registered: list[tuple[int, mmap.mmap | None]] = []  # (address, owning mmap) to unregister and free
         self._scratch = self._register(anonymous_memory(PAGE))
+        self._rdma = protocol == "rdma"
         self._staging: torch.Tensor | None = None
-        if self.protocol == "rdma" or torch.cuda.is_available():
-            if torch.cuda.is_available():
-                self._staging = self._register(torch.empty(page_aligned(max_bytes), dtype=torch.uint8, pin_memory=True))
-            else:
-                self._staging = self._register(anonymous_memory(page_aligned(max_bytes)))
+        if torch.cuda.is_available():
+            self._staging = self._register(torch.empty(page_aligned(max_bytes), dtype=torch.uint8, pin_memory=True))
+        elif self._rdma:
+            self._staging = self._register(anonymous_memory(page_aligned(max_bytes)))
         self._connected: set[str] = set()
         self._orphans: list[tuple[int, Any]] = []  # (batch, what it reads) given up on; kept until Mooncake settles them
 
@@ -204,7 +204,8 @@ class MooncakeSender(ByteSender):
         on_landed: LandedHook | None,
     ) -> tuple[str, ...]:
         nbytes = payload_nbytes(tensors)
-        if self._staging is not None:  # RDMA reads registered memory only; CUDA tensors come to the host first
+        staged = self._rdma or any(t.device.type == "cuda" for t in tensors.values())
+        if staged and self._staging is not None:  # RDMA reads registered memory only; CUDA tensors come to the host first
             _, digests = await offload(nbytes, pack, tensors, self._staging[:nbytes], hashing=hashing)
             await self._write(grant, _pieces([self._staging.data_ptr()] * len(headers), headers), None, on_landed)
             return digests
@@ -254,12 +255,11 @@ class MooncakeSender(ByteSender):
                 statuses = [self._engine.transfer_check_status(batch) for batch, _ in running]
                 if TIMED_OUT in statuses:
                     raise EdgeTimeout(f"transfer engine timed out writing slot {grant.slot} at {session}", **where)
-                if FAILED in statuses:
-                    failed = True
-                    running = [piece for piece, status in zip(running, statuses) if status == RUNNING]
-                    break
                 landed = [span for (_, span), status in zip(running, statuses) if status == DONE]
                 running = [piece for piece, status in zip(running, statuses) if status == RUNNING]
+                if FAILED in statuses:
+                    failed = True
+                    break
                 if landed:
                     progress, pause = time.monotonic(), 0.0
                     if on_landed is not None and (waiting or running):
