@@ -39,8 +39,7 @@ _pool = ThreadPoolExecutor(max(1, WORKERS - 1), thread_name_prefix="engine-paylo
 class _Chunk:
     tensor: int  # index of the tensor the chunk belongs to
     data: memoryview  # the chunk's bytes where they are hashed (after the copy, if any)
-    copy: tuple[int, int] | None  # (destination address, source address) of a CPU copy to make first
-    span: tuple[int, int] | None = None  # (start, stop) in the payload, where that is what is hashed
+    copy: tuple[int, int] | None = None  # (destination address, source address) of a CPU copy to make first
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
@@ -72,16 +71,11 @@ def tensor_digests(
     ``known`` maps ``(start, stop)`` chunk spans to digests already being computed (see :func:`hash_ahead`);
     a chunk found there is not hashed again.
     """
-    view = byte_view(as_bytes(payload))
-    chunks = [
-        _Chunk(index, view[start:stop], None, (start, stop))
-        for index, header in enumerate(headers)
-        for start, stop in _spans(header.offset, header.nbytes)
-    ]
-    known = known or {}
-    missing = [chunk for chunk in chunks if chunk.span not in known]
-    computed = dict(zip((chunk.span for chunk in missing), _run(missing, True)))
-    return _fold(len(headers), chunks, [computed[c.span] if c.span in computed else known[c.span].result() for c in chunks])
+    view, known = byte_view(as_bytes(payload)), known or {}
+    spans = [(index, span) for index, header in enumerate(headers) for span in _spans(header.offset, header.nbytes)]
+    computed = iter(_run([_Chunk(index, view[a:b]) for index, (a, b) in spans if (a, b) not in known], True))
+    hashed = [known[span].result() if span in known else next(computed) for _, span in spans]
+    return _fold(len(headers), [index for index, _ in spans], hashed)
 
 
 def hash_ahead(payload: memoryview, ranges: Sequence[tuple[int, int]]) -> dict[tuple[int, int], Future[bytes]]:
@@ -95,7 +89,12 @@ def hash_ahead(payload: memoryview, ranges: Sequence[tuple[int, int]]) -> dict[t
 
 def source_digests(sources: Sequence[torch.Tensor]) -> tuple[str, ...]:
     """The digest of each contiguous CPU tensor, read where it lies (what the payload will carry)."""
-    return _digests(len(sources), _chunks(byte_view(source) for source in sources))
+    chunks = [
+        _Chunk(index, view[start:stop])
+        for index, view in enumerate(byte_view(source) for source in sources)
+        for start, stop in _spans(0, len(view))
+    ]
+    return _fold(len(sources), [c.tensor for c in chunks], _run(chunks, True))
 
 
 def pack(
@@ -121,20 +120,19 @@ def pack(
         end = header.offset + header.nbytes
         if not header.nbytes:
             continue
-        tensor = tensor.detach()
+        tensor, at = tensor.detach(), None
         if tensor.device.type == "cpu":
             source = tensor.contiguous()
             sources.append(source)  # alive until the copies are done
-            at = source.data_ptr() - header.offset
-            chunks += [
-                _Chunk(index, view[start:stop], (base + start, at + start))
-                for start, stop in _spans(header.offset, header.nbytes)
-            ]
+            at = source.data_ptr() - header.offset  # where payload byte 0 would be
         else:
             out[header.offset : end].copy_(tensor.reshape(-1).view(torch.uint8))
-            chunks += [_Chunk(index, view[start:stop], None) for start, stop in _spans(header.offset, header.nbytes)]
+        chunks += [
+            _Chunk(index, view[start:stop], None if at is None else (base + start, at + start))
+            for start, stop in _spans(header.offset, header.nbytes)
+        ]
     hashed = _run(chunks, hashing)
-    return headers, (_fold(len(headers), chunks, hashed) if hashing else ())
+    return headers, (_fold(len(headers), [c.tensor for c in chunks], hashed) if hashing else ())
 
 
 def unpack(buffer: Any, manifest: Manifest) -> dict[str, torch.Tensor]:
@@ -154,23 +152,11 @@ def _spans(offset: int, nbytes: int) -> list[tuple[int, int]]:
     return [(start, min(start + CHUNK_BYTES, offset + nbytes)) for start in range(offset, offset + nbytes, CHUNK_BYTES)]
 
 
-def _chunks(views: Any) -> list[_Chunk]:
-    return [
-        _Chunk(index, view[start:stop], None, (start, stop))
-        for index, view in enumerate(views)
-        for start, stop in _spans(0, len(view))
-    ]
-
-
-def _digests(count: int, chunks: list[_Chunk]) -> tuple[str, ...]:
-    return _fold(count, chunks, _run(chunks, True))
-
-
-def _fold(count: int, chunks: Sequence[_Chunk], hashed: Sequence[bytes | None]) -> tuple[str, ...]:
-    """Per tensor: xxh3-128 over its chunks' digests in order."""
+def _fold(count: int, owners: Sequence[int], hashed: Sequence[bytes | None]) -> tuple[str, ...]:
+    """Per tensor: xxh3-128 over its chunks' digests in order (``owners[i]``: the tensor of chunk i)."""
     parts: list[list[bytes]] = [[] for _ in range(count)]
-    for chunk, value in zip(chunks, hashed):
-        parts[chunk.tensor].append(value)
+    for owner, value in zip(owners, hashed):
+        parts[owner].append(value)
     return tuple(xxhash.xxh3_128_hexdigest(b"".join(values)) for values in parts)
 
 
