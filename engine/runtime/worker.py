@@ -68,7 +68,6 @@ class Worker:
         self.connected: set[tuple[str, str, int]] = set()
         self.peers: dict[tuple[str, int], Status] = {}
         self.received: dict[tuple[str, str], tuple[Manifest, dict[str, Any]]] = {}  # (request, edge) -> payload
-        self.landed_bytes: dict[tuple[str, str], int] = {}  # (request, edge) -> bytes hinted landed ahead of delivery
         self.waiting_grants: dict[str, deque[GrantRequest]] = {}
         self.jobs: asyncio.Queue[RunStage] = asyncio.Queue()
         self.stopping = asyncio.Event()
@@ -156,8 +155,6 @@ class Worker:
             receiver = self.receivers.get(message.edge)
             if receiver is not None:
                 receiver.landed(message.slot, message.generation, message.request_id, message.ranges)
-                key = (message.request_id, message.edge)
-                self.landed_bytes[key] = self.landed_bytes.get(key, 0) + sum(stop - start for start, stop in message.ranges)
         elif isinstance(message, Delivered):
             asyncio.create_task(self._on_delivered(message))
         elif isinstance(message, Grant):
@@ -206,9 +203,9 @@ class Worker:
     async def _on_delivered(self, message: Delivered) -> None:
         receiver = self.receivers[message.edge]
         manifest = Manifest.model_validate(message.manifest)
+        ahead = receiver.hashed_ahead(manifest.slot, manifest.generation)
         started = time.perf_counter()
         ack, views = await asyncio.to_thread(accept, receiver, manifest)  # hashing a large payload takes a while
-        ahead = self.landed_bytes.pop((message.request_id, message.edge), 0)
         if views is not None:
             early = f" ({human_bytes(ahead)} of it hashed as it landed)" if ahead else ""
             log.info("edge %r request %s: %s verified in %.1f ms%s", message.edge, message.request_id,

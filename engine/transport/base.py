@@ -128,6 +128,10 @@ class Receiver(ABC):
         left to hash. A wrong hint can only make verification fail (and the sender retransmit).
         """
 
+    def hashed_ahead(self, slot: int, generation: int) -> int:
+        """Bytes of slot ``slot`` (at ``generation``) being hashed ahead of delivery on landed hints."""
+        return 0
+
     @abstractmethod
     def open(self, manifest: Manifest) -> dict[str, torch.Tensor]:
         """Verify the slot's payload against ``manifest`` and return zero-copy views of its tensors.
@@ -219,6 +223,11 @@ class ByteReceiver(Receiver):
         with self._ahead_lock:
             then, ahead = self._ahead.get(slot, (generation, {}))
             self._ahead[slot] = (generation, (ahead if then == generation else {}) | started)
+
+    def hashed_ahead(self, slot: int, generation: int) -> int:
+        with self._ahead_lock:
+            then, ahead = self._ahead.get(slot, (generation, {}))
+        return sum(stop - start for start, stop in ahead) if then == generation else 0
 
     def open(self, manifest: Manifest) -> dict[str, torch.Tensor]:
         self._check(manifest)
