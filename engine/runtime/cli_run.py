@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
+import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def add_run_parser(commands: argparse._SubParsersAction, add_graph_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -29,7 +33,28 @@ def add_run_parser(commands: argparse._SubParsersAction, add_graph_arguments: Ca
     run.set_defaults(handler=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from engine.runtime.controller import run_command
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
-    return run_command(args)
+
+def _run(args: argparse.Namespace) -> int:
+    """``engine run``: plan, build the requests, run, write the report, print the summary."""
+    from engine.plan.build import plan_graph
+    from engine.runtime.controller import RunOptions, run_graph
+    from engine.runtime.report import print_summary, write_report
+    from engine.runtime.requests import requests_from_args
+    from engine.runtime.tracker import State
+
+    plan, checked, source = plan_graph(args.graph, args.overrides)
+    requests = requests_from_args(plan, checked, args)
+    options = RunOptions(out_dir=Path(args.out) if args.out else Path("outputs"), save_frames=args.save_frames, quiet=args.quiet)
+    if not args.out:
+        options = dataclasses.replace(options, out_dir=Path("outputs") / options.run_id)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the run as Ctrl-C does: workers torn down
+    try:
+        result = asyncio.run(run_graph(plan, source, requests, options))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    report = write_report(result, plan, source)
+    print_summary(result, report)
+    return 0 if all(r.state == State.DONE for r in result.requests) else 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -360,28 +359,3 @@ class Controller:
 
 async def run_graph(plan: Plan, source: Path, requests: list[RequestParams], options: RunOptions) -> RunResult:
     return await Controller(plan, source, options).run(requests)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def run_command(args: Any) -> int:
-    """``engine run``: plan, build the requests, run, write the report, print the summary."""
-    from engine.plan.build import plan_graph
-    from engine.runtime.report import print_summary, write_report
-    from engine.runtime.requests import requests_from_args
-
-    plan, checked, source = plan_graph(args.graph, args.overrides)
-    requests = requests_from_args(plan, checked, args)
-    options = RunOptions(out_dir=Path(args.out) if args.out else Path("outputs"), save_frames=args.save_frames, quiet=args.quiet)
-    if not args.out:
-        options = dataclasses.replace(options, out_dir=Path("outputs") / options.run_id)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the run as Ctrl-C does: workers torn down
-    try:
-        result = asyncio.run(run_graph(plan, source, requests, options))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    report = write_report(result, plan, source)
-    print_summary(result, report)
-    return 0 if all(r.state == State.DONE for r in result.requests) else 1
