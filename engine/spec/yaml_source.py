@@ -3,10 +3,16 @@
 PyYAML's ``safe_load`` forgets where things were and silently keeps the last of two equal keys. Composing
 the node tree instead keeps each node's start mark, so every later error can name ``file:line``; duplicate
 keys are reported instead of overwritten.
+
+A graph is a few KiB nested five levels deep. Larger, deeper or longer documents are refused before they
+cost time: the file's size before it is read, its depth and node count while it is composed (PyYAML's
+composer recurses once per level, so a file of 20,000 nested lists would otherwise end in a RecursionError),
+and the values aliases expand to while it is converted.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,19 +64,47 @@ def dotted(path: Path_) -> str:
     return text
 
 
-#: More values than any graph needs; aliases nested in aliases (``[*a, *a, ...]``) could otherwise expand a
-#: few lines into millions of values and hang the validator.
+#: Largest graph file read (1 MiB); the shipped graphs are under 2 KiB.
+MAX_FILE_BYTES = 1 << 20
+#: Deepest nesting of mappings and lists; a graph nests five levels (``nodes.encoder.place.device``).
+MAX_DEPTH = 64
+#: More values than any graph needs, in the file and once aliases are expanded: aliases nested in aliases
+#: (``[*a, *a, ...]``) could otherwise expand a few lines into millions of values and hang the validator.
 MAX_VALUES = 10_000
 
 
-class _TooLarge(Exception):
-    """The document expands to more than MAX_VALUES values."""
+class _Refused(Exception):
+    """The document is nested too deeply or holds or expands to too many values; ``args``: (line, message)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """A SafeLoader that stops composing at the first node past MAX_DEPTH or MAX_VALUES, before the
+    composer's recursion goes deeper or the rest of a long file is parsed."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        self._nodes += 1
+        line = self.peek_event().start_mark.line + 1
+        if self._depth > MAX_DEPTH:
+            raise _Refused(line, f"the document is nested deeper than {MAX_DEPTH} levels; a graph nests about 5")
+        if self._nodes > MAX_VALUES:
+            raise _Refused(line, f"the document holds more than {MAX_VALUES} keys and values; a graph needs a few hundred")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _to_data(node: yaml.Node, path: Path_, lines: LineMap, problems: list[Problem], budget: list[int]) -> Any:
     budget[0] -= 1
     if budget[0] < 0:
-        raise _TooLarge(node.start_mark.line + 1)
+        raise _Refused(node.start_mark.line + 1, f"the document expands to more than {MAX_VALUES} values "
+                                                 "(aliases repeated inside aliases?); a graph needs a few hundred")
     lines.lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         result: dict[Any, Any] = {}
@@ -115,11 +149,18 @@ def _construct(node: yaml.Node, path: Path_, lines: LineMap, problems: list[Prob
         return _INVALID
 
 
+def _refusal(exc: _Refused, file: str) -> SpecError:
+    line, message = exc.args
+    return SpecError([Problem(file, line, "", message)])
+
+
 def parse_yaml(text: str, file: str) -> tuple[Any, LineMap]:
     """Parse one YAML document. Raises SpecError (with the line) for syntax errors and duplicate keys."""
     lines = LineMap(file)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_BoundedLoader)
+    except _Refused as exc:
+        raise _refusal(exc, file) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         reason = getattr(exc, "problem", None) or str(exc)
@@ -132,9 +173,8 @@ def parse_yaml(text: str, file: str) -> tuple[Any, LineMap]:
     problems: list[Problem] = []
     try:
         data = _to_data(root, (), lines, problems, [MAX_VALUES])
-    except _TooLarge as exc:
-        raise SpecError([Problem(file, exc.args[0], "", f"the document expands to more than {MAX_VALUES} values "
-                                                        "(aliases repeated inside aliases?); a graph needs a few hundred")]) from None
+    except _Refused as exc:
+        raise _refusal(exc, file) from None
     except yaml.YAMLError as exc:  # an unknown tag, a bad timestamp...
         mark = getattr(exc, "problem_mark", None)
         raise SpecError([Problem(file, mark.line + 1 if mark else None, "", f"invalid YAML value: {getattr(exc, 'problem', None) or exc}")]) from None
@@ -145,11 +185,28 @@ def parse_yaml(text: str, file: str) -> tuple[Any, LineMap]:
     return data, lines
 
 
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
 def read_yaml(path: Path) -> tuple[Any, LineMap]:
+    """Read and parse a graph file of at most MAX_FILE_BYTES (checked before reading, and while reading
+    for files whose size the system does not know, such as a pipe)."""
+    def refuse(message: str) -> SpecError:
+        return SpecError([Problem(str(path), None, "", message)])
+
+    limit = f"a graph file is at most {_mib(MAX_FILE_BYTES)} ({MAX_FILE_BYTES} bytes)"
     try:
-        text = path.read_text()
+        with path.open("rb") as stream:
+            size = os.fstat(stream.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise refuse(f"the file is {_mib(size)} ({size} bytes); {limit}")
+            raw = stream.read(MAX_FILE_BYTES + 1)
+        text = raw.decode()
     except FileNotFoundError:
-        raise SpecError([Problem(str(path), None, "", "no such graph file")]) from None
+        raise refuse("no such graph file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError([Problem(str(path), None, "", f"cannot read the graph file: {exc}")]) from None
+        raise refuse(f"cannot read the graph file: {exc}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise refuse(f"the file is longer than {MAX_FILE_BYTES} bytes; {limit}")
     return parse_yaml(text, str(path))

@@ -87,6 +87,20 @@ def test_validate_missing_file() -> None:
     assert_user_error(engine("validate", "graphs/no_such_graph.yaml"), "graphs/no_such_graph.yaml: no such graph file")
 
 
+@pytest.mark.parametrize("text, message", [
+    ("name: x\n" + "# padding\n" * 2_300_000, "the file is 21.9 MiB (23000008 bytes); a graph file is at most 1.0 MiB"),
+    ("[" * 20_000 + "]" * 20_000, ":1: the document is nested deeper than 64 levels"),
+], ids=["22_mib", "20000_nested_lists"])
+def test_validate_refuses_huge_and_deep_graphs_within_a_second(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "graph.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    result = engine("validate", str(path))
+    elapsed = time.perf_counter() - start
+    assert_user_error(result, f"{path}{message}" if message.startswith(":") else f"{path}: {message}")
+    assert elapsed < 5, f"refused after {elapsed:.1f} s"
+
+
 # -- --set ----------------------------------------------------------------------------------------------------
 
 

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from engine.plan.memory import DeviceFit, MemoryReport
 from engine.plan.model import align
 from engine.spec.load import apply_override, did_you_mean, load_graph
 from engine.spec.schema import parse_memory
-from engine.spec.yaml_source import LineMap, dotted, parse_yaml
+from engine.spec.yaml_source import MAX_DEPTH, MAX_FILE_BYTES, MAX_VALUES, LineMap, dotted, parse_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -195,3 +198,74 @@ def test_aliases_cannot_expand_a_small_file_into_millions_of_values() -> None:
     # an alias used as intended still works
     data, _ = parse_yaml("p: &p {device: cpu}\nq: *p\n", "ok.yaml")
     assert data["q"] == {"device": "cpu"}
+
+
+# -- size and depth bounds ------------------------------------------------------------------------------------
+
+
+def refused_quickly(path: Path, message: str) -> SpecError:
+    start = time.perf_counter()
+    with pytest.raises(SpecError, match=re.escape(message)) as caught:
+        load_graph(path)
+    assert time.perf_counter() - start < 5
+    return caught.value
+
+
+def test_a_graph_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yaml"
+    path.write_text("name: x\n" + "# padding\n" * 2_300_000)  # 22 MiB
+    error = refused_quickly(path, f"the file is 21.9 MiB ({path.stat().st_size} bytes); a graph file is at most "
+                                  f"1.0 MiB ({MAX_FILE_BYTES} bytes)")
+    assert error.problems[0].file == str(path)
+    # exactly at the limit the file is read (and judged on its content)
+    path.write_text("a: '" + "x" * (MAX_FILE_BYTES - 6) + "'\n")
+    assert path.stat().st_size == MAX_FILE_BYTES
+    refused_quickly(path, "a: unknown key")
+
+
+def test_a_graph_from_a_pipe_is_cut_at_the_size_limit(tmp_path: Path) -> None:
+    fifo = tmp_path / "graph.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: _write_ignoring_close(fifo, b"#" * (3 * MAX_FILE_BYTES)))
+    writer.start()
+    refused_quickly(fifo, f"the file is longer than {MAX_FILE_BYTES} bytes")
+    writer.join(timeout=5)
+
+
+def _write_ignoring_close(path: Path, data: bytes) -> None:
+    try:
+        with path.open("wb") as stream:
+            stream.write(data)
+    except BrokenPipeError:  # the reader stops at the limit
+        pass
+
+
+@pytest.mark.parametrize("text", [
+    "[" * 20_000 + "]" * 20_000,  # flow lists: a RecursionError in PyYAML's composer without the bound
+    "".join("  " * i + f"k{i}:\n" for i in range(200)) + "  " * 200 + "v\n",  # block mappings
+    "- " * 5_000 + "x\n",  # block lists
+], ids=["flow_lists", "block_mappings", "block_lists"])
+def test_deep_nesting_is_refused_within_a_second(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    error = refused_quickly(path, f"the document is nested deeper than {MAX_DEPTH} levels; a graph nests about 5")
+    assert error.problems[0].line is not None
+
+
+def test_nesting_up_to_the_limit_is_read() -> None:
+    def nested(lists: int) -> str:  # the mapping is the first level
+        return "a: " + "[" * lists + "]" * lists + "\n"
+
+    data, _ = parse_yaml(nested(MAX_DEPTH - 1), "ok.yaml")
+    depth, value = 2, data["a"]
+    while value:
+        depth, value = depth + 1, value[0]
+    assert depth == MAX_DEPTH
+    with pytest.raises(SpecError, match="nested deeper than"):
+        parse_yaml(nested(MAX_DEPTH), "deep.yaml")
+
+
+def test_a_long_file_under_the_size_limit_is_refused_by_its_node_count(tmp_path: Path) -> None:
+    path = tmp_path / "long.yaml"
+    path.write_text(("a: [" + ", ".join(["1"] * 500_000))[: MAX_FILE_BYTES - 2] + "]\n")
+    refused_quickly(path, f"the document holds more than {MAX_VALUES} keys and values; a graph needs a few hundred")
