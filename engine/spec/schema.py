@@ -107,6 +107,8 @@ class Timeouts(Strict):
     heartbeat_s: float = Field(10.0, gt=0, description="A replica silent this long is considered stuck.")
     stage_s: float = Field(3600.0, gt=0, description="Longest a stage may run for one request.")
     transfer_s: float = Field(30.0, gt=0, description="Longest one edge transfer may take.")
+    broker_s: float = Field(60.0, gt=0, description="Longest the broker may be unreachable before the run fails "
+                                                     "with 'broker lost'; shorter outages lose nothing.")
 
 
 def _node_name(name: str) -> str:
