@@ -31,39 +31,60 @@ def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
 
 
 def apply_override(data: Any, lines: LineMap, assignment: str) -> None:
-    """Apply ``dotted.key=value`` to the raw document (value parsed as a YAML scalar or flow list)."""
+    """Apply ``dotted.key=value`` to the raw document (value parsed as a YAML scalar or flow list).
+
+    Every part of the document the option sets or creates (``--set a.b.c=1`` creates ``a`` and ``a.b``) is
+    recorded as coming from the option, so that a problem found there names the option, not a line of the
+    file that has nothing to do with it.
+    """
     origin = f"--set {assignment}"
+
+    def refuse(message: str) -> SpecError:
+        return SpecError([Problem(lines.file, None, origin, message)])
+
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
-        raise SpecError([Problem(lines.file, None, origin, "expected dotted.key=value, e.g. --set nodes.transformer.replicas=2")])
+        raise refuse("expected dotted.key=value, e.g. --set nodes.transformer.replicas=2")
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError as exc:
-        raise SpecError([Problem(lines.file, None, origin, f"cannot parse the value: {exc}")]) from None
-    # list indices are ASCII digits only: str.isdigit() also accepts "²", which int() refuses
-    parts: list[str | int] = [int(p) if p.isascii() and p.isdigit() else p for p in key.split(".")]
+        raise refuse(f"cannot parse the value: {exc}") from None
     if not isinstance(data, dict):
-        raise SpecError([Problem(lines.file, None, origin, "the graph file is not a mapping")])
+        raise refuse("the graph file is not a mapping")
+    path: list[str | int] = []
     target: Any = data
+    parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
+        index = _index(part)
         if isinstance(target, dict):
-            target = target.setdefault(part, {}) if not isinstance(part, int) else None
-        elif isinstance(target, list) and isinstance(part, int) and part < len(target):
+            if part not in target:
+                target[part] = {}
+                lines.overrides.setdefault((*path, part), origin)
             target = target[part]
+            path.append(part)
+        elif isinstance(target, list) and index is not None and index < len(target):
+            target = target[index]
+            path.append(index)
         else:
             target = None
         if not isinstance(target, (dict, list)):
-            prefix = ".".join(map(str, parts[: i + 1]))
-            raise SpecError([Problem(lines.file, None, origin, f"{prefix} is not a mapping or list that can hold {key}")])
-    last = parts[-1]
+            raise refuse(f"{'.'.join(parts[:i + 1])} is not a mapping or list that can hold {key}")
+    last: str | int = parts[-1]
     if isinstance(target, list):
-        if not isinstance(last, int) or last > len(target):
-            raise SpecError([Problem(lines.file, None, origin, f"index {last} is out of range for a list of {len(target)}")])
-        target[last:last + 1] = [value]
+        index = _index(parts[-1])
+        if index is None or index > len(target):
+            raise refuse(f"{'.'.join(map(str, path))} is a list of {len(target)}: give an index from 0 to {len(target)} "
+                         f"(the last appends), got {parts[-1]!r}")
+        target[index:index + 1] = [value]
+        last = index
     else:
         target[last] = value
-    # Errors about an overridden value point at the option rather than a line of the file.
-    lines.overrides[tuple(parts)] = origin
+    lines.overrides[(*path, last)] = origin
+
+
+def _index(part: str) -> int | None:
+    """A list index: ASCII digits only (str.isdigit() also accepts "²", which int() refuses)."""
+    return int(part) if part.isascii() and part.isdigit() else None
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -106,7 +106,8 @@ def test_override_appends_to_a_list_but_does_not_skip_items() -> None:
     assert data["edges"][2]["name"] == "phase3"
     data, _ = overridden("nodes.encoder.stages.2=denoise")
     assert data["nodes"]["encoder"]["stages"] == ["text_encode", "image_encode", "denoise"]
-    with pytest.raises(SpecError, match="index 5 is out of range for a list of 2"):
+    with pytest.raises(SpecError, match=r"nodes.encoder.stages is a list of 2: give an index from 0 to 2 \(the last "
+                                         r"appends\), got '5'"):
         overridden("nodes.encoder.stages.5=denoise")
 
 
@@ -116,6 +117,7 @@ def test_override_appends_to_a_list_but_does_not_skip_items() -> None:
     ("name.x=1", "name is not a mapping or list that can hold name.x"),
     ("edges.9.name=x", "edges.9 is not a mapping or list"),
     ("nodes.encoder.stages.x.y=1", "nodes.encoder.stages.x is not a mapping or list"),
+    ("edges.first=x", "edges is a list of 2: give an index from 0 to 2"),
     ("request.prompt=[", "cannot parse the value"),
 ])
 def test_bad_overrides(assignment: str, message: str) -> None:
@@ -133,6 +135,28 @@ def test_problems_under_an_override_name_the_option() -> None:
     assert (problem.line, problem.message) == (4, "bad (after --set nodes.encoder.place.device=gpu)")
     # elsewhere, nothing changes
     assert lines.problem(("edges", 0), "bad") == Problem("g.yaml", 9, "edges[0]", "bad")
+
+
+@pytest.mark.parametrize("assignment, field, valid", [
+    ("a.b.c.d=1", "a", "(valid: name, model, broker, nodes, edges, request, requests, limits, timeouts)"),
+    ("model.foo.bar=1", "model.foo", "(valid: family, task, path, dtype)"),
+    ("nodes.encoder.place.gpu.index=1", "nodes.encoder.place.gpu", "(valid: host, device, memory, rdma_device)"),
+])
+def test_an_override_that_creates_an_unknown_key_is_blamed_on_the_option(assignment: str, field: str, valid: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        load_graph(ROOT / "graphs" / "wan_t2v.yaml", [assignment])
+    (problem,) = caught.value.problems
+    assert (problem.file, problem.line, problem.field) == (f"{ROOT / 'graphs' / 'wan_t2v.yaml'} (--set {assignment})", None, field)
+    assert problem.message.startswith("unknown key") and problem.message.endswith(valid)
+
+
+def test_a_part_created_by_an_override_names_the_option_in_every_problem_under_it() -> None:
+    _, lines = overridden("nodes.codec.stages=[vae_decode]")
+    assert lines.overrides[("nodes", "codec")] == "--set nodes.codec.stages=[vae_decode]"
+    problem = lines.problem(("nodes", "codec", "place"), "required but missing")
+    assert (problem.file, problem.line) == ("g.yaml (--set nodes.codec.stages=[vae_decode])", None)
+    # a part the file already had keeps its line
+    assert ("nodes",) not in lines.overrides and lines.problem(("nodes",), "bad").line == 3
 
 
 def test_overrides_are_applied_before_the_schema() -> None:
