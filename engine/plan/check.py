@@ -20,8 +20,6 @@ from engine.plan.model import Segment
 from engine.spec.load import LoadedGraph, did_you_mean, problems_from_validation
 from engine.stages import ModelFamily, RequestParams, StageSpec, TensorSpec
 
-GRAPH_TRANSPORTS = ("auto", "mooncake", "shm")
-
 
 @dataclass(frozen=True)
 class Flow:
@@ -169,11 +167,9 @@ def _check_edges(loaded: LoadedGraph, flows: list[Flow], problems: list[Problem]
             problems.append(lines.problem(at, f"edge {edge.name!r} carries nothing: no stage on {edge.target!r} reads a tensor produced on {edge.source!r}; remove it"))
         source_host = spec.nodes[edge.source].place.host
         same_host = source_host == spec.nodes[edge.target].place.host
-        if edge.protocol is not None and edge.transport in ("shm", "inproc"):
-            problems.append(lines.problem((*at, "protocol"), f"protocol {edge.protocol} applies to mooncake edges; this edge uses {edge.transport} (drop protocol, or use transport mooncake)"))
-        if edge.transport == "inproc":
-            problems.append(lines.problem((*at, "transport"), f"inproc joins stages inside one node; {edge.source!r} and {edge.target!r} run in separate processes: use {'shm or ' if same_host else ''}mooncake (or auto)"))
-        elif edge.transport == "shm" and not same_host:
+        if edge.protocol is not None and edge.transport == "shm":
+            problems.append(lines.problem((*at, "protocol"), f"protocol {edge.protocol} applies to mooncake edges; this edge uses shm (drop protocol, or use transport mooncake)"))
+        if edge.transport == "shm" and not same_host:
             problems.append(lines.problem((*at, "transport"), f"shm needs both nodes on one host; {edge.source!r} is on {source_host!r}, {edge.target!r} on {spec.nodes[edge.target].place.host!r}: use mooncake (or auto)"))
         auto = "shm" if same_host and edge.protocol is None else "mooncake"  # a protocol asks for Mooncake
         transports[edge.name] = edge.transport if edge.transport != "auto" else auto

@@ -39,7 +39,7 @@ class PlannedEdge:
     name: str
     source: str
     target: str
-    transport: str  #: mooncake, shm or inproc (``auto`` resolved)
+    transport: str  #: mooncake or shm (``auto`` resolved)
     protocol: str | None  #: tcp or rdma for mooncake; None: the environment's default
     integrity: str
     retries: int

@@ -20,7 +20,6 @@ MEMORY_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                 "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
                "fp32": "float32", "float32": "float32"}
-TRANSPORTS = ("auto", "mooncake", "shm", "inproc")
 INTEGRITY = ("xxh3-128", "none")
 
 
@@ -93,8 +92,8 @@ class EdgeSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="Edge name, e.g. phase1.")
     source: str = Field(alias="from", description="Node that produces the tensors.")
     target: str = Field(alias="to", description="Node that consumes them.")
-    transport: Literal["auto", "mooncake", "shm", "inproc"] = Field(
-        "auto", description="mooncake (TCP/RDMA), shm (same host), inproc (same process), auto (by placement).")
+    transport: Literal["auto", "mooncake", "shm"] = Field(
+        "auto", description="mooncake (TCP/RDMA), shm (same host), auto (by placement).")
     protocol: Literal["tcp", "rdma"] | None = Field(
         None, description="Mooncake protocol, for mooncake edges: tcp or rdma; default: ENGINE_MOONCAKE_PROTOCOL, else tcp.")
     integrity: Literal["xxh3-128", "none"] = Field("xxh3-128", description="Payload digest checked before use.")
