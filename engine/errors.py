@@ -9,11 +9,13 @@ loading errors) are translated at the boundary into one of these, raised ``from`
     ├── PlanError          the graph is well-formed but cannot be placed (memory, devices, model files)
     ├── RequestError       a request's values are not ones the model can take
     ├── ModelError         model weights or configs cannot be found or loaded
+    ├── OutputError        the run's output folder cannot be created or written
     ├── TransportError     an edge transfer failed (names the edge and the request)
     │   ├── IntegrityError a payload failed its digest check after every retransmission
     │   ├── EdgeTimeout    a transfer or a grant did not complete in time
     │   └── PeerDead       the other side of an edge is gone
     ├── ControlError       the broker cannot be reached or a control message is invalid
+    │   └── BrokerLost     the broker was gone longer than timeouts.broker_s
     └── NodeError          a node replica failed, died or stopped making progress
 """
 
@@ -62,6 +64,10 @@ class ModelError(EngineError):
     """Model weights or configs cannot be found or loaded."""
 
 
+class OutputError(EngineError):
+    """The run's output folder cannot be created, or a file cannot be written in it."""
+
+
 class TransportError(EngineError):
     """An edge transfer failed. ``detail`` is the message without the edge and request in front."""
 
@@ -89,6 +95,10 @@ class PeerDead(TransportError):
 
 class ControlError(EngineError):
     """The control plane (MQTT broker or a control message) failed."""
+
+
+class BrokerLost(ControlError):
+    """The broker was unreachable for longer than the run allows (timeouts.broker_s)."""
 
 
 class NodeError(EngineError):

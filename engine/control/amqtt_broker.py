@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from amqtt.broker import Broker
@@ -13,29 +13,27 @@ from amqtt.errors import BrokerError
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
-from engine.control.broker import free_port
+from engine.control.broker import BrokerUser, free_port
 from engine.errors import ControlError
 
 
-class SingleUserAuthPlugin(BaseAuthPlugin):
-    """amqtt authentication accepting exactly one user name and password."""
+class UsersAuthPlugin(BaseAuthPlugin):
+    """amqtt authentication accepting exactly the given user names, each with its password."""
 
     @dataclass
     class Config:
-        username: str
-        password: str
+        passwords: dict[str, str]
 
     async def authenticate(self, *, session: Session) -> bool | None:
-        expected: SingleUserAuthPlugin.Config = self.config
-        return session.username == expected.username and hmac.compare_digest(
-            (session.password or "").encode(), expected.password.encode()
-        )
+        expected: UsersAuthPlugin.Config = self.config
+        password = expected.passwords.get(session.username or "")
+        return password is not None and hmac.compare_digest((session.password or "").encode(), password.encode())
 
 
 @contextlib.asynccontextmanager
-async def run_amqtt(username: str | None, password: str | None) -> AsyncIterator[int]:
-    if username is not None and password is not None:
-        auth = {f"{__name__}.SingleUserAuthPlugin": {"username": username, "password": password}}
+async def run_amqtt(users: Sequence[BrokerUser]) -> AsyncIterator[int]:
+    if users:
+        auth = {f"{__name__}.UsersAuthPlugin": {"passwords": {user.name: user.password for user in users}}}
     else:
         auth = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
     last_error: BrokerError | None = None

@@ -2,8 +2,12 @@
 
 ``parse_broker`` turns a graph's broker setting into either an :class:`EmbeddedBroker` request or a
 :class:`BrokerAddress`. ``embedded_broker`` starts mosquitto on a free loopback port when it is installed,
-otherwise amqtt inside this process, and yields the address clients connect to. Whatever happens inside the
-``async with`` (an exception, a cancellation), the broker is stopped on the way out.
+otherwise amqtt inside this process, and yields the address clients connect to. Given users, the broker
+accepts only them (each with its own password); mosquitto also confines each to its topics (an ACL) and makes
+its user name its client id, so no client can pose as another. amqtt has no ACLs: there every user may use
+every topic, and only the signatures on the messages (:mod:`engine.control.signing`) keep clients apart.
+Whatever happens inside the ``async with`` (an exception, a cancellation), the broker is stopped on the way
+out and its files (password file, ACL) are removed.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import os
 import pwd
@@ -20,12 +25,13 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeAlias
 from urllib.parse import unquote, urlsplit
 
+from engine.control.topics import Acl
 from engine.errors import ControlError
 
 BrokerKind: TypeAlias = Literal["auto", "mosquitto", "amqtt"]
@@ -72,6 +78,23 @@ class BrokerAddress:
         """The address as a URL without the password."""
         user = f"{self.username}@" if self.username else ""
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.display}"
+
+    def as_user(self, user: BrokerUser) -> BrokerAddress:
+        return dataclasses.replace(self, username=user.name, password=user.password)
+
+
+@dataclass(frozen=True)
+class BrokerUser:
+    """One user of an embedded broker; ``acl`` None means every topic."""
+
+    name: str
+    password: str = field(repr=False)
+    acl: Acl | None = None
+
+    @classmethod
+    def generate(cls, name: str, acl: Acl | None = None) -> BrokerUser:
+        """A user with a fresh random password."""
+        return cls(name, secrets.token_urlsafe(24), acl)
 
 
 @dataclass(frozen=True)
@@ -123,32 +146,29 @@ def find_mosquitto() -> Path | None:
 
 @contextlib.asynccontextmanager
 async def embedded_broker(
-    kind: BrokerKind = "auto",
-    *,
-    username: str | None = None,
-    password: str | None = None,
-    start_timeout_s: float = 5.0,
+    kind: BrokerKind = "auto", *, users: Sequence[BrokerUser] = (), start_timeout_s: float = 5.0
 ) -> AsyncIterator[BrokerAddress]:
-    """Run a broker on a free loopback port for the duration of the block; yields its address.
+    """Run a broker on a free loopback port for the duration of the block; yields its address (no credentials:
+    see :meth:`BrokerAddress.as_user`).
 
-    ``auto`` means mosquitto when it is installed, otherwise amqtt in this process. With ``username`` and
-    ``password`` the broker accepts only that user (and the yielded address carries the credentials).
+    ``auto`` means mosquitto when it is installed, otherwise amqtt in this process. With ``users`` the broker
+    accepts only them; without, anyone.
     """
-    if (username is None) != (password is None):
-        raise ControlError("an embedded broker with authentication needs both username and password")
+    if len({user.name for user in users}) != len(users):
+        raise ControlError("embedded broker users must have distinct names")
     if kind not in _KINDS:
         raise ControlError(f"unknown embedded broker {kind!r}; expected one of {', '.join(_KINDS)}")
     binary = find_mosquitto() if kind != "amqtt" else None
     if kind == "mosquitto" and binary is None:
         raise ControlError("mosquitto is not installed (not on PATH nor in /usr/sbin); install it or use amqtt")
     if binary is not None:
-        runner = _mosquitto(binary, username, password, start_timeout_s)
+        runner = _mosquitto(binary, users, start_timeout_s)
     else:
         from engine.control.amqtt_broker import run_amqtt  # amqtt is heavy to import; workers never need it
 
-        runner = run_amqtt(username, password)
+        runner = run_amqtt(users)
     async with runner as port:
-        yield BrokerAddress(host="127.0.0.1", port=port, username=username, password=password)
+        yield BrokerAddress(host="127.0.0.1", port=port)
 
 
 def free_port() -> int:
@@ -166,16 +186,29 @@ def mosquitto_password_line(username: str, password: str) -> str:
     return f"{username}:$7$101${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}\n"
 
 
+def mosquitto_acl(users: Sequence[BrokerUser]) -> str:
+    """A mosquitto ACL file: each user may read and write exactly its filters (every topic when acl is None)."""
+    lines = []
+    for user in users:
+        lines.append(f"user {user.name}")
+        if user.acl is None:
+            lines.append("topic readwrite #")
+        else:
+            lines += [f"topic read {topic}" for topic in user.acl.read] + [f"topic write {topic}" for topic in user.acl.write]
+        lines.append("")
+    return "\n".join(lines)
+
+
 @contextlib.asynccontextmanager
-async def _mosquitto(
-    binary: Path, username: str | None, password: str | None, start_timeout_s: float
-) -> AsyncIterator[int]:
+async def _mosquitto(binary: Path, users: Sequence[BrokerUser], start_timeout_s: float) -> AsyncIterator[int]:
     with tempfile.TemporaryDirectory(prefix="dge-mosquitto-") as tmp:
         folder = Path(tmp)
         auth = "allow_anonymous true\n"
-        if username is not None and password is not None:
-            (folder / "passwd").write_text(mosquitto_password_line(username, password))
-            auth = f"allow_anonymous false\npassword_file {folder / 'passwd'}\n"
+        if users:
+            (folder / "passwd").write_text("".join(mosquitto_password_line(user.name, user.password) for user in users))
+            (folder / "acl").write_text(mosquitto_acl(users))
+            auth = (f"allow_anonymous false\npassword_file {folder / 'passwd'}\nacl_file {folder / 'acl'}\n"
+                    "use_username_as_clientid true\n")
         # Another process may take the probed port before mosquitto binds it: then try a fresh one.
         for _ in range(3):
             port = free_port()

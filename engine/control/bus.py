@@ -7,6 +7,7 @@ implements it in memory for unit tests of the runtime.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,16 +30,22 @@ class LastWill:
 
 @dataclass(frozen=True)
 class Inbound:
-    """A received, validated control message."""
+    """A received control message whose signature, freshness and schema were checked."""
 
     topic: str
     message: Message
     retained: bool
+    sender: str  #: the client id that signed it
 
 
 class ControlBus(Protocol):
+    rejected: Counter[str]  #: received messages dropped, by reason
+
     async def publish(self, topic: str, message: Message, *, retain: bool = False) -> None:
-        """Publish with QoS 1; ControlError if it cannot be delivered to the broker."""
+        """Publish with QoS 1 and wait until the broker has it; BrokerLost if the broker stays away too long."""
+
+    def post(self, topic: str, message: Message, *, retain: bool = False) -> None:
+        """Publish without waiting; sent in order by the bus, which ends (BrokerLost) if it never can be."""
 
     async def clear_retained(self, topic: str) -> None:
         """Remove the retained message of a topic."""
@@ -56,17 +63,17 @@ class ControlBus(Protocol):
 class InboxQueue:
     """Received messages in arrival order; once the bus ends, readers get what was queued, then the end."""
 
-    def __init__(self, owner: str) -> None:
-        self._owner = owner
+    def __init__(self) -> None:
         self._queue: asyncio.Queue[Inbound | None] = asyncio.Queue()
-        self._end_reason: str | None = None
+        self._ended: ControlError | None = None
 
     def put(self, inbound: Inbound) -> None:
         self._queue.put_nowait(inbound)
 
-    def end(self, reason: str) -> None:
-        if self._end_reason is None:
-            self._end_reason = reason
+    def end(self, error: ControlError) -> None:
+        """No more messages; readers get what was queued, then ``error``."""
+        if self._ended is None:
+            self._ended = error
             self._queue.put_nowait(None)
 
     async def get(self, timeout_s: float) -> Inbound | None:
@@ -80,7 +87,8 @@ class InboxQueue:
             return None
         if inbound is None:
             self._queue.put_nowait(None)  # keep the end marker for every other reader
-            raise ControlError(f"control client {self._owner!r} {self._end_reason}")
+            assert self._ended is not None
+            raise self._ended
         return inbound
 
     async def __aiter__(self) -> AsyncIterator[Inbound]:

@@ -1,9 +1,19 @@
 """An MQTT connection that speaks typed control messages, on aiomqtt.
 
-``ControlClient`` connects (or fails with a ControlError within ``connect_timeout_s``), publishes messages
-with QoS 1, remembers its subscriptions and, when the connection drops, reconnects with exponential backoff
-and subscribes again. Received messages are decoded into the :mod:`engine.control.messages` models and queued;
-an invalid message is logged with its topic and reason and dropped, never raised into the receive loop.
+``ControlClient`` connects (or fails with a ControlError within ``connect_timeout_s``), remembers its
+subscriptions and, when the connection drops, reconnects with exponential backoff and subscribes again.
+
+Sending: every message is signed (:mod:`engine.control.signing`) and goes through an outbox, in order, with
+QoS 1. While the broker is away the outbox waits; after the reconnect it sends again whatever the broker had
+not acknowledged (the signature's sequence number lets receivers drop a duplicate) and re-publishes the
+retained messages this client owns (a restarted broker has forgotten them). ``publish`` waits for the broker's
+acknowledgement, ``post`` does not. Only when the broker stays away longer than ``broker_timeout_s`` does the
+client give up: it ends with :class:`~engine.errors.BrokerLost`, which every waiting publish and every reader
+of ``receive`` gets, naming the broker.
+
+Receiving: each message is checked (size, signature, replay, nesting, schema) before it is queued; one that
+fails is dropped and counted in ``rejected`` by reason, and logged once per sender and reason. Nothing a
+message contains can end the receive loop.
 
 Only MQTT 3.1.1 core features are used (QoS 1, retained messages, last will, clean sessions), so the client
 works on mosquitto and on the embedded amqtt alike.
@@ -13,10 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
+import time
+from collections import Counter, deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from types import TracebackType
 
 import aiomqtt
@@ -25,14 +39,26 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from engine.control.broker import BrokerAddress
 from engine.control.bus import Inbound, InboxQueue, LastWill
-from engine.control.messages import Message, decode, encode
-from engine.errors import ControlError
+from engine.control.messages import Message
+from engine.control.signing import Opener, Rejected, Sealer
+from engine.errors import BrokerLost, ControlError
 
 log = logging.getLogger(__name__)
 
 # Without TCP_NODELAY a request/response round trip takes ~90 ms (Nagle + delayed ACK) instead of ~2 ms.
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 _SUBACK_FAILURE = 0x80
+
+
+@dataclass
+class _Outgoing:
+    """A sealed message waiting in the outbox; ``done`` resolves when the broker acknowledged it."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    kind: str
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class ControlClient:
@@ -43,26 +69,38 @@ class ControlClient:
         address: BrokerAddress,
         *,
         client_id: str,
+        key: bytes,
         will: LastWill | None = None,
         keepalive_s: int = 5,
         connect_timeout_s: float = 3.0,
         operation_timeout_s: float = 5.0,
         max_backoff_s: float = 2.0,
+        broker_timeout_s: float = 60.0,
     ):
         self.address = address
         self.client_id = client_id
+        self._sealer = Sealer(key, client_id)
+        self._opener = Opener(key)
         self._will = will
         self._keepalive_s = keepalive_s
         self._connect_timeout_s = connect_timeout_s
         self._operation_timeout_s = operation_timeout_s
         self._max_backoff_s = max_backoff_s
+        self._broker_timeout_s = broker_timeout_s
         self._filters: list[str] = []
-        self._inbox = InboxQueue(client_id)
+        self._inbox = InboxQueue()
+        self._outbox: deque[_Outgoing] = deque()
+        self._outbox_ready = asyncio.Event()
+        self._retained: dict[str, bytes] = {}  # topic -> what this client keeps retained there
         self._connection: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
-        self._maintainer: asyncio.Task[None] | None = None
+        self._lost_at: float | None = None  # monotonic time the connection dropped, None while connected
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ended: ControlError | None = None
         self._closed = False
-        self.reconnects = 0  # connections re-established after a loss, for diagnostics
+        self.reconnects = 0  # connections re-established after a loss
+        self.rejected: Counter[str] = Counter()  # received messages dropped, by reason
+        self._rejections_logged: set[tuple[str, str]] = set()
 
     async def __aenter__(self) -> ControlClient:
         await self.connect()
@@ -79,42 +117,80 @@ class ControlClient:
 
     async def connect(self) -> None:
         """Connect once; ControlError if the broker cannot be reached or refuses us. Then stay connected."""
-        if self._maintainer is not None or self._closed:
+        if self._tasks or self._closed:
             raise ControlError(f"control client {self.client_id!r} is already connected or closed")
         connection = await self._open()
-        self._maintainer = asyncio.create_task(self._maintain(connection), name=f"mqtt {self.client_id}")
-        self._maintainer.add_done_callback(self._maintainer_ended)
+        for job, name in ((self._maintain(connection), "receive loop"), (self._drain(), "send loop")):
+            task = asyncio.create_task(job, name=f"mqtt {self.client_id} {name}")
+            task.add_done_callback(functools.partial(self._task_ended, name))
+            self._tasks.append(task)
 
     async def close(self) -> None:
         """Disconnect cleanly (the broker does not publish the will) and end ``messages()``."""
         self._closed = True
-        if self._maintainer is not None and not self._maintainer.done():
-            self._maintainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintainer
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         connection, self._connection = self._connection, None
         self._connected.clear()
         if connection is not None:
             with contextlib.suppress(aiomqtt.MqttError):
                 await connection.__aexit__(None, None, None)
-        self._inbox.end("was closed")
+        self._end(ControlError(f"control client {self.client_id!r} was closed"))
 
     async def publish(self, topic: str, message: Message, *, retain: bool = False) -> None:
-        """Publish with QoS 1 and wait for the broker's acknowledgement."""
-        what = f"publishing {message.kind!r} to {topic}"
-        connection = await self._wait_connected(what)
-        try:
-            await connection.publish(topic, encode(message), qos=1, retain=retain, timeout=self._operation_timeout_s)
-        except aiomqtt.MqttError as exc:
-            raise ControlError(f"{what} on broker {self.address.display} failed: {exc}") from exc
+        """Publish with QoS 1 and wait until the broker has it (through a reconnect if need be); BrokerLost
+        once the broker has been away longer than ``broker_timeout_s``."""
+        await self._enqueue(topic, self._sealer.seal(topic, message), retain, message.kind).done
+
+    def post(self, topic: str, message: Message, *, retain: bool = False) -> None:
+        """Publish without waiting: the outbox sends it in order; if it never can, the client ends (BrokerLost)."""
+        outgoing = self._enqueue(topic, self._sealer.seal(topic, message), retain, message.kind)
+        outgoing.done.add_done_callback(lambda done: done.cancelled() or done.exception())  # seen: the client ends
 
     async def clear_retained(self, topic: str) -> None:
         """Remove the retained message of a topic (an empty retained publish)."""
-        connection = await self._wait_connected(f"clearing the retained message of {topic}")
-        try:
-            await connection.publish(topic, b"", qos=1, retain=True, timeout=self._operation_timeout_s)
-        except aiomqtt.MqttError as exc:
-            raise ControlError(f"clearing retained {topic} on broker {self.address.display} failed: {exc}") from exc
+        self._retained.pop(topic, None)
+        await self._enqueue(topic, b"", True, "clear retained").done
+
+    def _enqueue(self, topic: str, payload: bytes, retain: bool, kind: str) -> _Outgoing:
+        if self._ended is not None:
+            raise self._ended
+        if retain and payload:
+            self._retained[topic] = payload
+        outgoing = _Outgoing(topic, payload, retain, kind)
+        self._outbox.append(outgoing)
+        self._outbox_ready.set()
+        return outgoing
+
+    async def _drain(self) -> None:
+        """Send the outbox in order; a message the broker did not acknowledge is sent again after the reconnect."""
+        while True:
+            while not self._outbox:
+                self._outbox_ready.clear()
+                await self._outbox_ready.wait()
+            outgoing = self._outbox[0]
+            await self._connected.wait()
+            connection = self._connection
+            assert connection is not None
+            try:
+                await connection.publish(outgoing.topic, outgoing.payload, qos=1, retain=outgoing.retain,
+                                         timeout=self._operation_timeout_s)
+            except aiomqtt.MqttError as exc:
+                log.warning("control client %s: %r to %s not acknowledged (%s); sending it again after the reconnect",
+                            self.client_id, outgoing.kind, outgoing.topic, exc)
+                if self._connection is connection:  # the receive loop has not noticed yet: wait for it
+                    await asyncio.sleep(0.05)
+                continue
+            if self._outbox and self._outbox[0] is outgoing:  # else the client ended meanwhile
+                self._outbox.popleft()
+            if not outgoing.done.done():
+                outgoing.done.set_result(None)
+
+    @property
+    def broker_away_s(self) -> float:
+        """Seconds since the connection to the broker dropped; 0 while connected."""
+        return 0.0 if self._lost_at is None else time.monotonic() - self._lost_at
 
     async def subscribe(self, topic_filter: str) -> None:
         """Subscribe with QoS 1, now and after every reconnect; retained messages arrive after this returns."""
@@ -133,13 +209,13 @@ class ControlClient:
             yield inbound
 
     async def _wait_connected(self, what: str) -> aiomqtt.Client:
-        if self._closed:
-            raise ControlError(f"{what}: control client {self.client_id!r} is closed")
+        if self._ended is not None:
+            raise ControlError(f"{what}: {self._ended}")
         try:
-            await asyncio.wait_for(self._connected.wait(), self._operation_timeout_s)
+            await asyncio.wait_for(self._connected.wait(), self._broker_timeout_s)
         except asyncio.TimeoutError:
-            raise ControlError(
-                f"{what}: not connected to broker {self.address.display} for {self._operation_timeout_s:g} s"
+            raise BrokerLost(
+                f"{what}: not connected to broker {self.address.display} for {self._broker_timeout_s:g} s"
             ) from None
         assert self._connection is not None
         return self._connection
@@ -165,7 +241,8 @@ class ControlClient:
             tls_insecure = tls.insecure
         will = None
         if self._will is not None:
-            will = aiomqtt.Will(self._will.topic, encode(self._will.message), qos=1, retain=self._will.retain)
+            payload = self._sealer.seal(self._will.topic, self._will.message)
+            will = aiomqtt.Will(self._will.topic, payload, qos=1, retain=self._will.retain)
         connection = aiomqtt.Client(
             self.address.host,
             self.address.port,
@@ -205,7 +282,9 @@ class ControlClient:
         try:
             for topic_filter in self._filters:
                 await self._subscribe(connection, topic_filter)
-        except ControlError:
+            for topic, payload in self._retained.items():  # a restarted broker forgot what we keep retained
+                await connection.publish(topic, payload, qos=1, retain=True, timeout=self._operation_timeout_s)
+        except (ControlError, aiomqtt.MqttError):
             with contextlib.suppress(aiomqtt.MqttError):
                 await connection.__aexit__(None, None, None)
             raise
@@ -213,15 +292,32 @@ class ControlClient:
         self._connected.set()
         return connection
 
-    def _maintainer_ended(self, task: asyncio.Task[None]) -> None:
-        """The receive loop only ends by close(); if it failed, end the client loudly rather than go deaf."""
-        if task.cancelled() or task.exception() is None:
+    def _task_ended(self, name: str, task: asyncio.Task[None]) -> None:
+        """The client's loops only end by close() or a lost broker; any other end is reported, never silent."""
+        if task.cancelled():
             return
-        reason = f"stopped: its receive loop failed with {task.exception()!r}"
-        log.error("control client %s %s", self.client_id, reason, exc_info=task.exception())
+        error = task.exception()
+        if isinstance(error, ControlError):
+            log.error("control client %s: %s", self.client_id, error)
+            self._end(error)
+        elif error is not None:
+            log.error("control client %s: its %s failed", self.client_id, name, exc_info=error)
+            self._end(ControlError(f"control client {self.client_id!r} stopped: its {name} failed with {error!r}"))
+
+    def _end(self, error: ControlError) -> None:
+        """No more sending or receiving: readers and every waiting publish get ``error``."""
+        if self._ended is None:
+            self._ended = error
         self._closed = True
         self._connected.clear()
-        self._inbox.end(reason)
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        while self._outbox:
+            outgoing = self._outbox.popleft()
+            if not outgoing.done.done():
+                outgoing.done.set_exception(self._ended)
+        self._inbox.end(self._ended)
 
     async def _maintain(self, connection: aiomqtt.Client) -> None:
         """Receive until the connection drops, then reconnect with backoff; runs until close()."""
@@ -231,6 +327,7 @@ class ControlClient:
                     self._accept(raw)
             except aiomqtt.MqttError as exc:
                 log.warning("control client %s lost broker %s: %s; reconnecting", self.client_id, self.address.display, exc)
+            self._lost_at = time.monotonic()
             self._connected.clear()
             self._connection = None
             with contextlib.suppress(aiomqtt.MqttError):
@@ -238,17 +335,25 @@ class ControlClient:
             connection = await self._reconnect()
 
     async def _reconnect(self) -> aiomqtt.Client:
+        """Connect again, or raise BrokerLost once the broker has been away longer than ``broker_timeout_s``."""
+        assert self._lost_at is not None
         delay = 0.05
         while True:
+            away_s = time.monotonic() - self._lost_at
+            if away_s > self._broker_timeout_s:
+                raise BrokerLost(f"broker lost: no connection to broker {self.address.display} for {away_s:.1f} s "
+                                 f"(timeouts.broker_s is {self._broker_timeout_s:g})")
             try:
                 connection = await self._open()
             except ControlError as exc:
                 log.warning("control client %s: %s; retrying in %.2f s", self.client_id, exc, delay)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(min(delay, self._broker_timeout_s - away_s + 0.01))
                 delay = min(2 * delay, self._max_backoff_s)
                 continue
             self.reconnects += 1
-            log.info("control client %s reconnected to broker %s", self.client_id, self.address.display)
+            log.info("control client %s reconnected to broker %s after %.1f s", self.client_id, self.address.display,
+                     time.monotonic() - self._lost_at)
+            self._lost_at = None
             return connection
 
     def _accept(self, raw: aiomqtt.Message) -> None:
@@ -260,8 +365,13 @@ class ControlClient:
         if not payload:
             return  # a cleared retained message
         try:
-            message = decode(bytes(payload))
-        except ControlError as exc:
-            log.warning("dropping invalid control message on %s: %s", topic, exc)
+            opened = self._opener.open(topic, bytes(payload))
+        except Rejected as exc:
+            self.rejected[exc.reason] += 1
+            who = exc.sender or "an unknown sender"
+            if (who, exc.reason) not in self._rejections_logged:  # once per sender and reason: a flood stays quiet
+                self._rejections_logged.add((who, exc.reason))
+                log.warning("control client %s dropped a message on %s: %s (further ones from %s counted, not logged)",
+                            self.client_id, topic, exc, who)
             return
-        self._inbox.put(Inbound(topic=topic, message=message, retained=raw.retain))
+        self._inbox.put(Inbound(topic=topic, message=opened.message, retained=raw.retain, sender=opened.sender))

@@ -24,7 +24,6 @@ from typing import Literal, TypeAlias
 
 from engine.control.bus import ControlBus
 from engine.control.messages import Heartbeat, Status
-from engine.errors import ControlError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * _PAGE_BYTES
 
 
-def heartbeat(node: str, replica: int, seq: int, progress: ProgressSnapshot) -> Heartbeat:
+def heartbeat(node: str, replica: int, seq: int, progress: ProgressSnapshot, rejected: int = 0) -> Heartbeat:
     return Heartbeat(
         node=node,
         replica=replica,
@@ -85,6 +84,7 @@ def heartbeat(node: str, replica: int, seq: int, progress: ProgressSnapshot) -> 
         total_steps=progress.total_steps,
         requests_done=progress.requests_done,
         rss_bytes=rss_bytes(),
+        rejected=rejected,
         time=time.time(),
     )
 
@@ -92,14 +92,12 @@ def heartbeat(node: str, replica: int, seq: int, progress: ProgressSnapshot) -> 
 async def publish_heartbeats(
     client: ControlBus, topic: str, node: str, replica: int, progress: Progress, period_s: float = 1.0
 ) -> None:
-    """Publish a heartbeat every ``period_s`` until cancelled. A failed publish (broker briefly gone) is logged
-    and the next period tries again: the controller, not this loop, decides when silence means trouble."""
+    """Publish a heartbeat every ``period_s`` until cancelled. While the broker is away the heartbeat waits in
+    the bus's outbox (the controller, not this loop, decides when silence means trouble); a bus that gave up
+    on the broker ends this loop with its BrokerLost."""
     seq = 0
     while True:
-        try:
-            await client.publish(topic, heartbeat(node, replica, seq, progress.snapshot()))
-        except ControlError as exc:
-            log.warning("heartbeat %d of %s/%d not sent: %s", seq, node, replica, exc)
+        await client.publish(topic, heartbeat(node, replica, seq, progress.snapshot(), sum(client.rejected.values())))
         seq += 1
         await asyncio.sleep(period_s)
 
@@ -146,6 +144,13 @@ class LivenessMonitor:
         """Start tracking a replica now, so one that never sends a heartbeat is reported as silent."""
         now = self._clock()
         self._replicas.setdefault((node, replica), _Seen(now, None, now, None))
+
+    def restart_clocks(self) -> None:
+        """Count silence and stalls from now: the controller itself was cut off from the broker, so the
+        heartbeats it missed say nothing about the replicas."""
+        now = self._clock()
+        for seen in self._replicas.values():
+            seen.last_heartbeat = seen.progress_since = now
 
     def forget(self, node: str, replica: int) -> None:
         """Stop tracking a replica (it was stopped on purpose)."""

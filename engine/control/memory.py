@@ -1,24 +1,28 @@
 """An in-memory twin of the MQTT control plane, for unit tests of the runtime (no sockets, no processes).
 
 ``MemoryBroker`` keeps retained messages and routes publishes to subscribers with MQTT filter matching;
-``MemoryBroker.kill`` plays a process dying (its last will is published). Every message goes through
-``encode``/``decode`` on the way, so the twin checks the wire format exactly as the real client does.
+``MemoryBroker.kill`` plays a process dying (its last will is published), ``MemoryBroker.inject`` puts raw
+bytes on a topic as an outsider would. Every message is sealed and opened as the real client does it (under
+the broker's run key), so the twin checks the wire format and the signatures exactly.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from types import TracebackType
 
 from aiomqtt import Topic
 
 from engine.control.bus import Inbound, InboxQueue, LastWill
-from engine.control.messages import Message, decode, encode
+from engine.control.messages import Message
+from engine.control.signing import Opener, Rejected, Sealer, new_key
 from engine.errors import ControlError
 
 
 class MemoryBroker:
-    def __init__(self) -> None:
+    def __init__(self, key: bytes | None = None) -> None:
+        self.key = key if key is not None else new_key()
         self._clients: dict[str, MemoryBus] = {}
         self._retained: dict[str, bytes] = {}
 
@@ -32,9 +36,13 @@ class MemoryBroker:
     def kill(self, client_id: str) -> None:
         """The client's process dies: it is disconnected and its last will is published."""
         bus = self._clients.pop(client_id)
-        bus._end("was killed")  # noqa: SLF001
+        bus._end(ControlError(f"control client {client_id!r} was killed"))  # noqa: SLF001
         if bus.will is not None:
-            self.route(bus.will.topic, encode(bus.will.message), retain=bus.will.retain)
+            self.route(bus.will.topic, bus.sealer.seal(bus.will.topic, bus.will.message), retain=bus.will.retain)
+
+    def inject(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Put raw bytes on a topic, as any client of the broker could."""
+        self.route(topic, payload, retain=retain)
 
     def disconnect(self, client_id: str) -> None:
         self._clients.pop(client_id, None)
@@ -60,10 +68,13 @@ class MemoryBus:
     def __init__(self, broker: MemoryBroker, client_id: str, will: LastWill | None):
         self.client_id = client_id
         self.will = will
+        self.sealer = Sealer(broker.key, client_id)
+        self._opener = Opener(broker.key)
         self._broker = broker
         self._filters: list[str] = []
-        self._inbox = InboxQueue(client_id)
+        self._inbox = InboxQueue()
         self._closed = False
+        self.rejected: Counter[str] = Counter()
 
     async def __aenter__(self) -> MemoryBus:
         return self
@@ -77,11 +88,14 @@ class MemoryBus:
         """Disconnect cleanly: no last will."""
         if not self._closed:
             self._broker.disconnect(self.client_id)
-            self._end("was closed")
+            self._end(ControlError(f"control client {self.client_id!r} was closed"))
 
     async def publish(self, topic: str, message: Message, *, retain: bool = False) -> None:
+        self.post(topic, message, retain=retain)
+
+    def post(self, topic: str, message: Message, *, retain: bool = False) -> None:
         self._check_open(f"publishing {message.kind!r} to {topic}")
-        self._broker.route(topic, encode(message), retain=retain)
+        self._broker.route(topic, self.sealer.seal(topic, message), retain=retain)
 
     async def clear_retained(self, topic: str) -> None:
         self._check_open(f"clearing the retained message of {topic}")
@@ -92,7 +106,7 @@ class MemoryBus:
         if topic_filter not in self._filters:
             self._filters.append(topic_filter)
         for topic, payload in self._broker.retained(topic_filter):
-            self._inbox.put(Inbound(topic=topic, message=decode(payload), retained=True))
+            self._accept(topic, payload, retained=True)
 
     async def receive(self, timeout_s: float) -> Inbound | None:
         return await self._inbox.get(timeout_s)
@@ -107,8 +121,16 @@ class MemoryBus:
 
     def _deliver(self, topic: str, payload: bytes) -> None:
         if any(Topic(topic).matches(topic_filter) for topic_filter in self._filters):
-            self._inbox.put(Inbound(topic=topic, message=decode(payload), retained=False))
+            self._accept(topic, payload, retained=False)
 
-    def _end(self, reason: str) -> None:
+    def _accept(self, topic: str, payload: bytes, *, retained: bool) -> None:
+        try:
+            opened = self._opener.open(topic, payload)
+        except Rejected as exc:
+            self.rejected[exc.reason] += 1
+            return
+        self._inbox.put(Inbound(topic=topic, message=opened.message, retained=retained, sender=opened.sender))
+
+    def _end(self, error: ControlError) -> None:
         self._closed = True
-        self._inbox.end(reason)
+        self._inbox.end(error)

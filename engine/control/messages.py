@@ -21,10 +21,15 @@ VERSION = 1
 JsonObject: TypeAlias = dict[str, Any]
 ReplicaState: TypeAlias = Literal["starting", "loading", "ready", "busy", "stopping", "stopped", "failed", "dead"]
 
-_NAME = Field(min_length=1, description="node name, exactly as in the graph")
-_REPLICA = Field(ge=0, description="replica index of the node, from 0")
-_REQUEST = Field(min_length=1, description="request id")
-_EDGE = Field(min_length=1, description="edge name, exactly as in the graph")
+#: Request ids become file names and topic levels: letters, digits, . _ - only, never a path.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_GRAPH_NAME = r"^[a-z][a-z0-9_]{0,63}$"  # node and edge names, as the graph schema allows them
+
+_NAME = Field(pattern=_GRAPH_NAME, description="node name, exactly as in the graph")
+_REPLICA = Field(ge=0, le=1024, description="replica index of the node, from 0")
+_REQUEST = Field(pattern=REQUEST_ID_PATTERN, description="request id (letters, digits, . _ -)")
+_EDGE = Field(pattern=_GRAPH_NAME, description="edge name, exactly as in the graph")
+_DELIVERY = Field(ge=0, description="which delivery of the payload this is, from 0; a retransmission increments it")
 _ATTEMPT = Field(ge=0, description="dispatch attempt of this stage run, from 0; a retry increments it")
 
 
@@ -86,6 +91,7 @@ class Heartbeat(_Model):
     total_steps: int = Field(ge=0, description="steps the current stage takes (0 when idle or not step-based)")
     requests_done: int = Field(ge=0, description="requests this replica finished since it started")
     rss_bytes: int = Field(ge=0, description="resident memory of the worker process")
+    rejected: int = Field(ge=0, description="control messages this replica refused (unsigned, forged, replayed...)")
     time: float = Field(description="sender's wall clock (time.time()) when sent")
 
 
@@ -173,6 +179,7 @@ class Landed(_Model):
     request_id: str = _REQUEST
     edge: str = _EDGE
     attempt: int = _ATTEMPT
+    sender: ReplicaRef = Field(description="replica writing the payload")
     slot: int = Field(ge=0, description="slot of the receiver's pool being written")
     generation: int = Field(ge=0, description="generation of the grant being written")
     ranges: list[Annotated[list[int], Field(min_length=2, max_length=2)]] = Field(
@@ -188,6 +195,7 @@ class Delivered(_Model):
     request_id: str = _REQUEST
     edge: str = _EDGE
     attempt: int = _ATTEMPT
+    delivery: int = _DELIVERY
     sender: ReplicaRef = Field(description="replica that wrote the payload")
     manifest: JsonObject = Field(description="the transport's Manifest as a JSON object")
 
@@ -200,6 +208,7 @@ class Ack(_Model):
     request_id: str = _REQUEST
     edge: str = _EDGE
     attempt: int = _ATTEMPT
+    delivery: int = _DELIVERY
     receiver: ReplicaRef = Field(description="replica that verified the payload")
     ok: bool = Field(description="whether the payload verified")
     reason: str | None = Field(description="why it did not verify; None when ok")

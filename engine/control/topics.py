@@ -5,13 +5,17 @@
     <prefix>/<run_id>/in/<node>/<replica>       a replica's inbox: run_stage, edge messages, shutdown
     <prefix>/<run_id>/ctl                       the controller's inbox: stage_done, stage_failed
 
-The run id namespaces everything, so concurrent runs on one broker never see each other's messages.
+The run id namespaces everything, so concurrent runs on one broker never see each other's messages. Each
+process connects with its own client id (``<run_id>-controller``, ``<run_id>-<node>-<replica>``), which is also
+the sender named in its signed messages and, on the embedded broker, its user name; :meth:`Topics.replica_acl`
+says which topics a replica may read and write.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.control.messages import Message
 from engine.errors import ControlError
 
 _FORBIDDEN = ("/", "+", "#", "\0")
@@ -65,3 +69,41 @@ class Topics:
     def all_heartbeats(self) -> str:
         """Filter matching every replica's heartbeat topic."""
         return f"{self.root}/hb/+/+"
+
+    @property
+    def controller_client(self) -> str:
+        return f"{self.run_id}-controller"
+
+    def replica_client(self, node: str, replica: int) -> str:
+        return f"{self.run_id}-{_check_level('node name', node)}-{replica}"
+
+    def signer_of(self, message: Message) -> str:
+        """The client id that must have signed ``message``: the replica it says it comes from, else the controller."""
+        claim = claims_to_be(message)
+        return self.controller_client if claim is None else self.replica_client(*claim)
+
+    def replica_acl(self, node: str, replica: int) -> Acl:
+        """What a replica may do: read its inbox and every status; write its status and heartbeats, the
+        controller's inbox and other replicas' inboxes (edge messages)."""
+        return Acl(read=(self.inbox(node, replica), self.all_status),
+                   write=(self.status(node, replica), self.heartbeat(node, replica), self.controller, f"{self.root}/in/+/+"))
+
+    @property
+    def controller_acl(self) -> Acl:
+        return Acl(read=(f"{self.root}/#",), write=(f"{self.root}/#",))
+
+
+def claims_to_be(message: Message) -> tuple[str, int] | None:
+    """The replica a message says it comes from (its node and replica, or its sender / receiver), if any."""
+    if message.kind in ("status", "heartbeat", "stage_done", "stage_failed"):
+        return (message.node, message.replica)  # type: ignore[union-attr]
+    ref = getattr(message, "sender", None) or getattr(message, "receiver", None)
+    return None if ref is None else (ref.node, ref.replica)
+
+
+@dataclass(frozen=True)
+class Acl:
+    """Topic filters one broker user may subscribe to (read) and publish to (write)."""
+
+    read: tuple[str, ...]
+    write: tuple[str, ...]

@@ -6,6 +6,13 @@ stages on one node) to the least loaded replica, telling each the replica its ou
 deaths (process exit or last will), silent workers (missing heartbeats) and missed deadlines end the
 affected requests with an error that names the node, replica and stage, or re-run them from the start on
 another replica when the node has one. Every worker is stopped on success, error and Ctrl-C.
+
+Trust: a message counts only if the replica that signed it is the one it speaks for, and a result only if it
+answers the segment dispatch the request is waiting on (that replica, that attempt), with outputs inside the
+run's folder. The broker: a dispatch is repeated every ``RESEND_S`` until answered (the worker answers a
+repeat with the answer it gave), so a broker restart loses no request; while the controller is cut off from
+the broker, silence is not held against the workers; a broker gone longer than ``timeouts.broker_s`` ends the
+run with BrokerLost.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +35,7 @@ from engine.control.messages import Heartbeat, RunStage, Shutdown, StageDone, St
 from engine.control.topics import Topics
 from engine.errors import EngineError, NodeError, PlanError
 from engine.plan.model import Plan, Segment
+from engine.runtime.access import RunAccess
 from engine.runtime.deployment import worker_specs
 from engine.runtime.launcher import LocalLauncher, WorkerProcess, exit_description
 from engine.runtime.progress import ProgressView
@@ -35,6 +44,7 @@ from engine.stages import RequestParams
 
 TICK_S = 0.1
 MAX_ATTEMPTS = 2
+RESEND_S = 2.0  #: a dispatch not answered for this long is sent again
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class ReplicaInfo:
     rss_bytes: int = 0
     down: str | None = None  #: why it is out of service
     assigned: int = 0  #: segments dispatched or promised to it and not finished
+    rejected: int = 0  #: control messages it refused (from its heartbeats)
 
 
 @dataclass
@@ -70,13 +81,15 @@ class RunResult:
     started: float
     ready_s: float
     seconds: float
+    refused: dict[str, int]  #: messages the controller refused, by reason
+    broker_reconnects: int
 
 
 @contextlib.asynccontextmanager
-async def broker_for(setting: str, kind: str) -> AsyncIterator[BrokerAddress]:
-    target = parse_broker(setting)
+async def broker_for(target: BrokerAddress | EmbeddedBroker, kind: str, access: RunAccess) -> AsyncIterator[BrokerAddress]:
     if isinstance(target, EmbeddedBroker):
-        async with embedded_broker(kind if kind != "auto" else target.kind) as address:  # type: ignore[arg-type]
+        chosen = kind if kind != "auto" else target.kind
+        async with embedded_broker(chosen, users=list(access.users.values())) as address:  # type: ignore[arg-type]
             yield address
     else:
         yield target
@@ -98,6 +111,10 @@ class Controller:
         self.requests: list[TrackedRequest] = []
         self.launcher: LocalLauncher | None = None
         self.client: ControlClient | None = None
+        self.broker = parse_broker(plan.broker)
+        self.access = RunAccess.for_run(self.topics, plan, embedded=isinstance(self.broker, EmbeddedBroker))
+        self.impostors = 0  #: authentic messages whose signer is not who they speak for
+        self.reconnects_seen = 0
         self.clock_zero = time.monotonic()
         self.in_flight_cap = max(1, min((e.slots * plan.nodes[e.target].replicas for e in plan.edges), default=1 << 30))
 
@@ -105,18 +122,20 @@ class Controller:
 
     async def run(self, requests: list[RequestParams]) -> RunResult:
         self.options.out_dir.mkdir(parents=True, exist_ok=True)
-        async with broker_for(self.plan.broker, self.options.broker_kind) as address:
-            self.client = ControlClient(address, client_id=f"{self.options.run_id}-controller")
+        async with broker_for(self.broker, self.options.broker_kind, self.access) as address:
+            me = self.topics.controller_client
+            self.client = ControlClient(self.access.address(address, me), client_id=me, key=self.access.key,
+                                        broker_timeout_s=self.plan.timeouts.broker_s)
             await self.client.connect()
             self.launcher = LocalLauncher(self.options.out_dir / "deploy")
             try:
                 for topic in (self.topics.all_status, self.topics.all_heartbeats, self.topics.controller):
                     await self.client.subscribe(topic)
-                broker = dataclasses.asdict(address)
-                for spec in worker_specs(self.plan, run_id=self.options.run_id, source=self.source, broker=broker,
+                for spec in worker_specs(self.plan, run_id=self.options.run_id, source=self.source,
+                                         broker=functools.partial(self.access.worker_broker, address),
                                          out_dir=self.options.out_dir, save_frames=self.options.save_frames,
                                          heartbeat_s=self.options.heartbeat_s):
-                    self.launcher.start(spec)
+                    self.launcher.start(spec, self.access.worker_secrets(address, spec.node, spec.replica))
                 self.view.deploying(len(self.replicas))
                 await self._wait_ready()
                 ready_s = time.monotonic() - self.clock_zero
@@ -124,7 +143,9 @@ class Controller:
                 self.requests = [TrackedRequest(f"r{i + 1}", params, time.monotonic()) for i, params in enumerate(requests)]
                 await self._drive()
                 return RunResult(self.options.run_id, self.options.out_dir, self.requests, self.replicas,
-                                 self.clock_zero, ready_s, time.monotonic() - self.clock_zero)
+                                 self.clock_zero, ready_s, time.monotonic() - self.clock_zero,
+                                 refused={**self.client.rejected, "impostor": self.impostors},
+                                 broker_reconnects=self.client.reconnects)
             finally:
                 await self._teardown()
 
@@ -142,9 +163,17 @@ class Controller:
         assert self.client is not None
         inbound = await self.client.receive(TICK_S)
         while inbound is not None:
-            self._on_message(inbound.message)
+            if inbound.sender == self.topics.signer_of(inbound.message):
+                self._on_message(inbound.message)
+            else:
+                self._impostor(inbound.sender, f"{inbound.message.kind!r} speaking for another client")
             inbound = await self.client.receive(0)
         self._check_processes()
+
+    def _impostor(self, sender: str, what: str) -> None:
+        """An authentic message the controller will not act on: counted, logged once per sender."""
+        self.impostors += 1
+        self.view.refused(sender, what)
 
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.plan.timeouts.ready_s
@@ -167,6 +196,7 @@ class Controller:
             await self._messages()
             self._check_liveness()
             self._check_deadlines()
+            self._resend()
 
     # -- dispatch ---------------------------------------------------------------------------------------------
 
@@ -205,15 +235,29 @@ class Controller:
             self._fail(request, str(exc))
             return
         stage_budget = self.plan.timeouts.stage_s * len(segment.stages) + self.plan.timeouts.transfer_s * 2
-        message = RunStage(request_id=request.id, request=request.params.model_dump(mode="json"), node=segment.node,
-                           attempt=request.attempt, deadline_s=stage_budget, segment=index, send_to=send_to)
+        request.dispatch = RunStage(request_id=request.id, request=request.params.model_dump(mode="json"),
+                                    node=segment.node, attempt=request.attempt, deadline_s=stage_budget, segment=index,
+                                    send_to=send_to)
         request.segment = index
         request.dispatched_at = time.monotonic()
         request.deadline = request.dispatched_at + stage_budget
         request.move(State.RUNNING, f"{segment.node}[{replica}] {', '.join(segment.stages)}")
         self.view.segment_started(request, segment, replica)
-        assert self.client is not None
-        asyncio.get_running_loop().create_task(self.client.publish(self.topics.inbox(segment.node, replica), message))
+        self._send_dispatch(request)
+
+    def _send_dispatch(self, request: TrackedRequest) -> None:
+        """Post the request's current dispatch to its replica; the client's outbox owns the sending."""
+        assert self.client is not None and request.dispatch is not None
+        request.sent_at = time.monotonic()
+        replica = request.replica_of[request.segment]
+        self.client.post(self.topics.inbox(request.dispatch.node, replica), request.dispatch)
+
+    def _resend(self) -> None:
+        """Dispatches unanswered for RESEND_S go out again (a restarted broker may have lost them or their answer)."""
+        now = time.monotonic()
+        for request in self.requests:
+            if request.state == State.RUNNING and now - request.sent_at > RESEND_S:
+                self._send_dispatch(request)
 
     def _consumer(self, node: str, tensors: tuple[str, ...], after: int) -> int:
         return next(s.index for s in self.plan.segments if s.index > after and s.node == node and set(s.inputs) & set(tensors))
@@ -228,6 +272,7 @@ class Controller:
             if info is not None:
                 info.rss_bytes = message.rss_bytes
                 info.peak_rss_bytes = max(info.peak_rss_bytes, message.rss_bytes)
+                info.rejected = message.rejected
                 if info.state == "ready":  # silence counts from readiness: loading sends no heartbeats
                     self.monitor.observe(message)
                 self.view.heartbeat(message)
@@ -246,18 +291,32 @@ class Controller:
         if status.state in ("dead", "failed") and info.down is None:
             self._replica_down(info, f"{status.state}: {status.detail or 'no detail'}")
 
-    def _current(self, request_id: str, attempt: int, node: str) -> tuple[TrackedRequest, Segment] | None:
-        request = next((r for r in self.requests if r.id == request_id), None)
-        if request is None or request.attempt != attempt or request.state != State.RUNNING:
-            return None  # a late answer for an attempt that was abandoned
+    def _current(self, answer: StageDone | StageFailed) -> tuple[TrackedRequest, Segment] | None:
+        """The request and segment an answer is for, if it answers the dispatch the request waits on now."""
+        request = next((r for r in self.requests if r.id == answer.request_id), None)
+        if request is None or request.attempt != answer.attempt or request.state != State.RUNNING:
+            return None  # a late answer for an attempt that was abandoned, or a repeated one
         segment = self.plan.segments[request.segment]
-        return (request, segment) if segment.node == node else None
+        if segment.node != answer.node or request.replica_of.get(segment.index) != answer.replica:
+            self._impostor(self.topics.replica_client(answer.node, answer.replica),
+                           f"{answer.kind!r} for {answer.request_id}, whose segment {segment.index} was not dispatched to it")
+            return None
+        return request, segment
+
+    def _outside_run(self, outputs: list[str]) -> list[str]:
+        root = self.options.out_dir.resolve()
+        return [path for path in outputs if Path(path).resolve().parent != root]
 
     def _on_done(self, done: StageDone) -> None:
-        found = self._current(done.request_id, done.attempt, done.node)
+        found = self._current(done)
         if found is None:
             return
         request, segment = found
+        outside = self._outside_run(done.outputs)
+        if outside:
+            self._impostor(self.topics.replica_client(done.node, done.replica),
+                           f"'stage_done' for {done.request_id} naming outputs outside {self.options.out_dir}: {outside}")
+            return
         info = self.replicas[(done.node, done.replica)]
         info.assigned -= 1
         info.peak_rss_bytes = max(info.peak_rss_bytes, done.peak_rss_bytes)
@@ -273,7 +332,7 @@ class Controller:
             self.view.request_finished(request)
 
     def _on_failed(self, failed: StageFailed) -> None:
-        found = self._current(failed.request_id, failed.attempt, failed.node)
+        found = self._current(failed)
         if found is None:
             return
         request, _ = found
@@ -293,6 +352,13 @@ class Controller:
                 self._replica_down(info, f"process {exit_description(worker.exit_code() or 0)}")
 
     def _check_liveness(self) -> None:
+        assert self.client is not None
+        if not self.client.connected:
+            return  # cut off from the broker ourselves: the workers' silence says nothing about them
+        if self.client.reconnects != self.reconnects_seen:
+            self.reconnects_seen = self.client.reconnects
+            self.monitor.restart_clocks()
+            self.view.broker_back(self.client.address.display)
         for trouble in self.monitor.check():
             info = self.replicas.get((trouble.node, trouble.replica))
             if info is not None and info.down is None:

@@ -1,12 +1,14 @@
 """What one worker process is told to be: its node, replica, model, device, edges and broker.
 
 The controller derives a :class:`WorkerSpec` per node replica from the plan and hands it to the worker as
-a JSON file (credentials never appear on a command line). The worker reads nothing else: not the graph
-file, not the plan.
+a JSON file, and the worker's :class:`WorkerSecrets` (broker password, the run's signing key) through the
+worker's standard input: no secret is ever on a command line or on disk. The worker reads nothing else: not
+the graph file, not the plan.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +58,10 @@ class WorkerSpec(_Frozen):
     inbound: tuple[EdgeEnd, ...]
     outbound: tuple[EdgeEnd, ...]
     final_outputs: tuple[str, ...]
-    broker: dict[str, Any] = Field(description="the broker's address (host, port, credentials, TLS files)")
+    broker: dict[str, Any] = Field(description="the broker's address (host, port, user name, TLS files); no password")
     out_dir: str
     heartbeat_s: float
+    broker_timeout_s: float = Field(description="how long the broker may be away before the worker gives up")
     transfer_timeout_s: float
     save_frames: bool
     meta: dict[str, str] = Field(description="graph name, file and model path, written beside outputs")
@@ -73,9 +76,20 @@ class WorkerSpec(_Frozen):
         return cls.model_validate_json(path.read_text())
 
 
-def worker_specs(plan: Plan, *, run_id: str, source: Path, broker: dict[str, Any], out_dir: Path,
+class WorkerSecrets(_Frozen):
+    """What a worker must know and nobody else: handed over on its standard input, one JSON line."""
+
+    broker_password: str | None = Field(repr=False, description="the worker's broker password, None without one")
+    run_key: str = Field(repr=False, pattern=r"^[0-9a-f]{64}$", description="the run's signing key, hex")
+
+    @property
+    def key(self) -> bytes:
+        return bytes.fromhex(self.run_key)
+
+
+def worker_specs(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str, int], dict[str, Any]], out_dir: Path,
                  save_frames: bool, heartbeat_s: float) -> list[WorkerSpec]:
-    """One spec per node replica, in plan order."""
+    """One spec per node replica, in plan order; ``broker(node, replica)`` is that replica's broker address."""
     def end(edge, peer: str) -> EdgeEnd:  # noqa: ANN001 - PlannedEdge
         return EdgeEnd(name=edge.name, peer=peer, transport=edge.transport, protocol=edge.protocol, integrity=edge.integrity,
                        retries=edge.retries, slot_bytes=edge.slot_bytes, slots=edge.slots, tensors=edge.tensor_names)
@@ -91,8 +105,8 @@ def worker_specs(plan: Plan, *, run_id: str, source: Path, broker: dict[str, Any
                 stages=node.stages, segments=segments,
                 inbound=tuple(end(e, e.source) for e in plan.edges_into(node.name)),
                 outbound=tuple(end(e, e.target) for e in plan.edges_from(node.name)),
-                final_outputs=plan.final_outputs, broker=broker, out_dir=str(out_dir),
-                heartbeat_s=heartbeat_s, transfer_timeout_s=plan.timeouts.transfer_s, save_frames=save_frames,
+                final_outputs=plan.final_outputs, broker=broker(node.name, replica), out_dir=str(out_dir),
+                heartbeat_s=heartbeat_s, broker_timeout_s=plan.timeouts.broker_s, transfer_timeout_s=plan.timeouts.transfer_s, save_frames=save_frames,
                 meta={"graph": plan.graph, "graph_file": plan.file, "model": plan.model_path, "family": plan.family,
                       "task": plan.task, "dtype": node.dtype},
             ))

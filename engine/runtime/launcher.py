@@ -1,8 +1,13 @@
-"""Local worker processes: start one per node replica, watch them, stop them all (no orphans)."""
+"""Local worker processes: start one per node replica, watch them, stop them all (no orphans).
+
+A worker gets its spec as a file and its secrets on standard input. The kernel kills it (SIGKILL, which also
+ends a stopped process) when the controller that started it dies, however it dies.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +16,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.runtime.deployment import WorkerSpec
+from engine.errors import NodeError
+from engine.runtime.deployment import WorkerSecrets, WorkerSpec
+
+# util-linux setpriv sets PR_SET_PDEATHSIG, then execs the worker: nothing runs in the forked child but exec.
+_SETPRIV = shutil.which("setpriv")
 
 
 @dataclass
@@ -56,7 +65,9 @@ class LocalLauncher:
         self.deploy_dir = deploy_dir
         self.workers: dict[tuple[str, int], WorkerProcess] = {}
 
-    def start(self, spec: WorkerSpec) -> WorkerProcess:
+    def start(self, spec: WorkerSpec, secrets: WorkerSecrets) -> WorkerProcess:
+        if _SETPRIV is None:
+            raise NodeError("setpriv (util-linux) is not installed: without it workers could outlive the controller")
         stem = f"{spec.node}-{spec.replica}"
         spec_path = self.deploy_dir / f"{stem}.json"
         spec.write(spec_path)
@@ -64,9 +75,15 @@ class LocalLauncher:
         env = {**os.environ, "MC_LOG_LEVEL": os.environ.get("MC_LOG_LEVEL", "WARNING"), "PYTHONUNBUFFERED": "1"}
         with log_path.open("w") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "engine.runtime.worker", str(spec_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                [_SETPRIV, "--pdeathsig", "KILL", sys.executable, "-m", "engine.runtime.worker", str(spec_path)],
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
+        assert process.stdin is not None
+        with process.stdin:
+            try:
+                process.stdin.write(secrets.model_dump_json().encode() + b"\n")
+            except BrokenPipeError:  # it died at once: its exit code and log say why
+                pass
         worker = WorkerProcess(spec, process, log_path)
         self.workers[worker.key] = worker
         return worker

@@ -23,6 +23,7 @@ class ProgressView:
         self.started = time.monotonic()
         self._stages: dict[tuple[str, int], str | None] = {}
         self._line_open = False
+        self._refused_from: set[str] = set()
 
     def _print(self, text: str) -> None:
         if self.quiet:
@@ -63,6 +64,15 @@ class ProgressView:
 
     def replica_down(self, info: Any, why: str) -> None:
         self._print(f"!! {info.node}[{info.replica}] is out: {why}")
+
+    def refused(self, sender: str, what: str) -> None:
+        """A message the controller refused; shown once per sender (the rest are counted in the report)."""
+        if sender not in self._refused_from:
+            self._refused_from.add(sender)
+            self._print(f"!! refused a message signed by {sender}: {what} (further ones from it are only counted)")
+
+    def broker_back(self, broker: str) -> None:
+        self._print(f"broker {broker} is back; heartbeat timeouts count from now")
 
     def retry(self, request: Any, why: str) -> None:
         self._print(f"{request.id}: retrying on another replica (attempt {request.attempt + 1})")

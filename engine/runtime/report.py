@@ -48,8 +48,13 @@ def build_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:
         "ready_seconds": round(result.ready_s, 4),
         "seconds": round(result.seconds, 4),
         "nodes": [{"node": r.node, "replica": r.replica, "pid": r.pid, "state": r.state, "down": r.down,
-                   "load_seconds": r.load_s, "param_bytes": r.param_bytes, "peak_rss_bytes": r.peak_rss_bytes}
+                   "load_seconds": r.load_s, "param_bytes": r.param_bytes, "peak_rss_bytes": r.peak_rss_bytes,
+                   "refused_messages": r.rejected}
                   for r in result.replicas.values()],
+        # Control messages the controller dropped (unsigned, bad signature, replayed, too large or deep, invalid,
+        # impostor: signed by a client speaking for another or answering what it was not asked), by reason.
+        "control": {"refused_messages": {k: v for k, v in result.refused.items() if v},
+                    "broker_reconnects": result.broker_reconnects},
         "edges": [{"name": e.name, "from": e.source, "to": e.target, "transport": e.transport,
                    "slot_bytes": e.slot_bytes, "slots": e.slots} for e in plan.edges],
         "requests": requests,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from engine.control.messages import RunStage
 from engine.errors import EngineError
 from engine.stages import RequestParams
 
@@ -64,6 +65,8 @@ class TrackedRequest:
     segment: int = -1  #: segment running now (-1 before the first)
     dispatched_at: float = 0.0
     deadline: float = float("inf")  #: monotonic time by which the running segment must report
+    dispatch: RunStage | None = None  #: the running segment's dispatch, repeated until answered
+    sent_at: float = 0.0  #: when the dispatch was last posted (monotonic)
     replica_of: dict[int, int] = field(default_factory=dict)  #: segment -> replica it runs (or will run) on
     events: list[Event] = field(default_factory=list)
     runs: list[SegmentRun] = field(default_factory=list)  #: every segment dispatch, in order

@@ -5,7 +5,14 @@ It loads only its stages' components, opens the receive pools of its inbound edg
 compute thread; edge messages (grants, deliveries, acknowledgements, fences) are answered by the asyncio loop
 meanwhile, so a replica busy denoising still receives the next request's inputs. Heartbeats carry progress.
 
-    python -m engine.runtime.worker SPEC.json
+It acts on a message only when the replica that signed it is the one the message says it comes from and
+may send it: run_stage and shutdown only from the controller, edge messages only from the other end of
+that edge. Questions may come more than once (the asker repeats them until answered, see
+:mod:`engine.runtime.edge_link` and the controller): a repeated run_stage, grant request or delivery is
+answered with the answer already given, never run twice. Files are written only under the run's output
+folder.
+
+    python -m engine.runtime.worker SPEC.json    (the secrets, WorkerSecrets as JSON, on standard input)
 """
 
 from __future__ import annotations
@@ -19,11 +26,13 @@ import socket
 import sys
 import time
 import traceback
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Coroutine, Hashable
 from pathlib import Path
 from typing import Any
 
 from engine.control.broker import BrokerAddress, TLSOptions
+from engine.control.bus import Inbound
 from engine.control.client import ControlClient, LastWill
 from engine.control.heartbeat import Progress, publish_heartbeats, rss_bytes
 from engine.control.messages import (Ack, Delivered, EdgeStats, Fence, Grant, GrantRequest, Landed, ReplicaRef, RunStage,
@@ -32,13 +41,17 @@ from engine.control.topics import Topics
 from engine.display import human_bytes
 from engine.errors import EngineError, TransportError
 from engine.families import get_family
-from engine.runtime.deployment import EdgeEnd, WorkerSpec
+from engine.models.outputs import output_stem
+from engine.runtime.deployment import EdgeEnd, WorkerSecrets, WorkerSpec
 from engine.runtime.edge_link import MqttEdgeLink
 from engine.runtime.replies import Replies
 from engine.stages import Stage
 from engine.transport import Manifest, Receiver, Sender, SlotGrant, SlotsExhausted, accept, make_receiver, make_sender, send_tensors
 
 log = logging.getLogger("engine.worker")
+
+ANSWERS_KEPT = 4096  #: answers kept per kind, to answer a repeated question the same way
+FAREWELL_S = 2.0  #: how long a stopping worker tries to announce it (the broker may be gone)
 
 
 class LogTail(logging.Handler):
@@ -50,6 +63,17 @@ class LogTail(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(self.format(record))
+
+
+class Answers(OrderedDict):
+    """The answers given to questions, by question; forgets the oldest beyond ``ANSWERS_KEPT``. A question
+    present with None is being worked on."""
+
+    def remember(self, question: Hashable, answer: Any) -> None:
+        self[question] = answer
+        self.move_to_end(question)
+        while len(self) > ANSWERS_KEPT:
+            self.popitem(last=False)
 
 
 class Worker:
@@ -70,6 +94,10 @@ class Worker:
         self.received: dict[tuple[str, str], tuple[Manifest, dict[str, Any]]] = {}  # (request, edge) -> payload
         self.waiting_grants: dict[str, deque[GrantRequest]] = {}
         self.jobs: asyncio.Queue[RunStage] = asyncio.Queue()
+        self.results = Answers()  # (request, segment, attempt) -> StageDone / StageFailed; None while it runs
+        self.grants = Answers()  # (request, edge, attempt) -> Grant; None while queued
+        self.acks = Answers()  # (request, edge, attempt, delivery) -> Ack; None while verifying
+        self.background: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
         self.requests_done = 0
 
@@ -122,45 +150,87 @@ class Worker:
         tasks = [asyncio.create_task(self._compute_loop(), name="compute"),
                  asyncio.create_task(publish_heartbeats(self.client, self.topics.heartbeat(self.spec.node, self.spec.replica),
                                                         self.spec.node, self.spec.replica, self.progress,
-                                                        self.spec.heartbeat_s), name="heartbeat"),
-                 asyncio.create_task(self._watch_parent(), name="parent")]
+                                                        self.spec.heartbeat_s), name="heartbeat")]
+        for task in tasks:
+            task.add_done_callback(self._task_ended)
         try:
             async for inbound in self.client.messages():
-                self._on_message(inbound.message)
+                if self._authentic(inbound):
+                    self._on_message(inbound.message)
                 if self.stopping.is_set():
                     break
         finally:
-            for task in tasks:
+            for task in [*tasks, *self.background]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self.background, return_exceptions=True)
 
-    async def _watch_parent(self) -> None:
-        """Local workers end with the controller that started them, even if it was killed."""
-        parent = os.getppid()
-        while os.getppid() == parent:
-            await asyncio.sleep(0.5)
-        log.warning("the controller (pid %d) is gone; stopping", parent)
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        """A loop of this worker ended: say why and stop, rather than go on half deaf or half mute."""
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.error("%s loop failed: %s", task.get_name(), task.exception(), exc_info=task.exception())
         self.stopping.set()
-        await self.client.close()
+
+    def _spawn(self, job: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``job`` in the background; kept until it ends, and its failure logged."""
+        task = asyncio.create_task(job, name=name)
+        self.background.add(task)
+        task.add_done_callback(self._background_ended)
+
+    def _background_ended(self, task: asyncio.Task[None]) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed: %s", task.get_name(), task.exception(), exc_info=task.exception())
+
+    def _authentic(self, inbound: Inbound) -> bool:
+        """Whether the signer of a message is the replica (or controller) it speaks for, and may send it here."""
+        message = inbound.message
+        allowed = inbound.sender == self.topics.signer_of(message)
+        sender = getattr(message, "sender", None)
+        if allowed and sender is not None:  # an edge message: from the other end of one of our inbound edges
+            allowed = any(edge.name == message.edge and edge.peer == sender.node for edge in self.spec.inbound)
+        if not allowed:
+            self.client.rejected["impostor"] += 1
+            log.warning("dropped %r signed by %r: not a message that client may send to %s[%d]", message.kind,
+                        inbound.sender, self.spec.node, self.spec.replica)
+        return allowed
 
     # -- messages ---------------------------------------------------------------------------------------------
 
     def _on_message(self, message: Any) -> None:
         if isinstance(message, RunStage):
-            self.jobs.put_nowait(message)
+            question = (message.request_id, message.segment, message.attempt)
+            if question not in self.results:
+                self.results.remember(question, None)
+                self.jobs.put_nowait(message)
+            elif self.results[question] is not None:  # our answer was lost: give it again
+                self.client.post(self.topics.controller, self.results[question])
         elif isinstance(message, GrantRequest):
-            self.waiting_grants.setdefault(message.edge, deque()).append(message)
-            self._serve_grants(message.edge)
+            question = (message.request_id, message.edge, message.attempt)
+            if question not in self.grants:
+                self.grants.remember(question, None)
+                self.waiting_grants.setdefault(message.edge, deque()).append(message)
+                self._serve_grants(message.edge)
+            elif self.grants[question] is not None:
+                self._post_to(message.sender, self.grants[question])
         elif isinstance(message, Landed):
             receiver = self.receivers.get(message.edge)
             if receiver is not None:
                 receiver.landed(message.slot, message.generation, message.request_id, message.ranges)
         elif isinstance(message, Delivered):
-            asyncio.create_task(self._on_delivered(message))
+            question = (message.request_id, message.edge, message.attempt, message.delivery)
+            if question not in self.acks:
+                self.acks.remember(question, None)
+                self._spawn(self._on_delivered(message), f"verifying {message.edge} for {message.request_id}")
+            elif self.acks[question] is not None:
+                self._post_to(message.sender, self.acks[question])
         elif isinstance(message, Grant):
-            self.replies.resolve(("grant", message.request_id, message.edge, message.attempt), message)
+            peer = (message.receiver.node, message.receiver.replica)
+            self.replies.resolve(("grant", message.request_id, message.edge, message.attempt), message, peer)
         elif isinstance(message, Ack):
-            self.replies.resolve(("ack", message.request_id, message.edge, message.attempt), message)
+            peer = (message.receiver.node, message.receiver.replica)
+            self.replies.resolve(("ack", message.request_id, message.edge, message.attempt, message.delivery), message, peer)
         elif isinstance(message, Fence):
             receiver = self.receivers.get(message.edge)
             if receiver is not None:
@@ -195,10 +265,11 @@ class Worker:
             queue.popleft()
             reply = Grant(request_id=request.request_id, edge=edge, attempt=request.attempt, receiver=self.me,
                           grant=grant.model_dump(mode="json") if grant else None, error=error)
-            asyncio.create_task(self._publish_to(request.sender, reply))
+            self.grants.remember((request.request_id, edge, request.attempt), reply)
+            self._post_to(request.sender, reply)
 
-    async def _publish_to(self, replica: ReplicaRef, message: Any) -> None:
-        await self.client.publish(self.topics.inbox(replica.node, replica.replica), message)
+    def _post_to(self, replica: ReplicaRef, message: Any) -> None:
+        self.client.post(self.topics.inbox(replica.node, replica.replica), message)
 
     async def _on_delivered(self, message: Delivered) -> None:
         receiver = self.receivers[message.edge]
@@ -214,30 +285,32 @@ class Worker:
             if stale is not None:  # an earlier attempt's payload: the retried request replaces it
                 receiver.release(stale[0])
             self.received[(message.request_id, message.edge)] = (manifest, views)
-        await self._publish_to(message.sender, Ack(request_id=message.request_id, edge=message.edge, attempt=message.attempt,
-                                                   receiver=self.me, ok=ack.ok, reason=ack.reason,
-                                                   tensors=list(ack.tensors), retryable=ack.retryable))
+        reply = Ack(request_id=message.request_id, edge=message.edge, attempt=message.attempt, delivery=message.delivery,
+                    receiver=self.me, ok=ack.ok, reason=ack.reason, tensors=list(ack.tensors), retryable=ack.retryable)
+        self.acks.remember((message.request_id, message.edge, message.attempt, message.delivery), reply)
+        self._post_to(message.sender, reply)
 
     # -- compute ----------------------------------------------------------------------------------------------
 
     async def _compute_loop(self) -> None:
+        """Run jobs in order. The answer is posted (the outbox sends it after a broker outage) and kept: a
+        controller that did not hear it asks again and gets it again."""
         while True:
             job = await self.jobs.get()
+            answer: StageDone | StageFailed
             try:
-                done = await self._run_segment(job)
+                answer = await self._run_segment(job)
             except Exception as exc:  # reported to the controller, which decides what the request does next
                 log.error("request %s failed: %s", job.request_id, exc)
-                failure = StageFailed(request_id=job.request_id, node=self.spec.node, replica=self.spec.replica,
-                                      attempt=job.attempt, stage=self.progress.snapshot().stage, error_type=type(exc).__name__,
-                                      error=str(exc), traceback_tail="".join(traceback.format_exc().splitlines(True)[-12:]),
-                                      log_tail="\n".join(self.log_tail.lines))
+                answer = StageFailed(request_id=job.request_id, node=self.spec.node, replica=self.spec.replica,
+                                     attempt=job.attempt, stage=self.progress.snapshot().stage, error_type=type(exc).__name__,
+                                     error=str(exc), traceback_tail="".join(traceback.format_exc().splitlines(True)[-12:]),
+                                     log_tail="\n".join(self.log_tail.lines))
                 self._release_inputs(job)
-                await self.client.publish(self.topics.controller, failure)
-            else:
-                await self.client.publish(self.topics.controller, done)
-            finally:
-                self.requests_done += 1
-                self.progress.request_finished()
+            self.results.remember((job.request_id, job.segment, job.attempt), answer)
+            self.client.post(self.topics.controller, answer)
+            self.requests_done += 1
+            self.progress.request_finished()
 
     async def _run_segment(self, job: RunStage) -> StageDone:
         spec = self.spec
@@ -268,7 +341,8 @@ class Worker:
         outputs: list[str] = []
         finals = {name: tensors[name] for name in spec.final_outputs if name in segment.outputs}
         if finals:
-            paths = await asyncio.to_thread(self.family.write_output, request, finals, Path(spec.out_dir), job.request_id,
+            out_dir = Path(spec.out_dir)
+            paths = await asyncio.to_thread(self.family.write_output, request, finals, out_dir, output_stem(out_dir, job.request_id),
                                             meta={**spec.meta, "request_id": job.request_id}, save_frames=spec.save_frames)
             outputs = [str(p) for p in paths]
         self._release_inputs(job)
@@ -331,10 +405,11 @@ def peak_rss_bytes() -> int:
     return rss_bytes()
 
 
-async def run_worker(spec: WorkerSpec) -> int:
+async def run_worker(spec: WorkerSpec, secrets: WorkerSecrets) -> int:
     topics = Topics(spec.run_id)
     tls = spec.broker.get("tls")
-    address = BrokerAddress(**{**spec.broker, "tls": TLSOptions(**tls) if tls is not None else None})
+    address = BrokerAddress(**{**spec.broker, "password": secrets.broker_password,
+                               "tls": TLSOptions(**tls) if tls is not None else None})
     tail = LogTail()
     tail.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(tail)
@@ -344,7 +419,8 @@ async def run_worker(spec: WorkerSpec) -> int:
     # A long keepalive: loading weights can starve the event loop for seconds, and a broker that drops us then
     # would publish our last will. A hung worker is caught by its missing heartbeats instead; a dead one closes
     # its socket, which fires the will at once.
-    client = ControlClient(address, client_id=f"{spec.run_id}-{spec.node}-{spec.replica}", will=will, keepalive_s=60)
+    client = ControlClient(address, client_id=topics.replica_client(spec.node, spec.replica), key=secrets.key, will=will,
+                           keepalive_s=60, broker_timeout_s=spec.broker_timeout_s)
     await client.connect()
     worker = Worker(spec, client, topics, tail)
     loop = asyncio.get_running_loop()
@@ -358,12 +434,13 @@ async def run_worker(spec: WorkerSpec) -> int:
         await asyncio.wait([serve, stop_task], return_when=asyncio.FIRST_COMPLETED)
         serve.cancel()
         await asyncio.gather(serve, return_exceptions=True)
-        await worker.status("stopped")
+        with contextlib.suppress(EngineError, asyncio.TimeoutError):
+            await asyncio.wait_for(worker.status("stopped"), FAREWELL_S)
         return 0
     except Exception as exc:
         log.error("worker failed: %s", exc, exc_info=not isinstance(exc, EngineError))
-        with contextlib.suppress(EngineError):
-            await worker.status("failed", detail=f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(EngineError, asyncio.TimeoutError):
+            await asyncio.wait_for(worker.status("failed", detail=f"{type(exc).__name__}: {exc}"), FAREWELL_S)
         return 1
     finally:
         stop_task.cancel()
@@ -375,12 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     spec = WorkerSpec.read(Path(argv[0]))
+    secrets = WorkerSecrets.model_validate_json(sys.stdin.readline())
     # The heavy imports happen before the broker connection, not while the event loop should be answering it.
     import diffusers  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    return asyncio.run(run_worker(spec))
+    return asyncio.run(run_worker(spec, secrets))
 
 
 if __name__ == "__main__":

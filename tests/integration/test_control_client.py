@@ -13,11 +13,13 @@ import aiomqtt
 import pytest
 
 from engine.control import ControlClient, Topics, embedded_broker
-from engine.control.broker import BrokerAddress, find_mosquitto, free_port
+from engine.control.broker import BrokerAddress, BrokerUser, find_mosquitto, free_port
 from engine.control.messages import RunStage, Shutdown, StageDone, Status
+from engine.control.signing import new_key
 from engine.errors import ControlError
 
 pytestmark = pytest.mark.integration
+KEY = new_key()
 
 BROKERS = [
     pytest.param(
@@ -58,8 +60,8 @@ def test_request_response_round_trip(kind):
     async def scenario():
         async with embedded_broker(kind) as address:
             async with (
-                ControlClient(address, client_id="controller") as controller,
-                ControlClient(address, client_id="worker") as worker,
+                ControlClient(address, key=KEY, client_id="controller") as controller,
+                ControlClient(address, key=KEY, client_id="worker") as worker,
             ):
                 await controller.subscribe(TOPICS.controller)
                 await worker.subscribe(TOPICS.inbox("transformer", 0))
@@ -79,14 +81,14 @@ def test_retained_status_reaches_a_late_subscriber_until_cleared(kind):
 
     async def scenario():
         async with embedded_broker(kind) as address:
-            async with ControlClient(address, client_id="worker") as worker:
+            async with ControlClient(address, key=KEY, client_id="worker") as worker:
                 await worker.publish(TOPICS.status("decoder", 0), status, retain=True)
-            async with ControlClient(address, client_id="late") as late:
+            async with ControlClient(address, key=KEY, client_id="late") as late:
                 await late.subscribe(TOPICS.all_status)
                 got = await expect(late, "the retained status")
                 assert (got.topic, got.message, got.retained) == (TOPICS.status("decoder", 0), status, True)
                 await late.clear_retained(TOPICS.status("decoder", 0))
-            async with ControlClient(address, client_id="later") as later:
+            async with ControlClient(address, key=KEY, client_id="later") as later:
                 await later.subscribe(TOPICS.all_status)
                 assert await later.receive(0.3) is None
 
@@ -94,23 +96,42 @@ def test_retained_status_reaches_a_late_subscriber_until_cleared(kind):
 
 
 @pytest.mark.parametrize("kind", BROKERS)
-def test_invalid_messages_are_dropped_with_a_warning_and_the_loop_goes_on(kind, caplog):
+def test_unsigned_forged_and_replayed_messages_are_dropped_counted_and_the_loop_goes_on(kind, caplog):
+    captured: list[bytes] = []
+
     async def scenario():
         async with embedded_broker(kind) as address:
-            async with ControlClient(address, client_id="controller") as controller:
+            async with (
+                ControlClient(address, key=KEY, client_id="controller") as controller,
+                ControlClient(address, key=new_key(), client_id="forger") as forger,
+                aiomqtt.Client(address.host, address.port, identifier="rogue") as rogue,
+            ):
                 await controller.subscribe(TOPICS.controller)
-                async with aiomqtt.Client(address.host, address.port, identifier="rogue") as rogue:
+                await rogue.subscribe(TOPICS.controller, qos=1)
+                await controller.publish(TOPICS.controller, Shutdown(reason="genuine"))
+                assert (await expect(controller, "the genuine message")).message == Shutdown(reason="genuine")
+                async for raw in rogue.messages:  # what an eavesdropper captured
+                    captured.append(raw.payload)
+                    break
+                for _ in range(3):
                     await rogue.publish(TOPICS.controller, b"\x80\x04 not json", qos=1)
-                    await rogue.publish(TOPICS.controller, b'{"v": 9, "kind": "shutdown"}', qos=1)
+                    await rogue.publish(TOPICS.controller, "[" * 5000 + "]" * 5000, qos=1)
+                await rogue.publish(TOPICS.controller, captured[0], qos=1)  # the replay
+                await forger.publish(TOPICS.controller, Shutdown(reason="forged"))
                 await controller.publish(TOPICS.controller, Shutdown(reason="still alive"))
-                got = await expect(controller, "the valid message after two invalid ones")
+                got = await expect(controller, "the next genuine message")
                 assert got.message == Shutdown(reason="still alive")
+                assert got.sender == "controller"
+                assert await controller.receive(0.3) is None
+                return dict(controller.rejected)
 
     with caplog.at_level(logging.WARNING, logger="engine.control.client"):
-        run(scenario())
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(TOPICS.controller in w and "not JSON" in w for w in warnings), warnings
-    assert any(TOPICS.controller in w and "version 9" in w for w in warnings), warnings
+        rejected = run(scenario())
+    assert rejected == {"unsigned": 6, "replayed": 1, "bad signature": 1}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "dropped" in r.getMessage()]
+    assert len(warnings) == 3, warnings  # once per sender and reason
+    assert any("replayed" in w and "'controller'" in w for w in warnings), warnings
+    assert any("bad signature" in w and "'forger'" in w for w in warnings), warnings
 
 
 class DroppingProxy:
@@ -166,8 +187,8 @@ def test_reconnects_and_subscribes_again_after_losing_the_connection(kind):
             via_proxy = await proxy.start()
             try:
                 async with (
-                    ControlClient(via_proxy, client_id="worker", max_backoff_s=0.2) as worker,
-                    ControlClient(address, client_id="controller") as controller,
+                    ControlClient(via_proxy, key=KEY, client_id="worker", max_backoff_s=0.2) as worker,
+                    ControlClient(address, key=KEY, client_id="controller") as controller,
                 ):
                     await worker.subscribe(TOPICS.inbox("w", 0))
                     proxy.drop()
@@ -187,7 +208,7 @@ def test_unreachable_broker_fails_fast_with_the_address():
     async def scenario():
         started = time.monotonic()
         with pytest.raises(ControlError, match=f"cannot reach broker at 127.0.0.1:{port}"):
-            async with ControlClient(BrokerAddress("127.0.0.1", port), client_id="c", connect_timeout_s=2):
+            async with ControlClient(key=KEY, address=BrokerAddress("127.0.0.1", port), client_id="c", connect_timeout_s=2):
                 pass
         return time.monotonic() - started
 
@@ -210,7 +231,7 @@ def test_silent_broker_times_out_within_the_connect_timeout():
         started = time.monotonic()
         try:
             with pytest.raises(ControlError, match=f"cannot reach broker at 127.0.0.1:{port}"):
-                async with ControlClient(BrokerAddress("127.0.0.1", port), client_id="c", connect_timeout_s=1):
+                async with ControlClient(key=KEY, address=BrokerAddress("127.0.0.1", port), client_id="c", connect_timeout_s=1):
                     pass
             elapsed = time.monotonic() - started
             await asyncio.wait_for(closed_by_client.wait(), 2)  # the abandoned attempt leaves no open socket
@@ -224,8 +245,9 @@ def test_silent_broker_times_out_within_the_connect_timeout():
 @pytest.mark.parametrize("kind", BROKERS)
 def test_username_and_password(kind):
     async def scenario():
-        async with embedded_broker(kind, username="alice", password="s3cret") as address:
-            async with ControlClient(address, client_id="alice") as client:
+        async with embedded_broker(kind, users=[BrokerUser("alice", "s3cret")]) as anonymous:
+            address = anonymous.as_user(BrokerUser("alice", "s3cret"))
+            async with ControlClient(address, key=KEY, client_id="alice") as client:
                 await client.subscribe(TOPICS.controller)
                 await client.publish(TOPICS.controller, Shutdown(reason="authenticated"))
                 assert (await expect(client, "own message")).message == Shutdown(reason="authenticated")
@@ -234,7 +256,7 @@ def test_username_and_password(kind):
                 ("anonymous", BrokerAddress(address.host, address.port)),
             ]:
                 with pytest.raises(ControlError, match="refused the connection") as info:
-                    async with ControlClient(wrong, client_id="mallory"):
+                    async with ControlClient(wrong, key=KEY, client_id="mallory"):
                         pass
                 assert "127.0.0.1" in str(info.value), name
 
@@ -281,10 +303,10 @@ def test_forcing_mosquitto_without_it_installed_is_a_clear_error(monkeypatch):
 def test_closed_client_refuses_to_publish_and_ends_its_iterator(kind):
     async def scenario():
         async with embedded_broker(kind) as address:
-            client = ControlClient(address, client_id="c")
+            client = ControlClient(address, key=KEY, client_id="c")
             await client.connect()
             await client.close()
-            with pytest.raises(ControlError, match="is closed"):
+            with pytest.raises(ControlError, match="'c' was closed"):
                 await client.publish(TOPICS.controller, Shutdown(reason="late"))
             assert [inbound async for inbound in client.messages()] == []
             with pytest.raises(ControlError, match="'c' was closed"):
@@ -329,10 +351,10 @@ def test_a_failing_receive_loop_ends_the_client_loudly(kind, monkeypatch, caplog
 
     async def scenario():
         async with embedded_broker(kind) as address:
-            async with ControlClient(address, client_id="deafened") as client:
+            async with ControlClient(address, key=KEY, client_id="deafened") as client:
                 await client.subscribe(TOPICS.controller)
                 monkeypatch.setattr(ControlClient, "_accept", broken)
-                await client.publish(TOPICS.controller, Shutdown(reason="trigger"))
+                client.post(TOPICS.controller, Shutdown(reason="trigger"))
                 with pytest.raises(ControlError, match="receive loop failed with RuntimeError"):
                     await client.receive(3)
                 assert not client.connected

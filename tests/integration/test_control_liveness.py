@@ -17,8 +17,10 @@ import pytest
 from engine.control import ControlClient, LivenessMonitor, Topics, embedded_broker
 from engine.control.broker import BrokerAddress, find_mosquitto
 from engine.control.messages import Heartbeat, Status
+from engine.control.signing import new_key
 
 pytestmark = pytest.mark.integration
+KEY = new_key()
 
 BROKERS = [
     pytest.param(
@@ -35,12 +37,12 @@ from engine.control import ControlClient, LastWill, Progress, Topics, publish_he
 from engine.control.broker import BrokerAddress
 from engine.control.messages import Status
 
-async def main(host, port, run_id):
+async def main(host, port, run_id, key):
     topics, node, replica = Topics(run_id=run_id), "worker", 0
     def status(state, detail=None):
         return Status(node=node, replica=replica, state=state, pid=os.getpid(), host=socket.gethostname(), detail=detail)
     will = LastWill(topics.status(node, replica), status("dead", "connection lost"))
-    async with ControlClient(BrokerAddress(host, int(port)), client_id=f"{run_id}-{node}-{replica}", will=will) as client:
+    async with ControlClient(key=bytes.fromhex(key), address=BrokerAddress(host, int(port)), client_id=f"{run_id}-{node}-{replica}", will=will) as client:
         await client.publish(topics.status(node, replica), status("starting"), retain=True)
         progress = Progress()
         progress.stage_started("r1", "denoise", 1000)
@@ -59,7 +61,7 @@ asyncio.run(main(*sys.argv[1:]))
 @asynccontextmanager
 async def worker_process(address: BrokerAddress, run_id: str) -> AsyncIterator[subprocess.Popen[bytes]]:
     process = subprocess.Popen(
-        [sys.executable, "-c", WORKER, address.host, str(address.port), run_id],
+        [sys.executable, "-c", WORKER, address.host, str(address.port), run_id, KEY.hex()],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
@@ -82,7 +84,7 @@ async def first_heartbeat(controller: ControlClient, monitor: LivenessMonitor, t
 
 
 async def controller_for(address: BrokerAddress, topics: Topics) -> ControlClient:
-    controller = ControlClient(address, client_id=f"{topics.run_id}-controller")
+    controller = ControlClient(address, key=KEY, client_id=f"{topics.run_id}-controller")
     await controller.connect()
     await controller.subscribe(topics.all_status)
     await controller.subscribe(topics.all_heartbeats)

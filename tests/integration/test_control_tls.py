@@ -16,6 +16,7 @@ import pytest
 from engine.control import ControlClient, TLSOptions, parse_broker
 from engine.control.broker import find_mosquitto, free_port
 from engine.control.messages import Shutdown
+from engine.control.signing import new_key
 from engine.errors import ControlError
 
 pytestmark = [
@@ -23,6 +24,7 @@ pytestmark = [
     pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed"),
     pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed"),
 ]
+KEY = new_key()
 
 
 def make_certificates(folder: Path) -> None:
@@ -69,7 +71,7 @@ def test_mqtts_with_the_ca_file_verifies_and_round_trips(tls_broker):
 
     async def scenario():
         address = parse_broker(f"mqtts://localhost:{port}", tls=TLSOptions(ca_file=ca))
-        async with ControlClient(address, client_id="tls") as client:
+        async with ControlClient(address, key=KEY, client_id="tls") as client:
             await client.subscribe("t")
             await client.publish("t", Shutdown(reason="over tls"))
             got = await client.receive(3)
@@ -83,10 +85,10 @@ def test_mqtts_refuses_an_untrusted_certificate_unless_insecure(tls_broker):
 
     async def scenario():
         with pytest.raises(ControlError, match=f"cannot reach broker at localhost:{port}: .*certificate verify failed"):
-            async with ControlClient(parse_broker(f"mqtts://localhost:{port}"), client_id="strict"):
+            async with ControlClient(key=KEY, address=parse_broker(f"mqtts://localhost:{port}"), client_id="strict"):
                 pass
         insecure = parse_broker(f"mqtts://localhost:{port}", tls=TLSOptions(insecure=True))
-        async with ControlClient(insecure, client_id="insecure") as client:
+        async with ControlClient(insecure, key=KEY, client_id="insecure") as client:
             assert client.connected
 
     asyncio.run(asyncio.wait_for(scenario(), 15))

@@ -45,11 +45,11 @@ EXAMPLES = [
     Status(node="decoder", replica=0, state="dead", pid=7, host="h", detail="connection lost"),
     Heartbeat(
         node="transformer", replica=0, seq=3, request_id="r1", stage="denoise", step=4, total_steps=50,
-        requests_done=2, rss_bytes=10_000_000, time=1.7e9,
+        requests_done=2, rss_bytes=10_000_000, rejected=0, time=1.7e9,
     ),
     Heartbeat(
         node="transformer", replica=0, seq=4, request_id=None, stage=None, step=0, total_steps=0,
-        requests_done=3, rss_bytes=1, time=1.7e9,
+        requests_done=3, rss_bytes=1, rejected=4, time=1.7e9,
     ),
     RunStage(
         request_id="r1", request={"prompt": "a cat", "seed": 0}, node="transformer", attempt=0, deadline_s=60,
@@ -66,11 +66,11 @@ EXAMPLES = [
     GrantRequest(request_id="r1", edge="phase1", attempt=0, sender=SENDER, nbytes=4096),
     Grant(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, grant={"slot": 1, "generation": 5}, error=None),
     Grant(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, grant=None, error="payload larger than a slot"),
-    Delivered(request_id="r1", edge="phase1", attempt=0, sender=SENDER, manifest={"tensors": []}),
-    Ack(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, ok=True, reason=None, tensors=[], retryable=True),
-    Ack(request_id="r1", edge="phase1", attempt=0, receiver=RECEIVER, ok=False, reason="digest mismatch", tensors=["prompt_embeds"], retryable=True),
+    Delivered(request_id="r1", edge="phase1", attempt=0, delivery=0, sender=SENDER, manifest={"tensors": []}),
+    Ack(request_id="r1", edge="phase1", attempt=0, delivery=1, receiver=RECEIVER, ok=True, reason=None, tensors=[], retryable=True),
+    Ack(request_id="r1", edge="phase1", attempt=0, delivery=1, receiver=RECEIVER, ok=False, reason="digest mismatch", tensors=["prompt_embeds"], retryable=True),
     Fence(request_id="r1", edge="phase1", attempt=0, sender=SENDER, grant={"slot": 1}, reason="write timed out"),
-    Landed(request_id="r1", edge="phase1", attempt=0, slot=1, generation=2, ranges=[[0, 1 << 20], [1 << 20, 2 << 20]]),
+    Landed(request_id="r1", edge="phase1", attempt=0, sender=SENDER, slot=1, generation=2, ranges=[[0, 1 << 20], [1 << 20, 2 << 20]]),
     Shutdown(reason="run finished"),
 ]
 
@@ -132,7 +132,7 @@ def _payload(**fields) -> bytes:
         ),
         (
             _payload(
-                v=1, kind="ack", request_id="r", edge="e", attempt=0, receiver={"node": "n", "replica": 0},
+                v=1, kind="ack", request_id="r", edge="e", attempt=0, delivery=0, receiver={"node": "n", "replica": 0},
                 ok=False, reason=None, tensors=[], retryable=True,
             ),
             "an ack has a reason exactly when ok is false",
@@ -149,6 +149,16 @@ def _payload(**fields) -> bytes:
                 v=1, kind="grant_request", request_id="r", edge="e", attempt=0, sender={"node": "n"}, nbytes=1
             ),
             "sender.replica: Field required",
+        ),
+        (
+            _payload(v=1, kind="run_stage", request_id="../../../../tmp/x", request={}, node="n", attempt=0,
+                     deadline_s=1, segment=0, send_to={}),
+            "request_id: String should match pattern",
+        ),
+        (
+            _payload(v=1, kind="stage_done", request_id="r1", node="../n", replica=0, attempt=0, timings={}, edges={},
+                     outputs=[], peak_rss_bytes=0),
+            "node: String should match pattern",
         ),
     ],
 )
