@@ -46,14 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     graph = commands.add_parser("graph", help="show nodes, stages, placement and what each edge carries",
                                 description="Print the graph with the tensors and bytes each edge carries at the "
-                                            "graph's largest request, and optionally draw it.")
+                                            "graph's largest request, and optionally draw it. The devices of "
+                                            "`host: local` nodes must exist on this host.")
     _add_graph_arguments(graph)
     graph.add_argument("--out", type=Path, help="also draw the graph to a .png, .svg or .dot file")
 
     plan = commands.add_parser("plan", help="weights per node, buffers per edge, fit per device",
                                description="Parameter bytes per node computed from the model configs on the meta "
                                            "device (no weights loaded), edge buffer sizes, and fit against each "
-                                           "device's memory (place.memory, or detected on this host).")
+                                           "device's memory (place.memory, or detected on this host). The devices "
+                                           "of `host: local` nodes must exist on this host.")
     _add_graph_arguments(plan)
 
     from engine.runtime.cli_run import add_run_parser

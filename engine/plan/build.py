@@ -8,6 +8,7 @@ from typing import Any
 from engine.errors import PlanError
 from engine.models.meta import read_component_config
 from engine.plan.check import CheckedGraph
+from engine.plan.host import check_local_devices
 from engine.plan.model import Plan, PlannedEdge, PlannedNode, PlannedTensor
 from engine.plan.shapes import ShapeExpressionError, evaluate_shape
 from engine.stages import DTYPE_BYTES, MODEL_DTYPE, RequestParams
@@ -105,10 +106,12 @@ def build_plan(checked: CheckedGraph, source: Path) -> Plan:
 
 
 def plan_graph(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> tuple[Plan, CheckedGraph, Path]:
-    """Load, check and plan a graph file; resolves (and for presets builds) the model source."""
+    """Load, check and plan a graph file: the devices of local nodes are checked against this host, then the
+    model source is resolved (and a preset built on first use)."""
     from engine.plan.check import check_graph
     from engine.spec.load import load_graph
 
     checked = check_graph(load_graph(path, overrides))
+    check_local_devices(checked)
     source = checked.family.resolve_source(checked.loaded.spec.model.task, checked.loaded.spec.model.path)
     return build_plan(checked, source), checked, source

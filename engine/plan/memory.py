@@ -6,13 +6,13 @@ that fits "with 2% to spare" may still run out at large resolutions.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 from engine.errors import PlanError
 from engine.models.meta import parameter_bytes, parameter_count
+from engine.plan.host import local_capacity
 from engine.plan.model import Plan
 from engine.stages import DTYPE_BYTES, ModelFamily
 
@@ -88,21 +88,6 @@ def _bytes(source: str, family: ModelFamily, task: str, component: str, dtype: s
     return parameter_bytes(Path(source), family.components(task)[component], dtype)
 
 
-def detect_capacity(host: str, device: str) -> int | None:
-    """Total memory of a device on this host; None for other hosts and devices not visible here."""
-    if host != "local":
-        return None
-    if device == "cpu":
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    kind, _, index = device.partition(":")
-    import torch
-
-    backend = getattr(torch, kind, None)
-    if backend is None or not backend.is_available() or int(index) >= backend.device_count():
-        return None
-    return backend.get_device_properties(int(index)).total_memory
-
-
 def memory_report(plan: Plan, family: ModelFamily, source: Path) -> MemoryReport:
     nodes = []
     for node in plan.nodes.values():
@@ -118,6 +103,9 @@ def memory_report(plan: Plan, family: ModelFamily, source: Path) -> MemoryReport
         declared = [plan.nodes[m.node].memory_bytes for m in members if plan.nodes[m.node].memory_bytes is not None]
         if len(set(declared)) > 1:
             raise PlanError(f"{host} {device}: nodes {', '.join(m.node for m in members)} declare different place.memory")
-        capacity = declared[0] if declared else detect_capacity(host, device)
+        if declared:
+            capacity: int | None = declared[0]
+        else:  # detected on this host; another host's devices are not visible from here
+            capacity = local_capacity(device) if host == "local" else None
         fits.append(DeviceFit(host, device, capacity, sum(m.total_bytes for m in members), tuple(m.node for m in members)))
     return MemoryReport(tuple(nodes), tuple(fits))

@@ -269,6 +269,20 @@ def test_plan_edges_in_process_match_the_shapes() -> None:
     assert edges["phase1"].slot_bytes == 14288128 and edges["phase2"].slot_bytes == 8386560
 
 
+#: A model folder with configs only: planning needs no weights and builds no preset.
+T2V_CONFIGS = ["--set", "model.path=configs/wan2.1-t2v-1.3b"]
+
+
+def test_plan_graph_and_run_refuse_a_device_this_host_does_not_have() -> None:
+    device = ["--set", "nodes.transformer.place.device=cuda:99"]
+    for command in ("plan", "graph", "run"):
+        result = engine(command, "graphs/wan_t2v.yaml", *T2V_CONFIGS, *device)
+        assert_user_error(result, "the graph places nodes on devices this host does not have:",
+                          "(--set nodes.transformer.place.device=cuda:99) node 'transformer' place.device cuda:99: "
+                          "this host has ", " CUDA device", "(valid here: cpu")
+    assert engine("validate", "graphs/wan_t2v.yaml", *device).returncode == 0  # validate does not look at the host
+
+
 def test_output_into_a_closed_pipe_is_not_a_traceback() -> None:
     """`engine graph ... | head`: the reader may be gone before the output is written."""
     read_end, write_end = os.pipe()
