@@ -6,9 +6,12 @@ import argparse
 import asyncio
 import dataclasses
 import signal
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from engine.errors import OutputError
 
 
 def add_run_parser(commands: argparse._SubParsersAction, add_graph_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -27,7 +30,7 @@ def add_run_parser(commands: argparse._SubParsersAction, add_graph_arguments: Ca
     request.add_argument("--height", type=int, help="output height in pixels")
     request.add_argument("--width", type=int, help="output width in pixels")
     request.add_argument("--num-frames", type=int, help="frames (video models)")
-    run.add_argument("--out", type=Path, help="output folder (default: outputs/<run-id>)")
+    run.add_argument("--out", type=Path, metavar="FOLDER", help="output folder, created if missing (default: outputs/<run-id>)")
     run.add_argument("--save-frames", action="store_true", help="also save the raw decoded frames as .npy")
     run.add_argument("--quiet", action="store_true", help="no live progress, only the summary")
     run.set_defaults(handler=_run)
@@ -35,6 +38,26 @@ def add_run_parser(commands: argparse._SubParsersAction, add_graph_arguments: Ca
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def prepare_output_folder(folder: Path) -> None:
+    """Create ``folder`` and write a file in it, so that a folder the run cannot use is refused before any
+    process starts rather than after the requests ran."""
+    def refuse(why: str) -> OutputError:
+        return OutputError(f"output folder {folder}: {why}; choose another with --out")
+
+    try:
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise refuse("it is a file, not a folder" if blocking == folder else f"{blocking} is not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise refuse(f"cannot create it ({exc.strerror or exc})") from None
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise refuse(f"cannot write in it ({exc.strerror or exc})") from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -50,6 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     options = RunOptions(out_dir=Path(args.out) if args.out else Path("outputs"), save_frames=args.save_frames, quiet=args.quiet)
     if not args.out:
         options = dataclasses.replace(options, out_dir=Path("outputs") / options.run_id)
+    prepare_output_folder(options.out_dir)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the run as Ctrl-C does: workers torn down
     try:
         result = asyncio.run(run_graph(plan, source, requests, options))

@@ -273,6 +273,19 @@ def test_plan_edges_in_process_match_the_shapes() -> None:
 T2V_CONFIGS = ["--set", "model.path=configs/wan2.1-t2v-1.3b"]
 
 
+@pytest.mark.parametrize("out, why", [
+    ("/proc/x", "cannot create it (No such file or directory)"),
+    ("{tmp}/file", "it is a file, not a folder"),
+    ("/dev/null/x", "/dev/null is not a folder"),
+], ids=["in_proc", "a_file", "under_dev_null"])
+def test_run_refuses_an_output_folder_it_cannot_use(tmp_path: Path, out: str, why: str) -> None:
+    (tmp_path / "file").write_text("x")
+    out = out.format(tmp=tmp_path)
+    result = engine("run", "graphs/wan_t2v.yaml", *T2V_CONFIGS, "--out", out, "--quiet")
+    assert_user_error(result, f"error: output folder {out}: {why}; choose another with --out")
+    assert result.stdout == ""  # nothing ran
+
+
 def test_plan_graph_and_run_refuse_a_device_this_host_does_not_have() -> None:
     device = ["--set", "nodes.transformer.place.device=cuda:99"]
     for command in ("plan", "graph", "run"):
