@@ -71,10 +71,14 @@ def test_invalid_values_and_missing_files_are_request_errors():
         requests_from_args(plan, checked, args(prompt="x", image=Path("/nonexistent/first.png")))
 
 
+def specs_of(plan):
+    return worker_specs(plan, run_id="t", source=Path("/m"), broker=lambda node, replica: {"host": "127.0.0.1", "port": 1},
+                        out_dir=Path("/o"), save_frames=False, heartbeat_s=1.0)
+
+
 def test_worker_specs_carry_each_replica_its_edges_and_segments():
     plan, _ = planned("wan_i2v_two_dit.yaml")
-    specs = worker_specs(plan, run_id="t", source=Path("/m"), broker={"host": "127.0.0.1", "port": 1},
-                         out_dir=Path("/o"), save_frames=False, heartbeat_s=1.0)
+    specs = specs_of(plan)
     assert [(s.node, s.replica) for s in specs] == [("encoder", 0), ("transformer", 0), ("transformer", 1), ("decoder", 0)]
     encoder, transformer = specs[0], specs[1]
     assert encoder.inbound == () and [e.name for e in encoder.outbound] == ["phase1"]
@@ -88,15 +92,13 @@ def test_mooncake_protocol_and_nic_reach_both_ends_of_an_edge():
                       "nodes.encoder.place.rdma_device=mlx5_0", "nodes.transformer.place.rdma_device=mlx5_1")
     assert plan.edges[0].transport == "mooncake"  # auto would pick shm on one host; a protocol asks for Mooncake
     assert plan.edges[1].protocol is None  # the environment's default
-    specs = {s.node: s for s in worker_specs(plan, run_id="t", source=Path("/m"), broker={}, out_dir=Path("/o"),
-                                             save_frames=False, heartbeat_s=1.0)}
+    specs = {s.node: s for s in specs_of(plan)}
     assert specs["encoder"].outbound[0].protocol == specs["transformer"].inbound[0].protocol == "rdma"
     assert (specs["encoder"].rdma_device, specs["transformer"].rdma_device, specs["decoder"].rdma_device) == ("mlx5_0", "mlx5_1", None)
 
 
 def test_shared_codec_node_runs_two_segments():
     plan, _ = planned("wan_t2v_shared_codec.yaml")
-    (codec,) = [s for s in worker_specs(plan, run_id="t", source=Path("/m"), broker={}, out_dir=Path("/o"),
-                                        save_frames=False, heartbeat_s=1.0) if s.node == "codec"]
+    (codec,) = [s for s in specs_of(plan) if s.node == "codec"]
     assert [s.stages for s in codec.segments] == [("text_encode",), ("vae_decode",)]
     assert codec.segments[1].inputs == ("latents",) and codec.final_outputs == ("frames",)
