@@ -123,8 +123,8 @@ COMMANDS = {"validate": cmd_validate, "graph": cmd_graph, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # the run command's options come from the installed families
         if args.command in COMMANDS:
             return COMMANDS[args.command](args)
         return args.handler(args)

@@ -79,7 +79,10 @@ class Sealer:
         self._lock = threading.Lock()
 
     def seal(self, topic: str, message: Message) -> bytes:
-        body = encode(message)
+        return self.seal_body(topic, encode(message))
+
+    def seal_body(self, topic: str, body: bytes) -> bytes:
+        """Sign JSON bytes as they are (``seal`` signs a message's encoding)."""
         with self._lock:
             seq = str(next(self._seq)).encode()
         sender = self.sender.encode()

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from engine.errors import PlanError
 from engine.models.meta import read_component_config
-from engine.plan.check import CheckedGraph
+from engine.plan.check import CheckedGraph, check_graph
 from engine.plan.host import check_local_devices
 from engine.plan.model import Plan, PlannedEdge, PlannedNode, PlannedTensor
 from engine.plan.shapes import ShapeExpressionError, evaluate_shape
+from engine.spec.load import load_graph
 from engine.stages import DTYPE_BYTES, MODEL_DTYPE, RequestParams
 
 
-def sizing_request(checked: CheckedGraph) -> RequestParams:
-    """The largest request the graph admits: each size parameter at its limit, or else at the largest value
-    any declared request or default uses. Buffers sized for it fit every request the graph accepts."""
+def sizing_request(checked: CheckedGraph, requests: Sequence[RequestParams] = ()) -> RequestParams:
+    """The largest request the edges must hold: each size parameter at its explicit limit, or else at the
+    largest value the graph's requests, its defaults or ``requests`` (those of a run) use.
+
+    Explicit limits are a ceiling the graph sets (requests above them are refused); without one, the
+    buffers fit exactly the largest request the graph or the run declares.
+    """
     spec = checked.loaded.spec
     request_type = checked.family.request_type(spec.model.task)
     sizes: dict[str, Any] = {}
@@ -24,15 +30,10 @@ def sizing_request(checked: CheckedGraph) -> RequestParams:
         if name in spec.limits:
             sizes[name] = spec.limits[name]
             continue
-        values = [getattr(r, name) for r in checked.requests]
+        values = [getattr(r, name) for r in (*checked.requests, *requests)]
         values.append(checked.request_defaults.get(name, request_type.model_fields[name].default))
         sizes[name] = max(values)
     return request_type.model_construct(**sizes)
-
-
-def limits_of(checked: CheckedGraph) -> dict[str, int]:
-    request = sizing_request(checked)
-    return {name: getattr(request, name) for name in type(request).size_fields}
 
 
 def component_configs(checked: CheckedGraph, source: Path) -> dict[str, dict[str, Any]]:
@@ -46,13 +47,14 @@ def node_dtype(checked: CheckedGraph, node: str) -> str:
     return checked.loaded.spec.nodes[node].dtype or checked.loaded.spec.model.dtype
 
 
-def build_plan(checked: CheckedGraph, source: Path) -> Plan:
-    """Resolve shapes against the model at ``source`` and size every edge."""
+def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestParams] = ()) -> Plan:
+    """Resolve shapes against the model at ``source`` and size every edge (for ``requests`` as well)."""
     spec, lines = checked.loaded.spec, checked.loaded.lines
     task = spec.model.task
     configs = component_configs(checked, source)
+    sizing = sizing_request(checked, requests)
     try:
-        symbols = checked.family.shape_symbols(task, configs, sizing_request(checked))
+        symbols = checked.family.shape_symbols(task, configs, sizing)
     except KeyError as exc:
         raise PlanError(f"model at {source}: a component config lacks {exc} needed to size the edges") from None
     except (TypeError, ValueError, AttributeError, ArithmeticError) as exc:
@@ -100,18 +102,21 @@ def build_plan(checked: CheckedGraph, source: Path) -> Plan:
         graph=spec.name, file=lines.file, family=spec.model.family, task=task, model_path=spec.model.path,
         dtype=spec.model.dtype, broker=spec.broker, nodes=nodes, edges=tuple(edges), segments=checked.segments,
         final_outputs=checked.final_outputs, request_defaults=checked.request_defaults, requests=checked.requests,
-        limits=limits_of(checked), timeouts=spec.timeouts, base_dir=str(checked.loaded.base_dir),
-        component_folders={name: c.folder for name, c in components.items()},
+        limits={name: getattr(sizing, name) for name in type(sizing).size_fields}, timeouts=spec.timeouts,
+        base_dir=str(checked.loaded.base_dir), component_folders={name: c.folder for name, c in components.items()},
     )
 
 
-def plan_graph(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> tuple[Plan, CheckedGraph, Path]:
-    """Load, check and plan a graph file: the devices of local nodes are checked against this host, then the
-    model source is resolved (and a preset built on first use)."""
-    from engine.plan.check import check_graph
-    from engine.spec.load import load_graph
-
-    checked = check_graph(load_graph(path, overrides))
+def plan_on_this_host(checked: CheckedGraph, requests: Sequence[RequestParams] = ()) -> tuple[Plan, Path]:
+    """Plan a checked graph to run from this host, its edges sized for ``requests`` as well: the devices of
+    local nodes are checked first, then the model source is resolved (and a preset built on first use)."""
     check_local_devices(checked)
     source = checked.family.resolve_source(checked.loaded.spec.model.task, checked.loaded.spec.model.path)
-    return build_plan(checked, source), checked, source
+    return build_plan(checked, source, requests), source
+
+
+def plan_graph(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Plan, CheckedGraph, Path]:
+    """Load, check and plan a graph file (``engine plan``, ``engine graph``)."""
+    checked = check_graph(load_graph(path, overrides))
+    plan, source = plan_on_this_host(checked)
+    return plan, checked, source

@@ -12,24 +12,30 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import OutputError
+from engine.runtime.request_options import add_request_options
+
+DESCRIPTION = """\
+Start the broker (embedded by default), one worker process per node replica, run the graph's requests or the
+one given on the command line, show progress, write the outputs and a run report, and stop every process.
+
+Edge buffers are sized for the largest request: each size parameter (e.g. height, width, num_frames) at the
+graph's `limits` where it sets one, a ceiling (a larger request is refused: raise the limit, e.g. --set
+limits.height=720); else at the largest value the graph's requests, its `request` defaults and the requests
+of this run use.
+"""
+
+REQUEST_FIELDS = """\
+With --prompt: one request, on the graph's `request` defaults, replacing its `requests`. Without: these values
+replace those of every request in the graph. The fields are those of every installed model family; a field
+the graph's model does not have is refused."""
 
 
 def add_run_parser(commands: argparse._SubParsersAction, add_graph_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
     run = commands.add_parser(
-        "run", help="deploy the graph, run its requests (or the one given), write outputs",
-        description="Start the broker (embedded by default), one worker process per node replica, run the graph's "
-                    "requests or the one given on the command line, show progress, write the outputs and a run "
-                    "report, and stop every process.")
+        "run", help="deploy the graph, run its requests (or the one given), write outputs", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_graph_arguments(run)
-    request = run.add_argument_group("a request on the command line (replaces the graph's `requests`)")
-    request.add_argument("--prompt", help="prompt of the request")
-    request.add_argument("--negative-prompt", help="negative prompt")
-    request.add_argument("--image", type=Path, help="input image (image-to-video, image edit)")
-    request.add_argument("--seed", type=int, help="seed of the initial noise")
-    request.add_argument("--steps", type=int, help="denoising steps")
-    request.add_argument("--height", type=int, help="output height in pixels")
-    request.add_argument("--width", type=int, help="output width in pixels")
-    request.add_argument("--num-frames", type=int, help="frames (video models)")
+    add_request_options(run, "request fields", REQUEST_FIELDS)
     run.add_argument("--out", type=Path, metavar="FOLDER", help="output folder, created if missing (default: outputs/<run-id>)")
     run.add_argument("--save-frames", action="store_true", help="also save the raw decoded frames as .npy")
     run.add_argument("--quiet", action="store_true", help="no live progress, only the summary")
@@ -61,15 +67,18 @@ def prepare_output_folder(folder: Path) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """``engine run``: plan, build the requests, run, write the report, print the summary."""
-    from engine.plan.build import plan_graph
+    """``engine run``: check the graph and the requests, plan for them, run, write the report, print the summary."""
+    from engine.plan.build import plan_on_this_host
+    from engine.plan.check import check_graph
     from engine.runtime.controller import RunOptions, run_graph
     from engine.runtime.report import print_summary, write_report
-    from engine.runtime.requests import requests_from_args
+    from engine.runtime.requests import run_requests
     from engine.runtime.tracker import State
+    from engine.spec.load import load_graph
 
-    plan, checked, source = plan_graph(args.graph, args.overrides)
-    requests = requests_from_args(plan, checked, args)
+    checked = check_graph(load_graph(args.graph, args.overrides))
+    requests = run_requests(checked, args.request)
+    plan, source = plan_on_this_host(checked, requests)
     options = RunOptions(out_dir=Path(args.out) if args.out else Path("outputs"), save_frames=args.save_frames, quiet=args.quiet)
     if not args.out:
         options = dataclasses.replace(options, out_dir=Path("outputs") / options.run_id)

@@ -108,6 +108,12 @@ class Worker:
                                   Status(node=self.spec.node, replica=self.spec.replica, state=state, pid=os.getpid(),
                                          host=socket.gethostname(), **fields), retain=True)
 
+    async def farewell(self, state: str, **fields: Any) -> None:
+        """Announce the last state if the broker can hear it soon; a stopping worker does not wait for it."""
+        if self.client.connected:
+            with contextlib.suppress(EngineError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.status(state, **fields), FAREWELL_S)
+
     async def load(self) -> None:
         """Load the node's components, build its stages, open its edges, announce ready."""
         spec = self.spec
@@ -434,13 +440,11 @@ async def run_worker(spec: WorkerSpec, secrets: WorkerSecrets) -> int:
         await asyncio.wait([serve, stop_task], return_when=asyncio.FIRST_COMPLETED)
         serve.cancel()
         await asyncio.gather(serve, return_exceptions=True)
-        with contextlib.suppress(EngineError, asyncio.TimeoutError):
-            await asyncio.wait_for(worker.status("stopped"), FAREWELL_S)
+        await worker.farewell("stopped")
         return 0
     except Exception as exc:
         log.error("worker failed: %s", exc, exc_info=not isinstance(exc, EngineError))
-        with contextlib.suppress(EngineError, asyncio.TimeoutError):
-            await asyncio.wait_for(worker.status("failed", detail=f"{type(exc).__name__}: {exc}"), FAREWELL_S)
+        await worker.farewell("failed", detail=f"{type(exc).__name__}: {exc}")
         return 1
     finally:
         stop_task.cancel()

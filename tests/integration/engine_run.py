@@ -38,14 +38,7 @@ def mosquitto(tmp: Path) -> Iterator[str]:
                       f"max_queued_messages 100000\nset_tcp_nodelay true\nlog_type none\nuser {os.environ.get('USER', 'root')}\n")
     process = subprocess.Popen([binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(f"mosquitto did not start on port {port}")
-            time.sleep(0.02)
+        _wait_listening(process, port)
         yield f"mqtt://127.0.0.1:{port}"
     finally:
         process.terminate()
@@ -117,3 +110,34 @@ def reference_frames(task: str, request_json: str) -> np.ndarray:
                   guidance_scale=request["guidance_scale"], generator=torch.Generator().manual_seed(request["seed"]),
                   **extra).frames
     return frames[0]
+
+
+@contextmanager
+def amqtt_broker() -> Iterator[str]:
+    """An anonymous amqtt broker in a process of its own on a free loopback port; yields its mqtt:// URL."""
+    port = free_port()
+    script = ("import asyncio\nfrom amqtt.broker import Broker\n"
+              "async def main():\n"
+              f"    broker = Broker({{'listeners': {{'default': {{'type': 'tcp', 'bind': '127.0.0.1:{port}'}}}},"
+              " 'plugins': {'amqtt.plugins.authentication.AnonymousAuthPlugin': {'allow_anonymous': True}}})\n"
+              "    await broker.start()\n"
+              "    await asyncio.Event().wait()\n"
+              "asyncio.run(main())\n")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_listening(process, port)
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def _wait_listening(process: subprocess.Popen, port: int, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise RuntimeError(f"the broker did not start on port {port}")
+        time.sleep(0.02)

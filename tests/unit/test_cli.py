@@ -269,6 +269,8 @@ def test_plan_edges_in_process_match_the_shapes() -> None:
     assert edges["phase1"].slot_bytes == 14288128 and edges["phase2"].slot_bytes == 8386560
 
 
+# -- run: what is refused before any process starts -------------------------------------------------------------
+
 #: A model folder with configs only: planning needs no weights and builds no preset.
 T2V_CONFIGS = ["--set", "model.path=configs/wan2.1-t2v-1.3b"]
 
@@ -294,6 +296,37 @@ def test_plan_graph_and_run_refuse_a_device_this_host_does_not_have() -> None:
                           "(--set nodes.transformer.place.device=cuda:99) node 'transformer' place.device cuda:99: "
                           "this host has ", " CUDA device", "(valid here: cpu")
     assert engine("validate", "graphs/wan_t2v.yaml", *device).returncode == 0  # validate does not look at the host
+
+
+def test_run_help_lists_every_request_field_with_its_description() -> None:
+    result = engine("run", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps the help
+    for option, description in [
+        ("--guidance-scale NUMBER", "wan: Classifier-free guidance scale; <= 1 turns it off."),
+        ("--true-cfg-scale NUMBER", "qwen_image: True classifier-free guidance scale"),
+        ("--num-frames INT", "wan: Number of frames, 4k+1"), ("--flow-shift NUMBER", "wan: Scheduler flow shift"),
+        ("--fps INT", "wan: Frame rate of the written video."), ("--seed INT", "Seed of the initial noise."),
+        ("--image FILE", "qwen_image edit: Path of the image to edit"),
+    ]:
+        assert f"{option} {description}" in text, f"{option} {description!r} not in:\n{result.stdout}"
+    assert "each size parameter (height, width, num_frames) at the graph's `limits` where it sets one, a ceiling" in text
+
+
+def test_run_refuses_a_request_field_the_graph_model_does_not_have() -> None:
+    result = engine("run", "graphs/qwen_image_t2i.yaml", "--guidance-scale", "3")
+    assert_user_error(result, "error: --guidance-scale: not an option of qwen_image t2i requests "
+                              "(graphs/qwen_image_t2i.yaml); valid: --seed, --prompt, --negative-prompt, --height, "
+                              "--width, --steps, --true-cfg-scale")
+
+
+def test_run_reports_every_value_over_explicit_limits_at_once() -> None:
+    limits = ["--set", "limits.height=48", "--set", "limits.width=64", "--set", "limits.num_frames=9"]
+    result = engine("run", "graphs/wan_t2v.yaml", *T2V_CONFIGS, *limits, "--height", "96", "--num-frames", "17")
+    assert_user_error(result, "error: 2 values over the limits graphs/wan_t2v.yaml sets on its edge buffers:\n"
+                              "  request 1: height=96 exceeds limits.height = 48\n"
+                              "  request 1: num_frames=17 exceeds limits.num_frames = 9\n"
+                              "raise them in the graph, or with --set limits.height=96 --set limits.num_frames=17")
 
 
 def test_output_into_a_closed_pipe_is_not_a_traceback() -> None:

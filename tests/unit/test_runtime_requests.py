@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from engine.errors import EngineError, RequestError
 from engine.plan.build import build_plan
 from engine.plan.check import check_graph
 from engine.runtime.deployment import worker_specs
-from engine.runtime.requests import CLI_FIELDS, requests_from_args
+from engine.runtime.requests import run_requests
 from engine.runtime.tracker import ALLOWED, State, TrackedRequest
 from engine.spec.load import load_graph
 from nodes.wan.family import WanRequest
@@ -21,14 +20,14 @@ GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
+def checked_graph(graph: str, *overrides: str):
+    return check_graph(load_graph(GRAPHS / graph, list(overrides)))
+
+
 def planned(graph: str, *overrides: str):
-    checked = check_graph(load_graph(GRAPHS / graph, list(overrides)))
+    checked = checked_graph(graph, *overrides)
     folder = "wan2.1-i2v-14b-480p" if "i2v" in graph else "wan2.1-t2v-1.3b"
     return build_plan(checked, CONFIGS / folder), checked
-
-
-def args(**given) -> argparse.Namespace:
-    return argparse.Namespace(**{name: given.get(name) for name in CLI_FIELDS})
 
 
 def test_request_moves_only_along_the_table():
@@ -44,31 +43,73 @@ def test_request_moves_only_along_the_table():
 
 
 def test_prompt_on_the_command_line_replaces_the_graph_requests():
-    plan, checked = planned("wan_t2v.yaml")
-    requests = requests_from_args(plan, checked, args(prompt="a red fox", seed=9))
+    checked = checked_graph("wan_t2v.yaml")
+    requests = run_requests(checked, {"prompt": "a red fox", "seed": "9"})  # values arrive as text
     assert len(requests) == 1
     assert (requests[0].prompt, requests[0].seed, requests[0].height) == ("a red fox", 9, 48)  # height from defaults
 
 
-def test_options_without_prompt_override_every_graph_request():
-    plan, checked = planned("wan_t2v.yaml")
-    (request,) = requests_from_args(plan, checked, args(seed=123, steps=2))
-    assert (request.seed, request.steps, request.prompt) == (123, 2, plan.requests[0].prompt)
+def test_fields_without_prompt_override_every_graph_request():
+    checked = checked_graph("wan_t2v.yaml", "requests.1={prompt: b, seed: 5}")
+    requests = run_requests(checked, {"seed": "123", "steps": "2", "guidance_scale": "3.5"})
+    assert [(r.seed, r.steps, r.guidance_scale, r.prompt) for r in requests] == [
+        (123, 2, 3.5, checked.requests[0].prompt), (123, 2, 3.5, "b")]
+    assert run_requests(checked, {}) == list(checked.requests)
 
 
-def test_a_request_larger_than_the_edge_buffers_is_refused_with_the_limit_named():
-    plan, checked = planned("wan_t2v.yaml")
-    with pytest.raises(RequestError, match=r"height=96 exceeds .*height <= 48.*limits.height"):
-        requests_from_args(plan, checked, args(height=96))
+def test_a_field_the_graph_model_does_not_have_is_refused_with_the_valid_options():
+    checked = checked_graph("qwen_image_t2i.yaml")
+    with pytest.raises(RequestError) as caught:
+        run_requests(checked, {"prompt": "x", "guidance_scale": "3", "num_frames": "5"})
+    assert str(caught.value) == (
+        f"--guidance-scale, --num-frames: not options of qwen_image t2i requests ({GRAPHS / 'qwen_image_t2i.yaml'}); "
+        "valid: --seed, --prompt, --negative-prompt, --height, --width, --steps, --true-cfg-scale")
 
 
-def test_invalid_values_and_missing_files_are_request_errors():
-    plan, checked = planned("wan_t2v.yaml")
-    with pytest.raises(RequestError, match="num_frames must be 4k\\+1"):
-        requests_from_args(plan, checked, args(num_frames=8))
-    plan, checked = planned("wan_i2v.yaml")
+def test_command_line_values_are_validated_by_the_request_model_and_name_the_option():
+    checked = checked_graph("wan_t2v.yaml")
+    with pytest.raises(RequestError) as caught:
+        run_requests(checked, {"steps": "x", "num_frames": "8"})
+    assert str(caught.value) == ("request 1: --num-frames: num_frames must be 4k+1 (e.g. 5 or 9), got 8; "
+                                 "--steps: got 'x'; input should be a valid integer, unable to parse string as an integer")
+    checked = checked_graph("wan_i2v.yaml")
     with pytest.raises(RequestError, match="first.png does not exist"):
-        requests_from_args(plan, checked, args(prompt="x", image=Path("/nonexistent/first.png")))
+        run_requests(checked, {"prompt": "x", "image": "/nonexistent/first.png"})
+
+
+def test_without_explicit_limits_the_edges_are_sized_for_the_run_requests():
+    checked = checked_graph("wan_t2v.yaml")
+    requests = run_requests(checked, {"height": "96", "num_frames": "17"})  # larger than every graph default
+    plan = build_plan(checked, CONFIGS / "wan2.1-t2v-1.3b", requests)
+    assert plan.limits == {"height": 96, "width": 64, "num_frames": 17}
+    smaller = build_plan(checked, CONFIGS / "wan2.1-t2v-1.3b")
+    assert smaller.limits == {"height": 48, "width": 64, "num_frames": 9}
+    latents = {plan.edges[1].tensors[0].shape, smaller.edges[1].tensors[0].shape}
+    assert latents == {(1, 16, 5, 12, 8), (1, 16, 3, 6, 8)}  # 17 frames 96 high; 9 frames 48 high
+    # a smaller run request never shrinks the edges below the graph's own requests and defaults
+    assert build_plan(checked, CONFIGS / "wan2.1-t2v-1.3b", run_requests(checked, {"height": "16"})).limits == smaller.limits
+
+
+def test_explicit_limits_are_a_ceiling_and_every_excess_is_reported_at_once():
+    limits = ("limits.height=64", "limits.width=64", "limits.num_frames=9")
+    checked = checked_graph("wan_t2v.yaml", *limits, "requests.1={prompt: b}")
+    assert build_plan(checked, CONFIGS / "wan2.1-t2v-1.3b", run_requests(checked, {"height": "64"})).limits == {
+        "height": 64, "width": 64, "num_frames": 9}
+    with pytest.raises(RequestError) as caught:
+        run_requests(checked, {"height": "96", "width": "128", "num_frames": "9"})
+    assert str(caught.value) == (
+        f"4 values over the limits {GRAPHS / 'wan_t2v.yaml'} sets on its edge buffers:\n"
+        "  request 1: height=96 exceeds limits.height = 64\n"
+        "  request 1: width=128 exceeds limits.width = 64\n"
+        "  request 2: height=96 exceeds limits.height = 64\n"
+        "  request 2: width=128 exceeds limits.width = 64\n"
+        "raise them in the graph, or with --set limits.height=96 --set limits.width=128")
+
+
+def test_a_graph_without_requests_needs_a_prompt():
+    checked = checked_graph("wan_t2v.yaml", "requests=[]")
+    with pytest.raises(RequestError, match="declares no requests: give one with --prompt"):
+        run_requests(checked, {"seed": "1"})
 
 
 def specs_of(plan):
