@@ -13,7 +13,8 @@ pool.py), so whatever the zombie carries, including bytes of a later payload pac
 buffer, lands only in a quarantined slot whose generation no manifest names any more.
 
 Options (keyword arguments of make_receiver / make_sender, else the environment):
-``hostname`` (``ENGINE_MOONCAKE_HOST``, default 127.0.0.1: the address peers reach this process at),
+``hostname`` (``ENGINE_MOONCAKE_HOST``, default 127.0.0.1: the address peers reach this process at, and the only
+one its ports listen on),
 ``protocol`` (``ENGINE_MOONCAKE_PROTOCOL``, ``tcp`` or ``rdma``), ``device_name``
 (``ENGINE_MOONCAKE_DEVICE``, the RDMA NIC, e.g. ``mlx5_0``).
 """
@@ -21,9 +22,11 @@ Options (keyword arguments of make_receiver / make_sender, else the environment)
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import mmap
 import os
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -33,6 +36,7 @@ import torch
 
 from engine.errors import EdgeTimeout, PeerDead, TransportError
 from engine.transport.base import PAGE, ByteReceiver, ByteSender, LandedHook, anonymous_memory, offload, page_aligned
+from engine.transport.listeners import listeners, rebind, still_listening, wait_closed
 from engine.transport.manifest import SlotGrant, TensorHeader, payload_nbytes
 from engine.transport.payload import CHUNK_BYTES, cpu_sources, pack, source_digests
 
@@ -45,6 +49,8 @@ POLL_MAX_S = 1e-3
 """Longest sleep between two looks at a running write (the sleeps start at 20 us and double)."""
 PROBE_WAIT_S = 0.5
 """How long to wait for a probe of a peer whose write failed (a dead peer refuses in under 1 ms)."""
+HANDOVER_WAIT_S = 2.0
+"""How long the handshake thread may take to leave its old listening socket (its accept times out after 1 s)."""
 
 _engines: dict[tuple[str, str, str], Any] = {}
 _engines_lock = threading.Lock()
@@ -90,10 +96,12 @@ def transfer_engine(hostname: str, protocol: str, device_name: str, edge: str | 
             from mooncake.engine import TransferEngine
 
             engine = TransferEngine()
+            before = {listener.inode for listener in listeners()}
             if engine.initialize(hostname, "P2PHANDSHAKE", protocol, device_name) != 0:
                 raise TransportError(
                     f"mooncake transfer engine failed to start on {hostname} over {protocol} {device_name!r}", edge=edge
                 )
+            _listen_on(engine, hostname, before, edge)
             if protocol == "rdma" and not _has_rdma_device(engine):  # Mooncake would quietly use TCP instead
                 raise TransportError(
                     f"protocol rdma, but the transfer engine finds no RDMA device on this host"
@@ -102,6 +110,48 @@ def transfer_engine(hostname: str, protocol: str, device_name: str, edge: str | 
                 )
             _engines[key] = engine
         return _engines[key]
+
+
+def _listen_on(engine: Any, hostname: str, before: set[int], edge: str | None) -> None:
+    """Move the sockets the transfer engine listens on onto ``hostname``'s address alone.
+
+    Mooncake 0.3.13 listens on every interface whatever hostname it is given, and no setting changes that:
+    ``findAvailableTcpPort`` binds its handshake (RPC) port and picks the TCP data port on INADDR_ANY
+    (in6addr_any under MC_USE_IPV6), and the TCP transport's asio acceptor binds ``[::]`` dual-stack, all
+    hard-coded; MC_TCP_BIND_ADDRESS only names the address advertised outside P2P-handshake mode. So each
+    socket ``initialize`` opened on every interface is swapped, right after it returns and before any peer
+    learns a port, for one bound to ``hostname`` (listeners.rebind).
+
+    Mooncake's handshake thread is usually blocked in ``accept`` on its old socket then (1 s timeout), which
+    keeps that socket open until the call returns. A probe to another loopback address, which only the old
+    socket serves, is answered there like any probe and sends the thread on to the new socket at once; the
+    wait covers a probe that misses (the accept timed out just before). Raises TransportError if ``hostname``
+    is not an address of this host, or an old socket stays open.
+    """
+    opened = [listener for listener in listeners() if listener.inode not in before and listener.on_every_interface]
+    try:
+        address = socket.getaddrinfo(hostname, None, type=socket.SOCK_STREAM)[0][4][0]
+        if not opened or ipaddress.ip_address(address).is_unspecified:
+            return
+        for listener in opened:
+            rebind(listener, hostname)
+    except OSError as exc:
+        raise TransportError(
+            f"the mooncake transfer engine cannot listen on {hostname} ({exc}); give it an address of this host",
+            edge=edge,
+        ) from exc
+    handshake = next((listener for listener in opened if listener.port == engine.get_rpc_port()), None)
+    if handshake is not None and still_listening({handshake.inode}):  # else accept was not waiting on it
+        other = "127.0.0.2" if address == "127.0.0.1" else "127.0.0.1"
+        if ":" in handshake.address:  # an IPv6 engine (MC_USE_IPV6) dials IPv6 addresses only
+            other = f"[::ffff:{other}]"
+        engine.send_probe(f"{other}:{handshake.port}")
+    if left := wait_closed({listener.inode for listener in opened}, HANDOVER_WAIT_S):
+        raise TransportError(
+            f"the mooncake transfer engine still listens on every interface ({len(left)} sockets) after moving "
+            f"its ports onto {hostname}",
+            edge=edge,
+        )
 
 
 class MooncakeReceiver(ByteReceiver):
