@@ -310,7 +310,7 @@ def test_run_help_lists_every_request_field_with_its_description() -> None:
         ("--image FILE", "qwen_image edit: Path of the image to edit"),
     ]:
         assert f"{option} {description}" in text, f"{option} {description!r} not in:\n{result.stdout}"
-    assert "each size parameter (height, width, num_frames) at the graph's `limits` where it sets one, a ceiling" in text
+    assert "each size parameter (e.g. height, width, num_frames) at the graph's `limits` where it sets one, a ceiling" in text
 
 
 def test_run_refuses_a_request_field_the_graph_model_does_not_have() -> None:
