@@ -141,3 +141,11 @@ def _wait_listening(process: subprocess.Popen, port: int, timeout_s: float = 10)
         if time.monotonic() > deadline or process.poll() is not None:
             raise RuntimeError(f"the broker did not start on port {port}")
         time.sleep(0.02)
+
+
+def wildcard_listeners(pids: list[int]) -> list[str]:
+    """``ss -ltnp`` lines of sockets that these processes listen on, on every interface (0.0.0.0, *, [::])."""
+    lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    mine = [line for line in lines if any(f"pid={pid}," in line for pid in pids)]
+    assert mine, f"ss shows no listening socket of {pids}"
+    return [line for line in mine if line.split()[3].rsplit(":", 1)[0] in ("0.0.0.0", "*", "[::]")]

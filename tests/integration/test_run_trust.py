@@ -23,7 +23,7 @@ from engine.control.signing import Sealer, new_key
 from engine.plan.build import plan_graph
 from engine.runtime.controller import Controller, RunOptions
 from engine.runtime.tracker import State
-from tests.integration.engine_run import GRAPHS, amqtt_broker, live_workers, mosquitto, reference_frames
+from tests.integration.engine_run import GRAPHS, amqtt_broker, live_workers, mosquitto, reference_frames, wildcard_listeners
 
 pytestmark = pytest.mark.integration
 
@@ -72,6 +72,8 @@ async def attacked_run(broker_url: str, out: Path, sneak: str):
         # r1's denoising goes to one transformer replica; the other will claim to have done it.
         dit_topic, _ = await spy.wait_for("/in/transformer/", {"kind": "run_stage", "request_id": "r1"})
         dit = int(dit_topic.rsplit("/", 1)[1])
+        workers = live_workers(out)
+        assert len(workers) == 4 and wildcard_listeners(workers) == []  # data-plane ports bind 127.0.0.1 only
         other = Sealer(controller.access.key, controller.topics.replica_client("transformer", 1 - dit))
         decoder = Sealer(controller.access.key, controller.topics.replica_client("decoder", 0))
 
