@@ -145,12 +145,24 @@ def test_stopping_the_controller_leaves_no_worker_behind(signum, tmp_path):
     run.process.send_signal(signum)
     code = run.finish(timeout=30)
     assert code == (130 if signum != signal.SIGKILL else -signal.SIGKILL)
-    deadline = time.monotonic() + 5  # a killed controller's workers notice their parent is gone
+    deadline = time.monotonic() + 5
     while live_workers(tmp_path / "out") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert live_workers(tmp_path / "out") == []
     if signum != signal.SIGKILL:
         assert "interrupted" in run.output and "Traceback" not in run.output
+
+
+def test_a_stopped_worker_dies_with_a_killed_controller(tmp_path):
+    run = LiveRun("wan_t2v.yaml", tmp_path / "out", *LONG_DENOISE)
+    run.wait_for("transformer[0] denoise", timeout=240)
+    os.kill(worker_pid(tmp_path / "out", "transformer"), signal.SIGSTOP)
+    run.process.kill()
+    killed = time.monotonic()
+    run.finish(timeout=30)
+    while live_workers(tmp_path / "out") and time.monotonic() - killed < 2.0:
+        time.sleep(0.05)
+    assert live_workers(tmp_path / "out") == [], "a worker outlived its killed controller by 2 s"
 
 
 def test_a_corrupted_transfer_is_retransmitted_and_the_output_is_unchanged(tmp_path):
