@@ -112,26 +112,6 @@ def reference_frames(task: str, request_json: str) -> np.ndarray:
     return frames[0]
 
 
-@contextmanager
-def amqtt_broker() -> Iterator[str]:
-    """An anonymous amqtt broker in a process of its own on a free loopback port; yields its mqtt:// URL."""
-    port = free_port()
-    script = ("import asyncio\nfrom amqtt.broker import Broker\n"
-              "async def main():\n"
-              f"    broker = Broker({{'listeners': {{'default': {{'type': 'tcp', 'bind': '127.0.0.1:{port}'}}}},"
-              " 'plugins': {'amqtt.plugins.authentication.AnonymousAuthPlugin': {'allow_anonymous': True}}})\n"
-              "    await broker.start()\n"
-              "    await asyncio.Event().wait()\n"
-              "asyncio.run(main())\n")
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_listening(process, port)
-        yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        process.kill()
-        process.wait(timeout=10)
-
-
 def _wait_listening(process: subprocess.Popen, port: int, timeout_s: float = 10) -> None:
     deadline = time.monotonic() + timeout_s
     while True:

@@ -361,3 +361,34 @@ def test_a_failing_receive_loop_ends_the_client_loudly(kind, monkeypatch, caplog
 
     run(scenario())
     assert "bug in message handling" in caplog.text
+
+
+@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+def test_embedded_mosquitto_confines_each_user_to_its_topics():
+    topics = Topics(run_id="acl")
+    users = [BrokerUser.generate(topics.controller_client, topics.controller_acl),
+             *(BrokerUser.generate(topics.replica_client("w", r), topics.replica_acl("w", r)) for r in (0, 1))]
+
+    async def scenario():
+        async with embedded_broker("mosquitto", users=users) as broker:
+            controller_user, w0, w1 = users
+            async with (
+                ControlClient(broker.as_user(controller_user), key=KEY, client_id=controller_user.name) as controller,
+                ControlClient(broker.as_user(w0), key=KEY, client_id=w0.name) as worker0,
+                ControlClient(broker.as_user(w1), key=KEY, client_id=w1.name) as worker1,
+            ):
+                await worker0.subscribe(topics.inbox("w", 0))
+                await worker0.subscribe(topics.inbox("w", 1))  # not its inbox: the broker delivers nothing there
+                await worker1.subscribe(topics.inbox("w", 1))
+                await controller.publish(topics.inbox("w", 1), Shutdown(reason="for w1 only"))
+                assert (await expect(worker1, "its own order")).message == Shutdown(reason="for w1 only")
+                assert await worker0.receive(0.5) is None
+                await controller.subscribe(topics.all_status)
+                await worker1.publish(topics.status("w", 0), Shutdown(reason="posing as w0"))  # not its topic
+                assert await controller.receive(0.5) is None
+            for name, address in [("anonymous", broker), ("wrong password", broker.as_user(BrokerUser(w0.name, "nope")))]:
+                with pytest.raises(ControlError, match="refused the connection"):
+                    async with ControlClient(address, key=KEY, client_id=w0.name):
+                        pass
+
+    run(scenario())

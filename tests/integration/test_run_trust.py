@@ -1,7 +1,8 @@
 """An outsider on the broker, and a key holder speaking out of turn, against a real run: real worker processes,
-a real broker (mosquitto, and amqtt, which has no ACLs: there only the signatures keep clients apart), real
-Mooncake transfers. Every forged, unsigned, nested, replayed or misdirected message is refused, nothing is
-written outside the run's folder, and the run completes with the monolithic pipeline's frames.
+a real broker, real Mooncake transfers. On mosquitto the outsider is an anonymous client of an open broker; on
+the embedded amqtt (which has no ACLs: there only the signatures keep clients apart) it holds a leaked broker
+password. Every forged, unsigned, nested, replayed or misdirected message is refused, nothing is written
+outside the run's folder, no secret is left on disk, and the run completes with the monolithic frames.
 
 The controller runs in the test's process so that the test can also act as a holder of the run's key (a
 compromised replica): even signed messages are acted on only when they come from whom they speak for, and
@@ -18,12 +19,12 @@ import aiomqtt
 import numpy as np
 import pytest
 
-from engine.control.broker import parse_broker
+from engine.control.broker import BrokerAddress
 from engine.control.signing import Sealer, new_key
 from engine.plan.build import plan_graph
 from engine.runtime.controller import Controller, RunOptions
 from engine.runtime.tracker import State
-from tests.integration.engine_run import GRAPHS, amqtt_broker, live_workers, mosquitto, reference_frames, wildcard_listeners
+from tests.integration.engine_run import GRAPHS, live_workers, mosquitto, reference_frames, wildcard_listeners
 
 pytestmark = pytest.mark.integration
 
@@ -55,17 +56,27 @@ class Eavesdropper:
         await self.client.publish(f"{self.root}/{topic}", payload, qos=1)
 
 
-async def attacked_run(broker_url: str, out: Path, sneak: str):
-    plan, _, source = plan_graph(GRAPHS / "wan_t2v_two_dit.yaml", [f"broker={broker_url}", "request.steps=30"])
+async def broker_of(controller: Controller) -> BrokerAddress:
+    """The run's broker as the outsider reaches it: the URL's address, or the embedded one with a leaked password."""
+    if isinstance(controller.broker, BrokerAddress):
+        return controller.broker
+    while controller.client is None:  # the embedded broker starts with the run
+        await asyncio.sleep(0.01)
+    return controller.client.address
+
+
+async def attacked_run(broker: str, out: Path, sneak: str):
+    plan, _, source = plan_graph(GRAPHS / "wan_t2v_two_dit.yaml", [f"broker={broker}", "request.steps=30"])
     requests = [plan.requests[0], plan.requests[0].model_copy(update={"seed": 7})]
     controller = Controller(plan, source, RunOptions(out_dir=out, quiet=True, save_frames=True))
     root = controller.topics.root
     as_controller = Sealer(controller.access.key, controller.topics.controller_client)
-    address = parse_broker(broker_url)
-    async with aiomqtt.Client(address.host, address.port, identifier="outsider") as client:
+    run = asyncio.create_task(controller.run(requests))
+    address = await broker_of(controller)
+    async with aiomqtt.Client(address.host, address.port, username=address.username, password=address.password,
+                              identifier="outsider") as client:
         await client.subscribe(f"{root}/#", qos=1)
         spy = Eavesdropper(client, root)
-        run = asyncio.create_task(controller.run(requests))
 
         # The controller's first order to the encoder, captured for a replay.
         encoder_topic, encoder_order = await spy.wait_for("/in/encoder/0", {"kind": "run_stage", "request_id": "r1"})
@@ -99,15 +110,20 @@ async def attacked_run(broker_url: str, out: Path, sneak: str):
         await spy.send("in/decoder/0", other.seal_body(decoder_inbox, json.dumps(traversal | {"request_id": "r9"}).encode()))
         # ^ 10. a replica posing as the controller
         result = await asyncio.wait_for(run, 240)
-    return result, dit
+    secrets = [controller.access.key.hex(), *(user.password for user in controller.access.users.values())]
+    return result, dit, secrets
 
 
-@pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
+@pytest.mark.parametrize("broker", ["mosquitto", "embedded:amqtt"])
 def test_forged_replayed_and_misdirected_messages_are_refused_and_the_run_completes(broker, tmp_path):
     out = tmp_path / "out"
     sneak = f"../../../../tmp/dge-trust-{uuid.uuid4().hex[:8]}"
-    with mosquitto(tmp_path) if broker == "mosquitto" else amqtt_broker() as url:
-        result, dit = asyncio.run(attacked_run(url, out, sneak))
+    if broker == "mosquitto":
+        with mosquitto(tmp_path) as url:
+            result, dit, secrets = asyncio.run(attacked_run(url, out, sneak))
+    else:
+        result, dit, secrets = asyncio.run(attacked_run(broker, out, sneak))
+        assert len(secrets) == 1 + 5  # the run key, and a broker password per process (controller, 4 workers)
 
     assert [r.state for r in result.requests] == [State.DONE, State.DONE], [r.error for r in result.requests]
     for request in result.requests:  # frames as the monolithic pipeline makes them
@@ -127,3 +143,5 @@ def test_forged_replayed_and_misdirected_messages_are_refused_and_the_run_comple
     assert "replayed" in logs["encoder-0"]
     assert "unsigned" in logs[f"transformer-{dit}"]
     assert live_workers(out) == []
+    written = b"".join(path.read_bytes() for path in out.rglob("*") if path.is_file())
+    assert not [secret for secret in secrets if secret.encode() in written], "a secret was left on disk"
