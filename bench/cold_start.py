@@ -62,12 +62,12 @@ def process_start(pid: int) -> float | None:
     return int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
-async def watch(address, run_id: str, seen: dict, stop: asyncio.Event) -> None:
+async def watch(address, run_id: str, key: bytes, seen: dict, stop: asyncio.Event) -> None:
     """Record when each replica's status first reaches each state, and its process start time."""
     from engine.control import ControlClient, Topics
     from engine.control.messages import Status
 
-    async with ControlClient(address, client_id=f"{run_id}-observer") as client:
+    async with ControlClient(address, client_id=f"{run_id}-observer", key=key) as client:
         await client.subscribe(Topics(run_id).all_status)
         while not stop.is_set():
             inbound = await client.receive(0.05)
@@ -82,17 +82,18 @@ async def watch(address, run_id: str, seen: dict, stop: asyncio.Event) -> None:
 
 async def deploy_once(plan, source: Path, out: Path, kind: str) -> dict:
     from engine.control import embedded_broker
-    from engine.runtime.controller import RunOptions, run_graph
+    from engine.runtime.controller import Controller, RunOptions
 
     run_id = "cold-" + uuid.uuid4().hex[:8]
     seen: dict = {}
     async with embedded_broker(kind) as address:  # type: ignore[arg-type]
-        stop = asyncio.Event()
-        watcher = asyncio.create_task(watch(address, run_id, seen, stop))
-        await asyncio.sleep(0.2)  # subscribed before any worker exists
         deployed = dataclasses.replace(plan, broker=f"mqtt://{address.host}:{address.port}")
+        controller = Controller(deployed, source, RunOptions(out_dir=out, run_id=run_id, quiet=True))
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(watch(address, run_id, controller.access.key, seen, stop))
+        await asyncio.sleep(0.2)  # subscribed before any worker exists
         launched = boottime()
-        result = await run_graph(deployed, source, [], RunOptions(out_dir=out, run_id=run_id, quiet=True))
+        result = await controller.run([])
         stop.set()
         with contextlib.suppress(Exception):
             await watcher

@@ -54,13 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # -- the worker side, in its own process ----------------------------------------------------------------------
 
-def responder_main(broker: dict, run_id: str, count: int, conn: Connection) -> None:
-    received = asyncio.run(respond(broker, run_id, count))
+def responder_main(broker: dict, run_id: str, key: bytes, count: int, conn: Connection) -> None:
+    received = asyncio.run(respond(broker, run_id, key, count))
     conn.send(received)
     conn.close()
 
 
-async def respond(broker: dict, run_id: str, count: int) -> dict[str, float]:
+async def respond(broker: dict, run_id: str, key: bytes, count: int) -> dict[str, float]:
     """Answer ``count`` run_stage messages with stage_done; the monotonic time each one arrived, by request id."""
     import os
 
@@ -69,7 +69,7 @@ async def respond(broker: dict, run_id: str, count: int) -> dict[str, float]:
 
     topics = Topics(run_id)
     received: dict[str, float] = {}
-    async with ControlClient(BrokerAddress(**broker), client_id=f"{run_id}-{NODE}-{REPLICA}") as client:
+    async with ControlClient(BrokerAddress(**broker), client_id=topics.replica_client(NODE, REPLICA), key=key) as client:
         await client.subscribe(topics.inbox(NODE, REPLICA))
         await client.publish(topics.status(NODE, REPLICA), Status(node=NODE, replica=REPLICA, state="ready", pid=os.getpid(),
                                                                  host="bench", receive_edges={}, param_bytes=0, load_s=0.0))
@@ -107,15 +107,18 @@ async def hand_offs(kind: str, count: int) -> dict:
 
     from engine.control import ControlClient, Topics, embedded_broker
     from engine.control.messages import RunStage, StageDone, Status
+    from engine.control.signing import new_key
 
     run_id = f"bench-{kind}-{int(time.time())}"
     topics = Topics(run_id)
+    key = new_key()
     total = WARMUP + count
     async with embedded_broker(kind) as address:  # type: ignore[arg-type]
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
-        worker = context.Process(target=responder_main, args=(dataclasses.asdict(address), run_id, total, child), daemon=True)
-        async with ControlClient(address, client_id=f"{run_id}-controller") as client:
+        worker = context.Process(target=responder_main, args=(dataclasses.asdict(address), run_id, key, total, child),
+                                 daemon=True)
+        async with ControlClient(address, client_id=topics.controller_client, key=key) as client:
             await client.subscribe(topics.controller)
             await client.subscribe(topics.all_status)
             worker.start()

@@ -367,6 +367,8 @@ class ControlClient:
         try:
             opened = self._opener.open(topic, bytes(payload))
         except Rejected as exc:
+            if exc.reason == "replayed" and raw.retain:
+                return  # a retained message seen before, delivered again on (re)subscribing: nothing new
             self.rejected[exc.reason] += 1
             who = exc.sender or "an unknown sender"
             if (who, exc.reason) not in self._rejections_logged:  # once per sender and reason: a flood stays quiet
