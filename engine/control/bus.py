@@ -40,6 +40,17 @@ class Inbound:
 
 class ControlBus(Protocol):
     rejected: Counter[str]  #: received messages dropped, by reason
+    reconnects: int  #: connections to the broker re-established after a loss
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker hears us now."""
+
+    async def connect(self) -> None:
+        """Connect (ControlError if the broker cannot be reached); then stay connected."""
+
+    async def close(self) -> None:
+        """Disconnect cleanly and end ``receive`` / ``messages``."""
 
     async def publish(self, topic: str, message: Message, *, retain: bool = False) -> None:
         """Publish with QoS 1 and wait until the broker has it; BrokerLost if the broker stays away too long."""

@@ -75,6 +75,14 @@ class MemoryBus:
         self._inbox = InboxQueue()
         self._closed = False
         self.rejected: Counter[str] = Counter()
+        self.reconnects = 0  # a memory bus never loses its broker
+
+    @property
+    def connected(self) -> bool:
+        return not self._closed
+
+    async def connect(self) -> None:
+        """Connected from the start (``MemoryBroker.connect``)."""
 
     async def __aenter__(self) -> MemoryBus:
         return self

@@ -59,7 +59,8 @@ def exit_description(code: int) -> str:
 
 
 class LocalLauncher:
-    """Starts workers as subprocesses of this one, each in its own process group."""
+    """Starts workers as subprocesses of this one, each in its own process group (a
+    :class:`engine.runtime.fleet.Launcher`)."""
 
     def __init__(self, deploy_dir: Path):
         self.deploy_dir = deploy_dir
@@ -88,8 +89,13 @@ class LocalLauncher:
         self.workers[worker.key] = worker
         return worker
 
-    def exited(self) -> list[WorkerProcess]:
-        return [w for w in self.workers.values() if w.exit_code() is not None]
+    def exited(self) -> dict[tuple[str, int], str]:
+        return {key: exit_description(code) for key, w in self.workers.items() if (code := w.exit_code()) is not None}
+
+    def log_tail(self, key: tuple[str, int]) -> str:
+        worker = self.workers.get(key)
+        tail = worker.log_tail() if worker is not None else ""
+        return f"last log lines ({worker.log_path}):\n    " + tail.replace("\n", "\n    ") if worker and tail else ""
 
     def kill(self, key: tuple[str, int]) -> None:
         worker = self.workers[key]

@@ -71,8 +71,8 @@ class ProgressView:
             self._refused_from.add(sender)
             self._print(f"!! refused a message signed by {sender}: {what} (further ones from it are only counted)")
 
-    def broker_back(self, broker: str) -> None:
-        self._print(f"broker {broker} is back; heartbeat timeouts count from now")
+    def broker_back(self) -> None:
+        self._print("the broker is back; heartbeat timeouts count from now")
 
     def retry(self, request: Any, why: str) -> None:
         self._print(f"{request.id}: retrying on another replica (attempt {request.attempt + 1})")

@@ -76,7 +76,7 @@ def worker_pid(out: Path, node: str, replica: int = 0) -> int:
     raise AssertionError(f"no worker process for {node}[{replica}]")
 
 
-LONG_DENOISE = ("request.steps=1500",)  # a tiny model still takes several seconds for 1500 steps
+LONG_DENOISE = ("request.steps=1000",)  # a tiny model still takes seconds for 1000 steps
 
 
 def test_killed_transformer_fails_the_request_within_5s_naming_it(tmp_path):

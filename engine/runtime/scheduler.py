@@ -1,0 +1,235 @@
+"""The scheduler: walks each submitted request through the plan's segments, never letting one hang.
+
+``submit()`` queues a request and returns a :class:`RequestHandle`. Up to the graph's in-flight bound (edge
+slots times receiving replicas), requests are dispatched segment by segment (a segment is a run of stages on
+one node) to the least loaded live replica, each told which replica its outputs go to. A dispatch is repeated
+every ``resend_s`` until answered (the worker answers a repeat with the answer it gave), so a broker restart
+loses no request. An answer counts only if it answers the dispatch the request waits on now: that replica,
+that attempt, with outputs inside the run's folder; anything else is refused and counted. A replica taken out
+of service re-runs its requests from the start on other replicas when every node still has one (at most
+``MAX_ATTEMPTS`` times), else fails them naming the node, replica and stage; a segment past its deadline fails
+its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from engine.control.bus import ControlBus
+from engine.control.messages import RunStage, StageDone, StageFailed
+from engine.control.topics import Topics
+from engine.errors import NodeError
+from engine.plan.model import Plan, Segment
+from engine.runtime.fleet import Fleet, ReplicaInfo
+from engine.runtime.progress import ProgressView
+from engine.runtime.tracker import State, TrackedRequest
+from engine.stages import RequestParams
+
+MAX_ATTEMPTS = 2
+RESEND_S = 2.0  #: a dispatch not answered for this long is sent again
+
+
+class RequestHandle:
+    """A submitted request: its live record, and a wait for its end."""
+
+    def __init__(self, request: TrackedRequest):
+        self.request = request
+        self._ended = asyncio.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self.request.finished
+
+    async def wait(self) -> TrackedRequest:
+        """The request once done or failed."""
+        await self._ended.wait()
+        return self.request
+
+
+class Scheduler:
+    def __init__(self, plan: Plan, topics: Topics, bus: ControlBus, fleet: Fleet, view: ProgressView, out_dir: Path, *,
+                 resend_s: float = RESEND_S, clock: Callable[[], float] = time.monotonic):
+        self.plan = plan
+        self.topics = topics
+        self.bus = bus
+        self.fleet = fleet
+        self.view = view
+        self.out_dir = out_dir
+        self.resend_s = resend_s
+        self.clock = clock
+        self.requests: list[TrackedRequest] = []
+        self.impostors = 0  #: authentic answers refused: not what was asked, or outputs outside the run
+        self._handles: dict[str, RequestHandle] = {}
+        self.in_flight_cap = max(1, min((e.slots * plan.nodes[e.target].replicas for e in plan.edges), default=1 << 30))
+
+    def submit(self, params: RequestParams, request_id: str | None = None) -> RequestHandle:
+        """Queue a request (id ``r<n>`` unless given); it is dispatched on a later ``tick``."""
+        request = TrackedRequest(request_id or f"r{len(self.requests) + 1}", params, self.clock())
+        if request.id in self._handles:
+            raise ValueError(f"request id {request.id!r} is already in use")
+        self.requests.append(request)
+        self._handles[request.id] = handle = RequestHandle(request)
+        return handle
+
+    def tick(self) -> None:
+        """Take out-of-service replicas into account, admit queued requests, enforce deadlines, repeat dispatches."""
+        for info in self.fleet.take_down():
+            self._replica_down(info)
+        self._admit()
+        now = self.clock()
+        for request in self.requests:
+            if request.state != State.RUNNING:
+                continue
+            if now > request.deadline:
+                segment = self.plan.segments[request.segment]
+                self._fail(request, f"node {segment.node!r} did not finish {', '.join(segment.stages)} within "
+                                    f"{request.deadline - request.dispatched_at:g} s (timeouts.stage_s)")
+            elif now - request.sent_at > self.resend_s:
+                self._send_dispatch(request)
+
+    def refuse(self, sender: str, what: str) -> None:
+        """An authentic message not acted on: counted, shown once per sender."""
+        self.impostors += 1
+        self.view.refused(sender, what)
+
+    # -- dispatch ---------------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        running = sum(r.state == State.RUNNING for r in self.requests)
+        for request in self.requests:
+            if running >= self.in_flight_cap:
+                return
+            if request.state == State.QUEUED:
+                self._dispatch(request, 0)
+                running += 1
+
+    def _assign(self, request: TrackedRequest, index: int, node: str) -> int:
+        """The replica segment ``index`` of the request runs on, chosen now if it has none yet."""
+        if index not in request.replica_of:
+            request.replica_of[index] = self.fleet.pick(node)
+            self.fleet.replicas[(node, request.replica_of[index])].assigned += 1
+        return request.replica_of[index]
+
+    def _dispatch(self, request: TrackedRequest, index: int) -> None:
+        segment = self.plan.segments[index]
+        try:
+            replica = self._assign(request, index, segment.node)
+            send_to = {edge.name: self._assign(request, self._consumer(edge.target, edge.tensor_names, index), edge.target)
+                       for edge in self.plan.edges_from(segment.node) if set(edge.tensor_names) & set(segment.outputs)}
+        except NodeError as exc:
+            self._fail(request, str(exc))
+            return
+        stage_budget = self.plan.timeouts.stage_s * len(segment.stages) + self.plan.timeouts.transfer_s * 2
+        request.dispatch = RunStage(request_id=request.id, request=request.params.model_dump(mode="json"),
+                                    node=segment.node, attempt=request.attempt, deadline_s=stage_budget, segment=index,
+                                    send_to=send_to)
+        request.segment = index
+        request.dispatched_at = self.clock()
+        request.deadline = request.dispatched_at + stage_budget
+        request.move(State.RUNNING, f"{segment.node}[{replica}] {', '.join(segment.stages)}")
+        self.view.segment_started(request, segment, replica)
+        self._send_dispatch(request)
+
+    def _send_dispatch(self, request: TrackedRequest) -> None:
+        """Post the request's current dispatch to its replica; the bus's outbox owns the sending."""
+        assert request.dispatch is not None
+        request.sent_at = self.clock()
+        self.bus.post(self.topics.inbox(request.dispatch.node, request.replica_of[request.segment]), request.dispatch)
+
+    def _consumer(self, node: str, tensors: tuple[str, ...], after: int) -> int:
+        return next(s.index for s in self.plan.segments if s.index > after and s.node == node and set(s.inputs) & set(tensors))
+
+    # -- answers ----------------------------------------------------------------------------------------------
+
+    def on_answer(self, answer: StageDone | StageFailed) -> None:
+        found = self._current(answer)
+        if found is None:
+            return
+        if isinstance(answer, StageDone):
+            self._on_done(answer, *found)
+        else:
+            self._on_failed(answer, found[0])
+
+    def _current(self, answer: StageDone | StageFailed) -> tuple[TrackedRequest, Segment] | None:
+        """The request and segment an answer is for, if it answers the dispatch the request waits on now."""
+        handle = self._handles.get(answer.request_id)
+        request = handle.request if handle is not None else None
+        if request is None or request.attempt != answer.attempt or request.state != State.RUNNING:
+            return None  # a late answer for an attempt that was abandoned, or a repeated one
+        segment = self.plan.segments[request.segment]
+        sender = self.topics.replica_client(answer.node, answer.replica)
+        if segment.node != answer.node or request.replica_of.get(segment.index) != answer.replica:
+            self.refuse(sender, f"{answer.kind!r} for {answer.request_id}, whose segment {segment.index} was not "
+                                "dispatched to it")
+            return None
+        outside = [path for path in getattr(answer, "outputs", ()) if Path(path).resolve().parent != self.out_dir.resolve()]
+        if outside:
+            self.refuse(sender, f"{answer.kind!r} for {answer.request_id} naming outputs outside {self.out_dir}: {outside}")
+            return None
+        return request, segment
+
+    def _on_done(self, done: StageDone, request: TrackedRequest, segment: Segment) -> None:
+        info = self.fleet.replicas[(done.node, done.replica)]
+        info.assigned -= 1
+        info.peak_rss_bytes = max(info.peak_rss_bytes, done.peak_rss_bytes)
+        request.stage_seconds.update(done.timings)
+        request.segment_seconds[segment.index] = self.clock() - request.dispatched_at
+        request.edges.update({name: stats.model_dump() for name, stats in done.edges.items()})
+        request.outputs.extend(done.outputs)
+        self.view.segment_done(request, segment, done)
+        if segment.index + 1 < len(self.plan.segments):
+            self._dispatch(request, segment.index + 1)
+        else:
+            request.move(State.DONE, f"outputs: {', '.join(request.outputs) or 'none'}")
+            self._ended(request)
+
+    def _on_failed(self, failed: StageFailed, request: TrackedRequest) -> None:
+        where = f"node {failed.node!r} replica {failed.replica}" + (f" stage {failed.stage!r}" if failed.stage else "")
+        detail = f"{where} failed: {failed.error_type}: {failed.error}"
+        if failed.log_tail:
+            detail += "\n  last log lines:\n    " + failed.log_tail.replace("\n", "\n    ")
+        self._fail(request, detail)
+
+    # -- trouble ----------------------------------------------------------------------------------------------
+
+    def _replica_down(self, info: ReplicaInfo) -> None:
+        for request in self.requests:
+            if request.finished or info.key not in {
+                    (self.plan.segments[i].node, r) for i, r in request.replica_of.items() if i >= request.segment}:
+                continue
+            message = self.fleet.report(info, self._running_stage(request, info))
+            if request.attempt + 1 < MAX_ATTEMPTS and all(self.fleet.has_live(node) for node in self.plan.nodes):
+                self._release(request)
+                request.attempt += 1
+                request.replica_of.clear()
+                request.move(State.QUEUED, f"retrying from the start: {message}")
+                self.view.retry(request, message)
+            else:
+                self._fail(request, message)
+
+    def _running_stage(self, request: TrackedRequest, info: ReplicaInfo) -> str | None:
+        segment = self.plan.segments[request.segment] if request.segment >= 0 else None
+        if segment is None or segment.node != info.node:
+            return None
+        return self.view.current_stage(info.node, info.replica) or ", ".join(segment.stages)
+
+    def _release(self, request: TrackedRequest) -> None:
+        for index, replica in request.replica_of.items():
+            if index >= request.segment:
+                info = self.fleet.replicas[(self.plan.segments[index].node, replica)]
+                info.assigned = max(0, info.assigned - 1)
+
+    def _fail(self, request: TrackedRequest, error: str) -> None:
+        if request.finished:
+            return
+        self._release(request)
+        request.error = error
+        request.move(State.FAILED, error.splitlines()[0])
+        self._ended(request)
+
+    def _ended(self, request: TrackedRequest) -> None:
+        self.view.request_finished(request)
+        self._handles[request.id]._ended.set()  # noqa: SLF001
