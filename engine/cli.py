@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.runtime.cli_run import add_run_parser
 
     add_run_parser(commands, _add_graph_arguments)
+
+    from engine.runtime.cli_agent import add_agent_parsers
+
+    add_agent_parsers(commands)
     return parser
 
 

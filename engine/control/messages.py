@@ -243,16 +243,74 @@ class Shutdown(_Model):
     reason: str = Field(min_length=1, description="why the run ends, for the workers' logs")
 
 
+#: Agent names and order ids: letters, digits, . _ - (they are topic levels and client ids).
+AGENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class DeviceInfo(_Model):
+    """A device an agent offers."""
+
+    name: str = Field(pattern=r"^(cpu|cuda:\d+|xpu:\d+)$", description="device as a graph names it")
+    total_bytes: int | None = Field(ge=0, description="memory of the device; None where unknown")
+    free_bytes: int | None = Field(ge=0, description="memory free now; None where unknown")
+
+
+class AgentBirth(_Model):
+    """Agent -> everyone, retained on its birth topic: who it is and what it offers; 'offline' is its last will."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["agent_birth"] = "agent_birth"
+    agent: str = Field(pattern=AGENT_NAME_PATTERN, description="the agent's name, as graphs place nodes on it")
+    state: Literal["online", "offline"] = Field(description="'offline' is only ever sent as the last will")
+    version: str = Field(max_length=64, description="engine version of the agent")
+    address: str = Field(max_length=255, description="address its workers' Mooncake engines listen on")
+    devices: list[DeviceInfo] = Field(max_length=64, description="devices with their memory")
+    rdma_devices: list[str] = Field(max_length=64, description="RDMA NICs found on the host")
+    families: list[str] = Field(max_length=64, description="model families it can run")
+    models: list[str] = Field(max_length=1024, description="model folders it may load (its --models folders)")
+    running: list[str] = Field(max_length=1024, description="runs it has workers of")
+    time: float = Field(description="sender's wall clock when sent: a retained birth that stops moving is stale")
+
+
+class AgentOrder(_Model):
+    """Controller -> agent: start workers of a run (deploy), keep them (renew the lease), or stop them.
+
+    Idempotent by ``order_id``: a repeated order is answered with the job's current state."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["agent_order"] = "agent_order"
+    order_id: str = Field(pattern=AGENT_NAME_PATTERN, description="the order's id, unique per run")
+    run_id: str = Field(pattern=REQUEST_ID_PATTERN, description="the run the workers belong to")
+    action: Literal["deploy", "renew", "stop"]
+    lease_s: float = Field(gt=0, le=3600, description="the run's workers are stopped if no order renews them in time")
+    workers: list[JsonObject] = Field(max_length=256, description="deploy: the WorkerSpec of each worker to start")
+
+
+class AgentJob(_Model):
+    """Agent -> the run's controller: where a deploy order stands, and how its workers ended."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["agent_job"] = "agent_job"
+    agent: str = Field(pattern=AGENT_NAME_PATTERN)
+    order_id: str = Field(pattern=AGENT_NAME_PATTERN)
+    run_id: str = Field(pattern=REQUEST_ID_PATTERN)
+    state: Literal["queued", "starting", "ready", "failed", "stopped"]
+    detail: str | None = Field(description="why it failed or stopped; None otherwise")
+    exited: dict[str, str] = Field(description="'node/replica' -> how its process ended")
+    log_tails: dict[str, str] = Field(description="'node/replica' -> the last lines its process logged")
+
+
 Message: TypeAlias = Annotated[
     Status | Heartbeat | RunStage | StageDone | StageFailed | GrantRequest | Grant | Landed | Delivered | Ack | Fence
-    | Shutdown,
+    | Shutdown | AgentBirth | AgentOrder | AgentJob,
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
 KINDS: frozenset[str] = frozenset(
     model.model_fields["kind"].default
     for model in (
-        Status, Heartbeat, RunStage, StageDone, StageFailed, GrantRequest, Grant, Landed, Delivered, Ack, Fence, Shutdown
+        Status, Heartbeat, RunStage, StageDone, StageFailed, GrantRequest, Grant, Landed, Delivered, Ack, Fence, Shutdown,
+        AgentBirth, AgentOrder, AgentJob,
     )
 )
 

@@ -57,6 +57,24 @@ def new_key() -> bytes:
     return secrets.token_bytes(KEY_BYTES)
 
 
+def run_key(deploy_key: bytes, run_id: str) -> bytes:
+    """The signing key of a run whose workers agents start: derived from the deployment key that controller and
+    agents share, so that it never travels; another run's key says nothing about this one."""
+    return hmac.new(deploy_key, b"run key\0" + run_id.encode(), hashlib.sha256).digest()
+
+
+def read_key(text: str, where: str) -> bytes:
+    """A key given as hex (at least 32 bytes); ControlError naming ``where`` otherwise."""
+    try:
+        key = bytes.fromhex(text.strip())
+    except ValueError:
+        key = b""
+    if len(key) < KEY_BYTES:
+        raise ControlError(f"{where}: a deployment key is {2 * KEY_BYTES} or more hex digits "
+                           "(make one with: python -c 'import secrets; print(secrets.token_hex(32))')")
+    return key
+
+
 def _mac(key: bytes, topic: str, sender: bytes, seq: bytes, body: bytes) -> bytes:
     signed = hmac.new(key, MAGIC, hashlib.sha256)
     for part in (topic.encode(), sender, seq):

@@ -107,3 +107,44 @@ class Acl:
 
     read: tuple[str, ...]
     write: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AgentTopics:
+    """Topics of the agents on a broker (not of one run), and who signs what there.
+
+        <prefix>/agents/<agent>/birth    retained AgentBirth (its last will says offline)
+        <prefix>/agents/<agent>/orders   AgentOrder from a run's controller
+        <prefix>/<run_id>/jobs           AgentJob: an agent's answers to that run's controller
+    """
+
+    prefix: str = "dge"
+
+    def birth(self, agent: str) -> str:
+        return f"{self.prefix}/agents/{_check_level('agent name', agent)}/birth"
+
+    @property
+    def all_births(self) -> str:
+        return f"{self.prefix}/agents/+/birth"
+
+    def orders(self, agent: str) -> str:
+        return f"{self.prefix}/agents/{_check_level('agent name', agent)}/orders"
+
+    def jobs(self, run_id: str) -> str:
+        return f"{self.prefix}/{_check_level('run id', run_id)}/jobs"
+
+    @staticmethod
+    def agent_client(agent: str) -> str:
+        return f"agent-{agent}"
+
+    @staticmethod
+    def deployer_client(run_id: str) -> str:
+        return f"{run_id}-deployer"
+
+    def signer_of(self, message: Message) -> str | None:
+        """The client id that must have signed an agent message; None for any other message."""
+        if message.kind in ("agent_birth", "agent_job"):
+            return self.agent_client(message.agent)  # type: ignore[union-attr]
+        if message.kind == "agent_order":
+            return self.deployer_client(message.run_id)  # type: ignore[union-attr]
+        return None

@@ -28,7 +28,8 @@ class RunAccess:
     users: dict[str, BrokerUser]  #: client id -> its broker user; empty on a broker of the user's own
 
     @classmethod
-    def for_run(cls, topics: Topics, plan: Plan, *, embedded: bool) -> RunAccess:
+    def for_run(cls, topics: Topics, plan: Plan, *, embedded: bool, key: bytes | None = None) -> RunAccess:
+        """Fresh users on an embedded broker; the run's key is ``key`` (derived for runs with agents) or fresh."""
         users: dict[str, BrokerUser] = {}
         if embedded:
             users[topics.controller_client] = BrokerUser.generate(topics.controller_client, topics.controller_acl)
@@ -36,7 +37,7 @@ class RunAccess:
                 for replica in range(node.replicas):
                     client = topics.replica_client(node.name, replica)
                     users[client] = BrokerUser.generate(client, topics.replica_acl(node.name, replica))
-        return cls(topics, new_key(), users)
+        return cls(topics, key or new_key(), users)
 
     def address(self, broker: BrokerAddress, client_id: str) -> BrokerAddress:
         """Where ``client_id`` connects, with its credentials."""

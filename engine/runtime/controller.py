@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,7 +26,8 @@ from engine.control.broker import BrokerAddress, EmbeddedBroker, embedded_broker
 from engine.control.bus import ControlBus
 from engine.control.client import ControlClient
 from engine.control.messages import Heartbeat, Shutdown, StageDone, StageFailed, Status
-from engine.control.topics import Topics
+from engine.control.signing import read_key, run_key
+from engine.control.topics import AgentTopics, Topics
 from engine.errors import EngineError, NodeError, PlanError
 from engine.plan.model import Plan
 from engine.runtime.access import RunAccess
@@ -33,6 +35,7 @@ from engine.runtime.deployment import worker_specs
 from engine.runtime.fleet import Fleet, Launcher, ReplicaInfo
 from engine.runtime.launcher import LocalLauncher
 from engine.runtime.progress import ProgressView
+from engine.runtime.remote import HostLaunchers, RemoteLauncher
 from engine.runtime.scheduler import Scheduler
 from engine.runtime.tracker import TrackedRequest
 from engine.stages import RequestParams
@@ -73,24 +76,43 @@ async def broker_for(target: BrokerAddress | EmbeddedBroker, kind: str, access: 
         yield target
 
 
+def deployment_key(plan: Plan, broker: BrokerAddress | EmbeddedBroker) -> bytes:
+    """The key shared with the agents (ENGINE_DEPLOY_KEY), for a plan with nodes on them; PlanError without one,
+    or when a node writing the final outputs is not local (outputs are written where they are made)."""
+    remote = ", ".join(n.name for n in plan.nodes.values() if n.host != "local")
+    writers = [s.node for s in plan.segments if set(s.outputs) & set(plan.final_outputs) and plan.nodes[s.node].host != "local"]
+    if writers:
+        raise PlanError(f"node {writers[0]!r} writes the run's outputs, so it runs on the controller's host in this "
+                        "version: set its place.host: local")
+    if isinstance(broker, EmbeddedBroker):
+        raise PlanError(f"node(s) {remote} are placed on agents, which cannot reach an embedded broker: give the graph "
+                        "a broker they can reach (broker: mqtt://user:pass@host:1883)")
+    text = os.environ.get("ENGINE_DEPLOY_KEY")
+    if not text:
+        raise PlanError(f"node(s) {remote} are placed on agents: set ENGINE_DEPLOY_KEY to the deployment key the "
+                        "agents were started with")
+    return read_key(text, "ENGINE_DEPLOY_KEY")
+
+
 class Controller:
     """One deployment of a plan. ``launcher`` and ``connect`` replace the local processes and the MQTT client
     (tests run the controller against the in-memory bus and a fake launcher)."""
 
     def __init__(self, plan: Plan, source: Path, options: RunOptions, *, launcher: Launcher | None = None,
                  connect: Callable[[BrokerAddress, str, bytes], ControlBus] | None = None):
-        remote = [n.name for n in plan.nodes.values() if n.host != "local"]
-        if remote:
-            raise PlanError(f"node(s) {', '.join(remote)} are placed on another host; this engine starts local workers "
-                            "only: set place.host: local")
         self.plan = plan
         self.source = source
         self.options = options
         self.topics = Topics(options.run_id)
         self.view = ProgressView(quiet=options.quiet)
         self.broker = parse_broker(plan.broker)
-        self.access = RunAccess.for_run(self.topics, plan, embedded=isinstance(self.broker, EmbeddedBroker))
-        self.fleet = Fleet(plan, launcher or LocalLauncher(options.out_dir / "deploy"), self.view)
+        self.hosts = {n.name: n.host for n in plan.nodes.values() if n.host != "local"}  #: remote node -> agent
+        self.deploy_key = deployment_key(plan, self.broker) if self.hosts else None
+        self.access = RunAccess.for_run(self.topics, plan, embedded=isinstance(self.broker, EmbeddedBroker),
+                                        key=run_key(self.deploy_key, options.run_id) if self.deploy_key else None)
+        self.remote: RemoteLauncher | None = None
+        local = launcher or LocalLauncher(options.out_dir / "deploy")
+        self.fleet = Fleet(plan, local, self.view)
         self._connect = connect or self._mqtt
         self.client: ControlBus | None = None
         self.scheduler: Scheduler | None = None
@@ -107,17 +129,40 @@ class Controller:
             self.client = client = self._connect(self.access.address(address, me), me, self.access.key)
             await client.connect()
             try:
-                await self._deploy(address)
-                ready_s = time.monotonic() - self.clock_zero
-                self.view.ready(ready_s, self.fleet.replicas)
-                handles = [self.scheduler.submit(params) for params in requests]
-                await self._serve_until(lambda: all(handle.finished for handle in handles))
-                return RunResult(self.options.run_id, self.options.out_dir, self.scheduler.requests, self.fleet.replicas,
-                                 self.clock_zero, ready_s, time.monotonic() - self.clock_zero,
-                                 refused={**client.rejected, "impostor": self.scheduler.impostors},
-                                 broker_reconnects=client.reconnects)
+                async with self._agents(address):
+                    try:
+                        await self._deploy(address)
+                        ready_s = time.monotonic() - self.clock_zero
+                        self.view.ready(ready_s, self.fleet.replicas)
+                        assert self.scheduler is not None
+                        handles = [self.scheduler.submit(params) for params in requests]
+                        await self._serve_until(lambda: all(handle.finished for handle in handles))
+                        return RunResult(self.options.run_id, self.options.out_dir, self.scheduler.requests,
+                                         self.fleet.replicas, self.clock_zero, ready_s, time.monotonic() - self.clock_zero,
+                                         refused={**client.rejected, "impostor": self.scheduler.impostors},
+                                         broker_reconnects=client.reconnects)
+                    finally:
+                        await self._stop_workers()
             finally:
-                await self._teardown()
+                await client.close()
+
+    @contextlib.asynccontextmanager
+    async def _agents(self, address: BrokerAddress) -> AsyncIterator[None]:
+        """With nodes on agents: a client under the deployment key, and the remote launcher, for the run's length."""
+        if self.deploy_key is None:
+            yield
+            return
+        agents = self._connect(address, AgentTopics.deployer_client(self.options.run_id), self.deploy_key)
+        await agents.connect()
+        self.remote = RemoteLauncher(agents, self.options.run_id, self.hosts, self.plan.timeouts.lease_s)
+        self.fleet.launcher = HostLaunchers(self.fleet.launcher, self.remote)
+        serving = asyncio.create_task(self.remote.serve(), name="agents")
+        try:
+            yield
+        finally:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+            await agents.close()
 
     async def _deploy(self, address: BrokerAddress) -> None:
         """Start every replica and wait until each has announced itself ready."""
@@ -158,14 +203,14 @@ class Controller:
             inbound = await self.client.receive(0)
         self.fleet.check(connected=self.client.connected, reconnects=self.client.reconnects)
 
-    async def _teardown(self) -> None:
+    async def _stop_workers(self) -> None:
+        """Tell every replica to stop, clear their retained status, then make sure every process is gone."""
         assert self.client is not None
         for (node, replica) in self.fleet.replicas:
             with contextlib.suppress(EngineError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.client.publish(self.topics.inbox(node, replica), Shutdown(reason="run finished")), 1)
                 await self.client.clear_retained(self.topics.status(node, replica))
         await asyncio.to_thread(self.fleet.launcher.stop_all)
-        await self.client.close()
 
 
 async def run_graph(plan: Plan, source: Path, requests: list[RequestParams], options: RunOptions) -> RunResult:

@@ -62,8 +62,9 @@ class LocalLauncher:
     """Starts workers as subprocesses of this one, each in its own process group (a
     :class:`engine.runtime.fleet.Launcher`)."""
 
-    def __init__(self, deploy_dir: Path):
+    def __init__(self, deploy_dir: Path, env: dict[str, str] | None = None):
         self.deploy_dir = deploy_dir
+        self.env = env or {}  #: set for every worker, over this process's environment
         self.workers: dict[tuple[str, int], WorkerProcess] = {}
 
     def start(self, spec: WorkerSpec, secrets: WorkerSecrets) -> WorkerProcess:
@@ -73,7 +74,7 @@ class LocalLauncher:
         spec_path = self.deploy_dir / f"{stem}.json"
         spec.write(spec_path)
         log_path = self.deploy_dir / f"{stem}.log"
-        env = {**os.environ, "MC_LOG_LEVEL": os.environ.get("MC_LOG_LEVEL", "WARNING"), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "MC_LOG_LEVEL": os.environ.get("MC_LOG_LEVEL", "WARNING"), "PYTHONUNBUFFERED": "1", **self.env}
         with log_path.open("w") as log:
             process = subprocess.Popen(
                 [_SETPRIV, "--pdeathsig", "KILL", sys.executable, "-m", "engine.runtime.worker", str(spec_path)],

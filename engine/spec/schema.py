@@ -108,6 +108,8 @@ class Timeouts(Strict):
     transfer_s: float = Field(30.0, gt=0, description="Longest one edge transfer may take.")
     broker_s: float = Field(60.0, gt=0, description="Longest the broker may be unreachable before the run fails "
                                                      "with 'broker lost'; shorter outages lose nothing.")
+    lease_s: float = Field(10.0, gt=0, le=3600, description="Agents stop a run's workers when its controller has not "
+                                                         "renewed their lease for this long (it died or was cut off).")
 
 
 def _node_name(name: str) -> str:

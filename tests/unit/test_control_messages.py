@@ -9,7 +9,11 @@ import pytest
 from engine.control.messages import (
     KINDS,
     Ack,
+    AgentBirth,
+    AgentJob,
+    AgentOrder,
     Delivered,
+    DeviceInfo,
     EdgeStats,
     Fence,
     Grant,
@@ -72,6 +76,12 @@ EXAMPLES = [
     Fence(request_id="r1", edge="phase1", attempt=0, sender=SENDER, grant={"slot": 1}, reason="write timed out"),
     Landed(request_id="r1", edge="phase1", attempt=0, sender=SENDER, slot=1, generation=2, ranges=[[0, 1 << 20], [1 << 20, 2 << 20]]),
     Shutdown(reason="run finished"),
+    AgentBirth(agent="gpu1", state="online", version="0.1.0", address="10.0.0.11",
+               devices=[DeviceInfo(name="cuda:0", total_bytes=80 << 30, free_bytes=None)], rdma_devices=["mlx5_0"],
+               families=["wan"], models=["/models"], running=[], time=1.7e9),
+    AgentOrder(order_id="transformer-0", run_id="run1", action="deploy", lease_s=10.0, workers=[{"node": "transformer"}]),
+    AgentJob(agent="gpu1", order_id="transformer-0", run_id="run1", state="failed", detail="model outside --models",
+             exited={}, log_tails={}),
 ]
 
 

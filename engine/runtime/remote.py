@@ -1,0 +1,137 @@
+"""Launching replicas on other hosts: orders to the agents their nodes are placed on, over MQTT.
+
+:class:`RemoteLauncher` is a :class:`~engine.runtime.fleet.Launcher` whose workers are started by agents
+(:mod:`engine.runtime.agent`): one deploy order per replica, signed under the deployment key, holding the
+worker's spec and nothing secret (the agent derives the run's key from the deployment key and gives its
+workers its own broker password). While the run lasts it renews the run's lease on each agent every third of
+the lease, so workers outlive neither their controller nor a cut link by more than the lease. An agent's job
+report (refused order, a worker that exited, with its log tail) or its going offline takes the replicas out of
+service. :class:`HostLaunchers` routes each replica to the local or the remote launcher by its node's host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+from engine.control.bus import ControlBus
+from engine.control.messages import AgentBirth, AgentJob, AgentOrder
+from engine.control.topics import AgentTopics
+from engine.runtime.deployment import WorkerSecrets, WorkerSpec
+from engine.runtime.fleet import Launcher, ReplicaKey
+
+log = logging.getLogger(__name__)
+STOP_WAIT_S = 5.0  #: how long stop_all waits for the agents to report their workers stopped
+
+
+class RemoteLauncher:
+    def __init__(self, client: ControlBus, run_id: str, hosts: dict[str, str], lease_s: float):
+        self.client = client
+        self.run_id = run_id
+        self.hosts = hosts  #: node -> the agent it is placed on
+        self.lease_s = lease_s
+        self.topics = AgentTopics()
+        self._orders: dict[str, ReplicaKey] = {}  # order id -> the replica it started
+        self._state: dict[str, str] = {}  # order id -> the job's last reported state
+        self._exited: dict[ReplicaKey, str] = {}
+        self._tails: dict[ReplicaKey, str] = {}
+        self._stopped = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def agents(self) -> set[str]:
+        return set(self.hosts.values())
+
+    async def serve(self) -> None:
+        """Follow the agents' reports and renew the run's lease; runs while the run is deployed."""
+        self._loop = asyncio.get_running_loop()
+        await self.client.subscribe(self.topics.jobs(self.run_id))
+        for agent in self.agents:
+            await self.client.subscribe(self.topics.birth(agent))
+        renewed = time.monotonic()
+        while True:
+            inbound = await self.client.receive(self.lease_s / 6)
+            if inbound is not None and inbound.sender == self.topics.signer_of(inbound.message):
+                self._on_message(inbound.message)
+            if time.monotonic() - renewed > self.lease_s / 3:
+                self._order_all("renew")
+                renewed = time.monotonic()
+
+    def _on_message(self, message: object) -> None:
+        if isinstance(message, AgentJob) and message.order_id in self._orders and message.run_id == self.run_id:
+            key = self._orders[message.order_id]
+            self._state[message.order_id] = message.state
+            if message.state == "failed":
+                self._exited.setdefault(key, f"refused by agent {message.agent!r}: {message.detail}")
+            for name, how in message.exited.items():
+                node, _, replica = name.rpartition("/")
+                self._exited.setdefault((node, int(replica)), f"{how} (on agent {message.agent!r})")
+                self._tails[(node, int(replica))] = message.log_tails.get(name, "")
+            if all(self._state.get(order) == "stopped" for order in self._orders):
+                self._stopped.set()
+        elif isinstance(message, AgentBirth) and message.state == "offline" and message.agent in self.agents:
+            for key in [key for key in self._orders.values() if self.hosts[key[0]] == message.agent]:
+                self._exited.setdefault(key, f"its agent {message.agent!r} went offline")
+
+    def _order(self, agent: str, order_id: str, action: str, workers: list[dict] | None = None) -> None:
+        self.client.post(self.topics.orders(agent), AgentOrder(order_id=order_id, run_id=self.run_id, action=action,
+                                                               lease_s=self.lease_s, workers=workers or []))
+
+    def _order_all(self, action: str) -> None:
+        for agent in self.agents:
+            self._order(agent, f"{action}-{agent}", action)
+
+    # -- the Launcher ---------------------------------------------------------------------------------------------
+
+    def start(self, spec: WorkerSpec, secrets: WorkerSecrets) -> None:
+        order_id = f"{spec.node}-{spec.replica}"
+        self._orders[order_id] = (spec.node, spec.replica)
+        self._order(self.hosts[spec.node], order_id, "deploy", [spec.model_dump(mode="json")])
+
+    def exited(self) -> dict[ReplicaKey, str]:
+        return dict(self._exited)
+
+    def kill(self, key: ReplicaKey) -> None:
+        self._order(self.hosts[key[0]], f"{key[0]}-{key[1]}", "stop")
+
+    def stop_all(self) -> None:
+        """Order every agent to stop the run's workers and wait (bounded) for them to say so; from any thread."""
+        if self._loop is None or not self._orders:
+            return
+        self._loop.call_soon_threadsafe(self._order_all, "stop")
+        if not self._stopped.wait(STOP_WAIT_S):
+            log.warning("not every agent reported the run's workers stopped within %g s; their lease stops them",
+                        STOP_WAIT_S)
+
+    def log_tail(self, key: ReplicaKey) -> str:
+        tail = self._tails.get(key, "")
+        return "last log lines (on its agent):\n    " + tail.replace("\n", "\n    ") if tail else ""
+
+
+class HostLaunchers:
+    """Each replica to the launcher of its node's host: local processes, or the agents."""
+
+    def __init__(self, local: Launcher, remote: RemoteLauncher):
+        self.local = local
+        self.remote = remote
+
+    def _for(self, node: str) -> Launcher:
+        return self.remote if node in self.remote.hosts else self.local
+
+    def start(self, spec: WorkerSpec, secrets: WorkerSecrets) -> None:
+        self._for(spec.node).start(spec, secrets)
+
+    def exited(self) -> dict[ReplicaKey, str]:
+        return {**self.local.exited(), **self.remote.exited()}
+
+    def kill(self, key: ReplicaKey) -> None:
+        self._for(key[0]).kill(key)
+
+    def stop_all(self) -> None:
+        self.remote.stop_all()
+        self.local.stop_all()
+
+    def log_tail(self, key: ReplicaKey) -> str:
+        return self._for(key[0]).log_tail(key)

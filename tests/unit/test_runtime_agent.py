@@ -1,0 +1,157 @@
+"""The agent's policy, in process on the in-memory bus: which orders it takes, which it refuses and why, leases.
+No worker process is started: refused orders never reach the launcher, and accepted ones start a fake one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.control.broker import BrokerAddress
+from engine.control.memory import MemoryBroker
+from engine.control.messages import AgentJob, AgentOrder
+from engine.control.signing import Sealer, new_key
+from engine.control.topics import AgentTopics
+from engine.runtime import agent as agent_module
+from engine.runtime.agent import Agent, AgentOptions
+from engine.runtime.deployment import worker_specs
+from tests.unit.test_runtime_scheduler import plan_of
+
+TOPICS = AgentTopics()
+
+
+class FakeLauncher:
+    started: list[tuple[str, int]] = []
+
+    def __init__(self, deploy_dir: Path, env: dict[str, str] | None = None):
+        self.env = env or {}
+        self.stopped = False
+
+    def start(self, spec, secrets) -> None:
+        FakeLauncher.started.append((spec.node, spec.replica))
+        self.spec, self.secrets = spec, secrets
+
+    def exited(self) -> dict:
+        return {}
+
+    def stop_all(self) -> None:
+        self.stopped = True
+
+    def log_tail(self, key) -> str:
+        return ""
+
+
+@pytest.fixture(autouse=True)
+def fake_launcher(monkeypatch):
+    FakeLauncher.started = []
+    monkeypatch.setattr(agent_module, "LocalLauncher", FakeLauncher)
+
+
+def spec_json(run_id: str, models: Path, **update) -> dict:
+    (spec,) = [s for s in worker_specs(plan_of("wan_t2v.yaml"), run_id=run_id, source=models / "wan-tiny",
+                                       broker=lambda node, replica: {"host": "10.0.0.1", "port": 1883}, out_dir=Path("/o"),
+                                       save_frames=False, heartbeat_s=1.0) if s.node == "transformer"]
+    return {**spec.model_dump(mode="json"), **update}
+
+
+def order(run_id: str, workers: list[dict], action: str = "deploy", order_id: str = "transformer-0",
+          lease_s: float = 10.0) -> AgentOrder:
+    return AgentOrder(order_id=order_id, run_id=run_id, action=action, lease_s=lease_s, workers=workers)
+
+
+def scenario(tmp_path: Path, orders: list[tuple[str, AgentOrder]], after: float = 0.3):
+    """An agent on the memory bus gets ``orders`` (each signed by the named client); returns its job reports."""
+    broker = MemoryBroker()
+    options = AgentOptions(name="h1", broker=BrokerAddress("10.0.0.1", 1883, "agent", "pw"), deploy_key=broker.key,
+                           devices=("cpu",), models=(tmp_path / "models",), address="10.0.0.2", work_dir=tmp_path / "work")
+
+    async def run():
+        agent = Agent(options, broker.connect(TOPICS.agent_client("h1")))
+        controller = broker.connect("observer")
+        await controller.subscribe(f"{TOPICS.prefix}/+/jobs")
+        serving = asyncio.create_task(agent.serve())
+        await asyncio.sleep(0.05)
+        sealers: dict[str, Sealer] = {}
+        for signer, message in orders:
+            topic = TOPICS.orders("h1")
+            broker.inject(topic, sealers.setdefault(signer, Sealer(broker.key, signer)).seal(topic, message))
+        await asyncio.sleep(after)
+        agent.stopping.set()
+        await serving
+        reports = []
+        while (inbound := await controller.receive(0)) is not None:
+            reports.append(inbound.message)
+        return reports, agent
+
+    (tmp_path / "models" / "wan-tiny").mkdir(parents=True)
+    return asyncio.run(run())
+
+
+def test_a_deploy_order_starts_the_engine_worker_with_the_derived_run_key_and_the_agents_broker(tmp_path):
+    from engine.control.signing import run_key
+
+    reports, agent = scenario(tmp_path, [("run1-deployer", order("run1", [spec_json("run1", tmp_path / "models")]))])
+    assert FakeLauncher.started == [("transformer", 0)]
+    job = agent.jobs["transformer-0"]
+    launched = job.launcher
+    assert launched.secrets.key == run_key(agent.options.deploy_key, "run1") and launched.secrets.broker_password == "pw"
+    assert launched.spec.broker["host"] == "10.0.0.1" and launched.spec.broker["password"] is None
+    assert launched.env == {"ENGINE_MOONCAKE_HOST": "10.0.0.2"}
+    assert str(tmp_path / "work" / "run1") in launched.spec.out_dir
+    assert [r.state for r in reports if isinstance(r, AgentJob)][:1] == ["starting"]
+    assert launched.stopped  # the agent stopping stops its workers
+
+
+def test_a_repeated_order_is_answered_without_starting_again(tmp_path):
+    deploy = order("run1", [spec_json("run1", tmp_path / "models")])
+    reports, _ = scenario(tmp_path, [("run1-deployer", deploy), ("run1-deployer", deploy)])
+    assert FakeLauncher.started == [("transformer", 0)]
+    assert [r.state for r in reports][:2] == ["starting", "starting"]
+
+
+@pytest.mark.parametrize(("signer", "make", "refusal"), [
+    ("run2-deployer", lambda models: order("run1", [spec_json("run1", models)]), None),  # another run's controller
+    ("run1-deployer", lambda models: order("run1", [spec_json("run2", models)]), "a worker of run 'run2'"),
+    ("run1-deployer", lambda models: order("run1", [spec_json("run1", models, source="/etc")]), "outside this agent's model folders"),
+    ("run1-deployer", lambda models: order("run1", [spec_json("run1", models, device="cuda:0")]), "this agent offers cpu"),
+    ("run1-deployer", lambda models: order("run1", [{**spec_json("run1", models), "command": "rm -rf /"}]), "invalid worker spec"),
+])
+def test_forged_or_unfit_orders_start_nothing(tmp_path, signer, make, refusal):
+    reports, agent = scenario(tmp_path, [(signer, make(tmp_path / "models"))])
+    assert FakeLauncher.started == []
+    if refusal is None:  # not even answered: the signer is not the run's controller
+        assert reports == [] and agent.client.rejected["impostor"] == 1
+    else:
+        (report,) = reports
+        assert report.state == "failed" and refusal in report.detail
+
+
+def test_an_order_signed_with_another_key_is_dropped(tmp_path):
+    forged = order("run1", [spec_json("run1", tmp_path / "models")])
+    broker = MemoryBroker()
+
+    async def run():
+        agent = Agent(AgentOptions(name="h1", broker=BrokerAddress("10.0.0.1", 1883), deploy_key=broker.key, devices=("cpu",),
+                                   models=(tmp_path,), address="10.0.0.2", work_dir=tmp_path), broker.connect("agent-h1"))
+        serving = asyncio.create_task(agent.serve())
+        await asyncio.sleep(0.05)
+        topic = TOPICS.orders("h1")
+        broker.inject(topic, Sealer(new_key(), "run1-deployer").seal(topic, forged))
+        broker.inject(topic, json.dumps(forged.model_dump()).encode())
+        await asyncio.sleep(0.2)
+        agent.stopping.set()
+        await serving
+        return agent
+
+    agent = asyncio.run(run())
+    assert FakeLauncher.started == [] and dict(agent.client.rejected) == {"bad signature": 1, "unsigned": 1}
+
+
+def test_workers_are_stopped_when_the_lease_runs_out(tmp_path):
+    reports, agent = scenario(tmp_path, [("run1-deployer", order("run1", [spec_json("run1", tmp_path / "models")],
+                                                                  lease_s=0.2))], after=0.8)
+    assert agent.jobs["transformer-0"].launcher.stopped
+    stopped = [r for r in reports if r.state == "stopped"]
+    assert stopped and "lease of 0.2 s ran out" in stopped[0].detail
