@@ -82,8 +82,9 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
+    from engine.plan.model_check import component_configs
     from engine.stages import LoadedComponents
-    from nodes.wan.family import TEXT_LEN, WanRequest
+    from nodes.wan.family import TEXT_LEN, WanFamily, WanRequest
     from nodes.wan.stages import build_stage
 
     # 1. One transformer and one scheduler config shared by both implementations.
@@ -120,7 +121,8 @@ def measure(args: argparse.Namespace) -> dict:
 
     # 3. The engine's denoise stage over the same components.
     components = LoadedComponents({"transformer": transformer, "scheduler": UniPCMultistepScheduler.from_config(scheduler_config)})
-    stage = build_stage("t2v", "denoise", components, args.device, "bfloat16")
+    configs = component_configs(WanFamily(), "t2v", args.config)
+    stage = build_stage("t2v", "denoise", components, args.device, "bfloat16", configs)
     inputs = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
 
     def run_engine(mark) -> None:

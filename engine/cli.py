@@ -39,8 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"engine {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    validate = commands.add_parser("validate", help="check a graph file without loading anything",
-                                   description="Check schema, stages, placement, edges, devices and requests. "
+    validate = commands.add_parser("validate", help="check a graph file and its model's configs, loading no weight",
+                                   description="Check schema, stages, placement, edges, devices and requests, and "
+                                               "that the family's stages can run the model's configs (a preset not "
+                                               "built yet is checked when `engine plan` or `engine run` builds it). "
                                                "Exit 0 when valid, 1 with every problem (file:line field) otherwise.")
     _add_graph_arguments(validate)
 
@@ -69,13 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from engine.plan.build import sizing_request
     from engine.plan.check import check_graph
+    from engine.plan.model_check import check_model
     from engine.spec.load import load_graph
 
     checked = check_graph(load_graph(args.graph, args.overrides))
+    model = checked.loaded.spec.model
+    source = checked.family.find_source(model.task, model.path)
+    if source is not None:
+        check_model(checked, source, sizing_request(checked))
     spec = checked.loaded.spec
-    print(f"{args.graph}: valid ({spec.model.family} {spec.model.task}, {len(spec.nodes)} node(s), "
+    print(f"{args.graph}: valid ({model.family} {model.task}, {len(spec.nodes)} node(s), "
           f"{len(spec.edges)} edge(s), {len(checked.requests)} request(s))")
+    if source is None:
+        print(f"model {model.path}: a preset not built yet; `engine plan` or `engine run` builds it and checks its configs")
+    else:
+        where = "" if str(source) == model.path else f" (at {source})"
+        print(f"model {model.path}{where}: its configs fit {model.family} {model.task}")
     return 0
 
 

@@ -98,6 +98,22 @@ class RequestParams(BaseModel):
         return self
 
 
+#: A model's component configs: component folder (``vae``, ``transformer``...) -> its parsed ``config.json``.
+Configs = Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """Something in a model's component configs that a family's stages cannot run, naming the config field."""
+
+    folder: str  #: component folder (``vae``)
+    key: str  #: field of its config.json (``z_dim``)
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.folder}/config.json {self.key}: {self.message}"
+
+
 #: Reports denoising progress: ``progress(step, total)`` after each step.
 ProgressFn = Callable[[int, int], None]
 
@@ -138,8 +154,8 @@ class LoadedComponents:
 class ModelFamily(ABC):
     """A model family: its tasks, their stages, and how to load and run them.
 
-    The declaration methods (``tasks`` to ``request_type``, ``shape_symbols``) must not import torch or
-    diffusers. The runtime methods (``resolve_source`` onwards) may.
+    The declaration methods (``tasks`` to ``request_type``, ``check_configs``, ``shape_symbols``,
+    ``find_source``) must not import torch or diffusers. The runtime methods (``resolve_source`` onwards) may.
     """
 
     name: ClassVar[str]
@@ -163,11 +179,20 @@ class ModelFamily(ABC):
         """The pydantic model of a request for ``task``."""
 
     @abstractmethod
-    def shape_symbols(self, task: str, configs: Mapping[str, Mapping[str, Any]], request: RequestParams) -> dict[str, int]:
-        """Values of the symbols used in the stages' shape expressions.
+    def check_configs(self, task: str, configs: Configs) -> list[ConfigProblem]:
+        """What in the model's configs the task's stages cannot run (latent geometry the family has no
+        pipeline for, components that disagree on it); empty when they can. ``configs`` holds the config of
+        every weighted component folder the task uses."""
 
-        ``configs`` maps a component folder (``text_encoder``, ``vae``...) to its parsed ``config.json``.
-        """
+    @abstractmethod
+    def shape_symbols(self, task: str, configs: Configs, request: RequestParams) -> dict[str, int]:
+        """Values of the symbols used in the stages' shape expressions, for configs that passed
+        :meth:`check_configs`."""
+
+    @abstractmethod
+    def find_source(self, task: str, path: str) -> Path | None:
+        """The local diffusers-layout folder for ``path`` if it is there without building anything: None for
+        a preset not built yet. Raises :class:`~engine.errors.ModelError` as :meth:`resolve_source` does."""
 
     # -- runtime (may import torch / diffusers) -----------------------------------------------------------
 
@@ -184,8 +209,12 @@ class ModelFamily(ABC):
         """Instantiate exactly the named components from ``source`` on ``device`` in ``dtype``."""
 
     @abstractmethod
-    def build_stage(self, task: str, name: str, components: LoadedComponents, device: str, dtype: str) -> Stage:
-        """A runnable stage over already-loaded components."""
+    def build_stage(
+        self, task: str, name: str, components: LoadedComponents, device: str, dtype: str, configs: Configs
+    ) -> Stage:
+        """A runnable stage over already-loaded components. ``configs`` are the model's component configs as
+        the plan read them: what a stage needs of a component it does not hold (the VAE's latent channels and
+        scale factors, for the denoising loop) comes from them, never from a library's default."""
 
     @abstractmethod
     def write_output(

@@ -14,6 +14,7 @@ Family-agnostic: a family maps its preset names to builder functions and calls :
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import shutil
@@ -38,15 +39,28 @@ class Preset:
     version: int
 
 
+def latent_statistics(vae_class: type, z_dim: int) -> tuple[list[float], list[float]]:
+    """Per-channel latent mean and std for a preset VAE of ``z_dim`` channels: ``vae_class``'s defaults (those of
+    the real checkpoints) repeated over the channels, so that a preset of the real width keeps them exactly."""
+    defaults = inspect.signature(vae_class).parameters
+    mean, std = defaults["latents_mean"].default, defaults["latents_std"].default
+    return [mean[i % len(mean)] for i in range(z_dim)], [std[i % len(std)] for i in range(z_dim)]
+
+
 def cache_root() -> Path:
     """The folder presets are cached in."""
     configured = os.environ.get(CACHE_ENV)
     return Path(configured) if configured else Path.home() / ".cache" / "diffusion-graph-engine" / "models"
 
 
+def preset_folder(family: str, name: str, preset: Preset) -> Path:
+    """Where ``family``'s preset ``name`` is cached (built or not)."""
+    return cache_root() / family / f"{name}-v{preset.version}"
+
+
 def build_preset(family: str, name: str, preset: Preset) -> Path:
     """The cached folder of ``family``'s preset ``name``, built atomically on first use."""
-    target = cache_root() / family / f"{name}-v{preset.version}"
+    target = preset_folder(family, name, preset)
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +92,15 @@ def resolve_source(family: str, path: str, presets: Mapping[str, Preset]) -> Pat
     raise ModelError(
         f"model {path!r} is not a preset of {family} ({names}), an existing folder, or a repo id (owner/name)"
     )
+
+
+def find_source(family: str, path: str, presets: Mapping[str, Preset]) -> Path | None:
+    """The folder :func:`resolve_source` gives for ``path`` without building anything: None for a preset not
+    built yet."""
+    if path in presets:
+        target = preset_folder(family, path, presets[path])
+        return target if (target / "model_index.json").is_file() else None
+    return resolve_source(family, path, presets)
 
 
 def _cached_repo(repo_id: str) -> Path:

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import PlanError
-from engine.models.meta import read_component_config
 from engine.plan.check import CheckedGraph, check_graph
 from engine.plan.host import check_local_devices
 from engine.plan.model import Plan, PlannedEdge, PlannedNode, PlannedTensor
-from engine.plan.shapes import ShapeExpressionError, evaluate_shape
+from engine.plan.model_check import check_model
+from engine.plan.shapes import evaluate_shape
 from engine.spec.load import load_graph
 from engine.stages import DTYPE_BYTES, MODEL_DTYPE, RequestParams
 
@@ -36,13 +36,6 @@ def sizing_request(checked: CheckedGraph, requests: Sequence[RequestParams] = ()
     return request_type.model_construct(**sizes)
 
 
-def component_configs(checked: CheckedGraph, source: Path) -> dict[str, dict[str, Any]]:
-    """Parsed config.json of every weighted component folder the task uses."""
-    components = checked.family.components(checked.loaded.spec.model.task)
-    folders = sorted({c.folder for c in components.values() if c.weights})
-    return {folder: read_component_config(source, folder) for folder in folders}
-
-
 def node_dtype(checked: CheckedGraph, node: str) -> str:
     return checked.loaded.spec.nodes[node].dtype or checked.loaded.spec.model.dtype
 
@@ -51,16 +44,9 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
     """Resolve shapes against the model at ``source`` and size every edge (for ``requests`` as well)."""
     spec, lines = checked.loaded.spec, checked.loaded.lines
     task = spec.model.task
-    configs = component_configs(checked, source)
     sizing = sizing_request(checked, requests)
-    try:
-        symbols = checked.family.shape_symbols(task, configs, sizing)
-    except KeyError as exc:
-        raise PlanError(f"model at {source}: a component config lacks {exc} needed to size the edges") from None
-    except (TypeError, ValueError, AttributeError, ArithmeticError) as exc:
-        # a config of another model (a missing or ill-typed field the family reads)
-        raise PlanError(f"model at {source}: its component configs do not fit {spec.model.family} {task} "
-                        f"({type(exc).__name__}: {exc}); is model.path a {spec.model.family} model?") from None
+    configs = check_model(checked, source, sizing)
+    symbols = checked.family.shape_symbols(task, configs, sizing)
     components = checked.family.components(task)
 
     nodes = {}
@@ -83,10 +69,7 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
                 continue
             tensor = flow.tensor
             dtype = nodes[flow.source].dtype if tensor.dtype == MODEL_DTYPE else tensor.dtype
-            try:
-                shape = evaluate_shape(tensor.shape, symbols)
-            except ShapeExpressionError as exc:
-                raise PlanError(f"{spec.model.family} {task}, tensor {tensor.name!r}: {exc}") from None
+            shape = evaluate_shape(tensor.shape, symbols)  # check_model evaluated every output already
             nbytes = DTYPE_BYTES[dtype]
             for dim in shape:
                 nbytes *= dim
@@ -104,6 +87,7 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
         final_outputs=checked.final_outputs, request_defaults=checked.request_defaults, requests=checked.requests,
         limits={name: getattr(sizing, name) for name in type(sizing).size_fields}, timeouts=spec.timeouts,
         base_dir=str(checked.loaded.base_dir), component_folders={name: c.folder for name, c in components.items()},
+        configs=configs,
     )
 
 

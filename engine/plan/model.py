@@ -100,6 +100,9 @@ class Plan:
     limits: dict[str, int]
     timeouts: Timeouts
     base_dir: str
+    #: component folder -> its config.json, as the plan checked them: what a stage needs of a component it does
+    #: not hold comes from here
+    configs: dict[str, dict[str, Any]]
     component_folders: dict[str, str] = field(default_factory=dict)
 
     def edge_between(self, source: str, target: str) -> PlannedEdge:

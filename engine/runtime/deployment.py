@@ -49,6 +49,7 @@ class WorkerSpec(_Frozen):
     family: str
     task: str
     source: str = Field(description="local diffusers-layout folder of the model")
+    configs: dict[str, dict[str, Any]] = Field(description="component folder -> config.json, as the plan checked them")
     device: str
     rdma_device: str | None = Field(description="RDMA NIC for mooncake edges; None: the environment's default")
     dtype: str
@@ -102,6 +103,7 @@ def worker_specs(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str
             specs.append(WorkerSpec(
                 run_id=run_id, node=node.name, replica=replica, family=plan.family, task=plan.task,
                 source=str(source), device=node.device, rdma_device=node.rdma_device, dtype=node.dtype, components=node.components,
+                configs=plan.configs,
                 stages=node.stages, segments=segments,
                 inbound=tuple(end(e, e.source) for e in plan.edges_into(node.name)),
                 outbound=tuple(end(e, e.target) for e in plan.edges_from(node.name)),

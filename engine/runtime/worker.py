@@ -122,7 +122,7 @@ class Worker:
         components = await asyncio.to_thread(self.family.load_components, spec.task, spec.components,
                                               Path(spec.source), spec.device, spec.dtype)
         for name in spec.stages:
-            self.stages[name] = self.family.build_stage(spec.task, name, components, spec.device, spec.dtype)
+            self.stages[name] = self.family.build_stage(spec.task, name, components, spec.device, spec.dtype, spec.configs)
         for edge in spec.inbound:
             self.receivers[edge.name] = await asyncio.to_thread(make_receiver, edge.transport, edge.name, edge.slot_bytes,
                                                                 edge.slots, integrity=edge.integrity, **self._mooncake(edge))

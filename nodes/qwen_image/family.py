@@ -7,8 +7,9 @@ imported only when a worker needs it.
 Sizes follow diffusers' QwenImagePipeline / QwenImageEditPipeline:
 - prompt embeddings hold the real token count (after the template's system prefix is dropped), never
   padded: their length is a variable dimension bounded by what the pipeline admits;
-- latents are packed 2x2 patches, ``[batch, (height / 16) * (width / 16), 4 * z_dim]``, in the model
-  dtype (the pipeline's scheduler hands them back in the dtype of the prompt embeddings);
+- latents are packed 2x2 patches, ``[batch, (height / 2s) * (width / 2s), 4 * z_dim]`` for a VAE that
+  downsamples s times (8 in Qwen-Image: 16-pixel tokens), in the model dtype (the pipeline's scheduler
+  hands them back in the dtype of the prompt embeddings);
 - Edit encodes its input image at about one megapixel with the input's aspect ratio
   (``calculate_dimensions`` in the Edit pipeline), whatever the output size.
 """
@@ -22,7 +23,9 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from engine.stages import MODEL_DTYPE, ComponentSpec, ModelFamily, RequestParams, StageSpec, TensorSpec
+from engine.stages import (MODEL_DTYPE, ComponentSpec, ConfigProblem, Configs, ModelFamily, RequestParams, StageSpec,
+                           TensorSpec)
+from nodes.qwen_image.geometry import config_problems, latent_geometry
 
 #: Prompt embeddings past this many tokens are cut off by QwenImagePipeline (its ``max_sequence_length``).
 T2I_MAX_SEQUENCE_LENGTH = 512
@@ -188,17 +191,17 @@ class QwenImageFamily(ModelFamily):
     def request_type(self, task: str) -> type[RequestParams]:
         return QwenImageEditRequest if task == "edit" else QwenImageRequest
 
-    def shape_symbols(
-        self, task: str, configs: Mapping[str, Mapping[str, Any]], request: RequestParams
-    ) -> dict[str, int]:
+    def check_configs(self, task: str, configs: Configs) -> list[ConfigProblem]:
+        return config_problems(configs)
+
+    def shape_symbols(self, task: str, configs: Configs, request: RequestParams) -> dict[str, int]:
         assert isinstance(request, QwenImageRequest)
-        vae = configs["vae"]
-        vae_scale = 2 ** len(vae["temperal_downsample"])
-        patch = 2 * vae_scale  # one packed latent token covers patch x patch pixels
+        geometry = latent_geometry(configs)
+        patch = geometry.token_pixels
         symbols = {
             "batch": 1,
             "text_dim": text_hidden_size(configs["text_encoder"]),
-            "z_dim": int(vae["z_dim"]),
+            "z_dim": geometry.channels,
             "packed_dim": int(configs["transformer"]["in_channels"]),
             "height": request.height,
             "width": request.width,
@@ -207,8 +210,13 @@ class QwenImageFamily(ModelFamily):
         }
         if task == "edit":
             symbols["prompt_len"] = edit_prompt_len_bound(configs["text_encoder"]["vision_config"])
-            symbols["image_latent_h"] = symbols["image_latent_w"] = edit_image_size_bounds()[0] // vae_scale
+            symbols["image_latent_h"] = symbols["image_latent_w"] = edit_image_size_bounds()[0] // geometry.scale
         return symbols
+
+    def find_source(self, task: str, path: str) -> Path | None:
+        from nodes.qwen_image.sources import find_source
+
+        return find_source(task, path)
 
     # -- runtime ------------------------------------------------------------------------------------------
 
@@ -222,10 +230,10 @@ class QwenImageFamily(ModelFamily):
 
         return load_components(task, names, source, device, dtype)
 
-    def build_stage(self, task, name, components, device, dtype):
+    def build_stage(self, task, name, components, device, dtype, configs):
         from nodes.qwen_image.stages import build_stage
 
-        return build_stage(task, name, components, device, dtype)
+        return build_stage(task, name, components, device, dtype, configs)
 
     def write_output(self, request, outputs, out_dir, stem, *, meta=None, save_frames=False):
         from nodes.qwen_image.output import write_image

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.models.sources import Preset
+from engine.models.sources import Preset, latent_statistics
+from engine.models.sources import find_source as find_model_source
 from engine.models.sources import resolve_source as resolve_model_source
 
 #: The chat and vision special tokens the Qwen-Image prompt templates use.
@@ -31,12 +32,24 @@ TINY_MAX_PIXELS = 28 * 28 * 16
 
 
 def resolve_source(task: str, path: str) -> Path:
-    presets = {"tiny": Preset(build=lambda folder: build_tiny(folder, edit=task == "edit"), version=2)}
-    return resolve_model_source(f"qwen_image/{task}", path, presets)
+    return resolve_model_source(f"qwen_image/{task}", path, _presets(task))
 
 
-def build_tiny(folder: Path, *, edit: bool) -> None:
-    """Write the tiny random-weight model into ``folder`` (QwenImageEditPipeline layout when ``edit``)."""
+def find_source(task: str, path: str) -> Path | None:
+    """The folder for ``path`` if it is there without building anything (None: the preset not built yet)."""
+    return find_model_source(f"qwen_image/{task}", path, _presets(task))
+
+
+def _presets(task: str) -> dict[str, Preset]:
+    return {"tiny": Preset(build=lambda folder: build_tiny(folder, edit=task == "edit"), version=2)}
+
+
+def build_tiny(folder: Path, *, edit: bool, z_dim: int = 16, vae_scale: int = 8) -> None:
+    """Write the tiny random-weight model into ``folder`` (QwenImageEditPipeline layout when ``edit``).
+
+    ``z_dim`` (latent channels) and ``vae_scale`` (the VAE's spatial downsampling, a power of two) shape
+    other geometries than Qwen-Image's for tests; the defaults build the ``tiny`` preset.
+    """
     import torch
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
     from diffusers import QwenImageTransformer2DModel
@@ -46,12 +59,12 @@ def build_tiny(folder: Path, *, edit: bool) -> None:
     torch.manual_seed(0)
     text_encoder = _tiny_text_encoder(tokenizer)
 
-    # 2. The MMDiT (in_channels = 4 * z_dim for 2x2 packing) and the VAE (three 2x downsamplings).
+    # 2. The MMDiT (in_channels = 4 * z_dim for 2x2 packing) and the VAE (three 2x downsamplings at scale 8).
     torch.manual_seed(1)
     transformer = QwenImageTransformer2DModel(
         patch_size=2,
-        in_channels=64,
-        out_channels=16,
+        in_channels=4 * z_dim,
+        out_channels=z_dim,
         num_layers=2,
         attention_head_dim=16,
         num_attention_heads=2,
@@ -61,7 +74,12 @@ def build_tiny(folder: Path, *, edit: bool) -> None:
     torch.manual_seed(2)
     # no residual blocks in the encoder (the decoder keeps one per level): Edit encodes its input at about
     # a megapixel, which full-resolution blocks would make take many seconds on a CPU
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=0)
+    downsamples = vae_scale.bit_length() - 1
+    mean, std = latent_statistics(AutoencoderKLQwenImage, z_dim)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=z_dim, dim_mult=[1] * (downsamples + 1), num_res_blocks=0,
+        temperal_downsample=[False, *[True] * (downsamples - 1)], latents_mean=mean, latents_std=std,
+    )
 
     # 3. The real Qwen-Image scheduler configuration.
     scheduler = FlowMatchEulerDiscreteScheduler(

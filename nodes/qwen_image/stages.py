@@ -15,12 +15,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers import QwenImageEditPipeline, QwenImagePipeline
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
 from diffusers.utils import load_image
 
 from engine.errors import ModelError, RequestError
-from engine.stages import LoadedComponents, Stage, StageSpec
+from engine.stages import Configs, LoadedComponents, Stage, StageSpec
 from nodes.qwen_image.family import (
     EDIT_IMAGE_AREA,
     EDIT_MAX_ASPECT,
@@ -30,6 +31,7 @@ from nodes.qwen_image.family import (
     QwenImageRequest,
     edit_prompt_len_bound,
 )
+from nodes.qwen_image.geometry import LatentGeometry, latent_geometry
 
 #: Pipeline constructor argument of each component (the VAE halves are both the pipeline's ``vae``).
 _PIPELINE_ARGUMENT = {
@@ -43,8 +45,13 @@ _PIPELINE_ARGUMENT = {
 }
 
 
-def build_pipeline(task: str, components: LoadedComponents, names: tuple[str, ...]) -> QwenImagePipeline:
-    """The task's diffusers pipeline holding ``names`` (from ``components``) and None for the rest."""
+def build_pipeline(
+    task: str, components: LoadedComponents, names: tuple[str, ...], geometry: LatentGeometry
+) -> QwenImagePipeline:
+    """The task's diffusers pipeline holding ``names`` (from ``components``) and None for the rest.
+
+    Without a VAE the pipeline would assume Qwen-Image's (8x, 16 channels): it gets the model's instead.
+    """
     cls = QwenImageEditPipeline if task == "edit" else QwenImagePipeline
     arguments = {"scheduler": None, "vae": None, "text_encoder": None, "tokenizer": None, "transformer": None}
     if task == "edit":
@@ -53,16 +60,22 @@ def build_pipeline(task: str, components: LoadedComponents, names: tuple[str, ..
         if name not in components.objects:
             raise ModelError(f"qwen_image {task}: the node does not hold component {name!r}")
         arguments[_PIPELINE_ARGUMENT[name]] = components.objects[name]
-    return cls(**arguments)
+    pipe = cls(**arguments)
+    if pipe.vae is None:  # what __init__ reads off the VAE
+        pipe.vae_scale_factor = geometry.scale
+        pipe.image_processor = VaeImageProcessor(vae_scale_factor=geometry.token_pixels)
+        if isinstance(pipe, QwenImageEditPipeline):
+            pipe.latent_channels = geometry.channels
+    return pipe
 
 
 class QwenImageStage(Stage):
     """A stage over a pipeline that holds exactly the stage's components."""
 
-    def __init__(self, task: str, spec: StageSpec, components: LoadedComponents, device: str):
+    def __init__(self, task: str, spec: StageSpec, components: LoadedComponents, device: str, geometry: LatentGeometry):
         self.spec = spec
         self.device = torch.device(device)
-        self.pipe = build_pipeline(task, components, spec.components)
+        self.pipe = build_pipeline(task, components, spec.components, geometry)
 
 
 class TextEncode(QwenImageStage):
@@ -110,8 +123,8 @@ class VaeEncode(QwenImageStage):
 class Denoise(QwenImageStage):
     """The flow-matching loop of ``QwenImagePipeline.__call__`` (Edit: ``QwenImageEditPipeline.__call__``)."""
 
-    def __init__(self, task: str, spec: StageSpec, components: LoadedComponents, device: str):
-        super().__init__(task, spec, components, device)
+    def __init__(self, task: str, spec: StageSpec, components: LoadedComponents, device: str, geometry: LatentGeometry):
+        super().__init__(task, spec, components, device, geometry)
         if self.pipe.transformer.config.guidance_embeds:
             raise ModelError("guidance-distilled Qwen-Image transformers (guidance_embeds) are not supported")
 
@@ -222,10 +235,10 @@ class VaeDecode(QwenImageStage):
 _STAGE_TYPES = {"text_encode": TextEncode, "vae_encode": VaeEncode, "denoise": Denoise, "vae_decode": VaeDecode}
 
 
-def build_stage(task: str, name: str, components: LoadedComponents, device: str, dtype: str) -> Stage:
+def build_stage(task: str, name: str, components: LoadedComponents, device: str, dtype: str, configs: Configs) -> Stage:
     """A runnable stage over already-loaded components (the modules carry their dtype)."""
     spec = {stage.name: stage for stage in QwenImageFamily().stages(task)}[name]
-    return _STAGE_TYPES[name](task, spec, components, device)
+    return _STAGE_TYPES[name](task, spec, components, device, latent_geometry(configs))
 
 
 def resized_input_image(pipe: QwenImageEditPipeline, request: QwenImageEditRequest):

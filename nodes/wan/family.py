@@ -7,13 +7,14 @@ imported only when a worker needs it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from engine.stages import MODEL_DTYPE, ComponentSpec, ModelFamily, RequestParams, StageSpec, TensorSpec
+from engine.stages import (MODEL_DTYPE, ComponentSpec, ConfigProblem, Configs, ModelFamily, RequestParams, StageSpec,
+                           TensorSpec)
+from nodes.wan.geometry import config_problems, latent_geometry
 
 #: The umT5 prompt length the Wan pipelines pad to.
 TEXT_LEN = 512
@@ -153,30 +154,36 @@ class WanFamily(ModelFamily):
     def request_type(self, task: str) -> type[RequestParams]:
         return WanImageRequest if task == "i2v" else WanRequest
 
-    def shape_symbols(self, task: str, configs: Mapping[str, Mapping[str, Any]], request: RequestParams) -> dict[str, int]:
+    def check_configs(self, task: str, configs: Configs) -> list[ConfigProblem]:
+        return config_problems(task, configs)
+
+    def shape_symbols(self, task: str, configs: Configs, request: RequestParams) -> dict[str, int]:
         assert isinstance(request, WanRequest)
-        vae = configs["vae"]
-        t_scale = 2 ** sum(bool(d) for d in vae["temperal_downsample"])
-        s_scale = 2 ** len(vae["temperal_downsample"])
+        geometry = latent_geometry(configs)
         symbols = {
             "batch": 1,
             "text_len": TEXT_LEN,
             "text_dim": int(configs["text_encoder"]["d_model"]),
-            "z_dim": int(vae["z_dim"]),
-            "t_scale": t_scale,
-            "s_scale": s_scale,
+            "z_dim": geometry.channels,
+            "t_scale": geometry.t_scale,
+            "s_scale": geometry.s_scale,
             "num_frames": request.num_frames,
             "height": request.height,
             "width": request.width,
-            "latent_frames": (request.num_frames - 1) // t_scale + 1,
-            "latent_h": request.height // s_scale,
-            "latent_w": request.width // s_scale,
+            "latent_frames": (request.num_frames - 1) // geometry.t_scale + 1,
+            "latent_h": request.height // geometry.s_scale,
+            "latent_w": request.width // geometry.s_scale,
         }
         if task == "i2v":
             vision = configs["image_encoder"]
             symbols["image_tokens"] = (int(vision["image_size"]) // int(vision["patch_size"])) ** 2 + 1
             symbols["image_dim"] = int(vision["hidden_size"])
         return symbols
+
+    def find_source(self, task: str, path: str) -> Path | None:
+        from nodes.wan.sources import find_source
+
+        return find_source(task, path)
 
     # -- runtime ------------------------------------------------------------------------------------------
 
@@ -190,10 +197,10 @@ class WanFamily(ModelFamily):
 
         return load_components(task, names, source, device, dtype)
 
-    def build_stage(self, task, name, components, device, dtype):
+    def build_stage(self, task, name, components, device, dtype, configs):
         from nodes.wan.stages import build_stage
 
-        return build_stage(task, name, components, device, dtype)
+        return build_stage(task, name, components, device, dtype, configs)
 
     def write_output(self, request, outputs, out_dir, stem, *, meta=None, save_frames=False):
         from nodes.wan.output import write_video

@@ -13,13 +13,8 @@ from pathlib import Path
 
 from engine.errors import ModelError
 from engine.models.loading import load_component
-from engine.models.meta import read_component_config
 from engine.stages import LoadedComponents
 from nodes.wan.family import WanFamily
-
-#: Temporal and spatial strides of the Wan2.1 VAE. The denoise stage draws its noise at these strides
-#: without holding the VAE, as the diffusers pipelines do when built without one.
-VAE_STRIDES = (4, 8)
 
 
 def load_components(task: str, names: tuple[str, ...], source: Path, device: str, dtype: str) -> LoadedComponents:
@@ -28,14 +23,4 @@ def load_components(task: str, names: tuple[str, ...], source: Path, device: str
     unknown = [name for name in names if name not in specs]
     if unknown:
         raise ModelError(f"wan {task} has no component {unknown}; components: {', '.join(specs)}")
-    if "transformer" in names:
-        check_vae_strides(source)
     return LoadedComponents({name: load_component(source, specs[name], device, dtype) for name in names})
-
-
-def check_vae_strides(source: Path) -> None:
-    """Fail early when the folder's VAE does not have the strides the denoise stage assumes."""
-    vae = read_component_config(source, "vae")
-    strides = (vae.get("scale_factor_temporal", 4), vae.get("scale_factor_spatial", 8))
-    if strides != VAE_STRIDES:
-        raise ModelError(f"{source}/vae: strides (temporal, spatial) {strides}; Wan2.1 stages need {VAE_STRIDES}")

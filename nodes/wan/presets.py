@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.models.sources import latent_statistics
+
 #: Seed of the random weights; each component reseeds so its weights do not depend on build order.
 SEED = 0
 
@@ -28,6 +30,8 @@ class PresetSizes:
     head_dim: int
     layers: int
     vae_base_dim: int
+    z_dim: int = 16  # latent channels
+    vae_scale: int = 8  # the VAE's spatial downsampling, a power of two from 4 (it is always 4x in time)
 
 
 PRESETS = {
@@ -44,6 +48,11 @@ PRESETS = {
 
 def build_preset(preset: str, task: str, dest: Path) -> None:
     """Write the random-weight ``preset`` model for ``task`` (``t2v`` or ``i2v``) into ``dest``."""
+    build_model(PRESETS[preset], task, dest)
+
+
+def build_model(sizes: PresetSizes, task: str, dest: Path) -> None:
+    """Write a random-weight model of ``sizes`` for ``task`` into ``dest``."""
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
     from transformers import (
@@ -55,8 +64,8 @@ def build_preset(preset: str, task: str, dest: Path) -> None:
         UMT5EncoderModel,
     )
 
-    sizes = PRESETS[preset]
     i2v = task == "i2v"
+    z_dim = sizes.z_dim
 
     # 1. Byte-level tokenizer: no vocabulary file to ship; its 384 ids bound the text encoder's vocabulary.
     tokenizer = ByT5Tokenizer()
@@ -70,19 +79,25 @@ def build_preset(preset: str, task: str, dest: Path) -> None:
         )
     )
 
-    # 3. The DiT: I2V takes 16 noise + 4 mask + 16 image-latent channels and cross-attends to CLIP tokens.
+    # 3. The DiT: I2V takes z_dim noise + 4 mask + z_dim image-latent channels and cross-attends to CLIP tokens.
     torch.manual_seed(SEED)
     dim = sizes.heads * sizes.head_dim
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=sizes.heads, attention_head_dim=sizes.head_dim,
-        in_channels=36 if i2v else 16, out_channels=16, text_dim=sizes.text_dim, freq_dim=256, ffn_dim=32,
+        in_channels=2 * z_dim + 4 if i2v else z_dim, out_channels=z_dim, text_dim=sizes.text_dim, freq_dim=256, ffn_dim=32,
         num_layers=sizes.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
         image_dim=sizes.image_dim if i2v else None, added_kv_proj_dim=dim if i2v else None, rope_max_seq_len=1024,
     )
 
-    # 4. The causal video VAE with the real strides (T4, H8, W8) and z_dim 16.
+    # 4. The causal video VAE: 4x in time, vae_scale in space (the real strides T4, H8, W8 by default).
     torch.manual_seed(SEED)
-    vae = AutoencoderKLWan(base_dim=sizes.vae_base_dim, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+    downsamples = sizes.vae_scale.bit_length() - 1
+    mean, std = latent_statistics(AutoencoderKLWan, z_dim)
+    vae = AutoencoderKLWan(
+        base_dim=sizes.vae_base_dim, z_dim=z_dim, dim_mult=[1] * (downsamples + 1), num_res_blocks=1,
+        temperal_downsample=[False] * (downsamples - 2) + [True, True], latents_mean=mean, latents_std=std,
+        scale_factor_temporal=4, scale_factor_spatial=sizes.vae_scale,
+    )
 
     # 5. The scheduler of the Wan2.1 repos: UniPC with flow-matching sigmas.
     scheduler = UniPCMultistepScheduler(

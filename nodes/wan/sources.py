@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from engine.models.sources import Preset
+from engine.models.sources import find_source as find_model_source
 from engine.models.sources import resolve_source as resolve_model_source
 from nodes.wan.presets import PRESETS, build_preset
 
@@ -20,5 +21,13 @@ PRESET_VERSION = 2
 
 def resolve_source(task: str, path: str) -> Path:
     """A local diffusers-layout folder for ``path``: a preset name, a folder, or a cached repo id."""
-    presets = {name: Preset(build=partial(build_preset, name, task), version=PRESET_VERSION) for name in PRESETS}
-    return resolve_model_source(f"wan/{task}", path, presets)
+    return resolve_model_source(f"wan/{task}", path, _presets(task))
+
+
+def find_source(task: str, path: str) -> Path | None:
+    """The folder for ``path`` if it is there without building anything (None: a preset not built yet)."""
+    return find_model_source(f"wan/{task}", path, _presets(task))
+
+
+def _presets(task: str) -> dict[str, Preset]:
+    return {name: Preset(build=partial(build_preset, name, task), version=PRESET_VERSION) for name in PRESETS}

@@ -24,12 +24,12 @@ from diffusers.video_processor import VideoProcessor
 
 from engine.errors import ModelError, RequestError
 from engine.models.loading import torch_dtype
-from engine.stages import LoadedComponents, ProgressFn, Stage
+from engine.stages import Configs, LoadedComponents, ProgressFn, Stage
 from nodes.wan.family import TEXT_LEN, WanFamily, WanImageRequest, WanRequest
-from nodes.wan.loading import VAE_STRIDES
+from nodes.wan.geometry import LatentGeometry, latent_geometry
 
 
-def build_stage(task: str, name: str, components: LoadedComponents, device: str, dtype: str) -> Stage:
+def build_stage(task: str, name: str, components: LoadedComponents, device: str, dtype: str, configs: Configs) -> Stage:
     """The stage ``name`` of ``task`` over ``components`` (which must hold the stage's components)."""
     spec = next((s for s in WanFamily().stages(task) if s.name == name), None)
     if spec is None:
@@ -39,7 +39,7 @@ def build_stage(task: str, name: str, components: LoadedComponents, device: str,
     if missing:
         raise ModelError(f"stage {name!r} needs components {missing}, which this node did not load")
     held = {c: components.objects[c] for c in spec.components}
-    stage = _STAGES[name](torch.device(device), torch_dtype(dtype), **held)
+    stage = _STAGES[name](torch.device(device), torch_dtype(dtype), latent_geometry(configs), **held)
     stage.spec = spec
     return stage
 
@@ -60,11 +60,18 @@ def _latent_stats(vae, dtype: torch.dtype, device: torch.device) -> tuple[torch.
     return mean, inv_std
 
 
-class TextEncode(Stage):
+class WanStage(Stage):
+    """A stage on a device, handing over tensors in a dtype, for a model of a latent geometry."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, geometry: LatentGeometry):
+        self.device, self.dtype, self.geometry = device, dtype, geometry
+
+
+class TextEncode(WanStage):
     """umT5 embeddings of the prompt and, with guidance on, of the negative prompt."""
 
-    def __init__(self, device, dtype, *, tokenizer, text_encoder):
-        self.device, self.dtype = device, dtype
+    def __init__(self, device, dtype, geometry, *, tokenizer, text_encoder):
+        super().__init__(device, dtype, geometry)
         self.pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, scheduler=None)
 
     @torch.no_grad()
@@ -85,11 +92,11 @@ class TextEncode(Stage):
         return outputs
 
 
-class ImageEncode(Stage):
+class ImageEncode(WanStage):
     """CLIP penultimate hidden states of the first frame (I2V)."""
 
-    def __init__(self, device, dtype, *, image_processor, image_encoder):
-        self.device, self.dtype = device, dtype
+    def __init__(self, device, dtype, geometry, *, image_processor, image_encoder):
+        super().__init__(device, dtype, geometry)
         self.pipe = WanImageToVideoPipeline(
             tokenizer=None, text_encoder=None, vae=None, scheduler=None,
             image_processor=image_processor, image_encoder=image_encoder,
@@ -103,22 +110,21 @@ class ImageEncode(Stage):
         return {"image_embeds": image_embeds.to(self.dtype)}
 
 
-class VaeEncode(Stage):
+class VaeEncode(WanStage):
     """The I2V condition: a mask of the frames the image fixes and the VAE latent of the image video."""
 
-    def __init__(self, device, dtype, *, vae_encoder):
-        self.device, self.dtype = device, dtype
+    def __init__(self, device, dtype, geometry, *, vae_encoder):
+        super().__init__(device, dtype, geometry)
         self.vae = vae_encoder
-        self.t_scale = vae_encoder.config.scale_factor_temporal
-        self.s_scale = vae_encoder.config.scale_factor_spatial
-        self.video_processor = VideoProcessor(vae_scale_factor=self.s_scale)
+        self.video_processor = VideoProcessor(vae_scale_factor=geometry.s_scale)
 
     @torch.no_grad()
     def run(self, request: WanImageRequest, inputs, progress: ProgressFn) -> dict[str, torch.Tensor]:
         # Follows WanImageToVideoPipeline.__call__ step 5 and prepare_latents, less the noise, which the
         # denoise stage draws.
         num_frames, height, width = request.num_frames, request.height, request.width
-        latent_h, latent_w = height // self.s_scale, width // self.s_scale
+        t_scale, s_scale = self.geometry.t_scale, self.geometry.s_scale
+        latent_h, latent_w = height // s_scale, width // s_scale
 
         # 1. The first frame resized to the request and scaled to [-1, 1].
         image = _read_image(request.image)
@@ -139,24 +145,25 @@ class VaeEncode(Stage):
         #    latent frame covers t_scale mask frames, then folded into t_scale channels.
         mask = torch.ones(1, 1, num_frames, latent_h, latent_w)
         mask[:, :, list(range(1, num_frames))] = 0
-        first_frame_mask = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=self.t_scale)
+        first_frame_mask = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=t_scale)
         mask = torch.concat([first_frame_mask, mask[:, :, 1:, :]], dim=2)
-        mask = mask.view(1, -1, self.t_scale, latent_h, latent_w).transpose(1, 2).to(latent_condition.device)
+        mask = mask.view(1, -1, t_scale, latent_h, latent_w).transpose(1, 2).to(latent_condition.device)
 
         # 4. Mask channels then latent channels, in the node's dtype (__call__ casts the concatenation of
         #    latents and condition to the transformer's dtype; the cast is elementwise, so doing it here is exact).
         return {"condition": torch.concat([mask, latent_condition], dim=1).to(self.dtype)}
 
 
-class Denoise(Stage):
+class Denoise(WanStage):
     """The DiT denoising loop with classifier-free guidance, from freshly drawn noise to clean latents."""
 
-    def __init__(self, device, dtype, *, transformer, scheduler):
-        self.device, self.dtype = device, dtype
+    def __init__(self, device, dtype, geometry, *, transformer, scheduler):
+        super().__init__(device, dtype, geometry)
         self.transformer, self.scheduler = transformer, scheduler
-        # The pipeline without text encoder and VAE: it draws noise at the Wan2.1 VAE strides.
+        # The pipeline without text encoder and VAE, drawing noise at the model's VAE strides (rather than the
+        # Wan2.1 ones it assumes without a VAE).
         self.pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
-        self.pipe.vae_scale_factor_temporal, self.pipe.vae_scale_factor_spatial = VAE_STRIDES
+        self.pipe.vae_scale_factor_temporal, self.pipe.vae_scale_factor_spatial = geometry.t_scale, geometry.s_scale
 
     def _scheduler(self, request: WanRequest) -> UniPCMultistepScheduler:
         # A fresh scheduler per request: its multistep state must not carry over between requests, and
@@ -189,7 +196,7 @@ class Denoise(Stage):
         #    noise on every device, and what the pipeline draws given generator=torch.Generator().manual_seed(seed).
         latents = self.pipe.prepare_latents(
             1,
-            self.transformer.config.out_channels,
+            self.geometry.channels,
             request.height,
             request.width,
             request.num_frames,
@@ -229,13 +236,13 @@ class Denoise(Stage):
         return {"latents": latents}
 
 
-class VaeDecode(Stage):
+class VaeDecode(WanStage):
     """VAE decoder: clean latents to RGB frames in [0, 1], [batch, frames, height, width, 3]."""
 
-    def __init__(self, device, dtype, *, vae_decoder):
-        self.device, self.dtype = device, dtype
+    def __init__(self, device, dtype, geometry, *, vae_decoder):
+        super().__init__(device, dtype, geometry)
         self.vae = vae_decoder
-        self.video_processor = VideoProcessor(vae_scale_factor=vae_decoder.config.scale_factor_spatial)
+        self.video_processor = VideoProcessor(vae_scale_factor=geometry.s_scale)
 
     @torch.no_grad()
     def run(self, request: WanRequest, inputs, progress: ProgressFn) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from engine.errors import ModelError, RequestError
+from engine.plan.model_check import component_configs
 from engine.stages import RequestParams, Stage
 from nodes.qwen_image import family
 from nodes.qwen_image.family import edit_prompt_len_bound
@@ -49,7 +50,8 @@ def load_node(
     specs = {spec.name: spec for spec in family.stages(task)}
     names = tuple(dict.fromkeys(name for stage in stage_names for name in specs[stage].components))
     components = family.load_components(task, names, source, "cpu", dtype)
-    stages = tuple(family.build_stage(task, stage, components, "cpu", dtype) for stage in stage_names)
+    configs = component_configs(family, task, source)
+    stages = tuple(family.build_stage(task, stage, components, "cpu", dtype, configs) for stage in stage_names)
     return stages, components.parameter_bytes()
 
 

@@ -85,13 +85,14 @@ def reference_frames(task: str, dtype: str, request: WanRequest) -> torch.Tensor
 
 def run_partition(task: str, partition: list[tuple[str, ...]], dtype: str, request: WanRequest):
     """Run every stage on its node; return all tensors produced and the denoise progress calls."""
-    symbols = family.shape_symbols(task, configs(tiny(task)), request)
+    model_configs = configs(tiny(task))
+    symbols = family.shape_symbols(task, model_configs, request)
     tensors: dict[str, torch.Tensor] = {}
     produced_on: dict[str, int] = {}
     progress: list[tuple[int, int]] = []
     for spec in family.stages(task):
         node = next(i for i, stages in enumerate(partition) if spec.name in stages)
-        stage = family.build_stage(task, spec.name, load_node(task, partition[node], dtype), "cpu", dtype)
+        stage = family.build_stage(task, spec.name, load_node(task, partition[node], dtype), "cpu", dtype, model_configs)
         inputs = {
             name: tensors[name] if produced_on[name] == node else over_edge(tensors[name])
             for name in spec.inputs

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from engine.errors import RequestError
 from nodes.wan import family
 from nodes.wan.family import WanImageRequest, WanRequest
-from tests.unit.wan_support import load_node
+from tests.unit.wan_support import configs, load_node, tiny
 
 
 @pytest.fixture
@@ -59,7 +59,8 @@ def test_relative_image_is_checked_once_resolved(image, tmp_path):
 def test_image_gone_at_run_time_is_a_request_error(image):
     request = WanImageRequest(prompt="a cat", image=image, height=32, width=32, num_frames=5)
     image.unlink()
-    stage = family.build_stage("i2v", "image_encode", load_node("i2v", ("image_encode",), "float32"), "cpu", "float32")
+    stage = family.build_stage("i2v", "image_encode", load_node("i2v", ("image_encode",), "float32"), "cpu", "float32",
+                               configs(tiny("i2v")))
 
     with pytest.raises(RequestError, match=str(image)):
         stage.run(request, {}, lambda step, total: None)

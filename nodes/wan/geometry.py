@@ -1,0 +1,85 @@
+"""The latent geometry of a Wan model, from its component configs (no torch import).
+
+The pipelines read the VAE's strides off ``vae.config.scale_factor_temporal`` / ``scale_factor_spatial`` and
+fall back to Wan2.1's (4, 8) when built without a VAE, which is how the denoising node runs: every stage
+takes them from the configs instead, so a model with another VAE runs as its monolithic pipeline does.
+The checks refuse, by config field, what these stages cannot run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.models.config_fields import ConfigFields
+from engine.stages import ConfigProblem, Configs
+
+#: The strides AutoencoderKLWan gives a config written before it had ``scale_factor_temporal`` and
+#: ``scale_factor_spatial`` (the Wan2.1 repos'): what such a model's VAE reports when loaded.
+STRIDES_OF_OLDER_CONFIGS = (4, 8)
+#: Requested heights and widths are multiples of this many pixels; frame counts are FRAME_STEP * k + 1.
+SIZE_STEP = 16
+FRAME_STEP = 4
+
+
+@dataclass(frozen=True)
+class LatentGeometry:
+    channels: int  #: latent channels, ``vae.z_dim``
+    t_scale: int  #: frames per latent frame (after the first), ``vae.scale_factor_temporal``
+    s_scale: int  #: pixels per latent pixel on each side, ``vae.scale_factor_spatial``
+
+
+def latent_geometry(configs: Configs) -> LatentGeometry:
+    """The geometry of configs that passed :func:`config_problems`."""
+    vae = configs["vae"]
+    t_scale, s_scale = STRIDES_OF_OLDER_CONFIGS
+    return LatentGeometry(channels=vae["z_dim"], t_scale=vae.get("scale_factor_temporal", t_scale),
+                          s_scale=vae.get("scale_factor_spatial", s_scale))
+
+
+def config_problems(task: str, configs: Configs) -> list[ConfigProblem]:
+    """What in the VAE and transformer configs the Wan stages cannot run, by config field."""
+    fields = ConfigFields(configs)
+    z_dim = fields.get("vae", "z_dim", int)
+    downsample = fields.get("vae", "temperal_downsample", list)
+    vae_patch = fields.get("vae", "patch_size", (int, type(None)), absent=None)
+    strides = [fields.get("vae", key, int, absent=default)
+               for key, default in zip(("scale_factor_temporal", "scale_factor_spatial"), STRIDES_OF_OLDER_CONFIGS)]
+    statistics = {key: fields.get("vae", key, list) for key in ("latents_mean", "latents_std")}
+    patch = fields.get("transformer", "patch_size", list)
+    in_channels = fields.get("transformer", "in_channels", int)
+    out_channels = fields.get("transformer", "out_channels", int)
+    if fields.problems:
+        return fields.problems
+
+    # 1. The strides the config states are the ones its architecture has (the VAE-less denoising node and
+    #    the decoder must agree on them without comparing notes).
+    geometry = latent_geometry(configs)
+    compression = {"scale_factor_temporal": 2 ** sum(bool(d) for d in downsample),
+                   "scale_factor_spatial": 2 ** len(downsample) * (vae_patch or 1)}
+    for (key, built), stated in zip(compression.items(), strides):
+        if stated != built:
+            fields.refuse("vae", key, f"{stated}, but the VAE compresses {built}x (temperal_downsample {downsample}"
+                          f"{f', patch_size {vae_patch}' if vae_patch else ''})")
+
+    # 2. Every request the family admits maps onto whole latent frames and whole transformer patches.
+    if FRAME_STEP % geometry.t_scale:
+        fields.refuse("vae", "scale_factor_temporal", f"{geometry.t_scale}; it must divide {FRAME_STEP} "
+                      f"(requests have {FRAME_STEP}k+1 frames)")
+    token_pixels = geometry.s_scale * max(patch[1:], default=1)
+    if SIZE_STEP % token_pixels:
+        fields.refuse("vae", "scale_factor_spatial", f"{geometry.s_scale}: with the transformer's patch_size {patch} "
+                      f"a token covers {token_pixels} pixels, which must divide {SIZE_STEP} (request sizes are "
+                      "multiples of it)")
+
+    # 3. The components agree on the number of latent channels.
+    for key, values in statistics.items():
+        if len(values) != z_dim:
+            fields.refuse("vae", key, f"{len(values)} values for vae z_dim = {z_dim} latent channels")
+    if out_channels != z_dim:
+        fields.refuse("transformer", "out_channels",
+                      f"{out_channels}; the transformer predicts the vae's z_dim = {z_dim} channels")
+    expected_in = z_dim if task == "t2v" else 2 * z_dim + geometry.t_scale  # I2V: noise, first-frame mask, image latent
+    if in_channels != expected_in:
+        fields.refuse("transformer", "in_channels",
+                      f"{in_channels}; {task} with vae z_dim = {z_dim} feeds it {expected_in}")
+    return fields.problems
