@@ -198,6 +198,10 @@ class Delivered(_Model):
     delivery: int = _DELIVERY
     sender: ReplicaRef = Field(description="replica that wrote the payload")
     manifest: JsonObject = Field(description="the transport's Manifest as a JSON object")
+    request: JsonObject = Field(
+        description="the request's parameters, as the controller dispatched them: the receiver evaluates the plan's "
+                    "shapes for them and refuses a payload that differs"
+    )
 
 
 class Ack(_Model):

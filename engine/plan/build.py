@@ -74,7 +74,7 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
             for dim in shape:
                 nbytes *= dim
             tensors.append(PlannedTensor(tensor.name, dtype, shape, nbytes, tensor.optional, tensor.variable,
-                                         flow.producer, flow.consumers))
+                                         flow.producer, flow.consumers, expression=tensor.shape))
         edges.append(PlannedEdge(
             name=edge.name, source=edge.source, target=edge.target, transport=checked.transports[edge.name],
             protocol=edge.protocol, integrity=edge.integrity, retries=edge.retries, slots=edge.slots, tensors=tuple(tensors),

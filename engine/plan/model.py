@@ -32,6 +32,7 @@ class PlannedTensor:
     variable: tuple[int, ...]
     producer: str  #: stage that writes it
     consumers: tuple[str, ...]  #: stages that read it
+    expression: tuple[int | str, ...]  #: the shape as the producing stage declares it, for any request
 
 
 @dataclass(frozen=True)

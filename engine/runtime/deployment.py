@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.plan.model import Plan
+from engine.plan.model import Plan, PlannedTensor
 
 
 class _Frozen(BaseModel):
@@ -33,6 +33,8 @@ class EdgeEnd(_Frozen):
     slot_bytes: int
     slots: int
     tensors: tuple[str, ...]
+    declared: tuple[PlannedTensor, ...] = Field(
+        description="the tensors as the plan declares them (dtype, shape expression): what a receiver expects")
 
 
 class SegmentSpec(_Frozen):
@@ -93,7 +95,8 @@ def worker_specs(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str
     """One spec per node replica, in plan order; ``broker(node, replica)`` is that replica's broker address."""
     def end(edge, peer: str) -> EdgeEnd:  # noqa: ANN001 - PlannedEdge
         return EdgeEnd(name=edge.name, peer=peer, transport=edge.transport, protocol=edge.protocol, integrity=edge.integrity,
-                       retries=edge.retries, slot_bytes=edge.slot_bytes, slots=edge.slots, tensors=edge.tensor_names)
+                       retries=edge.retries, slot_bytes=edge.slot_bytes, slots=edge.slots, tensors=edge.tensor_names,
+                       declared=edge.tensors)
 
     specs = []
     for node in plan.nodes.values():

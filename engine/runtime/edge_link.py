@@ -41,6 +41,7 @@ class MqttEdgeLink:
     target: ReplicaRef
     attempt: int
     timeout_s: float
+    request: dict[str, Any]  #: the request's parameters, sent with each delivery (see Delivered)
     deliveries: int = 0  #: payloads delivered so far (a retransmission is a new delivery)
 
     @property
@@ -86,7 +87,7 @@ class MqttEdgeLink:
     async def deliver(self, manifest: Manifest) -> Ack:
         delivery, self.deliveries = self.deliveries, self.deliveries + 1
         question = Delivered(request_id=manifest.request_id, edge=self.edge, attempt=self.attempt, delivery=delivery,
-                             sender=self.me, manifest=manifest.model_dump(mode="json"))
+                             sender=self.me, manifest=manifest.model_dump(mode="json"), request=self.request)
         key = ("ack", manifest.request_id, self.edge, self.attempt, delivery)
         ack = await self._ask(key, question, "acknowledgement", manifest.request_id)
         return Ack(ok=ack.ok, reason=ack.reason, tensors=tuple(ack.tensors), retryable=ack.retryable)

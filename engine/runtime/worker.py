@@ -44,6 +44,7 @@ from engine.families import get_family
 from engine.models.outputs import output_stem
 from engine.runtime.deployment import EdgeEnd, WorkerSecrets, WorkerSpec
 from engine.runtime.edge_link import MqttEdgeLink
+from engine.runtime.inbound import InboundShapes
 from engine.runtime.replies import Replies
 from engine.stages import Stage
 from engine.transport import Manifest, Receiver, Sender, SlotGrant, SlotsExhausted, accept, make_receiver, make_sender, send_tensors
@@ -84,6 +85,7 @@ class Worker:
         self.log_tail = log_tail
         self.me = ReplicaRef(node=spec.node, replica=spec.replica)
         self.family = get_family(spec.family)
+        self.inbound = InboundShapes(spec, self.family)
         self.progress = Progress()
         self.replies = Replies()
         self.stages: dict[str, Stage] = {}
@@ -282,7 +284,8 @@ class Worker:
         manifest = Manifest.model_validate(message.manifest)
         ahead = receiver.hashed_ahead(manifest.slot, manifest.generation)
         started = time.perf_counter()
-        ack, views = await asyncio.to_thread(accept, receiver, manifest)  # hashing a large payload takes a while
+        expected = self.inbound.expected(message.edge, message.request)
+        ack, views = await asyncio.to_thread(accept, receiver, manifest, expected)  # hashing a large payload takes a while
         if views is not None:
             early = f" ({human_bytes(ahead)} of it hashed as it landed)" if ahead else ""
             log.info("edge %r request %s: %s verified in %.1f ms%s", message.edge, message.request_id,
@@ -395,7 +398,7 @@ class Worker:
             self.connected.add((edge.name, edge.peer, replica))
         link = MqttEdgeLink(edge=edge.name, client=self.client, topics=self.topics, replies=self.replies, me=self.me,
                             target=ReplicaRef(node=edge.peer, replica=replica), attempt=job.attempt,
-                            timeout_s=self.spec.transfer_timeout_s)
+                            timeout_s=self.spec.transfer_timeout_s, request=job.request)
         started = time.perf_counter()
         manifest = await send_tensors(sender, link, payload, job.request_id, retries=edge.retries)
         return EdgeStats(nbytes=manifest.nbytes, tensor_bytes=sum(h.nbytes for h in manifest.tensors),

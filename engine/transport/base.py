@@ -147,6 +147,16 @@ class Receiver(ABC):
         else:
             self.pool.release(held.slot, held.generation)
 
+    def discard(self, manifest: Manifest) -> None:
+        """Give back the slot of a delivery refused unopened, if that slot is still granted to its request
+        (and not opened: then views of it are in use)."""
+        try:
+            self.pool.check(manifest.slot, manifest.generation, manifest.request_id)
+        except TransportError:
+            return  # fenced, expired or another request's since: not this delivery's to give back
+        if self.pool.state(manifest.slot).state is SlotState.GRANTED:
+            self.release(manifest)
+
     def fence(self, held: SlotGrant | Manifest | int) -> bool:
         """Fence a slot after a failed write: bump its generation and quarantine it.
 
@@ -315,6 +325,7 @@ class ByteSender(Sender):
         """
         where = {"edge": self.edge, "request_id": request_id}
         self._check_grant(grant, request_id)
+        tensors = self.faults.take_misshape(tensors)
         nbytes = payload_nbytes(tensors)
         if nbytes > min(grant.capacity, self.max_bytes):
             raise TransportError(

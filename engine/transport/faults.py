@@ -1,20 +1,23 @@
-"""Fault injection on the sending side of an edge, for tests of the integrity and fencing paths.
+"""Fault injection on the sending side of an edge, for tests of the integrity, fencing and shape paths.
 
 A sender hashes the bytes as they should arrive, then applies the faults: a delay holds the write back, a
-drop keeps the bytes from moving, a corruption flips one bit in the slot after the bytes landed. Each is
-something the receiver must catch or the sender's watchdog must report. Faults are counted down: each
-write consumes at most one of each kind. Tests set them on a sender directly; runtime tests set them for a
-whole process through ``ENGINE_TRANSPORT_FAULTS``, a JSON object like
-``{"corrupt": 1, "drop": 0, "delay": 1, "delay_s": 2.0, "edges": ["phase1"]}`` (``edges`` empty or absent:
-every edge).
+drop keeps the bytes from moving, a corruption flips one bit in the slot after the bytes landed. A misshape
+sends the first non-empty tensor one element short in its last dimension, bytes, headers and digest
+agreeing: a sender that computed the wrong shape. Each is something the receiver must catch or the
+sender's watchdog must report. Faults are counted down: each write consumes at most one of each kind.
+Tests set them on a sender directly; runtime tests set them for a whole process through
+``ENGINE_TRANSPORT_FAULTS``, a JSON object like
+``{"corrupt": 1, "drop": 0, "delay": 1, "delay_s": 2.0, "misshape": 1, "edges": ["phase1"]}`` (``edges`` empty
+or absent: every edge).
 """
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.transport.manifest import TensorHeader
@@ -31,6 +34,8 @@ class FaultPlan(BaseModel):
     drop: int = Field(0, ge=0, description="next writes whose bytes are never written")
     delay: int = Field(0, ge=0, description="next writes held back by delay_s before the bytes move")
     delay_s: float = Field(0.0, ge=0, description="how long a delayed write is held back")
+    misshape: int = Field(
+        0, ge=0, description="next writes that send their first non-empty tensor one element short in its last dimension")
     edges: tuple[str, ...] = Field((), description="edges the plan applies to; empty means every edge")
     seed: int | None = Field(None, description="seed for the flipped bit's position")
 
@@ -55,14 +60,17 @@ class Faults:
     @property
     def armed(self) -> bool:
         """Whether any fault is still to be injected."""
-        return bool(self.plan.corrupt or self.plan.drop or self.plan.delay)
+        return bool(self.plan.corrupt or self.plan.drop or self.plan.delay or self.plan.misshape)
 
-    def arm(self, *, corrupt: int = 0, drop: int = 0, delay: int = 0, delay_s: float | None = None) -> None:
+    def arm(
+        self, *, corrupt: int = 0, drop: int = 0, delay: int = 0, delay_s: float | None = None, misshape: int = 0
+    ) -> None:
         """Add faults to inject on the next writes."""
         update = {
             "corrupt": self.plan.corrupt + corrupt,
             "drop": self.plan.drop + drop,
             "delay": self.plan.delay + delay,
+            "misshape": self.plan.misshape + misshape,
         }
         if delay_s is not None:
             update["delay_s"] = delay_s
@@ -83,6 +91,16 @@ class Faults:
         self.plan = self.plan.model_copy(update={"drop": self.plan.drop - 1})
         self.injected.append("drop")
         return True
+
+    def take_misshape(self, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """``tensors`` to send: as they are, or, if a misshape is armed, with the first non-empty one cut one
+        element short in its last dimension."""
+        name = next((name for name, tensor in tensors.items() if tensor.dim() and tensor.shape[-1]), None)
+        if not self.plan.misshape or name is None:
+            return tensors
+        self.plan = self.plan.model_copy(update={"misshape": self.plan.misshape - 1})
+        self.injected.append(f"misshape@{name}")
+        return {**tensors, name: tensors[name][..., :-1].contiguous()}
 
     def take_corruption(self, headers: Sequence[TensorHeader]) -> tuple[int, int] | None:
         """``(payload byte, bit)`` to flip in the slot after this write, if a corruption is armed.

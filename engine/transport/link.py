@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.errors import IntegrityError, TransportError
 from engine.transport.base import Receiver, Sender
 from engine.transport.errors import PayloadMismatch
+from engine.transport.expect import Expected, mismatch
 from engine.transport.manifest import Manifest, SlotGrant, payload_nbytes
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,22 @@ class EdgeLink(Protocol):
     async def fence(self, grant: SlotGrant, reason: str) -> None: ...
 
 
-def accept(receiver: Receiver, manifest: Manifest) -> tuple[Ack, dict[str, torch.Tensor] | None]:
+def accept(
+    receiver: Receiver, manifest: Manifest, expected: Sequence[Expected] | None = None
+) -> tuple[Ack, dict[str, torch.Tensor] | None]:
     """The receiver's handling of a delivered manifest: the Ack to send back, and the views when it verified.
 
-    On a PayloadMismatch the slot stays granted so the sender can retransmit into it. A manifest for a slot
-    that is no longer granted to it (fenced, expired, released) is refused as not retryable.
+    With ``expected`` (what the plan has this edge carry for the manifest's request), a manifest that differs
+    in a tensor's name, dtype or shape is refused before its bytes are verified, as not retryable (the sender
+    would only send the same again), and its slot given back. On a PayloadMismatch the slot stays granted so
+    the sender can retransmit into it. A manifest for a slot that is no longer granted to it (fenced, expired,
+    released) is refused as not retryable.
     """
+    wrong = mismatch(manifest, expected) if expected is not None else None
+    if wrong is not None:
+        receiver.discard(manifest)
+        log.warning("edge %r request %s: delivery refused: %s", manifest.edge, manifest.request_id, wrong)
+        return Ack(ok=False, reason=wrong, tensors=(), retryable=False), None
     try:
         views = receiver.open(manifest)
     except PayloadMismatch as exc:
@@ -120,11 +131,13 @@ class LocalLink:
     """An EdgeLink to a receiver in the same process: the in-process twin of the runtime's MQTT link.
 
     Accepted payloads are kept in ``delivered`` (request id -> views) for the consuming side to take.
+    ``expected`` is what the receiver expects of every delivery (see :func:`accept`).
     """
 
-    def __init__(self, receiver: Receiver):
+    def __init__(self, receiver: Receiver, expected: Sequence[Expected] | None = None):
         self.edge = receiver.edge
         self.receiver = receiver
+        self.expected = expected
         self.delivered: dict[str, dict[str, torch.Tensor]] = {}
         self.acks: list[Ack] = []
 
@@ -135,7 +148,7 @@ class LocalLink:
         self.receiver.landed(grant.slot, grant.generation, grant.request_id, ranges)
 
     async def deliver(self, manifest: Manifest) -> Ack:
-        ack, views = accept(self.receiver, manifest)
+        ack, views = accept(self.receiver, manifest, self.expected)
         self.acks.append(ack)
         if views is not None:
             self.delivered[manifest.request_id] = views
