@@ -84,9 +84,9 @@ def live_workers(out: Path) -> list[int]:
 
 
 @cache
-def reference_frames(task: str, request_json: str) -> np.ndarray:
+def reference_frames(task: str, request_json: str, model: str = "tiny") -> np.ndarray:
     """Frames of the monolithic diffusers pipeline for a request, as the diffusers Wan examples load it
-    (VAE and image encoder in float32, the rest in float32 here)."""
+    (VAE and image encoder in float32, the rest in float32 here); ``model`` is a preset or a folder."""
     import torch
     from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline
     from PIL import Image
@@ -95,7 +95,7 @@ def reference_frames(task: str, request_json: str) -> np.ndarray:
     from engine.families import get_family
 
     request = json.loads(request_json)
-    source = get_family("wan").resolve_source(task, "tiny")
+    source = get_family("wan").resolve_source(task, model)
     vae = AutoencoderKLWan.from_pretrained(source / "vae", torch_dtype=torch.float32)
     extra = {}
     if task == "t2v":
@@ -110,6 +110,37 @@ def reference_frames(task: str, request_json: str) -> np.ndarray:
                   guidance_scale=request["guidance_scale"], generator=torch.Generator().manual_seed(request["seed"]),
                   **extra).frames
     return frames[0]
+
+
+@cache
+def qwen_pipeline(task: str, model: str = "tiny"):
+    """The monolithic Qwen-Image pipeline of ``task`` in float32; ``model`` is a preset or a folder."""
+    import torch
+    from diffusers import QwenImageEditPipeline, QwenImagePipeline
+
+    from engine.families import get_family
+    from nodes.qwen_image.loading import load_processor
+
+    source = get_family("qwen_image").resolve_source(task, model)
+    if task == "t2i":
+        pipe = QwenImagePipeline.from_pretrained(source, dtype=torch.float32)
+    else:
+        pipe = QwenImageEditPipeline.from_pretrained(source, processor=load_processor(source / "processor"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def qwen_reference_image(task: str, request: dict, model: str = "tiny") -> np.ndarray:
+    """The image of the monolithic Qwen-Image pipeline for a request (as its sidecar JSON holds it)."""
+    import torch
+    from PIL import Image
+
+    extra = {"image": Image.open(request["image"]).convert("RGB")} if task == "edit" else {}
+    images = qwen_pipeline(task, model)(
+        prompt=request["prompt"], negative_prompt=request["negative_prompt"], true_cfg_scale=request["true_cfg_scale"],
+        height=request["height"], width=request["width"], num_inference_steps=request["steps"],
+        generator=torch.Generator().manual_seed(request["seed"]), output_type="np", **extra).images
+    return np.asarray(images)[0]
 
 
 def _wait_listening(process: subprocess.Popen, port: int, timeout_s: float = 10) -> None:

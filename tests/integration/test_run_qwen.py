@@ -4,14 +4,12 @@ pipelines'; prompt embeddings cross phase1 with exactly their bytes, whatever th
 from __future__ import annotations
 
 import json
-from functools import cache
 
 import numpy as np
 import pytest
 import yaml
 
-from engine.families import get_family
-from tests.integration.engine_run import GRAPHS, engine_run, live_workers
+from tests.integration.engine_run import GRAPHS, engine_run, live_workers, qwen_pipeline, qwen_reference_image
 
 pytestmark = pytest.mark.integration
 
@@ -19,37 +17,9 @@ SHORT = "a fox"
 LONG = " ".join(["a lighthouse on a cliff at dusk, waves below, gulls circling, watercolor"] * 6)
 
 
-@cache
-def pipeline(task: str):
-    import torch
-    from diffusers import QwenImageEditPipeline, QwenImagePipeline
-
-    from nodes.qwen_image.loading import load_processor
-
-    source = get_family("qwen_image").resolve_source(task, "tiny")
-    if task == "t2i":
-        pipe = QwenImagePipeline.from_pretrained(source, dtype=torch.float32)
-    else:
-        pipe = QwenImageEditPipeline.from_pretrained(source, processor=load_processor(source / "processor"), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def reference_image(task: str, request: dict) -> np.ndarray:
-    import torch
-    from PIL import Image
-
-    extra = {"image": Image.open(request["image"]).convert("RGB")} if task == "edit" else {}
-    images = pipeline(task)(prompt=request["prompt"], negative_prompt=request["negative_prompt"],
-                            true_cfg_scale=request["true_cfg_scale"], height=request["height"], width=request["width"],
-                            num_inference_steps=request["steps"], generator=torch.Generator().manual_seed(request["seed"]),
-                            output_type="np", **extra).images
-    return np.asarray(images)[0]
-
-
 def prompt_tokens(prompt: str) -> int:
     """Tokens the T2I text encoder keeps for a prompt: the templated prompt less the template prefix, at most 512."""
-    pipe = pipeline("t2i")
+    pipe = qwen_pipeline("t2i")
     tokens = len(pipe.tokenizer(pipe.prompt_template_encode.format(prompt)).input_ids)
     return min(tokens - pipe.prompt_template_encode_start_idx, 512)
 
@@ -75,14 +45,14 @@ def test_t2i_matches_the_pipeline_and_sends_exact_prompt_bytes(graph, tmp_path):
     for request in report["requests"]:
         params = json.loads((run.out / f"{request['id']}.json").read_text())["request"]
         image = np.load(run.out / f"{request['id']}.npy")
-        expected = reference_image("t2i", params)
+        expected = qwen_reference_image("t2i", params)
         assert image.shape == expected.shape and np.array_equal(image, expected)
     assert live_workers(run.out) == []
     if graph.endswith("_single.yaml"):
         assert all(r["edges"] == {} for r in report["requests"])
         return
 
-    text_dim = pipeline("t2i").text_encoder.config.text_config.hidden_size
+    text_dim = qwen_pipeline("t2i").text_encoder.config.text_config.hidden_size
     negative = prompt_tokens(report["requests"][0]["params"]["negative_prompt"])
     sent = []
     for request, prompt in zip(report["requests"], (SHORT, LONG)):
@@ -101,5 +71,5 @@ def test_edit_matches_the_pipeline(tmp_path):
     run = engine_run(path, tmp_path / "out")
     assert run.returncode == 0, run.stderr[-3000:]
     params = json.loads((run.out / "r1.json").read_text())["request"]
-    assert np.array_equal(np.load(run.out / "r1.npy"), reference_image("edit", params))
+    assert np.array_equal(np.load(run.out / "r1.npy"), qwen_reference_image("edit", params))
     assert (run.out / "r1.png").stat().st_size > 0 and live_workers(run.out) == []
