@@ -69,7 +69,7 @@ class Agent:
         self.options = options
         self.client = client
         self.topics = AgentTopics()
-        self.jobs: dict[str, Job] = {}  # order id -> job
+        self.jobs: dict[tuple[str, str], Job] = {}  # (run id, order id) -> job
         self.stopping = asyncio.Event()
 
     # -- announcing ---------------------------------------------------------------------------------------------
@@ -114,13 +114,14 @@ class Agent:
             for job in run_jobs:
                 job.lease_until = time.monotonic() + order.lease_s
             return
+        key = (order.run_id, order.order_id)
         if order.action == "stop":  # the job of that order, else every job of the run
-            for job in [self.jobs[order.order_id]] if order.order_id in self.jobs else run_jobs:
+            for job in [self.jobs[key]] if key in self.jobs else run_jobs:
                 await self.stop(job, "stopped by its controller")
             return
-        job = self.jobs.get(order.order_id)
+        job = self.jobs.get(key)
         if job is None:
-            job = self.jobs[order.order_id] = Job(order, lease_until=time.monotonic() + order.lease_s)
+            job = self.jobs[key] = Job(order, lease_until=time.monotonic() + order.lease_s)
             try:
                 specs = self.accept(order)
             except EngineError as exc:

@@ -10,7 +10,7 @@ the replicas: their heartbeat clocks restart when the broker is back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from engine.control.heartbeat import LivenessMonitor
@@ -54,6 +54,7 @@ class ReplicaInfo:
     down: str | None = None  #: why it is out of service
     assigned: int = 0  #: segments dispatched or promised to it and not finished
     rejected: int = 0  #: control messages it refused (from its heartbeats)
+    receives_at: dict[str, str] = field(default_factory=dict)  #: inbound edge -> where senders write (ip:port)
 
     @property
     def key(self) -> ReplicaKey:
@@ -92,6 +93,8 @@ class Fleet:
         info.state, info.pid = message.state, message.pid
         if message.state == "ready":
             info.load_s, info.param_bytes = message.load_s, message.param_bytes
+            info.receives_at = {edge: str(where.get("session") or where.get("segment"))
+                                for edge, where in (message.receive_edges or {}).items()}
         if message.state in ("dead", "failed"):
             self._down(info, f"{message.state}: {message.detail or 'no detail'}")
 

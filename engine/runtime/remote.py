@@ -4,9 +4,10 @@
 (:mod:`engine.runtime.agent`): one deploy order per replica, signed under the deployment key, holding the
 worker's spec and nothing secret (the agent derives the run's key from the deployment key and gives its
 workers its own broker password). While the run lasts it renews the run's lease on each agent every third of
-the lease, so workers outlive neither their controller nor a cut link by more than the lease. An agent's job
-report (refused order, a worker that exited, with its log tail) or its going offline takes the replicas out of
-service. :class:`HostLaunchers` routes each replica to the local or the remote launcher by its node's host.
+the lease, so workers outlive neither their controller nor a cut link by more than the lease. A deploy order is
+repeated until its agent answers (an agent answers a repeat with the job's state). An agent's job report
+(refused order, a worker that exited, with its log tail), its going offline, or no fresh announcement from it
+within the lease takes its replicas out of service with that reason. :class:`HostLaunchers` routes each replica to the local or the remote launcher by its node's host.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from engine.runtime.fleet import Launcher, ReplicaKey
 
 log = logging.getLogger(__name__)
 STOP_WAIT_S = 5.0  #: how long stop_all waits for the agents to report their workers stopped
+RESEND_S = 1.0  #: a deploy order no agent has answered yet is sent again this often (the agent may have been away)
 
 
 class RemoteLauncher:
@@ -34,6 +36,8 @@ class RemoteLauncher:
         self.lease_s = lease_s
         self.topics = AgentTopics()
         self._orders: dict[str, ReplicaKey] = {}  # order id -> the replica it started
+        self._unanswered: dict[str, AgentOrder] = {}  # deploy orders no report answered yet
+        self._online: set[str] = set()  # agents whose birth says online
         self._state: dict[str, str] = {}  # order id -> the job's last reported state
         self._exited: dict[ReplicaKey, str] = {}
         self._tails: dict[ReplicaKey, str] = {}
@@ -50,17 +54,32 @@ class RemoteLauncher:
         await self.client.subscribe(self.topics.jobs(self.run_id))
         for agent in self.agents:
             await self.client.subscribe(self.topics.birth(agent))
-        renewed = time.monotonic()
+        started = renewed = resent = time.monotonic()
         while True:
-            inbound = await self.client.receive(self.lease_s / 6)
+            inbound = await self.client.receive(min(RESEND_S, self.lease_s / 6))
             if inbound is not None and inbound.sender == self.topics.signer_of(inbound.message):
                 self._on_message(inbound.message)
-            if time.monotonic() - renewed > self.lease_s / 3:
+            now = time.monotonic()
+            if now - renewed > self.lease_s / 3:
                 self._order_all("renew")
-                renewed = time.monotonic()
+                renewed = now
+            if now - resent > RESEND_S:
+                for order in self._unanswered.values():
+                    self.client.post(self.topics.orders(self.hosts[self._orders[order.order_id][0]]), order)
+                resent = now
+            if now - started > self.lease_s:
+                self._absent_agents()
+
+    def _absent_agents(self) -> None:
+        """Replicas placed on an agent that never said it is online are out, with the reason."""
+        for agent in self.agents - self._online:
+            for key in [key for key in self._orders.values() if self.hosts[key[0]] == agent]:
+                self._exited.setdefault(key, f"agent {agent!r} is not online: no announcement from it within "
+                                             f"{self.lease_s:g} s (is `engine agent --name {agent}` running on this broker?)")
 
     def _on_message(self, message: object) -> None:
         if isinstance(message, AgentJob) and message.order_id in self._orders and message.run_id == self.run_id:
+            self._unanswered.pop(message.order_id, None)
             key = self._orders[message.order_id]
             self._state[message.order_id] = message.state
             if message.state == "failed":
@@ -71,13 +90,19 @@ class RemoteLauncher:
                 self._tails[(node, int(replica))] = message.log_tails.get(name, "")
             if all(self._state.get(order) == "stopped" for order in self._orders):
                 self._stopped.set()
-        elif isinstance(message, AgentBirth) and message.state == "offline" and message.agent in self.agents:
+        elif isinstance(message, AgentBirth) and message.state == "online":
+            if time.time() - message.time < self.lease_s:  # a retained birth of a dead agent stops getting younger
+                self._online.add(message.agent)
+        elif isinstance(message, AgentBirth) and message.agent in self.agents:
+            self._online.discard(message.agent)
             for key in [key for key in self._orders.values() if self.hosts[key[0]] == message.agent]:
                 self._exited.setdefault(key, f"its agent {message.agent!r} went offline")
 
-    def _order(self, agent: str, order_id: str, action: str, workers: list[dict] | None = None) -> None:
-        self.client.post(self.topics.orders(agent), AgentOrder(order_id=order_id, run_id=self.run_id, action=action,
-                                                               lease_s=self.lease_s, workers=workers or []))
+    def _order(self, agent: str, order_id: str, action: str, workers: list[dict] | None = None) -> AgentOrder:
+        order = AgentOrder(order_id=order_id, run_id=self.run_id, action=action, lease_s=self.lease_s,
+                           workers=workers or [])
+        self.client.post(self.topics.orders(agent), order)
+        return order
 
     def _order_all(self, action: str) -> None:
         for agent in self.agents:
@@ -88,7 +113,7 @@ class RemoteLauncher:
     def start(self, spec: WorkerSpec, secrets: WorkerSecrets) -> None:
         order_id = f"{spec.node}-{spec.replica}"
         self._orders[order_id] = (spec.node, spec.replica)
-        self._order(self.hosts[spec.node], order_id, "deploy", [spec.model_dump(mode="json")])
+        self._unanswered[order_id] = self._order(self.hosts[spec.node], order_id, "deploy", [spec.model_dump(mode="json")])
 
     def exited(self) -> dict[ReplicaKey, str]:
         return dict(self._exited)

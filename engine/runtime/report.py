@@ -47,9 +47,10 @@ def build_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:
         "model": {"path": plan.model_path, "source": str(source), "dtype": plan.dtype},
         "ready_seconds": round(result.ready_s, 4),
         "seconds": round(result.seconds, 4),
-        "nodes": [{"node": r.node, "replica": r.replica, "pid": r.pid, "state": r.state, "down": r.down,
+        "nodes": [{"node": r.node, "replica": r.replica, "host": plan.nodes[r.node].host, "pid": r.pid, "state": r.state,
+                   "down": r.down,
                    "load_seconds": r.load_s, "param_bytes": r.param_bytes, "peak_rss_bytes": r.peak_rss_bytes,
-                   "refused_messages": r.rejected}
+                   "refused_messages": r.rejected, "receives_at": r.receives_at}
                   for r in result.replicas.values()],
         # Control messages the controller dropped (unsigned, bad signature, replayed, too large or deep, invalid,
         # impostor: signed by a client speaking for another or answering what it was not asked), by reason.

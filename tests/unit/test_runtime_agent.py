@@ -94,7 +94,7 @@ def test_a_deploy_order_starts_the_engine_worker_with_the_derived_run_key_and_th
 
     reports, agent = scenario(tmp_path, [("run1-deployer", order("run1", [spec_json("run1", tmp_path / "models")]))])
     assert FakeLauncher.started == [("transformer", 0)]
-    job = agent.jobs["transformer-0"]
+    job = agent.jobs[("run1", "transformer-0")]
     launched = job.launcher
     assert launched.secrets.key == run_key(agent.options.deploy_key, "run1") and launched.secrets.broker_password == "pw"
     assert launched.spec.broker["host"] == "10.0.0.1" and launched.spec.broker["password"] is None
@@ -152,6 +152,15 @@ def test_an_order_signed_with_another_key_is_dropped(tmp_path):
 def test_workers_are_stopped_when_the_lease_runs_out(tmp_path):
     reports, agent = scenario(tmp_path, [("run1-deployer", order("run1", [spec_json("run1", tmp_path / "models")],
                                                                   lease_s=0.2))], after=0.8)
-    assert agent.jobs["transformer-0"].launcher.stopped
+    assert agent.jobs[("run1", "transformer-0")].launcher.stopped
     stopped = [r for r in reports if r.state == "stopped"]
     assert stopped and "lease of 0.2 s ran out" in stopped[0].detail
+
+
+def test_each_run_gets_its_own_job_for_the_same_order_id(tmp_path):
+    models = tmp_path / "models"
+    reports, agent = scenario(tmp_path, [("run1-deployer", order("run1", [spec_json("run1", models)])),
+                                         ("run1-deployer", order("run1", [], action="stop")),
+                                         ("run2-deployer", order("run2", [spec_json("run2", models)]))])
+    assert FakeLauncher.started == [("transformer", 0), ("transformer", 0)]
+    assert [(r.run_id, r.state) for r in reports][:3] == [("run1", "starting"), ("run1", "stopped"), ("run2", "starting")]
