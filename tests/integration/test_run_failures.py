@@ -107,7 +107,7 @@ def test_stuck_transformer_is_detected_within_the_heartbeat_timeout(tmp_path):
 
 
 def test_request_is_retried_on_the_other_replica(tmp_path):
-    run = LiveRun("wan_t2v_two_dit.yaml", tmp_path / "out", "request.steps=200")
+    run = LiveRun("wan_t2v_two_dit.yaml", tmp_path / "out", *LONG_DENOISE)
     run.wait_for("denoise ...", timeout=240)
     line = run.seen[-1]
     replica = 0 if "transformer[0]" in line else 1
