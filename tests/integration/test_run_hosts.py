@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 
 from engine.families import get_family
-from tests.integration.engine_run import GRAPHS, REPO, _wait_listening, free_port, reference_frames
+from tests.integration.engine_run import GRAPHS, REPO, free_port, reference_frames
 
 pytestmark = [
     pytest.mark.integration,
