@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -232,3 +233,20 @@ async def run_agent(options: AgentOptions) -> int:
     finally:
         await client.close()
     return 0
+
+
+async def live_agents(broker: BrokerAddress, deploy_key: bytes, wait_s: float) -> list[AgentBirth]:
+    """The latest authentic announcement of every agent heard on the broker within ``wait_s``."""
+    from engine.control.client import ControlClient
+
+    topics = AgentTopics()
+    births: dict[str, AgentBirth] = {}
+    async with ControlClient(broker, client_id=f"hosts-{os.getpid()}", key=deploy_key) as client:
+        await client.subscribe(topics.all_births)
+        deadline = time.monotonic() + wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            inbound = await client.receive(left)
+            if inbound is not None and isinstance(inbound.message, AgentBirth) and \
+                    inbound.sender == topics.signer_of(inbound.message):
+                births[inbound.message.agent] = inbound.message
+    return list(births.values())

@@ -1,4 +1,4 @@
-"""``engine agent`` and ``engine hosts``: arguments, and the hand-over to the agent."""
+"""``engine agent`` and ``engine hosts``: arguments, the hand-over to the agent, and the list of live agents."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from engine.errors import ControlError
@@ -36,6 +37,17 @@ def add_agent_parsers(commands: argparse._SubParsersAction) -> None:
     agent.add_argument("--work-dir", type=Path, help="worker specs, logs and outputs (default: a folder under /tmp)")
     agent.add_argument("--key-file", type=Path, help=KEY_HELP)
     agent.set_defaults(handler=_agent)
+
+    hosts = commands.add_parser(
+        "hosts", help="list the agents on a broker and what they offer",
+        description="Listen on the broker for the agents' announcements (signed with the deployment key) and list "
+                    "each live agent: its address, devices with memory, RDMA NICs, model folders and the runs it "
+                    "has workers of. An agent whose announcement is older than --stale-s is shown as gone.")
+    hosts.add_argument("--broker", required=True, help="the broker, mqtt://user:pass@host:port or mqtts://...")
+    hosts.add_argument("--key-file", type=Path, help=KEY_HELP)
+    hosts.add_argument("--wait-s", type=float, default=3.0, help="how long to listen (agents announce every 2 s)")
+    hosts.add_argument("--stale-s", type=float, default=10.0, help="an announcement older than this is an agent gone")
+    hosts.set_defaults(handler=_hosts)
 
 
 def deploy_key_from(args: argparse.Namespace) -> bytes:
@@ -71,3 +83,25 @@ def _agent(args: argparse.Namespace) -> int:
     options = AgentOptions(name=args.name, broker=broker, deploy_key=deploy_key_from(args), devices=devices,
                            models=tuple(args.models), address=args.address, work_dir=work_dir)
     return asyncio.run(run_agent(options))
+
+
+def _hosts(args: argparse.Namespace) -> int:
+    from engine.control.broker import BrokerAddress, parse_broker
+    from engine.runtime.agent import live_agents
+
+    broker = parse_broker(args.broker)
+    if not isinstance(broker, BrokerAddress):
+        raise ControlError("--broker: give the broker the agents use (mqtt://... or mqtts://...)")
+    births = asyncio.run(live_agents(broker, deploy_key_from(args), args.wait_s))
+    if not births:
+        print(f"no agent announced itself on {broker.display} within {args.wait_s:g} s")
+        return 1
+    from engine.display import human_bytes, table
+
+    now = time.time()
+    rows = [[b.agent, "online" if b.state == "online" and now - b.time < args.stale_s else "gone", b.address,
+             ", ".join(f"{d.name} {human_bytes(d.total_bytes)}" if d.total_bytes else d.name for d in b.devices),
+             ", ".join(b.rdma_devices) or "-", ", ".join(b.models) or "-", ", ".join(b.running) or "-", b.version]
+            for b in sorted(births, key=lambda b: b.agent)]
+    print(table(["agent", "state", "address", "devices", "rdma", "models", "runs", "version"], rows))
+    return 0

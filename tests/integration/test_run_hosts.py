@@ -177,3 +177,16 @@ def test_three_nodes_on_three_hosts_equal_the_monolithic_pipeline(cluster, tmp_p
     expected = reference_frames("t2v", json.dumps(params, sort_keys=True))
     assert np.array_equal(np.load(out / "r1.npy"), expected)
     assert not cluster.workers_in("h1") and not cluster.workers_in("h2")
+
+
+def test_engine_hosts_lists_the_live_agents_and_what_they_offer(cluster):
+    listed = subprocess.run([sys.executable, "-m", "engine.cli", "hosts", "--broker", cluster.broker], cwd=REPO,
+                            env={**os.environ, "ENGINE_DEPLOY_KEY": cluster.key}, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines()[2:]}
+    assert {name: (row[1], row[2], row[3]) for name, row in rows.items()} == {
+        host: ("online", address, "cpu") for host, address in HOSTS.items()}
+    wrong = subprocess.run([sys.executable, "-m", "engine.cli", "hosts", "--broker", cluster.broker, "--wait-s", "2.5"],
+                           cwd=REPO, env={**os.environ, "ENGINE_DEPLOY_KEY": "00" * 32}, capture_output=True, text=True,
+                           timeout=60)
+    assert wrong.returncode == 1 and "no agent announced itself" in wrong.stdout  # another key hears nothing
