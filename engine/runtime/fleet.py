@@ -157,6 +157,8 @@ class Fleet:
 
     def report(self, info: ReplicaInfo, stage: str | None = None, *, named: bool = True) -> str:
         """Why a replica is out, with its log tail; ``named`` puts the node, replica and stage in front."""
-        where = f"node {info.node!r} replica {info.replica}" + (f" (stage {stage!r})" if stage else "") + ": "
+        host = self.plan.nodes[info.node].host
+        where = (f"node {info.node!r} replica {info.replica}" + (f" on host {host!r}" if host != "local" else "")
+                 + (f" (stage {stage!r})" if stage else "") + ": ")
         tail = self.launcher.log_tail(info.key)
         return (where if named else "") + str(info.down) + (f"\n  {tail}" if tail else "")

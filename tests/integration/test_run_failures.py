@@ -4,64 +4,18 @@ that cannot be reached, weights that fail to load. Real processes, real broker, 
 from __future__ import annotations
 
 import os
-import queue
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from engine.families import get_family
-from tests.integration.engine_run import GRAPHS, REPO, engine_run, free_port, live_workers
+from tests.integration.engine_run import LiveRun, engine_run, free_port, live_workers
 
 pytestmark = pytest.mark.integration
-
-
-class LiveRun:
-    """`engine run` in the background, its progress lines readable as they come."""
-
-    def __init__(self, graph: str, out: Path, *settings: str):
-        command = [sys.executable, "-m", "engine.cli", "run", str(GRAPHS / graph), "--out", str(out)]
-        for setting in settings:
-            command += ["--set", setting]
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.put(line)
-
-    def wait_for(self, text: str, timeout: float) -> float:
-        """Wait for a line containing ``text``; return when it came (monotonic)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            self.seen.append(line)
-            if text in line:
-                return time.monotonic()
-        raise AssertionError(f"no line with {text!r} within {timeout} s; output so far:\n{''.join(self.seen)[-4000:]}")
-
-    def finish(self, timeout: float = 60) -> int:
-        code = self.process.wait(timeout=timeout)
-        time.sleep(0.2)
-        while not self.lines.empty():
-            self.seen.append(self.lines.get())
-        return code
-
-    @property
-    def output(self) -> str:
-        return "".join(self.seen)
 
 
 def worker_pid(out: Path, node: str, replica: int = 0) -> int:

@@ -9,10 +9,12 @@ has) and iproute2; elsewhere the tests skip with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +26,7 @@ import numpy as np
 import pytest
 
 from engine.families import get_family
-from tests.integration.engine_run import GRAPHS, REPO, free_port, reference_frames
+from tests.integration.engine_run import GRAPHS, REPO, LiveRun, free_port, reference_frames
 
 pytestmark = [
     pytest.mark.integration,
@@ -190,3 +192,40 @@ def test_engine_hosts_lists_the_live_agents_and_what_they_offer(cluster):
                            cwd=REPO, env={**os.environ, "ENGINE_DEPLOY_KEY": "00" * 32}, capture_output=True, text=True,
                            timeout=60)
     assert wrong.returncode == 1 and "no agent announced itself" in wrong.stdout  # another key hears nothing
+
+
+def live_run(cluster: Cluster, out: Path, monkeypatch, *settings: str) -> LiveRun:
+    """`engine run` with progress lines readable as they come."""
+    monkeypatch.setenv("ENGINE_DEPLOY_KEY", cluster.key)
+    monkeypatch.setenv("ENGINE_MOONCAKE_HOST", f"{SUBNET}.1")
+    return LiveRun("wan_t2v.yaml", out, f"broker={cluster.broker}", "nodes.encoder.place.host=h1",
+                   "nodes.transformer.place.host=h2", *settings)
+
+
+def test_a_cut_link_is_noticed_within_the_heartbeat_timeout(cluster, tmp_path, monkeypatch):
+    run = live_run(cluster, tmp_path / "out", monkeypatch, "request.steps=1000", "timeouts.heartbeat_s=3")
+    try:
+        run.wait_for("transformer[0] denoise", timeout=120)
+        time.sleep(1.0)
+        ip("link", "set", "veth-h2", "down")
+        cut = time.monotonic()
+        failed = run.wait_for("FAILED", timeout=30)
+    finally:
+        ip("link", "set", "veth-h2", "up")
+    assert failed - cut < 3 + 1, f"the cut link was noticed after {failed - cut:.1f} s"
+    assert run.finish() == 1
+    assert "node 'transformer' replica 0 on host 'h2'" in run.output and "stopped responding" in run.output
+
+
+def test_a_host_killed_mid_request_fails_it_within_5s_naming_host_node_replica_and_stage(cluster, tmp_path, monkeypatch):
+    run = live_run(cluster, tmp_path / "out", monkeypatch, "request.steps=1000")
+    run.wait_for("transformer[0] denoise", timeout=120)
+    time.sleep(1.0)
+    for pid in [*cluster.namespace_pids("h2"), cluster.agents["h2"].pid]:  # every process of the host
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    failed = run.wait_for("FAILED", timeout=30)
+    assert failed - killed < 5, f"the dead host was noticed after {failed - killed:.1f} s"
+    assert run.finish() == 1
+    assert "node 'transformer' replica 0 on host 'h2' (stage 'denoise')" in run.output, run.output[-3000:]
