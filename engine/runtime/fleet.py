@@ -29,7 +29,7 @@ class Launcher(Protocol):
     def start(self, spec: WorkerSpec, secrets: WorkerSecrets) -> None: ...
 
     def exited(self) -> dict[ReplicaKey, str]:
-        """Replicas whose process has ended, with how (e.g. 'killed by SIGKILL')."""
+        """Replicas whose process has ended, with how (e.g. 'process killed by SIGKILL')."""
 
     def kill(self, key: ReplicaKey) -> None:
         """End a replica's process at once (it is stuck and must do no more harm)."""
@@ -117,7 +117,7 @@ class Fleet:
     def check(self, *, connected: bool, reconnects: int) -> None:
         """Take out replicas whose process ended, and, while we hear the broker, those silent or stuck."""
         for key, how in self.launcher.exited().items():
-            self._down(self.replicas[key], f"process {how}")
+            self._down(self.replicas[key], how)
         if not connected:
             return  # cut off from the broker ourselves: the replicas' silence says nothing about them
         if reconnects != self._reconnects_seen:

@@ -91,7 +91,8 @@ class LocalLauncher:
         return worker
 
     def exited(self) -> dict[tuple[str, int], str]:
-        return {key: exit_description(code) for key, w in self.workers.items() if (code := w.exit_code()) is not None}
+        return {key: f"process {exit_description(code)}" for key, w in self.workers.items()
+                if (code := w.exit_code()) is not None}
 
     def log_tail(self, key: tuple[str, int]) -> str:
         worker = self.workers.get(key)

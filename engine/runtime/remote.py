@@ -88,7 +88,7 @@ class RemoteLauncher:
                 node, _, replica = name.rpartition("/")
                 self._exited.setdefault((node, int(replica)), f"{how} (on agent {message.agent!r})")
                 self._tails[(node, int(replica))] = message.log_tails.get(name, "")
-            if all(self._state.get(order) == "stopped" for order in self._orders):
+            if not self._running():
                 self._stopped.set()
         elif isinstance(message, AgentBirth) and message.state == "online":
             if time.time() - message.time < self.lease_s:  # a retained birth of a dead agent stops getting younger
@@ -97,6 +97,10 @@ class RemoteLauncher:
             self._online.discard(message.agent)
             for key in [key for key in self._orders.values() if self.hosts[key[0]] == message.agent]:
                 self._exited.setdefault(key, f"its agent {message.agent!r} went offline")
+
+    def _running(self) -> list[str]:
+        """Orders whose workers an agent said it started and has not said it stopped."""
+        return [order for order, state in self._state.items() if state == "starting"]
 
     def _order(self, agent: str, order_id: str, action: str, workers: list[dict] | None = None) -> AgentOrder:
         order = AgentOrder(order_id=order_id, run_id=self.run_id, action=action, lease_s=self.lease_s,
@@ -123,7 +127,7 @@ class RemoteLauncher:
 
     def stop_all(self) -> None:
         """Order every agent to stop the run's workers and wait (bounded) for them to say so; from any thread."""
-        if self._loop is None or not self._orders:
+        if self._loop is None or not self._running():
             return
         self._loop.call_soon_threadsafe(self._order_all, "stop")
         if not self._stopped.wait(STOP_WAIT_S):

@@ -16,7 +16,7 @@ from engine.control.signing import Sealer, new_key
 from engine.control.topics import AgentTopics
 from engine.runtime import agent as agent_module
 from engine.runtime.agent import Agent, AgentOptions
-from engine.runtime.deployment import worker_specs
+from engine.runtime.deployment import WorkerSpec, worker_specs
 from tests.unit.test_runtime_scheduler import plan_of
 
 TOPICS = AgentTopics()
@@ -164,3 +164,33 @@ def test_each_run_gets_its_own_job_for_the_same_order_id(tmp_path):
                                          ("run2-deployer", order("run2", [spec_json("run2", models)]))])
     assert FakeLauncher.started == [("transformer", 0), ("transformer", 0)]
     assert [(r.run_id, r.state) for r in reports][:3] == [("run1", "starting"), ("run1", "stopped"), ("run2", "starting")]
+
+
+def test_the_controller_side_repeats_orders_until_answered_and_names_an_absent_agent(tmp_path):
+    from engine.runtime.remote import RemoteLauncher
+
+    broker = MemoryBroker()
+
+    async def run():
+        launcher = RemoteLauncher(broker.connect("run1-deployer"), "run1", {"transformer": "h1", "encoder": "h2"},
+                                  lease_s=0.6)
+        serving = asyncio.create_task(launcher.serve())
+        await asyncio.sleep(0.05)
+        h1 = broker.connect("agent-h1")
+        await h1.subscribe(TOPICS.orders("h1"))
+        launcher.start(WorkerSpec.model_validate(spec_json("run1", tmp_path)), None)  # type: ignore[arg-type]
+        first = await h1.receive(1)
+        await h1.publish(TOPICS.birth("h1"), agent_module.announcement(AgentOptions(
+            name="h1", broker=BrokerAddress("x", 1), deploy_key=broker.key, devices=("cpu",), models=(), address="a",
+            work_dir=tmp_path), "online", []), retain=True)
+        await h1.publish(TOPICS.jobs("run1"), AgentJob(agent="h1", order_id="transformer-0", run_id="run1", state="failed",
+                                                       detail="model outside --models", exited={}, log_tails={}))
+        launcher.start(WorkerSpec.model_validate({**spec_json("run1", tmp_path), "node": "encoder"}), None)  # type: ignore[arg-type]
+        await asyncio.sleep(1.0)
+        serving.cancel()
+        return first, launcher.exited()
+
+    first, exited = asyncio.run(run())
+    assert isinstance(first.message, AgentOrder) and first.message.action == "deploy"
+    assert exited[("transformer", 0)] == "refused by agent 'h1': model outside --models"
+    assert exited[("encoder", 0)].startswith("agent 'h2' is not online: no announcement from it within 0.6 s")

@@ -58,7 +58,7 @@ class FakeLauncher:
         for tasks in (self.tasks, self.heartbeats):
             if key in tasks:
                 tasks[key].cancel()
-        self.dead[key] = "killed by SIGKILL"
+        self.dead[key] = "process killed by SIGKILL"
 
     def stop_all(self) -> None:
         for task in [*self.tasks.values(), *self.heartbeats.values()]:
