@@ -166,7 +166,7 @@ def _check_edges(loaded: LoadedGraph, flows: list[Flow], problems: list[Problem]
         if pair not in needed:
             problems.append(lines.problem(at, f"edge {edge.name!r} carries nothing: no stage on {edge.target!r} reads a tensor produced on {edge.source!r}; remove it"))
         source_host = spec.nodes[edge.source].place.host
-        same_host = source_host == spec.nodes[edge.target].place.host
+        same_host = source_host == spec.nodes[edge.target].place.host and source_host != "any"  # any: placed apart
         if edge.protocol is not None and edge.transport == "shm":
             problems.append(lines.problem((*at, "protocol"), f"protocol {edge.protocol} applies to mooncake edges; this edge uses shm (drop protocol, or use transport mooncake)"))
         if edge.transport == "shm" and not same_host:

@@ -41,6 +41,20 @@ def local_capacity(device: str) -> int | None:
     return getattr(torch, kind).get_device_properties(int(index)).total_memory
 
 
+def local_free(device: str) -> int | None:
+    """Memory free on ``device`` now (MemAvailable for cpu); None for a device this host does not have."""
+    if device == "cpu":
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    kind, _, index = device.partition(":")
+    if int(index) >= device_count(kind):
+        return None
+    import torch
+
+    return int(getattr(torch, kind).mem_get_info(int(index))[0])
+
+
 def check_local_devices(checked: CheckedGraph) -> None:
     """Raise PlanError naming every ``host: local`` node whose device this host does not have (a run would
     otherwise fail in the node's worker, after the others have loaded)."""

@@ -50,6 +50,7 @@ class AgentOptions:
     models: tuple[Path, ...]
     address: str  #: where this host's Mooncake engines listen and peers reach them
     work_dir: Path  #: worker specs, logs and outputs of each run
+    memory: dict[str, int] = field(default_factory=dict)  #: device -> bytes offered (default: what is free)
     heartbeat_s: float = 2.0
 
 
@@ -199,11 +200,12 @@ class Agent:
 def announcement(options: AgentOptions, state: str, running: list[str]) -> AgentBirth:
     """What the agent says of itself on its birth topic."""
     from engine.families import family_names
-    from engine.plan.host import local_capacity
+    from engine.plan.host import local_capacity, local_free
 
     return AgentBirth(
         agent=options.name, state=state, version=__version__, address=options.address,
-        devices=[DeviceInfo(name=d, total_bytes=local_capacity(d), free_bytes=None) for d in options.devices],
+        devices=[DeviceInfo(name=d, total_bytes=local_capacity(d), free_bytes=options.memory.get(d, local_free(d)))
+                 for d in options.devices],
         rdma_devices=rdma_devices(), families=family_names(), models=[str(m) for m in options.models], running=running,
         time=time.time())
 

@@ -30,6 +30,8 @@ def add_agent_parsers(commands: argparse._SubParsersAction) -> None:
     agent.add_argument("--name", required=True, help="this host's name, as graphs place nodes on it (place.host)")
     agent.add_argument("--device", dest="devices", action="append", metavar="DEVICE",
                        help="a device nodes may use here (cpu, cuda:N, xpu:N; repeatable; default: cpu)")
+    agent.add_argument("--memory", action="append", default=[], metavar="DEVICE=SIZE",
+                       help="memory a device offers to `place.host: any` nodes, e.g. cuda:0=40GiB (default: what is free)")
     agent.add_argument("--models", action="append", type=Path, default=[], metavar="DIR",
                        help="a folder models may be loaded from (repeatable); any other model path is refused")
     agent.add_argument("--address", default="127.0.0.1",
@@ -68,9 +70,11 @@ def _agent(args: argparse.Namespace) -> int:
     from engine.control.broker import BrokerAddress, parse_broker
     from engine.control.messages import AGENT_NAME_PATTERN
     from engine.runtime.agent import AgentOptions, run_agent
+    from engine.spec.schema import parse_memory
 
-    if not re.match(AGENT_NAME_PATTERN, args.name):
-        raise ControlError(f"--name {args.name!r}: letters, digits, . _ - only")
+    if not re.match(AGENT_NAME_PATTERN, args.name) or args.name in ("any", "local"):
+        raise ControlError(f"--name {args.name!r}: letters, digits, . _ - only, and neither 'any' nor 'local' "
+                           "(those are placements)")
     broker = parse_broker(args.broker)
     if not isinstance(broker, BrokerAddress):
         raise ControlError("--broker: an agent needs a broker of its own (mqtt://... or mqtts://...), not embedded")
@@ -78,10 +82,19 @@ def _agent(args: argparse.Namespace) -> int:
     bad = [d for d in devices if not re.fullmatch(r"cpu|(cuda|xpu):\d+", d)]
     if bad:
         raise ControlError(f"--device {bad[0]!r}: expected cpu, cuda:N or xpu:N")
+    memory = {}
+    for given in args.memory:
+        device, _, size = given.partition("=")
+        if device not in devices:
+            raise ControlError(f"--memory {given!r}: {device!r} is not one of this agent's devices ({', '.join(devices)})")
+        try:
+            memory[device] = parse_memory(size)
+        except ValueError as exc:
+            raise ControlError(f"--memory {given!r}: {exc}") from None
     work_dir = args.work_dir or Path(tempfile.gettempdir()) / f"dge-agent-{args.name}"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     options = AgentOptions(name=args.name, broker=broker, deploy_key=deploy_key_from(args), devices=devices,
-                           models=tuple(args.models), address=args.address, work_dir=work_dir)
+                           models=tuple(args.models), address=args.address, work_dir=work_dir, memory=memory)
     return asyncio.run(run_agent(options))
 
 

@@ -88,6 +88,6 @@ def _run(args: argparse.Namespace) -> int:
         result = asyncio.run(run_graph(plan, source, requests, options))
     finally:
         signal.signal(signal.SIGTERM, previous)
-    report = write_report(result, plan, source)
+    report = write_report(result, result.plan, source)
     print_summary(result, report)
     return 0 if all(r.state == State.DONE for r in result.requests) else 1

@@ -30,7 +30,9 @@ from engine.control.signing import read_key, run_key
 from engine.control.topics import AgentTopics, Topics
 from engine.errors import EngineError, NodeError, PlanError
 from engine.plan.model import Plan
+from engine.plan.placement import ANY, Offer, place_on_agents
 from engine.runtime.access import RunAccess
+from engine.runtime.agent import live_agents
 from engine.runtime.deployment import worker_specs
 from engine.runtime.fleet import Fleet, Launcher, ReplicaInfo
 from engine.runtime.launcher import LocalLauncher
@@ -41,6 +43,7 @@ from engine.runtime.tracker import TrackedRequest
 from engine.stages import RequestParams
 
 TICK_S = 0.1
+AGENT_WAIT_S = 2.5  #: how long to listen for the agents' announcements (they announce every 2 s)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class RunResult:
     seconds: float
     refused: dict[str, int]  #: messages the controller refused, by reason
     broker_reconnects: int
+    plan: Plan  #: the plan as it ran (``place.host: any`` nodes on the agents chosen)
 
 
 @contextlib.asynccontextmanager
@@ -129,6 +133,7 @@ class Controller:
             self.client = client = self._connect(self.access.address(address, me), me, self.access.key)
             await client.connect()
             try:
+                await self._place_any(address)
                 async with self._agents(address):
                     try:
                         await self._deploy(address)
@@ -140,11 +145,29 @@ class Controller:
                         return RunResult(self.options.run_id, self.options.out_dir, self.scheduler.requests,
                                          self.fleet.replicas, self.clock_zero, ready_s, time.monotonic() - self.clock_zero,
                                          refused={**client.rejected, "impostor": self.scheduler.impostors},
-                                         broker_reconnects=client.reconnects)
+                                         broker_reconnects=client.reconnects, plan=self.plan)
                     finally:
                         await self._stop_workers()
             finally:
                 await client.close()
+
+    async def _place_any(self, address: BrokerAddress) -> None:
+        """Nodes with ``place.host: any`` go to the live agent with room for them (engine.plan.placement)."""
+        if not any(node.host == ANY for node in self.plan.nodes.values()):
+            return
+        from engine.families import get_family
+        from engine.plan.memory import memory_report
+
+        assert self.deploy_key is not None
+        births = await live_agents(address, self.deploy_key, AGENT_WAIT_S)
+        now = time.time()
+        offers = [Offer(birth.agent, device.name, device.free_bytes or 0) for birth in births
+                  if birth.state == "online" and now - birth.time < self.plan.timeouts.lease_s for device in birth.devices]
+        report = await asyncio.to_thread(memory_report, self.plan, get_family(self.plan.family), self.source)
+        self.plan = place_on_agents(self.plan, {node.node: node.total_bytes for node in report.nodes}, offers)
+        self.fleet.plan = self.plan
+        self.hosts = {n.name: n.host for n in self.plan.nodes.values() if n.host != "local"}
+        self.view.placed({n.name: f"{n.host} {n.device}" for n in self.plan.nodes.values() if n.host != "local"})
 
     @contextlib.asynccontextmanager
     async def _agents(self, address: BrokerAddress) -> AsyncIterator[None]:

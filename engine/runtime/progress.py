@@ -71,6 +71,9 @@ class ProgressView:
             self._refused_from.add(sender)
             self._print(f"!! refused a message signed by {sender}: {what} (further ones from it are only counted)")
 
+    def placed(self, where: dict[str, str]) -> None:
+        self._print("placed on agents: " + ", ".join(f"{node} on {spot}" for node, spot in where.items()))
+
     def broker_back(self) -> None:
         self._print("the broker is back; heartbeat timeouts count from now")
 

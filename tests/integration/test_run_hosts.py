@@ -36,6 +36,7 @@ pytestmark = [
 
 BRIDGE, SUBNET = "br-dge", "10.231.0"
 HOSTS = {"h1": f"{SUBNET}.2", "h2": f"{SUBNET}.3"}
+OFFERS = {"h1": "8MiB", "h2": "100KiB"}  #: cpu memory each agent offers to `place.host: any` nodes
 
 
 def ip(*args: str) -> None:
@@ -99,7 +100,8 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
                     log = (folder / f"agent-{host}.log").open("w")
                     agents[host] = subprocess.Popen(
                         ["ip", "netns", "exec", f"dge-{host}", sys.executable, "-m", "engine.cli", "agent", "--broker", url,
-                         "--name", host, "--address", address, "--models", str(models), "--work-dir", str(folder / host)],
+                         "--name", host, "--address", address, "--models", str(models), "--work-dir", str(folder / host),
+                         "--memory", f"cpu={OFFERS[host]}"],
                         cwd=REPO, env={**os.environ, "ENGINE_DEPLOY_KEY": key}, stdout=log, stderr=subprocess.STDOUT)
                 yield Cluster(url, key, agents, folder)
         finally:
@@ -192,6 +194,24 @@ def test_engine_hosts_lists_the_live_agents_and_what_they_offer(cluster):
                            cwd=REPO, env={**os.environ, "ENGINE_DEPLOY_KEY": "00" * 32}, capture_output=True, text=True,
                            timeout=60)
     assert wrong.returncode == 1 and "no agent announced itself" in wrong.stdout  # another key hears nothing
+
+
+def test_a_node_placed_on_any_goes_to_the_agent_with_room_for_it(cluster, tmp_path):
+    out = tmp_path / "out"
+    run = engine_run(cluster, out, "nodes.transformer.place.host=any")  # ~0.6 MiB: only h1 offers that much
+    output, _ = run.communicate(timeout=240)
+    assert run.returncode == 0, output[-3000:]
+    assert {n["node"]: n["host"] for n in json.loads((out / "report.json").read_text())["nodes"]}["transformer"] == "h1"
+
+
+def test_a_node_that_fits_no_agent_is_a_clear_error(cluster, tmp_path):
+    run = engine_run(cluster, tmp_path / "out", "nodes.transformer.place.host=any",
+                     "nodes.transformer.replicas=20")  # ~0.6 MiB each: more than any agent offers
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode == 1
+    assert "node 'transformer' (place.host: any) needs" in output and "no agent has that free (h1 cpu 8.00 MiB, " \
+        "h2 cpu 100.00 KiB)" in output, output[-3000:]
+    assert "Traceback" not in output
 
 
 def live_run(cluster: Cluster, out: Path, monkeypatch, *settings: str) -> LiveRun:

@@ -153,7 +153,8 @@ def test_the_report_names_node_replica_and_stages_of_each_segment():
     plan, _, source = common.plan_graph(common.graph_path("i2v"), ["model.path=tiny"])
     request = tracked("r1", [0, 0, 0])
     result = SimpleNamespace(run_id="t", requests=[request], replicas={}, started=request.clock_zero - 2.0, ready_s=2.0,
-                             seconds=3.0, out_dir=Path("/nonexistent"), refused={}, broker_reconnects=0)
+                             seconds=3.0, out_dir=Path("/nonexistent"), refused={}, broker_reconnects=0,
+                             plan=plan)
     report = build_report(result, plan, source)
     (entry,) = report["requests"]
     assert entry["submitted_seconds"] == pytest.approx(2.0)
