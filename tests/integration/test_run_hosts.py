@@ -12,21 +12,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench.netns import SUBNET, Cluster, namespace_hosts
 from engine.families import get_family
-from tests.integration.engine_run import GRAPHS, REPO, LiveRun, free_port, reference_frames
+from tests.integration.engine_run import GRAPHS, REPO, LiveRun, reference_frames
 
 pytestmark = [
     pytest.mark.integration,
@@ -34,7 +33,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 is not installed"),
 ]
 
-BRIDGE, SUBNET = "br-dge", "10.231.0"
 HOSTS = {"h1": f"{SUBNET}.2", "h2": f"{SUBNET}.3"}
 OFFERS = {"h1": "8MiB", "h2": "100KiB"}  #: cpu memory each agent offers to `place.host: any` nodes
 
@@ -43,103 +41,12 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
-@dataclass
-class Cluster:
-    broker: str
-    key: str
-    agents: dict[str, subprocess.Popen]
-    logs: Path
-
-    def namespace_pids(self, host: str) -> set[int]:
-        found = subprocess.run(["ip", "netns", "pids", f"dge-{host}"], capture_output=True, text=True).stdout.split()
-        return {int(pid) for pid in found} - {self.agents[host].pid}
-
-    def workers_in(self, host: str) -> list[int]:
-        alive = []
-        for pid in self.namespace_pids(host):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                running = Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-            except OSError:
-                continue
-            if b"engine.runtime.worker" in cmdline and running:
-                alive.append(pid)
-        return alive
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    folder = tmp_path_factory.mktemp("hosts")
-    remove_hosts()  # what an earlier, killed run may have left
-    ip("link", "add", BRIDGE, "type", "bridge")
-    try:
-        ip("addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE)
-        ip("link", "set", BRIDGE, "up")
-        for host, address in HOSTS.items():
-            ip("netns", "add", f"dge-{host}")
-            ip("link", "add", f"veth-{host}", "type", "veth", "peer", "name", "eth0", "netns", f"dge-{host}")
-            ip("link", "set", f"veth-{host}", "master", BRIDGE, "up")
-            ip("-n", f"dge-{host}", "addr", "add", f"{address}/24", "dev", "eth0")
-            ip("-n", f"dge-{host}", "link", "set", "eth0", "up")
-            ip("-n", f"dge-{host}", "link", "set", "lo", "up")
-        port = free_port()
-        (folder / "mosquitto.conf").write_text(f"listener {port} {SUBNET}.1\nallow_anonymous false\npassword_file "
-                                               f"{folder / 'passwd'}\npersistence false\nset_tcp_nodelay true\n"
-                                               f"log_type none\nuser {os.environ.get('USER', 'root')}\n")
-        password = secrets.token_urlsafe(16)
-        from engine.control.broker import mosquitto_password_line
-
-        (folder / "passwd").write_text(mosquitto_password_line("engine", password))
-        broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(folder / "mosquitto.conf")],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url, key = f"mqtt://engine:{password}@{SUBNET}.1:{port}", secrets.token_hex(32)
-        models = get_family("wan").resolve_source("t2v", "tiny").parent  # built here, before any agent needs it
-        agents = {}
-        try:
-            with socket_ready(broker, port):
-                for host, address in HOSTS.items():
-                    log = (folder / f"agent-{host}.log").open("w")
-                    agents[host] = subprocess.Popen(
-                        ["ip", "netns", "exec", f"dge-{host}", sys.executable, "-m", "engine.cli", "agent", "--broker", url,
-                         "--name", host, "--address", address, "--models", str(models), "--work-dir", str(folder / host),
-                         "--memory", f"cpu={OFFERS[host]}"],
-                        cwd=REPO, env={**os.environ, "ENGINE_DEPLOY_KEY": key}, stdout=log, stderr=subprocess.STDOUT)
-                yield Cluster(url, key, agents, folder)
-        finally:
-            for agent in agents.values():
-                agent.terminate()
-                agent.wait(timeout=15)
-            broker.terminate()
-            broker.wait(timeout=10)
-    finally:
-        remove_hosts()
-
-
-def remove_hosts() -> None:
-    for host in HOSTS:
-        subprocess.run(["ip", "netns", "del", f"dge-{host}"], capture_output=True)
-    subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
-
-
-class socket_ready:
-    """Wait until mosquitto listens on the bridge address (it binds only there)."""
-
-    def __init__(self, process: subprocess.Popen, port: int):
-        self.process, self.port = process, port
-
-    def __enter__(self) -> None:
-        deadline = time.monotonic() + 10
-        import socket
-
-        while True:
-            with socket.socket() as probe:
-                if probe.connect_ex((f"{SUBNET}.1", self.port)) == 0:
-                    return
-            assert time.monotonic() < deadline and self.process.poll() is None, "mosquitto did not start"
-            time.sleep(0.02)
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    models = get_family("wan").resolve_source("t2v", "tiny").parent  # built here, before any agent needs it
+    with namespace_hosts(tmp_path_factory.mktemp("hosts"), list(HOSTS), models, OFFERS) as made:
+        assert made.hosts == HOSTS
+        yield made
 
 
 def engine_run(cluster: Cluster, out: Path, *settings: str) -> subprocess.Popen:
@@ -148,8 +55,7 @@ def engine_run(cluster: Cluster, out: Path, *settings: str) -> subprocess.Popen:
                "--set", "nodes.transformer.place.host=h2"]
     for setting in settings:
         command += ["--set", setting]
-    env = {**os.environ, "ENGINE_DEPLOY_KEY": cluster.key, "ENGINE_MOONCAKE_HOST": f"{SUBNET}.1"}
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(command, cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_a_controller_killed_mid_request_leaves_no_remote_worker_past_the_lease(cluster, tmp_path):
@@ -190,7 +96,7 @@ def test_three_nodes_on_three_hosts_equal_the_monolithic_pipeline(cluster, tmp_p
 
 def test_engine_hosts_lists_the_live_agents_and_what_they_offer(cluster):
     listed = subprocess.run([sys.executable, "-m", "engine.cli", "hosts", "--broker", cluster.broker], cwd=REPO,
-                            env={**os.environ, "ENGINE_DEPLOY_KEY": cluster.key}, capture_output=True, text=True, timeout=60)
+                            env=cluster.env, capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines()[2:]}
     assert {name: (row[1], row[2], row[3]) for name, row in rows.items()} == {
@@ -221,8 +127,8 @@ def test_a_node_that_fits_no_agent_is_a_clear_error(cluster, tmp_path):
 
 def live_run(cluster: Cluster, out: Path, monkeypatch, *settings: str) -> LiveRun:
     """`engine run` with progress lines readable as they come."""
-    monkeypatch.setenv("ENGINE_DEPLOY_KEY", cluster.key)
-    monkeypatch.setenv("ENGINE_MOONCAKE_HOST", f"{SUBNET}.1")
+    for name in ("ENGINE_DEPLOY_KEY", "ENGINE_MOONCAKE_HOST"):
+        monkeypatch.setenv(name, cluster.env[name])
     return LiveRun("wan_t2v.yaml", out, f"broker={cluster.broker}", "nodes.encoder.place.host=h1",
                    "nodes.transformer.place.host=h2", *settings)
 
