@@ -17,7 +17,7 @@ from engine.runtime.tracker import State, TrackedRequest
 from nodes.wan.family import WanRequest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-SCRIPTS = ("overhead", "throughput", "control", "memory", "cold_start", "gpu_wan", "timeline", "monolithic")
+SCRIPTS = ("overhead", "throughput", "control", "memory", "cold_start", "gpu_wan", "timeline", "monolithic", "hosts")
 
 
 def load(name: str):
@@ -37,7 +37,7 @@ def test_every_script_has_help(name, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ("overhead", "throughput", "control", "memory", "cold_start", "gpu_wan"))
+@pytest.mark.parametrize("name", ("overhead", "throughput", "control", "memory", "cold_start", "gpu_wan", "hosts"))
 def test_measuring_scripts_offer_json(name):
     assert load(name).parse_args(["--json"]).json is True
 
@@ -47,6 +47,7 @@ def test_measuring_scripts_offer_json(name):
     ("throughput", ["--requests", "0"], "--requests must be at least 1"),
     ("control", ["--messages", "1"], "--messages must be at least 2"),
     ("cold_start", ["--repeats", "0"], "--repeats must be at least 1"),
+    ("hosts", ["--repeats", "0"], "--repeats must be at least 1"),
     ("gpu_wan", ["--requests", "-1"], "--requests must be 0 or more"),
 ])
 def test_bad_counts_are_refused(name, argv, message, capsys):
