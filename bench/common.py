@@ -9,6 +9,7 @@ requests and machine.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import json
@@ -105,6 +106,16 @@ def _memory_bytes() -> int:
 
 
 # -- the graph and its requests -------------------------------------------------------------------------------
+
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """The graph, model and request options the latency benchmarks share (small requests by default)."""
+    parser.add_argument("--task", choices=("i2v", "t2v"), default="i2v", help="graphs/wan_<task>.yaml")
+    parser.add_argument("--model", default="bench", help="preset or diffusers folder (default: the bench preset)")
+    parser.add_argument("--height", type=int, default=128)
+    parser.add_argument("--width", type=int, default=224)
+    parser.add_argument("--frames", type=int, default=17, help="4k+1")
+    parser.add_argument("--steps", type=int, default=4)
+
 
 def graph_path(task: str, layout: str = "") -> Path:
     return GRAPHS / f"wan_{task}{layout}.yaml"

@@ -26,7 +26,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (REAL_480P, emit, finish_machine, graph_path, latency, machine, machine_line,  # noqa: E402
+from bench.common import (REAL_480P, add_request_arguments, emit, finish_machine, graph_path, latency, machine, machine_line,  # noqa: E402
                           make_requests, median, plan_graph, request_values, serial_overrides, size_overrides,
                           work_dir)
 from bench.netns import namespace_hosts  # noqa: E402
@@ -36,12 +36,7 @@ PLACEMENT = {"encoder": "h1", "transformer": "h2"}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=("i2v", "t2v"), default="i2v", help="graphs/wan_<task>.yaml")
-    parser.add_argument("--model", default="bench", help="preset or diffusers folder (default: the bench preset)")
-    parser.add_argument("--height", type=int, default=128)
-    parser.add_argument("--width", type=int, default=224)
-    parser.add_argument("--frames", type=int, default=17, help="4k+1")
-    parser.add_argument("--steps", type=int, default=4)
+    add_request_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="timed requests per side, after one warm-up")
     parser.add_argument("--out", type=Path, help="folder for outputs and reports (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (REAL_480P, emit, finish_machine, graph_path, machine, machine_line, make_requests,  # noqa: E402
+from bench.common import (REAL_480P, add_request_arguments, emit, finish_machine, graph_path, machine, machine_line, make_requests,  # noqa: E402
                           plan_graph, request_values, run_engine, run_monolithic, size_overrides, work_dir)
 
 IMPORTS_ONLY = ("import json, pathlib, torch, diffusers, transformers\n"
@@ -29,12 +29,7 @@ IMPORTS_ONLY = ("import json, pathlib, torch, diffusers, transformers\n"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=("i2v", "t2v"), default="i2v", help="graphs/wan_<task>.yaml")
-    parser.add_argument("--model", default="bench", help="preset or diffusers folder (default: the bench preset)")
-    parser.add_argument("--height", type=int, default=128)
-    parser.add_argument("--width", type=int, default=224)
-    parser.add_argument("--frames", type=int, default=17, help="4k+1")
-    parser.add_argument("--steps", type=int, default=4)
+    add_request_arguments(parser)
     parser.add_argument("--out", type=Path, help="folder for outputs and reports (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     return parser.parse_args(argv)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (REAL_480P, edges_at_480p, emit, finish_machine, frames_max_diff, graph_path,  # noqa: E402
+from bench.common import (REAL_480P, add_request_arguments, edges_at_480p, emit, finish_machine, frames_max_diff, graph_path,  # noqa: E402
                           latency, machine, machine_line, make_requests, median, plan_graph, request_values,
                           run_engine, run_monolithic, serial_overrides, size_overrides, work_dir)
 
@@ -36,12 +36,7 @@ TARGET_RATIO = 1.03
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=("i2v", "t2v"), default="i2v", help="graphs/wan_<task>.yaml")
-    parser.add_argument("--model", default="bench", help="preset or diffusers folder (default: the bench preset)")
-    parser.add_argument("--height", type=int, default=128)
-    parser.add_argument("--width", type=int, default=224)
-    parser.add_argument("--frames", type=int, default=17, help="4k+1")
-    parser.add_argument("--steps", type=int, default=4)
+    add_request_arguments(parser)
     parser.add_argument("--repeats", type=int, default=5, help="timed requests per side, after the warm-up")
     parser.add_argument("--warmup", type=int, choices=(0, 1), default=1, help="untimed first requests per side")
     parser.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto", help="embedded broker")

@@ -28,20 +28,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (REAL_480P, cores, emit, finish_machine, graph_path, machine, machine_line,  # noqa: E402
+from bench.common import (REAL_480P, add_request_arguments, cores, emit, finish_machine, graph_path, machine, machine_line,  # noqa: E402
                           make_requests, median, on_run_clock, plan_graph, request_values, run_engine, run_monolithic,
                           size_overrides, work_dir)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=("i2v", "t2v"), default="i2v", help="graphs/wan_<task>.yaml")
-    parser.add_argument("--model", default="bench", help="preset or diffusers folder (default: the bench preset)")
+    add_request_arguments(parser)
     parser.add_argument("--requests", type=int, default=8, help="requests per side")
-    parser.add_argument("--height", type=int, default=128)
-    parser.add_argument("--width", type=int, default=224)
-    parser.add_argument("--frames", type=int, default=17, help="4k+1")
-    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto", help="embedded broker")
     parser.add_argument("--worker-threads", type=int, help="torch threads per worker process (default: cores / the "
                         "nodes that can compute at once, at least 1; 0: torch's default, every core per worker)")
