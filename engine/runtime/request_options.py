@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -48,9 +48,8 @@ def _base_type(annotation: Any) -> Any:
     return members[0] if len(members) == 1 else annotation
 
 
-def _owners(labels: Sequence[str]) -> str:
-    """``wan t2v, wan i2v`` -> ``wan`` where a family's every task has the field."""
-    models = request_models()
+def _owners(labels: Sequence[str], models: Mapping[str, type[RequestParams]]) -> str:
+    """``wan t2v, wan i2v`` -> ``wan`` where a family's every task in ``models`` has the field."""
     names = []
     for family in dict.fromkeys(label.split()[0] for label in labels):
         tasks = [label for label in models if label.split()[0] == family]
@@ -60,9 +59,14 @@ def _owners(labels: Sequence[str]) -> str:
 
 @cache
 def request_options() -> tuple[RequestOption, ...]:
-    """One option per request field of any family: the fields some request requires (the prompt) first, then
-    the others, each group in the models' field order."""
-    models = request_models()
+    """One option per request field of any installed family (:func:`options_for` their request models)."""
+    return options_for(request_models())
+
+
+def options_for(models: Mapping[str, type[RequestParams]]) -> tuple[RequestOption, ...]:
+    """One option per request field of ``models`` (by ``"family task"``): the fields some request requires (the
+    prompt) first, then the others, each group in the models' field order. A field whose description differs
+    between models names the families and tasks of each."""
     descriptions: dict[str, dict[str, list[str]]] = {}  # field -> description -> models that have it
     types: dict[str, set[Any]] = {}
     required: set[str] = set()
@@ -75,7 +79,8 @@ def request_options() -> tuple[RequestOption, ...]:
     options = []
     for name, by_text in sorted(descriptions.items(), key=lambda item: item[0] not in required):
         everywhere = len(by_text) == 1 and len(next(iter(by_text.values()))) == len(models)
-        text = next(iter(by_text)) if everywhere else " ".join(f"{_owners(labels)}: {t}" for t, labels in by_text.items())
+        text = (next(iter(by_text)) if everywhere
+                else " ".join(f"{_owners(labels, models)}: {t}" for t, labels in by_text.items()))
         kind = next(iter(types[name])) if len(types[name]) == 1 else None
         options.append(RequestOption(name, option_flag(name), METAVARS.get(kind, "VALUE"), text.replace("%", "%%")))
     return tuple(options)

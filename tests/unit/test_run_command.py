@@ -6,11 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import Field
 
 from engine.cli import build_parser
 from engine.errors import OutputError
 from engine.runtime.cli_run import prepare_output_folder
-from engine.runtime.request_options import request_models, request_options
+from engine.families import get_family
+from engine.runtime.request_options import options_for, request_models, request_options
+from engine.stages import RequestParams
 
 # -- the output folder ------------------------------------------------------------------------------------------
 
@@ -52,15 +55,35 @@ def test_every_request_field_of_every_family_is_an_option_with_its_description()
     assert {"wan t2v", "wan i2v", "qwen_image t2i", "qwen_image edit"} <= set(request_models())
 
 
+def models_of(*families: str) -> dict[str, type[RequestParams]]:
+    """The request models of ``families``' tasks, by ``"family task"``: tests of the help text name the families
+    they describe, so that installing another family changes none of them."""
+    return {f"{name} {task}": get_family(name).request_type(task)
+            for name in families for task in get_family(name).tasks}
+
+
 def test_request_option_help_names_the_families_that_have_the_field() -> None:
-    options = {option.field: option for option in request_options()}
+    options = {option.field: option for option in options_for(models_of("qwen_image", "wan"))}
     assert options["guidance_scale"].help == "wan: Classifier-free guidance scale; <= 1 turns it off."
     assert options["guidance_scale"].metavar == "NUMBER"
     assert options["seed"].help == "Seed of the initial noise."  # the same in every model: no family named
     assert options["image"].help.startswith("qwen_image edit: Path of the image to edit")
     assert "wan i2v: Path of the first frame" in options["image"].help
     assert (options["num_frames"].metavar, options["image"].metavar, options["prompt"].metavar) == ("INT", "FILE", "TEXT")
-    assert [o.field for o in request_options()][:2] == ["prompt", "image"]  # the required fields first
+    assert list(options)[:2] == ["prompt", "image"]  # the required fields first
+
+
+class OtherRequest(RequestParams):
+    prompt: str = Field(min_length=1, description="What the picture shows.")
+    guidance_scale: float = Field(1.0, description="Another guidance scale.")
+
+
+def test_a_family_with_a_field_of_its_own_description_is_named_beside_the_others() -> None:
+    options = {option.field: option for option in options_for({**models_of("wan"), "other t2i": OtherRequest})}
+    assert options["guidance_scale"].help == ("wan: Classifier-free guidance scale; <= 1 turns it off. "
+                                              "other: Another guidance scale.")
+    assert options["prompt"].help == "wan: What the video shows. other: What the picture shows."
+    assert options["num_frames"].help == "wan: Number of frames, 4k+1 (1, 5, ..., 81)."
 
 
 def test_request_values_are_collected_apart_from_the_command_options() -> None:
