@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.runtime.cli_agent import add_agent_parsers
 
     add_agent_parsers(commands)
+
+    from engine.deploy.cli_deploy import add_deploy_parsers
+
+    add_deploy_parsers(commands, _add_graph_arguments)
     return parser
 
 
