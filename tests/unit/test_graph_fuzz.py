@@ -34,6 +34,7 @@ CONFIGS = {
     ("wan", "i2v"): ROOT / "configs" / "wan2.1-i2v-14b-480p",
     ("qwen_image", "t2i"): ROOT / "configs" / "qwen-image",
     ("qwen_image", "edit"): ROOT / "configs" / "qwen-image-edit",
+    ("z_image", "t2i"): ROOT / "configs" / "z-image-turbo",
 }
 # Reading YAML costs a few ms an example (PyYAML in pure Python): the counts keep this file near 20 s.
 FUZZ = settings(max_examples=150, deadline=None, database=None,

@@ -30,6 +30,10 @@ WAN_VAE_ENCODER = 0.054e9
 WAN_VAE_DECODER = 0.073e9
 QWEN25_VL_7B = 8.3e9  # language model, lm_head and vision tower
 QWEN_IMAGE_DIT = 20.4e9
+QWEN3_4B = 4.02e9  # Qwen3Model (no lm_head; the embeddings are tied)
+Z_IMAGE_DIT = 6.15e9
+FLUX_VAE_ENCODER = 0.0343e9
+FLUX_VAE_DECODER = 0.0495e9
 
 _WAN_VAE = {"vae_encoder": WAN_VAE_ENCODER, "vae_decoder": WAN_VAE_DECODER}
 _QWEN = {
@@ -49,10 +53,12 @@ EXPECTED: dict[str, dict[str, float]] = {
     },
     "qwen-image": _QWEN,
     "qwen-image-edit": _QWEN,
+    "z-image-turbo": {"text_encoder": QWEN3_4B, "transformer": Z_IMAGE_DIT, "vae_encoder": FLUX_VAE_ENCODER,
+                      "vae_decoder": FLUX_VAE_DECODER},
 }
 
 _WAN = WanFamily()
-# The Qwen-Image components follow the same diffusers layout and VAE split as Wan.
+# The Qwen-Image and Z-Image components follow the same diffusers layout and VAE split as Wan.
 _QWEN_COMPONENTS = {
     "text_encoder": ComponentSpec("text_encoder", "text_encoder"),
     "transformer": ComponentSpec("transformer", "transformer"),
