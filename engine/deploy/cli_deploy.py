@@ -61,7 +61,9 @@ def add_deploy_parsers(commands: argparse._SubParsersAction,
     k8s.add_argument("--model-claim", help="an existing PersistentVolumeClaim holding the models (default: render "
                                            "a ReadWriteMany claim 'models' of --model-size to fill yourself)")
     k8s.add_argument("--model-size", default="200Gi", help="size of the rendered model claim (default: 200Gi)")
-    k8s.add_argument("--state-size", default="10Gi", help="size of the serving head's state claim: jobs, outputs (default: 10Gi)")
+    k8s.add_argument("--state-size", default="64Gi",
+                     help="size of the serving head's state claim: jobs, uploads and outputs; keep it above what "
+                          "`engine serve` retains (--retain-bytes, default 50GiB) (default: 64Gi)")
     k8s.add_argument("--storage-class", help="storage class of the rendered claims (default: the cluster's default)")
     k8s.add_argument("--headroom", default="2GiB", metavar="SIZE",
                      help="memory requested per process on top of the plan's weights and buffers: Python, torch, "

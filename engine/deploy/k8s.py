@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
 import yaml
@@ -45,6 +45,7 @@ ENGINE_UID = 10001  #: the user the Dockerfile's image runs as
 MOSQUITTO_UID = 1883  #: the eclipse-mosquitto image's user
 SECRET_FILES = ("secrets.yaml",)  #: written with mode 0600
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
 _EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 MOSQUITTO_CONF = f"""\
 listener {MQTT_PORT}
@@ -85,23 +86,26 @@ class Toleration:
 
 @dataclass(frozen=True)
 class ClusterOptions:
-    """What a user chooses about the cluster (``engine deploy k8s`` flags)."""
+    """What a user chooses about the cluster (``engine deploy k8s`` flags, which hold the defaults)."""
 
     image: str
     namespace: str
-    storage_class: str | None = None  #: None: the cluster's default
-    model_claim: str | None = None  #: an existing claim holding the models; None: render one
-    model_size: str = "200Gi"
-    state_size: str = "10Gi"
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: tuple[Toleration, ...] = ()
-    broker_image: str = "eclipse-mosquitto:2.0"
-    rdma_resource: str = "rdma/rdma_shared_device_a"  #: what a pod with an RDMA edge requests, one of
+    storage_class: str | None  #: None: the cluster's default
+    model_claim: str | None  #: an existing claim holding the models; None: render one
+    model_size: str  #: of the rendered model claim
+    state_size: str  #: of the serving head's state claim
+    node_selector: dict[str, str]
+    tolerations: tuple[Toleration, ...]
+    broker_image: str
+    rdma_resource: str  #: what a pod with an RDMA edge requests one of
 
     def __post_init__(self) -> None:
         if not _DNS_LABEL.match(self.namespace):
             raise DeployError(f"--namespace {self.namespace!r}: a namespace is lower-case letters, digits and '-', "
                               "at most 63, starting and ending with a letter or digit")
+        for flag, size in (("--model-size", self.model_size), ("--state-size", self.state_size)):
+            if not _QUANTITY.match(size):
+                raise DeployError(f"{flag} {size!r}: expected a Kubernetes quantity such as 200Gi or 500G")
 
 
 def dns_name(text: str) -> str:

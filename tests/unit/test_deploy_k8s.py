@@ -266,6 +266,7 @@ def test_cluster_choices_reach_every_engine_pod(tmp_path: Path) -> None:
     (["graphs/wan_i2v.yaml", "--image", IMAGE, "--headroom", "lots"], "--headroom: got 'lots'"),
     (["graphs/wan_i2v.yaml", "--image", IMAGE, "--namespace", "My_NS"], "--namespace 'My_NS'"),
     (["graphs/wan_i2v.yaml", "--image", IMAGE, "--model-path", "/data/wan"], "pods see models under /models"),
+    (["graphs/wan_i2v.yaml", "--image", IMAGE, "--state-size", "64GiB"], "--state-size '64GiB': expected a Kubernetes quantity"),
 ])
 def test_bad_input_is_one_clear_line(capsys, monkeypatch, argv: list[str], needle: str) -> None:
     monkeypatch.chdir(ROOT)
