@@ -51,6 +51,7 @@ class EdgeStats(_Model):
     tensor_bytes: int = Field(ge=0, description="bytes of the tensors themselves: the sum of their exact sizes")
     seconds: float = Field(ge=0, description="wall time from grant request to acknowledgement")
     digest: str = Field(min_length=1, description="xxh3-128 digest of the payload, hex")
+    rejected: int = Field(0, ge=0, description="deliveries the receiver rejected (failed verification) before one passed")
 
 
 class Status(_Model):
@@ -247,6 +248,16 @@ class Shutdown(_Model):
     reason: str = Field(min_length=1, description="why the run ends, for the workers' logs")
 
 
+class Cancel(_Model):
+    """Controller -> a replica: drop a request (cancelled, or past its deadline): skip it if queued, stop it at
+    the next denoising step if running, release what it holds in the receive pools."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["cancel"] = "cancel"
+    request_id: str = _REQUEST
+    reason: str = Field(min_length=1, max_length=1024, description="why, for the worker's log")
+
+
 #: Agent names and order ids: letters, digits, . _ - (they are topic levels and client ids).
 AGENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -304,9 +315,33 @@ class AgentJob(_Model):
     log_tails: dict[str, str] = Field(description="'node/replica' -> the last lines its process logged")
 
 
+class SubmitJob(_Model):
+    """Client -> a service (``engine serve``): run this job; progress and the result go to the client's reply
+    topic. ``job`` has the fields of the HTTP API's POST body (``POST /v1/videos``, ``/v1/images/generations``)."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["submit_job"] = "submit_job"
+    client_id: str = Field(pattern=AGENT_NAME_PATTERN, description="the client, as it signs and as its reply topic names it")
+    request_key: str = Field(pattern=REQUEST_ID_PATTERN, description="the client's name for the job; a repeat with "
+                                                                      "the same key is answered, never run twice")
+    endpoint: Literal["videos", "images/generations"] = Field(description="the HTTP endpoint whose body ``job`` is")
+    job: JsonObject = Field(description="the job's fields, as the HTTP API takes them")
+
+
+class JobUpdate(_Model):
+    """A service -> the client that submitted a job over MQTT: where the job stands (as GET /v1/videos/{id})."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["job_update"] = "job_update"
+    request_key: str = Field(pattern=REQUEST_ID_PATTERN, description="the client's name for the job")
+    job: JsonObject = Field(description="the job as the HTTP API shows it (id, status, progress, error, ...)")
+    content_url: str | None = Field(default=None, description="where to fetch the output once completed")
+    b64_json: str | None = Field(default=None, max_length=700_000, description="a small image output, inline")
+
+
 Message: TypeAlias = Annotated[
     Status | Heartbeat | RunStage | StageDone | StageFailed | GrantRequest | Grant | Landed | Delivered | Ack | Fence
-    | Shutdown | AgentBirth | AgentOrder | AgentJob,
+    | Shutdown | Cancel | AgentBirth | AgentOrder | AgentJob | SubmitJob | JobUpdate,
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
@@ -314,7 +349,7 @@ KINDS: frozenset[str] = frozenset(
     model.model_fields["kind"].default
     for model in (
         Status, Heartbeat, RunStage, StageDone, StageFailed, GrantRequest, Grant, Landed, Delivered, Ack, Fence, Shutdown,
-        AgentBirth, AgentOrder, AgentJob,
+        Cancel, AgentBirth, AgentOrder, AgentJob, SubmitJob, JobUpdate,
     )
 )
 

@@ -121,14 +121,29 @@ class Controller:
         self.client: ControlBus | None = None
         self.scheduler: Scheduler | None = None
         self.clock_zero = time.monotonic()
+        self.ready_s = 0.0
+        self.address: BrokerAddress | None = None  #: the broker, once deployed (the embedded one's port is known then)
 
     def _mqtt(self, address: BrokerAddress, client_id: str, key: bytes) -> ControlBus:
         return ControlClient(address, client_id=client_id, key=key, broker_timeout_s=self.plan.timeouts.broker_s)
 
     async def run(self, requests: list[RequestParams]) -> RunResult:
         """Deploy, run ``requests`` to their end (done or failed), tear down."""
+        async with self.deployed() as scheduler:
+            handles = [scheduler.submit(params) for params in requests]
+            await self.serve_until(lambda: all(handle.finished for handle in handles))
+            assert self.client is not None
+            return RunResult(self.options.run_id, self.options.out_dir, scheduler.requests, self.fleet.replicas,
+                             self.clock_zero, self.ready_s, time.monotonic() - self.clock_zero, refused=self.refused,
+                             broker_reconnects=self.client.reconnects, plan=self.plan)
+
+    @contextlib.asynccontextmanager
+    async def deployed(self) -> AsyncIterator[Scheduler]:
+        """The deployment, up: broker, workers ready, scheduler to submit to. Every worker is stopped on exit.
+        Messages are handled only while :meth:`serve_until` runs."""
         self.options.out_dir.mkdir(parents=True, exist_ok=True)
         async with broker_for(self.broker, self.options.broker_kind, self.access) as address:
+            self.address = address
             me = self.topics.controller_client
             self.client = client = self._connect(self.access.address(address, me), me, self.access.key)
             await client.connect()
@@ -137,19 +152,20 @@ class Controller:
                 async with self._agents(address):
                     try:
                         await self._deploy(address)
-                        ready_s = time.monotonic() - self.clock_zero
-                        self.view.ready(ready_s, self.fleet.replicas)
+                        self.ready_s = time.monotonic() - self.clock_zero
+                        self.view.ready(self.ready_s, self.fleet.replicas)
                         assert self.scheduler is not None
-                        handles = [self.scheduler.submit(params) for params in requests]
-                        await self._serve_until(lambda: all(handle.finished for handle in handles))
-                        return RunResult(self.options.run_id, self.options.out_dir, self.scheduler.requests,
-                                         self.fleet.replicas, self.clock_zero, ready_s, time.monotonic() - self.clock_zero,
-                                         refused={**client.rejected, "impostor": self.scheduler.impostors},
-                                         broker_reconnects=client.reconnects, plan=self.plan)
+                        yield self.scheduler
                     finally:
                         await self._stop_workers()
             finally:
                 await client.close()
+
+    @property
+    def refused(self) -> dict[str, int]:
+        """Messages the controller refused, by reason."""
+        assert self.client is not None
+        return {**self.client.rejected, "impostor": self.scheduler.impostors if self.scheduler else 0}
 
     async def _place_any(self, address: BrokerAddress) -> None:
         """Nodes with ``place.host: any`` go to the live agent with room for them (engine.plan.placement)."""
@@ -204,7 +220,8 @@ class Controller:
                                 f"{', '.join(self.fleet.not_ready())}")
             await self._step()
 
-    async def _serve_until(self, done: Callable[[], bool]) -> None:
+    async def serve_until(self, done: Callable[[], bool]) -> None:
+        """Handle messages, dispatch and watch replicas until ``done()``."""
         assert self.scheduler is not None
         while not done():
             self.scheduler.tick()
@@ -221,6 +238,8 @@ class Controller:
                 self.scheduler.refuse(inbound.sender, f"{message.kind!r} speaking for another client")
             elif isinstance(message, Status | Heartbeat):
                 self.fleet.observe(message)
+                if isinstance(message, Heartbeat) and self.scheduler is not None:
+                    self.scheduler.on_heartbeat(message)
             elif isinstance(message, StageDone | StageFailed) and self.scheduler is not None:
                 self.scheduler.on_answer(message)
             inbound = await self.client.receive(0)

@@ -81,7 +81,9 @@ class ProgressView:
         self._print(f"{request.id}: retrying on another replica (attempt {request.attempt + 1})")
 
     def request_finished(self, request: Any) -> None:
-        if request.error:
+        if request.state.value == "cancelled":
+            self._print(f"{request.id}: cancelled after {request.seconds:.2f} s ({request.events[-1].detail})")
+        elif request.error:
             self._print(f"{request.id}: FAILED after {request.seconds:.2f} s: {request.error}")
         else:
             self._print(f"{request.id}: done in {request.seconds:.2f} s -> {', '.join(request.outputs)}")

@@ -8,7 +8,9 @@ loses no request. An answer counts only if it answers the dispatch the request w
 that attempt, with outputs inside the run's folder; anything else is refused and counted. A replica taken out
 of service re-runs its requests from the start on other replicas when every node still has one (at most
 ``MAX_ATTEMPTS`` times), else fails them naming the node, replica and stage; a segment past its deadline fails
-its request.
+its request, as does a request past its own deadline (``submit(deadline_s=)``). A cancelled request never runs
+if queued; if running, its replicas are told to drop it (they stop at the next denoising step and free its
+receive slots). A request that ends early is dropped on its replicas the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.control.bus import ControlBus
-from engine.control.messages import RunStage, StageDone, StageFailed
+from engine.control.messages import Cancel, Heartbeat, RunStage, StageDone, StageFailed
 from engine.control.topics import Topics
 from engine.errors import NodeError
 from engine.plan.model import Plan, Segment
@@ -61,18 +63,56 @@ class Scheduler:
         self.resend_s = resend_s
         self.clock = clock
         self.requests: list[TrackedRequest] = []
+        self.admitting = True  #: False: queued requests stay queued (a service draining before it stops)
         self.impostors = 0  #: authentic answers refused: not what was asked, or outputs outside the run
         self._handles: dict[str, RequestHandle] = {}
         self.in_flight_cap = max(1, min((e.slots * plan.nodes[e.target].replicas for e in plan.edges), default=1 << 30))
 
-    def submit(self, params: RequestParams, request_id: str | None = None) -> RequestHandle:
-        """Queue a request (id ``r<n>`` unless given); it is dispatched on a later ``tick``."""
+    def submit(self, params: RequestParams, request_id: str | None = None, deadline_s: float | None = None) -> RequestHandle:
+        """Queue a request (id ``r<n>`` unless given), to end within ``deadline_s`` if given; it is dispatched on
+        a later ``tick``."""
         request = TrackedRequest(request_id or f"r{len(self.requests) + 1}", params, self.clock())
         if request.id in self._handles:
             raise ValueError(f"request id {request.id!r} is already in use")
+        if deadline_s is not None:
+            request.expires = self.clock() + deadline_s
         self.requests.append(request)
         self._handles[request.id] = handle = RequestHandle(request)
         return handle
+
+    def cancel(self, request_id: str, reason: str) -> TrackedRequest | None:
+        """Cancel a request that has not ended: a queued one never runs, a running one is dropped on its
+        replicas. None if there is no such request or it has ended already."""
+        handle = self._handles.get(request_id)
+        if handle is None or handle.finished:
+            return None
+        request = handle.request
+        self._drop_on_replicas(request, reason)
+        self._release(request)
+        request.move(State.CANCELLED, reason)
+        self._ended(request)
+        return request
+
+    def forget(self, request_id: str) -> None:
+        """Drop an ended request from memory (a long-running service keeps its own records)."""
+        handle = self._handles.get(request_id)
+        if handle is not None and handle.finished:
+            del self._handles[request_id]
+            self.requests.remove(handle.request)
+
+    def on_heartbeat(self, beat: Heartbeat) -> None:
+        """Note the denoising step a replica reports for the request it runs (the request's progress)."""
+        handle = self._handles.get(beat.request_id or "")
+        if handle is not None and handle.request.state == State.RUNNING and beat.stage and beat.total_steps:
+            handle.request.steps[(beat.node, beat.stage)] = (beat.step, beat.total_steps)
+
+    @property
+    def queued(self) -> int:
+        return sum(r.state == State.QUEUED for r in self.requests)
+
+    @property
+    def running(self) -> int:
+        return sum(r.state == State.RUNNING for r in self.requests)
 
     def tick(self) -> None:
         """Take out-of-service replicas into account, admit queued requests, enforce deadlines, repeat dispatches."""
@@ -81,6 +121,8 @@ class Scheduler:
         self._admit()
         now = self.clock()
         for request in self.requests:
+            if not request.finished and now > request.expires:
+                self._fail(request, f"not finished within its deadline of {request.expires - request.clock_zero:g} s")
             if request.state != State.RUNNING:
                 continue
             if now > request.deadline:
@@ -98,7 +140,9 @@ class Scheduler:
     # -- dispatch ---------------------------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        running = sum(r.state == State.RUNNING for r in self.requests)
+        if not self.admitting:
+            return
+        running = self.running
         for request in self.requests:
             if running >= self.in_flight_cap:
                 return
@@ -205,6 +249,7 @@ class Scheduler:
                 self._release(request)
                 request.attempt += 1
                 request.replica_of.clear()
+                request.steps.clear()
                 request.move(State.QUEUED, f"retrying from the start: {message}")
                 self.view.retry(request, message)
             else:
@@ -222,9 +267,19 @@ class Scheduler:
                 info = self.fleet.replicas[(self.plan.segments[index].node, replica)]
                 info.assigned = max(0, info.assigned - 1)
 
+    def _drop_on_replicas(self, request: TrackedRequest, reason: str) -> None:
+        """Tell the replicas of a running request's remaining segments to drop it."""
+        if request.state != State.RUNNING:
+            return
+        cancel = Cancel(request_id=request.id, reason=reason)
+        for node, replica in sorted({(self.plan.segments[i].node, r) for i, r in request.replica_of.items()
+                                     if i >= request.segment}):
+            self.bus.post(self.topics.inbox(node, replica), cancel)
+
     def _fail(self, request: TrackedRequest, error: str) -> None:
         if request.finished:
             return
+        self._drop_on_replicas(request, error.splitlines()[0])
         self._release(request)
         request.error = error
         request.move(State.FAILED, error.splitlines()[0])

@@ -18,13 +18,15 @@ class State(str, Enum):
     RUNNING = "running"  #: one of its segments is dispatched to a replica
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"  #: dropped on a client's word before it ended
 
 
 ALLOWED: dict[State, frozenset[State]] = {
-    State.QUEUED: frozenset({State.RUNNING, State.FAILED}),
-    State.RUNNING: frozenset({State.RUNNING, State.DONE, State.FAILED, State.QUEUED}),
+    State.QUEUED: frozenset({State.RUNNING, State.FAILED, State.CANCELLED}),
+    State.RUNNING: frozenset({State.RUNNING, State.DONE, State.FAILED, State.QUEUED, State.CANCELLED}),
     State.DONE: frozenset(),
     State.FAILED: frozenset(),
+    State.CANCELLED: frozenset(),
 }
 
 #: How the running segment ended, by the transition that ends it.
@@ -33,6 +35,7 @@ RUN_OUTCOME: dict[State, str] = {
     State.DONE: "done",
     State.FAILED: "failed",
     State.QUEUED: "retried",  # abandoned: the request starts again on other replicas
+    State.CANCELLED: "cancelled",
 }
 
 
@@ -65,6 +68,7 @@ class TrackedRequest:
     segment: int = -1  #: segment running now (-1 before the first)
     dispatched_at: float = 0.0
     deadline: float = float("inf")  #: monotonic time by which the running segment must report
+    expires: float = float("inf")  #: monotonic time by which the whole request must end (a service's job deadline)
     dispatch: RunStage | None = None  #: the running segment's dispatch, repeated until answered
     sent_at: float = 0.0  #: when the dispatch was last posted (monotonic)
     replica_of: dict[int, int] = field(default_factory=dict)  #: segment -> replica it runs (or will run) on
@@ -75,6 +79,7 @@ class TrackedRequest:
     edges: dict[str, dict[str, Any]] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
+    steps: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  #: (node, stage) -> (step, of total)
 
     def __post_init__(self) -> None:
         self.events.append(Event(self.now(), self.state, "submitted"))
@@ -95,7 +100,17 @@ class TrackedRequest:
 
     @property
     def finished(self) -> bool:
-        return self.state in (State.DONE, State.FAILED)
+        return self.state in (State.DONE, State.FAILED, State.CANCELLED)
+
+    @property
+    def progress(self) -> float:
+        """How far the request is, 0 to 1, from its denoising steps: the steps its stages reported done over the
+        steps it asked for (families without ``steps``: over those reported); 1 only once done."""
+        if self.state == State.DONE:
+            return 1.0
+        done = sum(step for step, _ in self.steps.values())
+        total = getattr(self.params, "steps", None) or sum(total for _, total in self.steps.values())
+        return min(0.99, done / total) if total else 0.0
 
     @property
     def seconds(self) -> float:

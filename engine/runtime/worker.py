@@ -35,8 +35,8 @@ from engine.control.broker import BrokerAddress, TLSOptions
 from engine.control.bus import Inbound
 from engine.control.client import ControlClient, LastWill
 from engine.control.heartbeat import Progress, publish_heartbeats, rss_bytes
-from engine.control.messages import (Ack, Delivered, EdgeStats, Fence, Grant, GrantRequest, Landed, ReplicaRef, RunStage,
-                                     Shutdown, StageDone, StageFailed, Status)
+from engine.control.messages import (Ack, Cancel, Delivered, EdgeStats, Fence, Grant, GrantRequest, Landed, ReplicaRef,
+                                     RunStage, Shutdown, StageDone, StageFailed, Status)
 from engine.control.topics import Topics
 from engine.display import human_bytes
 from engine.errors import EngineError, TransportError
@@ -53,6 +53,10 @@ log = logging.getLogger("engine.worker")
 
 ANSWERS_KEPT = 4096  #: answers kept per kind, to answer a repeated question the same way
 FAREWELL_S = 2.0  #: how long a stopping worker tries to announce it (the broker may be gone)
+
+
+class Cancelled(EngineError):
+    """The controller dropped the request this replica works on (cancelled, or past its deadline)."""
 
 
 class LogTail(logging.Handler):
@@ -99,6 +103,7 @@ class Worker:
         self.results = Answers()  # (request, segment, attempt) -> StageDone / StageFailed; None while it runs
         self.grants = Answers()  # (request, edge, attempt) -> Grant; None while queued
         self.acks = Answers()  # (request, edge, attempt, delivery) -> Ack; None while verifying
+        self.cancelled = Answers()  # request -> why it was dropped
         self.background: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
         self.requests_done = 0
@@ -248,6 +253,10 @@ class Worker:
             self.peers[(message.node, message.replica)] = message
             if message.state in ("dead", "failed", "stopped"):
                 self.replies.peer_died((message.node, message.replica), message.detail or message.state)
+        elif isinstance(message, Cancel):
+            log.info("request %s dropped: %s", message.request_id, message.reason)
+            self.cancelled.remember(message.request_id, message.reason)
+            self._release_received(message.request_id)
         elif isinstance(message, Shutdown):
             log.info("shutdown: %s", message.reason)
             self.stopping.set()
@@ -294,6 +303,8 @@ class Worker:
             if stale is not None:  # an earlier attempt's payload: the retried request replaces it
                 receiver.release(stale[0])
             self.received[(message.request_id, message.edge)] = (manifest, views)
+            if message.request_id in self.cancelled:  # dropped while it was on its way: free the slot now
+                self._release_received(message.request_id)
         reply = Ack(request_id=message.request_id, edge=message.edge, attempt=message.attempt, delivery=message.delivery,
                     receiver=self.me, ok=ack.ok, reason=ack.reason, tensors=list(ack.tensors), retryable=ack.retryable)
         self.acks.remember((message.request_id, message.edge, message.attempt, message.delivery), reply)
@@ -308,14 +319,16 @@ class Worker:
             job = await self.jobs.get()
             answer: StageDone | StageFailed
             try:
+                self._check_cancelled(job.request_id)
                 answer = await self._run_segment(job)
             except Exception as exc:  # reported to the controller, which decides what the request does next
-                log.error("request %s failed: %s", job.request_id, exc)
+                log.log(logging.INFO if isinstance(exc, Cancelled) else logging.ERROR, "request %s failed: %s",
+                        job.request_id, exc)
                 answer = StageFailed(request_id=job.request_id, node=self.spec.node, replica=self.spec.replica,
                                      attempt=job.attempt, stage=self.progress.snapshot().stage, error_type=type(exc).__name__,
                                      error=str(exc), traceback_tail="".join(traceback.format_exc().splitlines(True)[-12:]),
                                      log_tail="\n".join(self.log_tail.lines))
-                self._release_inputs(job)
+                self._release_received(job.request_id)
             self.results.remember((job.request_id, job.segment, job.attempt), answer)
             self.client.post(self.topics.controller, answer)
             self.requests_done += 1
@@ -340,6 +353,7 @@ class Worker:
         timings = await asyncio.to_thread(self._compute, job.request_id, segment.stages, request, tensors)
 
         # 3. Outgoing edges: each to the replica the controller chose.
+        self._check_cancelled(job.request_id)
         edge_stats = {}
         for edge in spec.outbound:
             payload = {name: tensors[name] for name in edge.tensors if name in tensors and name in segment.outputs}
@@ -354,7 +368,7 @@ class Worker:
             paths = await asyncio.to_thread(self.family.write_output, request, finals, out_dir, output_stem(out_dir, job.request_id),
                                             meta={**spec.meta, "request_id": job.request_id}, save_frames=spec.save_frames)
             outputs = [str(p) for p in paths]
-        self._release_inputs(job)
+        self._release_received(job.request_id)
         return StageDone(request_id=job.request_id, node=spec.node, replica=spec.replica, attempt=job.attempt,
                          timings=timings, edges=edge_stats, outputs=outputs, peak_rss_bytes=peak_rss_bytes())
 
@@ -364,6 +378,7 @@ class Worker:
             self.progress.stage_started(request_id, name, 0)
 
             def progress(step: int, total: int, _name: str = name) -> None:
+                self._check_cancelled(request_id)  # a dropped request stops at the next step
                 if step == 1 or self.progress.snapshot().total_steps != total:
                     self.progress.stage_started(request_id, _name, total)
                 self.progress.step_done(step)
@@ -377,9 +392,16 @@ class Worker:
     def _inbound_for(self, names: tuple[str, ...]) -> list[EdgeEnd]:
         return [e for e in self.spec.inbound if set(e.tensors) & set(names)]
 
-    def _release_inputs(self, job: RunStage) -> None:
+    def _check_cancelled(self, request_id: str) -> None:
+        """Raise Cancelled if the controller dropped this request (read from the compute thread too)."""
+        reason = self.cancelled.get(request_id)
+        if reason is not None:
+            raise Cancelled(f"dropped: {reason}")
+
+    def _release_received(self, request_id: str) -> None:
+        """Return the receive slots a request's verified payloads hold, and grant them to waiting senders."""
         for edge in self.spec.inbound:
-            held = self.received.pop((job.request_id, edge.name), None)
+            held = self.received.pop((request_id, edge.name), None)
             if held is not None:
                 self.receivers[edge.name].release(held[0])
                 self._serve_grants(edge.name)
@@ -402,7 +424,7 @@ class Worker:
         started = time.perf_counter()
         manifest = await send_tensors(sender, link, payload, job.request_id, retries=edge.retries)
         return EdgeStats(nbytes=manifest.nbytes, tensor_bytes=sum(h.nbytes for h in manifest.tensors),
-                         seconds=time.perf_counter() - started, digest=manifest.digest)
+                         seconds=time.perf_counter() - started, digest=manifest.digest, rejected=link.deliveries - 1)
 
 
 def peak_rss_bytes() -> int:
