@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_parser(commands, _add_graph_arguments)
 
+    from engine.serve.cli_serve import add_serve_parser
+
+    add_serve_parser(commands, _add_graph_arguments)
+
     from engine.runtime.cli_agent import add_agent_parsers
 
     add_agent_parsers(commands)

@@ -148,3 +148,41 @@ class AgentTopics:
         if message.kind == "agent_order":
             return self.deployer_client(message.run_id)  # type: ignore[union-attr]
         return None
+
+
+@dataclass(frozen=True)
+class ServiceTopics:
+    """Topics of a service (``engine serve``) taking jobs over MQTT.
+
+        <prefix>/serve/<service>/submit               SubmitJob from clients
+        <prefix>/serve/<service>/reply/<client_id>    JobUpdate to the client that submitted
+    """
+
+    service: str
+    prefix: str = "dge"
+
+    def __post_init__(self) -> None:
+        _check_level("service name", self.service)
+
+    @property
+    def root(self) -> str:
+        return f"{self.prefix}/serve/{self.service}"
+
+    @property
+    def submit(self) -> str:
+        return f"{self.root}/submit"
+
+    def reply(self, client_id: str) -> str:
+        return f"{self.root}/reply/{_check_level('client id', client_id)}"
+
+    @property
+    def service_client(self) -> str:
+        return f"{self.service}-service"
+
+    def client_acl(self, client_id: str) -> Acl:
+        """What a submitting client may do: publish jobs, read its own replies."""
+        return Acl(read=(self.reply(client_id),), write=(self.submit,))
+
+    @property
+    def service_acl(self) -> Acl:
+        return Acl(read=(self.submit,), write=(f"{self.root}/reply/+",))

@@ -1,0 +1,10 @@
+"""``engine serve``: one deployment of a graph kept warm, taking jobs over HTTP and MQTT.
+
+    jobs.py       the jobs and their state, in SQLite under the service's state folder (a restart loses none)
+    bodies.py     the API's request bodies (OpenAI-shaped) turned into the graph family's request
+    service.py    the service: admission, the deployment's scheduler, job state, events, draining
+    http.py       the HTTP API (FastAPI): /v1/videos, /v1/images/*, /v1/models, /health, /metrics
+    mqtt.py       job submission over MQTT (signed SubmitJob in, JobUpdate out)
+    metrics.py    the Prometheus metrics
+    cli_serve.py  the command's arguments and start-up
+"""

@@ -1,0 +1,91 @@
+"""The service's Prometheus metrics (``GET /metrics``).
+
+Counters and histograms are fed as jobs finish; gauges (queue depth, jobs by state, replicas up) are read
+from the service when scraped, so they are never stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from engine.runtime.tracker import TrackedRequest
+
+if TYPE_CHECKING:
+    from engine.serve.jobs import Job
+    from engine.serve.service import Service
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+disable_created_metrics()  # the *_created series only double every counter
+_SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class _Live(Collector):
+    """Gauges read from the service at scrape time."""
+
+    def __init__(self, service: Service):
+        self.service = service
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        service = self.service
+        queue = GaugeMetricFamily("engine_queue_depth", "Jobs accepted and waiting to run")
+        queue.add_metric([], service.queued)
+        yield queue
+        jobs = GaugeMetricFamily("engine_jobs", "Jobs known to the service, by status", labels=["status"])
+        counts = service.store.counts()
+        for status in ("queued", "in_progress", "completed", "failed", "cancelled"):
+            jobs.add_metric([status], counts.get(status, 0))
+        yield jobs
+        up = GaugeMetricFamily("engine_replicas_up", "Replicas ready and in service, by node", labels=["node"])
+        fleet = service.controller.fleet
+        for node in fleet.plan.nodes:
+            up.add_metric([node], sum(r.node == node and r.down is None and r.state == "ready"
+                                      for r in fleet.replicas.values()))
+        yield up
+
+
+class ServiceMetrics:
+    def __init__(self, service: Service):
+        self.registry = CollectorRegistry()
+        self.registry.register(_Live(service))
+        self.jobs_accepted = Counter("engine_jobs_accepted", "Jobs accepted", ["object"], registry=self.registry)
+        self.jobs_finished = Counter("engine_jobs_finished", "Jobs finished, by how", ["state"], registry=self.registry)
+        self.job_seconds = Histogram("engine_job_seconds", "Seconds from acceptance to completion of completed jobs",
+                                     buckets=_SECONDS, registry=self.registry)
+        self.stage_seconds = Histogram("engine_stage_seconds", "Seconds per stage run", ["stage"], buckets=_SECONDS,
+                                       registry=self.registry)
+        self.edge_bytes = Counter("engine_edge_bytes", "Payload bytes moved over each edge", ["edge"], registry=self.registry)
+        self.edge_seconds = Counter("engine_edge_seconds", "Seconds spent moving payloads over each edge (grant to "
+                                    "acknowledgement); bytes / seconds is the edge's GB/s", ["edge"], registry=self.registry)
+        self.retries = Counter("engine_retries", "Requests started again on other replicas", registry=self.registry)
+        self.integrity_failures = Counter("engine_integrity_failures", "Edge deliveries rejected by the receiver's "
+                                          "integrity check", ["edge"], registry=self.registry)
+        self._completed = 0
+        self._completed_s = 0.0
+
+    def accepted(self, job: Job) -> None:
+        self.jobs_accepted.labels(job.object).inc()
+
+    def finished(self, request: TrackedRequest) -> None:
+        self.jobs_finished.labels(request.state.value).inc()
+        self.retries.inc(request.attempt)
+        for stage, seconds in request.stage_seconds.items():
+            self.stage_seconds.labels(stage).observe(seconds)
+        for edge, stats in request.edges.items():
+            self.edge_bytes.labels(edge).inc(stats["nbytes"])
+            self.edge_seconds.labels(edge).inc(stats["seconds"])
+            self.integrity_failures.labels(edge).inc(stats.get("rejected", 0))
+        if request.state.value == "done":
+            self._completed += 1
+            self._completed_s += request.seconds
+            self.job_seconds.observe(request.seconds)
+
+    def mean_job_s(self) -> float | None:
+        return self._completed_s / self._completed if self._completed else None
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,329 @@
+"""The service: one deployment of a graph kept warm, jobs in, results and progress out.
+
+Jobs are admitted (bounded queue, validated bodies), written to the :class:`~engine.serve.jobs.JobStore`, and
+submitted to the deployment's scheduler with a deadline each. A sync loop mirrors the scheduler's requests into
+the jobs (status, progress from the denoising steps, outputs, errors naming node and stage) and wakes whoever
+follows a job (server-sent events, MQTT replies). :meth:`Service.stop` drains: new jobs get 503, running ones
+may finish within the grace period, jobs still queued stay queued in the store and run after a restart, and
+whatever still runs then is interrupted (failed, ``interrupted``) before every worker stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.runtime.controller import Controller
+from engine.runtime.scheduler import Scheduler
+from engine.runtime.tracker import State, TrackedRequest
+from engine.control.broker import BrokerAddress
+from engine.plan.check import CheckedGraph
+from engine.serve.bodies import Translated, Body, translate, validate_body
+from engine.serve.jobs import Job, JobStatus, JobStore, Retention
+from engine.serve.metrics import ServiceMetrics
+
+log = logging.getLogger("engine.serve")
+
+SYNC_S = 0.1
+STATUS: dict[State, JobStatus] = {State.QUEUED: "queued", State.RUNNING: "in_progress", State.DONE: "completed",
+                                  State.FAILED: "failed", State.CANCELLED: "cancelled"}
+INTERRUPTED = "interrupted"
+
+
+class Unavailable(Exception):
+    """The service takes no job now (starting up too long is not this: jobs queue then); HTTP 503."""
+
+
+class QueueFull(Exception):
+    """HTTP 429; ``retry_after_s`` estimates when a place frees up."""
+
+    def __init__(self, queued: int, retry_after_s: int):
+        super().__init__(f"the queue is full ({queued} jobs waiting); retry in about {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class Conflict(Exception):
+    """The job cannot do that in its state (cancel a finished job)."""
+
+
+class UnknownModel(Exception):
+    """A job names a model this service does not serve."""
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    state_dir: Path
+    queue_size: int = 64  #: jobs waiting (not yet running) beyond which new ones get 429
+    job_timeout_s: float = 3600.0  #: a job not finished this long after it was accepted fails
+    grace_s: float = 30.0  #: on stop, how long running jobs may go on
+    retention: Retention = field(default_factory=Retention)
+
+    @property
+    def outputs(self) -> Path:
+        return self.state_dir / "outputs"
+
+    @property
+    def uploads(self) -> Path:
+        return self.state_dir / "uploads"
+
+
+class Service:
+    def __init__(self, controller: Controller, checked: CheckedGraph, options: ServiceOptions):
+        self.controller = controller
+        self.checked = checked
+        spec = checked.loaded.spec
+        self.model = spec.name  #: the model id clients name (``model`` in a body); the model's path is accepted too
+        self.aliases = {spec.name, spec.model.path}
+        self.request_type = checked.family.request_type(spec.model.task)
+        self.makes_video = "num_frames" in self.request_type.model_fields
+        self.takes_image = "image" in self.request_type.model_fields
+        self.options = options
+        options.uploads.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(options.state_dir / "jobs.sqlite")
+        self.metrics = ServiceMetrics(self)
+        self.scheduler: Scheduler | None = None
+        self.started = time.time()
+        self.draining = False
+        self._live: dict[str, Job] = {}  #: jobs not finished, by id
+        self._interrupting: set[str] = set()
+        self._followers: dict[str, set[asyncio.Queue[Job]]] = {}
+        self._stop = asyncio.Event()
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+
+    async def run(self, front: Callable[[BrokerAddress], Awaitable[None]] | None = None) -> None:
+        """Deploy, take jobs until :meth:`stop` (also through ``front``, given the broker once it is up), drain,
+        stop every worker."""
+        self._recover()
+        async with self.controller.deployed() as scheduler:
+            self.scheduler = scheduler
+            for job in self._live.values():
+                self._submit_to_scheduler(job)
+            log.info("ready: %d job(s) waiting from before", len(self._live))
+            loop = asyncio.create_task(self.controller.serve_until(lambda: self._stop.is_set() and not self._running()),
+                                       name="controller")
+            helpers = [asyncio.create_task(self._sync_loop(), name="sync"), asyncio.create_task(self._drain(), name="drain")]
+            if front is not None:
+                assert self.controller.address is not None
+                helpers.append(asyncio.create_task(front(self.controller.address), name="mqtt"))
+            try:
+                await asyncio.wait([loop, *helpers], return_when=asyncio.FIRST_COMPLETED)
+                for task in helpers:
+                    if task.done() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+                await loop
+            finally:
+                for task in [loop, *helpers]:
+                    task.cancel()
+                await asyncio.gather(loop, *helpers, return_exceptions=True)
+                self._sync()
+                self.scheduler = None
+        self.store.close()
+
+    def stop(self) -> None:
+        """Stop taking jobs and drain (SIGTERM)."""
+        self.draining = True
+        if self.scheduler is not None:
+            self.scheduler.admitting = False  # queued jobs stay queued in the store, for the next start
+        self._stop.set()
+
+    async def _drain(self) -> None:
+        """After stop: running jobs get the grace period, then are interrupted."""
+        await self._stop.wait()
+        deadline = time.monotonic() + self.options.grace_s
+        while self._running() and time.monotonic() < deadline:
+            await asyncio.sleep(SYNC_S)
+        assert self.scheduler is not None
+        for request in list(self.scheduler.requests):
+            if request.state == State.RUNNING:
+                self._interrupting.add(request.id)
+                self.scheduler.cancel(request.id, f"{INTERRUPTED}: the service stopped ({self.options.grace_s:g} s grace passed)")
+        self._sync()
+
+    def _running(self) -> int:
+        return self.scheduler.running if self.scheduler else 0
+
+    def _recover(self) -> None:
+        """Jobs from before a restart: queued ones run again, running ones failed as interrupted."""
+        for job in self.store.with_status("in_progress"):
+            self._finish(job, "failed", INTERRUPTED, "interrupted: the service stopped while the job ran; submit it again")
+        for job in self.store.with_status("queued"):
+            self._live[job.id] = job
+
+    # -- health -----------------------------------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        """Whether every node has a live replica (and the service takes jobs), with the replicas per node."""
+        fleet = self.controller.fleet
+        nodes = {name: sum(r.down is None and r.state == "ready" for r in fleet.replicas.values() if r.node == name)
+                 for name in fleet.plan.nodes}
+        if self.draining:
+            status = "stopping"
+        elif self.scheduler is None:
+            status = "starting"
+        else:
+            status = "ok" if all(nodes.values()) else "degraded"
+        return status == "ok", {"status": status, "nodes": nodes, "queued": self.queued, "running": self._running()}
+
+    @property
+    def queued(self) -> int:
+        return sum(job.status == "queued" for job in self._live.values())
+
+    # -- jobs -------------------------------------------------------------------------------------------------
+
+    def new_id(self, kind: str) -> str:
+        return f"{kind}_{uuid.uuid4().hex[:24]}"
+
+    def admit(self) -> None:
+        """Raise unless a new job may be queued now."""
+        if self.draining:
+            raise Unavailable("the service is stopping and takes no new jobs")
+        if self.queued >= self.options.queue_size:
+            raise QueueFull(self.queued, self._retry_after_s())
+
+    def accept(self, job_id: str, kind: str, body_type: type[Body], raw: Mapping[str, Any],
+               image: tuple[str, Path] | None = None, origin: str = "http") -> Job:
+        """Validate a job's body (InvalidRequest, UnknownModel) and queue it (QueueFull, Unavailable)."""
+        body = validate_body(body_type, raw)
+        if body.model is not None and body.model not in self.aliases:
+            raise UnknownModel(f"model: {body.model!r} is not served here; this service serves {self.model!r}")
+        return self.submit(job_id, kind, translate(self.checked, body, image), origin)
+
+    def find_origin(self, origin: str) -> Job | None:
+        return self.store.find_origin(origin)
+
+    def submit(self, job_id: str, kind: str, translated: Translated, origin: str = "http") -> Job:
+        """Queue a validated job under ``job_id`` (from :meth:`new_id`; an upload may already be named after it)."""
+        self.admit()
+        job = Job(id=job_id, object=kind, model=self.model,  # type: ignore[arg-type]
+                  params=translated.params.model_dump(mode="json"), api=translated.api, origin=origin)
+        self.store.add(job)
+        self._live[job.id] = job
+        if self.scheduler is not None:
+            self._submit_to_scheduler(job)
+        self.metrics.accepted(job)
+        self._notify(job)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self._live.get(job_id) or self.store.get(job_id)
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a job that has not finished (Conflict if it has); None if there is no such job."""
+        job = self.get(job_id)
+        if job is None:
+            return None
+        if job.finished:
+            raise Conflict(f"job {job_id} is {job.status} already")
+        if self.scheduler is not None and self.scheduler.cancel(job_id, "cancelled by the client") is not None:
+            self._sync()
+        else:  # not handed to the scheduler yet (the deployment is starting)
+            self._finish(job, "cancelled", None, None)
+        return self.get(job_id)
+
+    async def follow(self, job_id: str) -> AsyncIterator[Job]:
+        """The job now, then on every change until it has finished."""
+        queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._followers.setdefault(job_id, set()).add(queue)
+        try:
+            job = self.get(job_id)
+            while job is not None:
+                yield job
+                if job.finished:
+                    return
+                job = await queue.get()
+        finally:
+            self._followers[job_id].discard(queue)
+            if not self._followers[job_id]:
+                del self._followers[job_id]
+
+    def _submit_to_scheduler(self, job: Job) -> None:
+        assert self.scheduler is not None
+        params = self.request_type.model_validate(job.params)
+        remaining = self.options.job_timeout_s - (time.time() - job.created_at)
+        self.scheduler.submit(params, job.id, deadline_s=max(remaining, 0.0))
+
+    def _retry_after_s(self) -> int:
+        """How long until a queue place frees up, from the jobs finished so far (at least 1 s)."""
+        per_job = self.metrics.mean_job_s() or 10.0
+        parallel = self.scheduler.in_flight_cap if self.scheduler else 1
+        return max(1, round(per_job / parallel))
+
+    # -- mirroring the scheduler ------------------------------------------------------------------------------
+
+    async def _sync_loop(self) -> None:
+        while True:
+            self._sync()
+            await asyncio.sleep(SYNC_S)
+
+    def _sync(self) -> None:
+        if self.scheduler is None:
+            return
+        for request in list(self.scheduler.requests):
+            job = self._live.get(request.id)
+            if job is None:
+                continue
+            status, progress = STATUS[request.state], round(request.progress * 100)
+            if request.finished:
+                self._finished_request(job, request)
+                self.scheduler.forget(request.id)
+            elif (status, progress) != (job.status, job.progress):
+                if status == "in_progress" and job.started_at is None:
+                    job.started_at = time.time()
+                job.status, job.progress = status, progress
+                self.store.save(job)
+                self._notify(job)
+
+    def _finished_request(self, job: Job, request: TrackedRequest) -> None:
+        self.metrics.finished(request)
+        if request.state == State.DONE:
+            job.outputs = list(request.outputs)
+            job.output_bytes = sum(Path(p).stat().st_size for p in request.outputs if Path(p).is_file())
+            self._finish(job, "completed", None, None)
+        elif request.id in self._interrupting:
+            self._finish(job, "failed", INTERRUPTED, request.events[-1].detail)
+        elif request.state == State.CANCELLED:
+            self._finish(job, "cancelled", None, None)
+        else:
+            error = request.error or "failed"
+            self._finish(job, "failed", "deadline_exceeded" if "deadline" in error.splitlines()[0] else "generation_failed",
+                         error)
+
+    def _finish(self, job: Job, status: JobStatus, code: str | None, message: str | None) -> None:
+        job.status, job.error_code, job.error_message = status, code, message
+        job.progress = 100 if status == "completed" else job.progress
+        job.finished_at = time.time()
+        self.store.save(job)
+        self._live.pop(job.id, None)
+        self._interrupting.discard(job.id)
+        self._notify(job)
+        self._apply_retention()
+
+    def delete(self, job_id: str) -> None:
+        """Forget a finished job and remove its files."""
+        job = self.store.get(job_id)
+        if job is not None and job.finished:
+            self.store.delete(job_id)
+            self._remove_files(job)
+
+    def _apply_retention(self) -> None:
+        for dropped in self.store.prune(self.options.retention):
+            self._remove_files(dropped)
+
+    def _remove_files(self, job: Job) -> None:
+        for path in job.outputs:
+            with contextlib.suppress(OSError):
+                Path(path).unlink()
+        for upload in self.options.uploads.glob(f"{job.id}.*"):
+            upload.unlink(missing_ok=True)
+
+    def _notify(self, job: Job) -> None:
+        for queue in self._followers.get(job.id, ()):
+            queue.put_nowait(job)
