@@ -283,8 +283,8 @@ def _secret_env(name: str, key: str) -> dict[str, Any]:
 
 
 def _head_container(plan: Plan) -> dict[str, Any]:
-    """``engine serve`` with the rendered graph; /health tells readiness and liveness. Starting may take as long as
-    the graph lets its replicas load (timeouts.ready_s)."""
+    """``engine serve`` with the rendered graph; /health tells readiness, /health/live liveness (a node down must
+    not restart the head). Starting may take as long as the graph lets its replicas load (timeouts.ready_s)."""
     health = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
     return {
         "name": "serve", "command": ["engine"],
@@ -293,7 +293,7 @@ def _head_container(plan: Plan) -> dict[str, Any]:
         "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
         "startupProbe": {**health, "failureThreshold": math.ceil(plan.timeouts.ready_s / 10) + 6},
         "readinessProbe": health,
-        "livenessProbe": {**health, "failureThreshold": 6},
+        "livenessProbe": {**health, "httpGet": {"path": "/health/live", "port": "http"}, "failureThreshold": 6},
     }
 
 

@@ -11,6 +11,7 @@
     GET    /v1/images/{id}/content     an image job's PNG
     GET    /v1/models                  the model served
     GET    /health                     200 when every node has a ready replica, else 503
+    GET    /health/live                200 while the process answers (liveness)
     GET    /metrics                    Prometheus metrics
 
 Errors are ``{"error": {"message", "type", "param", "code"}}``; a body at fault gets 4xx naming the field and
@@ -288,6 +289,11 @@ def create_app(service: Service, options: ApiOptions = ApiOptions()) -> FastAPI:
     async def health() -> JSONResponse:
         ok, detail = service.health()
         return JSONResponse(detail, status_code=200 if ok else 503)
+
+    @app.get("/health/live")
+    async def live() -> dict[str, str]:
+        """The process answers (a liveness probe: unlike /health, a node down does not make it fail)."""
+        return {"status": "alive"}
 
     @app.get("/metrics")
     async def metrics() -> Response:
