@@ -1,4 +1,10 @@
-"""Wan2.1 family declaration: tasks, stages, components, request parameters and shape symbols.
+"""Wan family declaration: tasks, stages, components, request parameters and shape symbols.
+
+Wan2.1 (``t2v``, ``i2v``) denoises with one transformer. Wan2.2 A14B (``t2v_experts``, ``i2v_experts``) denoises
+with two experts, as diffusers' pipelines with ``transformer_2`` and ``boundary_ratio`` do: ``transformer`` (high
+noise) takes the steps whose timestep is at least ``boundary_ratio * num_train_timesteps``, ``transformer_2`` (low
+noise) the rest. Each expert is a stage of its own, so a graph may put them on two nodes; what the loop carries
+from one to the other (the latents and the multistep scheduler's state) crosses as declared tensors.
 
 Only data and pydantic here (no torch import): ``engine validate`` reads this in milliseconds.
 The runtime side (loading, stage execution, output writing) lives in the sibling modules and is
@@ -18,6 +24,8 @@ from nodes.wan.geometry import config_problems, latent_geometry
 
 #: The umT5 prompt length the Wan pipelines pad to.
 TEXT_LEN = 512
+#: Most steps of multistep history the experts' hand-over carries (the scheduler's ``solver_order``; Wan's is 2).
+MAX_SOLVER_ORDER = 3
 
 _LATENT = ("batch", "z_dim", "latent_frames", "latent_h", "latent_w")
 
@@ -56,6 +64,37 @@ DENOISE_I2V = StageSpec(
     outputs=(TensorSpec("latents", "float32", _LATENT),),
     description="DiT denoising loop with classifier-free guidance, conditioned on the image",
 )
+# Wan2.2 A14B: the loop in two stages. The high-noise expert hands the low-noise one its latents and the
+# scheduler's multistep state (absent when the boundary falls before the first step).
+SCHEDULER_STATE = (
+    TensorSpec("scheduler_model_outputs", "float32", ("solver_order", *_LATENT), optional=True, variable=(0,)),
+    TensorSpec("scheduler_timesteps", "int64", ("solver_order",), optional=True, variable=(0,)),
+    TensorSpec("scheduler_last_sample", "float32", _LATENT, optional=True),
+    TensorSpec("scheduler_counters", "int64", (3,), optional=True),
+)
+_HANDOVER = ("boundary_latents", *(spec.name for spec in SCHEDULER_STATE))
+_T2V_CONDITIONING = ("prompt_embeds", "negative_prompt_embeds")
+_I2V_CONDITIONING = (*_T2V_CONDITIONING, "condition")
+
+
+def _experts(conditioning: tuple[str, ...]) -> tuple[StageSpec, StageSpec]:
+    high = StageSpec(
+        "denoise_high",
+        components=("transformer", "scheduler"),
+        inputs=conditioning,
+        outputs=(TensorSpec("boundary_latents", "float32", _LATENT), *SCHEDULER_STATE),
+        description="the high-noise expert (transformer): the steps down to the boundary timestep",
+    )
+    low = StageSpec(
+        "denoise_low",
+        components=("transformer_2", "scheduler"),
+        inputs=(*conditioning, *_HANDOVER),
+        outputs=(TensorSpec("latents", "float32", _LATENT),),
+        description="the low-noise expert (transformer_2): the steps past the boundary timestep",
+    )
+    return high, low
+
+
 VAE_DECODE = StageSpec(
     "vae_decode",
     components=("vae_decoder",),
@@ -67,6 +106,9 @@ VAE_DECODE = StageSpec(
 _STAGES = {
     "t2v": (TEXT_ENCODE, DENOISE_T2V, VAE_DECODE),
     "i2v": (TEXT_ENCODE, IMAGE_ENCODE, VAE_ENCODE, DENOISE_I2V, VAE_DECODE),
+    # The A14B image-to-video transformers take no CLIP image tokens (their image_dim is null).
+    "t2v_experts": (TEXT_ENCODE, *_experts(_T2V_CONDITIONING), VAE_DECODE),
+    "i2v_experts": (TEXT_ENCODE, VAE_ENCODE, *_experts(_I2V_CONDITIONING), VAE_DECODE),
 }
 
 # The VAE and the CLIP image encoder run in float32 whatever the node's dtype, as in the diffusers Wan
@@ -77,11 +119,19 @@ _COMPONENTS = {
     "image_processor": ComponentSpec("image_processor", "image_processor", weights=False),
     "image_encoder": ComponentSpec("image_encoder", "image_encoder", dtype="float32"),
     "transformer": ComponentSpec("transformer", "transformer"),
+    "transformer_2": ComponentSpec("transformer_2", "transformer_2"),
     "scheduler": ComponentSpec("scheduler", "scheduler", weights=False),
     "vae_encoder": ComponentSpec("vae_encoder", "vae", prefixes=("encoder.", "quant_conv."), dtype="float32"),
     "vae_decoder": ComponentSpec("vae_decoder", "vae", prefixes=("decoder.", "post_quant_conv."), dtype="float32"),
 }
-_T2V_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "scheduler", "vae_encoder", "vae_decoder")
+_TASK_COMPONENTS = {
+    "t2v": ("tokenizer", "text_encoder", "transformer", "scheduler", "vae_encoder", "vae_decoder"),
+    "i2v": ("tokenizer", "text_encoder", "image_processor", "image_encoder", "transformer", "scheduler", "vae_encoder",
+            "vae_decoder"),
+    "t2v_experts": ("tokenizer", "text_encoder", "transformer", "transformer_2", "scheduler", "vae_decoder"),
+    "i2v_experts": ("tokenizer", "text_encoder", "transformer", "transformer_2", "scheduler", "vae_encoder",
+                    "vae_decoder"),
+}
 
 
 class WanRequest(RequestParams):
@@ -126,6 +176,35 @@ class WanImageRequest(WanRequest):
         return type(self).model_validate({**self.model_dump(), "image": base / self.image})
 
 
+_BOUNDARY_DESCRIPTION = ("Timestep fraction (of num_train_timesteps) where the low-noise expert (transformer_2) "
+                         "takes over; default: the model's published one.")
+
+
+class WanExpertsRequest(WanRequest):
+    """A Wan2.2 A14B text-to-video request: two experts split the steps at ``boundary_ratio``."""
+
+    guidance_scale_2: float | None = Field(
+        None, ge=0.0, le=100.0,
+        description="Guidance scale of the low-noise expert (transformer_2); default: guidance_scale.",
+    )
+    boundary_ratio: float = Field(0.875, gt=0.0, lt=1.0, description=_BOUNDARY_DESCRIPTION)
+
+    @property
+    def low_noise_guidance_scale(self) -> float:
+        """The pipelines' ``guidance_scale_2``: the high-noise scale unless given."""
+        return self.guidance_scale if self.guidance_scale_2 is None else self.guidance_scale_2
+
+
+class WanExpertsImageRequest(WanImageRequest, WanExpertsRequest):
+    """A Wan2.2 A14B image-to-video request."""
+
+    boundary_ratio: float = Field(0.9, gt=0.0, lt=1.0, description=_BOUNDARY_DESCRIPTION)
+
+
+_REQUESTS = {"t2v": WanRequest, "i2v": WanImageRequest, "t2v_experts": WanExpertsRequest,
+             "i2v_experts": WanExpertsImageRequest}
+
+
 def check_image(path: Path) -> None:
     """Raise ValueError unless ``path`` is a readable image file (PIL is imported here, not at module load)."""
     from PIL import Image, UnidentifiedImageError
@@ -141,18 +220,17 @@ def check_image(path: Path) -> None:
 
 class WanFamily(ModelFamily):
     name = "wan"
-    tasks = ("t2v", "i2v")
+    tasks = ("t2v", "i2v", "t2v_experts", "i2v_experts")
     presets = ("tiny", "bench")
 
     def stages(self, task: str) -> tuple[StageSpec, ...]:
         return _STAGES[task]
 
     def components(self, task: str) -> dict[str, ComponentSpec]:
-        names = _T2V_COMPONENTS if task == "t2v" else tuple(_COMPONENTS)
-        return {name: _COMPONENTS[name] for name in names}
+        return {name: _COMPONENTS[name] for name in _TASK_COMPONENTS[task]}
 
     def request_type(self, task: str) -> type[RequestParams]:
-        return WanImageRequest if task == "i2v" else WanRequest
+        return _REQUESTS[task]
 
     def check_configs(self, task: str, configs: Configs) -> list[ConfigProblem]:
         return config_problems(task, configs)
@@ -173,6 +251,7 @@ class WanFamily(ModelFamily):
             "latent_frames": (request.num_frames - 1) // geometry.t_scale + 1,
             "latent_h": request.height // geometry.s_scale,
             "latent_w": request.width // geometry.s_scale,
+            "solver_order": MAX_SOLVER_ORDER,
         }
         if task == "i2v":
             vision = configs["image_encoder"]

@@ -78,8 +78,22 @@ def config_problems(task: str, configs: Configs) -> list[ConfigProblem]:
     if out_channels != z_dim:
         fields.refuse("transformer", "out_channels",
                       f"{out_channels}; the transformer predicts the vae's z_dim = {z_dim} channels")
-    expected_in = z_dim if task == "t2v" else 2 * z_dim + geometry.t_scale  # I2V: noise, first-frame mask, image latent
+    conditioning = task.removesuffix("_experts")
+    # I2V: noise, first-frame mask, image latent
+    expected_in = z_dim if conditioning == "t2v" else 2 * z_dim + geometry.t_scale
     if in_channels != expected_in:
         fields.refuse("transformer", "in_channels",
                       f"{in_channels}; {task} with vae z_dim = {z_dim} feeds it {expected_in}")
+
+    # 4. Two experts: the low-noise one runs on what the high-noise one runs on, and neither takes CLIP image
+    #    tokens (the experts' tasks have no image_encode stage).
+    if task.endswith("_experts"):
+        for key in ("in_channels", "out_channels", "patch_size"):
+            high, low = configs["transformer"].get(key), fields.get("transformer_2", key, (int, list))
+            if low is not None and low != high:
+                fields.refuse("transformer_2", key, f"{low}; the high-noise expert (transformer) has {high}")
+        for folder in ("transformer", "transformer_2"):
+            image_dim = fields.get(folder, "image_dim", (int, type(None)), absent=None)
+            if image_dim is not None:
+                fields.refuse(folder, "image_dim", f"{image_dim}; {task} has no CLIP image tokens for it (null)")
     return fields.problems

@@ -47,7 +47,7 @@ PRESETS = {
 
 
 def build_preset(preset: str, task: str, dest: Path) -> None:
-    """Write the random-weight ``preset`` model for ``task`` (``t2v`` or ``i2v``) into ``dest``."""
+    """Write the random-weight ``preset`` model for ``task`` (a task of the Wan family) into ``dest``."""
     build_model(PRESETS[preset], task, dest)
 
 
@@ -64,7 +64,8 @@ def build_model(sizes: PresetSizes, task: str, dest: Path) -> None:
         UMT5EncoderModel,
     )
 
-    i2v = task == "i2v"
+    i2v = task.startswith("i2v")
+    experts = task.endswith("_experts")  # Wan2.2 A14B: two transformers, no CLIP image encoder
     z_dim = sizes.z_dim
 
     # 1. Byte-level tokenizer: no vocabulary file to ship; its 384 ids bound the text encoder's vocabulary.
@@ -79,15 +80,21 @@ def build_model(sizes: PresetSizes, task: str, dest: Path) -> None:
         )
     )
 
-    # 3. The DiT: I2V takes z_dim noise + 4 mask + z_dim image-latent channels and cross-attends to CLIP tokens.
-    torch.manual_seed(SEED)
+    # 3. The DiT: I2V takes z_dim noise + 4 mask + z_dim image-latent channels; Wan2.1 I2V cross-attends to CLIP
+    #    tokens. Two experts are two DiTs of one architecture, the low-noise one from the next seed.
     dim = sizes.heads * sizes.head_dim
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=sizes.heads, attention_head_dim=sizes.head_dim,
-        in_channels=2 * z_dim + 4 if i2v else z_dim, out_channels=z_dim, text_dim=sizes.text_dim, freq_dim=256, ffn_dim=32,
-        num_layers=sizes.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-        image_dim=sizes.image_dim if i2v else None, added_kv_proj_dim=dim if i2v else None, rope_max_seq_len=1024,
-    )
+    clip = i2v and not experts
+
+    def dit(seed: int) -> WanTransformer3DModel:
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=sizes.heads, attention_head_dim=sizes.head_dim,
+            in_channels=2 * z_dim + 4 if i2v else z_dim, out_channels=z_dim, text_dim=sizes.text_dim, freq_dim=256,
+            ffn_dim=32, num_layers=sizes.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+            image_dim=sizes.image_dim if clip else None, added_kv_proj_dim=dim if clip else None, rope_max_seq_len=1024,
+        )
+
+    transformer = dit(SEED)
 
     # 4. The causal video VAE: 4x in time, vae_scale in space (the real strides T4, H8, W8 by default).
     torch.manual_seed(SEED)
@@ -104,6 +111,11 @@ def build_model(sizes: PresetSizes, task: str, dest: Path) -> None:
         num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
     )
 
+    if experts:  # the published boundaries of Wan2.2 T2V-A14B and I2V-A14B
+        pipeline = WanImageToVideoPipeline if i2v else WanPipeline
+        pipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer,
+                 transformer_2=dit(SEED + 1), boundary_ratio=0.9 if i2v else 0.875).save_pretrained(dest)
+        return
     if not i2v:
         WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer).save_pretrained(dest)
         return

@@ -1,10 +1,12 @@
-"""The Wan2.1 stages: the diffusers WanPipeline / WanImageToVideoPipeline, cut at the edges of the graph.
+"""The Wan stages: the diffusers WanPipeline / WanImageToVideoPipeline, cut at the edges of the graph.
 
 Each stage holds a diffusers pipeline built with only the components its node loaded (the others None)
 and calls the pipeline's own methods where one exists (``encode_prompt``, ``encode_image``,
 ``prepare_latents``), so a disaggregated run computes exactly what the monolithic pipeline computes.
 Where the pipeline's ``__call__`` does the work inline (the I2V conditioning, the denoising loop, the
 decode) the code below follows it step by step. Stages run under ``torch.no_grad`` like ``__call__``.
+With two experts (Wan2.2 A14B) the loop is cut at the boundary timestep: the high-noise stage hands the
+low-noise one its latents and the scheduler's state (:mod:`nodes.wan.handoff`).
 
 Tensors leaving a stage are the outputs declared in :mod:`nodes.wan.family`, in the declared dtypes
 (``model``: the node's dtype). Casting there is exact: the pipeline casts the same tensors to the
@@ -13,7 +15,8 @@ transformer's dtype before using them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,8 +28,9 @@ from diffusers.video_processor import VideoProcessor
 from engine.errors import ModelError, RequestError
 from engine.models.loading import torch_dtype
 from engine.stages import Configs, LoadedComponents, ProgressFn, Stage
-from nodes.wan.family import TEXT_LEN, WanFamily, WanImageRequest, WanRequest
+from nodes.wan.family import TEXT_LEN, WanExpertsRequest, WanFamily, WanImageRequest, WanRequest
 from nodes.wan.geometry import LatentGeometry, latent_geometry
+from nodes.wan.handoff import check_scheduler, restore_scheduler_state, scheduler_state
 
 
 def build_stage(task: str, name: str, components: LoadedComponents, device: str, dtype: str, configs: Configs) -> Stage:
@@ -154,6 +158,18 @@ class VaeEncode(WanStage):
         return {"condition": torch.concat([mask, latent_condition], dim=1).to(self.dtype)}
 
 
+@dataclass
+class _Loop:
+    """What every step of one request's denoising loop reads, whichever expert takes it."""
+
+    scheduler: UniPCMultistepScheduler
+    timesteps: torch.Tensor
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None  # None: no guidance
+    condition: torch.Tensor | None  # I2V: first-frame mask and image latent
+    image_kwargs: dict[str, torch.Tensor]  # Wan2.1 I2V: the CLIP image tokens
+
+
 class Denoise(WanStage):
     """The DiT denoising loop with classifier-free guidance, from freshly drawn noise to clean latents."""
 
@@ -165,18 +181,23 @@ class Denoise(WanStage):
         self.pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
         self.pipe.vae_scale_factor_temporal, self.pipe.vae_scale_factor_spatial = geometry.t_scale, geometry.s_scale
 
+    @torch.no_grad()
+    def run(self, request: WanRequest, inputs: Mapping[str, torch.Tensor], progress: ProgressFn) -> dict[str, torch.Tensor]:
+        loop = self._prepare(request, inputs)
+        latents = self._steps(loop, self._noise(request), range(len(loop.timesteps)), request.guidance_scale, progress)
+        return {"latents": latents}
+
     def _scheduler(self, request: WanRequest) -> UniPCMultistepScheduler:
         # A fresh scheduler per request: its multistep state must not carry over between requests, and
         # flow_shift may differ per request (the diffusers examples rebuild it with from_config too).
         shift = {} if request.flow_shift is None else {"flow_shift": request.flow_shift}
         return type(self.scheduler).from_config(self.scheduler.config, **shift)
 
-    @torch.no_grad()
-    def run(self, request: WanRequest, inputs: Mapping[str, torch.Tensor], progress: ProgressFn) -> dict[str, torch.Tensor]:
+    def _prepare(self, request: WanRequest, inputs: Mapping[str, torch.Tensor]) -> _Loop:
         transformer_dtype = self.transformer.dtype
-        guidance = request.guidance_scale > 1.0
 
         # 1. Conditioning in the transformer's dtype, as __call__ casts it before the loop.
+        guidance = request.guidance_scale > 1.0
         prompt_embeds = inputs["prompt_embeds"].to(self.device, transformer_dtype)
         negative_prompt_embeds = inputs["negative_prompt_embeds"].to(self.device, transformer_dtype) if guidance else None
         image_embeds = inputs.get("image_embeds")
@@ -187,14 +208,17 @@ class Denoise(WanStage):
         if condition is not None:
             condition = condition.to(self.device)
 
-        # 2. Timesteps.
+        # 2. Timesteps. Starting at index 0, as WanPipeline sets it, spares the scheduler a device sync to find
+        #    the first step.
         scheduler = self._scheduler(request)
         scheduler.set_timesteps(request.steps, device=self.device)
-        timesteps = scheduler.timesteps
+        scheduler.set_begin_index(0)
+        return _Loop(scheduler, scheduler.timesteps, prompt_embeds, negative_prompt_embeds, condition, image_kwargs)
 
-        # 3. The initial noise, float32, from a CPU generator seeded with the request's seed: the same
-        #    noise on every device, and what the pipeline draws given generator=torch.Generator().manual_seed(seed).
-        latents = self.pipe.prepare_latents(
+    def _noise(self, request: WanRequest) -> torch.Tensor:
+        # The initial noise, float32, from a CPU generator seeded with the request's seed: the same noise on every
+        # device, and what the pipeline draws given generator=torch.Generator().manual_seed(seed).
+        return self.pipe.prepare_latents(
             1,
             self.geometry.channels,
             request.height,
@@ -205,12 +229,14 @@ class Denoise(WanStage):
             torch.Generator(device="cpu").manual_seed(request.seed),
         )
 
-        # 4. The denoising loop of __call__ (Wan2.1: one transformer, no timestep expansion). Starting at
-        #    index 0, as WanPipeline sets it, spares the scheduler a device sync to find the first step.
-        scheduler.set_begin_index(0)
-        for i, t in enumerate(timesteps):
+    def _steps(self, loop: _Loop, latents: torch.Tensor, indices: Iterable[int], guidance_scale: float,
+               progress: ProgressFn) -> torch.Tensor:
+        """The steps ``indices`` of the denoising loop of __call__ (no timestep expansion: Wan2.1 and A14B)."""
+        transformer_dtype = self.transformer.dtype
+        for i in indices:
+            t = loop.timesteps[i]
             # I2V feeds the condition channels next to the noisy latents.
-            latent_model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
+            latent_model_input = latents if loop.condition is None else torch.cat([latents, loop.condition], dim=1)
             latent_model_input = latent_model_input.to(transformer_dtype)
             timestep = t.expand(latents.shape[0])
 
@@ -221,19 +247,62 @@ class Denoise(WanStage):
                         timestep=timestep,
                         encoder_hidden_states=embeds,
                         return_dict=False,
-                        **image_kwargs,
+                        **loop.image_kwargs,
                     )[0]
 
-            noise_pred = predict("cond", prompt_embeds)
-            if guidance:
-                noise_uncond = predict("uncond", negative_prompt_embeds)
-                noise_pred = noise_uncond + request.guidance_scale * (noise_pred - noise_uncond)
+            noise_pred = predict("cond", loop.prompt_embeds)
+            if loop.negative_prompt_embeds is not None:
+                noise_uncond = predict("uncond", loop.negative_prompt_embeds)
+                noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
 
             # x_t -> x_t-1
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            progress(i + 1, len(timesteps))
+            latents = loop.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            progress(i + 1, len(loop.timesteps))
+        return latents
 
-        return {"latents": latents}
+
+class DenoiseHighNoise(Denoise):
+    """Wan2.2 A14B, the high-noise expert (``transformer``): from fresh noise through the steps whose timestep is
+    at least the boundary; hands over the latents and the scheduler's state."""
+
+    def __init__(self, device, dtype, geometry, *, transformer, scheduler):
+        super().__init__(device, dtype, geometry, transformer=transformer, scheduler=scheduler)
+        check_scheduler(scheduler)
+
+    @torch.no_grad()
+    def run(self, request: WanExpertsRequest, inputs, progress: ProgressFn) -> dict[str, torch.Tensor]:
+        loop = self._prepare(request, inputs)
+        high, _ = expert_steps(loop, request)
+        latents = self._steps(loop, self._noise(request), high, request.guidance_scale, progress)
+        return {"boundary_latents": latents, **scheduler_state(loop.scheduler)}
+
+
+class DenoiseLowNoise(Denoise):
+    """Wan2.2 A14B, the low-noise expert (``transformer_2``): from the handed-over latents and scheduler state
+    through the remaining steps, with ``guidance_scale_2``."""
+
+    def __init__(self, device, dtype, geometry, *, transformer_2, scheduler):
+        super().__init__(device, dtype, geometry, transformer=transformer_2, scheduler=scheduler)
+        check_scheduler(scheduler)
+
+    @torch.no_grad()
+    def run(self, request: WanExpertsRequest, inputs, progress: ProgressFn) -> dict[str, torch.Tensor]:
+        loop = self._prepare(request, inputs)
+        high, low = expert_steps(loop, request)
+        restore_scheduler_state(loop.scheduler, inputs, self.device)
+        if (loop.scheduler.step_index or 0) != len(high):
+            raise ModelError(f"the high-noise expert handed over after step {loop.scheduler.step_index}; with "
+                             f"boundary_ratio {request.boundary_ratio} it takes {len(high)} of {request.steps} steps")
+        latents = inputs["boundary_latents"].to(self.device)
+        return {"latents": self._steps(loop, latents, low, request.low_noise_guidance_scale, progress)}
+
+
+def expert_steps(loop: _Loop, request: WanExpertsRequest) -> tuple[range, range]:
+    """The step indices of the high-noise and the low-noise expert: timesteps at least
+    ``boundary_ratio * num_train_timesteps``, and the rest (the timesteps decrease)."""
+    boundary = request.boundary_ratio * loop.scheduler.config.num_train_timesteps
+    high = sum(1 for t in loop.timesteps if t >= boundary)
+    return range(high), range(high, len(loop.timesteps))
 
 
 class VaeDecode(WanStage):
@@ -263,5 +332,7 @@ _STAGES = {
     "image_encode": ImageEncode,
     "vae_encode": VaeEncode,
     "denoise": Denoise,
+    "denoise_high": DenoiseHighNoise,
+    "denoise_low": DenoiseLowNoise,
     "vae_decode": VaeDecode,
 }
