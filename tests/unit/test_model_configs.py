@@ -28,6 +28,7 @@ CLIP_VIT_H14_VISION = 0.63e9
 WAN_VAE = 0.127e9
 WAN_VAE_ENCODER = 0.054e9
 WAN_VAE_DECODER = 0.073e9
+WAN22_A14B_EXPERT = 14.3e9  # each of the two (57 GB of DiT in bf16 together)
 QWEN25_VL_7B = 8.3e9  # language model, lm_head and vision tower
 QWEN_IMAGE_DIT = 20.4e9
 QWEN3_4B = 4.02e9  # Qwen3Model (no lm_head; the embeddings are tied)
@@ -51,6 +52,12 @@ EXPECTED: dict[str, dict[str, float]] = {
         "transformer": 16.4e9,
         **_WAN_VAE,
     },
+    "wan2.2-i2v-a14b": {
+        "text_encoder": UMT5_XXL_ENCODER,
+        "transformer": WAN22_A14B_EXPERT,
+        "transformer_2": WAN22_A14B_EXPERT,
+        **_WAN_VAE,
+    },
     "qwen-image": _QWEN,
     "qwen-image-edit": _QWEN,
     "z-image-turbo": {"text_encoder": QWEN3_4B, "transformer": Z_IMAGE_DIT, "vae_encoder": FLUX_VAE_ENCODER,
@@ -70,6 +77,8 @@ _QWEN_COMPONENTS = {
 def components(folder: str) -> dict[str, ComponentSpec]:
     if folder.startswith("wan2.1-i2v"):
         specs = _WAN.components("i2v")
+    elif folder.startswith("wan2.2-i2v"):
+        specs = _WAN.components("i2v_experts")
     elif folder.startswith("wan2.1-t2v"):
         specs = _WAN.components("t2v")
     else:
@@ -136,7 +145,8 @@ def _model_components():
     for folder in preset_folders():
         index = meta.read_model_index(CONFIGS / folder)
         for name, entry in index.items():
-            if not name.startswith("_") and entry[0] in ("diffusers", "transformers"):
+            # entries are [library, class]; pipeline settings (Wan2.2's boundary_ratio) are plain values
+            if not name.startswith("_") and isinstance(entry, list) and entry[0] in ("diffusers", "transformers"):
                 yield folder, name, entry
 
 

@@ -6,6 +6,7 @@ holds only its own transformer; the hand-over is refused when the two nodes disa
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +15,13 @@ from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline
 from PIL import Image
 
 from engine.errors import ModelError
+from engine.plan.build import plan_graph
+from engine.plan.memory import memory_report
 from nodes.wan import family
 from nodes.wan.family import WanExpertsImageRequest, WanExpertsRequest
 from tests.unit.wan_support import configs, declared_dtype, declared_shape, load_node, node_components, over_edge, tiny
+
+GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
 
 ONE_NODE = (("text_encode", "vae_encode", "denoise_high", "denoise_low", "vae_decode"),)
 FOUR_NODES = (("text_encode", "vae_encode"), ("denoise_high",), ("denoise_low",), ("vae_decode",))
@@ -131,3 +136,17 @@ def test_guidance_scale_2_defaults_to_guidance_scale():
     assert (request.low_noise_guidance_scale, request.boundary_ratio) == (4.0, 0.875)
     assert WanExpertsImageRequest(prompt="x", image=first_frame()).boundary_ratio == 0.9
 
+
+def test_plan_at_the_real_a14b_configs_puts_one_expert_on_each_dit_node():
+    """`engine plan` at 720P bf16: each expert node holds one 14.3B expert, half the one-node layout's DiT bytes."""
+    real = ["model.path=configs/wan2.2-i2v-a14b", "model.dtype=bf16", "limits.height=720", "limits.width=1280",
+            "limits.num_frames=81"]
+    weights = {}
+    for graph in ("wan22_i2v_experts.yaml", "wan22_i2v_experts_single.yaml"):
+        plan, checked, source = plan_graph(GRAPHS / graph, real)
+        weights.update({node.node: node.weights for node in memory_report(plan, checked.family, source).nodes})
+    one_node_dit = weights["all"]["transformer"] + weights["all"]["transformer_2"]
+    assert weights["dit_high"].keys() == {"transformer", "scheduler"} and weights["dit_low"].keys() == {"transformer_2",
+                                                                                                      "scheduler"}
+    assert weights["dit_high"]["transformer"] == weights["dit_low"]["transformer_2"] == one_node_dit // 2
+    assert abs(one_node_dit - 57.2e9) < 0.3e9  # two 14.3B experts in bf16
