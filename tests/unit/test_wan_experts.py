@@ -1,7 +1,8 @@
 """Wan2.2 A14B: the two experts as two stages equal diffusers' pipelines with ``transformer_2`` and
 ``boundary_ratio`` bit for bit, on one node and on four (encoder, dit_high, dit_low, decoder), with the boundary
-after one step (one step of multistep history) and after two (UniPC's full order-2 history); each expert node
-holds only its own transformer; the hand-over is refused when the two nodes disagree on the boundary."""
+after one step (one step of multistep history), after two (UniPC's full order-2 history) and after three of an
+order-3 loop; each expert node holds only its own transformer, half the one-node layout's DiT bytes at the real
+configs; the hand-over is refused when the two nodes disagree on the boundary."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 from PIL import Image
 
 from engine.errors import ModelError
 from engine.plan.build import plan_graph
 from engine.plan.memory import memory_report
+from engine.stages import LoadedComponents
 from nodes.wan import family
 from nodes.wan.family import WanExpertsImageRequest, WanExpertsRequest
 from tests.unit.wan_support import configs, declared_dtype, declared_shape, load_node, node_components, over_edge, tiny
@@ -54,8 +56,10 @@ def make_request(task: str, boundary_ratio: float) -> WanExpertsRequest:
     return WanExpertsRequest(**fields)
 
 
-def reference_frames(task: str, request: WanExpertsRequest) -> torch.Tensor:
-    """The monolithic pipeline with both experts, its VAE in float32 as in the diffusers Wan examples."""
+def reference_frames(task: str, request: WanExpertsRequest,
+                     scheduler: UniPCMultistepScheduler | None = None) -> torch.Tensor:
+    """The monolithic pipeline with both experts (and ``scheduler`` when given), its VAE in float32 as in the
+    diffusers Wan examples."""
     source = tiny(task)
     vae = AutoencoderKLWan.from_pretrained(source / "vae", torch_dtype=torch.float32)
     extra = {}
@@ -65,6 +69,8 @@ def reference_frames(task: str, request: WanExpertsRequest) -> torch.Tensor:
     else:
         pipe = WanPipeline.from_pretrained(source, vae=vae, boundary_ratio=request.boundary_ratio)
     pipe.set_progress_bar_config(disable=True)
+    if scheduler is not None:
+        pipe.scheduler = scheduler
     frames = pipe(prompt=request.prompt, negative_prompt=request.negative_prompt, height=request.height,
                   width=request.width, num_frames=request.num_frames, num_inference_steps=request.steps,
                   guidance_scale=request.guidance_scale, guidance_scale_2=request.guidance_scale_2,
@@ -72,17 +78,21 @@ def reference_frames(task: str, request: WanExpertsRequest) -> torch.Tensor:
     return torch.from_numpy(frames)
 
 
-def run_nodes(task: str, nodes: tuple[tuple[str, ...], ...], request: WanExpertsRequest) -> dict[str, torch.Tensor]:
-    """Every stage on its node (the stages of no node are left out); a tensor crossing nodes goes over as raw
-    bytes; outputs checked against their declarations (variable dimensions at most their bound)."""
+def run_nodes(task: str, nodes: tuple[tuple[str, ...], ...], request: WanExpertsRequest,
+              scheduler: UniPCMultistepScheduler | None = None) -> dict[str, torch.Tensor]:
+    """Every stage on its node (the stages of no node are left out), with ``scheduler`` in place of the model's
+    when given; a tensor crossing nodes goes over as raw bytes; outputs checked against their declarations
+    (variable dimensions at most their bound)."""
     model_configs = configs(tiny(task))
     symbols = family.shape_symbols(task, model_configs, request)
     tensors: dict[str, torch.Tensor] = {}
     produced_on: dict[str, int] = {}
     for spec in (spec for spec in family.stages(task) if any(spec.name in stages for stages in nodes)):
         node = next(i for i, stages in enumerate(nodes) if spec.name in stages)
-        stage = family.build_stage(task, spec.name, load_node(task, nodes[node], "float32"), "cpu", "float32",
-                                   model_configs)
+        components = load_node(task, nodes[node], "float32")
+        if scheduler is not None and "scheduler" in components.objects:
+            components = LoadedComponents({**components.objects, "scheduler": scheduler})
+        stage = family.build_stage(task, spec.name, components, "cpu", "float32", model_configs)
         inputs = {name: tensors[name] if produced_on[name] == node else over_edge(tensors[name])
                   for name in spec.inputs if name in tensors}
         outputs = stage.run(request, inputs, lambda step, total: None)
@@ -106,6 +116,16 @@ def test_i2v_experts_match_the_pipeline(nodes, boundary_ratio):
     assert tensors["scheduler_counters"].tolist() == [HIGH_STEPS[boundary_ratio], HIGH_STEPS[boundary_ratio],
                                                       HIGH_STEPS[boundary_ratio]]
     assert len(tensors["scheduler_model_outputs"]) == HIGH_STEPS[boundary_ratio]
+
+
+def test_a_boundary_after_three_steps_of_an_order_3_loop():
+    """UniPC of order 3: the high-noise expert hands over its full three steps of history."""
+    scheduler = UniPCMultistepScheduler.from_config(load_node("i2v_experts", ("denoise_high",), "float32")
+                                                    .objects["scheduler"].config, solver_order=3)
+    request = make_request("i2v_experts", 0.8)  # 999, 923, 818 | 667, 429
+    tensors = run_nodes("i2v_experts", FOUR_NODES, request, scheduler)
+    assert tensors["scheduler_counters"].tolist() == [3, 3, 3]
+    assert torch.equal(tensors["frames"], reference_frames("i2v_experts", request, scheduler))
 
 
 def test_t2v_experts_match_the_pipeline_on_four_nodes():
