@@ -1,0 +1,374 @@
+"""Serving under open-loop load: `engine serve` of the two-DiT graph at three arrival rates, against the pipeline.
+
+    python bench/serve.py [--json] [--jobs 12] [--loads 0.5 1 2 | --rates 30 60 120] [--arrivals poisson|fixed]
+
+The baseline runs first: the same ``--jobs`` jobs (seeds 42, 43, ...) one after another through the diffusers
+pipeline in one fresh process, after ``--warmup`` untimed jobs (bench/monolithic.py). Its jobs per minute is the
+sequential capacity; a job's latency there is its pipeline call plus output writing (no queue).
+
+Then `engine serve graphs/wan_<task>_two_dit.yaml` (encoder | two transformer replicas | decoder; the tiny model,
+128x224x17 and 4 steps by default; the graph's request defaults and its edge buffers sized for exactly that
+request) starts as a subprocess on a free port with its own temporary state folder. Once ``GET /health``
+answers 200 and ``--warmup`` jobs have run one at a time (untimed), each rate gets the same jobs, submitted over
+HTTP (``POST /v1/videos``; multipart with the image for i2v) at their arrival times without waiting for earlier
+ones (open loop; httpx's AsyncClient): at fixed intervals or at exponential ones (a Poisson process,
+``--seed``), every rate's intervals the same draws scaled to its mean. Rates are ``--loads`` times the
+pipeline's capacity, or ``--rates`` jobs per minute. Each job's completion is read from its server-sent events
+(``GET /v1/videos/{id}/events``); its latency is from just before its POST to its ``done`` event (the service
+looks at its scheduler every 0.1 s). Per rate: completed jobs per minute (completed jobs over first submission
+to last completion), p50 / p99 latency of the completed jobs, and failures (refused at submission, failed,
+cancelled or lost). A rate starts once the jobs of the one before have all ended. The service's queue holds
+every job of a rate (``--queue-size`` at least ``--jobs``), so none is refused for a full queue.
+
+Each worker runs torch on ``cores / workers`` threads (at least 1; ``--worker-threads``), as bench/throughput.py
+runs them; the pipeline keeps torch's default (every core). At the end the service gets SIGTERM and must exit
+with 0; on an error or Ctrl-C it gets SIGTERM too, then SIGKILL if it has not exited (its workers and broker die
+with it), and it dies with this process if this one is killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (BenchError, add_request_arguments, cores, emit, finish_machine, graph_path, machine,  # noqa: E402
+                          machine_line, median, percentile, plan_graph, request_values, run_monolithic,
+                          size_overrides, work_dir)
+from bench.throughput import default_worker_threads  # noqa: E402
+
+LAYOUT = "_two_dit"
+FIRST_SEED = 42
+READY_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 60.0
+#: Longer than the service's 15 s keep-alive pings on an event stream: no byte for this long means it is stuck.
+READ_TIMEOUT_S = 60.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_request_arguments(parser)
+    parser.set_defaults(task="t2v", model="tiny")
+    parser.add_argument("--jobs", type=int, default=12, help="jobs per rate, and timed jobs of the pipeline")
+    parser.add_argument("--loads", type=float, nargs="+", default=[0.5, 1.0, 2.0],
+                        help="arrival rates as multiples of the pipeline's sequential capacity (default: 0.5 1 2)")
+    parser.add_argument("--rates", type=float, nargs="+", help="arrival rates in jobs per minute (instead of --loads)")
+    parser.add_argument("--arrivals", choices=("poisson", "fixed"), default="poisson",
+                        help="exponential intervals (a Poisson process) or fixed ones (default: poisson)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the exponential intervals")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed jobs per side first, one at a time")
+    parser.add_argument("--worker-threads", type=int, help="torch threads per worker process (default: cores / "
+                        "workers, at least 1; 0: torch's default, every core per worker)")
+    parser.add_argument("--out", type=Path, help="folder for the service's state and the pipeline's outputs "
+                        "(default: a temporary folder)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    if args.warmup < 0 or (args.worker_threads is not None and args.worker_threads < 0):
+        parser.error("--warmup and --worker-threads must be 0 or more")
+    if min(args.rates or args.loads) <= 0:
+        parser.error("rates and loads must be above 0")
+    return args
+
+
+# -- the jobs and their arrivals ------------------------------------------------------------------------------
+
+def make_jobs(checked, args: argparse.Namespace) -> list:
+    """The benchmark's jobs as the family's requests (the graph's defaults filled in), seeds 42, 43, ..."""
+    from engine.runtime.requests import build_request
+
+    return [build_request(checked, request_values(args.task, height=args.height, width=args.width, frames=args.frames,
+                                                  steps=args.steps, seed=FIRST_SEED + i), f"job {i + 1}")
+            for i in range(args.jobs)]
+
+
+def api_body(request) -> dict[str, Any]:
+    """A request as the body of ``POST /v1/videos`` (every field given, so both sides do the same work)."""
+    body = request.model_dump(mode="json", exclude_none=True, exclude={"image"})
+    body["num_inference_steps"] = body.pop("steps")
+    return body
+
+
+def arrival_offsets(count: int, kind: str, seed: int) -> list[float]:
+    """Arrival times in units of the mean interval, the first at 0: fixed, or exponential intervals."""
+    draw = random.Random(seed)
+    gaps = [1.0 if kind == "fixed" else draw.expovariate(1.0) for _ in range(count - 1)]
+    offsets = [0.0]
+    for gap in gaps:
+        offsets.append(offsets[-1] + gap)
+    return offsets
+
+
+def sized_for(height: int, width: int, frames: int) -> list[str]:
+    """The graph's request defaults and its limits at the benchmark's size: the edge buffers hold exactly it (the
+    defaults too, so that a size below the graph's own defaults is valid)."""
+    defaults = [f"request.height={height}", f"request.width={width}", f"request.num_frames={frames}"]
+    return [*defaults, *size_overrides(height, width, frames)]
+
+
+# -- the service ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Served:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    ready_seconds: float = 0.0
+    exit_code: int | None = None
+
+    def log_tail(self, lines: int = 15) -> str:
+        return "\n    ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_command(graph: Path, overrides: list[str], port: int, state: Path, queue_size: int) -> list[str]:
+    """`engine serve` for this benchmark; under setpriv it gets SIGTERM if this process dies."""
+    command = [sys.executable, "-m", "engine.cli", "serve", str(graph), "--port", str(port), "--state-dir", str(state),
+               "--queue-size", str(queue_size), "--no-mqtt"]
+    for setting in overrides:
+        command += ["--set", setting]
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", *command] if setpriv else command
+
+
+@contextlib.contextmanager
+def served(command: list[str], port: int, log_path: Path, worker_threads: int | None) -> Iterator[Served]:
+    """The service running and healthy; stopped with SIGTERM on the way out (exit code 0 checked when nothing
+    else went wrong), killed if it does not stop."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if worker_threads:
+        env["OMP_NUM_THREADS"] = str(worker_threads)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    service = Served(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        service.ready_seconds = wait_healthy(service)
+        yield service
+    except BaseException:
+        stop(service)
+        raise
+    stop(service)
+    if service.exit_code != 0:
+        raise BenchError(f"engine serve exited with {service.exit_code} after SIGTERM; last log lines ({log_path}):\n"
+                         f"    {service.log_tail()}")
+
+
+def wait_healthy(service: Served) -> float:
+    """Seconds from launch until ``GET /health`` answers 200."""
+    import httpx
+
+    launched = time.monotonic()
+    while time.monotonic() - launched < READY_TIMEOUT_S:
+        if service.process.poll() is not None:
+            raise BenchError(f"engine serve exited with {service.process.returncode} before it was ready; last log "
+                             f"lines ({service.log_path}):\n    {service.log_tail()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{service.url}/health", timeout=5).status_code == 200:
+                return time.monotonic() - launched
+        time.sleep(0.25)
+    raise BenchError(f"engine serve was not healthy within {READY_TIMEOUT_S:g} s; last log lines "
+                     f"({service.log_path}):\n    {service.log_tail()}")
+
+
+def stop(service: Served) -> None:
+    """SIGTERM, wait; SIGKILL if it is still there. Records the exit code."""
+    if service.process.poll() is None:
+        service.process.send_signal(signal.SIGTERM)
+        try:
+            service.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            service.process.kill()
+            service.process.wait()
+    service.exit_code = service.process.returncode
+
+
+# -- open-loop load -------------------------------------------------------------------------------------------
+
+async def submit_and_follow(client, body: dict[str, Any], image: Path | None) -> dict[str, Any]:
+    """One job: POST it, follow its events until it ends. Its outcome with monotonic submit and end times."""
+    import httpx
+
+    submitted = time.monotonic()
+    try:
+        if image is None:
+            response = await client.post("/v1/videos", json=body)
+        else:
+            response = await client.post("/v1/videos", data={k: str(v) for k, v in body.items()},
+                                          files={"input_reference": (image.name, image.read_bytes(), "image/png")})
+        if response.status_code != 200:
+            return {"status": "refused", "submitted": submitted, "error": f"HTTP {response.status_code}: "
+                    f"{response.json().get('error', {}).get('message', response.text)}"}
+        job = await final_event(client, response.json()["id"])
+    except httpx.HTTPError as exc:
+        return {"status": "lost", "submitted": submitted, "error": f"{type(exc).__name__}: {exc}"}
+    error = (job.get("error") or {}).get("message")
+    return {"status": job["status"], "submitted": submitted, "ended": time.monotonic(), "id": job["id"], "error": error}
+
+
+async def final_event(client, job_id: str) -> dict[str, Any]:
+    """The job as its ``done`` server-sent event shows it."""
+    async with client.stream("GET", f"/v1/videos/{job_id}/events") as response:
+        response.raise_for_status()
+        event = None
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                event = line.removeprefix("event:").strip()
+            elif line.startswith("data:") and event == "done":
+                return json.loads(line.removeprefix("data:"))
+    raise BenchError(f"the event stream of {job_id} ended before the job did")
+
+
+async def open_loop(client, bodies: list[dict[str, Any]], offsets: list[float], image: Path | None) -> list[dict[str, Any]]:
+    """Submit each job at its offset (seconds from now) without waiting for the others; every outcome."""
+    start, jobs = time.monotonic(), []
+    for body, offset in zip(bodies, offsets, strict=True):
+        await asyncio.sleep(max(0.0, start + offset - time.monotonic()))
+        jobs.append(asyncio.create_task(submit_and_follow(client, body, image)))
+    return list(await asyncio.gather(*jobs))
+
+
+async def drive(url: str, bodies: list[dict[str, Any]], image: Path | None, warmup: int, rates: list[float],
+                unit_offsets: list[float]) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """The warm-up jobs one at a time, then every rate (jobs per minute) in turn: their outcomes."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=2 * len(bodies) + 8, max_keepalive_connections=len(bodies) + 4)
+    timeout = httpx.Timeout(30.0, read=READ_TIMEOUT_S)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+        warm = [await submit_and_follow(client, bodies[i % len(bodies)], image) for i in range(warmup)]
+        per_rate = [await open_loop(client, bodies, [t * 60.0 / rate for t in unit_offsets], image) for rate in rates]
+    return warm, per_rate
+
+
+# -- figures --------------------------------------------------------------------------------------------------
+
+def latency_figures(latencies: list[float]) -> dict[str, Any]:
+    return {"latency_seconds": latencies,
+            "p50_seconds": percentile(latencies, 50) if latencies else None,
+            "p99_seconds": percentile(latencies, 99) if latencies else None}
+
+
+def rate_figures(rate: float, capacity: float, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    done = [o for o in outcomes if o["status"] == "completed"]
+    failed = [o for o in outcomes if o["status"] != "completed"]
+    span = max(o["ended"] for o in done) - min(o["submitted"] for o in outcomes) if done else 0.0
+    return {"offered_jobs_per_minute": rate, "load": rate / capacity, "jobs": len(outcomes), "completed": len(done),
+            "failed": len(failed), "seconds": span, "jobs_per_minute": len(done) / span * 60 if done else 0.0,
+            **latency_figures([o["ended"] - o["submitted"] for o in done]),
+            "failures": [{"status": o["status"], "error": o["error"]} for o in failed]}
+
+
+def monolithic_figures(mono: dict[str, Any]) -> dict[str, Any]:
+    timed = [r for r in mono["requests"] if not r["warmup"]]
+    seconds = sum(r["seconds"] for r in timed)
+    return {"jobs": len(timed), "seconds": seconds, "jobs_per_minute": len(timed) / seconds * 60,
+            **latency_figures([r["seconds"] for r in timed]),
+            "warmup_seconds": [r["seconds"] for r in mono["requests"] if r["warmup"]], "torch_threads": mono["torch_threads"]}
+
+
+def measure(args: argparse.Namespace) -> dict:
+    graph = graph_path(args.task, LAYOUT)
+    out = work_dir(args.out, "serve")
+    overrides = [f"model.path={args.model}", *sized_for(args.height, args.width, args.frames)]
+    plan, checked, source = plan_graph(graph, overrides)
+    jobs = make_jobs(checked, args)
+    info = machine()
+
+    # 1. The pipeline: warm-up, then the jobs one after another; its pace is the sequential capacity.
+    mono = monolithic_figures(run_monolithic(args.task, source, [*[jobs[0]] * args.warmup, *jobs], out / "monolithic",
+                                             warmup=args.warmup, dtype=plan.dtype))
+    capacity = mono["jobs_per_minute"]
+    rates = args.rates or [load * capacity for load in args.loads]
+
+    # 2. The service: launched, healthy, warmed up, then the same jobs at each rate.
+    threads = default_worker_threads(plan, cores()) if args.worker_threads is None else args.worker_threads
+    port = free_port()
+    command = serve_command(graph, overrides, port, out / "state", max(64, args.jobs))
+    image = jobs[0].image if args.task == "i2v" else None
+    with served(command, port, out / "serve.log", threads) as service:
+        warm, per_rate = asyncio.run(drive(service.url, [api_body(j) for j in jobs], image, args.warmup, rates,
+                                           arrival_offsets(args.jobs, args.arrivals, args.seed)))
+    if any(o["status"] != "completed" for o in warm):
+        raise BenchError(f"a warm-up job of the service did not complete: {warm}")
+    return {
+        "benchmark": "serve",
+        "graph": plan.graph,
+        "nodes": {n.name: n.replicas for n in plan.nodes.values()},
+        "model": args.model,
+        "request": {"height": args.height, "width": args.width, "frames": args.frames, "steps": args.steps,
+                    "guidance_scale": jobs[0].guidance_scale},
+        "jobs": args.jobs,
+        "warmup": args.warmup,
+        "arrivals": args.arrivals,
+        "seed": args.seed,
+        "capacity_jobs_per_minute": capacity,
+        "worker_threads": threads or None,
+        "service": {"ready_seconds": service.ready_seconds, "warmup_seconds": [o["ended"] - o["submitted"] for o in warm],
+                    "exit_code": service.exit_code, "rates": [rate_figures(r, capacity, o) for r, o in zip(rates, per_rate)]},
+        "monolithic": mono,
+        "machine": finish_machine(info),
+        "out": str(out),
+    }
+
+
+def render(result: dict) -> str:
+    from engine.display import table
+
+    request, service, mono = result["request"], result["service"], result["monolithic"]
+    nodes = " | ".join(f"{name} x{count}" if count > 1 else name for name, count in result["nodes"].items())
+    arrivals = (f"Poisson arrivals (seed {result['seed']})" if result["arrivals"] == "poisson" else "arrivals at fixed intervals")
+    lines = [f"Serving under open-loop load: engine serve {result['graph']} ({nodes}), model {result['model']}, "
+             f"{request['height']}x{request['width']}x{request['frames']}, {request['steps']} steps; "
+             f"{result['jobs']} jobs per rate, {arrivals}; {result['warmup']} warm-up job(s) per side; "
+             f"{result['worker_threads'] or 'default'} torch thread(s) per worker, pipeline {mono['torch_threads']}", ""]
+
+    def row(name: str, offered: str, figures: dict) -> list[str]:
+        p50, p99 = figures["p50_seconds"], figures["p99_seconds"]
+        return [name, offered, f"{figures['jobs_per_minute']:.1f}", "-" if p50 is None else f"{p50:.2f}",
+                "-" if p99 is None else f"{p99:.2f}", str(figures.get("failed", 0))]
+
+    rows = [row(f"engine serve, {r['load']:.2g}x capacity", f"{r['offered_jobs_per_minute']:.1f}", r) for r in service["rates"]]
+    rows.append(row("monolithic, one after another", "-", mono))
+    lines.append(table(["", "offered jobs/min", "completed jobs/min", "p50 latency s", "p99 latency s", "failed"], rows))
+    lines += ["", f"capacity: the pipeline's {result['capacity_jobs_per_minute']:.1f} jobs/min one after another (median "
+                  f"job {median(mono['latency_seconds']):.2f} s); latency: submit to the done event (service), pipeline "
+                  f"call plus output writing, no queue (monolithic); p99 of {result['jobs']} jobs is near their maximum",
+              f"service: healthy {service['ready_seconds']:.1f} s after launch; stopped with SIGTERM, exit code "
+              f"{service['exit_code']}"]
+    for r in service["rates"]:
+        for failure in r["failures"][:3]:
+            lines.append(f"failed at {r['load']:.2g}x: {failure['status']}: {failure['error']}")
+    lines.append(machine_line(result["machine"]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    emit(measure(args), args.json, render)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
