@@ -75,7 +75,7 @@ class Scheduler:
         if request.id in self._handles:
             raise ValueError(f"request id {request.id!r} is already in use")
         if deadline_s is not None:
-            request.expires = self.clock() + deadline_s
+            request.expires = request.clock_zero + deadline_s
         self.requests.append(request)
         self._handles[request.id] = handle = RequestHandle(request)
         return handle

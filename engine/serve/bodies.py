@@ -117,7 +117,7 @@ def translate(checked: CheckedGraph, body: Body, image: tuple[str, Path] | None 
     try:
         params = request_type.model_validate({**checked.request_defaults, **values})
     except ValidationError as exc:
-        raise InvalidRequest([(_api_field(e["loc"], api_name, seconds is not None), _message(e)) for e in exc.errors()]) from None
+        raise InvalidRequest([(_api_field(e, api_name, seconds is not None, image), _message(e)) for e in exc.errors()]) from None
     problems = [(API_NAME.get(name, name), f"{value} is over the {limit} this service's edge buffers hold; restart it "
                                            f"with --set limits.{name}={value}")
                 for name, value, limit in over_limits(checked, params)]
@@ -131,8 +131,12 @@ def translate(checked: CheckedGraph, body: Body, image: tuple[str, Path] | None 
     return Translated(params, api)
 
 
-def _api_field(loc: tuple[Any, ...], api_name: Mapping[str, str], from_seconds: bool) -> str:
-    name = ".".join(map(str, loc)) or "body"
+def _api_field(error: Any, api_name: Mapping[str, str], from_seconds: bool, image: tuple[str, Path] | None) -> str:
+    """The API field an error of the family's request is about (a whole-request rule naming the uploaded image is
+    about the image)."""
+    name = ".".join(map(str, error["loc"]))
+    if not name:
+        return image[0] if image is not None and str(image[1]) in error["msg"] else "body"
     if name == "num_frames" and from_seconds:
         return "seconds"
     return api_name.get(name, name)

@@ -13,7 +13,7 @@ import pytest
 from engine.control.bus import LastWill
 from engine.control.heartbeat import Progress, publish_heartbeats
 from engine.control.memory import MemoryBroker, MemoryBus
-from engine.control.messages import RunStage, StageDone, StageFailed, Status
+from engine.control.messages import Cancel, Heartbeat, RunStage, StageDone, StageFailed, Status
 from engine.control.signing import Sealer
 from engine.control.topics import Topics
 from engine.plan.build import build_plan
@@ -46,6 +46,7 @@ class FakeLauncher:
         self.heartbeats: dict[tuple[str, int], asyncio.Task[None]] = {}
         self.dead: dict[tuple[str, int], str] = {}
         self.orders: list[tuple[str, int, RunStage]] = []  # every run_stage a worker received
+        self.cancels: list[tuple[str, int, str]] = []  # every cancel: node, replica, request id
 
     def start(self, spec: WorkerSpec, secrets: WorkerSecrets) -> None:
         key = (spec.node, spec.replica)
@@ -83,6 +84,8 @@ class FakeLauncher:
                 bus, self.topics.heartbeat(node, replica), node, replica, Progress(), period_s=0.05))
         async for inbound in bus.messages():
             order = inbound.message
+            if isinstance(order, Cancel):
+                self.cancels.append((node, replica, order.request_id))
             if not isinstance(order, RunStage):
                 continue
             self.orders.append((node, replica, order))
@@ -235,3 +238,89 @@ def test_a_silent_replica_is_killed_and_its_request_fails_naming_it(tmp_path):
     assert request.state == State.FAILED
     assert "node 'transformer' replica 0 (stage 'denoise'): stopped responding (no heartbeat" in request.error
     assert ("transformer", 0) in launcher.dead  # killed, so that it does no more harm
+
+
+def deployed(plan, tmp_path: Path, behave: Callable[[str, int], Behaviour], scenario):
+    """Run ``scenario(controller, scheduler, launcher)`` inside a deployment on the memory bus."""
+    broker = MemoryBroker()
+    options = RunOptions(out_dir=tmp_path, quiet=True)
+    launcher = FakeLauncher(broker, Topics(options.run_id), behave)
+    controller = Controller(plan, tmp_path, options, launcher=launcher,
+                            connect=lambda address, client_id, key: broker.connect(client_id))
+
+    async def main():
+        async with controller.deployed() as scheduler:
+            return await asyncio.wait_for(scenario(controller, scheduler, launcher), 20)
+
+    return asyncio.run(main())
+
+
+def dit_runs_forever(node: str, replica: int) -> Behaviour:
+    return "silent" if node == "transformer" else "done"
+
+
+def test_cancel_drops_a_running_request_on_its_replicas_and_a_queued_one_never_runs(tmp_path):
+    from nodes.wan.family import WanRequest
+
+    async def scenario(controller, scheduler, launcher):
+        running = scheduler.submit(WanRequest(prompt="a", seed=1))
+        queued = scheduler.submit(WanRequest(prompt="b", seed=2))  # one slot per edge: it waits
+        await controller.serve_until(lambda: any(node == "transformer" for node, _, _ in launcher.orders))
+        assert queued.request.state == State.QUEUED
+        assert scheduler.cancel(queued.request.id, "cancelled by the client").state == State.CANCELLED
+        assert scheduler.cancel(running.request.id, "cancelled by the client").state == State.CANCELLED
+        assert scheduler.cancel(running.request.id, "again") is None  # ended already
+        await controller.serve_until(lambda: len(launcher.cancels) == 2)
+        return running.request, queued.request
+
+    plan = plan_of("wan_t2v.yaml", "edges.0.slots=1", "edges.1.slots=1")
+    running, queued = deployed(plan, tmp_path, dit_runs_forever, scenario)
+    assert running.finished and running.events[-1].detail == "cancelled by the client"
+    assert running.runs[-1].outcome == "cancelled"
+    assert queued.runs == []  # never dispatched
+
+
+def test_cancel_tells_the_replicas_of_the_remaining_segments_and_frees_them(tmp_path):
+    async def scenario(controller, scheduler, launcher):
+        from nodes.wan.family import WanRequest
+
+        handle = scheduler.submit(WanRequest(prompt="a", seed=1))
+        await controller.serve_until(lambda: any(node == "transformer" for node, _, _ in launcher.orders))
+        scheduler.cancel(handle.request.id, "cancelled by the client")
+        await controller.serve_until(lambda: len(launcher.cancels) == 2)
+        return launcher.cancels, {key: info.assigned for key, info in controller.fleet.replicas.items()}
+
+    cancels, assigned = deployed(plan_of("wan_t2v.yaml"), tmp_path, dit_runs_forever, scenario)
+    assert sorted(cancels) == [("decoder", 0, "r1"), ("transformer", 0, "r1")]  # not the encoder: it is done
+    assert set(assigned.values()) == {0}
+
+
+def test_a_request_past_its_own_deadline_fails_and_is_dropped(tmp_path):
+    async def scenario(controller, scheduler, launcher):
+        from nodes.wan.family import WanRequest
+
+        handle = scheduler.submit(WanRequest(prompt="a", seed=1), "job-1", deadline_s=0.3)
+        await controller.serve_until(lambda: handle.finished and len(launcher.cancels) == 2)
+        return handle.request
+
+    request = deployed(plan_of("wan_t2v.yaml"), tmp_path, dit_runs_forever, scenario)
+    assert request.state == State.FAILED and request.error == "not finished within its deadline of 0.3 s"
+
+
+def test_progress_comes_from_the_denoising_steps_of_the_heartbeats(tmp_path):
+    async def scenario(controller, scheduler, launcher):
+        from nodes.wan.family import WanRequest
+
+        handle = scheduler.submit(WanRequest(prompt="a", seed=1, steps=8))
+        await controller.serve_until(lambda: any(node == "transformer" for node, _, _ in launcher.orders))
+        seen = [handle.request.progress]
+        for step in (2, 6):
+            scheduler.on_heartbeat(Heartbeat(node="transformer", replica=0, seq=step, request_id="r1", stage="denoise",
+                                             step=step, total_steps=8, requests_done=0, rss_bytes=1, rejected=0, time=0.0))
+            seen.append(handle.request.progress)
+        scheduler.on_heartbeat(Heartbeat(node="transformer", replica=0, seq=9, request_id="other", stage="denoise",
+                                         step=8, total_steps=8, requests_done=0, rss_bytes=1, rejected=0, time=0.0))
+        seen.append(handle.request.progress)
+        return seen
+
+    assert deployed(plan_of("wan_t2v.yaml"), tmp_path, dit_runs_forever, scenario) == [0.0, 0.25, 0.75, 0.75]
