@@ -13,8 +13,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.errors import EngineError, OutputError
+from engine.errors import OutputError
+
+if TYPE_CHECKING:
+    from engine.plan.check import CheckedGraph
+    from engine.plan.model import Plan
+    from engine.serve.service import ServiceOptions
 
 DESCRIPTION = """\
 Deploy the graph once (broker, one worker per node replica, weights loaded), then take jobs over HTTP and MQTT
@@ -54,6 +60,7 @@ def add_serve_parser(commands: argparse._SubParsersAction, add_graph_arguments: 
     serve.add_argument("--retain-days", type=float, default=7.0, help="days a finished job is kept (default: 7)")
     serve.add_argument("--token-file", type=Path, help="bearer token for /v1, read from this file (default: ENGINE_API_TOKEN)")
     serve.add_argument("--no-mqtt", action="store_true", help="take jobs over HTTP only")
+    serve.add_argument("--save-frames", action="store_true", help="also save each job's raw decoded frames as .npy")
     serve.set_defaults(handler=_serve)
 
 
@@ -115,10 +122,14 @@ def _serve(args: argparse.Namespace) -> int:
     plan, source = plan_on_this_host(checked, [])
     sock = bind(args.host, args.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return asyncio.run(_run_service(checked, plan, source, options, sock, token, mqtt=not args.no_mqtt))
+    for chatty in ("amqtt", "transitions"):  # the embedded amqtt broker logs every session's state change
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    return asyncio.run(_run_service(checked, plan, source, options, sock, token, mqtt=not args.no_mqtt,
+                                    save_frames=args.save_frames))
 
 
-async def _run_service(checked, plan, source, options, sock: socket.socket, token: str | None, *, mqtt: bool) -> int:  # type: ignore[no-untyped-def]
+async def _run_service(checked: CheckedGraph, plan: Plan, source: Path, options: ServiceOptions, sock: socket.socket,
+                       token: str | None, *, mqtt: bool, save_frames: bool) -> int:
     import uvicorn
 
     from engine.runtime.controller import Controller, RunOptions
@@ -127,7 +138,7 @@ async def _run_service(checked, plan, source, options, sock: socket.socket, toke
     from engine.serve.service import Service
 
     run_id = f"serve-{checked.loaded.spec.name.replace('_', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    controller = Controller(plan, source, RunOptions(out_dir=options.outputs, run_id=run_id))
+    controller = Controller(plan, source, RunOptions(out_dir=options.outputs, run_id=run_id, save_frames=save_frames))
     service = Service(controller, checked, options)
     host, port = sock.getsockname()[:2]
     front = MqttFront.prepare(service, f"http://{host}:{port}") if mqtt else None
@@ -154,8 +165,6 @@ async def _run_service(checked, plan, source, options, sock: socket.socket, toke
             service.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await main
-    except EngineError:
-        raise
     finally:
         server.should_exit = True
         await asyncio.gather(http, return_exceptions=True)

@@ -1,0 +1,304 @@
+"""``engine serve`` for real: its own process with uvicorn, a real HTTP client, real workers, Mooncake edges and a
+real broker. One deployment of the two-DiT T2V graph (embedded mosquitto) serves most tests; an image-edit
+deployment takes multipart edits; a three-node deployment on the embedded amqtt, one job at a time, is restarted
+with jobs queued."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import re
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.control.client import ControlClient
+from engine.control.messages import JobUpdate, SubmitJob
+from tests.integration.engine_run import reference_frames
+from tests.integration.serve_helpers import REPO, Served, start_service
+
+pytestmark = pytest.mark.integration
+
+QUEUE_SIZE = 24
+LIMITS = ("limits.height=128", "limits.width=160", "limits.num_frames=17")  # room for jobs that take a while
+LONG = {"prompt": "a long job", "num_inference_steps": 1000, "height": 128, "width": 160, "num_frames": 17}  # ~1 min
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory) -> Served:
+    served = start_service("wan_t2v_two_dit.yaml", tmp_path_factory.mktemp("wan") / "state", *LIMITS,
+                           extra=("--queue-size", str(QUEUE_SIZE), "--save-frames"))
+    yield served
+    assert served.stop() == 0, served.log_text()[-3000:]
+    assert "Traceback" not in served.log_text(), served.log_text()[-5000:]
+
+
+def post(served: Served, body: dict | None = None, **kwargs) -> httpx.Response:
+    return httpx.post(f"{served.url}/v1/videos", json=body, timeout=60, **kwargs)
+
+
+def statuses(served: Served) -> dict[str, str]:
+    jobs = httpx.get(f"{served.url}/v1/videos", params={"limit": 100}, timeout=30).json()["data"]
+    return {job["id"]: job["status"] for job in jobs}
+
+
+def cancel_all(served: Served) -> None:
+    for job_id, status in statuses(served).items():
+        if status in ("queued", "in_progress"):
+            httpx.delete(f"{served.url}/v1/videos/{job_id}", timeout=30)
+
+
+# -- bodies ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "status", "field"), [
+    ({"prompt": "x", "width": "wide"}, 422, "width"),
+    ({"prompt": 5}, 422, "prompt"),
+    ({"prompt": "x", "steps": 3}, 422, "steps"),  # the API calls it num_inference_steps
+    ({"prompt": "x", "num_frames": 10}, 422, "num_frames"),  # 4k+1 frames
+    ({"prompt": "x", "height": 256}, 422, "height"),  # over the edge buffers the service sized
+    ({"prompt": "x", "size": "64x48", "width": 32}, 422, "size"),
+    ({"prompt": "x", "model": "sora-2"}, 404, "model"),
+    ({"prompt": "x" * (10 << 20)}, 422, "prompt"),  # a 10 MB prompt
+    ({}, 422, "prompt"),
+])
+def test_malformed_bodies_get_4xx_naming_the_field(wan, body, status, field):
+    answer = post(wan, body)
+    assert answer.status_code == status, answer.text[:500]
+    error = answer.json()["error"]
+    assert error["param"] == field and field in error["message"]
+
+
+def test_broken_json_a_broken_image_and_a_file_where_none_is_wanted(wan):
+    broken = httpx.post(f"{wan.url}/v1/videos", content=b'{"prompt": ', headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and broken.json()["error"]["param"] == "body"
+    listed = httpx.post(f"{wan.url}/v1/videos", json=["a", "list"])
+    assert listed.status_code == 422 and "JSON object" in listed.json()["error"]["message"]
+    image = httpx.post(f"{wan.url}/v1/videos", data={"prompt": "x"},
+                       files={"input_reference": ("x.png", b"\x89PNG\r\n\x1a\nnot really", "image/png")})
+    assert image.status_code == 422 and image.json()["error"]["param"] == "input_reference"
+    wrong_endpoint = httpx.post(f"{wan.url}/v1/images/generations", json={"prompt": "x"})
+    assert wrong_endpoint.status_code == 404 and "/v1/videos" in wrong_endpoint.json()["error"]["message"]
+    assert "Traceback" not in wan.log_text()
+
+
+# -- jobs -----------------------------------------------------------------------------------------------------
+
+
+def test_twenty_concurrent_jobs_match_the_monolithic_pipeline(wan):
+    async def submit_all() -> list[dict]:
+        async with httpx.AsyncClient(base_url=wan.url, timeout=60) as http:
+            answers = await asyncio.gather(*(http.post("/v1/videos", json={"prompt": f"scene {i}", "seed": 100 + i})
+                                             for i in range(20)))
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
+        return [a.json() for a in answers]
+
+    created = asyncio.run(submit_all())
+    assert {job["status"] for job in created} == {"queued"} and len({job["id"] for job in created}) == 20
+    done = [wan.wait_for(job["id"]) for job in created]
+    assert [job["status"] for job in done] == ["completed"] * 20, [job["error"] for job in done]
+    assert all(job["progress"] == 100 for job in done)
+
+    outputs = wan.state / "outputs"
+    for job in done:
+        request = json.loads((outputs / f"{job['id']}.json").read_text())["request"]
+        frames = np.load(outputs / f"{job['id']}.npy")
+        expected = reference_frames("t2v", json.dumps(request, sort_keys=True))
+        assert np.array_equal(frames, expected), f"{job['id']}: max abs difference {np.abs(frames - expected).max()}"
+    video = httpx.get(f"{wan.url}/v1/videos/{done[0]['id']}/content", timeout=30)
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+    assert video.content == (outputs / f"{done[0]['id']}.mp4").read_bytes()
+    head = httpx.get(f"{wan.url}/v1/videos/{done[0]['id']}/content", headers={"Range": "bytes=0-99"}, timeout=30)
+    assert head.status_code == 206 and head.content == video.content[:100]
+
+
+def test_progress_streams_as_server_sent_events(wan):
+    job = post(wan, {**LONG, "prompt": "watched", "num_inference_steps": 200}).json()
+    events = []
+    with httpx.stream("GET", f"{wan.url}/v1/videos/{job['id']}/events", timeout=120) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: "):]))
+    progress = [event["progress"] for event in events]
+    assert events[-1]["status"] == "completed" and progress[-1] == 100
+    assert progress == sorted(progress) and len(set(progress)) > 2, progress  # it moved step by step
+    assert "in_progress" in {event["status"] for event in events}
+
+
+def test_cancel_a_queued_and_a_running_job(wan):
+    created = [post(wan, LONG).json()["id"] for _ in range(6)]
+    deadline = time.monotonic() + 60
+    while "in_progress" not in set(statuses(wan)[i] for i in created):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    now = statuses(wan)
+    running = next(i for i in created if now[i] == "in_progress")
+    queued = next(i for i in reversed(created) if now[i] == "queued")
+
+    cancelled = httpx.delete(f"{wan.url}/v1/videos/{queued}", timeout=30).json()
+    assert cancelled["status"] == "cancelled"
+
+    asked = time.time()
+    assert httpx.delete(f"{wan.url}/v1/videos/{running}", timeout=30).json()["status"] == "cancelled"
+    stopped = _logged_at(wan, rf"request {running} failed: dropped: cancelled by the client", timeout_s=30)
+    assert stopped - asked < 10, "the running job was not stopped at its next step"
+
+    cancel_all(wan)
+    assert queued not in wan.worker_logs(), "the queued job reached a worker"
+    assert all(wan.wait_for(i)["status"] == "cancelled" for i in created)
+    # Its slots were freed: a new job runs through every node.
+    assert wan.wait_for(post(wan, {"prompt": "after"}).json()["id"])["status"] == "completed"
+    again = httpx.delete(f"{wan.url}/v1/videos/{running}", timeout=30).json()
+    assert again == {"id": running, "object": "video.deleted", "deleted": True}
+    assert httpx.get(f"{wan.url}/v1/videos/{running}", timeout=30).status_code == 404
+
+
+def _logged_at(served: Served, pattern: str, timeout_s: float) -> float:
+    """When a worker logged a line matching ``pattern`` (its wall-clock timestamp)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*" + pattern, served.worker_logs(), re.MULTILINE)
+        if found:
+            return time.mktime(time.strptime(found.group(1)[:19], "%Y-%m-%d %H:%M:%S")) + int(found.group(1)[20:]) / 1000
+        time.sleep(0.1)
+    raise AssertionError(f"no worker logged {pattern!r} within {timeout_s} s")
+
+
+def test_a_full_queue_answers_429_with_retry_after(wan):
+    answers = [post(wan, LONG) for _ in range(QUEUE_SIZE + 8)]
+    try:
+        codes = [a.status_code for a in answers]
+        assert 429 in codes, codes
+        first = codes.index(429)
+        assert set(codes[:first]) == {200} and set(codes[first:]) == {429}
+        assert int(answers[first].headers["retry-after"]) >= 1
+        assert "queue is full" in answers[first].json()["error"]["message"]
+        metrics = httpx.get(f"{wan.url}/metrics", timeout=30).text
+        assert f"engine_queue_depth {QUEUE_SIZE}.0" in metrics
+    finally:
+        cancel_all(wan)
+
+
+def test_models_health_and_metrics(wan):
+    assert httpx.get(f"{wan.url}/v1/models").json()["data"][0]["id"] == "wan_t2v_two_dit"
+    health = httpx.get(f"{wan.url}/health").json()
+    assert health["status"] == "ok" and health["nodes"] == {"encoder": 1, "transformer": 2, "decoder": 1}
+    metrics = httpx.get(f"{wan.url}/metrics").text
+    for series in ('engine_replicas_up{node="transformer"} 2.0', 'engine_stage_seconds_count{stage="denoise"}',
+                   'engine_edge_bytes_total{edge="phase1"}', 'engine_integrity_failures_total{edge="phase2"} 0.0',
+                   "engine_retries_total 0.0"):
+        assert series in metrics, series
+
+
+def test_mqtt_submission_round_trip_on_mosquitto(wan):
+    updates = asyncio.run(_mqtt_round_trip(wan))
+    assert updates[-1].job["status"] == "completed" and updates[-1].content_url
+    assert httpx.get(updates[-1].content_url, timeout=30).content[4:8] == b"ftyp"  # an MP4
+
+
+async def _mqtt_round_trip(served: Served) -> list[JobUpdate]:
+    """Submit one job over MQTT as the service's client; the updates until it ended. A repeat of the same
+    request key is answered with the same job."""
+    address, client_id, key, submit, reply = served.mqtt_client_settings()
+    client = ControlClient(address, client_id=client_id, key=key)
+    await client.connect()
+    try:
+        await client.subscribe(reply)
+        job = SubmitJob(client_id=client_id, request_key="k1", endpoint="videos", job={"prompt": "over mqtt", "seed": 5})
+        await client.publish(submit, job)
+        updates: list[JobUpdate] = []
+        while not updates or updates[-1].job["status"] not in ("completed", "failed", "rejected"):
+            inbound = await client.receive(60)
+            assert inbound is not None, f"no update within 60 s; got {updates}"
+            assert isinstance(inbound.message, JobUpdate) and inbound.message.request_key == "k1"
+            updates.append(inbound.message)
+        await client.publish(submit, job)  # again: the same job, not a second run
+        repeat = await client.receive(30)
+        assert repeat is not None and repeat.message.job["id"] == updates[-1].job["id"]
+        return updates
+    finally:
+        await client.close()
+
+
+def test_a_forged_submission_gets_no_job(wan):
+    before = len(statuses(wan))
+
+    async def forged() -> None:
+        address, client_id, _, submit, reply = wan.mqtt_client_settings()
+        client = ControlClient(address, client_id=client_id, key=b"k" * 32)
+        await client.connect()
+        try:
+            await client.subscribe(reply)
+            await client.publish(submit, SubmitJob(client_id=client_id, request_key="f1", endpoint="videos",
+                                                   job={"prompt": "forged"}))
+            assert await client.receive(3) is None
+        finally:
+            await client.close()
+
+    asyncio.run(forged())
+    assert len(statuses(wan)) == before
+
+
+# -- image edits ----------------------------------------------------------------------------------------------
+
+
+def test_an_image_edit_through_multipart(tmp_path):
+    served = start_service("qwen_image_edit_single.yaml", tmp_path / "state", extra=("--no-mqtt",))
+    try:
+        picture = (REPO / "graphs" / "assets" / "first_frame.png").read_bytes()
+        answer = httpx.post(f"{served.url}/v1/images/edits", data={"prompt": "make the sky stormy", "seed": "7"},
+                            files={"image": ("frame.png", picture, "image/png")}, timeout=120)
+        assert answer.status_code == 200, answer.text[:1000]
+        body = answer.json()
+        image = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
+        assert image.format == "PNG" and image.size == (64, 64)
+        by_url = httpx.post(f"{served.url}/v1/images/edits", timeout=120, files={"image": ("f.png", picture, "image/png")},
+                            data={"prompt": "make the sky stormy", "seed": "7", "response_format": "url"}).json()
+        same = httpx.get(served.url + by_url["data"][0]["url"], timeout=30)
+        assert same.content == base64.b64decode(body["data"][0]["b64_json"])  # same seed, same image
+        missing = httpx.post(f"{served.url}/v1/images/edits", data={"prompt": "x"}, timeout=30)
+        assert missing.status_code == 422 and missing.json()["error"]["param"] == "image"
+    finally:
+        assert served.stop() == 0
+    assert "Traceback" not in served.log_text()
+
+
+# -- restart --------------------------------------------------------------------------------------------------
+
+
+def test_a_restart_runs_the_jobs_left_queued_on_amqtt(tmp_path):
+    state = tmp_path / "state"
+    one_at_a_time = ("broker=embedded:amqtt", "edges.0.slots=1", "edges.1.slots=1", *LIMITS)
+    served = start_service("wan_t2v.yaml", state, *one_at_a_time, extra=("--grace-s", "1"))
+    updates = asyncio.run(_mqtt_round_trip(served))
+    assert updates[-1].job["status"] == "completed" and "progress" in updates[0].job
+
+    running = post(served, LONG).json()["id"]
+    served.wait_for(running, statuses=("in_progress",))
+    waiting = [post(served, {"prompt": f"left {i}", "seed": i}).json()["id"] for i in range(3)]
+    assert {served.wait_for(i, statuses=("queued",))["status"] for i in waiting} == {"queued"}
+    assert served.stop() == 0
+    interrupted = served_job(state, running)
+    assert interrupted["status"] == "failed" and interrupted["error_code"] == "interrupted"
+
+    again = start_service("wan_t2v.yaml", state, *one_at_a_time)
+    try:
+        assert [again.wait_for(i)["status"] for i in waiting] == ["completed"] * 3
+        shown = httpx.get(f"{again.url}/v1/videos/{running}").json()
+        assert shown["status"] == "failed" and shown["error"]["code"] == "interrupted"
+    finally:
+        assert again.stop() == 0
+
+
+def served_job(state: Path, job_id: str) -> dict:
+    import sqlite3
+
+    with sqlite3.connect(state / "jobs.sqlite") as db:
+        db.row_factory = sqlite3.Row
+        return dict(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
