@@ -221,11 +221,12 @@ async def _mosquitto(binary: Path, users: Sequence[BrokerUser], start_timeout_s:
             )
             log = folder / "mosquitto.log"
             with log.open("wb") as log_file:
-                process = subprocess.Popen(
+                process = subprocess.Popen(  # its own session: a terminal's Ctrl-C is for the engine to handle
                     [*_DIE_WITH_PARENT, str(binary), "-c", str(config)],
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=log_file,
+                    start_new_session=True,
                 )
             try:
                 if await _wait_listening(process, port, start_timeout_s, log):
