@@ -11,8 +11,15 @@ import os
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from engine import __version__
 from engine.errors import EngineError
+
+if TYPE_CHECKING:
+    from engine.plan.memory import DeviceFit, MemoryReport
+    from engine.plan.model import Plan
+    from engine.stages import ModelFamily
 
 EPILOG = """\
 examples:
@@ -57,8 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Parameter bytes per node computed from the model configs on the meta "
                                            "device (no weights loaded), edge buffer sizes, and fit against each "
                                            "device's memory (place.memory, or detected on this host). The devices "
-                                           "of `host: local` nodes must exist on this host.")
+                                           "of `host: local` nodes must exist on this host. With --broker, nodes on "
+                                           "agents are checked against the memory the live agents offer now, and "
+                                           "`place.host: any` nodes are placed as `engine run` would place them.")
     _add_graph_arguments(plan)
+    plan.add_argument("--broker", help="the agents' broker (mqtt://user:pass@host:port): check fit against the live agents")
+    plan.add_argument("--key-file", type=Path, help="the deployment key, read from this file (default: ENGINE_DEPLOY_KEY)")
 
     from engine.runtime.cli_run import add_run_parser
 
@@ -119,6 +130,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     plan, checked, source = plan_graph(args.graph, args.overrides)
     report = memory_report(plan, checked.family, source)
+    devices, live = list(report.devices), None
+    if args.broker:
+        plan, devices, live = _fit_on_agents(args, plan, report, checked.family, source)
+        report = memory_report(plan, checked.family, source)
     print(f"plan for {plan.graph}: {plan.family} {plan.task}, model {source}, sized for "
           + ", ".join(f"{k}={v}" for k, v in plan.limits.items()))
     print("\nweights per node (one replica; counted from the configs on the meta device, no weights read):")
@@ -136,12 +151,43 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(table(["edge", "from -> to", "transport", "slot", "slots", "per replica"],
                 [[e.name, f"{e.source} -> {e.target}", e.transport, f"{e.slot_bytes} ({human_bytes(e.slot_bytes)})", e.slots,
                   human_bytes(e.slot_bytes * e.slots)] for e in plan.edges]) if plan.edges else "  none")
-    print("\nfit per device (weights + receive buffers, all replicas; activations not included):")
+    print("\nfit per device (weights + receive buffers, all replicas; activations not included"
+          + (f"; agents: what they offer now, {len(live)} live" if live is not None else "") + "):")
     print(table(["host", "device", "nodes", "needs", "has", "fits"],
                 [[d.host, d.device, ", ".join(d.nodes), human_bytes(d.required),
-                  human_bytes(d.capacity) if d.capacity is not None else "unknown",
-                  {True: "yes", False: "NO", None: "not checked (set place.memory)"}[d.fits]] for d in report.devices]))
-    return 0 if all(d.fits is not False for d in report.devices) else 1
+                  human_bytes(d.capacity) if d.capacity is not None else "unknown", _fit_text(d, live)] for d in devices]))
+    gone = live is not None and any(d.host != "local" and d.host not in live for d in devices)
+    return 0 if all(d.fits is not False for d in devices) and not gone else 1
+
+
+def _fit_text(device: DeviceFit, live: set[str] | None) -> str:
+    if live is not None and device.host != "local" and device.host not in live:
+        return f"NO: agent {device.host!r} not live on the broker"
+    return {True: "yes", False: "NO", None: "not checked (set place.memory)"}[device.fits]
+
+
+def _fit_on_agents(args: argparse.Namespace, plan: Plan, report: MemoryReport, family: ModelFamily,
+                   source: Path) -> tuple[Plan, list[DeviceFit], set[str]]:
+    """``engine plan --broker``: the plan with ``any`` nodes placed on the live agents, the fit of every device
+    (agent devices against what they offer now) and the names of the live agents."""
+    import asyncio
+
+    from engine.control.broker import BrokerAddress, parse_broker
+    from engine.errors import ControlError
+    from engine.plan.memory import memory_report
+    from engine.plan.placement import fit_on_agents, place_on_agents
+    from engine.runtime.agent import agent_offers, live_agents
+    from engine.runtime.cli_agent import deploy_key_from
+    from engine.runtime.controller import AGENT_WAIT_S
+
+    broker = parse_broker(args.broker)
+    if not isinstance(broker, BrokerAddress):
+        raise ControlError("--broker: the agents' broker (mqtt://... or mqtts://...), not embedded")
+    births = asyncio.run(live_agents(broker, deploy_key_from(args), AGENT_WAIT_S))
+    offers = agent_offers(births, plan.timeouts.lease_s)
+    placed = place_on_agents(plan, {node.node: node.total_bytes for node in report.nodes}, offers)
+    devices = fit_on_agents(memory_report(placed, family, source).devices, offers)
+    return placed, devices, {offer.agent for offer in offers}
 
 
 COMMANDS = {"validate": cmd_validate, "graph": cmd_graph, "plan": cmd_plan}

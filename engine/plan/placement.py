@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from engine.display import human_bytes
 from engine.errors import PlanError
+from engine.plan.memory import DeviceFit
 from engine.plan.model import Plan
 
 ANY = "any"
@@ -44,3 +45,10 @@ def place_on_agents(plan: Plan, needs: Mapping[str, int], offers: Sequence[Offer
         free[(agent, device)] = room - needs[node.name]
         nodes[node.name] = dataclasses.replace(node, host=agent, device=device)
     return dataclasses.replace(plan, nodes=nodes)
+
+
+def fit_on_agents(devices: Sequence[DeviceFit], offers: Sequence[Offer]) -> list[DeviceFit]:
+    """The fit of each agent device against the memory its agent offers now (devices of agents not heard keep
+    an unknown capacity: the caller says they are not live)."""
+    free = {(offer.agent, offer.device): offer.free_bytes for offer in offers}
+    return [dataclasses.replace(d, capacity=free[(d.host, d.device)]) if (d.host, d.device) in free else d for d in devices]

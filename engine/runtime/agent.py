@@ -34,6 +34,7 @@ from engine.control.messages import AgentBirth, AgentJob, AgentOrder, DeviceInfo
 from engine.control.signing import run_key
 from engine.control.topics import AgentTopics
 from engine.errors import EngineError
+from engine.plan.placement import Offer
 from engine.runtime.deployment import WorkerSecrets, WorkerSpec
 from engine.runtime.launcher import LocalLauncher
 
@@ -235,6 +236,13 @@ async def run_agent(options: AgentOptions) -> int:
     finally:
         await client.close()
     return 0
+
+
+def agent_offers(births: list[AgentBirth], lease_s: float, now: float | None = None) -> list[Offer]:
+    """The devices the agents offer, from announcements fresher than ``lease_s`` (older ones are agents gone)."""
+    now = time.time() if now is None else now
+    return [Offer(birth.agent, device.name, device.free_bytes or 0) for birth in births
+            if birth.state == "online" and now - birth.time < lease_s for device in birth.devices]
 
 
 async def live_agents(broker: BrokerAddress, deploy_key: bytes, wait_s: float) -> list[AgentBirth]:

@@ -30,9 +30,9 @@ from engine.control.signing import read_key, run_key
 from engine.control.topics import AgentTopics, Topics
 from engine.errors import EngineError, NodeError, PlanError
 from engine.plan.model import Plan
-from engine.plan.placement import ANY, Offer, place_on_agents
+from engine.plan.placement import ANY, place_on_agents
 from engine.runtime.access import RunAccess
-from engine.runtime.agent import live_agents
+from engine.runtime.agent import agent_offers, live_agents
 from engine.runtime.deployment import worker_specs
 from engine.runtime.fleet import Fleet, Launcher, ReplicaInfo
 from engine.runtime.launcher import LocalLauncher
@@ -175,10 +175,7 @@ class Controller:
         from engine.plan.memory import memory_report
 
         assert self.deploy_key is not None
-        births = await live_agents(address, self.deploy_key, AGENT_WAIT_S)
-        now = time.time()
-        offers = [Offer(birth.agent, device.name, device.free_bytes or 0) for birth in births
-                  if birth.state == "online" and now - birth.time < self.plan.timeouts.lease_s for device in birth.devices]
+        offers = agent_offers(await live_agents(address, self.deploy_key, AGENT_WAIT_S), self.plan.timeouts.lease_s)
         report = await asyncio.to_thread(memory_report, self.plan, get_family(self.plan.family), self.source)
         self.plan = place_on_agents(self.plan, {node.node: node.total_bytes for node in report.nodes}, offers)
         self.fleet.plan = self.plan

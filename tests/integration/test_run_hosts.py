@@ -125,6 +125,29 @@ def test_a_node_that_fits_no_agent_is_a_clear_error(cluster, tmp_path):
     assert "Traceback" not in output
 
 
+def test_engine_plan_checks_fit_against_the_live_agents(cluster):
+    def plan(*settings: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "engine.cli", "plan", str(GRAPHS / "wan_t2v.yaml"), "--broker", cluster.broker]
+        for setting in ("nodes.encoder.place.host=h2", *settings):
+            command += ["--set", setting]
+        return subprocess.run(command, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
+
+    def fits(output: str) -> dict[str, list[str]]:
+        rows = output.split("fit per device")[1].splitlines()[3:]
+        return {row.split()[0] + " " + row.split()[1]: row.split() for row in rows if row.strip()}
+
+    placed = plan("nodes.transformer.place.host=any")
+    assert placed.returncode == 1, placed.stderr  # the encoder (~0.2 MiB) does not fit in what h2 offers
+    rows = fits(placed.stdout)
+    assert "transformer" in rows["h1 cpu"] and rows["h1 cpu"][-1] == "yes"  # `any` placed where `engine run` would
+    assert "encoder" in rows["h2 cpu"] and rows["h2 cpu"][-1] == "NO" and "100.00 KiB" in " ".join(rows["h2 cpu"])
+    assert "2 live" in placed.stdout
+
+    gone = plan("nodes.encoder.place.host=h1", "nodes.transformer.place.host=h9")
+    assert gone.returncode == 1 and "NO: agent 'h9' not live on the broker" in gone.stdout, gone.stdout[-2000:]
+    assert plan("nodes.encoder.place.host=h1").returncode == 0
+
+
 def live_run(cluster: Cluster, out: Path, monkeypatch, *settings: str) -> LiveRun:
     """`engine run` with progress lines readable as they come."""
     for name in ("ENGINE_DEPLOY_KEY", "ENGINE_MOONCAKE_HOST"):
