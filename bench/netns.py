@@ -73,10 +73,11 @@ def remove_hosts(names: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def namespace_hosts(folder: Path, names: list[str], models: Path, offers: Mapping[str, str] | None = None
-                    ) -> Iterator[Cluster]:
+def namespace_hosts(folder: Path, names: list[str], models: Path, offers: Mapping[str, str] | None = None,
+                    broker: str | None = None) -> Iterator[Cluster]:
     """Hosts ``names`` (10.231.0.2, .3, ...) with an agent each that may load models under ``models``;
-    ``offers`` sets an agent's ``--memory cpu=...``."""
+    ``offers`` sets an agent's ``--memory cpu=...``; the agents use ``broker`` (a URL) if given, else a mosquitto
+    started here on the bridge."""
     hosts = {name: f"{SUBNET}.{i + 2}" for i, name in enumerate(names)}
     remove_hosts(names)
     try:
@@ -90,7 +91,7 @@ def namespace_hosts(folder: Path, names: list[str], models: Path, offers: Mappin
             ip("-n", f"dge-{host}", "addr", "add", f"{address}/24", "dev", "eth0")
             ip("-n", f"dge-{host}", "link", "set", "eth0", "up")
             ip("-n", f"dge-{host}", "link", "set", "lo", "up")
-        with _mosquitto(folder) as broker:
+        with contextlib.nullcontext(broker) if broker else _mosquitto(folder) as broker:
             key = secrets.token_hex(32)
             agents: dict[str, subprocess.Popen] = {}
             try:

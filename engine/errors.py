@@ -101,6 +101,10 @@ class BrokerLost(ControlError):
     """The broker was unreachable for longer than the run allows (timeouts.broker_s)."""
 
 
+class BrokerUnreachable(ControlError):
+    """No broker answered at the address (as opposed to one that refused the credentials)."""
+
+
 class NodeError(EngineError):
     """A node replica failed to load, died, or stopped making progress."""
 

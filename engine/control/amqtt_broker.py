@@ -31,15 +31,16 @@ class UsersAuthPlugin(BaseAuthPlugin):
 
 
 @contextlib.asynccontextmanager
-async def run_amqtt(users: Sequence[BrokerUser]) -> AsyncIterator[int]:
+async def run_amqtt(users: Sequence[BrokerUser], listen: tuple[str, int] | None = None) -> AsyncIterator[int]:
     if users:
         auth = {f"{__name__}.UsersAuthPlugin": {"passwords": {user.name: user.password for user in users}}}
     else:
         auth = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
     last_error: BrokerError | None = None
-    for _ in range(3):
-        port = free_port()
-        broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}}, "plugins": auth})
+    host = listen[0] if listen else "127.0.0.1"
+    for _ in range(1 if listen else 3):
+        port = listen[1] if listen else free_port()
+        broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}}, "plugins": auth})
         try:
             await broker.start()
         except BrokerError as exc:  # a taken port: try another one
@@ -50,4 +51,6 @@ async def run_amqtt(users: Sequence[BrokerUser]) -> AsyncIterator[int]:
         finally:
             await asyncio.wait_for(broker.shutdown(), timeout=5)
         return
+    if listen:
+        raise ControlError(f"the embedded amqtt cannot listen on {host}:{port}: {last_error}")
     raise ControlError(f"amqtt could not start on a free loopback port in 3 tries: {last_error}")

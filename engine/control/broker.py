@@ -37,7 +37,9 @@ from engine.errors import ControlError
 BrokerKind: TypeAlias = Literal["auto", "mosquitto", "amqtt"]
 _KINDS: tuple[BrokerKind, ...] = ("auto", "mosquitto", "amqtt")
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
-_VALID = "expected 'embedded', 'embedded:mosquitto', 'embedded:amqtt', 'mqtt://[user:pass@]host[:port]' or 'mqtts://...'"
+_VALID = ("expected 'embedded', 'embedded:mosquitto', 'embedded:amqtt' (each optionally @ADDRESS[:PORT] to listen "
+          "there), 'mqtt://[user:pass@]host[:port]' or 'mqtts://...'")
+AGENTS_USER = "agents"  #: the agents' user on an embedded broker that listens on an address
 _MOSQUITTO_PLACES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 # If this process is killed outright, the kernel sends mosquitto SIGTERM (util-linux setpriv; Linux only).
 _SETPRIV = shutil.which("setpriv")
@@ -90,6 +92,7 @@ class BrokerUser:
     name: str
     password: str = field(repr=False)
     acl: Acl | None = None
+    shared: bool = False  #: several clients connect as this user (so its name cannot be their client id)
 
     @classmethod
     def generate(cls, name: str, acl: Acl | None = None) -> BrokerUser:
@@ -99,19 +102,36 @@ class BrokerUser:
 
 @dataclass(frozen=True)
 class EmbeddedBroker:
-    """The graph asks the engine to start its own broker."""
+    """The graph asks the engine to start its own broker: on a free loopback port, or on ``host:port`` where
+    agents on other hosts reach it (``embedded@10.0.0.10:1883``)."""
 
     kind: BrokerKind = "auto"
+    host: str | None = None
+    port: int = 1883
+
+    @property
+    def listen(self) -> tuple[str, int] | None:
+        return (self.host, self.port) if self.host is not None else None
 
 
 def parse_broker(setting: str, *, tls: TLSOptions | None = None) -> BrokerAddress | EmbeddedBroker:
     """Parse a broker setting; ``tls`` applies to ``mqtts://`` URLs (default: verify against system CAs)."""
     text = setting.strip()
-    if text == "embedded" or text.startswith("embedded:"):
-        kind = text.partition(":")[2] or "auto"
+    if text.partition("@")[0] == "embedded" or text.startswith("embedded:"):
+        name, at, where = text.partition("@")
+        kind = name.partition(":")[2] or "auto"
         if kind not in _KINDS:
             raise ControlError(f"broker {setting!r}: unknown embedded broker {kind!r}; {_VALID}")
-        return EmbeddedBroker(kind)  # type: ignore[arg-type]
+        if not at:
+            return EmbeddedBroker(kind)  # type: ignore[arg-type]
+        try:
+            listen = urlsplit(f"mqtt://{where}")
+            port = listen.port
+        except ValueError as exc:
+            raise ControlError(f"broker {setting!r}: {exc}; {_VALID}") from None
+        if not listen.hostname or listen.username or listen.path:
+            raise ControlError(f"broker {setting!r}: after @ comes the address to listen on, ADDRESS[:PORT]; {_VALID}")
+        return EmbeddedBroker(kind, listen.hostname, port or 1883)  # type: ignore[arg-type]
     try:
         url = urlsplit(text)
         port = url.port
@@ -146,10 +166,11 @@ def find_mosquitto() -> Path | None:
 
 @contextlib.asynccontextmanager
 async def embedded_broker(
-    kind: BrokerKind = "auto", *, users: Sequence[BrokerUser] = (), start_timeout_s: float = 5.0
+    kind: BrokerKind = "auto", *, users: Sequence[BrokerUser] = (), start_timeout_s: float = 5.0,
+    listen: tuple[str, int] | None = None,
 ) -> AsyncIterator[BrokerAddress]:
-    """Run a broker on a free loopback port for the duration of the block; yields its address (no credentials:
-    see :meth:`BrokerAddress.as_user`).
+    """Run a broker for the duration of the block, on a free loopback port or on ``listen`` (host, port); yields
+    its address (no credentials: see :meth:`BrokerAddress.as_user`).
 
     ``auto`` means mosquitto when it is installed, otherwise amqtt in this process. With ``users`` the broker
     accepts only them; without, anyone.
@@ -162,13 +183,30 @@ async def embedded_broker(
     if kind == "mosquitto" and binary is None:
         raise ControlError("mosquitto is not installed (not on PATH nor in /usr/sbin); install it or use amqtt")
     if binary is not None:
-        runner = _mosquitto(binary, users, start_timeout_s)
+        runner = _mosquitto(binary, users, start_timeout_s, listen)
     else:
         from engine.control.amqtt_broker import run_amqtt  # amqtt is heavy to import; workers never need it
 
-        runner = run_amqtt(users)
+        runner = run_amqtt(users, listen)
     async with runner as port:
-        yield BrokerAddress(host="127.0.0.1", port=port)
+        yield BrokerAddress(host=listen[0] if listen else "127.0.0.1", port=port)
+
+
+def agents_user(host: str, port: int) -> BrokerUser:
+    """The agents' user on an embedded broker listening on ``host:port``. Its password is made once and kept
+    (``$XDG_STATE_HOME/engine``, mode 0600) so that agents started with it reach every later run's broker;
+    ENGINE_AGENTS_PASSWORD sets it instead. It may use every engine topic: the deployment key's signatures, not
+    the broker, keep agents, runs and workers apart."""
+    password = os.environ.get("ENGINE_AGENTS_PASSWORD")
+    if not password:
+        folder = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "engine"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"broker-{host}-{port}.password"
+        if not path.exists():
+            with contextlib.suppress(FileExistsError), os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+                file.write(secrets.token_urlsafe(24) + "\n")
+        password = path.read_text().strip()
+    return BrokerUser(AGENTS_USER, password, Acl(read=("dge/#",), write=("dge/#",)), shared=True)
 
 
 def free_port() -> int:
@@ -200,22 +238,25 @@ def mosquitto_acl(users: Sequence[BrokerUser]) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _mosquitto(binary: Path, users: Sequence[BrokerUser], start_timeout_s: float) -> AsyncIterator[int]:
+async def _mosquitto(binary: Path, users: Sequence[BrokerUser], start_timeout_s: float,
+                     listen: tuple[str, int] | None) -> AsyncIterator[int]:
     with tempfile.TemporaryDirectory(prefix="dge-mosquitto-") as tmp:
         folder = Path(tmp)
         auth = "allow_anonymous true\n"
         if users:
             (folder / "passwd").write_text("".join(mosquitto_password_line(user.name, user.password) for user in users))
             (folder / "acl").write_text(mosquitto_acl(users))
-            auth = (f"allow_anonymous false\npassword_file {folder / 'passwd'}\nacl_file {folder / 'acl'}\n"
-                    "use_username_as_clientid true\n")
+            auth = f"allow_anonymous false\npassword_file {folder / 'passwd'}\nacl_file {folder / 'acl'}\n"
+            if not any(user.shared for user in users):  # one client per user: its name is its client id
+                auth += "use_username_as_clientid true\n"
         # Another process may take the probed port before mosquitto binds it: then try a fresh one.
-        for _ in range(3):
-            port = free_port()
+        host = listen[0] if listen else "127.0.0.1"
+        for _ in range(1 if listen else 3):
+            port = listen[1] if listen else free_port()
             config = folder / "mosquitto.conf"
             # "user": started as root, mosquitto would switch to user mosquitto, who cannot read our folder.
             config.write_text(
-                f"listener {port} 127.0.0.1\nuser {pwd.getpwuid(os.getuid()).pw_name}\n{auth}persistence false\n"
+                f"listener {port} {host}\nuser {pwd.getpwuid(os.getuid()).pw_name}\n{auth}persistence false\n"
                 "max_inflight_messages 0\nmax_queued_messages 100000\nset_tcp_nodelay true\n"
                 "log_dest stderr\nlog_type error\n"
             )
@@ -229,29 +270,31 @@ async def _mosquitto(binary: Path, users: Sequence[BrokerUser], start_timeout_s:
                     start_new_session=True,
                 )
             try:
-                if await _wait_listening(process, port, start_timeout_s, log):
+                if await _wait_listening(process, host, port, start_timeout_s, log):
                     yield port
                     return
             finally:
                 _stop(process)
+        if listen:
+            raise ControlError(f"the embedded mosquitto cannot listen on {host}:{port}: {log.read_text()[-300:].strip()}")
         raise ControlError(f"mosquitto could not bind a free loopback port in 3 tries: {log.read_text()[-500:]}")
 
 
-async def _wait_listening(process: subprocess.Popen[bytes], port: int, timeout_s: float, log: Path) -> bool:
+async def _wait_listening(process: subprocess.Popen[bytes], host: str, port: int, timeout_s: float, log: Path) -> bool:
     """True once the port accepts; False if mosquitto exited because the port was taken."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             text = log.read_text(errors="replace")
-            if "Address already in use" in text:
+            if "Address already in use" in text or "Cannot assign requested address" in text:
                 return False
             raise ControlError(f"mosquitto exited with code {process.returncode} at start: {text[-500:]}")
         with contextlib.suppress(OSError):
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            _, writer = await asyncio.open_connection(host, port)
             writer.close()
             return True
         await asyncio.sleep(0.01)
-    raise ControlError(f"mosquitto did not accept connections on 127.0.0.1:{port} within {timeout_s:g} s")
+    raise ControlError(f"mosquitto did not accept connections on {host}:{port} within {timeout_s:g} s")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

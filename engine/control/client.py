@@ -41,7 +41,7 @@ from engine.control.broker import BrokerAddress
 from engine.control.bus import Inbound, InboxQueue, LastWill
 from engine.control.messages import Message
 from engine.control.signing import Opener, Rejected, Sealer
-from engine.errors import BrokerLost, ControlError
+from engine.errors import BrokerLost, BrokerUnreachable, ControlError
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ class ControlClient:
                     f"broker at {where} refused the connection: {exc} (check user name and password)"
                 ) from exc
             reason = str(exc) if isinstance(exc, aiomqtt.MqttError) else f"no answer within {self._connect_timeout_s:g} s"
-            raise ControlError(f"cannot reach broker at {where}: {reason}") from exc
+            raise BrokerUnreachable(f"cannot reach broker at {where}: {reason}") from exc
         try:
             for topic_filter in self._filters:
                 await self._subscribe(connection, topic_filter)

@@ -141,6 +141,10 @@ class AgentTopics:
     def deployer_client(run_id: str) -> str:
         return f"{run_id}-deployer"
 
+    def deployer_acl(self, run_id: str) -> Acl:
+        """What a run's deployer may do: order any agent, read the agents' births and its run's job reports."""
+        return Acl(read=(self.all_births, self.jobs(run_id)), write=(f"{self.prefix}/agents/+/orders",))
+
     def signer_of(self, message: Message) -> str | None:
         """The client id that must have signed an agent message; None for any other message."""
         if message.kind in ("agent_birth", "agent_job"):

@@ -33,7 +33,7 @@ from engine.control.bus import ControlBus, LastWill
 from engine.control.messages import AgentBirth, AgentJob, AgentOrder, DeviceInfo
 from engine.control.signing import run_key
 from engine.control.topics import AgentTopics
-from engine.errors import EngineError
+from engine.errors import BrokerUnreachable, EngineError
 from engine.plan.placement import Offer
 from engine.runtime.deployment import WorkerSecrets, WorkerSpec
 from engine.runtime.launcher import LocalLauncher
@@ -226,7 +226,7 @@ async def run_agent(options: AgentOptions) -> int:
     will = LastWill(topics.birth(options.name), announcement(options, "offline", []))
     client = ControlClient(options.broker, client_id=client_id, key=options.deploy_key, will=will, keepalive_s=10,
                            broker_timeout_s=3600)
-    await client.connect()
+    await _connect_when_up(client)
     agent = Agent(options, client)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -236,6 +236,21 @@ async def run_agent(options: AgentOptions) -> int:
     finally:
         await client.close()
     return 0
+
+
+async def _connect_when_up(client: ControlBus) -> None:
+    """Connect, waiting for a broker that is not up yet (an embedded broker comes up with each run); a broker that
+    refuses the credentials is an error at once."""
+    delay = 0.5
+    while True:
+        try:
+            await client.connect()
+            return
+        except BrokerUnreachable as exc:
+            if delay == 0.5:
+                log.warning("%s; waiting for it", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def agent_offers(births: list[AgentBirth], lease_s: float, now: float | None = None) -> list[Offer]:

@@ -22,7 +22,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.control.broker import BrokerAddress, EmbeddedBroker, embedded_broker, parse_broker
+from engine.control.broker import (AGENTS_USER, BrokerAddress, BrokerUser, EmbeddedBroker, agents_user, embedded_broker,
+                                  parse_broker)
 from engine.control.bus import ControlBus
 from engine.control.client import ControlClient
 from engine.control.messages import Heartbeat, Shutdown, StageDone, StageFailed, Status
@@ -74,7 +75,7 @@ class RunResult:
 async def broker_for(target: BrokerAddress | EmbeddedBroker, kind: str, access: RunAccess) -> AsyncIterator[BrokerAddress]:
     if isinstance(target, EmbeddedBroker):
         chosen = kind if kind != "auto" else target.kind
-        async with embedded_broker(chosen, users=list(access.users.values())) as address:  # type: ignore[arg-type]
+        async with embedded_broker(chosen, users=list(access.users.values()), listen=target.listen) as address:  # type: ignore[arg-type]
             yield address
     else:
         yield target
@@ -88,9 +89,9 @@ def deployment_key(plan: Plan, broker: BrokerAddress | EmbeddedBroker) -> bytes:
     if writers:
         raise PlanError(f"node {writers[0]!r} writes the run's outputs, so it runs on the controller's host in this "
                         "version: set its place.host: local")
-    if isinstance(broker, EmbeddedBroker):
-        raise PlanError(f"node(s) {remote} are placed on agents, which cannot reach an embedded broker: give the graph "
-                        "a broker they can reach (broker: mqtt://user:pass@host:1883)")
+    if isinstance(broker, EmbeddedBroker) and broker.listen is None:
+        raise PlanError(f"node(s) {remote} are placed on agents, which cannot reach an embedded broker on loopback: give "
+                        "the graph a broker they can reach (broker: embedded@THIS_HOST_ADDRESS, or mqtt://user:pass@host:1883)")
     text = os.environ.get("ENGINE_DEPLOY_KEY")
     if not text:
         raise PlanError(f"node(s) {remote} are placed on agents: set ENGINE_DEPLOY_KEY to the deployment key the "
@@ -114,6 +115,10 @@ class Controller:
         self.deploy_key = deployment_key(plan, self.broker) if self.hosts else None
         self.access = RunAccess.for_run(self.topics, plan, embedded=isinstance(self.broker, EmbeddedBroker),
                                         key=run_key(self.deploy_key, options.run_id) if self.deploy_key else None)
+        if isinstance(self.broker, EmbeddedBroker) and self.broker.listen is not None:
+            self.access.users[AGENTS_USER] = agents_user(*self.broker.listen)
+            deployer = AgentTopics.deployer_client(options.run_id)
+            self.access.users[deployer] = BrokerUser.generate(deployer, AgentTopics().deployer_acl(options.run_id))
         self.remote: RemoteLauncher | None = None
         local = launcher or LocalLauncher(options.out_dir / "deploy")
         self.fleet = Fleet(plan, local, self.view)
@@ -144,6 +149,8 @@ class Controller:
         self.options.out_dir.mkdir(parents=True, exist_ok=True)
         async with broker_for(self.broker, self.options.broker_kind, self.access) as address:
             self.address = address
+            if AGENTS_USER in self.access.users:
+                self.view.agents_broker(address.as_user(self.access.users[AGENTS_USER]))
             me = self.topics.controller_client
             self.client = client = self._connect(self.access.address(address, me), me, self.access.key)
             await client.connect()
@@ -175,7 +182,8 @@ class Controller:
         from engine.plan.memory import memory_report
 
         assert self.deploy_key is not None
-        offers = agent_offers(await live_agents(address, self.deploy_key, AGENT_WAIT_S), self.plan.timeouts.lease_s)
+        listener = self.access.address(address, AgentTopics.deployer_client(self.options.run_id))
+        offers = agent_offers(await live_agents(listener, self.deploy_key, AGENT_WAIT_S), self.plan.timeouts.lease_s)
         report = await asyncio.to_thread(memory_report, self.plan, get_family(self.plan.family), self.source)
         self.plan = place_on_agents(self.plan, {node.node: node.total_bytes for node in report.nodes}, offers)
         self.fleet.plan = self.plan
@@ -188,7 +196,8 @@ class Controller:
         if self.deploy_key is None:
             yield
             return
-        agents = self._connect(address, AgentTopics.deployer_client(self.options.run_id), self.deploy_key)
+        deployer = AgentTopics.deployer_client(self.options.run_id)
+        agents = self._connect(self.access.address(address, deployer), deployer, self.deploy_key)
         await agents.connect()
         self.remote = RemoteLauncher(agents, self.options.run_id, self.hosts, self.plan.timeouts.lease_s)
         self.fleet.launcher = HostLaunchers(self.fleet.launcher, self.remote)

@@ -71,6 +71,11 @@ class ProgressView:
             self._refused_from.add(sender)
             self._print(f"!! refused a message signed by {sender}: {what} (further ones from it are only counted)")
 
+    def agents_broker(self, address: Any) -> None:
+        """Where agents on other hosts connect (the embedded broker listens on an address)."""
+        self._print(f"broker on {address.display}; on other hosts: ENGINE_DEPLOY_KEY=<the deployment key> engine agent "
+                    f"--broker mqtt://{address.username}:{address.password}@{address.display} --name NAME")
+
     def placed(self, where: dict[str, str]) -> None:
         self._print("placed on agents: " + ", ".join(f"{node} on {spot}" for node, spot in where.items()))
 

@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda:\d+|xpu:\d+)$")
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
 #: The broker forms the control plane accepts (``engine.control.broker.parse_broker`` checks the details).
-BROKER_PATTERN = re.compile(r"^(embedded(:[a-z]+)?|mqtts?://[^\s/?#]+/?)$")
+BROKER_PATTERN = re.compile(r"^(embedded(:[a-z]+)?(@[^\s/?#@]+)?|mqtts?://[^\s/?#]+/?)$")
 MEMORY_PATTERN = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 MEMORY_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                 "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
@@ -125,7 +125,8 @@ NodeName = Annotated[str, AfterValidator(_node_name)]
 class GraphSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="Graph name.")
     model: ModelSpec
-    broker: str = Field("embedded", description="embedded, mqtt://[user:pass@]host:port or mqtts://...")
+    broker: str = Field("embedded", description="embedded (on loopback), embedded@ADDRESS[:PORT] (agents on other hosts "
+                                                "reach it), mqtt://[user:pass@]host:port or mqtts://...")
     nodes: dict[NodeName, NodeSpec] = Field(min_length=1, description="Placement units by name.")
     edges: list[EdgeSpec] = Field(default_factory=list, description="Tensor flows between nodes.")
     request: dict[str, Any] = Field(default_factory=dict, description="Request defaults of the model's parameters.")
@@ -137,5 +138,6 @@ class GraphSpec(Strict):
     @classmethod
     def _broker(cls, value: str) -> str:
         if not BROKER_PATTERN.match(value):
-            raise ValueError(f"got {value!r}; expected embedded, mqtt://[user:pass@]host:port or mqtts://[user:pass@]host:port")
+            raise ValueError(f"got {value!r}; expected embedded, embedded@ADDRESS[:PORT], mqtt://[user:pass@]host:port or "
+                             "mqtts://[user:pass@]host:port")
         return value

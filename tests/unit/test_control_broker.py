@@ -12,6 +12,7 @@ from engine.control.broker import (
     BrokerAddress,
     EmbeddedBroker,
     TLSOptions,
+    agents_user,
     find_mosquitto,
     mosquitto_password_line,
     parse_broker,
@@ -25,6 +26,27 @@ from engine.errors import ControlError
 )
 def test_embedded(setting, kind):
     assert parse_broker(setting) == EmbeddedBroker(kind)
+
+
+@pytest.mark.parametrize(("setting", "expected"), [
+    ("embedded@10.0.0.10", EmbeddedBroker("auto", "10.0.0.10", 1883)),
+    ("embedded:mosquitto@10.0.0.10:1884", EmbeddedBroker("mosquitto", "10.0.0.10", 1884)),
+    ("embedded:amqtt@[fd00::1]:1885", EmbeddedBroker("amqtt", "fd00::1", 1885)),
+])
+def test_embedded_on_an_address(setting, expected):
+    assert parse_broker(setting) == expected and expected.listen == (expected.host, expected.port)
+
+
+def test_the_agents_password_is_made_once_and_kept_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    monkeypatch.delenv("ENGINE_AGENTS_PASSWORD", raising=False)
+    first, again = agents_user("10.0.0.10", 1883), agents_user("10.0.0.10", 1883)
+    assert first.password == again.password and len(first.password) >= 24 and first.shared
+    (kept,) = (tmp_path / "engine").iterdir()
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert agents_user("10.0.0.10", 1884).password != first.password  # another broker, another password
+    monkeypatch.setenv("ENGINE_AGENTS_PASSWORD", "chosen")
+    assert agents_user("10.0.0.10", 1883).password == "chosen"
 
 
 def test_plain_url_with_default_port():
@@ -69,6 +91,8 @@ def test_ipv6_host():
         ("mqtt://broker:1883/topic", "no path, query or fragment"),
         ("mqtt://broker?x=1", "no path, query or fragment"),
         ("mqtt://:secret@broker", "a password needs a user name"),
+        ("embedded@", "after @ comes the address to listen on"),
+        ("embedded@user:pw@host", "after @ comes the address to listen on"),
     ],
 )
 def test_malformed_settings_name_what_is_valid(setting, expected):
