@@ -58,6 +58,21 @@ class UnknownModel(Exception):
 
 
 @dataclass(frozen=True)
+class ReplicaSnapshot:
+    """A replica as :meth:`Service.replicas` sees it now."""
+
+    node: str
+    replica: int
+    state: str  #: down, busy (running a segment of ``job``), or what it last announced (starting, loading, ready)
+    pid: int | None
+    down: str | None  #: why it is out of service
+    stage: str | None  #: the stage it runs for ``job``, from its heartbeats
+    job: str | None
+    step: int  #: denoising steps of ``stage`` done, of ``total_steps`` (0 of 0: not step-based, or not started)
+    total_steps: int
+
+
+@dataclass(frozen=True)
 class ServiceOptions:
     state_dir: Path
     queue_size: int = 64  #: jobs waiting (not yet running) beyond which new ones get 429
@@ -94,6 +109,7 @@ class Service:
         self._live: dict[str, Job] = {}  #: jobs not finished, by id
         self._interrupting: set[str] = set()
         self._followers: dict[str, set[asyncio.Queue[Job]]] = {}
+        self._watchers: set[asyncio.Queue[Job]] = set()  #: those following every job
         self._stop = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -244,6 +260,31 @@ class Service:
             if not self._followers[job_id]:
                 del self._followers[job_id]
 
+    async def follow_all(self) -> AsyncIterator[Job]:
+        """Every job on every change (accepted, progress, finished), until the caller stops."""
+        queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._watchers.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._watchers.discard(queue)
+
+    def replicas(self) -> list[ReplicaSnapshot]:
+        """Every replica now: starting, ready, busy with a job (its stage and step) or down (and why)."""
+        fleet = self.controller.fleet
+        running = {(fleet.plan.segments[r.segment].node, r.replica_of.get(r.segment)): r
+                   for r in (self.scheduler.requests if self.scheduler else ()) if r.state == State.RUNNING}
+        snapshot = []
+        for info in fleet.replicas.values():
+            request = running.get(info.key)
+            stage = self.controller.view.current_stage(*info.key) if request else None
+            step, total = request.steps.get((info.node, stage), (0, 0)) if request and stage else (0, 0)
+            state = "down" if info.down else "busy" if request else info.state
+            snapshot.append(ReplicaSnapshot(info.node, info.replica, state, info.pid, info.down, stage,
+                                            request.id if request else None, step, total))
+        return snapshot
+
     def _submit_to_scheduler(self, job: Job) -> None:
         assert self.scheduler is not None
         params = self.request_type.model_validate(job.params)
@@ -325,5 +366,5 @@ class Service:
             upload.unlink(missing_ok=True)
 
     def _notify(self, job: Job) -> None:
-        for queue in self._followers.get(job.id, ()):
+        for queue in (*self._followers.get(job.id, ()), *self._watchers):
             queue.put_nowait(job)
