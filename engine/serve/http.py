@@ -10,6 +10,8 @@
     POST   /v1/images/edits            image edit (multipart: image, prompt, ...)
     GET    /v1/images/{id}/content     an image job's PNG
     GET    /v1/models                  the model served
+    GET    /v1/service[/events]        the graph, its replicas and jobs, live (for the page; engine/serve/page.py)
+    GET    /                           the page: the graph drawn, live state, jobs, a form to submit
     GET    /health                     200 when every node has a ready replica, else 503
     GET    /health/live                200 while the process answers (liveness)
     GET    /metrics                    Prometheus metrics
@@ -38,6 +40,7 @@ from starlette.formparsers import MultiPartException
 from engine.serve.bodies import ImageBody, InvalidRequest, VideoBody
 from engine.serve.jobs import Job, api_object
 from engine.serve.metrics import CONTENT_TYPE
+from engine.serve.page import add_page
 from engine.serve.service import QueueFull, Service, Unavailable, UnknownModel
 
 VIDEO_SUFFIXES = (".mp4",)
@@ -299,6 +302,7 @@ def create_app(service: Service, options: ApiOptions = ApiOptions()) -> FastAPI:
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
+    add_page(app, service)
     return app
 
 

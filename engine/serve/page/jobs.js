@@ -1,0 +1,109 @@
+// The jobs, newest first: status, a progress bar over the denoising steps, the error as the API gives it, a
+// cancel button while a video job has not finished, and the finished video or image in place.
+
+import { json, mediaUrl } from "./api.js";
+
+const FINISHED = new Set(["completed", "failed", "cancelled"]);
+
+function part(tag, className, text = "") {
+  const node = document.createElement(tag);
+  node.className = className;
+  node.textContent = text;
+  return node;
+}
+
+function contentPath(job) {
+  return `/v1/${job.object}s/${job.id}/content`;
+}
+
+function progressLabel(job) {
+  const steps = job.steps ? ` · step ${Math.round((job.progress * job.steps) / 100)}/${job.steps}` : "";
+  return `${job.progress}%${steps}`;
+}
+
+function describeSize(job) {
+  return [job.size, job.seconds && `${job.seconds} s`].filter(Boolean).join(" · ");
+}
+
+export class JobList {
+  constructor(list) {
+    this.list = list;
+    this.jobs = new Map();  // id -> what is known of the job
+  }
+
+  /** Replace every card (the jobs as the service lists them on connecting, newest first). */
+  showAll(jobs) {
+    this.list.replaceChildren();
+    this.jobs.clear();
+    for (const job of [...jobs].reverse()) this.show(job);
+  }
+
+  /** Add or update the job's card. The API's answer to a cancel lacks the prompt and steps the service's events
+   * add: what is known of a job is merged. */
+  show(job) {
+    const known = this.jobs.get(job.id);
+    const merged = { ...known, ...job };
+    this.jobs.set(job.id, merged);
+    if (!known) this.list.prepend(this.newCard(merged));
+    this.update(this.list.querySelector(`.job[data-job-id="${job.id}"]`), merged);
+  }
+
+  newCard(job) {
+    const card = part("li", "job");
+    card.dataset.jobId = job.id;
+    const head = part("div", "job-head");
+    const cancel = part("button", "cancel", "Cancel");
+    cancel.type = "button";
+    cancel.addEventListener("click", () => this.cancel(card, job.id));
+    head.append(part("span", "job-status"), part("code", "job-id", job.id), part("span", "job-size"), cancel);
+    const progress = part("div", "job-progress");
+    const bar = part("progress", "");
+    bar.max = 100;
+    progress.append(bar, part("span", "progress-label"));
+    card.append(head, part("p", "job-prompt"), progress, part("pre", "job-error"),
+                part("div", "job-output"));
+    return card;
+  }
+
+  update(card, job) {
+    card.dataset.status = job.status;
+    card.querySelector(".job-status").textContent = job.status.replace("_", " ");
+    card.querySelector(".job-prompt").textContent = job.prompt ?? "";
+    card.querySelector(".job-size").textContent = describeSize(job);
+    card.querySelector("progress").value = job.progress;
+    card.querySelector(".progress-label").textContent = progressLabel(job);
+    // Only video jobs can be cancelled through the API (DELETE /v1/videos/{id}).
+    card.querySelector(".cancel").hidden = FINISHED.has(job.status) || job.object !== "video";
+    const error = job.error ? `${job.error.code}: ${job.error.message ?? ""}` : "";
+    this.showError(card, error);
+    if (job.status === "completed") this.showOutput(card, job);
+  }
+
+  showError(card, text) {
+    const error = card.querySelector(".job-error");
+    error.textContent = text;
+    error.hidden = !text;
+  }
+
+  async showOutput(card, job) {
+    const output = card.querySelector(".job-output");
+    if (output.childElementCount) return;
+    const media = job.object === "video" ? document.createElement("video") : document.createElement("img");
+    output.append(media);
+    if (job.object === "video") Object.assign(media, { controls: true, muted: true, loop: true, playsInline: true });
+    else media.alt = job.prompt ?? job.id;
+    try {
+      media.src = await mediaUrl(contentPath(job));
+    } catch (error) {
+      this.showError(card, error.message);
+    }
+  }
+
+  async cancel(card, id) {
+    try {
+      this.show(await json(`/v1/videos/${id}`, { method: "DELETE" }));
+    } catch (error) {
+      this.showError(card, error.message);
+    }
+  }
+}
