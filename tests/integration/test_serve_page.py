@@ -1,0 +1,243 @@
+"""The service's page in a real browser: Debian's headless Chromium, driven by selenium through chromium-driver,
+against a real ``engine serve``. One deployment of the two-DiT T2V graph wants an API token (the page asks for
+it once): a job submitted from the form reaches 100% and its video plays, another is cancelled from its card.
+A separate three-node deployment, open, loses its only transformer worker to kill -9 for good: the page shows
+the replica down and the job's error. Screenshots land in each test's tmp_path; a failed wait names its own."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.serve_helpers import Served, start_service
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason="chromium and chromium-driver are not installed"),
+]
+
+TOKEN = "page-test-token-5f1c"
+LIMITS = ("limits.height=128", "limits.width=160", "limits.num_frames=17")
+LONG = {"width": 160, "height": 128, "num_frames": 17, "num_inference_steps": 1000}  # about a minute
+WAIT_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory) -> Iterator[Served]:
+    state = tmp_path_factory.mktemp("page") / "state"
+    token_file = state.parent / "token"
+    token_file.write_text(TOKEN)
+    served = start_service("wan_t2v_two_dit.yaml", state, *LIMITS, extra=("--no-mqtt", "--token-file", str(token_file)))
+    yield served
+    assert served.stop() == 0, served.log_text()[-3000:]
+    assert "Traceback" not in served.log_text(), served.log_text()[-5000:]
+    assert TOKEN not in served.log_text() + served.worker_logs()
+
+
+class Page:
+    """The page in one headless Chromium; waits that fail save a screenshot and say where."""
+
+    def __init__(self, shots: Path):
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                         "--autoplay-policy=no-user-gesture-required"):
+            options.add_argument(argument)
+        self.driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+        self.shots = shots
+
+    def close(self) -> None:
+        self.driver.quit()
+
+    def shot(self, name: str) -> Path:
+        path = self.shots / f"{name}.png"
+        self.driver.save_screenshot(str(path))
+        return path
+
+    def js(self, script: str, *args: Any) -> Any:
+        return self.driver.execute_script(script, *args)
+
+    def wait(self, what: str, condition: Callable[[], Any], timeout_s: float = WAIT_S) -> Any:
+        """condition()'s first true value; AssertionError with a screenshot and the page's text after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = condition()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                path = self.shot("timeout-" + re.sub(r"\W+", "-", what)[:60])
+                text = self.js("return document.body.innerText")
+                raise AssertionError(f"{what}: not within {timeout_s:g} s; screenshot {path}; the page says:\n{text[-3000:]}")
+            time.sleep(0.2)
+
+    def open(self, url: str, token: str | None = None) -> None:
+        """Load the page, give the token when it asks, and wait for the graph."""
+        self.driver.get(url)
+        if token is not None:
+            self.wait("the token dialog", lambda: self.js("return document.getElementById('token-dialog').open"))
+            self.driver.find_element("id", "token-input").send_keys(token)
+            self.driver.find_element("css selector", "#token-form button").click()
+        self.wait("the graph drawn", lambda: self.js("return document.querySelectorAll('#graph g.node').length"))
+
+    def replicas(self) -> dict[str, dict[str, str]]:
+        """'node[r]' -> its row's state, stage, text and tooltip."""
+        return self.js("""return Object.fromEntries([...document.querySelectorAll('#graph g.replica')].map(g =>
+            [`${g.dataset.node}[${g.dataset.replica}]`, {state: g.dataset.state, stage: g.dataset.stage,
+             text: g.querySelector('text').textContent, title: g.querySelector('title').textContent}]))""")
+
+    def submit_form(self, prompt: str, **fields: Any) -> None:
+        """Fill in the form as a user does and submit it."""
+        form = self.driver.find_element("id", "submit")
+        form.find_element("name", "prompt").send_keys(prompt)
+        for name, value in fields.items():
+            field = form.find_element("name", name)
+            field.clear()
+            field.send_keys(str(value))
+        form.find_element("css selector", "button[type=submit]").click()
+
+    def submit(self, prompt: str, **fields: Any) -> str:
+        """Submit the form; the id of the job it made, once the list shows it."""
+        self.submit_form(prompt, **fields)
+        return self.wait(f"a card for {prompt!r}", lambda: self.js(
+            "return [...document.querySelectorAll('#jobs .job')].find(c => "
+            "c.querySelector('.job-prompt').textContent === arguments[0])?.dataset.jobId", prompt))
+
+    def card(self, job_id: str) -> dict[str, Any]:
+        return self.js("""const c = document.querySelector(`#jobs .job[data-job-id="${arguments[0]}"]`);
+            return {status: c.dataset.status, progress: c.querySelector('progress').value,
+                    label: c.querySelector('.progress-label').textContent, error: c.querySelector('.job-error').textContent,
+                    cancel: !c.querySelector('.cancel').hidden}""", job_id)
+
+    def video(self, job_id: str) -> dict[str, Any] | None:
+        return self.js("""const v = document.querySelector(`#jobs .job[data-job-id="${arguments[0]}"] video`);
+            return v && {duration: v.duration, readyState: v.readyState, src: v.src, error: v.error && v.error.message}""",
+                       job_id)
+
+
+@pytest.fixture
+def page(tmp_path) -> Iterator[Page]:
+    opened = Page(tmp_path)
+    yield opened
+    opened.close()
+
+
+def test_the_page_asks_for_the_token_once_and_a_job_from_the_form_plays(wan, page):
+    page.open(wan.url, token=TOKEN)
+    page.wait("four replicas ready", lambda: [r["state"] for r in page.replicas().values()] == ["ready"] * 4)
+    edges = page.js("return [...document.querySelectorAll('#graph g.edge')].map(e => e.textContent)")
+    assert len(edges) == 2 and all("mooncake" in e and "/ request" in e for e in edges), edges
+
+    page.submit_form("too tall", height=256)  # refused as the API refuses it, naming the field and the fix
+    refused = page.wait("the form's error", lambda: page.js("return document.getElementById('submit-error').textContent"))
+    assert refused == "height: 256 is over the 128 this service's edge buffers hold; restart it with --set limits.height=256"
+    assert page.js("return document.querySelector('#submit [name=height]').getAttribute('aria-invalid')") == "true"
+
+    page.driver.find_element("name", "prompt").clear()
+    job_id = page.submit("a red fox in snow", height=48, num_inference_steps=8, seed=7)
+    assert not page.js("return document.querySelector('#submit [name=height]').getAttribute('aria-invalid')")
+    page.wait("the job completed", lambda: page.card(job_id)["status"] == "completed")
+    card = page.card(job_id)
+    shot = page.shot("completed")
+    assert card["progress"] == 100 and card["label"] == "100% · step 8/8" and not card["cancel"], (card, shot)
+    video = page.wait("the video loaded", lambda: (v := page.video(job_id)) and v["readyState"] >= 2 and v)
+    assert video["duration"] > 0 and video["error"] is None, (video, shot)
+    assert video["src"].startswith("blob:"), "with a token the page fetches the video itself"
+    played = page.driver.execute_async_script("""const [id, done] = arguments;
+        const v = document.querySelector(`#jobs .job[data-job-id="${id}"] video`);
+        v.play().then(() => setTimeout(() => done({paused: v.paused, time: v.currentTime}), 300), e => done({error: String(e)}))""",
+                                              job_id)
+    assert played.get("paused") is False and played["time"] > 0, (played, page.shot("played"))
+
+    page.driver.refresh()  # the same tab: the token is remembered
+    page.wait("the graph drawn again", lambda: page.js("return document.querySelectorAll('#graph g.node').length"))
+    assert not page.js("return document.getElementById('token-dialog').open"), page.shot("asked-again")
+    page.wait("the job listed again", lambda: page.js(
+        "return document.querySelector(`#jobs .job[data-job-id='${arguments[0]}']`)?.dataset.status", job_id) == "completed")
+
+
+def test_a_running_job_shows_its_replica_busy_and_cancelled_shows_as_cancelled(wan, page):
+    page.open(wan.url, token=TOKEN)
+    job_id = page.submit("a long job to cancel", **LONG)
+    page.wait("the job in progress", lambda: page.card(job_id)["status"] == "in_progress")
+    busy = page.wait("a transformer replica busy denoising", lambda: next(
+        (r for name, r in page.replicas().items() if name.startswith("transformer") and r["stage"] == "denoise"), None))
+    page.wait("the job's progress moved", lambda: page.card(job_id)["progress"] > 0)
+    shot = page.shot("busy")
+    assert "busy · denoise" in busy["title"] and job_id in busy["title"], (busy, shot)
+    assert re.search(r"denoise \d+/1000", busy["title"]), (busy, shot)
+    assert re.fullmatch(r"\d+% · step \d+/1000", page.card(job_id)["label"]), (page.card(job_id), shot)
+
+    page.driver.find_element("css selector", f'#jobs .job[data-job-id="{job_id}"] .cancel').click()
+    page.wait("the job cancelled", lambda: page.card(job_id)["status"] == "cancelled")
+    card = page.card(job_id)
+    shot = page.shot("cancelled")
+    assert not card["cancel"] and card["error"] == "", (card, shot)
+    answer = httpx.get(f"{wan.url}/v1/videos/{job_id}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert answer.json()["status"] == "cancelled"
+    page.wait("the transformer replicas idle again", lambda: all(
+        r["state"] == "ready" for name, r in page.replicas().items() if name.startswith("transformer")))
+
+
+def test_a_killed_worker_shows_its_replica_down_and_the_jobs_error(tmp_path, page):
+    served = start_service("wan_t2v.yaml", tmp_path / "state", *LIMITS, extra=("--no-mqtt",))
+    try:
+        page.open(served.url)
+        page.wait("three replicas ready", lambda: [r["state"] for r in page.replicas().values()] == ["ready"] * 3)
+        job_id = page.submit("a job whose worker dies", **LONG)
+        page.wait("the transformer busy denoising", lambda: page.replicas()["transformer[0]"]["stage"] == "denoise")
+        replicas = httpx.get(f"{served.url}/v1/service", timeout=30).json()["state"]["replicas"]
+        pid = next(r["pid"] for r in replicas if r["node"] == "transformer")
+        os.kill(pid, signal.SIGKILL)
+
+        down = page.wait("the transformer down", lambda: (r := page.replicas()["transformer[0]"])["state"] == "down" and r)
+        page.wait("the job failed", lambda: page.card(job_id)["status"] == "failed")
+        card = page.card(job_id)
+        shot = page.shot("killed")
+        # Out through its exit (killed by SIGKILL) or its broker last will (dead), whichever the service hears first.
+        why = down["title"].splitlines()[0].removeprefix("[0] down: ")
+        assert re.match("process killed by SIGKILL|dead: connection lost", why), (down, shot)
+        assert card["error"].startswith(f"generation_failed: node 'transformer' replica 0 (stage 'denoise'): {why}"), (card, shot)
+        assert page.js("return document.getElementById('status').textContent") == "degraded", shot
+        shown = httpx.get(f"{served.url}/v1/videos/{job_id}", timeout=30).json()
+        assert card["error"] == f"generation_failed: {shown['error']['message']}", "not the API's own words"
+    finally:
+        code = served.stop()  # with the page still open: its event stream must not hold the service up
+    assert code == 0 and "Traceback" not in served.log_text(), served.log_text()[-5000:]
+
+
+def test_the_service_endpoints_describe_the_graph_without_a_browser(wan):
+    """What the page reads, checked directly: the graph as planned and events that start with the jobs."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert httpx.get(f"{wan.url}/v1/service", timeout=30).status_code == 401
+    assert httpx.get(f"{wan.url}/", timeout=30).status_code == 200  # the page itself holds nothing secret
+    service = httpx.get(f"{wan.url}/v1/service", headers=auth, timeout=30).json()
+    assert [(n["name"], n["replicas"], n["device"]) for n in service["nodes"]] == [
+        ("encoder", 1, "cpu"), ("transformer", 2, "cpu"), ("decoder", 1, "cpu")]
+    assert [(e["name"], e["from"], e["to"], e["transport"]) for e in service["edges"]] == [
+        ("phase1", "encoder", "transformer", "mooncake"), ("phase2", "transformer", "decoder", "mooncake")]
+    phase2 = service["edges"][1]  # latents [1, 16, 3, 6, 8] float32 at the default 9 frames of 48x64
+    assert phase2["bytes_per_request"] == 16 * 3 * 6 * 8 * 4 and phase2["slot_bytes"] == 16 * 5 * 16 * 20 * 4
+    assert service["endpoint"] == "/v1/videos" and service["defaults"]["steps"] == 4
+    with httpx.stream("GET", f"{wan.url}/v1/service/events", headers=auth, timeout=30) as stream:
+        names = []
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                names.append(line[len("event: "):])
+            if len(names) == 2:
+                break
+    assert names == ["jobs", "state"]
+    for name in ("index.html", "app.js", "api.js", "graph.js", "jobs.js", "form.js", "style.css"):
+        assert httpx.get(f"{wan.url}/page/{name}", timeout=30).status_code == 200, name
