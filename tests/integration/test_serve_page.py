@@ -176,8 +176,7 @@ def test_a_running_job_shows_its_replica_busy_and_cancelled_shows_as_cancelled(w
         (r for name, r in page.replicas().items() if name.startswith("transformer") and r["stage"] == "denoise"), None))
     page.wait("the job's progress moved", lambda: page.card(job_id)["progress"] > 0)
     shot = page.shot("busy")
-    assert "busy · denoise" in busy["title"] and job_id in busy["title"], (busy, shot)
-    assert re.search(r"denoise \d+/1000", busy["title"]), (busy, shot)
+    assert re.fullmatch(r"\[[01]\] busy · denoise \d+/1000", busy["text"]) and f"job {job_id}" in busy["title"], (busy, shot)
     assert re.fullmatch(r"\d+% · step \d+/1000", page.card(job_id)["label"]), (page.card(job_id), shot)
 
     page.driver.find_element("css selector", f'#jobs .job[data-job-id="{job_id}"] .cancel').click()

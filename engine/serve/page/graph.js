@@ -4,6 +4,7 @@
 
 const SVG = "http://www.w3.org/2000/svg";
 const BOX = { width: 260, head: 62, row: 24, column: 150, gap: 28, margin: 12 };
+const ROW_CHARS = 34;  // what fits in a replica's row; the whole text is its tooltip
 
 function element(name, attributes = {}, text = null) {
   const node = document.createElementNS(SVG, name);
@@ -105,7 +106,7 @@ function describeReplica(replica) {
   if (replica.state === "down") return `${name} down: ${replica.down}`;
   if (replica.state !== "busy") return `${name} ${replica.state}`;
   const step = replica.total_steps ? ` ${replica.step}/${replica.total_steps}` : "";
-  return `${name} busy · ${replica.stage ?? "dispatched"}${step} · ${replica.job}`;
+  return `${name} busy · ${replica.stage ?? "dispatched"}${step}`;
 }
 
 /** Show each replica's state as the service's `state` event gives it. */
@@ -116,7 +117,8 @@ export function showState(svg, state) {
     const text = describeReplica(replica);
     row.dataset.state = replica.state;
     row.dataset.stage = replica.stage ?? "";
-    row.querySelector("text").textContent = text.length > 40 ? `${text.slice(0, 39)}…` : text;
-    row.querySelector("title").textContent = `${text}${replica.pid ? `\npid ${replica.pid}` : ""}`;
+    row.querySelector("text").textContent = text.length > ROW_CHARS ? `${text.slice(0, ROW_CHARS - 1)}…` : text;
+    const details = [text, replica.job && `job ${replica.job}`, replica.pid && `pid ${replica.pid}`];
+    row.querySelector("title").textContent = details.filter(Boolean).join("\n");
   }
 }
