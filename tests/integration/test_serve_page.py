@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.serve_helpers import Served, start_service
+from tests.integration.serve_helpers import REPO, Served, start_service
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = [
@@ -240,3 +240,21 @@ def test_the_service_endpoints_describe_the_graph_without_a_browser(wan):
     assert names == ["jobs", "state"]
     for name in ("index.html", "app.js", "api.js", "graph.js", "jobs.js", "form.js", "style.css"):
         assert httpx.get(f"{wan.url}/page/{name}", timeout=30).status_code == 200, name
+
+
+def test_an_image_edit_from_the_form_shows_its_image(tmp_path, page):
+    served = start_service("qwen_image_edit_single.yaml", tmp_path / "state", extra=("--no-mqtt",))
+    try:
+        page.open(served.url)
+        assert page.js("return document.querySelector('#submit [name=num_frames]').closest('label').hidden")
+        page.driver.find_element("css selector", "#submit input[type=file]").send_keys(str(REPO / "graphs" / "assets" / "first_frame.png"))
+        job_id = page.submit("make the sky stormy", seed=7)
+        page.wait("the edit completed", lambda: page.card(job_id)["status"] == "completed")
+        image = page.wait("the image shown", lambda: page.js(
+            "const i = document.querySelector(`#jobs .job[data-job-id='${arguments[0]}'] img`);"
+            "return i && i.complete && i.naturalWidth && [i.naturalWidth, i.naturalHeight]", job_id))
+        shot = page.shot("edited")
+        assert image == [64, 64] and page.card(job_id)["label"].startswith("100%"), (image, shot)
+    finally:
+        code = served.stop()
+    assert code == 0 and "Traceback" not in served.log_text(), served.log_text()[-5000:]

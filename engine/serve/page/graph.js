@@ -3,8 +3,9 @@
 // colours each replica row by what the service's events say (ready, busy with a stage and step, down).
 
 const SVG = "http://www.w3.org/2000/svg";
-const BOX = { width: 260, head: 62, row: 24, column: 150, gap: 28, margin: 12 };
+const BOX = { width: 260, head: 46, line: 16, row: 24, column: 150, gap: 28, margin: 12 };
 const ROW_CHARS = 34;  // what fits in a replica's row; the whole text is its tooltip
+const LINE_CHARS = 38;  // what fits in a line of a node's stages
 
 function element(name, attributes = {}, text = null) {
   const node = document.createElementNS(SVG, name);
@@ -18,6 +19,21 @@ export function humanBytes(count) {
   let unit = 0;
   for (; count >= 1024 && unit < units.length - 1; unit += 1) count /= 1024;
   return `${unit ? count.toFixed(1) : count} ${units[unit]}`;
+}
+
+/** A node's stages, as many to a line as fit. */
+function stageLines(node) {
+  const lines = [];
+  for (const stage of node.stages) {
+    const last = lines.length - 1;
+    if (last >= 0 && `${lines[last]} · ${stage}`.length <= LINE_CHARS) lines[last] += ` · ${stage}`;
+    else lines.push(stage);
+  }
+  return lines;
+}
+
+function headHeight(node) {
+  return BOX.head + stageLines(node).length * BOX.line;
 }
 
 /** Each node's column: the longest chain of edges leading to it. */
@@ -36,7 +52,7 @@ function layout(nodes, edges) {
   const boxes = {};
   for (const node of nodes) {
     const c = column[node.name];
-    const height = BOX.head + node.replicas * BOX.row + 6;
+    const height = headHeight(node) + node.replicas * BOX.row + 6;
     const y = nextY[c] ?? BOX.margin;
     boxes[node.name] = { x: BOX.margin + c * (BOX.width + BOX.column), y, height };
     nextY[c] = y + height + BOX.gap;
@@ -50,11 +66,11 @@ function drawNode(node, box) {
     element("rect", { class: "box", width: BOX.width, height: box.height, rx: 8 }),
     element("text", { class: "name", x: 12, y: 20 }, node.name),
     element("text", { class: "where", x: 12, y: 37 }, `${node.host} · ${node.device}`),
-    element("text", { class: "stages", x: 12, y: 53 }, node.stages.join(" · ")),
+    ...stageLines(node).map((line, i) => element("text", { class: "stages", x: 12, y: 53 + i * BOX.line }, line)),
   );
   for (let replica = 0; replica < node.replicas; replica += 1) {
     const row = element("g", { class: "replica", "data-node": node.name, "data-replica": replica,
-                               "data-state": "starting", transform: `translate(8,${BOX.head + replica * BOX.row})` });
+                               "data-state": "starting", transform: `translate(8,${headHeight(node) + replica * BOX.row})` });
     row.append(element("rect", { width: BOX.width - 16, height: BOX.row - 4, rx: 4 }),
                element("text", { x: 8, y: 14 }, `[${replica}] starting`), element("title", {}, ""));
     group.append(row);
