@@ -2,7 +2,8 @@
 against a real ``engine serve``. One deployment of the two-DiT T2V graph wants an API token (the page asks for
 it once): a job submitted from the form reaches 100% and its video plays, another is cancelled from its card.
 A separate three-node deployment, open, loses its only transformer worker to kill -9 for good: the page shows
-the replica down and the job's error. Screenshots land in each test's tmp_path; a failed wait names its own."""
+the replica down and the job's error. An image edit deployment takes its image from the form and shows the
+result. Screenshots land in each test's tmp_path; a failed wait names its own."""
 
 from __future__ import annotations
 
