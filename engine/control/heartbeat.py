@@ -4,7 +4,9 @@ The worker's compute thread updates a :class:`Progress` (thread-safe); ``publish
 worker's event loop and sends a snapshot every period. The controller feeds every ``Heartbeat`` and ``Status``
 it receives into a :class:`LivenessMonitor` and asks it, whenever it likes, which replicas are in trouble:
 
-- ``dead``: the replica's last will (state ``dead``) arrived: the process or its connection is gone;
+- ``dead``: the replica's last will (state ``dead``) arrived and no heartbeat followed it for ``WILL_GRACE_S``: the
+  process or its connection is gone (a broker that shuts down publishes every client's will; the replicas that
+  live on send heartbeats again once it is back, which clears the will);
 - ``failed``: the replica announced ``failed`` (e.g. its weights did not load);
 - ``silent``: no heartbeat for longer than the heartbeat timeout (the whole process is stopped or hung);
 - ``stalled``: heartbeats arrive but, while working on a request, its progress has not moved for longer than
@@ -28,6 +30,7 @@ from engine.control.messages import Heartbeat, Status
 log = logging.getLogger(__name__)
 
 Problem: TypeAlias = Literal["dead", "failed", "silent", "stalled"]
+WILL_GRACE_S = 2.5  #: a last will is believed when no heartbeat follows it for this long (the broker is heard)
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -121,6 +124,7 @@ class _Seen:
     progress_key: tuple[str | None, str | None, int, int] | None
     progress_since: float
     status: Status | None
+    will_at: float = 0.0  # monitor clock: when its last will arrived (or the clocks restarted since)
 
 
 class LivenessMonitor:
@@ -150,7 +154,7 @@ class LivenessMonitor:
         heartbeats it missed say nothing about the replicas."""
         now = self._clock()
         for seen in self._replicas.values():
-            seen.last_heartbeat = seen.progress_since = now
+            seen.last_heartbeat = seen.progress_since = seen.will_at = now
 
     def forget(self, node: str, replica: int) -> None:
         """Stop tracking a replica (it was stopped on purpose)."""
@@ -165,7 +169,10 @@ class LivenessMonitor:
                 self.forget(message.node, message.replica)
             else:
                 seen.status = message
+                seen.will_at = now
             return
+        if seen.status is not None and seen.status.state == "dead":
+            seen.status = None  # alive after all: its will was published by a broker going down
         seen.last_heartbeat = now
         key = (message.request_id, message.stage, message.step, message.requests_done)
         if key != seen.progress_key:
@@ -183,7 +190,8 @@ class LivenessMonitor:
         return found
 
     def _judge(self, seen: _Seen, now: float) -> tuple[Problem, str] | None:
-        if seen.status is not None and seen.status.state in ("dead", "failed"):
+        if seen.status is not None and seen.status.state == "failed" or (
+                seen.status is not None and seen.status.state == "dead" and now - seen.will_at > WILL_GRACE_S):
             state = seen.status.state
             return state, f"{state}: {seen.status.detail or 'no detail given'}"
         silent_s = now - seen.last_heartbeat

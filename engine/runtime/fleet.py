@@ -95,8 +95,10 @@ class Fleet:
             info.load_s, info.param_bytes = message.load_s, message.param_bytes
             info.receives_at = {edge: str(where.get("session") or where.get("segment"))
                                 for edge, where in (message.receive_edges or {}).items()}
-        if message.state in ("dead", "failed"):
-            self._down(info, f"{message.state}: {message.detail or 'no detail'}")
+        if message.state == "failed":
+            self._down(info, f"failed: {message.detail or 'no detail'}")
+        elif message.state == "dead":  # believed unless heartbeats follow it (see LivenessMonitor)
+            self.monitor.observe(message)
 
     # -- readiness and trouble --------------------------------------------------------------------------------
 
@@ -127,8 +129,8 @@ class Fleet:
         for trouble in self.monitor.check():
             info = self.replicas.get((trouble.node, trouble.replica))
             if info is not None and info.down is None:
-                self.launcher.kill(info.key)  # stuck: make sure it does no more harm
-                self._down(info, f"stopped responding ({trouble.detail}); killed")
+                self.launcher.kill(info.key)  # gone or stuck: make sure it does no more harm
+                self._down(info, trouble.detail if trouble.problem == "dead" else f"stopped responding ({trouble.detail}); killed")
 
     def take_down(self) -> list[ReplicaInfo]:
         """Replicas taken out of service since the last call."""

@@ -6,8 +6,9 @@ worker's spec and nothing secret (the agent derives the run's key from the deplo
 workers its own broker password). While the run lasts it renews the run's lease on each agent every third of
 the lease, so workers outlive neither their controller nor a cut link by more than the lease. A deploy order is
 repeated until its agent answers (an agent answers a repeat with the job's state). An agent's job report
-(refused order, a worker that exited, with its log tail), its going offline, or no fresh announcement from it
-within the lease takes its replicas out of service with that reason. :class:`HostLaunchers` routes each replica to the local or the remote launcher by its node's host.
+(refused order, a worker that exited, with its log tail), its going offline (its will, believed when no fresh
+announcement follows within ``OFFLINE_GRACE_S``: a broker that shuts down publishes every client's will), or no
+fresh announcement from it within the lease takes its replicas out of service with that reason. :class:`HostLaunchers` routes each replica to the local or the remote launcher by its node's host.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from engine.runtime.fleet import Launcher, ReplicaKey
 log = logging.getLogger(__name__)
 STOP_WAIT_S = 5.0  #: how long stop_all waits for the agents to report their workers stopped
 RESEND_S = 1.0  #: a deploy order no agent has answered yet is sent again this often (the agent may have been away)
+OFFLINE_GRACE_S = 5.0  #: an agent's will is believed when no announcement (every 2 s) follows it for this long
 
 
 class RemoteLauncher:
@@ -38,6 +40,8 @@ class RemoteLauncher:
         self._orders: dict[str, ReplicaKey] = {}  # order id -> the replica it started
         self._unanswered: dict[str, AgentOrder] = {}  # deploy orders no report answered yet
         self._online: set[str] = set()  # agents whose birth says online
+        self._offline_since: dict[str, float] = {}  # agents whose will arrived, since when (monotonic)
+        self._reconnects = 0
         self._state: dict[str, str] = {}  # order id -> the job's last reported state
         self._exited: dict[ReplicaKey, str] = {}
         self._tails: dict[ReplicaKey, str] = {}
@@ -69,6 +73,7 @@ class RemoteLauncher:
                 resent = now
             if now - started > self.lease_s:
                 self._absent_agents()
+            self._gone_agents(now)
 
     def _absent_agents(self) -> None:
         """Replicas placed on an agent that never said it is online are out, with the reason."""
@@ -76,6 +81,19 @@ class RemoteLauncher:
             for key in [key for key in self._orders.values() if self.hosts[key[0]] == agent]:
                 self._exited.setdefault(key, f"agent {agent!r} is not online: no announcement from it within "
                                              f"{self.lease_s:g} s (is `engine agent --name {agent}` running on this broker?)")
+
+    def _gone_agents(self, now: float) -> None:
+        """Replicas of agents whose will no announcement followed within the grace are out. While this client is
+        itself cut off from the broker the grace restarts: the broker, not the agents, is what is away."""
+        if not self.client.connected or self.client.reconnects != self._reconnects:
+            self._reconnects = self.client.reconnects
+            self._offline_since = dict.fromkeys(self._offline_since, now)
+            return
+        for agent, since in list(self._offline_since.items()):
+            if now - since > OFFLINE_GRACE_S:
+                del self._offline_since[agent]
+                for key in [key for key in self._orders.values() if self.hosts[key[0]] == agent]:
+                    self._exited.setdefault(key, f"its agent {agent!r} went offline")
 
     def _on_message(self, message: object) -> None:
         if isinstance(message, AgentJob) and message.order_id in self._orders and message.run_id == self.run_id:
@@ -93,10 +111,10 @@ class RemoteLauncher:
         elif isinstance(message, AgentBirth) and message.state == "online":
             if time.time() - message.time < self.lease_s:  # a retained birth of a dead agent stops getting younger
                 self._online.add(message.agent)
+                self._offline_since.pop(message.agent, None)
         elif isinstance(message, AgentBirth) and message.agent in self.agents:
             self._online.discard(message.agent)
-            for key in [key for key in self._orders.values() if self.hosts[key[0]] == message.agent]:
-                self._exited.setdefault(key, f"its agent {message.agent!r} went offline")
+            self._offline_since.setdefault(message.agent, time.monotonic())
 
     def _running(self) -> list[str]:
         """Orders whose workers an agent said it started and has not said it stopped."""

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from engine.control.heartbeat import LivenessMonitor, Progress, heartbeat, publish_heartbeats, rss_bytes
+from engine.control.heartbeat import WILL_GRACE_S, LivenessMonitor, Progress, heartbeat, publish_heartbeats, rss_bytes
 from engine.control.memory import MemoryBroker
 from engine.control.messages import Heartbeat, Message, Status
 from engine.errors import BrokerLost
@@ -103,15 +103,29 @@ def test_expected_replica_that_never_beats_is_silent():
     assert "no heartbeat at all" in trouble.detail
 
 
-def test_last_will_marks_dead_and_a_restart_revives():
+def test_last_will_marks_dead_once_no_heartbeat_follows_and_a_restart_revives():
     clock = FakeClock()
-    monitor = LivenessMonitor(heartbeat_timeout_s=3, clock=clock)
+    monitor = LivenessMonitor(heartbeat_timeout_s=30, clock=clock)
     monitor.observe(beat())
     monitor.observe(status("dead", "connection lost"))
+    assert monitor.check() == []  # not yet: a broker going down publishes every will
+    clock.now += WILL_GRACE_S + 0.1
     [trouble] = monitor.check()
     assert trouble.problem == "dead"
     assert str(trouble) == "node 'transformer' replica 0: dead: connection lost"
     monitor.observe(status("starting"))
+    monitor.observe(beat())
+    assert monitor.check() == []
+
+
+def test_a_will_followed_by_heartbeats_is_a_broker_going_down_not_a_death():
+    clock = FakeClock()
+    monitor = LivenessMonitor(heartbeat_timeout_s=30, clock=clock)
+    monitor.observe(beat())
+    monitor.observe(status("dead", "connection lost"))
+    clock.now += 1.0
+    monitor.observe(beat())  # the broker is back and so is the replica
+    clock.now += WILL_GRACE_S * 4
     monitor.observe(beat())
     assert monitor.check() == []
 

@@ -194,3 +194,36 @@ def test_the_controller_side_repeats_orders_until_answered_and_names_an_absent_a
     assert isinstance(first.message, AgentOrder) and first.message.action == "deploy"
     assert exited[("transformer", 0)] == "refused by agent 'h1': model outside --models"
     assert exited[("encoder", 0)].startswith("agent 'h2' is not online: no announcement from it within 0.6 s")
+
+
+def test_an_agents_will_counts_only_when_no_announcement_follows_it(tmp_path, monkeypatch):
+    from engine.runtime import remote
+
+    monkeypatch.setattr(remote, "OFFLINE_GRACE_S", 0.3)
+    broker = MemoryBroker()
+
+    def birth(state: str):
+        return agent_module.announcement(AgentOptions(
+            name="h1", broker=BrokerAddress("x", 1), deploy_key=broker.key, devices=("cpu",), models=(), address="a",
+            work_dir=tmp_path), state, [])
+
+    async def run():
+        launcher = remote.RemoteLauncher(broker.connect("run1-deployer"), "run1", {"transformer": "h1"}, lease_s=60)
+        serving = asyncio.create_task(launcher.serve())
+        await asyncio.sleep(0.05)
+        launcher.start(WorkerSpec.model_validate(spec_json("run1", tmp_path)), None)  # type: ignore[arg-type]
+        h1 = broker.connect("agent-h1")
+        await h1.publish(TOPICS.birth("h1"), birth("online"))
+        await h1.publish(TOPICS.birth("h1"), birth("offline"))  # a broker going down publishes the agent's will
+        await asyncio.sleep(0.1)
+        await h1.publish(TOPICS.birth("h1"), birth("online"))  # and the agent is back with it
+        await asyncio.sleep(1.2)
+        survived = launcher.exited()
+        await h1.publish(TOPICS.birth("h1"), birth("offline"))  # gone for good
+        await asyncio.sleep(1.2)
+        serving.cancel()
+        return survived, launcher.exited()
+
+    survived, gone = asyncio.run(run())
+    assert survived == {}
+    assert gone == {("transformer", 0): "its agent 'h1' went offline"}
