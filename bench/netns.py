@@ -43,6 +43,14 @@ class Cluster:
     hosts: dict[str, str]  #: host name -> address
     agents: dict[str, subprocess.Popen]
     folder: Path
+    mosquitto: NamespaceBroker | None = None  #: the broker made for the cluster, if it made one
+
+    def restart_broker(self, gap_s: float) -> None:
+        """Stop the cluster's mosquitto, wait ``gap_s``, start it again on the same port."""
+        assert self.mosquitto is not None, "the cluster uses a broker it did not start"
+        self.mosquitto.stop()
+        time.sleep(gap_s)
+        self.mosquitto.start()
 
     @property
     def env(self) -> dict[str, str]:
@@ -91,7 +99,11 @@ def namespace_hosts(folder: Path, names: list[str], models: Path, offers: Mappin
             ip("-n", f"dge-{host}", "addr", "add", f"{address}/24", "dev", "eth0")
             ip("-n", f"dge-{host}", "link", "set", "eth0", "up")
             ip("-n", f"dge-{host}", "link", "set", "lo", "up")
-        with contextlib.nullcontext(broker) if broker else _mosquitto(folder) as broker:
+        own = None if broker else NamespaceBroker(folder)
+        if own is not None:
+            own.start()
+            broker = own.url
+        try:
             key = secrets.token_hex(32)
             agents: dict[str, subprocess.Popen] = {}
             try:
@@ -103,37 +115,49 @@ def namespace_hosts(folder: Path, names: list[str], models: Path, offers: Mappin
                              broker, "--name", host, "--address", address, "--models", str(models), "--work-dir",
                              str(folder / host), *memory],
                             cwd=REPO, env={**os.environ, "ENGINE_DEPLOY_KEY": key}, stdout=log, stderr=subprocess.STDOUT)
-                yield Cluster(broker, key, hosts, agents, folder)
+                yield Cluster(broker, key, hosts, agents, folder, own)
             finally:
                 for agent in agents.values():
                     agent.terminate()
                     agent.wait(timeout=15)
+        finally:
+            if own is not None:
+                own.stop()
     finally:
         remove_hosts(names)
 
 
-@contextlib.contextmanager
-def _mosquitto(folder: Path) -> Iterator[str]:
-    """mosquitto on the bridge address with one user, ``engine``, and a fresh password; yields its URL."""
-    from engine.control.broker import mosquitto_password_line
+class NamespaceBroker:
+    """mosquitto on the bridge address with one user, ``engine``, and a fresh password; it can be restarted on the
+    same port (no persistence: a restart forgets everything, as a crashed broker does)."""
 
-    port, password = free_port(), secrets.token_urlsafe(16)
-    (folder / "passwd").write_text(mosquitto_password_line("engine", password))
-    (folder / "mosquitto.conf").write_text(
-        f"listener {port} {CONTROLLER}\nallow_anonymous false\npassword_file {folder / 'passwd'}\npersistence false\n"
-        f"set_tcp_nodelay true\nlog_type none\nuser {os.environ.get('USER', 'root')}\n")
-    broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(folder / "mosquitto.conf")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    def __init__(self, folder: Path):
+        from engine.control.broker import mosquitto_password_line
+
+        self.folder, self.port, password = folder, free_port(), secrets.token_urlsafe(16)
+        self.url = f"mqtt://engine:{password}@{CONTROLLER}:{self.port}"
+        (folder / "passwd").write_text(mosquitto_password_line("engine", password))
+        (folder / "mosquitto.conf").write_text(
+            f"listener {self.port} {CONTROLLER}\nallow_anonymous false\npassword_file {folder / 'passwd'}\n"
+            f"persistence false\nset_tcp_nodelay true\nlog_type none\nuser {os.environ.get('USER', 'root')}\n")
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                                         str(self.folder / "mosquitto.conf")],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             with socket.socket() as probe:
-                if probe.connect_ex((CONTROLLER, port)) == 0:
-                    break
-            if time.monotonic() > deadline or broker.poll() is not None:
-                raise RuntimeError(f"mosquitto did not start on {CONTROLLER}:{port}")
+                if probe.connect_ex((CONTROLLER, self.port)) == 0:
+                    return
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"mosquitto did not start on {CONTROLLER}:{self.port}")
             time.sleep(0.02)
-        yield f"mqtt://engine:{password}@{CONTROLLER}:{port}"
-    finally:
-        broker.terminate()
-        broker.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None

@@ -167,8 +167,8 @@ def wildcard_listeners(pids: list[int]) -> list[str]:
 class LiveRun:
     """`engine run` in the background, its progress lines readable as they come."""
 
-    def __init__(self, graph: str, out: Path, *settings: str):
-        command = [sys.executable, "-m", "engine.cli", "run", str(GRAPHS / graph), "--out", str(out)]
+    def __init__(self, graph: str, out: Path, *settings: str, extra: tuple[str, ...] = ()):
+        command = [sys.executable, "-m", "engine.cli", "run", str(GRAPHS / graph), "--out", str(out), *extra]
         for setting in settings:
             command += ["--set", setting]
         self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,5 +1,6 @@
 """A small setup with no broker of its own: `broker: embedded@ADDRESS` listens where the agents on other hosts (a
-network namespace here) reach it, with the agents' password made once and printed for them."""
+network namespace here) reach it, with the agents' password made once and printed for them. The same agent
+serves a run and then a service (`engine serve`), each bringing up its own broker."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import shutil
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
 
-from bench.netns import CONTROLLER, namespace_hosts
+from bench.netns import CONTROLLER, Cluster, namespace_hosts
 from engine.control.broker import agents_user
 from engine.families import get_family
 from tests.integration.engine_run import GRAPHS, REPO, reference_frames
+from tests.integration.serve_helpers import start_service
 
 pytestmark = [
     pytest.mark.integration,
@@ -24,25 +27,48 @@ pytestmark = [
 ]
 
 PORT = 18931
+BROKER = f"broker=embedded@{CONTROLLER}:{PORT}"
 
 
-def test_agents_reach_an_embedded_broker_listening_on_an_address(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # where the agents' password is kept
-    password = agents_user(CONTROLLER, PORT).password  # as a user reads it from the first run's output
-    url = f"mqtt://agents:{password}@{CONTROLLER}:{PORT}"
-    models = get_family("wan").resolve_source("t2v", "tiny").parent
-    (tmp_path / "hosts").mkdir()
-    with namespace_hosts(tmp_path / "hosts", ["e1"], models, broker=url) as cluster:  # agents start before the broker
-        out = tmp_path / "out"
-        run = subprocess.run(
-            [sys.executable, "-m", "engine.cli", "run", str(GRAPHS / "wan_t2v.yaml"), "--out", str(out), "--save-frames",
-             "--set", f"broker=embedded@{CONTROLLER}:{PORT}", "--set", "nodes.encoder.place.host=e1"],
-            cwd=REPO, env={**cluster.env, "XDG_STATE_HOME": str(tmp_path / "state")}, capture_output=True, text=True,
-            timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert f"engine agent --broker mqtt://agents:{password}@{CONTROLLER}:{PORT} --name NAME" in run.stderr
-        report = json.loads((out / "report.json").read_text())
-        assert {n["node"]: n["host"] for n in report["nodes"]}["encoder"] == "e1"
-        request = json.loads((out / "r1.json").read_text())["request"]
-        assert np.array_equal(np.load(out / "r1.npy"), reference_frames("t2v", json.dumps(request, sort_keys=True)))
-        assert cluster.agents["e1"].poll() is None, "the agent did not outlive the run's broker"
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Cluster:
+    state = tmp_path_factory.mktemp("state")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_STATE_HOME", str(state))  # where the agents' password is kept
+        password = agents_user(CONTROLLER, PORT).password  # as a user reads it from the first run's output
+        models = get_family("wan").resolve_source("t2v", "tiny").parent
+        with namespace_hosts(tmp_path_factory.mktemp("hosts"), ["e1"], models,  # the agent starts before any broker
+                             broker=f"mqtt://agents:{password}@{CONTROLLER}:{PORT}") as made:
+            patch.setenv("ENGINE_DEPLOY_KEY", made.key)
+            patch.setenv("ENGINE_MOONCAKE_HOST", CONTROLLER)
+            yield made
+
+
+def test_a_run_reaches_an_agent_through_its_embedded_broker(cluster, tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(GRAPHS / "wan_t2v.yaml"), "--out", str(out),
+                          "--save-frames", "--set", BROKER, "--set", "nodes.encoder.place.host=e1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    password = agents_user(CONTROLLER, PORT).password
+    assert f"engine agent --broker mqtt://agents:{password}@{CONTROLLER}:{PORT} --name NAME" in run.stderr
+    assert {n["node"]: n["host"] for n in json.loads((out / "report.json").read_text())["nodes"]}["encoder"] == "e1"
+    request = json.loads((out / "r1.json").read_text())["request"]
+    assert np.array_equal(np.load(out / "r1.npy"), reference_frames("t2v", json.dumps(request, sort_keys=True)))
+    assert cluster.agents["e1"].poll() is None, "the agent did not outlive the run's broker"
+
+
+def test_a_service_deploys_a_node_on_an_agent(cluster, tmp_path):
+    served = start_service("wan_t2v.yaml", tmp_path / "state", BROKER, "nodes.encoder.place.host=e1",
+                           extra=("--save-frames",))
+    try:
+        job = httpx.post(f"{served.url}/v1/videos", json={"prompt": "served across hosts", "seed": 3}, timeout=60).json()
+        assert served.wait_for(job["id"])["status"] == "completed"
+        outputs = served.state / "outputs"
+        request = json.loads((outputs / f"{job['id']}.json").read_text())["request"]
+        assert np.array_equal(np.load(outputs / f"{job['id']}.npy"),
+                              reference_frames("t2v", json.dumps(request, sort_keys=True)))
+        assert cluster.workers_in("e1"), "the encoder's worker does not run on the agent's host"
+    finally:
+        assert served.stop() == 0
+    assert not cluster.workers_in("e1"), "a remote worker outlived the service"

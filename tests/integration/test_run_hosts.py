@@ -148,12 +148,24 @@ def test_engine_plan_checks_fit_against_the_live_agents(cluster):
     assert plan("nodes.encoder.place.host=h1").returncode == 0
 
 
-def live_run(cluster: Cluster, out: Path, monkeypatch, *settings: str) -> LiveRun:
+def test_a_broker_restart_mid_run_with_agents_loses_nothing(cluster, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run = live_run(cluster, out, monkeypatch, "request.steps=300", extra=("--save-frames",))
+    run.wait_for("transformer[0] denoise", timeout=120)  # the DiT runs on h2, its inputs came from h1
+    cluster.restart_broker(gap_s=2.0)
+    assert run.finish(timeout=180) == 0, run.output[-3000:]
+    assert "reconnect" in run.output or "broker is back" in run.output
+    request = json.loads((out / "r1.json").read_text())["request"]
+    assert np.array_equal(np.load(out / "r1.npy"), reference_frames("t2v", json.dumps(request, sort_keys=True)))
+    assert all(agent.poll() is None for agent in cluster.agents.values()), "an agent died with the broker"
+
+
+def live_run(cluster: Cluster, out: Path, monkeypatch, *settings: str, extra: tuple[str, ...] = ()) -> LiveRun:
     """`engine run` with progress lines readable as they come."""
     for name in ("ENGINE_DEPLOY_KEY", "ENGINE_MOONCAKE_HOST"):
         monkeypatch.setenv(name, cluster.env[name])
     return LiveRun("wan_t2v.yaml", out, f"broker={cluster.broker}", "nodes.encoder.place.host=h1",
-                   "nodes.transformer.place.host=h2", *settings)
+                   "nodes.transformer.place.host=h2", *settings, extra=extra)
 
 
 def test_a_cut_link_is_noticed_within_the_heartbeat_timeout(cluster, tmp_path, monkeypatch):
