@@ -6,5 +6,6 @@
     http.py       the HTTP API (FastAPI): /v1/videos, /v1/images/*, /v1/models, /health, /metrics
     mqtt.py       job submission over MQTT (signed SubmitJob in, JobUpdate out)
     metrics.py    the Prometheus metrics
+    page.py       the page at / (static files in page/) and the live feed it reads (/v1/service, its events)
     cli_serve.py  the command's arguments and start-up
 """

@@ -33,7 +33,8 @@ request): a job asking for more is refused (422) naming the limit to raise, e.g.
 
 The API (OpenAI-shaped; see README "Serve"):
   POST /v1/videos, GET /v1/videos[/{id}[/content|/events]], DELETE /v1/videos/{id},
-  POST /v1/images/generations, POST /v1/images/edits, GET /v1/models, GET /health, GET /metrics
+  POST /v1/images/generations, POST /v1/images/edits, GET /v1/models, GET /health, GET /metrics;
+  the page at / (the graph live, the jobs, a form) reads GET /v1/service and /v1/service/events
 With ENGINE_API_TOKEN set (or --token-file), /v1 wants `Authorization: Bearer <token>`.
 
 MQTT: jobs published as signed `submit_job` messages on dge/serve/<name>/submit get `job_update` messages on

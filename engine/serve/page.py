@@ -120,7 +120,7 @@ async def events(service: Service) -> AsyncIterator[dict[str, str]]:
         recent = [service.get(job.id) or job for job in service.store.list(limit=RECENT_JOBS)]
         yield {"event": "jobs", "data": json.dumps([page_job(job) for job in recent])}
         shown = None
-        while not stopped(service):
+        while not service.stopped:  # a stopped service's stream ends, or the HTTP server would wait on it
             try:
                 job = await asyncio.wait_for(changes.get(), STATE_S)
                 yield {"event": "job", "data": json.dumps(page_job(job))}
@@ -132,12 +132,6 @@ async def events(service: Service) -> AsyncIterator[dict[str, str]]:
                 yield {"event": "state", "data": json.dumps(now)}
     finally:
         pump.cancel()
-
-
-def stopped(service: Service) -> bool:
-    """The service has drained and stopped its workers: the stream must end, or the HTTP server, which waits for
-    open responses, would never stop."""
-    return service.draining and service.scheduler is None
 
 
 async def _forward(jobs: AsyncIterator[Job], queue: asyncio.Queue[Job]) -> None:

@@ -106,10 +106,11 @@ class Service:
         self.scheduler: Scheduler | None = None
         self.started = time.time()
         self.draining = False
+        self.stopped = False  #: every worker is stopped: followers end
         self._live: dict[str, Job] = {}  #: jobs not finished, by id
         self._interrupting: set[str] = set()
-        self._followers: dict[str, set[asyncio.Queue[Job]]] = {}
-        self._watchers: set[asyncio.Queue[Job]] = set()  #: those following every job
+        self._followers: dict[str, set[asyncio.Queue[Job | None]]] = {}  #: None ends a follower: the service stopped
+        self._watchers: set[asyncio.Queue[Job | None]] = set()  #: those following every job
         self._stop = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -141,6 +142,9 @@ class Service:
                 await asyncio.gather(loop, *helpers, return_exceptions=True)
                 self._sync()
                 self.scheduler = None
+                self.stopped = True
+                for queue in [*self._watchers, *(q for queues in self._followers.values() for q in queues)]:
+                    queue.put_nowait(None)  # streams end, so the HTTP server can stop
         self.store.close()
 
     def stop(self) -> None:
@@ -245,14 +249,14 @@ class Service:
         return self.get(job_id)
 
     async def follow(self, job_id: str) -> AsyncIterator[Job]:
-        """The job now, then on every change until it has finished."""
-        queue: asyncio.Queue[Job] = asyncio.Queue()
+        """The job now, then on every change until it has finished or the service has stopped."""
+        queue: asyncio.Queue[Job | None] = asyncio.Queue()
         self._followers.setdefault(job_id, set()).add(queue)
         try:
             job = self.get(job_id)
             while job is not None:
                 yield job
-                if job.finished:
+                if job.finished or self.stopped:
                     return
                 job = await queue.get()
         finally:
@@ -261,12 +265,12 @@ class Service:
                 del self._followers[job_id]
 
     async def follow_all(self) -> AsyncIterator[Job]:
-        """Every job on every change (accepted, progress, finished), until the caller stops."""
-        queue: asyncio.Queue[Job] = asyncio.Queue()
+        """Every job on every change (accepted, progress, finished), until the caller or the service stops."""
+        queue: asyncio.Queue[Job | None] = asyncio.Queue()
         self._watchers.add(queue)
         try:
-            while True:
-                yield await queue.get()
+            while (job := await queue.get()) is not None:
+                yield job
         finally:
             self._watchers.discard(queue)
 

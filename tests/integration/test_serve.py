@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def test_broken_json_a_broken_image_and_a_file_where_none_is_wanted(wan):
     image = httpx.post(f"{wan.url}/v1/videos", data={"prompt": "x"},
                        files={"input_reference": ("x.png", b"\x89PNG\r\n\x1a\nnot really", "image/png")})
     assert image.status_code == 422 and image.json()["error"]["param"] == "input_reference"
+    huge = httpx.post(f"{wan.url}/v1/videos", content=b"x" * (33 << 20), headers={"content-type": "application/json"})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
     wrong_endpoint = httpx.post(f"{wan.url}/v1/images/generations", json={"prompt": "x"})
     assert wrong_endpoint.status_code == 404 and "/v1/videos" in wrong_endpoint.json()["error"]["message"]
     assert "Traceback" not in wan.log_text()
@@ -283,7 +286,14 @@ def test_a_restart_runs_the_jobs_left_queued_on_amqtt(tmp_path):
     served.wait_for(running, statuses=("in_progress",))
     waiting = [post(served, {"prompt": f"left {i}", "seed": i}).json()["id"] for i in range(3)]
     assert {served.wait_for(i, statuses=("queued",))["status"] for i in waiting} == {"queued"}
+    watched: list[str] = []
+    watcher = threading.Thread(target=lambda: watched.extend(
+        httpx.get(f"{served.url}/v1/videos/{waiting[0]}/events", timeout=120).text.splitlines()))
+    watcher.start()  # a client follows a job that stays queued: the stop must not wait on it
+    time.sleep(0.5)
     assert served.stop() == 0
+    watcher.join(timeout=10)
+    assert not watcher.is_alive() and any('"status": "queued"' in line for line in watched)
     interrupted = served_job(state, running)
     assert interrupted["status"] == "failed" and interrupted["error_code"] == "interrupted"
 
