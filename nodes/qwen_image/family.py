@@ -236,6 +236,6 @@ class QwenImageFamily(ModelFamily):
         return build_stage(task, name, components, device, dtype, configs)
 
     def write_output(self, request, outputs, out_dir, stem, *, meta=None, save_frames=False):
-        from nodes.qwen_image.output import write_image
+        from engine.models.outputs import write_image
 
         return write_image(request, outputs, out_dir, stem, meta=meta, save_frames=save_frames)

@@ -147,6 +147,6 @@ class ZImageFamily(ModelFamily):
         return build_stage(name, components, device, configs)
 
     def write_output(self, request, outputs, out_dir, stem, *, meta=None, save_frames=False):
-        from nodes.z_image.output import write_image
+        from engine.models.outputs import write_image
 
         return write_image(request, outputs, out_dir, stem, meta=meta, save_frames=save_frames)

@@ -246,9 +246,9 @@ def test_output_png_is_the_pipeline_pil_image(sources, t2i_pipelines, tmp_path):
     sidecar = json.loads(paths[1].read_text())
     assert sidecar["request"]["prompt"] == "a lighthouse" and sidecar["image"] == [32, 48, 3]
 
-    from nodes.qwen_image.output import write_image
+    from engine.models.outputs import write_image as write_png
 
-    paths = write_image(request, outputs, tmp_path, "r2", meta={"graph": "g.yaml"}, save_frames=True)
+    paths = write_png(request, outputs, tmp_path, "r2", meta={"graph": "g.yaml"}, save_frames=True)
     assert np.array_equal(np.load(paths[2]), outputs["image"][0].numpy())
     assert json.loads(paths[1].read_text())["graph"] == "g.yaml"
 
