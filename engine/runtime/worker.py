@@ -34,7 +34,7 @@ from typing import Any
 from engine.control.broker import BrokerAddress, TLSOptions
 from engine.control.bus import Inbound
 from engine.control.client import ControlClient, LastWill
-from engine.control.heartbeat import Progress, publish_heartbeats, rss_bytes
+from engine.control.heartbeat import WILL_GRACE_S, Progress, publish_heartbeats, rss_bytes
 from engine.control.messages import (Ack, Cancel, Delivered, EdgeStats, Fence, Grant, GrantRequest, Landed, ReplicaRef,
                                      RunStage, Shutdown, StageDone, StageFailed, Status)
 from engine.control.topics import Topics
@@ -96,7 +96,8 @@ class Worker:
         self.receivers: dict[str, Receiver] = {}
         self.senders: dict[str, Sender] = {}
         self.connected: set[tuple[str, str, int]] = set()
-        self.peers: dict[tuple[str, int], Status] = {}
+        self.peers: dict[tuple[str, int], Status] = {}  #: each peer's last announcement (not its will)
+        self.suspects: dict[tuple[str, int], asyncio.TimerHandle] = {}  #: peers whose will came, judged later
         self.received: dict[tuple[str, str], tuple[Manifest, dict[str, Any]]] = {}  # (request, edge) -> payload
         self.waiting_grants: dict[str, deque[GrantRequest]] = {}
         self.jobs: asyncio.Queue[RunStage] = asyncio.Queue()
@@ -250,9 +251,16 @@ class Worker:
                 receiver.fence(SlotGrant.model_validate(message.grant))
                 self._serve_grants(message.edge)
         elif isinstance(message, Status):
-            self.peers[(message.node, message.replica)] = message
-            if message.state in ("dead", "failed", "stopped"):
-                self.replies.peer_died((message.node, message.replica), message.detail or message.state)
+            peer = (message.node, message.replica)
+            suspicion = self.suspects.pop(peer, None)
+            if suspicion is not None:
+                suspicion.cancel()
+            if message.state == "dead":  # a will: a broker going down publishes every client's
+                self._suspect(peer, message.detail or "dead", self.client.reconnects)
+                return
+            self.peers[peer] = message
+            if message.state in ("failed", "stopped"):
+                self.replies.peer_died(peer, message.detail or message.state)
         elif isinstance(message, Cancel):
             log.info("request %s dropped: %s", message.request_id, message.reason)
             self.cancelled.remember(message.request_id, message.reason)
@@ -260,6 +268,18 @@ class Worker:
         elif isinstance(message, Shutdown):
             log.info("shutdown: %s", message.reason)
             self.stopping.set()
+
+    def _suspect(self, peer: tuple[str, int], detail: str, reconnects: int) -> None:
+        """A peer's will is believed once no status of it follows within the grace while we hear the broker (the
+        peer, if alive, re-announces itself after the broker is back); until then its last announcement stands."""
+        def judge() -> None:
+            if not self.client.connected or self.client.reconnects != reconnects:
+                self._suspect(peer, detail, self.client.reconnects)  # we were away too: the grace starts again
+            else:
+                del self.suspects[peer]
+                self.replies.peer_died(peer, detail)
+
+        self.suspects[peer] = asyncio.get_running_loop().call_later(WILL_GRACE_S, judge)
 
     def _serve_grants(self, edge: str) -> None:
         """Grant slots to waiting senders in arrival order while slots are free."""
