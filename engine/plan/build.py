@@ -8,12 +8,13 @@ from typing import Any
 
 from engine.errors import PlanError
 from engine.plan.check import CheckedGraph, check_graph
+from engine.plan.collector import collect_remote_outputs
 from engine.plan.host import check_local_devices
 from engine.plan.model import Plan, PlannedEdge, PlannedNode, PlannedTensor
 from engine.plan.model_check import check_model
 from engine.plan.shapes import evaluate_shape
 from engine.spec.load import load_graph
-from engine.stages import DTYPE_BYTES, MODEL_DTYPE, RequestParams
+from engine.stages import DTYPE_BYTES, MODEL_DTYPE, RequestParams, TensorSpec
 
 
 def sizing_request(checked: CheckedGraph, requests: Sequence[RequestParams] = ()) -> RequestParams:
@@ -41,7 +42,8 @@ def node_dtype(checked: CheckedGraph, node: str) -> str:
 
 
 def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestParams] = ()) -> Plan:
-    """Resolve shapes against the model at ``source`` and size every edge (for ``requests`` as well)."""
+    """Resolve shapes against the model at ``source`` and size every edge (for ``requests`` as well); final
+    outputs made on another host come back to this one (engine.plan.collector)."""
     spec, lines = checked.loaded.spec, checked.loaded.lines
     task = spec.model.task
     sizing = sizing_request(checked, requests)
@@ -61,34 +63,35 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
             memory_bytes=node.place.memory_bytes, rdma_device=node.place.rdma_device, line=lines.line(("nodes", name)),
         )
 
+    def planned(tensor: TensorSpec, node: str, producer: str, consumers: tuple[str, ...]) -> PlannedTensor:
+        dtype = nodes[node].dtype if tensor.dtype == MODEL_DTYPE else tensor.dtype
+        shape = evaluate_shape(tensor.shape, symbols)  # check_model evaluated every output already
+        nbytes = DTYPE_BYTES[dtype]
+        for dim in shape:
+            nbytes *= dim
+        return PlannedTensor(tensor.name, dtype, shape, nbytes, tensor.optional, tensor.variable, producer, consumers,
+                             expression=tensor.shape)
+
     edges = []
     for i, edge in enumerate(spec.edges):
-        tensors = []
-        for flow in checked.flows:
-            if (flow.source, flow.target) != (edge.source, edge.target):
-                continue
-            tensor = flow.tensor
-            dtype = nodes[flow.source].dtype if tensor.dtype == MODEL_DTYPE else tensor.dtype
-            shape = evaluate_shape(tensor.shape, symbols)  # check_model evaluated every output already
-            nbytes = DTYPE_BYTES[dtype]
-            for dim in shape:
-                nbytes *= dim
-            tensors.append(PlannedTensor(tensor.name, dtype, shape, nbytes, tensor.optional, tensor.variable,
-                                         flow.producer, flow.consumers, expression=tensor.shape))
+        tensors = [planned(flow.tensor, flow.source, flow.producer, flow.consumers) for flow in checked.flows
+                   if (flow.source, flow.target) == (edge.source, edge.target)]
         edges.append(PlannedEdge(
             name=edge.name, source=edge.source, target=edge.target, transport=checked.transports[edge.name],
             protocol=edge.protocol, integrity=edge.integrity, retries=edge.retries, slots=edge.slots, tensors=tuple(tensors),
             line=lines.line(("edges", i)),
         ))
 
-    return Plan(
+    finals = tuple(planned(tensor, checked.node_of[stage.name], stage.name, ()) for stage in checked.stages.values()
+                   for tensor in stage.outputs if tensor.name in checked.final_outputs)
+    return collect_remote_outputs(Plan(
         graph=spec.name, file=lines.file, family=spec.model.family, task=task, model_path=spec.model.path,
         dtype=spec.model.dtype, broker=spec.broker, nodes=nodes, edges=tuple(edges), segments=checked.segments,
         final_outputs=checked.final_outputs, request_defaults=checked.request_defaults, requests=checked.requests,
         limits={name: getattr(sizing, name) for name in type(sizing).size_fields}, timeouts=spec.timeouts,
         base_dir=str(checked.loaded.base_dir), component_folders={name: c.folder for name, c in components.items()},
         configs=configs,
-    )
+    ), finals)
 
 
 def plan_on_this_host(checked: CheckedGraph, requests: Sequence[RequestParams] = ()) -> tuple[Plan, Path]:

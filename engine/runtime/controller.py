@@ -82,13 +82,8 @@ async def broker_for(target: BrokerAddress | EmbeddedBroker, kind: str, access: 
 
 
 def deployment_key(plan: Plan, broker: BrokerAddress | EmbeddedBroker) -> bytes:
-    """The key shared with the agents (ENGINE_DEPLOY_KEY), for a plan with nodes on them; PlanError without one,
-    or when a node writing the final outputs is not local (outputs are written where they are made)."""
+    """The key shared with the agents (ENGINE_DEPLOY_KEY), for a plan with nodes on them; PlanError without one."""
     remote = ", ".join(n.name for n in plan.nodes.values() if n.host != "local")
-    writers = [s.node for s in plan.segments if set(s.outputs) & set(plan.final_outputs) and plan.nodes[s.node].host != "local"]
-    if writers:
-        raise PlanError(f"node {writers[0]!r} writes the run's outputs, so it runs on the controller's host in this "
-                        "version: set its place.host: local")
     if isinstance(broker, EmbeddedBroker) and broker.listen is None:
         raise PlanError(f"node(s) {remote} are placed on agents, which cannot reach an embedded broker on loopback: give "
                         "the graph a broker they can reach (broker: embedded@THIS_HOST_ADDRESS, or mqtt://user:pass@host:1883)")

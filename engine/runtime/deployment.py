@@ -110,9 +110,15 @@ def worker_specs(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str
                 stages=node.stages, segments=segments,
                 inbound=tuple(end(e, e.source) for e in plan.edges_into(node.name)),
                 outbound=tuple(end(e, e.target) for e in plan.edges_from(node.name)),
-                final_outputs=plan.final_outputs, broker=broker(node.name, replica), out_dir=str(out_dir),
+                final_outputs=written_by(plan, node.name), broker=broker(node.name, replica), out_dir=str(out_dir),
                 heartbeat_s=heartbeat_s, broker_timeout_s=plan.timeouts.broker_s, transfer_timeout_s=plan.timeouts.transfer_s, save_frames=save_frames,
                 meta={"graph": plan.graph, "graph_file": plan.file, "model": plan.model_path, "family": plan.family,
                       "task": plan.task, "dtype": node.dtype},
             ))
     return specs
+
+
+def written_by(plan: Plan, node: str) -> tuple[str, ...]:
+    """The final outputs ``node`` writes to files: those it makes or receives and sends on to no other node."""
+    sent = {name for edge in plan.edges_from(node) for name in edge.tensor_names}
+    return tuple(name for name in plan.final_outputs if name not in sent)

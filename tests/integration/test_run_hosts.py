@@ -94,6 +94,24 @@ def test_three_nodes_on_three_hosts_equal_the_monolithic_pipeline(cluster, tmp_p
     assert not cluster.workers_in("h1") and not cluster.workers_in("h2")
 
 
+def test_outputs_made_on_another_host_come_back_over_the_data_plane(cluster, tmp_path):
+    out = tmp_path / "out"
+    run = engine_run(cluster, out, "nodes.decoder.place.host=h1")  # the video is decoded on h1, not here
+    output, _ = run.communicate(timeout=240)
+    assert run.returncode == 0, output[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    hosts = {node["node"]: node["host"] for node in report["nodes"]}
+    assert hosts == {"encoder": "h1", "transformer": "h2", "decoder": "h1", "collector": "local"}
+    receives = {node["node"]: node["receives_at"] for node in report["nodes"]}
+    assert receives["collector"]["outputs"].startswith(f"{SUBNET}.1:")  # over Mooncake to this host
+    (request,) = report["requests"]
+    assert request["edges"]["outputs"]["nbytes"] == 9 * 48 * 64 * 3 * 4 and len(request["edges"]["outputs"]["digest"]) == 32
+    params = json.loads((out / "r1.json").read_text())["request"]
+    assert np.array_equal(np.load(out / "r1.npy"), reference_frames("t2v", json.dumps(params, sort_keys=True)))
+    assert (out / "r1.mp4").stat().st_size > 0
+    assert not list((cluster.folder / "h1").rglob("r1.*")), "the decoder's host wrote outputs of its own"
+
+
 def test_engine_hosts_lists_the_live_agents_and_what_they_offer(cluster):
     listed = subprocess.run([sys.executable, "-m", "engine.cli", "hosts", "--broker", cluster.broker], cwd=REPO,
                             env=cluster.env, capture_output=True, text=True, timeout=60)
