@@ -40,6 +40,7 @@ from engine.runtime.launcher import LocalLauncher
 
 log = logging.getLogger("engine.agent")
 TICK_S = 0.2
+ENDED_KEPT_S = 600.0  #: an ended job's record answers repeats of its order this long, then is forgotten
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Job:
     launcher: LocalLauncher | None = None
     lease_until: float = 0.0
     reported_exits: set[tuple[str, int]] = field(default_factory=set)
+    ended_at: float | None = None  #: monotonic time it stopped or was refused
 
 
 class Agent:
@@ -128,7 +130,7 @@ class Agent:
             try:
                 specs = self.accept(order)
             except EngineError as exc:
-                job.state, job.detail = "failed", str(exc)
+                job.state, job.detail, job.ended_at = "failed", str(exc), time.monotonic()
                 log.warning("refused order %s of run %s: %s", order.order_id, order.run_id, exc)
             else:
                 self.start(job, specs)
@@ -171,7 +173,7 @@ class Agent:
     async def stop(self, job: Job, why: str) -> None:
         if job.state != "starting":
             return
-        job.state, job.detail = "stopped", why
+        job.state, job.detail, job.ended_at = "stopped", why, time.monotonic()
         if job.launcher is not None:
             await asyncio.to_thread(job.launcher.stop_all)
         log.info("run %s order %s: %s", job.order.run_id, job.order.order_id, why)
@@ -186,8 +188,10 @@ class Agent:
             if job.launcher is not None else {}))
 
     async def check_jobs(self) -> None:
-        """Report workers that exited; stop the workers of runs whose lease ran out."""
+        """Report workers that exited; stop the workers of runs whose lease ran out; forget jobs long ended."""
         now = time.monotonic()
+        for key in [key for key, job in self.jobs.items() if job.ended_at is not None and now - job.ended_at > ENDED_KEPT_S]:
+            del self.jobs[key]
         for job in self.jobs.values():
             if job.state != "starting" or job.launcher is None:
                 continue

@@ -166,6 +166,14 @@ def test_each_run_gets_its_own_job_for_the_same_order_id(tmp_path):
     assert [(r.run_id, r.state) for r in reports][:3] == [("run1", "starting"), ("run1", "stopped"), ("run2", "starting")]
 
 
+def test_ended_jobs_are_forgotten_after_a_while(tmp_path, monkeypatch):
+    monkeypatch.setattr(agent_module, "ENDED_KEPT_S", 0.2)
+    models = tmp_path / "models"
+    _, agent = scenario(tmp_path, [("run1-deployer", order("run1", [spec_json("run1", models)])),
+                                   ("run1-deployer", order("run1", [], action="stop"))], after=0.6)
+    assert agent.jobs == {}  # the run ended: its record went after ENDED_KEPT_S
+
+
 def test_the_controller_side_repeats_orders_until_answered_and_names_an_absent_agent(tmp_path):
     from engine.runtime.remote import RemoteLauncher
 
