@@ -43,14 +43,16 @@ def ip(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    models = get_family("wan").resolve_source("t2v", "tiny").parent  # built here, before any agent needs it
+    wan = get_family("wan")
+    models = wan.resolve_source("t2v", "tiny").parent.parent  # both built here, before any agent needs them
+    assert wan.resolve_source("i2v", "tiny").is_relative_to(models)
     with namespace_hosts(tmp_path_factory.mktemp("hosts"), list(HOSTS), models, OFFERS) as made:
         assert made.hosts == HOSTS
         yield made
 
 
-def engine_run(cluster: Cluster, out: Path, *settings: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "engine.cli", "run", str(GRAPHS / "wan_t2v.yaml"), "--out", str(out), "--save-frames",
+def engine_run(cluster: Cluster, out: Path, *settings: str, task: str = "t2v") -> subprocess.Popen:
+    command = [sys.executable, "-m", "engine.cli", "run", str(GRAPHS / f"wan_{task}.yaml"), "--out", str(out), "--save-frames",
                "--quiet", "--set", f"broker={cluster.broker}", "--set", "nodes.encoder.place.host=h1",
                "--set", "nodes.transformer.place.host=h2"]
     for setting in settings:
@@ -73,9 +75,10 @@ def test_a_controller_killed_mid_request_leaves_no_remote_worker_past_the_lease(
     assert all(agent.poll() is None for agent in cluster.agents.values()), "an agent died with the run"
 
 
-def test_three_nodes_on_three_hosts_equal_the_monolithic_pipeline(cluster, tmp_path):
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_three_nodes_on_three_hosts_equal_the_monolithic_pipeline(cluster, tmp_path, task):
     out = tmp_path / "out"
-    run = engine_run(cluster, out)
+    run = engine_run(cluster, out, task=task)
     try:
         output, _ = run.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -89,7 +92,7 @@ def test_three_nodes_on_three_hosts_equal_the_monolithic_pipeline(cluster, tmp_p
     assert receives["transformer"]["phase1"].startswith(f"{HOSTS['h2']}:")  # Mooncake peers at the hosts' addresses
     assert receives["decoder"]["phase2"].startswith(f"{SUBNET}.1:")
     params = json.loads((out / "r1.json").read_text())["request"]
-    expected = reference_frames("t2v", json.dumps(params, sort_keys=True))
+    expected = reference_frames(task, json.dumps(params, sort_keys=True))
     assert np.array_equal(np.load(out / "r1.npy"), expected)
     assert not cluster.workers_in("h1") and not cluster.workers_in("h2")
 
