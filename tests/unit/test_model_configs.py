@@ -58,6 +58,12 @@ EXPECTED: dict[str, dict[str, float]] = {
         "transformer_2": WAN22_A14B_EXPERT,
         **_WAN_VAE,
     },
+    "wan2.2-t2v-a14b": {
+        "text_encoder": UMT5_XXL_ENCODER,
+        "transformer": WAN22_A14B_EXPERT,
+        "transformer_2": WAN22_A14B_EXPERT,
+        "vae_decoder": WAN_VAE_DECODER,
+    },
     "qwen-image": _QWEN,
     "qwen-image-edit": _QWEN,
     "z-image-turbo": {"text_encoder": QWEN3_4B, "transformer": Z_IMAGE_DIT, "vae_encoder": FLUX_VAE_ENCODER,
@@ -79,6 +85,8 @@ def components(folder: str) -> dict[str, ComponentSpec]:
         specs = _WAN.components("i2v")
     elif folder.startswith("wan2.2-i2v"):
         specs = _WAN.components("i2v_experts")
+    elif folder.startswith("wan2.2-t2v"):
+        specs = _WAN.components("t2v_experts")
     elif folder.startswith("wan2.1-t2v"):
         specs = _WAN.components("t2v")
     else:

@@ -2,7 +2,7 @@
 ``boundary_ratio`` bit for bit, on one node and on four (encoder, dit_high, dit_low, decoder), with the boundary
 after one step (one step of multistep history), after two (UniPC's full order-2 history) and after three of an
 order-3 loop; each expert node holds only its own transformer, half the one-node layout's DiT bytes at the real
-configs; the hand-over is refused when the two nodes disagree on the boundary."""
+configs of I2V-A14B and T2V-A14B; the hand-over is refused when the two nodes disagree on the boundary."""
 
 from __future__ import annotations
 
@@ -157,12 +157,13 @@ def test_guidance_scale_2_defaults_to_guidance_scale():
     assert WanExpertsImageRequest(prompt="x", image=first_frame()).boundary_ratio == 0.9
 
 
-def test_plan_at_the_real_a14b_configs_puts_one_expert_on_each_dit_node():
+@pytest.mark.parametrize("task", ["i2v", "t2v"])
+def test_plan_at_the_real_a14b_configs_puts_one_expert_on_each_dit_node(task):
     """`engine plan` at 720P bf16: each expert node holds one 14.3B expert, half the one-node layout's DiT bytes."""
-    real = ["model.path=configs/wan2.2-i2v-a14b", "model.dtype=bf16", "limits.height=720", "limits.width=1280",
+    real = [f"model.path=configs/wan2.2-{task}-a14b", "model.dtype=bf16", "limits.height=720", "limits.width=1280",
             "limits.num_frames=81"]
     weights = {}
-    for graph in ("wan22_i2v_experts.yaml", "wan22_i2v_experts_single.yaml"):
+    for graph in (f"wan22_{task}_experts.yaml", f"wan22_{task}_experts_single.yaml"):
         plan, checked, source = plan_graph(GRAPHS / graph, real)
         weights.update({node.node: node.weights for node in memory_report(plan, checked.family, source).nodes})
     one_node_dit = weights["all"]["transformer"] + weights["all"]["transformer_2"]
