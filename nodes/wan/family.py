@@ -221,7 +221,7 @@ def check_image(path: Path) -> None:
 class WanFamily(ModelFamily):
     name = "wan"
     tasks = ("t2v", "i2v", "t2v_experts", "i2v_experts")
-    presets = ("tiny", "bench")
+    presets = ("tiny", "bench", "tiny-ti2v")
 
     def stages(self, task: str) -> tuple[StageSpec, ...]:
         return _STAGES[task]

@@ -4,6 +4,11 @@ The pipelines read the VAE's strides off ``vae.config.scale_factor_temporal`` / 
 fall back to Wan2.1's (4, 8) when built without a VAE, which is how the denoising node runs: every stage
 takes them from the configs instead, so a model with another VAE runs as its monolithic pipeline does.
 The checks refuse, by config field, what these stages cannot run.
+
+Wan2.2 TI2V-5B's pipelines run with ``expand_timesteps`` (its ``model_index.json``): a timestep per latent token
+instead of one per step. The engine reads component configs only, so the stages take it from the one component
+that tells that model apart: its Wan2.2 VAE, the only AutoencoderKLWan that patchifies (``vae.patch_size``); the
+loader holds it against ``model_index.json`` (:mod:`nodes.wan.loading`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class LatentGeometry:
     channels: int  #: latent channels, ``vae.z_dim``
     t_scale: int  #: frames per latent frame (after the first), ``vae.scale_factor_temporal``
     s_scale: int  #: pixels per latent pixel on each side, ``vae.scale_factor_spatial``
+    expand_timesteps: bool  #: Wan2.2 TI2V-5B: a timestep per latent token (the pipelines' ``expand_timesteps``)
 
 
 def latent_geometry(configs: Configs) -> LatentGeometry:
@@ -33,7 +39,8 @@ def latent_geometry(configs: Configs) -> LatentGeometry:
     vae = configs["vae"]
     t_scale, s_scale = STRIDES_OF_OLDER_CONFIGS
     return LatentGeometry(channels=vae["z_dim"], t_scale=vae.get("scale_factor_temporal", t_scale),
-                          s_scale=vae.get("scale_factor_spatial", s_scale))
+                          s_scale=vae.get("scale_factor_spatial", s_scale),
+                          expand_timesteps=vae.get("patch_size") is not None)
 
 
 def config_problems(task: str, configs: Configs) -> list[ConfigProblem]:
@@ -61,15 +68,12 @@ def config_problems(task: str, configs: Configs) -> list[ConfigProblem]:
             fields.refuse("vae", key, f"{stated}, but the VAE compresses {built}x (temperal_downsample {downsample}"
                           f"{f', patch_size {vae_patch}' if vae_patch else ''})")
 
-    # 2. Every request the family admits maps onto whole latent frames and whole transformer patches.
+    # 2. Every request the family admits maps onto whole latent frames.
     if FRAME_STEP % geometry.t_scale:
         fields.refuse("vae", "scale_factor_temporal", f"{geometry.t_scale}; it must divide {FRAME_STEP} "
                       f"(requests have {FRAME_STEP}k+1 frames)")
-    token_pixels = geometry.s_scale * max(patch[1:], default=1)
-    if SIZE_STEP % token_pixels:
-        fields.refuse("vae", "scale_factor_spatial", f"{geometry.s_scale}: with the transformer's patch_size {patch} "
-                      f"a token covers {token_pixels} pixels, which must divide {SIZE_STEP} (request sizes are "
-                      "multiples of it)")
+    # A token covering more pixels than SIZE_STEP (TI2V-5B's 32) leaves some sizes off the token grid: the denoising
+    # stage refuses those requests (the pipelines round them down, to another size than the one requested).
 
     # 3. The components agree on the number of latent channels.
     for key, values in statistics.items():

@@ -1,9 +1,11 @@
-"""Random-weight Wan2.1 models in the real diffusers layout, built locally (no download).
+"""Random-weight Wan models in the real diffusers layout, built locally (no download).
 
 ``tiny`` keeps every component small enough that a 32x32..64x48 request with 5-9 frames and 2-4 steps
 runs in about a second on a CPU. ``bench`` keeps that compute but gives the tensors crossing the edges
 the real Wan2.1 480P widths (umT5 4096-wide prompt embeddings, 257 x 1280 CLIP tokens, z_dim 16), so a
-transport benchmark moves the real byte counts.
+transport benchmark moves the real byte counts. ``tiny-ti2v`` is Wan2.2 TI2V-5B's layout at the tiny sizes (text to
+video): the Wan2.2 VAE (48 latent channels, residual blocks, a 2x2 patchify) and a pipeline with ``expand_timesteps``;
+its VAE compresses 8x in space rather than the real 16x, so that the graphs' small requests fall on its token grid.
 
 Weights come from a fixed seed per component: every process builds the same model.
 """
@@ -32,6 +34,7 @@ class PresetSizes:
     vae_base_dim: int
     z_dim: int = 16  # latent channels
     vae_scale: int = 8  # the VAE's spatial downsampling, a power of two from 4 (it is always 4x in time)
+    vae_patch: int | None = None  # Wan2.2 VAE (TI2V-5B): the patchify side, part of vae_scale
 
 
 PRESETS = {
@@ -43,7 +46,16 @@ PRESETS = {
         text_dim=4096, text_layers=1, image_size=224, image_patch=14, image_dim=1280,
         heads=2, head_dim=12, layers=1, vae_base_dim=8,
     ),
+    "tiny-ti2v": PresetSizes(
+        text_dim=32, text_layers=2, image_size=32, image_patch=8, image_dim=16,
+        heads=2, head_dim=12, layers=2, vae_base_dim=8, z_dim=48, vae_patch=2,
+    ),
 }
+
+
+def serves(sizes: PresetSizes, task: str) -> bool:
+    """Whether a preset of ``sizes`` is a model of ``task``: TI2V-5B's layout runs text to video only."""
+    return sizes.vae_patch is None or task == "t2v"
 
 
 def build_preset(preset: str, task: str, dest: Path) -> None:
@@ -96,14 +108,18 @@ def build_model(sizes: PresetSizes, task: str, dest: Path) -> None:
 
     transformer = dit(SEED)
 
-    # 4. The causal video VAE: 4x in time, vae_scale in space (the real strides T4, H8, W8 by default).
+    # 4. The causal video VAE: 4x in time, vae_scale in space (the real strides T4, H8, W8 by default). The Wan2.2
+    #    VAE patchifies RGB into vae_patch^2 * 3 channels first and downsamples the rest with residual blocks.
     torch.manual_seed(SEED)
-    downsamples = sizes.vae_scale.bit_length() - 1
+    patch = sizes.vae_patch or 1
+    downsamples = (sizes.vae_scale // patch).bit_length() - 1
     mean, std = latent_statistics(AutoencoderKLWan, z_dim)
+    wan22 = {} if sizes.vae_patch is None else dict(is_residual=True, patch_size=patch, in_channels=3 * patch ** 2,
+                                                    out_channels=3 * patch ** 2)
     vae = AutoencoderKLWan(
         base_dim=sizes.vae_base_dim, z_dim=z_dim, dim_mult=[1] * (downsamples + 1), num_res_blocks=1,
         temperal_downsample=[False] * (downsamples - 2) + [True, True], latents_mean=mean, latents_std=std,
-        scale_factor_temporal=4, scale_factor_spatial=sizes.vae_scale,
+        scale_factor_temporal=4, scale_factor_spatial=sizes.vae_scale, **wan22,
     )
 
     # 5. The scheduler of the Wan2.1 repos: UniPC with flow-matching sigmas.
@@ -116,8 +132,9 @@ def build_model(sizes: PresetSizes, task: str, dest: Path) -> None:
         pipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer,
                  transformer_2=dit(SEED + 1), boundary_ratio=0.9 if i2v else 0.875).save_pretrained(dest)
         return
-    if not i2v:
-        WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer).save_pretrained(dest)
+    if not i2v:  # TI2V-5B's pipeline gives every latent token its own timestep
+        WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer,
+                    expand_timesteps=sizes.vae_patch is not None).save_pretrained(dest)
         return
 
     # 6. I2V: a CLIP vision encoder (penultimate hidden states) and its processor with the CLIP statistics.

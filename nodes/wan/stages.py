@@ -168,6 +168,7 @@ class _Loop:
     negative_prompt_embeds: torch.Tensor | None  # None: no guidance
     condition: torch.Tensor | None  # I2V: first-frame mask and image latent
     image_kwargs: dict[str, torch.Tensor]  # Wan2.1 I2V: the CLIP image tokens
+    token_mask: torch.Tensor | None  # Wan2.2 TI2V-5B (expand_timesteps): [F, H, W] per latent token, else None
 
 
 class Denoise(WanStage):
@@ -195,6 +196,7 @@ class Denoise(WanStage):
 
     def _prepare(self, request: WanRequest, inputs: Mapping[str, torch.Tensor]) -> _Loop:
         transformer_dtype = self.transformer.dtype
+        token_mask = self._token_mask(request)  # first: it refuses a size off the model's token grid
 
         # 1. Conditioning in the transformer's dtype, as __call__ casts it before the loop.
         guidance = request.guidance_scale > 1.0
@@ -213,7 +215,24 @@ class Denoise(WanStage):
         scheduler = self._scheduler(request)
         scheduler.set_timesteps(request.steps, device=self.device)
         scheduler.set_begin_index(0)
-        return _Loop(scheduler, scheduler.timesteps, prompt_embeds, negative_prompt_embeds, condition, image_kwargs)
+        return _Loop(scheduler, scheduler.timesteps, prompt_embeds, negative_prompt_embeds, condition, image_kwargs,
+                     token_mask)
+
+    def _token_mask(self, request: WanRequest) -> torch.Tensor | None:
+        """With expand_timesteps, the mask WanPipeline scales the step's timestep by, one value per latent token (the
+        first latent pixel of each transformer patch): all ones for text-to-video. None without expand_timesteps."""
+        if not self.geometry.expand_timesteps:
+            return None
+        # The pipelines round a size off the token grid down; refusing it keeps the video the size requested.
+        _, patch_h, patch_w = self.transformer.config.patch_size
+        token_h, token_w = self.geometry.s_scale * patch_h, self.geometry.s_scale * patch_w
+        if request.height % token_h or request.width % token_w:
+            raise RequestError(f"height {request.height} and width {request.width} must be multiples of {token_h} and "
+                               f"{token_w} for this model (a transformer token covers {token_h}x{token_w} pixels)")
+        latent_frames = (request.num_frames - 1) // self.geometry.t_scale + 1
+        mask = torch.ones(latent_frames, request.height // self.geometry.s_scale, request.width // self.geometry.s_scale,
+                          dtype=torch.float32, device=self.device)
+        return mask[:, ::patch_h, ::patch_w]
 
     def _noise(self, request: WanRequest) -> torch.Tensor:
         # The initial noise, float32, from a CPU generator seeded with the request's seed: the same noise on every
@@ -231,14 +250,17 @@ class Denoise(WanStage):
 
     def _steps(self, loop: _Loop, latents: torch.Tensor, indices: Iterable[int], guidance_scale: float,
                progress: ProgressFn) -> torch.Tensor:
-        """The steps ``indices`` of the denoising loop of __call__ (no timestep expansion: Wan2.1 and A14B)."""
+        """The steps ``indices`` of the denoising loop of __call__."""
         transformer_dtype = self.transformer.dtype
         for i in indices:
             t = loop.timesteps[i]
             # I2V feeds the condition channels next to the noisy latents.
             latent_model_input = latents if loop.condition is None else torch.cat([latents, loop.condition], dim=1)
             latent_model_input = latent_model_input.to(transformer_dtype)
-            timestep = t.expand(latents.shape[0])
+            if loop.token_mask is None:
+                timestep = t.expand(latents.shape[0])
+            else:  # expand_timesteps: [batch, tokens]
+                timestep = (loop.token_mask * t).flatten().unsqueeze(0).expand(latents.shape[0], -1)
 
             def predict(context: str, embeds: torch.Tensor) -> torch.Tensor:
                 with self.transformer.cache_context(context):

@@ -28,6 +28,7 @@ CONFIGS = ROOT / "configs"
 GRAPHS = {("wan", "t2v"): "graphs/wan_t2v.yaml", ("wan", "i2v"): "graphs/wan_i2v.yaml",
           ("qwen_image", "t2i"): "graphs/qwen_image_t2i.yaml", ("qwen_image", "edit"): "graphs/qwen_image_edit.yaml"}
 SHIPPED = [("wan2.1-t2v-1.3b", "wan", "t2v"), ("wan2.1-t2v-14b", "wan", "t2v"), ("wan2.1-i2v-14b-480p", "wan", "i2v"),
+           ("wan2.2-ti2v-5b", "wan", "t2v"),
            ("qwen-image", "qwen_image", "t2i"), ("qwen-image-edit", "qwen_image", "edit")]
 
 
@@ -54,11 +55,6 @@ def test_the_real_checkpoints_configs_fit_their_family(name, family, task):
 
 
 REFUSED = [
-    pytest.param("wan2.1-t2v-1.3b", "wan", "t2v",
-                 {"vae": {"z_dim": 48, "is_residual": True, "patch_size": 2, "scale_factor_spatial": 16, **stats(48)},
-                  "transformer": {"in_channels": 48, "out_channels": 48}},
-                 ["MODEL/vae/config.json scale_factor_spatial: 16: with the transformer's patch_size [1, 2, 2] a token covers "
-                  "32 pixels, which must divide 16"], id="wan2.2-ti2v-5b-vae"),
     pytest.param("wan2.1-t2v-1.3b", "wan", "t2v", {"vae": {"temperal_downsample": [True, True], "dim_mult": [1, 2, 4]}},
                  ["MODEL/vae/config.json scale_factor_spatial: 8, but the VAE compresses 4x (temperal_downsample [True, True])"],
                  id="wan-4x-vae-without-its-stride-field"),
@@ -113,7 +109,7 @@ def test_validate_says_what_it_checked(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "empty-cache").exists()  # validate builds nothing
 
     assert main(["validate", "graphs/wan_t2v.yaml", "--set", f"model.path={tmp_path / 'nothing'}"]) == 1
-    assert "is not a preset of wan/t2v (tiny, bench), an existing folder, or a repo id" in capsys.readouterr().err
+    assert "is not a preset of wan/t2v (tiny, bench, tiny-ti2v), an existing folder, or a repo id" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("name", "family", "task", "changes", "tokens"), [
