@@ -195,7 +195,16 @@ class LiveRun:
         raise AssertionError(f"no line with {text!r} within {timeout} s; output so far:\n{''.join(self.seen)[-4000:]}")
 
     def finish(self, timeout: float = 60) -> int:
-        code = self.process.wait(timeout=timeout)
+        """The exit code; an AssertionError with the output so far if the run does not end within ``timeout``."""
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            time.sleep(0.2)
+            while not self.lines.empty():
+                self.seen.append(self.lines.get())
+            raise AssertionError(f"engine run did not end within {timeout} s:\n{self.output[-5000:]}") from None
         time.sleep(0.2)
         while not self.lines.empty():
             self.seen.append(self.lines.get())
