@@ -44,6 +44,7 @@ from engine.control.signing import Opener, Rejected, Sealer
 from engine.errors import BrokerLost, BrokerUnreachable, ControlError
 
 log = logging.getLogger(__name__)
+CLOSE_TIMEOUT_S = 5.0  #: how long close() waits for the broker to take the goodbye
 
 # Without TCP_NODELAY a request/response round trip takes ~90 ms (Nagle + delayed ACK) instead of ~2 ms.
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -133,9 +134,9 @@ class ControlClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         connection, self._connection = self._connection, None
         self._connected.clear()
-        if connection is not None:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await connection.__aexit__(None, None, None)
+        if connection is not None:  # a broker that does not answer the goodbye does not hold the close up
+            with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                await asyncio.wait_for(connection.__aexit__(None, None, None), CLOSE_TIMEOUT_S)
         self._end(ControlError(f"control client {self.client_id!r} was closed"))
 
     async def publish(self, topic: str, message: Message, *, retain: bool = False) -> None:

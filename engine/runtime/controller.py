@@ -247,12 +247,18 @@ class Controller:
         self.fleet.check(connected=self.client.connected, reconnects=self.client.reconnects)
 
     async def _stop_workers(self) -> None:
-        """Tell every replica to stop, clear their retained status, then make sure every process is gone."""
-        assert self.client is not None
+        """Tell every replica to stop, clear their retained status, then make sure every process is gone. The broker
+        gets a second per replica at most: the processes are stopped either way."""
+        client = self.client
+        assert client is not None
+
+        async def farewell(node: str, replica: int) -> None:
+            await client.publish(self.topics.inbox(node, replica), Shutdown(reason="run finished"))
+            await client.clear_retained(self.topics.status(node, replica))
+
         for (node, replica) in self.fleet.replicas:
             with contextlib.suppress(EngineError, asyncio.TimeoutError):
-                await asyncio.wait_for(self.client.publish(self.topics.inbox(node, replica), Shutdown(reason="run finished")), 1)
-                await self.client.clear_retained(self.topics.status(node, replica))
+                await asyncio.wait_for(farewell(node, replica), 1)
         await asyncio.to_thread(self.fleet.launcher.stop_all)
 
 
