@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 Problem: TypeAlias = Literal["dead", "failed", "silent", "stalled"]
 WILL_GRACE_S = 2.5  #: a last will is believed when no heartbeat follows it for this long (the broker is heard)
+#: After the broker comes back, the replicas get this much longer: each reconnects on its own backoff (up to 2 s)
+RECONNECT_ALLOWANCE_S = 2.0
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -154,7 +156,8 @@ class LivenessMonitor:
         heartbeats it missed say nothing about the replicas."""
         now = self._clock()
         for seen in self._replicas.values():
-            seen.last_heartbeat = seen.progress_since = seen.will_at = now
+            seen.last_heartbeat = seen.progress_since = now
+            seen.will_at = now + RECONNECT_ALLOWANCE_S
 
     def forget(self, node: str, replica: int) -> None:
         """Stop tracking a replica (it was stopped on purpose)."""

@@ -90,6 +90,9 @@ class Fleet:
                 self.monitor.observe(message)
             self.view.heartbeat(message)
             return
+        if message.state == "dead":  # its will: believed unless heartbeats follow it (see LivenessMonitor)
+            self.monitor.observe(message)
+            return
         info.state, info.pid = message.state, message.pid
         if message.state == "ready":
             info.load_s, info.param_bytes = message.load_s, message.param_bytes
@@ -97,8 +100,6 @@ class Fleet:
                                 for edge, where in (message.receive_edges or {}).items()}
         if message.state == "failed":
             self._down(info, f"failed: {message.detail or 'no detail'}")
-        elif message.state == "dead":  # believed unless heartbeats follow it (see LivenessMonitor)
-            self.monitor.observe(message)
 
     # -- readiness and trouble --------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import threading
 import time
 
 from engine.control.bus import ControlBus
+from engine.control.heartbeat import RECONNECT_ALLOWANCE_S
 from engine.control.messages import AgentBirth, AgentJob, AgentOrder
 from engine.control.topics import AgentTopics
 from engine.runtime.deployment import WorkerSecrets, WorkerSpec
@@ -39,7 +40,7 @@ class RemoteLauncher:
         self.topics = AgentTopics()
         self._orders: dict[str, ReplicaKey] = {}  # order id -> the replica it started
         self._unanswered: dict[str, AgentOrder] = {}  # deploy orders no report answered yet
-        self._online: set[str] = set()  # agents whose birth says online
+        self._online: set[str] = set()  # agents that announced themselves online since the run started
         self._offline_since: dict[str, float] = {}  # agents whose will arrived, since when (monotonic)
         self._reconnects = 0
         self._state: dict[str, str] = {}  # order id -> the job's last reported state
@@ -87,7 +88,7 @@ class RemoteLauncher:
         itself cut off from the broker the grace restarts: the broker, not the agents, is what is away."""
         if not self.client.connected or self.client.reconnects != self._reconnects:
             self._reconnects = self.client.reconnects
-            self._offline_since = dict.fromkeys(self._offline_since, now)
+            self._offline_since = dict.fromkeys(self._offline_since, now + RECONNECT_ALLOWANCE_S)
             return
         for agent, since in list(self._offline_since.items()):
             if now - since > OFFLINE_GRACE_S:
@@ -112,8 +113,7 @@ class RemoteLauncher:
             if time.time() - message.time < self.lease_s:  # a retained birth of a dead agent stops getting younger
                 self._online.add(message.agent)
                 self._offline_since.pop(message.agent, None)
-        elif isinstance(message, AgentBirth) and message.agent in self.agents:
-            self._online.discard(message.agent)
+        elif isinstance(message, AgentBirth) and message.agent in self.agents:  # its will: judged after the grace
             self._offline_since.setdefault(message.agent, time.monotonic())
 
     def _running(self) -> list[str]:

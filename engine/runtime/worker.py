@@ -34,7 +34,7 @@ from typing import Any
 from engine.control.broker import BrokerAddress, TLSOptions
 from engine.control.bus import Inbound
 from engine.control.client import ControlClient, LastWill
-from engine.control.heartbeat import WILL_GRACE_S, Progress, publish_heartbeats, rss_bytes
+from engine.control.heartbeat import RECONNECT_ALLOWANCE_S, WILL_GRACE_S, Progress, publish_heartbeats, rss_bytes
 from engine.control.messages import (Ack, Cancel, Delivered, EdgeStats, Fence, Grant, GrantRequest, Landed, ReplicaRef,
                                      RunStage, Shutdown, StageDone, StageFailed, Status)
 from engine.control.topics import Topics
@@ -269,17 +269,17 @@ class Worker:
             log.info("shutdown: %s", message.reason)
             self.stopping.set()
 
-    def _suspect(self, peer: tuple[str, int], detail: str, reconnects: int) -> None:
+    def _suspect(self, peer: tuple[str, int], detail: str, reconnects: int, grace_s: float = WILL_GRACE_S) -> None:
         """A peer's will is believed once no status of it follows within the grace while we hear the broker (the
         peer, if alive, re-announces itself after the broker is back); until then its last announcement stands."""
         def judge() -> None:
-            if not self.client.connected or self.client.reconnects != reconnects:
-                self._suspect(peer, detail, self.client.reconnects)  # we were away too: the grace starts again
+            if not self.client.connected or self.client.reconnects != reconnects:  # we were away too: start again
+                self._suspect(peer, detail, self.client.reconnects, WILL_GRACE_S + RECONNECT_ALLOWANCE_S)
             else:
                 del self.suspects[peer]
                 self.replies.peer_died(peer, detail)
 
-        self.suspects[peer] = asyncio.get_running_loop().call_later(WILL_GRACE_S, judge)
+        self.suspects[peer] = asyncio.get_running_loop().call_later(grace_s, judge)
 
     def _serve_grants(self, edge: str) -> None:
         """Grant slots to waiting senders in arrival order while slots are free."""
