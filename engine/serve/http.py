@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,24 +159,12 @@ def create_app(service: Service, options: ApiOptions = ApiOptions()) -> FastAPI:
 
     def create(body_type: type[VideoBody] | type[ImageBody], raw: dict[str, Any], image: tuple[str, Path] | None,
                job_id: str, kind: str) -> Job:
-        try:
+        with refused_as_api_errors():
             return service.accept(job_id, kind, body_type, raw, image)
-        except UnknownModel as exc:
-            raise ApiError(404, str(exc), param="model", code="model_not_found") from None
-        except InvalidRequest as exc:
-            raise ApiError(422, str(exc), param=exc.problems[0][0], code="invalid_value", problems=exc.problems) from None
-        except QueueFull as exc:
-            raise ApiError(429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after_s)}) from None
-        except Unavailable as exc:
-            raise ApiError(503, str(exc), code="stopping") from None
 
     def admit() -> None:
-        try:
+        with refused_as_api_errors():
             service.admit()
-        except QueueFull as exc:
-            raise ApiError(429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after_s)}) from None
-        except Unavailable as exc:
-            raise ApiError(503, str(exc), code="stopping") from None
 
     def find(job_id: str, kind: str) -> Job:
         job = service.get(job_id)
@@ -304,6 +293,21 @@ def create_app(service: Service, options: ApiOptions = ApiOptions()) -> FastAPI:
 
     add_page(app, service)
     return app
+
+
+@contextlib.contextmanager
+def refused_as_api_errors() -> Iterator[None]:
+    """The service's refusals of a job as the API answers them."""
+    try:
+        yield
+    except UnknownModel as exc:
+        raise ApiError(404, str(exc), param="model", code="model_not_found") from None
+    except InvalidRequest as exc:
+        raise ApiError(422, str(exc), param=exc.problems[0][0], code="invalid_value", problems=exc.problems) from None
+    except QueueFull as exc:
+        raise ApiError(429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after_s)}) from None
+    except Unavailable as exc:
+        raise ApiError(503, str(exc), code="stopping") from None
 
 
 def check_image_bytes(data: bytes, field: str, max_pixels: int) -> str:

@@ -80,6 +80,7 @@ class JobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None)  # autocommit: every write is on disk at once
+        self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
 
@@ -145,13 +146,12 @@ class JobStore:
             row[name] = json.dumps(row[name])
         return row
 
-    def _job(self, row: tuple[Any, ...]) -> Job:
-        names = [column[0] for column in self._db.execute("SELECT * FROM jobs LIMIT 0").description]
-        values = dict(zip(names, row, strict=True))
+    @staticmethod
+    def _job(row: sqlite3.Row) -> Job:
+        values = dict(row)
         for name in ("params", "api", "outputs"):
             values[name] = json.loads(values[name])
         return Job(**values)
-
 
 def api_object(job: Job) -> dict[str, Any]:
     """A job as OpenAI's API shows a video (or image) job."""
