@@ -49,7 +49,8 @@ async def run_amqtt(users: Sequence[BrokerUser], listen: tuple[str, int] | None 
         try:
             yield port
         finally:
-            await asyncio.wait_for(broker.shutdown(), timeout=5)
+            async with asyncio.timeout(5):
+                await broker.shutdown()
         return
     if listen:
         raise ControlError(f"the embedded amqtt cannot listen on {host}:{port}: {last_error}")

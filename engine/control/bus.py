@@ -89,13 +89,14 @@ class InboxQueue:
 
     async def get(self, timeout_s: float) -> Inbound | None:
         """The next message; None on timeout; ControlError once the bus has ended."""
-        try:
-            # get_nowait first: wait_for(get(), 0) times out even when a message is queued.
-            inbound = self._queue.get_nowait() if not self._queue.empty() else await asyncio.wait_for(
-                self._queue.get(), timeout_s
-            )
-        except asyncio.TimeoutError:
-            return None
+        if self._queue.empty():
+            try:
+                async with asyncio.timeout(timeout_s):  # never wait_for (tests/unit/test_cancellation.py)
+                    inbound = await self._queue.get()
+            except TimeoutError:
+                return None
+        else:
+            inbound = self._queue.get_nowait()
         if inbound is None:
             self._queue.put_nowait(None)  # keep the end marker for every other reader
             assert self._ended is not None

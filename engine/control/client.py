@@ -15,6 +15,10 @@ Receiving: each message is checked (size, signature, replay, nesting, schema) be
 fails is dropped and counted in ``rejected`` by reason, and logged once per sender and reason. Nothing a
 message contains can end the receive loop.
 
+Stopping: ``close()`` cancels the client's loops, and they also end on ``_closed``: on Python 3.11 a cancel that
+arrives with a broker acknowledgement is lost inside aiomqtt (its ``asyncio.wait_for``), and a loop that went on
+would hold ``close()`` forever. The engine's own code waits with ``asyncio.timeout``, never ``wait_for``.
+
 Only MQTT 3.1.1 core features are used (QoS 1, retained messages, last will, clean sessions), so the client
 works on mosquitto and on the embedded amqtt alike.
 """
@@ -135,8 +139,9 @@ class ControlClient:
         connection, self._connection = self._connection, None
         self._connected.clear()
         if connection is not None:  # a broker that does not answer the goodbye does not hold the close up
-            with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
-                await asyncio.wait_for(connection.__aexit__(None, None, None), CLOSE_TIMEOUT_S)
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await connection.__aexit__(None, None, None)
         self._end(ControlError(f"control client {self.client_id!r} was closed"))
 
     async def publish(self, topic: str, message: Message, *, retain: bool = False) -> None:
@@ -166,7 +171,7 @@ class ControlClient:
 
     async def _drain(self) -> None:
         """Send the outbox in order; a message the broker did not acknowledge is sent again after the reconnect."""
-        while True:
+        while not self._closed:
             while not self._outbox:
                 self._outbox_ready.clear()
                 await self._outbox_ready.wait()
@@ -213,8 +218,9 @@ class ControlClient:
         if self._ended is not None:
             raise ControlError(f"{what}: {self._ended}")
         try:
-            await asyncio.wait_for(self._connected.wait(), self._broker_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self._broker_timeout_s):
+                await self._connected.wait()
+        except TimeoutError:
             raise BrokerLost(
                 f"{what}: not connected to broker {self.address.display} for {self._broker_timeout_s:g} s"
             ) from None
@@ -270,8 +276,9 @@ class ControlClient:
         where = self.address.display
         connection = self._connection_for()
         try:
-            await asyncio.wait_for(connection.__aenter__(), self._connect_timeout_s + 1)
-        except (aiomqtt.MqttError, asyncio.TimeoutError) as exc:
+            async with asyncio.timeout(self._connect_timeout_s + 1):
+                await connection.__aenter__()
+        except (aiomqtt.MqttError, TimeoutError) as exc:
             # aiomqtt leaves the socket of a failed handshake open; paho closes it after sending DISCONNECT.
             connection._client.disconnect()  # noqa: SLF001
             if isinstance(exc, MqttConnectError):
@@ -322,7 +329,7 @@ class ControlClient:
 
     async def _maintain(self, connection: aiomqtt.Client) -> None:
         """Receive until the connection drops, then reconnect with backoff; runs until close()."""
-        while True:
+        while not self._closed:
             try:
                 async for raw in connection.messages:
                     self._accept(raw)

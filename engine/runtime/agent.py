@@ -107,9 +107,9 @@ class Agent:
         finally:
             for job in self.jobs.values():
                 await self.stop(job, "the agent is stopping")
-            with contextlib.suppress(EngineError, asyncio.TimeoutError):
-                await asyncio.wait_for(self.client.publish(self.topics.birth(self.options.name), self.birth("offline"),
-                                                           retain=True), 2)
+            with contextlib.suppress(EngineError, TimeoutError):
+                async with asyncio.timeout(2):
+                    await self.client.publish(self.topics.birth(self.options.name), self.birth("offline"), retain=True)
 
     # -- orders -------------------------------------------------------------------------------------------------
 

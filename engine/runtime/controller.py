@@ -257,8 +257,9 @@ class Controller:
             await client.clear_retained(self.topics.status(node, replica))
 
         for (node, replica) in self.fleet.replicas:
-            with contextlib.suppress(EngineError, asyncio.TimeoutError):
-                await asyncio.wait_for(farewell(node, replica), 1)
+            with contextlib.suppress(EngineError, TimeoutError):
+                async with asyncio.timeout(1):
+                    await farewell(node, replica)
         await asyncio.to_thread(self.fleet.launcher.stop_all)
 
 

@@ -119,8 +119,9 @@ class Worker:
     async def farewell(self, state: str, **fields: Any) -> None:
         """Announce the last state if the broker can hear it soon; a stopping worker does not wait for it."""
         if self.client.connected:
-            with contextlib.suppress(EngineError, asyncio.TimeoutError):
-                await asyncio.wait_for(self.status(state, **fields), FAREWELL_S)
+            with contextlib.suppress(EngineError, TimeoutError):
+                async with asyncio.timeout(FAREWELL_S):
+                    await self.status(state, **fields)
 
     async def load(self) -> None:
         """Load the node's components, build its stages, open its edges, announce ready."""

@@ -122,7 +122,8 @@ async def events(service: Service) -> AsyncIterator[dict[str, str]]:
         shown = None
         while not service.stopped:  # a stopped service's stream ends, or the HTTP server would wait on it
             try:
-                job = await asyncio.wait_for(changes.get(), STATE_S)
+                async with asyncio.timeout(STATE_S):
+                    job = await changes.get()
                 yield {"event": "job", "data": json.dumps(page_job(job))}
             except TimeoutError:
                 pass
