@@ -164,6 +164,14 @@ def wildcard_listeners(pids: list[int]) -> list[str]:
     return [line for line in mine if line.split()[3].rsplit(":", 1)[0] in ("0.0.0.0", "*", "[::]")]
 
 
+def python_stacks(pid: int) -> str:
+    """Every thread's Python stack of a process and its children (py-spy), for the report of a process that hangs."""
+    if shutil.which("py-spy") is None:
+        return "(py-spy is not installed: no stacks)"
+    dump = subprocess.run(["py-spy", "dump", "--subprocesses", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+    return f"py-spy dump of {pid}:\n{dump.stdout}{dump.stderr}"
+
+
 class LiveRun:
     """`engine run` in the background, its progress lines readable as they come."""
 
@@ -199,12 +207,13 @@ class LiveRun:
         try:
             code = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            stacks = python_stacks(self.process.pid)
             self.process.kill()
             self.process.wait()
             time.sleep(0.2)
             while not self.lines.empty():
                 self.seen.append(self.lines.get())
-            raise AssertionError(f"engine run did not end within {timeout} s:\n{self.output[-5000:]}") from None
+            raise AssertionError(f"engine run did not end within {timeout} s:\n{self.output[-5000:]}\n{stacks}") from None
         time.sleep(0.2)
         while not self.lines.empty():
             self.seen.append(self.lines.get())
