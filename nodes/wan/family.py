@@ -5,6 +5,9 @@ with two experts, as diffusers' pipelines with ``transformer_2`` and ``boundary_
 noise) takes the steps whose timestep is at least ``boundary_ratio * num_train_timesteps``, ``transformer_2`` (low
 noise) the rest. Each expert is a stage of its own, so a graph may put them on two nodes; what the loop carries
 from one to the other (the latents and the multistep scheduler's state) crosses as declared tensors.
+Wan2.2 TI2V-5B runs text to video as ``t2v`` and image to video as ``ti2v``, diffusers' WanImageToVideoPipeline with
+``expand_timesteps``: no CLIP image tokens and no condition channels; the image enters as the first latent frame (the
+VAE latent of that one frame), which every step puts back in place of the denoised one and keeps at timestep 0.
 
 Only data and pydantic here (no torch import): ``engine validate`` reads this in milliseconds.
 The runtime side (loading, stage execution, output writing) lives in the sibling modules and is
@@ -50,6 +53,14 @@ VAE_ENCODE = StageSpec(
     outputs=(TensorSpec("condition", MODEL_DTYPE, ("batch", "t_scale + z_dim", "latent_frames", "latent_h", "latent_w")),),
     description="first-frame mask and VAE latent of the input image (I2V conditioning)",
 )
+# TI2V-5B: the latent of the first frame alone. Float32, not the node's dtype: the loop mixes it with the float32
+# latents before casting to the transformer's dtype.
+VAE_ENCODE_FIRST_FRAME = StageSpec(
+    "vae_encode",
+    components=("vae_encoder",),
+    outputs=(TensorSpec("condition", "float32", ("batch", "z_dim", 1, "latent_h", "latent_w")),),
+    description="VAE latent of the input image, the first latent frame (TI2V-5B image to video)",
+)
 DENOISE_T2V = StageSpec(
     "denoise",
     components=("transformer", "scheduler"),
@@ -63,6 +74,13 @@ DENOISE_I2V = StageSpec(
     inputs=("prompt_embeds", "negative_prompt_embeds", "image_embeds", "condition"),
     outputs=(TensorSpec("latents", "float32", _LATENT),),
     description="DiT denoising loop with classifier-free guidance, conditioned on the image",
+)
+DENOISE_FIRST_FRAME = StageSpec(
+    "denoise",
+    components=("transformer", "scheduler"),
+    inputs=("prompt_embeds", "negative_prompt_embeds", "condition"),
+    outputs=(TensorSpec("latents", "float32", _LATENT),),
+    description="DiT denoising loop with classifier-free guidance, the image's latent held as the first frame",
 )
 # Wan2.2 A14B: the loop in two stages. The high-noise expert hands the low-noise one its latents and the
 # scheduler's multistep state (absent when the boundary falls before the first step).
@@ -106,6 +124,7 @@ VAE_DECODE = StageSpec(
 _STAGES = {
     "t2v": (TEXT_ENCODE, DENOISE_T2V, VAE_DECODE),
     "i2v": (TEXT_ENCODE, IMAGE_ENCODE, VAE_ENCODE, DENOISE_I2V, VAE_DECODE),
+    "ti2v": (TEXT_ENCODE, VAE_ENCODE_FIRST_FRAME, DENOISE_FIRST_FRAME, VAE_DECODE),
     # The A14B image-to-video transformers take no CLIP image tokens (their image_dim is null).
     "t2v_experts": (TEXT_ENCODE, *_experts(_T2V_CONDITIONING), VAE_DECODE),
     "i2v_experts": (TEXT_ENCODE, VAE_ENCODE, *_experts(_I2V_CONDITIONING), VAE_DECODE),
@@ -128,6 +147,7 @@ _TASK_COMPONENTS = {
     "t2v": ("tokenizer", "text_encoder", "transformer", "scheduler", "vae_encoder", "vae_decoder"),
     "i2v": ("tokenizer", "text_encoder", "image_processor", "image_encoder", "transformer", "scheduler", "vae_encoder",
             "vae_decoder"),
+    "ti2v": ("tokenizer", "text_encoder", "transformer", "scheduler", "vae_encoder", "vae_decoder"),
     "t2v_experts": ("tokenizer", "text_encoder", "transformer", "transformer_2", "scheduler", "vae_decoder"),
     "i2v_experts": ("tokenizer", "text_encoder", "transformer", "transformer_2", "scheduler", "vae_encoder",
                     "vae_decoder"),
@@ -159,7 +179,7 @@ class WanRequest(RequestParams):
 
 
 class WanImageRequest(WanRequest):
-    """A Wan2.1 image-to-video request: a text request plus the first frame."""
+    """A Wan2.1 or Wan2.2 TI2V-5B image-to-video request: a text request plus the first frame."""
 
     image: Path = Field(description="Path of the first frame (PNG/JPEG), resized to height x width.")
 
@@ -201,7 +221,7 @@ class WanExpertsImageRequest(WanImageRequest, WanExpertsRequest):
     boundary_ratio: float = Field(0.9, gt=0.0, lt=1.0, description=_BOUNDARY_DESCRIPTION)
 
 
-_REQUESTS = {"t2v": WanRequest, "i2v": WanImageRequest, "t2v_experts": WanExpertsRequest,
+_REQUESTS = {"t2v": WanRequest, "i2v": WanImageRequest, "ti2v": WanImageRequest, "t2v_experts": WanExpertsRequest,
              "i2v_experts": WanExpertsImageRequest}
 
 
@@ -220,7 +240,7 @@ def check_image(path: Path) -> None:
 
 class WanFamily(ModelFamily):
     name = "wan"
-    tasks = ("t2v", "i2v", "t2v_experts", "i2v_experts")
+    tasks = ("t2v", "i2v", "ti2v", "t2v_experts", "i2v_experts")
     presets = ("tiny", "bench", "tiny-ti2v")
 
     def stages(self, task: str) -> tuple[StageSpec, ...]:

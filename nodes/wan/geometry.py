@@ -8,7 +8,8 @@ The checks refuse, by config field, what these stages cannot run.
 Wan2.2 TI2V-5B's pipelines run with ``expand_timesteps`` (its ``model_index.json``): a timestep per latent token
 instead of one per step. The engine reads component configs only, so the stages take it from the one component
 that tells that model apart: its Wan2.2 VAE, the only AutoencoderKLWan that patchifies (``vae.patch_size``); the
-loader holds it against ``model_index.json`` (:mod:`nodes.wan.loading`).
+loader holds it against ``model_index.json`` (:mod:`nodes.wan.loading`). Its image to video is task ``ti2v``; the
+other image-to-video tasks refuse such a model, naming that task.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ STRIDES_OF_OLDER_CONFIGS = (4, 8)
 #: Requested heights and widths are multiples of this many pixels; frame counts are FRAME_STEP * k + 1.
 SIZE_STEP = 16
 FRAME_STEP = 4
+#: What to run instead when another image-to-video task meets a TI2V-5B model.
+TI2V_INSTEAD = "its image to video is task ti2v (graphs/wan22_ti2v.yaml)"
 
 
 @dataclass(frozen=True)
@@ -83,20 +86,33 @@ def config_problems(task: str, configs: Configs) -> list[ConfigProblem]:
         fields.refuse("transformer", "out_channels",
                       f"{out_channels}; the transformer predicts the vae's z_dim = {z_dim} channels")
     conditioning = task.removesuffix("_experts")
-    # I2V: noise, first-frame mask, image latent
-    expected_in = z_dim if conditioning == "t2v" else 2 * z_dim + geometry.t_scale
-    if in_channels != expected_in:
-        fields.refuse("transformer", "in_channels",
-                      f"{in_channels}; {task} with vae z_dim = {z_dim} feeds it {expected_in}")
+    if conditioning == "i2v" and geometry.expand_timesteps:
+        # Its in_channels would be refused too, as a consequence rather than a fault of its own: name the task instead.
+        fields.refuse("vae", "patch_size",
+                      f"{vae_patch}, the Wan2.2 VAE of a TI2V-5B model: {TI2V_INSTEAD}, not {task}")
+    else:
+        # I2V: noise, first-frame mask, image latent; TI2V-5B: the image latent in place of the first noisy frame.
+        expected_in = 2 * z_dim + geometry.t_scale if conditioning == "i2v" else z_dim
+        if in_channels != expected_in:
+            fields.refuse("transformer", "in_channels",
+                          f"{in_channels}; {task} with vae z_dim = {z_dim} feeds it {expected_in}")
 
-    # 4. Two experts: the low-noise one runs on what the high-noise one runs on, and neither takes CLIP image
-    #    tokens (the experts' tasks have no image_encode stage).
+    # 4. TI2V-5B's image to video needs a timestep per latent token (the first frame's is 0), which the stages give
+    #    exactly to a model whose VAE patchifies.
+    if task == "ti2v" and vae_patch is None:
+        fields.refuse("vae", "patch_size", "not set; ti2v runs Wan2.2 TI2V-5B, whose VAE patchifies (patch_size 2) "
+                      "and whose pipeline gives every latent token its timestep (expand_timesteps)")
+
+    # 5. Two experts: the low-noise one runs on what the high-noise one runs on.
     if task.endswith("_experts"):
         for key in ("in_channels", "out_channels", "patch_size"):
             high, low = configs["transformer"].get(key), fields.get("transformer_2", key, (int, list))
             if low is not None and low != high:
                 fields.refuse("transformer_2", key, f"{low}; the high-noise expert (transformer) has {high}")
-        for folder in ("transformer", "transformer_2"):
+
+    # 6. The experts and TI2V-5B take no CLIP image tokens (their tasks have no image_encode stage).
+    if task.endswith("_experts") or task == "ti2v":
+        for folder in ("transformer", "transformer_2") if task.endswith("_experts") else ("transformer",):
             image_dim = fields.get(folder, "image_dim", (int, type(None)), absent=None)
             if image_dim is not None:
                 fields.refuse(folder, "image_dim", f"{image_dim}; {task} has no CLIP image tokens for it (null)")

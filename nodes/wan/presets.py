@@ -4,7 +4,8 @@
 runs in about a second on a CPU. ``bench`` keeps that compute but gives the tensors crossing the edges
 the real Wan2.1 480P widths (umT5 4096-wide prompt embeddings, 257 x 1280 CLIP tokens, z_dim 16), so a
 transport benchmark moves the real byte counts. ``tiny-ti2v`` is Wan2.2 TI2V-5B's layout at the tiny sizes (text to
-video): the Wan2.2 VAE (48 latent channels, residual blocks, a 2x2 patchify) and a pipeline with ``expand_timesteps``;
+video and image to video, one model under each pipeline): the Wan2.2 VAE (48 latent channels, residual blocks, a 2x2
+patchify) and a pipeline with ``expand_timesteps``;
 its VAE compresses 8x in space rather than the real 16x, so that the graphs' small requests fall on its token grid.
 
 Weights come from a fixed seed per component: every process builds the same model.
@@ -54,8 +55,9 @@ PRESETS = {
 
 
 def serves(sizes: PresetSizes, task: str) -> bool:
-    """Whether a preset of ``sizes`` is a model of ``task``: TI2V-5B's layout runs text to video only."""
-    return sizes.vae_patch is None or task == "t2v"
+    """Whether a preset of ``sizes`` is a model of ``task``: TI2V-5B's layout (the Wan2.2 VAE) runs t2v and ti2v,
+    the Wan2.1 layout every task but ti2v."""
+    return task in ("t2v", "ti2v") if sizes.vae_patch is not None else task != "ti2v"
 
 
 def build_preset(preset: str, task: str, dest: Path) -> None:
@@ -92,8 +94,9 @@ def build_model(sizes: PresetSizes, task: str, dest: Path) -> None:
         )
     )
 
-    # 3. The DiT: I2V takes z_dim noise + 4 mask + z_dim image-latent channels; Wan2.1 I2V cross-attends to CLIP
-    #    tokens. Two experts are two DiTs of one architecture, the low-noise one from the next seed.
+    # 3. The DiT: I2V takes z_dim noise + 4 mask + z_dim image-latent channels (TI2V-5B's image to video z_dim: the
+    #    image latent stands in the first frame); Wan2.1 I2V cross-attends to CLIP tokens. Two experts are two DiTs
+    #    of one architecture, the low-noise one from the next seed.
     dim = sizes.heads * sizes.head_dim
     clip = i2v and not experts
 
@@ -131,6 +134,10 @@ def build_model(sizes: PresetSizes, task: str, dest: Path) -> None:
         pipeline = WanImageToVideoPipeline if i2v else WanPipeline
         pipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer,
                  transformer_2=dit(SEED + 1), boundary_ratio=0.9 if i2v else 0.875).save_pretrained(dest)
+        return
+    if task == "ti2v":  # TI2V-5B's image to video: the T2V model under the I2V pipeline, no image encoder
+        WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                transformer=transformer, expand_timesteps=True).save_pretrained(dest)
         return
     if not i2v:  # TI2V-5B's pipeline gives every latent token its own timestep
         WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer,

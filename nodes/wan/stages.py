@@ -6,7 +6,9 @@ and calls the pipeline's own methods where one exists (``encode_prompt``, ``enco
 Where the pipeline's ``__call__`` does the work inline (the I2V conditioning, the denoising loop, the
 decode) the code below follows it step by step. Stages run under ``torch.no_grad`` like ``__call__``.
 With two experts (Wan2.2 A14B) the loop is cut at the boundary timestep: the high-noise stage hands the
-low-noise one its latents and the scheduler's state (:mod:`nodes.wan.handoff`).
+low-noise one its latents and the scheduler's state (:mod:`nodes.wan.handoff`). Wan2.2 TI2V-5B's image to video
+(task ``ti2v``, the pipeline's ``expand_timesteps`` path) has stages of its own under the shared names
+``vae_encode`` and ``denoise``: the image's latent is the first latent frame, put back in place at every step.
 
 Tensors leaving a stage are the outputs declared in :mod:`nodes.wan.family`, in the declared dtypes
 (``model``: the node's dtype). Casting there is exact: the pipeline casts the same tensors to the
@@ -43,7 +45,8 @@ def build_stage(task: str, name: str, components: LoadedComponents, device: str,
     if missing:
         raise ModelError(f"stage {name!r} needs components {missing}, which this node did not load")
     held = {c: components.objects[c] for c in spec.components}
-    stage = _STAGES[name](torch.device(device), torch_dtype(dtype), latent_geometry(configs), **held)
+    stage_type = _TASK_STAGES.get(task, {}).get(name, _STAGES[name])
+    stage = stage_type(torch.device(device), torch_dtype(dtype), latent_geometry(configs), **held)
     stage.spec = spec
     return stage
 
@@ -130,22 +133,14 @@ class VaeEncode(WanStage):
         t_scale, s_scale = self.geometry.t_scale, self.geometry.s_scale
         latent_h, latent_w = height // s_scale, width // s_scale
 
-        # 1. The first frame resized to the request and scaled to [-1, 1].
-        image = _read_image(request.image)
-        image = self.video_processor.preprocess(image, height=height, width=width).to(self.device, dtype=torch.float32)
-
-        # 2. A video of that frame followed by num_frames - 1 black frames, encoded to the posterior's mode
-        #    and normalised with the VAE's latent statistics.
-        image = image.unsqueeze(2)
+        # 1. The first frame followed by num_frames - 1 black frames, encoded.
+        image = self._first_frame(request)
         video_condition = torch.cat(
             [image, image.new_zeros(image.shape[0], image.shape[1], num_frames - 1, height, width)], dim=2
-        ).to(device=self.device, dtype=self.vae.dtype)
-        latents_mean, latents_std = _latent_stats(self.vae, torch.float32, self.device)
-        latent_condition = retrieve_latents(self.vae.encode(video_condition), sample_mode="argmax")
-        latent_condition = latent_condition.to(device=self.device, dtype=torch.float32)
-        latent_condition = (latent_condition - latents_mean) * latents_std
+        )
+        latent_condition = self._encode(video_condition)
 
-        # 3. The mask: 1 on the first frame only. The first frame is repeated t_scale times so that every
+        # 2. The mask: 1 on the first frame only. The first frame is repeated t_scale times so that every
         #    latent frame covers t_scale mask frames, then folded into t_scale channels.
         mask = torch.ones(1, 1, num_frames, latent_h, latent_w)
         mask[:, :, list(range(1, num_frames))] = 0
@@ -153,9 +148,31 @@ class VaeEncode(WanStage):
         mask = torch.concat([first_frame_mask, mask[:, :, 1:, :]], dim=2)
         mask = mask.view(1, -1, t_scale, latent_h, latent_w).transpose(1, 2).to(latent_condition.device)
 
-        # 4. Mask channels then latent channels, in the node's dtype (__call__ casts the concatenation of
+        # 3. Mask channels then latent channels, in the node's dtype (__call__ casts the concatenation of
         #    latents and condition to the transformer's dtype; the cast is elementwise, so doing it here is exact).
         return {"condition": torch.concat([mask, latent_condition], dim=1).to(self.dtype)}
+
+    def _first_frame(self, request: WanImageRequest) -> torch.Tensor:
+        """The image resized to the request and scaled to [-1, 1], float32, as a one-frame video [B, C, 1, H, W]."""
+        image = _read_image(request.image)
+        image = self.video_processor.preprocess(image, height=request.height, width=request.width)
+        return image.to(self.device, dtype=torch.float32).unsqueeze(2)
+
+    def _encode(self, video: torch.Tensor) -> torch.Tensor:
+        """The video's latent: the posterior's mode, float32, normalised with the VAE's latent statistics."""
+        latents_mean, latents_std = _latent_stats(self.vae, torch.float32, self.device)
+        latent = retrieve_latents(self.vae.encode(video.to(self.device, self.vae.dtype)), sample_mode="argmax")
+        return (latent.to(self.device, torch.float32) - latents_mean) * latents_std
+
+
+class VaeEncodeFirstFrame(VaeEncode):
+    """Wan2.2 TI2V-5B image to video: the latent of the image alone, which stands as the first latent frame."""
+
+    @torch.no_grad()
+    def run(self, request: WanImageRequest, inputs, progress: ProgressFn) -> dict[str, torch.Tensor]:
+        # prepare_latents with expand_timesteps: the one frame is the video encoded. Float32 as encoded: the loop
+        # mixes it with the float32 latents, and only the mixture is cast to the transformer's dtype.
+        return {"condition": self._encode(self._first_frame(request))}
 
 
 @dataclass
@@ -166,9 +183,12 @@ class _Loop:
     timesteps: torch.Tensor
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None  # None: no guidance
-    condition: torch.Tensor | None  # I2V: first-frame mask and image latent
+    condition: torch.Tensor | None  # I2V: first-frame mask and image latent; TI2V-5B: the first frame's latent
     image_kwargs: dict[str, torch.Tensor]  # Wan2.1 I2V: the CLIP image tokens
-    token_mask: torch.Tensor | None  # Wan2.2 TI2V-5B (expand_timesteps): [F, H, W] per latent token, else None
+    # Wan2.2 TI2V-5B (expand_timesteps): [1, 1, F, H, W] per latent, 0 where the image's latent stands (none in text
+    # to video), else None; and its values at the transformer's tokens, [F, H / patch, W / patch]
+    latent_mask: torch.Tensor | None
+    token_mask: torch.Tensor | None
 
 
 class Denoise(WanStage):
@@ -186,7 +206,7 @@ class Denoise(WanStage):
     def run(self, request: WanRequest, inputs: Mapping[str, torch.Tensor], progress: ProgressFn) -> dict[str, torch.Tensor]:
         loop = self._prepare(request, inputs)
         latents = self._steps(loop, self._noise(request), range(len(loop.timesteps)), request.guidance_scale, progress)
-        return {"latents": latents}
+        return {"latents": self._clean(loop, latents)}
 
     def _scheduler(self, request: WanRequest) -> UniPCMultistepScheduler:
         # A fresh scheduler per request: its multistep state must not carry over between requests, and
@@ -196,7 +216,7 @@ class Denoise(WanStage):
 
     def _prepare(self, request: WanRequest, inputs: Mapping[str, torch.Tensor]) -> _Loop:
         transformer_dtype = self.transformer.dtype
-        token_mask = self._token_mask(request)  # first: it refuses a size off the model's token grid
+        latent_mask = self._latent_mask(request)  # first: it refuses a size off the model's token grid
 
         # 1. Conditioning in the transformer's dtype, as __call__ casts it before the loop.
         guidance = request.guidance_scale > 1.0
@@ -215,12 +235,13 @@ class Denoise(WanStage):
         scheduler = self._scheduler(request)
         scheduler.set_timesteps(request.steps, device=self.device)
         scheduler.set_begin_index(0)
+        token_mask = None if latent_mask is None else self._token_values(latent_mask)
         return _Loop(scheduler, scheduler.timesteps, prompt_embeds, negative_prompt_embeds, condition, image_kwargs,
-                     token_mask)
+                     latent_mask, token_mask)
 
-    def _token_mask(self, request: WanRequest) -> torch.Tensor | None:
-        """With expand_timesteps, the mask WanPipeline scales the step's timestep by, one value per latent token (the
-        first latent pixel of each transformer patch): all ones for text-to-video. None without expand_timesteps."""
+    def _latent_mask(self, request: WanRequest) -> torch.Tensor | None:
+        """With expand_timesteps, the mask the pipelines scale the step's timestep by, [1, 1, F, H, W]: all ones for
+        text to video. None without expand_timesteps."""
         if not self.geometry.expand_timesteps:
             return None
         # The pipelines round a size off the token grid down; refusing it keeps the video the size requested.
@@ -230,9 +251,21 @@ class Denoise(WanStage):
             raise RequestError(f"height {request.height} and width {request.width} must be multiples of {token_h} and "
                                f"{token_w} for this model (a transformer token covers {token_h}x{token_w} pixels)")
         latent_frames = (request.num_frames - 1) // self.geometry.t_scale + 1
-        mask = torch.ones(latent_frames, request.height // self.geometry.s_scale, request.width // self.geometry.s_scale,
-                          dtype=torch.float32, device=self.device)
-        return mask[:, ::patch_h, ::patch_w]
+        return torch.ones(1, 1, latent_frames, request.height // self.geometry.s_scale,
+                          request.width // self.geometry.s_scale, dtype=torch.float32, device=self.device)
+
+    def _token_values(self, latent_mask: torch.Tensor) -> torch.Tensor:
+        """The mask at each transformer token (the first latent pixel of its patch), [F, H / patch, W / patch]."""
+        _, patch_h, patch_w = self.transformer.config.patch_size
+        return latent_mask[0, 0, :, ::patch_h, ::patch_w]
+
+    def _model_input(self, loop: _Loop, latents: torch.Tensor) -> torch.Tensor:
+        """What the transformer denoises: the latents, and for I2V the condition channels next to them."""
+        return latents if loop.condition is None else torch.cat([latents, loop.condition], dim=1)
+
+    def _clean(self, loop: _Loop, latents: torch.Tensor) -> torch.Tensor:
+        """The latents the stage hands over once the loop has ended: the loop's own."""
+        return latents
 
     def _noise(self, request: WanRequest) -> torch.Tensor:
         # The initial noise, float32, from a CPU generator seeded with the request's seed: the same noise on every
@@ -254,9 +287,7 @@ class Denoise(WanStage):
         transformer_dtype = self.transformer.dtype
         for i in indices:
             t = loop.timesteps[i]
-            # I2V feeds the condition channels next to the noisy latents.
-            latent_model_input = latents if loop.condition is None else torch.cat([latents, loop.condition], dim=1)
-            latent_model_input = latent_model_input.to(transformer_dtype)
+            latent_model_input = self._model_input(loop, latents).to(transformer_dtype)
             if loop.token_mask is None:
                 timestep = t.expand(latents.shape[0])
             else:  # expand_timesteps: [batch, tokens]
@@ -281,6 +312,25 @@ class Denoise(WanStage):
             latents = loop.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             progress(i + 1, len(loop.timesteps))
         return latents
+
+
+class DenoiseFirstFrame(Denoise):
+    """Wan2.2 TI2V-5B image to video: the image's latent stands as the first latent frame at every step, at timestep
+    0; the loop denoises the other frames, and hands over the video's latents with that frame in place."""
+
+    def _latent_mask(self, request: WanImageRequest) -> torch.Tensor:
+        # prepare_latents' first_frame_mask: 0 on the first latent frame (task ti2v runs only with expand_timesteps).
+        mask = super()._latent_mask(request)
+        mask[:, :, 0] = 0
+        return mask
+
+    def _model_input(self, loop: _Loop, latents: torch.Tensor) -> torch.Tensor:
+        # The condition's one frame where the mask is 0, the latents where it is 1 (in float32, as __call__ mixes).
+        return (1 - loop.latent_mask) * loop.condition + loop.latent_mask * latents
+
+    def _clean(self, loop: _Loop, latents: torch.Tensor) -> torch.Tensor:
+        # As __call__ does before decoding: the image's latent back in the first frame.
+        return self._model_input(loop, latents)
 
 
 class DenoiseHighNoise(Denoise):
@@ -358,3 +408,5 @@ _STAGES = {
     "denoise_low": DenoiseLowNoise,
     "vae_decode": VaeDecode,
 }
+#: The stages of a task that go by a shared name but run otherwise.
+_TASK_STAGES = {"ti2v": {"vae_encode": VaeEncodeFirstFrame, "denoise": DenoiseFirstFrame}}

@@ -32,6 +32,7 @@ BASES = {path.name: yaml.safe_load(path.read_text()) for path in GRAPHS}
 CONFIGS = {
     ("wan", "t2v"): ROOT / "configs" / "wan2.1-t2v-1.3b",
     ("wan", "i2v"): ROOT / "configs" / "wan2.1-i2v-14b-480p",
+    ("wan", "ti2v"): ROOT / "configs" / "wan2.2-ti2v-5b",
     ("wan", "i2v_experts"): ROOT / "configs" / "wan2.2-i2v-a14b",
     ("wan", "t2v_experts"): ROOT / "configs" / "wan2.2-t2v-a14b",
     ("qwen_image", "t2i"): ROOT / "configs" / "qwen-image",

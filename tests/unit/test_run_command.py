@@ -68,7 +68,7 @@ def test_request_option_help_names_the_families_that_have_the_field() -> None:
     assert options["guidance_scale"].metavar == "NUMBER"
     assert options["seed"].help == "Seed of the initial noise."  # the same in every model: no family named
     assert options["image"].help.startswith("qwen_image edit: Path of the image to edit")
-    assert "wan i2v, wan i2v_experts: Path of the first frame" in options["image"].help
+    assert "wan i2v, wan ti2v, wan i2v_experts: Path of the first frame" in options["image"].help
     assert (options["num_frames"].metavar, options["image"].metavar, options["prompt"].metavar) == ("INT", "FILE", "TEXT")
     assert list(options)[:2] == ["prompt", "image"]  # the required fields first
 
