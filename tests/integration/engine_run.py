@@ -88,7 +88,8 @@ def live_workers(out: Path) -> list[int]:
 @cache
 def reference_frames(task: str, request_json: str, model: str = "tiny") -> np.ndarray:
     """Frames of the monolithic diffusers pipeline for a request, as the diffusers Wan examples load it
-    (VAE and image encoder in float32, the rest in float32 here); ``model`` is a preset or a folder."""
+    (VAE and image encoder in float32, the rest in float32 here); ``model`` is a preset or a folder. ti2v is
+    WanImageToVideoPipeline without an image encoder (expand_timesteps from the model's model_index.json)."""
     import torch
     from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline
     from PIL import Image
@@ -103,8 +104,9 @@ def reference_frames(task: str, request_json: str, model: str = "tiny") -> np.nd
     if task == "t2v":
         pipe = WanPipeline.from_pretrained(source, vae=vae, dtype=torch.float32)
     else:
-        image_encoder = CLIPVisionModel.from_pretrained(source / "image_encoder", dtype=torch.float32)
-        pipe = WanImageToVideoPipeline.from_pretrained(source, vae=vae, image_encoder=image_encoder, dtype=torch.float32)
+        encoders = {} if task == "ti2v" else {
+            "image_encoder": CLIPVisionModel.from_pretrained(source / "image_encoder", dtype=torch.float32)}
+        pipe = WanImageToVideoPipeline.from_pretrained(source, vae=vae, dtype=torch.float32, **encoders)
         extra["image"] = Image.open(request["image"]).convert("RGB")
     pipe.set_progress_bar_config(disable=True)
     frames = pipe(prompt=request["prompt"], negative_prompt=request["negative_prompt"], height=request["height"],
