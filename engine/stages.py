@@ -59,6 +59,9 @@ class StageSpec:
     inputs: tuple[str, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     description: str = ""
+    #: Request fields naming files the stage reads (an input image): a node on another host than the controller
+    #: gets them over the data plane (:mod:`engine.plan.feeder`).
+    reads: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,11 +81,17 @@ class ComponentSpec:
     dtype: str | None = None
 
 
+#: The validation context under which a request's files are checked (their content, by a family's validator):
+#: where the request is made. A worker validates without it: its input files may come over the data plane.
+CHECK_FILES = {"check_files": True}
+
+
 class RequestParams(BaseModel):
     """Base of a family's request parameters. Families subclass it with their fields and rules.
 
     Unknown keys are rejected; values are checked by field and model validators, whose messages the
-    engine reports with the file and line of the request they came from.
+    engine reports with the file and line of the request they came from. Fields typed ``Path`` are files
+    (an input image); a validator that looks into one does so only under :data:`CHECK_FILES`.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -93,9 +102,19 @@ class RequestParams(BaseModel):
     #: edge buffers at the largest value of each the graph admits.
     size_fields: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def file_fields(cls) -> tuple[str, ...]:
+        """The fields that name files (typed ``Path``)."""
+        return tuple(name for name, info in cls.model_fields.items() if info.annotation is Path)
+
     def resolve_paths(self, base: Path) -> "RequestParams":
-        """Return a copy whose file fields (an input image) are resolved against ``base``."""
-        return self
+        """A copy whose relative file paths are resolved against ``base``, validated with the files checked
+        (:data:`CHECK_FILES`)."""
+        values = self.model_dump()
+        for name in self.file_fields():
+            if not values[name].is_absolute():
+                values[name] = base / values[name]
+        return type(self).model_validate(values, context=CHECK_FILES)
 
 
 #: A model's component configs: component folder (``vae``, ``transformer``...) -> its parsed ``config.json``.

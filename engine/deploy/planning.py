@@ -17,6 +17,7 @@ from typing import Any
 
 from engine.deploy.pods import Pod, PodResources, assign_pods, placement_overrides, pod_resources
 from engine.plan.build import build_plan, sizing_request
+from engine.plan.feeder import DEFAULT_FILE_BYTES
 from engine.plan.check import check_graph
 from engine.plan.memory import memory_report
 from engine.plan.model import Plan
@@ -46,7 +47,7 @@ def plan_for_cluster(graph: Path, overrides: Sequence[str], *, broker: str, mode
                f"broker={json.dumps(broker)}", f"model.path={json.dumps(model_path)}"]
     placed = check_graph(load_graph(graph, cluster))
     source = placed.family.resolve_source(model.task, model.path)
-    plan = build_plan(placed, source)
+    plan = build_plan(placed, source, input_file_bytes=DEFAULT_FILE_BYTES)  # the head's uploads reach other pods
     report = memory_report(plan, placed.family, source)
     return ClusterPlan(plan, pods, {pod.name: pod_resources(pod, plan, report, headroom_bytes) for pod in pods},
                        placed.loaded.spec.model_dump(mode="json", by_alias=True, exclude_defaults=True))

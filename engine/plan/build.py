@@ -9,6 +9,7 @@ from typing import Any
 from engine.errors import PlanError
 from engine.plan.check import CheckedGraph, check_graph
 from engine.plan.collector import collect_remote_outputs
+from engine.plan.feeder import feed_remote_inputs, largest_file
 from engine.plan.host import check_local_devices
 from engine.plan.model import Plan, PlannedEdge, PlannedNode, PlannedTensor
 from engine.plan.model_check import check_model
@@ -41,9 +42,12 @@ def node_dtype(checked: CheckedGraph, node: str) -> str:
     return checked.loaded.spec.nodes[node].dtype or checked.loaded.spec.model.dtype
 
 
-def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestParams] = ()) -> Plan:
-    """Resolve shapes against the model at ``source`` and size every edge (for ``requests`` as well); final
-    outputs made on another host come back to this one (engine.plan.collector)."""
+def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestParams] = (), *,
+               input_file_bytes: int | None = None) -> Plan:
+    """Resolve shapes against the model at ``source`` and size every edge (for ``requests`` as well); input files
+    reach nodes on other hosts (engine.plan.feeder) and final outputs made there come back to this one
+    (engine.plan.collector). ``input_file_bytes``: the largest input file to carry (a service's upload limit);
+    by default the largest the graph's requests and ``requests`` name."""
     spec, lines = checked.loaded.spec, checked.loaded.lines
     task = spec.model.task
     sizing = sizing_request(checked, requests)
@@ -84,7 +88,7 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
 
     finals = tuple(planned(tensor, checked.node_of[stage.name], stage.name, ()) for stage in checked.stages.values()
                    for tensor in stage.outputs if tensor.name in checked.final_outputs)
-    return collect_remote_outputs(Plan(
+    plan = collect_remote_outputs(Plan(
         graph=spec.name, file=lines.file, family=spec.model.family, task=task, model_path=spec.model.path,
         dtype=spec.model.dtype, broker=spec.broker, nodes=nodes, edges=tuple(edges), segments=checked.segments,
         final_outputs=checked.final_outputs, request_defaults=checked.request_defaults, requests=checked.requests,
@@ -92,14 +96,18 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
         base_dir=str(checked.loaded.base_dir), component_folders={name: c.folder for name, c in components.items()},
         configs=configs,
     ), finals)
+    if input_file_bytes is None:
+        input_file_bytes = largest_file((*checked.requests, *requests))
+    return feed_remote_inputs(plan, checked.stages, input_file_bytes)
 
 
-def plan_on_this_host(checked: CheckedGraph, requests: Sequence[RequestParams] = ()) -> tuple[Plan, Path]:
+def plan_on_this_host(checked: CheckedGraph, requests: Sequence[RequestParams] = (), *,
+                      input_file_bytes: int | None = None) -> tuple[Plan, Path]:
     """Plan a checked graph to run from this host, its edges sized for ``requests`` as well: the devices of
     local nodes are checked first, then the model source is resolved (and a preset built on first use)."""
     check_local_devices(checked)
     source = checked.family.resolve_source(checked.loaded.spec.model.task, checked.loaded.spec.model.path)
-    return build_plan(checked, source, requests), source
+    return build_plan(checked, source, requests, input_file_bytes=input_file_bytes), source
 
 
 def plan_graph(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Plan, CheckedGraph, Path]:

@@ -42,12 +42,13 @@ class ProgressView:
         self._print(f"all workers ready in {seconds:.1f} s (load: {loads})")
 
     def segment_started(self, request: Any, segment: Segment, replica: int) -> None:
-        self._print(f"{request.id}: {segment.node}[{replica}] {', '.join(segment.stages)} ...")
+        work = ", ".join(segment.stages) or f"carries {', '.join(segment.outputs)}"  # the feeder, the collector
+        self._print(f"{request.id}: {segment.node}[{replica}] {work} ...")
 
     def segment_done(self, request: Any, segment: Segment, done: StageDone) -> None:
-        stages = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in done.timings.items())
-        edges = "".join(f"; {name} {human_bytes(s.nbytes)} in {s.seconds * 1e3:.1f} ms" for name, s in done.edges.items())
-        self._print(f"{request.id}: {segment.node}[{done.replica}] done ({stages}{edges})")
+        facts = [f"{name} {seconds:.2f} s" for name, seconds in done.timings.items()]
+        facts += [f"{name} {human_bytes(s.nbytes)} in {s.seconds * 1e3:.1f} ms" for name, s in done.edges.items()]
+        self._print(f"{request.id}: {segment.node}[{done.replica}] done ({'; '.join(facts)})")
 
     def heartbeat(self, beat: Heartbeat) -> None:
         self._stages[(beat.node, beat.replica)] = beat.stage

@@ -42,9 +42,11 @@ from engine.display import human_bytes
 from engine.errors import EngineError, TransportError
 from engine.families import get_family
 from engine.models.outputs import output_stem
+from engine.plan.feeder import FEEDER
 from engine.runtime.deployment import EdgeEnd, WorkerSecrets, WorkerSpec
 from engine.runtime.edge_link import MqttEdgeLink
 from engine.runtime.inbound import InboundShapes
+from engine.runtime.input_files import read_input_files, remove_input_files, write_input_files
 from engine.runtime.replies import Replies
 from engine.stages import Stage
 from engine.transport import Manifest, Receiver, Sender, SlotGrant, SlotsExhausted, accept, make_receiver, make_sender, send_tensors
@@ -360,18 +362,29 @@ class Worker:
         segment = next((s for s in spec.segments if s.index == job.segment), None)
         if segment is None:
             raise EngineError(f"node {spec.node!r} has no segment {job.segment}")
-        request = self.family.request_type(spec.task).model_validate(job.request)
 
-        # 1. Inputs: the verified payloads of every inbound edge this segment reads.
+        # 1. Inputs: the verified payloads of every inbound edge this segment reads; the request's input files from
+        #    the feeder (engine.plan.feeder) become files of this run, which the request then names.
         tensors: dict[str, Any] = {}
+        files: dict[str, Any] = {}
         for edge in self._inbound_for(segment.inputs):
             held = self.received.get((job.request_id, edge.name))
             if held is None:
                 raise TransportError(f"no verified payload for segment {segment.index}", edge=edge.name, request_id=job.request_id)
-            tensors.update(held[1])
+            (files if edge.peer == FEEDER else tensors).update(held[1])
+        inputs_dir = Path(spec.out_dir) / ".inputs"
+        fed_folder = inputs_dir / output_stem(inputs_dir, job.request_id)
+        params = write_input_files(job.request, files, fed_folder) if files else job.request
+        try:
+            request = self.family.request_type(spec.task).model_validate(params)
+            if spec.node == FEEDER:
+                tensors = read_input_files(job.request, {t.name: t.nbytes for e in spec.outbound for t in e.declared})
 
-        # 2. Stages, in order, on the compute thread; progress goes out with the heartbeats.
-        timings = await asyncio.to_thread(self._compute, job.request_id, segment.stages, request, tensors)
+            # 2. Stages, in order, on the compute thread; progress goes out with the heartbeats.
+            timings = await asyncio.to_thread(self._compute, job.request_id, segment.stages, request, tensors)
+        finally:
+            if files:
+                remove_input_files(fed_folder)
 
         # 3. Outgoing edges: each to the replica the controller chose.
         self._check_cancelled(job.request_id)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.plan.build import sizing_request
 from engine.plan.check import CheckedGraph
-from engine.stages import RequestParams
+from engine.stages import CHECK_FILES, RequestParams
 
 MAX_PROMPT_CHARS = 20_000
 #: API field -> the family request field it sets, where the names differ.
@@ -115,7 +115,7 @@ def translate(checked: CheckedGraph, body: Body, image: tuple[str, Path] | None 
     if problems:
         raise InvalidRequest(problems)
     try:
-        params = request_type.model_validate({**checked.request_defaults, **values})
+        params = request_type.model_validate({**checked.request_defaults, **values}, context=CHECK_FILES)
     except ValidationError as exc:
         raise InvalidRequest([(_api_field(e, api_name, seconds is not None, image), _message(e)) for e in exc.errors()]) from None
     problems = [(API_NAME.get(name, name), f"{value} is over the {limit} this service's edge buffers hold; restart it "

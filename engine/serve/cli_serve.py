@@ -100,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
     from engine.plan.build import plan_on_this_host
     from engine.plan.check import check_graph
     from engine.runtime.cli_run import prepare_output_folder
+    from engine.serve.http import ApiOptions
     from engine.serve.jobs import Retention
     from engine.serve.service import ServiceOptions
     from engine.spec.load import load_graph
@@ -120,7 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
     options = ServiceOptions(state_dir=state, queue_size=args.queue_size, job_timeout_s=args.job_timeout_s,
                              grace_s=args.grace_s,
                              retention=Retention(args.retain_jobs, retain_bytes, args.retain_days * 86400))
-    plan, source = plan_on_this_host(checked, [])
+    plan, source = plan_on_this_host(checked, [], input_file_bytes=ApiOptions().max_image_bytes)
     sock = bind(args.host, args.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for chatty in ("amqtt", "transitions"):  # the embedded amqtt broker logs every session's state change

@@ -38,6 +38,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from engine.plan.feeder import DEFAULT_FILE_BYTES
 from engine.serve.bodies import ImageBody, InvalidRequest, VideoBody
 from engine.serve.jobs import Job, api_object
 from engine.serve.metrics import CONTENT_TYPE
@@ -52,7 +53,7 @@ IMAGE_SUFFIXES = (".png",)
 class ApiOptions:
     token: str | None = None  #: bearer token wanted on /v1; None: open
     max_body_bytes: int = 32 << 20
-    max_image_bytes: int = 20 << 20
+    max_image_bytes: int = DEFAULT_FILE_BYTES  #: also what the edge carrying uploads to other hosts holds
     max_image_pixels: int = 8192 * 8192
 
 

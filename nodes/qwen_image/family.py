@@ -60,6 +60,7 @@ TEXT_ENCODE_EDIT = StageSpec(
     components=("processor", "text_encoder"),
     outputs=TEXT_ENCODE_OUTPUTS,
     description="Qwen2.5-VL last hidden states of the prompt with the input image (and of the negative prompt)",
+    reads=("image",),
 )
 VAE_ENCODE = StageSpec(
     "vae_encode",
@@ -70,6 +71,7 @@ VAE_ENCODE = StageSpec(
         ),
     ),
     description="normalised VAE latent (distribution mode) of the input image at about one megapixel",
+    reads=("image",),
 )
 DENOISE_T2I = StageSpec(
     "denoise",
@@ -142,9 +144,6 @@ class QwenImageEditRequest(QwenImageRequest):
     image: Path = Field(
         description=f"Path of the image to edit (PNG/JPEG), aspect ratio at most {EDIT_MAX_ASPECT:g}:1 either way."
     )
-
-    def resolve_paths(self, base: Path) -> "QwenImageEditRequest":
-        return self if self.image.is_absolute() else self.model_copy(update={"image": base / self.image})
 
 
 def edit_image_size_bounds() -> tuple[int, int]:

@@ -19,10 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from engine.stages import (MODEL_DTYPE, ComponentSpec, ConfigProblem, Configs, ModelFamily, RequestParams, StageSpec,
-                           TensorSpec)
+from engine.stages import (CHECK_FILES, MODEL_DTYPE, ComponentSpec, ConfigProblem, Configs, ModelFamily, RequestParams,
+                           StageSpec, TensorSpec)
 from nodes.wan.geometry import config_problems, latent_geometry
 
 #: The umT5 prompt length the Wan pipelines pad to.
@@ -46,12 +46,14 @@ IMAGE_ENCODE = StageSpec(
     components=("image_processor", "image_encoder"),
     outputs=(TensorSpec("image_embeds", MODEL_DTYPE, ("batch", "image_tokens", "image_dim")),),
     description="CLIP vision penultimate hidden states of the input image",
+    reads=("image",),
 )
 VAE_ENCODE = StageSpec(
     "vae_encode",
     components=("vae_encoder",),
     outputs=(TensorSpec("condition", MODEL_DTYPE, ("batch", "t_scale + z_dim", "latent_frames", "latent_h", "latent_w")),),
     description="first-frame mask and VAE latent of the input image (I2V conditioning)",
+    reads=("image",),
 )
 # TI2V-5B: the latent of the first frame alone. Float32, not the node's dtype: the loop mixes it with the float32
 # latents before casting to the transformer's dtype.
@@ -60,6 +62,7 @@ VAE_ENCODE_FIRST_FRAME = StageSpec(
     components=("vae_encoder",),
     outputs=(TensorSpec("condition", "float32", ("batch", "z_dim", 1, "latent_h", "latent_w")),),
     description="VAE latent of the input image, the first latent frame (TI2V-5B image to video)",
+    reads=("image",),
 )
 DENOISE_T2V = StageSpec(
     "denoise",
@@ -184,16 +187,12 @@ class WanImageRequest(WanRequest):
     image: Path = Field(description="Path of the first frame (PNG/JPEG), resized to height x width.")
 
     @model_validator(mode="after")
-    def _image_is_readable(self) -> "WanImageRequest":
-        # A relative path is checked once resolve_paths has anchored it to the request file's folder.
-        if self.image.is_absolute():
+    def _image_is_readable(self, info: ValidationInfo) -> "WanImageRequest":
+        # Where the request is made (resolve_paths, after anchoring a relative path to the request file's folder);
+        # a worker may hold a copy that came over the data plane, or none yet.
+        if info.context == CHECK_FILES:
             check_image(self.image)
         return self
-
-    def resolve_paths(self, base: Path) -> "WanImageRequest":
-        if self.image.is_absolute():
-            return self
-        return type(self).model_validate({**self.model_dump(), "image": base / self.image})
 
 
 _BOUNDARY_DESCRIPTION = ("Timestep fraction (of num_train_timesteps) where the low-noise expert (transformer_2) "

@@ -87,11 +87,16 @@ def test_three_nodes_on_three_hosts_equal_the_monolithic_pipeline(cluster, tmp_p
     assert run.returncode == 0, output[-4000:]
     report = json.loads((out / "report.json").read_text())
     hosts = {node["node"]: node["host"] for node in report["nodes"]}
-    assert hosts == {"encoder": "h1", "transformer": "h2", "decoder": "local"}
+    # The first frame is read here and reaches the encoder on h1 over the data plane (a feeder node).
+    assert hosts == {"encoder": "h1", "transformer": "h2", "decoder": "local", **({"feeder": "local"} if task == "i2v" else {})}
     receives = {node["node"]: node["receives_at"] for node in report["nodes"]}
     assert receives["transformer"]["phase1"].startswith(f"{HOSTS['h2']}:")  # Mooncake peers at the hosts' addresses
     assert receives["decoder"]["phase2"].startswith(f"{SUBNET}.1:")
     params = json.loads((out / "r1.json").read_text())["request"]
+    if task == "i2v":
+        assert receives["encoder"]["inputs"].startswith(f"{HOSTS['h1']}:")
+        assert report["requests"][0]["edges"]["inputs"]["nbytes"] == Path(params["image"]).stat().st_size
+        assert not list((cluster.folder / "h1").rglob(".inputs/*")), "the copy of the image outlived the request"
     expected = reference_frames(task, json.dumps(params, sort_keys=True))
     assert np.array_equal(np.load(out / "r1.npy"), expected)
     assert not cluster.workers_in("h1") and not cluster.workers_in("h2")

@@ -22,6 +22,7 @@ from engine.control.broker import BrokerAddress, parse_broker
 from engine.families import get_family
 from engine.plan.build import build_plan
 from engine.plan.check import check_graph
+from engine.plan.feeder import DEFAULT_FILE_BYTES
 from engine.plan.memory import memory_report
 from engine.spec.load import load_graph
 
@@ -182,7 +183,7 @@ def planned(graph: str, overrides: list[str]):
     sets = [value for flag, value in zip(overrides[::2], overrides[1::2]) if flag == "--set"]
     checked = check_graph(load_graph(ROOT / "graphs" / graph, sets))
     source = ROOT / "configs" / "wan2.1-i2v-14b-480p"
-    plan = build_plan(checked, source)
+    plan = build_plan(checked, source, input_file_bytes=DEFAULT_FILE_BYTES)  # a service's uploads
     return plan, {m.node: m for m in memory_report(plan, get_family("wan"), source).nodes}
 
 
@@ -199,7 +200,10 @@ def requests_of(deployment: dict[str, Any]) -> tuple[int, dict[str, str]]:
 ])
 def test_memory_and_gpu_requests_are_the_plans_figures_for_wan_i2v_14b(tmp_path: Path, capsys, graph: str, pods) -> None:
     files = render(tmp_path / "k8s", ROOT / "graphs" / graph, *I2V_14B)
-    plan, memory = planned(graph, I2V_14B)
+    # Each node on its pod's host, as the cluster places them: the encoder's pod also receives the input image.
+    placed = [arg for pod, nodes in pods.items() if pod != "head" for n in nodes for arg in ("--set", f"nodes.{n}.place.host={pod}")]
+    plan, memory = planned(graph, [*I2V_14B, *placed])
+    assert plan.edge_between("feeder", "encoder").slot_bytes == DEFAULT_FILE_BYTES
     rows = []
     for pod, nodes in pods.items():
         processes = 1 + sum(plan.nodes[n].replicas for n in nodes)

@@ -8,6 +8,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from engine.errors import RequestError
+from engine.stages import CHECK_FILES
 from nodes.wan import family
 from nodes.wan.family import WanImageRequest, WanRequest
 from tests.unit.wan_support import configs, load_node, tiny
@@ -37,7 +38,7 @@ def test_invalid_values_are_refused(fields, message):
 
 def test_missing_image_names_the_path(tmp_path):
     with pytest.raises(ValidationError, match=f"image {tmp_path / 'absent.png'} does not exist"):
-        WanImageRequest(prompt="a cat", image=tmp_path / "absent.png")
+        WanImageRequest.model_validate({"prompt": "a cat", "image": tmp_path / "absent.png"}, context=CHECK_FILES)
 
 
 def test_unreadable_image_names_the_path(tmp_path):
@@ -45,7 +46,12 @@ def test_unreadable_image_names_the_path(tmp_path):
     not_an_image.write_text("not pixels")
 
     with pytest.raises(ValidationError, match=f"image {not_an_image} cannot be read"):
-        WanImageRequest(prompt="a cat", image=not_an_image)
+        WanImageRequest.model_validate({"prompt": "a cat", "image": not_an_image}, context=CHECK_FILES)
+
+
+def test_a_worker_takes_an_image_its_host_lacks(tmp_path):
+    """On another host the image comes over the data plane: the request is checked where it is made."""
+    assert WanImageRequest(prompt="a cat", image=tmp_path / "absent.png").image == tmp_path / "absent.png"
 
 
 def test_relative_image_is_checked_once_resolved(image, tmp_path):
