@@ -110,8 +110,10 @@ def render(result: dict) -> str:
     request = result["request"]
     one, three = result["one_host"], result["three_hosts"]
     rows = [["request latency, s (median)", f"{one['median_seconds']:.3f}", f"{three['median_seconds']:.3f}"]]
-    for name, nbytes in three["edge_bytes"].items():
-        rows.append([f"{name} GB/s ({human_bytes(nbytes)})", f"{one['edge_gbps'][name]:.2f}", f"{three['edge_gbps'][name]:.2f}"])
+    for name, nbytes in three["edge_bytes"].items():  # I2V: the first frame crosses to h1 on an edge of its own (inputs)
+        here = one["edge_gbps"].get(name)
+        rows.append([f"{name} GB/s ({human_bytes(nbytes)})", "-" if here is None else f"{here:.2f}",
+                     f"{three['edge_gbps'][name]:.2f}"])
     placed = ", ".join(f"{node} on {host}" for node, host in three["hosts"].items())
     return "\n".join([
         f"Several hosts: {result['graph']}, model {result['model']}, {request['height']}x{request['width']}x"

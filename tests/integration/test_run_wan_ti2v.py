@@ -14,27 +14,19 @@ from tests.integration.engine_run import engine_run, live_workers, reference_fra
 pytestmark = pytest.mark.integration
 
 
-def test_ti2v_text_to_video_on_three_nodes_matches_the_pipeline(tmp_path):
-    run = engine_run("wan_t2v.yaml", tmp_path / "out", "model.path=tiny-ti2v")
+@pytest.mark.parametrize(("graph", "settings", "task", "edge", "nbytes"), [
+    # latents [1, 48, 3, 6, 8] float32 from the transformer to the decoder
+    ("wan_t2v.yaml", ("model.path=tiny-ti2v",), "t2v", "phase2", 48 * 3 * 6 * 8 * 4),
+    # prompt and negative prompt embeddings [1, 512, 32] and one latent frame [1, 48, 1, 6, 8], float32, to the DiT
+    ("wan22_ti2v.yaml", (), "ti2v", "phase1", 2 * 512 * 32 * 4 + 48 * 6 * 8 * 4),
+], ids=["text_to_video", "image_to_video"])
+def test_ti2v_on_three_nodes_matches_the_pipeline(tmp_path, graph, settings, task, edge, nbytes):
+    run = engine_run(graph, tmp_path / "out", *settings)
     assert run.returncode == 0, run.stderr[-3000:]
     assert [r["state"] for r in run.report["requests"]] == ["done"]
     request = json.loads((run.out / "r1.json").read_text())["request"]
     frames = np.load(run.out / "r1.npy")
     assert frames.shape == (9, 48, 64, 3)
-    assert np.array_equal(frames, reference_frames("t2v", json.dumps(request, sort_keys=True), "tiny-ti2v"))
+    assert np.array_equal(frames, reference_frames(task, json.dumps(request, sort_keys=True), "tiny-ti2v"))
     assert live_workers(run.out) == []
-    # 48x64, 9 frames: latents [1, 48, 3, 6, 8] float32 from the transformer to the decoder
-    assert run.report["requests"][0]["edges"]["phase2"]["tensor_bytes"] == 48 * 3 * 6 * 8 * 4
-
-
-def test_ti2v_image_to_video_on_three_nodes_matches_the_pipeline(tmp_path):
-    run = engine_run("wan22_ti2v.yaml", tmp_path / "out")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert [r["state"] for r in run.report["requests"]] == ["done"]
-    request = json.loads((run.out / "r1.json").read_text())["request"]
-    frames = np.load(run.out / "r1.npy")
-    assert frames.shape == (9, 48, 64, 3)
-    assert np.array_equal(frames, reference_frames("ti2v", json.dumps(request, sort_keys=True), "tiny-ti2v"))
-    assert live_workers(run.out) == []
-    # 48x64: prompt and negative prompt embeddings [1, 512, 32] and one latent frame [1, 48, 1, 6, 8], float32
-    assert run.report["requests"][0]["edges"]["phase1"]["tensor_bytes"] == 2 * 512 * 32 * 4 + 48 * 6 * 8 * 4
+    assert run.report["requests"][0]["edges"][edge]["tensor_bytes"] == nbytes
