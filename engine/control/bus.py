@@ -64,6 +64,9 @@ class ControlBus(Protocol):
     async def subscribe(self, topic_filter: str) -> None:
         """Subscribe (MQTT filter syntax); retained messages of matching topics follow."""
 
+    def forget_sender(self, sender: str) -> None:
+        """Accept ``sender``'s sequence numbers from 0 again: it was started again (engine.control.signing)."""
+
     async def receive(self, timeout_s: float) -> Inbound | None:
         """The next message, or None if none arrived within ``timeout_s``; ControlError once the bus is closed."""
 

@@ -205,6 +205,10 @@ class ControlClient:
             self._filters.append(topic_filter)
         await self._subscribe(connection, topic_filter)
 
+    def forget_sender(self, sender: str) -> None:
+        """Accept ``sender``'s sequence numbers from 0 again: it was started again (engine.control.signing)."""
+        self._opener.forget(sender)
+
     async def receive(self, timeout_s: float) -> Inbound | None:
         """The next message, or None when none arrived within ``timeout_s``; ControlError once closed."""
         return await self._inbox.get(timeout_s)

@@ -116,6 +116,9 @@ class MemoryBus:
         for topic, payload in self._broker.retained(topic_filter):
             self._accept(topic, payload, retained=True)
 
+    def forget_sender(self, sender: str) -> None:
+        self._opener.forget(sender)
+
     async def receive(self, timeout_s: float) -> Inbound | None:
         return await self._inbox.get(timeout_s)
 

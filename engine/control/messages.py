@@ -248,6 +248,16 @@ class Shutdown(_Model):
     reason: str = Field(min_length=1, description="why the run ends, for the workers' logs")
 
 
+class ReplicaRestarting(_Model):
+    """Controller -> every other replica: this replica is started again (its process died); what its earlier
+    process said no longer stands, and the new one signs from sequence number 0."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["replica_restarting"] = "replica_restarting"
+    node: str = _NAME
+    replica: int = _REPLICA
+
+
 class Cancel(_Model):
     """Controller -> a replica: drop a request (cancelled, or past its deadline): skip it if queued, stop it at
     the next denoising step if running, release what it holds in the receive pools."""
@@ -341,7 +351,7 @@ class JobUpdate(_Model):
 
 Message: TypeAlias = Annotated[
     Status | Heartbeat | RunStage | StageDone | StageFailed | GrantRequest | Grant | Landed | Delivered | Ack | Fence
-    | Shutdown | Cancel | AgentBirth | AgentOrder | AgentJob | SubmitJob | JobUpdate,
+    | Shutdown | Cancel | ReplicaRestarting | AgentBirth | AgentOrder | AgentJob | SubmitJob | JobUpdate,
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
@@ -349,7 +359,7 @@ KINDS: frozenset[str] = frozenset(
     model.model_fields["kind"].default
     for model in (
         Status, Heartbeat, RunStage, StageDone, StageFailed, GrantRequest, Grant, Landed, Delivered, Ack, Fence, Shutdown,
-        Cancel, AgentBirth, AgentOrder, AgentJob, SubmitJob, JobUpdate,
+        Cancel, ReplicaRestarting, AgentBirth, AgentOrder, AgentJob, SubmitJob, JobUpdate,
     )
 )
 

@@ -9,7 +9,8 @@ so a message cannot be forged, altered, or moved to another topic. ``seq`` count
 keeps a window of the sequence numbers it has seen per (sender, topic) and refuses one seen before or older
 than the window, so a captured message cannot be replayed. (A key belongs to one run, so a message from
 another run fails its MAC.) The window tolerates reordering, which is what re-sending after a reconnect
-causes, and a duplicate it refuses is one the receiver already acted on.
+causes, and a duplicate it refuses is one the receiver already acted on. A sender started again under its name
+counts from 0 again: receivers told so by the controller forget its windows (:meth:`Opener.forget`).
 
 :meth:`Opener.open` checks, cheapest first and before any parsing: size, header, MAC, replay, JSON nesting
 depth; then the schema (:func:`engine.control.messages.decode`). Whatever fails raises :class:`Rejected`
@@ -142,6 +143,11 @@ class Opener:
     def __init__(self, key: bytes):
         self._key = key
         self._windows: dict[tuple[bytes, str], _Window] = {}
+
+    def forget(self, sender: str) -> None:
+        """Drop every window of ``sender``: its process was started again and counts from 0."""
+        for key in [key for key in self._windows if key[0] == sender.encode()]:
+            del self._windows[key]
 
     def open(self, topic: str, payload: bytes) -> Opened:
         if len(payload) > MAX_MESSAGE_BYTES:

@@ -26,7 +26,7 @@ from engine.control.broker import (AGENTS_USER, BrokerAddress, BrokerUser, Embed
                                   parse_broker)
 from engine.control.bus import ControlBus
 from engine.control.client import ControlClient
-from engine.control.messages import Heartbeat, Shutdown, StageDone, StageFailed, Status
+from engine.control.messages import Heartbeat, ReplicaRestarting, Shutdown, StageDone, StageFailed, Status
 from engine.control.signing import read_key, run_key
 from engine.control.topics import AgentTopics, Topics
 from engine.errors import EngineError, NodeError, PlanError
@@ -35,7 +35,7 @@ from engine.plan.placement import ANY, place_on_agents
 from engine.runtime.access import RunAccess
 from engine.runtime.agent import agent_offers, live_agents
 from engine.runtime.deployment import worker_specs
-from engine.runtime.fleet import Fleet, Launcher, ReplicaInfo
+from engine.runtime.fleet import Fleet, Launcher, ReplicaInfo, ReplicaKey, RestartPolicy
 from engine.runtime.launcher import LocalLauncher
 from engine.runtime.progress import ProgressView
 from engine.runtime.remote import HostLaunchers, RemoteLauncher
@@ -55,6 +55,7 @@ class RunOptions:
     quiet: bool = False
     heartbeat_s: float = 0.5
     broker_kind: str = "auto"  #: for ``broker: embedded``: auto, mosquitto or amqtt
+    restarts: RestartPolicy | None = None  #: start replicas that die again (a service); None: they stay out
 
 
 @dataclass
@@ -116,7 +117,7 @@ class Controller:
             self.access.users[deployer] = BrokerUser.generate(deployer, AgentTopics().deployer_acl(options.run_id))
         self.remote: RemoteLauncher | None = None
         local = launcher or LocalLauncher(options.out_dir / "deploy")
-        self.fleet = Fleet(plan, local, self.view)
+        self.fleet = Fleet(plan, local, self.view, restarts=options.restarts)
         self._connect = connect or self._mqtt
         self.client: ControlBus | None = None
         self.scheduler: Scheduler | None = None
@@ -245,6 +246,19 @@ class Controller:
                 self.scheduler.on_answer(message)
             inbound = await self.client.receive(0)
         self.fleet.check(connected=self.client.connected, reconnects=self.client.reconnects)
+        for key in self.fleet.due_restarts():
+            self._restart(key)
+
+    def _restart(self, key: ReplicaKey) -> None:
+        """Start a replica again. First everyone forgets its old process's sequence numbers (the new process counts
+        from 0): the notices go out before the process exists, so they arrive before anything it says."""
+        assert self.client is not None
+        self.client.forget_sender(self.topics.replica_client(*key))
+        notice = ReplicaRestarting(node=key[0], replica=key[1])
+        for other, info in self.fleet.replicas.items():
+            if other != key and info.down is None:
+                self.client.post(self.topics.inbox(*other), notice)
+        self.fleet.restart(key)
 
     async def _stop_workers(self) -> None:
         """Tell every replica to stop, clear their retained status, then make sure every process is gone. The broker

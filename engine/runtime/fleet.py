@@ -6,10 +6,17 @@ every replica from what it announces (status, heartbeats) and from its process, 
 service when it dies, fails, falls silent or stops making progress; the scheduler learns of it through
 :meth:`Fleet.take_down`. While the controller itself is cut off from the broker, silence is not held against
 the replicas: their heartbeat clocks restart when the broker is back.
+
+With a :class:`RestartPolicy` (a service), a replica taken out is started again from its spec after a backoff that
+doubles with each restart, unless it was restarted ``max_restarts`` times within ``window_s`` (a crash loop: it
+stays out, and says why). Until it is ready again its node counts as live but not serving: requests wait for it
+rather than fail. One that is not ready within ``timeouts.ready_s`` is taken out again.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,6 +48,13 @@ class Launcher(Protocol):
         """The last lines a replica logged, introduced by where the log is; empty if none."""
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    max_restarts: int = 3  #: restarts of one replica within ``window_s`` after which it stays out
+    window_s: float = 600.0
+    backoff_s: float = 1.0  #: before the first restart; doubled for each restart within the window
+
+
 @dataclass
 class ReplicaInfo:
     node: str
@@ -55,6 +69,7 @@ class ReplicaInfo:
     assigned: int = 0  #: segments dispatched or promised to it and not finished
     rejected: int = 0  #: control messages it refused (from its heartbeats)
     receives_at: dict[str, str] = field(default_factory=dict)  #: inbound edge -> where senders write (ip:port)
+    restarts: int = 0  #: times it was started again
 
     @property
     def key(self) -> ReplicaKey:
@@ -62,17 +77,26 @@ class ReplicaInfo:
 
 
 class Fleet:
-    def __init__(self, plan: Plan, launcher: Launcher, view: ProgressView):
+    def __init__(self, plan: Plan, launcher: Launcher, view: ProgressView, *, restarts: RestartPolicy | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.plan = plan
         self.launcher = launcher
         self.view = view
+        self.restarts = restarts
+        self.clock = clock
         self.replicas = {(n.name, r): ReplicaInfo(n.name, r) for n in plan.nodes.values() for r in range(n.replicas)}
         self.monitor = LivenessMonitor(heartbeat_timeout_s=plan.timeouts.heartbeat_s)
         self._newly_down: list[ReplicaInfo] = []
         self._reconnects_seen = 0
+        self._workers: dict[ReplicaKey, tuple[WorkerSpec, WorkerSecrets]] = {}
+        self._deployed = False  #: every replica was ready once: later readiness is a restart's
+        self._restart_at: dict[ReplicaKey, float] = {}  #: replicas to start again, when
+        self._restarted: dict[ReplicaKey, list[float]] = {}  #: when each replica was started again
+        self._starting_since: dict[ReplicaKey, float] = {}  #: restarted replicas not ready yet, since when
 
     def launch(self, workers: list[tuple[WorkerSpec, WorkerSecrets]]) -> None:
         for spec, secrets in workers:
+            self._workers[(spec.node, spec.replica)] = (spec, secrets)
             self.launcher.start(spec, secrets)
         self.view.deploying(len(self.replicas))
 
@@ -86,18 +110,23 @@ class Fleet:
             info.rss_bytes = message.rss_bytes
             info.peak_rss_bytes = max(info.peak_rss_bytes, message.rss_bytes)
             info.rejected = message.rejected
-            if info.state == "ready":  # silence counts from readiness: loading sends no heartbeats
+            if info.state == "ready" and info.down is None:  # silence counts from readiness: loading sends none
                 self.monitor.observe(message)
             self.view.heartbeat(message)
             return
         if message.state == "dead":  # its will: believed unless heartbeats follow it (see LivenessMonitor)
-            self.monitor.observe(message)
+            # Only of a replica in service: not one taken out, nor the process a restart replaces.
+            if info.down is None and not (info.restarts and info.state != "ready"):
+                self.monitor.observe(message)
             return
         info.state, info.pid = message.state, message.pid
         if message.state == "ready":
             info.load_s, info.param_bytes = message.load_s, message.param_bytes
             info.receives_at = {edge: str(where.get("session") or where.get("segment"))
                                 for edge, where in (message.receive_edges or {}).items()}
+            if self._starting_since.pop(info.key, None) is not None:
+                self.monitor.expect(info.node, info.replica)
+                self.view.replica_back(info)
         if message.state == "failed":
             self._down(info, f"failed: {message.detail or 'no detail'}")
 
@@ -112,15 +141,23 @@ class Fleet:
             return False
         for info in self.replicas.values():
             self.monitor.expect(info.node, info.replica)
+        self._deployed = True
         return True
 
     def not_ready(self) -> list[str]:
         return [f"{r.node}[{r.replica}] ({r.state})" for r in self.replicas.values() if r.state != "ready"]
 
     def check(self, *, connected: bool, reconnects: int) -> None:
-        """Take out replicas whose process ended, and, while we hear the broker, those silent or stuck."""
+        """Take out replicas whose process ended, restarted ones not ready in time, and, while we hear the broker,
+        those silent or stuck."""
         for key, how in self.launcher.exited().items():
             self._down(self.replicas[key], how)
+        now = self.clock()
+        for key, since in list(self._starting_since.items()):
+            if now - since > self.plan.timeouts.ready_s:
+                self.launcher.kill(key)
+                self._down(self.replicas[key], f"not ready within {self.plan.timeouts.ready_s:g} s of its restart "
+                                               "(timeouts.ready_s); killed")
         if not connected:
             return  # cut off from the broker ourselves: the replicas' silence says nothing about them
         if reconnects != self._reconnects_seen:
@@ -143,19 +180,62 @@ class Fleet:
             return
         info.down = why
         self.monitor.forget(info.node, info.replica)
+        self._starting_since.pop(info.key, None)
         self.view.replica_down(info, why)
         self._newly_down.append(info)
+        if self.restarts is not None and self._deployed:
+            self._plan_restart(info)
+
+    # -- restarts ---------------------------------------------------------------------------------------------
+
+    def _plan_restart(self, info: ReplicaInfo) -> None:
+        now = self.clock()
+        policy = self.restarts
+        assert policy is not None
+        recent = [t for t in self._restarted.get(info.key, []) if now - t < policy.window_s]
+        self._restarted[info.key] = recent
+        if len(recent) >= policy.max_restarts:
+            info.down += (f"; not restarted: it was restarted {len(recent)} times in the last {policy.window_s:g} s "
+                          "(a crash loop)")
+            self.view.replica_left_down(info, len(recent), policy.window_s)
+            return
+        delay = policy.backoff_s * 2 ** len(recent)
+        self._restart_at[info.key] = now + delay
+        self.view.replica_restarting(info, delay)
+
+    def due_restarts(self) -> list[ReplicaKey]:
+        """Replicas whose restart is due now (the controller restarts them with :meth:`restart`)."""
+        now = self.clock()
+        return [key for key, at in self._restart_at.items() if at <= now]
+
+    def restart(self, key: ReplicaKey) -> None:
+        """Start a replica that was taken out again, from its spec: it is live, and serves once ready."""
+        del self._restart_at[key]
+        now = self.clock()
+        self._restarted.setdefault(key, []).append(now)
+        old = self.replicas[key]
+        self.replicas[key] = ReplicaInfo(old.node, old.replica, restarts=old.restarts + 1,
+                                         peak_rss_bytes=old.peak_rss_bytes)
+        self._starting_since[key] = now
+        self.monitor.forget(*key)  # what was heard of the old process says nothing of the new one
+        self.launcher.start(*self._workers[key])
 
     # -- for the scheduler ------------------------------------------------------------------------------------
 
     def has_live(self, node: str) -> bool:
-        return any(r.down is None for r in self.replicas.values() if r.node == node)
+        """Whether ``node`` has a replica in service, or one that is being restarted."""
+        return any(r.down is None or r.key in self._restart_at for r in self.replicas.values() if r.node == node)
+
+    def serving(self, node: str) -> bool:
+        """Whether ``node`` has a replica in service and ready now (not one still starting after a restart)."""
+        return any(r.down is None and r.state == "ready" for r in self.replicas.values() if r.node == node)
 
     def pick(self, node: str) -> int:
-        """The live replica of ``node`` with the fewest segments assigned (then the lowest index)."""
-        live = [r for r in self.replicas.values() if r.node == node and r.down is None]
+        """The ready replica of ``node`` in service with the fewest segments assigned (then the lowest index)."""
+        live = [r for r in self.replicas.values() if r.node == node and r.down is None and r.state == "ready"]
         if not live:
-            raise NodeError("no live replica left", node=node)
+            raise NodeError("no replica ready: it is being started again" if self.has_live(node) else
+                            "no live replica left", node=node)
         return min(live, key=lambda r: (r.assigned, r.replica)).replica
 
     def report(self, info: ReplicaInfo, stage: str | None = None, *, named: bool = True) -> str:

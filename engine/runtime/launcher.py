@@ -74,6 +74,8 @@ class LocalLauncher:
         spec_path = self.deploy_dir / f"{stem}.json"
         spec.write(spec_path)
         log_path = self.deploy_dir / f"{stem}.log"
+        if log_path.exists():  # started again: the log of the process it replaces says why
+            log_path.replace(log_path.with_suffix(".previous.log"))
         env = {**os.environ, "MC_LOG_LEVEL": os.environ.get("MC_LOG_LEVEL", "WARNING"), "PYTHONUNBUFFERED": "1", **self.env}
         with log_path.open("w") as log:
             process = subprocess.Popen(

@@ -66,6 +66,15 @@ class ProgressView:
     def replica_down(self, info: Any, why: str) -> None:
         self._print(f"!! {info.node}[{info.replica}] is out: {why}")
 
+    def replica_restarting(self, info: Any, delay_s: float) -> None:
+        self._print(f"{info.node}[{info.replica}]: starting it again in {delay_s:g} s (restart {info.restarts + 1})")
+
+    def replica_back(self, info: Any) -> None:
+        self._print(f"{info.node}[{info.replica}] is back: ready in {info.load_s or 0:.1f} s (restart {info.restarts})")
+
+    def replica_left_down(self, info: Any, restarts: int, window_s: float) -> None:
+        self._print(f"!! {info.node}[{info.replica}] stays out: restarted {restarts} times in the last {window_s:g} s")
+
     def refused(self, sender: str, what: str) -> None:
         """A message the controller refused; shown once per sender (the rest are counted in the report)."""
         if sender not in self._refused_from:
@@ -84,7 +93,7 @@ class ProgressView:
         self._print("the broker is back; heartbeat timeouts count from now")
 
     def retry(self, request: Any, why: str) -> None:
-        self._print(f"{request.id}: retrying on another replica (attempt {request.attempt + 1})")
+        self._print(f"{request.id}: retrying from the start (attempt {request.attempt + 1})")
 
     def request_finished(self, request: Any) -> None:
         if request.state.value == "cancelled":

@@ -39,6 +39,7 @@ class RemoteLauncher:
         self.lease_s = lease_s
         self.topics = AgentTopics()
         self._orders: dict[str, ReplicaKey] = {}  # order id -> the replica it started
+        self._current: dict[ReplicaKey, str] = {}  # replica -> the order that started its present process
         self._unanswered: dict[str, AgentOrder] = {}  # deploy orders no report answered yet
         self._online: set[str] = set()  # agents that announced themselves online since the run started
         self._offline_since: dict[str, float] = {}  # agents whose will arrived, since when (monotonic)
@@ -101,9 +102,10 @@ class RemoteLauncher:
             self._unanswered.pop(message.order_id, None)
             key = self._orders[message.order_id]
             self._state[message.order_id] = message.state
-            if message.state == "failed":
+            current = self._current[key] == message.order_id  # not the order of a process a restart replaced
+            if message.state == "failed" and current:
                 self._exited.setdefault(key, f"refused by agent {message.agent!r}: {message.detail}")
-            for name, how in message.exited.items():
+            for name, how in message.exited.items() if current else ():
                 node, _, replica = name.rpartition("/")
                 self._exited.setdefault((node, int(replica)), f"{how} (on agent {message.agent!r})")
                 self._tails[(node, int(replica))] = message.log_tails.get(name, "")
@@ -133,15 +135,21 @@ class RemoteLauncher:
     # -- the Launcher ---------------------------------------------------------------------------------------------
 
     def start(self, spec: WorkerSpec, secrets: WorkerSecrets) -> None:
-        order_id = f"{spec.node}-{spec.replica}"
-        self._orders[order_id] = (spec.node, spec.replica)
+        """Order the replica's agent to start it; a replica started again gets an order of its own (``-r<n>``)."""
+        key = (spec.node, spec.replica)
+        restarts = sum(replica == key for replica in self._orders.values())
+        order_id = f"{spec.node}-{spec.replica}" + (f"-r{restarts}" if restarts else "")
+        self._orders[order_id] = key
+        self._current[key] = order_id
+        self._exited.pop(key, None)
+        self._tails.pop(key, None)
         self._unanswered[order_id] = self._order(self.hosts[spec.node], order_id, "deploy", [spec.model_dump(mode="json")])
 
     def exited(self) -> dict[ReplicaKey, str]:
         return dict(self._exited)
 
     def kill(self, key: ReplicaKey) -> None:
-        self._order(self.hosts[key[0]], f"{key[0]}-{key[1]}", "stop")
+        self._order(self.hosts[key[0]], self._current[key], "stop")
 
     def stop_all(self) -> None:
         """Order every agent to stop the run's workers and wait (bounded) for them to say so; from any thread."""

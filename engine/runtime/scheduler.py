@@ -7,7 +7,8 @@ every ``resend_s`` until answered (the worker answers a repeat with the answer i
 loses no request. An answer counts only if it answers the dispatch the request waits on now: that replica,
 that attempt, with outputs inside the run's folder; anything else is refused and counted. A replica taken out
 of service re-runs its requests from the start on other replicas when every node still has one (at most
-``MAX_ATTEMPTS`` times), else fails them naming the node, replica and stage; a segment past its deadline fails
+``MAX_ATTEMPTS`` times; a replica being restarted counts, and requests wait until it is ready), else fails them
+naming the node, replica and stage; a segment past its deadline fails
 its request, as does a request past its own deadline (``submit(deadline_s=)``). A cancelled request never runs
 if queued; if running, its replicas are told to drop it (they stop at the next denoising step and free its
 receive slots). A request that ends early is dropped on its replicas the same way.
@@ -140,7 +141,7 @@ class Scheduler:
     # -- dispatch ---------------------------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        if not self.admitting:
+        if not self.admitting or self._waiting_for_restarts():
             return
         running = self.running
         for request in self.requests:
@@ -149,6 +150,11 @@ class Scheduler:
             if request.state == State.QUEUED:
                 self._dispatch(request, 0)
                 running += 1
+
+    def _waiting_for_restarts(self) -> bool:
+        """Whether a node serves with no replica now but has one being started again: requests wait for it (a
+        node with none left at all fails them at dispatch)."""
+        return any(self.fleet.has_live(node) and not self.fleet.serving(node) for node in self.plan.nodes)
 
     def _assign(self, request: TrackedRequest, index: int, node: str) -> int:
         """The replica segment ``index`` of the request runs on, chosen now if it has none yet."""
@@ -164,7 +170,7 @@ class Scheduler:
             send_to = {edge.name: self._assign(request, self._consumer(edge.target, edge.tensor_names, index), edge.target)
                        for edge in self.plan.edges_from(segment.node) if set(edge.tensor_names) & set(segment.outputs)}
         except NodeError as exc:
-            self._fail(request, str(exc))
+            self._retry_or_fail(request, str(exc))
             return
         stage_budget = self.plan.timeouts.stage_s * len(segment.stages) + self.plan.timeouts.transfer_s * 2
         request.dispatch = RunStage(request_id=request.id, request=request.params.model_dump(mode="json"),
@@ -244,16 +250,20 @@ class Scheduler:
             if request.finished or info.key not in {
                     (self.plan.segments[i].node, r) for i, r in request.replica_of.items() if i >= request.segment}:
                 continue
-            message = self.fleet.report(info, self._running_stage(request, info))
-            if request.attempt + 1 < MAX_ATTEMPTS and all(self.fleet.has_live(node) for node in self.plan.nodes):
-                self._release(request)
-                request.attempt += 1
-                request.replica_of.clear()
-                request.steps.clear()
-                request.move(State.QUEUED, f"retrying from the start: {message}")
-                self.view.retry(request, message)
-            else:
-                self._fail(request, message)
+            self._retry_or_fail(request, self.fleet.report(info, self._running_stage(request, info)))
+
+    def _retry_or_fail(self, request: TrackedRequest, message: str) -> None:
+        """Run the request again from the start when attempts remain and every node still has a replica (or one
+        being started again), else fail it with ``message``."""
+        if request.attempt + 1 < MAX_ATTEMPTS and all(self.fleet.has_live(node) for node in self.plan.nodes):
+            self._release(request)
+            request.attempt += 1
+            request.replica_of.clear()
+            request.steps.clear()
+            request.move(State.QUEUED, f"retrying from the start: {message}")
+            self.view.retry(request, message)
+        else:
+            self._fail(request, message)
 
     def _running_stage(self, request: TrackedRequest, info: ReplicaInfo) -> str | None:
         segment = self.plan.segments[request.segment] if request.segment >= 0 else None

@@ -36,7 +36,7 @@ from engine.control.bus import Inbound
 from engine.control.client import ControlClient, LastWill
 from engine.control.heartbeat import RECONNECT_ALLOWANCE_S, WILL_GRACE_S, Progress, publish_heartbeats, rss_bytes
 from engine.control.messages import (Ack, Cancel, Delivered, EdgeStats, Fence, Grant, GrantRequest, Landed, ReplicaRef,
-                                     RunStage, Shutdown, StageDone, StageFailed, Status)
+                                     ReplicaRestarting, RunStage, Shutdown, StageDone, StageFailed, Status)
 from engine.control.topics import Topics
 from engine.display import human_bytes
 from engine.errors import EngineError, TransportError
@@ -264,6 +264,16 @@ class Worker:
             self.peers[peer] = message
             if message.state in ("failed", "stopped"):
                 self.replies.peer_died(peer, message.detail or message.state)
+        elif isinstance(message, ReplicaRestarting):  # its old process is gone; the new one signs from 0
+            peer = (message.node, message.replica)
+            log.info("%s[%d] is being started again", *peer)
+            self.client.forget_sender(self.topics.replica_client(*peer))
+            self.peers.pop(peer, None)  # where to write comes with the new process's announcement
+            self.connected = {known for known in self.connected if known[1:] != peer}
+            suspicion = self.suspects.pop(peer, None)
+            if suspicion is not None:
+                suspicion.cancel()
+            self.replies.peer_died(peer, "it is being started again")
         elif isinstance(message, Cancel):
             log.info("request %s dropped: %s", message.request_id, message.reason)
             self.cancelled.remember(message.request_id, message.reason)

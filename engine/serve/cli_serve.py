@@ -60,6 +60,9 @@ def add_serve_parser(commands: argparse._SubParsersAction, add_graph_arguments: 
     serve.add_argument("--retain-bytes", default="50GiB", help="output bytes kept (default: 50GiB)")
     serve.add_argument("--retain-days", type=float, default=7.0, help="days a finished job is kept (default: 7)")
     serve.add_argument("--token-file", type=Path, help="bearer token for /v1, read from this file (default: ENGINE_API_TOKEN)")
+    serve.add_argument("--max-restarts", type=int, default=3,
+                       help="a replica whose process dies is started again, at most this many times in 10 minutes; "
+                            "after that it stays out (default: 3; 0: never)")
     serve.add_argument("--no-mqtt", action="store_true", help="take jobs over HTTP only")
     serve.add_argument("--save-frames", action="store_true", help="also save each job's raw decoded frames as .npy")
     serve.set_defaults(handler=_serve)
@@ -108,7 +111,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     checked = check_graph(load_graph(args.graph, args.overrides))
     for name, value in (("--queue-size", args.queue_size), ("--job-timeout-s", args.job_timeout_s),
-                        ("--grace-s", args.grace_s), ("--retain-jobs", args.retain_jobs), ("--retain-days", args.retain_days)):
+                        ("--grace-s", args.grace_s), ("--retain-jobs", args.retain_jobs), ("--retain-days", args.retain_days),
+                        ("--max-restarts", args.max_restarts)):
         if value < 0 or (name in ("--queue-size", "--job-timeout-s") and value == 0):
             raise OutputError(f"{name} {value}: must be > 0" if name in ("--queue-size", "--job-timeout-s") else f"{name}: must be >= 0")
     try:
@@ -127,20 +131,23 @@ def _serve(args: argparse.Namespace) -> int:
     for chatty in ("amqtt", "transitions"):  # the embedded amqtt broker logs every session's state change
         logging.getLogger(chatty).setLevel(logging.WARNING)
     return asyncio.run(_run_service(checked, plan, source, options, sock, token, mqtt=not args.no_mqtt,
-                                    save_frames=args.save_frames))
+                                    save_frames=args.save_frames, max_restarts=args.max_restarts))
 
 
 async def _run_service(checked: CheckedGraph, plan: Plan, source: Path, options: ServiceOptions, sock: socket.socket,
-                       token: str | None, *, mqtt: bool, save_frames: bool) -> int:
+                       token: str | None, *, mqtt: bool, save_frames: bool, max_restarts: int) -> int:
     import uvicorn
 
     from engine.runtime.controller import Controller, RunOptions
+    from engine.runtime.fleet import RestartPolicy
     from engine.serve.http import ApiOptions, create_app
     from engine.serve.mqtt import MqttFront
     from engine.serve.service import Service
 
     run_id = f"serve-{checked.loaded.spec.name.replace('_', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    controller = Controller(plan, source, RunOptions(out_dir=options.outputs, run_id=run_id, save_frames=save_frames))
+    restarts = RestartPolicy(max_restarts=max_restarts) if max_restarts else None
+    controller = Controller(plan, source, RunOptions(out_dir=options.outputs, run_id=run_id, save_frames=save_frames,
+                                                     restarts=restarts))
     service = Service(controller, checked, options)
     host, port = sock.getsockname()[:2]
     front = MqttFront.prepare(service, f"http://{host}:{port}") if mqtt else None

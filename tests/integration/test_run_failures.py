@@ -68,7 +68,7 @@ def test_request_is_retried_on_the_other_replica(tmp_path):
     time.sleep(0.5)
     os.kill(worker_pid(tmp_path / "out", "transformer", replica), signal.SIGKILL)
     assert run.finish(timeout=240) == 0, run.output[-3000:]
-    assert "retrying on another replica" in run.output
+    assert "retrying from the start (attempt 2)" in run.output
     assert f"transformer[{1 - replica}] done" in run.output
 
 

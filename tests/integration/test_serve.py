@@ -9,7 +9,9 @@ import asyncio
 import base64
 import io
 import json
+import os
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -304,6 +306,39 @@ def test_a_restart_runs_the_jobs_left_queued_on_amqtt(tmp_path):
         assert shown["status"] == "failed" and shown["error"]["code"] == "interrupted"
     finally:
         assert again.stop() == 0
+
+
+def test_a_killed_worker_is_started_again_and_its_job_completes(tmp_path):
+    """kill -9 of the only transformer worker mid-job: the service starts it again and the job reruns on it."""
+    served = start_service("wan_t2v.yaml", tmp_path / "state", *LIMITS, extra=("--no-mqtt", "--save-frames"))
+    try:
+        body = {**LONG, "prompt": "a job whose worker dies", "seed": 3, "num_inference_steps": 150}
+        job_id = post(served, body).json()["id"]
+        deadline = time.monotonic() + 120
+        while not (busy := [r for r in service_replicas(served) if r["node"] == "transformer" and r["stage"] == "denoise"]):
+            assert time.monotonic() < deadline, "the transformer never started denoising"
+            time.sleep(0.05)
+        os.kill(busy[0]["pid"], signal.SIGKILL)
+
+        done = served.wait_for(job_id)
+        assert done["status"] == "completed", done["error"]
+        outputs = served.state / "outputs"
+        request = json.loads((outputs / f"{job_id}.json").read_text())["request"]
+        assert np.array_equal(np.load(outputs / f"{job_id}.npy"), reference_frames("t2v", json.dumps(request, sort_keys=True)))
+        (again,) = [r for r in service_replicas(served) if r["node"] == "transformer"]
+        assert again["pid"] != busy[0]["pid"] and again["state"] in ("ready", "busy")
+        assert httpx.get(f"{served.url}/health", timeout=30).status_code == 200
+        log = served.log_text()
+        assert "transformer[0]: starting it again in 1 s (restart 1)" in log and "transformer[0] is back" in log, log[-3000:]
+        assert "SIGKILL" in log or "dead" in log
+        assert (outputs / "deploy" / "transformer-0.previous.log").is_file()  # the killed process's log is kept
+    finally:
+        code = served.stop()
+    assert code == 0 and "Traceback" not in served.log_text(), served.log_text()[-5000:]
+
+
+def service_replicas(served: Served) -> list[dict]:
+    return httpx.get(f"{served.url}/v1/service", timeout=30).json()["state"]["replicas"]
 
 
 def served_job(state: Path, job_id: str) -> dict:

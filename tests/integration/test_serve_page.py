@@ -192,7 +192,7 @@ def test_a_running_job_shows_its_replica_busy_and_cancelled_shows_as_cancelled(w
 
 
 def test_a_killed_worker_shows_its_replica_down_and_the_jobs_error(tmp_path, page):
-    served = start_service("wan_t2v.yaml", tmp_path / "state", *LIMITS, extra=("--no-mqtt",))
+    served = start_service("wan_t2v.yaml", tmp_path / "state", *LIMITS, extra=("--no-mqtt", "--max-restarts", "0"))
     try:
         page.open(served.url)
         page.wait("three replicas ready", lambda: [r["state"] for r in page.replicas().values()] == ["ready"] * 3)

@@ -4,6 +4,7 @@ a fake launcher whose workers answer as told (no process, no socket)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,8 @@ from engine.spec.load import load_graph
 REPO = Path(__file__).resolve().parents[2]
 
 #: How a fake worker answers a run_stage: "done", "fail", "silent" (never), "deaf" (ignores the first
-#: delivery of each, answers its repeat), "die" (its process dies on the first run_stage).
+#: delivery of each, answers its repeat), "die" (its process dies on the first run_stage); or how it starts:
+#: "crash" (its process dies before it is ready), "hang" (it never gets ready).
 Behaviour = str
 
 
@@ -47,9 +49,12 @@ class FakeLauncher:
         self.dead: dict[tuple[str, int], str] = {}
         self.orders: list[tuple[str, int, RunStage]] = []  # every run_stage a worker received
         self.cancels: list[tuple[str, int, str]] = []  # every cancel: node, replica, request id
+        self.started: list[tuple[str, int]] = []  # every worker started, in order (a restart again)
 
     def start(self, spec: WorkerSpec, secrets: WorkerSecrets) -> None:
         key = (spec.node, spec.replica)
+        self.started.append(key)
+        self.dead.pop(key, None)  # a new process
         self.tasks[key] = asyncio.get_running_loop().create_task(self._worker(*key))
 
     def exited(self) -> dict[tuple[str, int], str]:
@@ -59,6 +64,8 @@ class FakeLauncher:
         for tasks in (self.tasks, self.heartbeats):
             if key in tasks:
                 tasks[key].cancel()
+        with contextlib.suppress(KeyError):  # its connection dies with it: the broker publishes its will
+            self.broker.kill(self.topics.replica_client(*key))
         self.dead[key] = "process killed by SIGKILL"
 
     def stop_all(self) -> None:
@@ -77,8 +84,14 @@ class FakeLauncher:
         will = LastWill(self.topics.status(node, replica), self._status(node, replica, "dead"))
         bus: MemoryBus = self.broker.connect(client, will=will)
         await bus.subscribe(self.topics.inbox(node, replica))
-        await bus.publish(self.topics.status(node, replica), self._status(node, replica, "ready"), retain=True)
         behaviour, seen = self.behave(node, replica), set()
+        if behaviour == "crash":
+            self.broker.kill(client)
+            self.dead[(node, replica)] = "process exited with code 1"
+            return
+        if behaviour == "hang":
+            await asyncio.Event().wait()
+        await bus.publish(self.topics.status(node, replica), self._status(node, replica, "ready"), retain=True)
         if behaviour != "silent":  # a silent worker sends no heartbeat either
             self.heartbeats[(node, replica)] = asyncio.create_task(publish_heartbeats(
                 bus, self.topics.heartbeat(node, replica), node, replica, Progress(), period_s=0.05))
@@ -92,7 +105,6 @@ class FakeLauncher:
             question = (order.request_id, order.segment, order.attempt)
             if behaviour == "die":
                 self.kill((node, replica))
-                self.broker.kill(client)
                 return
             if behaviour == "silent" or (behaviour == "deaf" and question not in seen):
                 seen.add(question)
