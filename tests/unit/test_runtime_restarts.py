@@ -39,16 +39,18 @@ def serve(tmp_path: Path, behave: Callable[[FakeLauncher, str, int], Behaviour],
     return asyncio.run(scenario()), launcher
 
 
-def dit_process(launcher: FakeLauncher) -> int:
-    """Which process of the DiT replica is being started (1: the first)."""
-    return launcher.started.count(DIT)
+def dit_dies_then(later: Behaviour) -> Callable[[FakeLauncher, str, int], Behaviour]:
+    """The DiT's first process dies on its first request; its later processes behave as ``later``."""
+    def behave(launcher: FakeLauncher, node: str, replica: int) -> Behaviour:
+        if (node, replica) != DIT:
+            return "done"
+        return "die" if launcher.started.count(DIT) == 1 else later
+
+    return behave
 
 
 def test_a_dead_replica_is_started_again_and_its_request_reruns_on_it(tmp_path):
-    def first_dit_dies(launcher, node, replica):
-        return "die" if (node, replica) == DIT and dit_process(launcher) == 1 else "done"
-
-    result, launcher = serve(tmp_path, first_dit_dies, RestartPolicy(backoff_s=0.05))
+    result, launcher = serve(tmp_path, dit_dies_then("done"), RestartPolicy(backoff_s=0.05))
     assert [r.state for r in result.requests] == [State.DONE, State.DONE]
     assert launcher.started.count(DIT) == 2 and result.replicas[DIT].restarts == 1
     assert result.replicas[DIT].down is None and result.replicas[DIT].state == "ready"
@@ -59,13 +61,7 @@ def test_a_dead_replica_is_started_again_and_its_request_reruns_on_it(tmp_path):
 
 
 def test_a_crash_loop_stops_restarting_and_fails_the_request_saying_so(tmp_path):
-    def dit_crashes_after_its_first_death(launcher, node, replica):
-        if (node, replica) != DIT:
-            return "done"
-        return "die" if dit_process(launcher) == 1 else "crash"
-
-    result, launcher = serve(tmp_path, dit_crashes_after_its_first_death, RestartPolicy(max_restarts=2, backoff_s=0.02),
-                             requests=1)
+    result, launcher = serve(tmp_path, dit_dies_then("crash"), RestartPolicy(max_restarts=2, backoff_s=0.02), requests=1)
     (request,) = result.requests
     assert request.state == State.FAILED
     assert launcher.started.count(DIT) == 3  # the first process and two restarts, then no more
@@ -74,12 +70,7 @@ def test_a_crash_loop_stops_restarting_and_fails_the_request_saying_so(tmp_path)
 
 
 def test_a_restarted_replica_not_ready_in_time_is_killed(tmp_path):
-    def dit_hangs_after_its_first_death(launcher, node, replica):
-        if (node, replica) != DIT:
-            return "done"
-        return "die" if dit_process(launcher) == 1 else "hang"
-
-    result, launcher = serve(tmp_path, dit_hangs_after_its_first_death, RestartPolicy(max_restarts=1, backoff_s=0.02),
+    result, launcher = serve(tmp_path, dit_dies_then("hang"), RestartPolicy(max_restarts=1, backoff_s=0.02),
                              "timeouts.ready_s=0.3", requests=1)
     assert result.requests[0].state == State.FAILED
     assert result.replicas[DIT].down.startswith("not ready within 0.3 s of its restart (timeouts.ready_s); killed")
