@@ -22,6 +22,7 @@ from engine.stages import LoadedComponents
 from nodes.wan import family
 from nodes.wan.family import WanExpertsImageRequest, WanExpertsRequest
 from tests.unit.wan_support import configs, declared_dtype, declared_shape, load_node, node_components, over_edge, tiny
+from tests.unit.wan_support import one_thread  # noqa: F401 - a fixture: every test on one torch thread
 
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
 
@@ -30,14 +31,6 @@ FOUR_NODES = (("text_encode", "vae_encode"), ("denoise_high",), ("denoise_low",)
 STEPS = 5  # tiny preset (flow_shift 3): timesteps 999, 923, 818, 667, 429
 HIGH_STEPS = {0.95: 1, 0.9: 2}  # boundary_ratio -> steps of the high-noise expert
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread and share this machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @cache

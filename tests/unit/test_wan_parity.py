@@ -27,18 +27,11 @@ from tests.unit.wan_support import (
     over_edge,
     tiny,
 )
+from tests.unit.wan_support import one_thread  # noqa: F401 - a fixture: every test on one torch thread
 
 SIZES = [(32, 32), (32, 48)]  # (height, width): square and not
 STEPS = 3
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (thread hand-offs dominate) and share this machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @cache

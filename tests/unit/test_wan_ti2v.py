@@ -27,6 +27,7 @@ from nodes.wan import family
 from nodes.wan.family import WanImageRequest, WanRequest
 from nodes.wan.presets import build_preset
 from tests.unit.wan_support import _ROOT, configs, declared_dtype, declared_shape, node_components, over_edge
+from tests.unit.wan_support import one_thread  # noqa: F401 - a fixture: every test on one torch thread
 
 GRAPHS = Path(__file__).resolve().parents[2] / "graphs"
 FIRST_FRAME = GRAPHS / "assets" / "first_frame.png"  # 320x240: resized to every request
@@ -34,14 +35,6 @@ FIRST_FRAME = GRAPHS / "assets" / "first_frame.png"  # 320x240: resized to every
 ONE_NODE = (("text_encode", "vae_encode", "denoise", "vae_decode"),)
 THREE_NODES = (("text_encode", "vae_encode"), ("denoise",), ("vae_decode",))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread and share this machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @cache

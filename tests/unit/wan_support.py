@@ -10,6 +10,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from engine.stages import DTYPE_BYTES, MODEL_DTYPE, LoadedComponents, TensorSpec
@@ -81,3 +82,13 @@ def declared_dtype(spec: TensorSpec, model_dtype: str) -> torch.dtype:
     name = model_dtype if spec.dtype == MODEL_DTYPE else spec.dtype
     assert name in DTYPE_BYTES
     return getattr(torch, name)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (thread hand-offs dominate) and share this machine's cores; a test
+    module that imports this fixture gets it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
