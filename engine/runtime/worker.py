@@ -255,9 +255,7 @@ class Worker:
                 self._serve_grants(message.edge)
         elif isinstance(message, Status):
             peer = (message.node, message.replica)
-            suspicion = self.suspects.pop(peer, None)
-            if suspicion is not None:
-                suspicion.cancel()
+            self._clear_suspicion(peer)
             if message.state == "dead":  # a will: a broker going down publishes every client's
                 self._suspect(peer, message.detail or "dead", self.client.reconnects)
                 return
@@ -270,9 +268,7 @@ class Worker:
             self.client.forget_sender(self.topics.replica_client(*peer))
             self.peers.pop(peer, None)  # where to write comes with the new process's announcement
             self.connected = {known for known in self.connected if known[1:] != peer}
-            suspicion = self.suspects.pop(peer, None)
-            if suspicion is not None:
-                suspicion.cancel()
+            self._clear_suspicion(peer)
             self.replies.peer_died(peer, "it is being started again")
         elif isinstance(message, Cancel):
             log.info("request %s dropped: %s", message.request_id, message.reason)
@@ -281,6 +277,12 @@ class Worker:
         elif isinstance(message, Shutdown):
             log.info("shutdown: %s", message.reason)
             self.stopping.set()
+
+    def _clear_suspicion(self, peer: tuple[str, int]) -> None:
+        """The peer spoke (or is being started again): its will, if one came, is not to be believed."""
+        suspicion = self.suspects.pop(peer, None)
+        if suspicion is not None:
+            suspicion.cancel()
 
     def _suspect(self, peer: tuple[str, int], detail: str, reconnects: int, grace_s: float = WILL_GRACE_S) -> None:
         """A peer's will is believed once no status of it follows within the grace while we hear the broker (the
