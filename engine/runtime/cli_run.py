@@ -83,11 +83,13 @@ def _run(args: argparse.Namespace) -> int:
     if not args.out:
         options = dataclasses.replace(options, out_dir=Path("outputs") / options.run_id)
     prepare_output_folder(options.out_dir)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the run as Ctrl-C does: workers torn down
+    # SIGTERM and SIGINT stop the run, workers torn down, even where SIGINT came in ignored (a script's background job)
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         result = asyncio.run(run_graph(plan, source, requests, options))
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     report = write_report(result, result.plan, source)
     print_summary(result, report)
     return 0 if all(r.state == State.DONE for r in result.requests) else 1

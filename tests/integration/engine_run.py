@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -177,11 +178,14 @@ def python_stacks(pid: int) -> str:
 class LiveRun:
     """`engine run` in the background, its progress lines readable as they come."""
 
-    def __init__(self, graph: str, out: Path, *settings: str, extra: tuple[str, ...] = ()):
+    def __init__(self, graph: str, out: Path, *settings: str, extra: tuple[str, ...] = (), sigint_ignored: bool = False):
+        """``sigint_ignored``: start it as a script's background job is started, SIGINT ignored."""
         command = [sys.executable, "-m", "engine.cli", "run", str(GRAPHS / graph), "--out", str(out), *extra]
         for setting in settings:
             command += ["--set", setting]
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
+        self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        preexec_fn=ignore)
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
