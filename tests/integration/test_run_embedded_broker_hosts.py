@@ -1,7 +1,8 @@
 """A small setup with no broker of its own: `broker: embedded@ADDRESS` listens where the agents on other hosts (a
 network namespace here) reach it, with the agents' password made once and printed for them. The same agent
-serves a run and then a service (`engine serve`), each bringing up its own broker; the service has the agent start
-its worker again when that worker's process is killed."""
+serves a run and then a service (`engine serve`), each bringing up its own broker. The service's decoder runs on
+the agent, as on a cluster (`engine deploy k8s`): the frames come back to the service's collector, and the agent
+starts the decoder's worker again when its process is killed."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def test_a_run_reaches_an_agent_through_its_embedded_broker(cluster, tmp_path):
 
 
 def test_a_service_deploys_a_node_on_an_agent(cluster, tmp_path):
-    served = start_service("wan_t2v.yaml", tmp_path / "state", BROKER, "nodes.encoder.place.host=e1",
+    served = start_service("wan_t2v.yaml", tmp_path / "state", BROKER, "nodes.decoder.place.host=e1",
                            extra=("--save-frames",))
     try:
         job = httpx.post(f"{served.url}/v1/videos", json={"prompt": "served across hosts", "seed": 3}, timeout=60).json()
@@ -71,21 +72,21 @@ def test_a_service_deploys_a_node_on_an_agent(cluster, tmp_path):
         request = json.loads((outputs / f"{job['id']}.json").read_text())["request"]
         assert np.array_equal(np.load(outputs / f"{job['id']}.npy"),
                               reference_frames("t2v", json.dumps(request, sort_keys=True)))
-        (first,) = cluster.workers_in("e1")  # the encoder's worker runs on the agent's host
+        (first,) = cluster.workers_in("e1")  # the decoder's worker runs on the agent's host
 
         # Its process killed: the service orders the agent to start it again, and the next job runs on it.
         os.kill(first, signal.SIGKILL)
         deadline = time.monotonic() + 60
         while not ((now := cluster.workers_in("e1")) and now != [first]
                    and httpx.get(f"{served.url}/health", timeout=30).status_code == 200):
-            assert time.monotonic() < deadline, f"the encoder was not started again on e1: {served.log_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"the decoder was not started again on e1: {served.log_text()[-3000:]}"
             time.sleep(0.2)
         again = httpx.post(f"{served.url}/v1/videos", json={"prompt": "after a restart", "seed": 4}, timeout=60).json()
         assert served.wait_for(again["id"])["status"] == "completed"
         request = json.loads((outputs / f"{again['id']}.json").read_text())["request"]
         assert np.array_equal(np.load(outputs / f"{again['id']}.npy"),
                               reference_frames("t2v", json.dumps(request, sort_keys=True)))
-        assert "encoder[0] is back" in served.log_text()
+        assert "decoder[0] is back" in served.log_text()
     finally:
         assert served.stop() == 0
     assert not cluster.workers_in("e1"), "a remote worker outlived the service"
