@@ -17,11 +17,11 @@ if TYPE_CHECKING:
 DESCRIPTION = """\
 Render GRAPH as Kubernetes manifests in --out, to apply with `kubectl apply -k OUT`:
   - a mosquitto broker (Deployment, Service; password file and ACL in a Secret, a user per pod);
-  - one Deployment per node, except those writing the outputs, whose pod runs `engine agent`; the rendered
-    graph places the node on that agent. All replicas of a node are worker processes in its one pod, sharing
-    its device (the controller places a node's replicas on one agent);
-  - the serving head: `engine serve` Deployment and Service (port 8000, /health), running the nodes that
-    write the outputs (in this version they run where the controller runs);
+  - one Deployment per node, whose pod runs `engine agent`; the rendered graph places the node on that agent.
+    All replicas of a node are worker processes in its one pod, sharing its device (the controller places a
+    node's replicas on one agent);
+  - the serving head: `engine serve` Deployment and Service (port 8000, /health), with no accelerator: the
+    outputs come back to it over the data plane and uploads leave from it;
   - Secrets: the deployment key, the API token (ENGINE_API_TOKEN) and the broker passwords, made now;
   - the model volume (mounted read-only at /models) and the head's state volume; kustomization.yaml.
 Resources come from the plan, as `engine plan` prints it: a pod requests the weights and receive buffers of
@@ -138,7 +138,9 @@ def _summary(cluster: ClusterPlan, options: ClusterOptions, out: Path) -> None:
     from engine.deploy.k8s import memory_quantity
     from engine.display import table
 
-    rows = [[pod.name, ", ".join(f"{node} x{cluster.plan.nodes[node].replicas} on {pod.devices[node]}" for node in pod.nodes),
+    nodes = cluster.plan.nodes
+    rows = [[pod.name, ", ".join(f"{node} x{nodes[node].replicas} on {nodes[node].device}"
+                                 for node in cluster.resources[pod.name].nodes),
              memory_quantity(cluster.resources[pod.name].memory_bytes),
              ", ".join(f"{name}: {count}" for name, count in cluster.resources[pod.name].accelerators.items()) or "-",
              "yes" if cluster.resources[pod.name].rdma else "-"] for pod in cluster.pods]

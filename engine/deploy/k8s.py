@@ -8,7 +8,7 @@
     broker.yaml         mosquitto: its configuration, Deployment and Service
     graph.yaml          the graph as the serving head runs it (a ConfigMap)
     head.yaml           the serving head: ``engine serve`` Deployment and Service
-    node-<node>.yaml    one Deployment per node outside the head, its pod running ``engine agent``
+    node-<node>.yaml    one Deployment per node of the graph, its pod running ``engine agent``
 
 No secret is in any manifest but the Secrets: pods read them as environment variables or files, and a broker
 password reaches a command line only through Kubernetes' ``$(VAR)`` expansion inside the container.

@@ -5,11 +5,11 @@ agent that announced itself as NAME (``place.host: any`` would pick among all ag
 could land on another node's pod). So every node gets a Deployment of its own whose pod runs ``engine agent
 --name <the Deployment's name>``, and the rendered graph places the node on that name. The controller puts every
 replica of a node on that one agent: the node's replicas are worker processes in the one pod, sharing its device,
-and the pod requests the memory of all of them. Nodes that write the run's outputs run in the serving head
-(``place.host: local``): in this version outputs are written where the controller runs.
+and the pod requests the memory of all of them. The serving head runs no node of the graph and needs no
+accelerator: the final outputs come back to it over the data plane (:mod:`engine.plan.collector`) and request
+files leave from it (:mod:`engine.plan.feeder`), each a CPU worker of the plan's own.
 
-A container sees the accelerators it was given as ``cuda:0``, ``cuda:1``...: each pod's devices are renumbered
-from 0, per kind, in the order of the graph's indices.
+A container sees the accelerator it was given as ``cuda:0``: the graph's ``cuda:3`` is ``cuda:0`` in its pod.
 
 Memory requests are host memory: a node's receive slots always live there, and its weights pass through it while
 loading (components are read on the CPU, then moved to the node's device), for every replica at once. So a pod
@@ -54,7 +54,7 @@ class PodResources:
     memory_bytes: int  #: host memory to request
     accelerators: dict[str, int]  #: extended resource name -> count
     rdma: bool  #: an edge of one of its nodes says protocol: rdma
-    processes: int  #: worker processes, plus the agent or the serving head
+    nodes: tuple[str, ...]  #: the plan's nodes it runs a worker of per replica
 
 
 def agent_name(node: str) -> str:
@@ -63,32 +63,16 @@ def agent_name(node: str) -> str:
 
 
 def assign_pods(checked: CheckedGraph) -> tuple[Pod, ...]:
-    """The serving head with the nodes that write outputs, then one agent pod per other node, in graph order."""
-    spec = checked.loaded.spec
-    writers = {s.node for s in checked.segments if set(s.outputs) & set(checked.final_outputs)}
-    members = [[name for name in spec.nodes if name in writers]] + [[name] for name in spec.nodes if name not in writers]
-    pods = []
-    for nodes in members:
-        devices = {node: spec.nodes[node].place.device for node in nodes}
-        name = HEAD if nodes[0] in writers else agent_name(nodes[0])
-        pods.append(Pod(name, tuple(nodes), _renumbered(devices)))
-    return tuple(pods)
+    """The serving head, then one agent pod per node of the graph, in graph order."""
+    nodes = checked.loaded.spec.nodes
+    return (Pod(HEAD, (), {}),
+            *(Pod(agent_name(name), (name,), {name: _in_pod(node.place.device)}) for name, node in nodes.items()))
 
 
-def _renumbered(devices: dict[str, str]) -> dict[str, str]:
-    """Each kind's distinct indices as 0, 1, ... in order: what the container sees of the devices it was given."""
-    indices: dict[str, list[str]] = {}
-    for device in sorted(set(devices.values())):
-        kind, _, index = device.partition(":")
-        if index:
-            indices.setdefault(kind, []).append(index)
-    for kind in indices:
-        indices[kind].sort(key=int)
-    renumbered = {}
-    for node, device in devices.items():
-        kind, _, index = device.partition(":")
-        renumbered[node] = f"{kind}:{indices[kind].index(index)}" if index else device
-    return renumbered
+def _in_pod(device: str) -> str:
+    """The device as the pod's container sees it: the one accelerator it was given is index 0 (cuda:3 -> cuda:0)."""
+    kind, _, index = device.partition(":")
+    return f"{kind}:0" if index else device
 
 
 def placement_overrides(pods: tuple[Pod, ...]) -> list[str]:
@@ -98,15 +82,17 @@ def placement_overrides(pods: tuple[Pod, ...]) -> list[str]:
 
 
 def pod_resources(pod: Pod, plan: Plan, report: MemoryReport, headroom_bytes: int) -> PodResources:
-    """What ``pod`` requests: see the module's docstring."""
+    """What ``pod`` requests: see the module's docstring. Its workers are the plan's nodes on its host: the graph's
+    nodes given to it, and for the head the collector and feeder the plan adds there."""
     memory = {m.node: m for m in report.nodes}
-    workers = sum(plan.nodes[node].replicas for node in pod.nodes)
+    nodes = [name for name, node in plan.nodes.items() if node.host == pod.host]
+    workers = sum(plan.nodes[node].replicas for node in nodes)
     accelerators: dict[str, int] = {}
     for device in set(pod.devices.values()):
         kind = device.partition(":")[0]
         if kind in ACCELERATOR_RESOURCES:
             accelerators[ACCELERATOR_RESOURCES[kind]] = accelerators.get(ACCELERATOR_RESOURCES[kind], 0) + 1
-    rdma = any(edge.protocol == "rdma" for edge in plan.edges if {edge.source, edge.target} & set(pod.nodes))
+    rdma = any(edge.protocol == "rdma" for edge in plan.edges if {edge.source, edge.target} & set(nodes))
     return PodResources(
-        memory_bytes=sum(memory[node].total_bytes for node in pod.nodes) + (workers + 1) * headroom_bytes,
-        accelerators=accelerators, rdma=rdma, processes=workers + 1)
+        memory_bytes=sum(memory[node].total_bytes for node in nodes) + (workers + 1) * headroom_bytes,
+        accelerators=accelerators, rdma=rdma, nodes=tuple(nodes))

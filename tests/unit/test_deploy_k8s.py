@@ -140,10 +140,10 @@ def test_agent_commands_parse_and_the_graph_places_each_node_on_its_own_pod(ship
     for graph, (_, files) in shipped.items():
         checked = rendered_graph(files, tmp_path)
         spec = checked.loaded.spec
-        writers = {s.node for s in checked.segments if set(s.outputs) & set(checked.final_outputs)}
         agents = {name: d for name, d in deployments(files).items() if name not in ("head", "broker")}
-        assert {spec.nodes[n].place.host for n in writers} == {"local"}, graph
-        assert sorted(agents) == sorted(spec.nodes[n].place.host for n in spec.nodes if n not in writers), graph
+        assert sorted(agents) == sorted(spec.nodes[n].place.host for n in spec.nodes), graph  # none in the head
+        assert sorted(agents) == sorted(f"node-{n.replace('_', '-')}" for n in spec.nodes), graph
+        assert "limits" not in container(deployments(files)["head"])["resources"], graph  # no accelerator
         for name, deployment in agents.items():
             assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
             assert container(deployment)["command"] == ["engine"]
@@ -194,38 +194,42 @@ def requests_of(deployment: dict[str, Any]) -> tuple[int, dict[str, str]]:
     return int(memory.removesuffix("Mi")) * MIB, resources.get("limits", {})
 
 
-@pytest.mark.parametrize(("graph", "pods"), [
-    ("wan_i2v.yaml", {"head": ["decoder"], "node-encoder": ["encoder"], "node-transformer": ["transformer"]}),
-    ("wan_i2v_two_dit.yaml", {"head": ["decoder"], "node-encoder": ["encoder"], "node-transformer": ["transformer"]}),
-])
-def test_memory_and_gpu_requests_are_the_plans_figures_for_wan_i2v_14b(tmp_path: Path, capsys, graph: str, pods) -> None:
+# The head runs the feeder (uploads out) and the collector (outputs back), which the plan adds there.
+PODS = {"head": ["feeder", "collector"], "node-encoder": ["encoder"], "node-transformer": ["transformer"],
+        "node-decoder": ["decoder"]}
+
+
+@pytest.mark.parametrize("graph", ["wan_i2v.yaml", "wan_i2v_two_dit.yaml"])
+def test_memory_and_gpu_requests_are_the_plans_figures_for_wan_i2v_14b(tmp_path: Path, capsys, graph: str) -> None:
     files = render(tmp_path / "k8s", ROOT / "graphs" / graph, *I2V_14B)
     # Each node on its pod's host, as the cluster places them: the encoder's pod also receives the input image.
-    placed = [arg for pod, nodes in pods.items() if pod != "head" for n in nodes for arg in ("--set", f"nodes.{n}.place.host={pod}")]
+    placed = [arg for pod, nodes in PODS.items() if pod != "head" for n in nodes for arg in ("--set", f"nodes.{n}.place.host={pod}")]
     plan, memory = planned(graph, [*I2V_14B, *placed])
+    assert sorted(plan.nodes) == sorted(n for nodes in PODS.values() for n in nodes)
     assert plan.edge_between("feeder", "encoder").slot_bytes == DEFAULT_FILE_BYTES
     rows = []
-    for pod, nodes in pods.items():
+    for pod, nodes in PODS.items():
         processes = 1 + sum(plan.nodes[n].replicas for n in nodes)
         weights = sum(plan.nodes[n].replicas * memory[n].weight_bytes for n in nodes)
         buffers = sum(plan.nodes[n].replicas * e.slots * e.slot_bytes for n in nodes for e in plan.edges_into(n))
         expected = math.ceil((weights + buffers + processes * HEADROOM) / MIB) * MIB
         got, limits = requests_of(deployments(files)[pod])
         assert got == expected, (pod, got, expected)
-        assert limits == {"nvidia.com/gpu": "1"}, pod
+        assert limits == ({} if pod == "head" else {"nvidia.com/gpu": "1"}), pod
         rows.append(f"{pod}: weights {weights / GIB:.2f} GiB + buffers {buffers / GIB:.2f} GiB + {processes} x 2 GiB "
-                    f"headroom = {expected // MIB} Mi, 1 GPU")
+                    f"headroom = {expected // MIB} Mi, {len(limits)} GPU")
     with capsys.disabled():
         print(f"\n{graph} Wan2.1-I2V-14B bf16 480x832x81:\n  " + "\n  ".join(rows))
     assert plan.nodes["transformer"].replicas == (2 if "two_dit" in graph else 1)
 
 
-def test_two_nodes_on_two_gpus_in_the_head_request_two_and_see_them_from_cuda_0(tmp_path: Path) -> None:
+def test_each_pod_sees_its_gpu_as_cuda_0(tmp_path: Path) -> None:
     files = render(tmp_path / "k8s", ROOT / "graphs" / "wan_i2v_shared_codec.yaml",
                    "--set", "nodes.codec.place.device=cuda:3", "--set", "nodes.transformer.place.device=cuda:5")
-    assert requests_of(deployments(files)["head"])[1] == {"nvidia.com/gpu": "1"}
-    assert requests_of(deployments(files)["node-transformer"])[1] == {"nvidia.com/gpu": "1"}
-    assert "cuda:0" in expanded_args(deployments(files)["node-transformer"])
+    assert requests_of(deployments(files)["head"])[1] == {}
+    for pod in ("node-codec", "node-transformer"):
+        assert requests_of(deployments(files)[pod])[1] == {"nvidia.com/gpu": "1"}
+        assert "cuda:0" in expanded_args(deployments(files)[pod])
     spec = rendered_graph(files, tmp_path).loaded.spec
     assert (spec.nodes["codec"].place.device, spec.nodes["transformer"].place.device) == ("cuda:0", "cuda:0")
 
