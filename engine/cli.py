@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine import __version__
-from engine.errors import EngineError
+from engine.errors import EngineError, Interrupted
 
 if TYPE_CHECKING:
     from engine.plan.memory import DeviceFit, MemoryReport
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of our output went away (engine graph ... | head): stop quietly

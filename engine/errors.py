@@ -28,6 +28,10 @@ class EngineError(Exception):
     """Base of every error the engine reports to a user."""
 
 
+class Interrupted(Exception):
+    """The user stopped the command (Ctrl-C, SIGTERM): every worker was stopped; not an error, exit status 130."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong in a graph file: where it is and what would be valid."""

@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from engine.errors import OutputError
 from engine.runtime.request_options import add_request_options
@@ -40,10 +38,6 @@ def add_run_parser(commands: argparse._SubParsersAction, add_graph_arguments: Ca
     run.add_argument("--save-frames", action="store_true", help="also save the raw decoded frames as .npy")
     run.add_argument("--quiet", action="store_true", help="no live progress, only the summary")
     run.set_defaults(handler=_run)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def prepare_output_folder(folder: Path) -> None:
@@ -83,13 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.out:
         options = dataclasses.replace(options, out_dir=Path("outputs") / options.run_id)
     prepare_output_folder(options.out_dir)
-    # SIGTERM and SIGINT stop the run, workers torn down, even where SIGINT came in ignored (a script's background job)
-    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        result = asyncio.run(run_graph(plan, source, requests, options))
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    result = asyncio.run(run_graph(plan, source, requests, options))
     report = write_report(result, result.plan, source)
     print_summary(result, report)
     return 0 if all(r.state == State.DONE for r in result.requests) else 1

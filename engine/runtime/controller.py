@@ -7,6 +7,10 @@ client and access (signing key, broker users), and the loop that hands every mes
 A message counts only if the replica that signed it is the one it speaks for. ``engine run`` is
 :meth:`Controller.run`: deploy, submit its requests, wait for them, tear down. Every worker is stopped on
 success, error and Ctrl-C; a broker gone longer than ``timeouts.broker_s`` ends the run with BrokerLost.
+
+Ctrl-C and SIGTERM call :meth:`Controller.interrupt`, and the run stops at its next tick, where it stands
+between two messages: an exception raised by a signal handler could land anywhere (inside the MQTT client's
+socket callback, say), and a task's cancellation can be lost in Python 3.11 (``wait_for``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -29,7 +34,7 @@ from engine.control.client import ControlClient
 from engine.control.messages import Heartbeat, ReplicaRestarting, Shutdown, StageDone, StageFailed, Status
 from engine.control.signing import read_key, run_key
 from engine.control.topics import AgentTopics, Topics
-from engine.errors import EngineError, NodeError, PlanError
+from engine.errors import EngineError, Interrupted, NodeError, PlanError
 from engine.plan.model import Plan
 from engine.plan.placement import ANY, place_on_agents
 from engine.runtime.access import RunAccess
@@ -124,6 +129,7 @@ class Controller:
         self.clock_zero = time.monotonic()
         self.ready_s = 0.0
         self.address: BrokerAddress | None = None  #: the broker, once deployed (the embedded one's port is known then)
+        self._interrupted = False
 
     def _mqtt(self, address: BrokerAddress, client_id: str, key: bytes) -> ControlBus:
         return ControlClient(address, client_id=client_id, key=key, broker_timeout_s=self.plan.timeouts.broker_s)
@@ -229,9 +235,18 @@ class Controller:
             self.scheduler.tick()
             await self._step()
 
+    def interrupt(self) -> None:
+        """Stop at the next tick (Ctrl-C, SIGTERM): :class:`Interrupted` is raised there and every worker is stopped.
+        A second call does not wait for the tick (a second Ctrl-C)."""
+        if self._interrupted:
+            raise KeyboardInterrupt
+        self._interrupted = True
+
     async def _step(self) -> None:
         """Hand what arrived within one tick to the fleet and the scheduler, then let the fleet check on replicas."""
         assert self.client is not None
+        if self._interrupted:
+            raise Interrupted
         inbound = await self.client.receive(TICK_S)
         while inbound is not None:
             message = inbound.message
@@ -278,4 +293,10 @@ class Controller:
 
 
 async def run_graph(plan: Plan, source: Path, requests: list[RequestParams], options: RunOptions) -> RunResult:
-    return await Controller(plan, source, options).run(requests)
+    """``engine run``: SIGINT and SIGTERM interrupt the run, also where SIGINT came in ignored (a script's
+    background job): then asyncio would install no Ctrl-C handler of its own."""
+    controller = Controller(plan, source, options)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, controller.interrupt)
+    return await controller.run(requests)

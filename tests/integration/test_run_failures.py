@@ -99,13 +99,13 @@ def test_stopping_the_controller_leaves_no_worker_behind(signum, tmp_path):
     assert len(live_workers(tmp_path / "out")) == 3
     run.process.send_signal(signum)
     code = run.finish(timeout=30)
-    assert code == (130 if signum != signal.SIGKILL else -signal.SIGKILL)
+    assert code == (130 if signum != signal.SIGKILL else -signal.SIGKILL), run.output[-4000:]
     deadline = time.monotonic() + 5
     while live_workers(tmp_path / "out") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert live_workers(tmp_path / "out") == []
+    assert live_workers(tmp_path / "out") == [], run.output[-4000:]
     if signum != signal.SIGKILL:
-        assert "interrupted" in run.output and "Traceback" not in run.output
+        assert "interrupted" in run.output and "Traceback" not in run.output, run.output[-4000:]
 
 
 def test_a_stopped_worker_dies_with_a_killed_controller(tmp_path):

@@ -17,6 +17,7 @@ from engine.control.memory import MemoryBroker, MemoryBus
 from engine.control.messages import Cancel, Heartbeat, RunStage, StageDone, StageFailed, Status
 from engine.control.signing import Sealer
 from engine.control.topics import Topics
+from engine.errors import Interrupted
 from engine.plan.build import build_plan
 from engine.plan.check import check_graph
 from engine.runtime.controller import Controller, RunOptions
@@ -290,6 +291,26 @@ def test_cancel_drops_a_running_request_on_its_replicas_and_a_queued_one_never_r
     assert running.finished and running.events[-1].detail == "cancelled by the client"
     assert running.runs[-1].outcome == "cancelled"
     assert queued.runs == []  # never dispatched
+
+
+def test_an_interrupt_ends_the_run_at_its_next_tick_and_stops_every_worker(tmp_path):
+    from nodes.wan.family import WanRequest
+
+    launchers = []
+
+    async def scenario(controller, scheduler, launcher):
+        launchers.append(launcher)
+        scheduler.submit(WanRequest(prompt="a", seed=1))
+        await controller.serve_until(lambda: any(node == "transformer" for node, _, _ in launcher.orders))
+        controller.interrupt()  # Ctrl-C
+        with pytest.raises(KeyboardInterrupt):
+            controller.interrupt()  # a second Ctrl-C does not wait for the tick
+        await controller.serve_until(lambda: False)  # only the interrupt ends this
+
+    with pytest.raises(Interrupted):
+        deployed(plan_of("wan_t2v.yaml"), tmp_path, dit_runs_forever, scenario)
+    (launcher,) = launchers
+    assert launcher.tasks and all(task.done() for task in launcher.tasks.values())  # every worker stopped
 
 
 def test_cancel_tells_the_replicas_of_the_remaining_segments_and_frees_them(tmp_path):
