@@ -61,7 +61,7 @@ def engine_run(cluster: Cluster, out: Path, *settings: str, task: str = "t2v") -
 
 
 def test_a_controller_killed_mid_request_leaves_no_remote_worker_past_the_lease(cluster, tmp_path):
-    run = engine_run(cluster, tmp_path / "out", "request.steps=1000", "timeouts.lease_s=4")
+    run = engine_run(cluster, tmp_path / "out", "request.steps=1000", "timeouts.lease_s=5")
     deadline = time.monotonic() + 120
     while not (cluster.workers_in("h1") and cluster.workers_in("h2")):
         assert time.monotonic() < deadline and run.poll() is None, run.stdout.read() if run.poll() is not None else "no workers"
@@ -70,7 +70,7 @@ def test_a_controller_killed_mid_request_leaves_no_remote_worker_past_the_lease(
     run.kill()
     killed = time.monotonic()
     while cluster.workers_in("h1") or cluster.workers_in("h2"):
-        assert time.monotonic() - killed < 4 + 2, "a remote worker outlived its controller's lease"
+        assert time.monotonic() - killed < 10, "a remote worker outlived its controller by 10 s (lease 5 s)"
         time.sleep(0.1)
     assert all(agent.poll() is None for agent in cluster.agents.values()), "an agent died with the run"
 
