@@ -17,6 +17,8 @@ loading errors) are translated at the boundary into one of these, raised ``from`
     ├── ControlError       the broker cannot be reached or a control message is invalid
     │   └── BrokerLost     the broker was gone longer than timeouts.broker_s
     └── NodeError          a node replica failed, died or stopped making progress
+
+:class:`Interrupted` is not an error: the user stopped the command, and the CLI exits 130.
 """
 
 from __future__ import annotations
