@@ -82,7 +82,7 @@ async def watch(address, run_id: str, key: bytes, seen: dict, stop: asyncio.Even
 
 async def deploy_once(plan, source: Path, out: Path, kind: str) -> dict:
     from engine.control import embedded_broker
-    from engine.runtime.controller import Controller, RunOptions
+    from engine.controller.controller import Controller, RunOptions
 
     run_id = "cold-" + uuid.uuid4().hex[:8]
     seen: dict = {}

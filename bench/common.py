@@ -167,7 +167,7 @@ def request_values(task: str, *, height: int, width: int, frames: int, steps: in
 
 
 def make_requests(checked, values: dict[str, Any], count: int) -> list:
-    from engine.runtime.requests import build_request
+    from engine.controller.requests import build_request
 
     return [build_request(checked, values, f"benchmark request {i + 1}") for i in range(count)]
 
@@ -179,8 +179,8 @@ def run_engine(plan, source: Path, requests: list, out_dir: Path, *, broker_kind
     """Deploy, run ``requests``, tear down; the run's report (also written as ``report.json``). With
     ``worker_threads`` each worker process runs torch on that many threads (``OMP_NUM_THREADS``, which the
     launcher passes on), else on torch's default (every core)."""
-    from engine.runtime.controller import RunOptions, run_graph
-    from engine.runtime.report import build_report
+    from engine.controller.controller import RunOptions, run_graph
+    from engine.controller.report import build_report
 
     options = RunOptions(out_dir=out_dir, quiet=True, broker_kind=broker_kind, save_frames=save_frames)
     if run_id is not None:

@@ -69,7 +69,7 @@ class Cluster:
                 running = Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
             except OSError:
                 continue
-            if b"engine.runtime.worker" in cmdline and running:
+            if b"engine.worker.worker" in cmdline and running:
                 alive.append(pid)
         return alive
 

@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_jobs(checked, args: argparse.Namespace) -> list:
     """The benchmark's jobs as the family's requests (the graph's defaults filled in), seeds 42, 43, ..."""
-    from engine.runtime.requests import build_request
+    from engine.controller.requests import build_request
 
     return [build_request(checked, request_values(args.task, height=args.height, width=args.width, frames=args.frames,
                                                   steps=args.steps, seed=FIRST_SEED + i), f"job {i + 1}")

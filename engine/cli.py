@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--broker", help="the agents' broker (mqtt://user:pass@host:port): check fit against the live agents")
     plan.add_argument("--key-file", type=Path, help="the deployment key, read from this file (default: ENGINE_DEPLOY_KEY)")
 
-    from engine.runtime.cli_run import add_run_parser
+    from engine.controller.cli_run import add_run_parser
 
     add_run_parser(commands, _add_graph_arguments)
 
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(commands, _add_graph_arguments)
 
-    from engine.runtime.cli_agent import add_agent_parsers
+    from engine.agent.cli import add_agent_parsers
 
     add_agent_parsers(commands)
 
@@ -176,9 +176,9 @@ def _fit_on_agents(args: argparse.Namespace, plan: Plan, report: MemoryReport, f
     from engine.errors import ControlError
     from engine.plan.memory import memory_report
     from engine.plan.placement import fit_on_agents, place_on_agents
-    from engine.runtime.agent import agent_offers, live_agents
-    from engine.runtime.cli_agent import deploy_key_from
-    from engine.runtime.controller import AGENT_WAIT_S
+    from engine.control.agents import agent_offers, live_agents
+    from engine.agent.cli import deploy_key_from
+    from engine.controller.controller import AGENT_WAIT_S
 
     broker = parse_broker(args.broker)
     if not isinstance(broker, BrokerAddress):

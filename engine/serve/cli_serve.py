@@ -102,7 +102,7 @@ def api_token(args: argparse.Namespace) -> str | None:
 def _serve(args: argparse.Namespace) -> int:
     from engine.plan.build import plan_on_this_host
     from engine.plan.check import check_graph
-    from engine.runtime.cli_run import prepare_output_folder
+    from engine.controller.cli_run import prepare_output_folder
     from engine.serve.http import ApiOptions
     from engine.serve.jobs import Retention
     from engine.serve.service import ServiceOptions
@@ -138,8 +138,8 @@ async def _run_service(checked: CheckedGraph, plan: Plan, source: Path, options:
                        token: str | None, *, mqtt: bool, save_frames: bool, max_restarts: int) -> int:
     import uvicorn
 
-    from engine.runtime.controller import Controller, RunOptions
-    from engine.runtime.fleet import RestartPolicy
+    from engine.controller.controller import Controller, RunOptions
+    from engine.controller.fleet import RestartPolicy
     from engine.serve.http import ApiOptions, create_app
     from engine.serve.mqtt import MqttFront
     from engine.serve.service import Service

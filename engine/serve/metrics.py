@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from engine.runtime.tracker import TrackedRequest
+from engine.controller.tracker import TrackedRequest
 
 if TYPE_CHECKING:
     from engine.serve.jobs import Job

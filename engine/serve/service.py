@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.runtime.controller import Controller
-from engine.runtime.scheduler import Scheduler
-from engine.runtime.tracker import State, TrackedRequest
+from engine.controller.controller import Controller
+from engine.controller.scheduler import Scheduler
+from engine.controller.tracker import State, TrackedRequest
 from engine.control.broker import BrokerAddress
 from engine.plan.check import CheckedGraph
 from engine.serve.bodies import Translated, Body, translate, validate_body

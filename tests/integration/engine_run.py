@@ -81,7 +81,7 @@ def live_workers(out: Path) -> list[int]:
                 running = (entry / "stat").read_text().split()[2] != "Z"
             except OSError:
                 continue
-            if b"engine.runtime.worker" in cmdline and any(arg.startswith(deploy) for arg in cmdline) and running:
+            if b"engine.worker.worker" in cmdline and any(arg.startswith(deploy) for arg in cmdline) and running:
                 found.append(int(entry.name))
     return found
 

@@ -22,8 +22,8 @@ import pytest
 from engine.control.broker import BrokerAddress
 from engine.control.signing import Sealer, new_key
 from engine.plan.build import plan_graph
-from engine.runtime.controller import Controller, RunOptions
-from engine.runtime.tracker import State
+from engine.controller.controller import Controller, RunOptions
+from engine.controller.tracker import State
 from tests.integration.engine_run import GRAPHS, live_workers, mosquitto, reference_frames, wildcard_listeners
 
 pytestmark = pytest.mark.integration

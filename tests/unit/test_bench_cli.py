@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.runtime.tracker import State, TrackedRequest
+from engine.controller.tracker import State, TrackedRequest
 from nodes.wan.family import WanRequest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -148,7 +148,7 @@ def test_a_retry_and_a_failure_close_the_running_segment():
 
 
 def test_the_report_names_node_replica_and_stages_of_each_segment():
-    from engine.runtime.report import build_report
+    from engine.controller.report import build_report
 
     common = load("common")
     plan, _, source = common.plan_graph(common.graph_path("i2v"), ["model.path=tiny"])

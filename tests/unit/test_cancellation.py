@@ -16,7 +16,7 @@ from engine.control.bus import Inbound, InboxQueue
 from engine.control.memory import MemoryBroker
 from engine.control.messages import Shutdown
 from engine.control.topics import AgentTopics
-from engine.runtime.remote import RemoteLauncher
+from engine.controller.remote import RemoteLauncher
 
 REPO = Path(__file__).resolve().parents[2]
 TRIES = 20

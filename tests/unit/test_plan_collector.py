@@ -9,7 +9,7 @@ import pytest
 from engine.errors import PlanError
 from engine.plan.build import build_plan
 from engine.plan.check import check_graph
-from engine.runtime.deployment import written_by
+from engine.worker.contract import written_by
 from engine.spec.load import load_graph
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import torch
 from engine.errors import PlanError, RequestError
 from engine.plan.build import build_plan
 from engine.plan.check import check_graph
-from engine.runtime.input_files import read_input_files, remove_input_files, write_input_files
+from engine.worker.input_files import read_input_files, remove_input_files, write_input_files
 from engine.spec.load import load_graph
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,9 +10,9 @@ from pydantic import Field
 
 from engine.cli import build_parser
 from engine.errors import OutputError
-from engine.runtime.cli_run import prepare_output_folder
+from engine.controller.cli_run import prepare_output_folder
 from engine.families import get_family
-from engine.runtime.request_options import options_for, request_models, request_options
+from engine.controller.request_options import options_for, request_models, request_options
 from engine.stages import RequestParams
 
 # -- the output folder ------------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from engine.control.memory import MemoryBroker
 from engine.control.messages import AgentJob, AgentOrder
 from engine.control.signing import Sealer, new_key
 from engine.control.topics import AgentTopics
-from engine.runtime import agent as agent_module
-from engine.runtime.agent import Agent, AgentOptions
-from engine.runtime.deployment import WorkerSpec, worker_specs
+from engine.agent import agent as agent_module
+from engine.agent.agent import Agent, AgentOptions
+from engine.worker.contract import WorkerSpec, worker_specs
 from tests.unit.test_runtime_scheduler import plan_of
 
 TOPICS = AgentTopics()
@@ -175,7 +175,7 @@ def test_ended_jobs_are_forgotten_after_a_while(tmp_path, monkeypatch):
 
 
 def test_the_controller_side_repeats_orders_until_answered_and_names_an_absent_agent(tmp_path):
-    from engine.runtime.remote import RemoteLauncher
+    from engine.controller.remote import RemoteLauncher
 
     broker = MemoryBroker()
 
@@ -205,7 +205,7 @@ def test_the_controller_side_repeats_orders_until_answered_and_names_an_absent_a
 
 
 def test_an_agents_will_counts_only_when_no_announcement_follows_it(tmp_path, monkeypatch):
-    from engine.runtime import remote
+    from engine.controller import remote
 
     monkeypatch.setattr(remote, "OFFLINE_GRACE_S", 0.3)
     broker = MemoryBroker()

@@ -10,9 +10,9 @@ import pytest
 from engine.errors import EngineError, RequestError
 from engine.plan.build import build_plan
 from engine.plan.check import check_graph
-from engine.runtime.deployment import worker_specs
-from engine.runtime.requests import run_requests
-from engine.runtime.tracker import ALLOWED, State, TrackedRequest
+from engine.worker.contract import worker_specs
+from engine.controller.requests import run_requests
+from engine.controller.tracker import ALLOWED, State, TrackedRequest
 from engine.spec.load import load_graph
 from nodes.wan.family import WanRequest
 

@@ -13,9 +13,9 @@ from engine.control.memory import MemoryBroker
 from engine.control.messages import Shutdown
 from engine.control.signing import Opener, Rejected, Sealer, new_key
 from engine.control.topics import Topics
-from engine.runtime.controller import Controller, RunOptions
-from engine.runtime.fleet import RestartPolicy
-from engine.runtime.tracker import State
+from engine.controller.controller import Controller, RunOptions
+from engine.controller.fleet import RestartPolicy
+from engine.controller.tracker import State
 from tests.unit.test_runtime_scheduler import Behaviour, FakeLauncher, plan_of
 
 DIT = ("transformer", 0)

@@ -20,9 +20,9 @@ from engine.control.topics import Topics
 from engine.errors import Interrupted
 from engine.plan.build import build_plan
 from engine.plan.check import check_graph
-from engine.runtime.controller import Controller, RunOptions
-from engine.runtime.deployment import WorkerSecrets, WorkerSpec
-from engine.runtime.tracker import State
+from engine.controller.controller import Controller, RunOptions
+from engine.worker.contract import WorkerSecrets, WorkerSpec
+from engine.controller.tracker import State
 from engine.spec.load import load_graph
 
 REPO = Path(__file__).resolve().parents[2]

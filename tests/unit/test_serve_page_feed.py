@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 from engine.control.messages import Heartbeat, Status
 from engine.plan.build import build_plan
 from engine.plan.check import check_graph
-from engine.runtime.controller import Controller, RunOptions
-from engine.runtime.tracker import State, TrackedRequest
+from engine.controller.controller import Controller, RunOptions
+from engine.controller.tracker import State, TrackedRequest
 from engine.serve.bodies import VideoBody
 from engine.serve.http import ApiOptions, create_app
 from engine.serve.page import describe, events

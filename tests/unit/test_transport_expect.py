@@ -15,8 +15,8 @@ import torch
 from engine.errors import TransportError
 from engine.families import get_family
 from engine.plan.build import plan_graph
-from engine.runtime.deployment import WorkerSpec, worker_specs
-from engine.runtime.inbound import InboundShapes
+from engine.worker.contract import WorkerSpec, worker_specs
+from engine.worker.inbound import InboundShapes
 from engine.transport import LocalLink, Manifest, TensorHeader, make_receiver, make_sender, send_tensors
 from engine.transport.expect import Expected, mismatch
 from engine.transport.faults import Faults

@@ -69,7 +69,7 @@ def deploy_key_from(args: argparse.Namespace) -> bytes:
 def _agent(args: argparse.Namespace) -> int:
     from engine.control.broker import BrokerAddress, parse_broker
     from engine.control.messages import AGENT_NAME_PATTERN
-    from engine.runtime.agent import AgentOptions, run_agent
+    from engine.agent.agent import AgentOptions, run_agent
     from engine.spec.schema import parse_memory
 
     if not re.match(AGENT_NAME_PATTERN, args.name) or args.name in ("any", "local"):
@@ -100,7 +100,7 @@ def _agent(args: argparse.Namespace) -> int:
 
 def _hosts(args: argparse.Namespace) -> int:
     from engine.control.broker import BrokerAddress, parse_broker
-    from engine.runtime.agent import live_agents
+    from engine.control.agents import live_agents
 
     broker = parse_broker(args.broker)
     if not isinstance(broker, BrokerAddress):

@@ -26,9 +26,9 @@ from engine.control.messages import Cancel, Heartbeat, RunStage, StageDone, Stag
 from engine.control.topics import Topics
 from engine.errors import NodeError
 from engine.plan.model import Plan, Segment
-from engine.runtime.fleet import Fleet, ReplicaInfo
-from engine.runtime.progress import ProgressView
-from engine.runtime.tracker import State, TrackedRequest
+from engine.controller.fleet import Fleet, ReplicaInfo
+from engine.controller.progress import ProgressView
+from engine.controller.tracker import State, TrackedRequest
 from engine.stages import RequestParams
 
 MAX_ATTEMPTS = 2

@@ -8,11 +8,11 @@ meanwhile, so a replica busy denoising still receives the next request's inputs.
 It acts on a message only when the replica that signed it is the one the message says it comes from and
 may send it: run_stage and shutdown only from the controller, edge messages only from the other end of
 that edge. Questions may come more than once (the asker repeats them until answered, see
-:mod:`engine.runtime.edge_link` and the controller): a repeated run_stage, grant request or delivery is
+:mod:`engine.worker.edge_link` and the controller): a repeated run_stage, grant request or delivery is
 answered with the answer already given, never run twice. Files are written only under the run's output
 folder.
 
-    python -m engine.runtime.worker SPEC.json    (the secrets, WorkerSecrets as JSON, on standard input)
+    python -m engine.worker.worker SPEC.json    (the secrets, WorkerSecrets as JSON, on standard input)
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from engine.errors import EngineError, TransportError
 from engine.families import get_family
 from engine.models.outputs import output_stem
 from engine.plan.feeder import FEEDER
-from engine.runtime.deployment import EdgeEnd, WorkerSecrets, WorkerSpec
-from engine.runtime.edge_link import MqttEdgeLink
-from engine.runtime.inbound import InboundShapes
-from engine.runtime.input_files import read_input_files, remove_input_files, write_input_files
-from engine.runtime.replies import Replies
+from engine.worker.contract import EdgeEnd, WorkerSecrets, WorkerSpec
+from engine.worker.edge_link import MqttEdgeLink
+from engine.worker.inbound import InboundShapes
+from engine.worker.input_files import read_input_files, remove_input_files, write_input_files
+from engine.control.replies import Replies
 from engine.stages import Stage
 from engine.transport import Manifest, Receiver, Sender, SlotGrant, SlotsExhausted, accept, make_receiver, make_sender, send_tensors
 

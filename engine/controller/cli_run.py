@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.errors import OutputError
-from engine.runtime.request_options import add_request_options
+from engine.controller.request_options import add_request_options
 
 DESCRIPTION = """\
 Start the broker (embedded by default), one worker process per node replica, run the graph's requests or the
@@ -64,10 +64,10 @@ def _run(args: argparse.Namespace) -> int:
     """``engine run``: check the graph and the requests, plan for them, run, write the report, print the summary."""
     from engine.plan.build import plan_on_this_host
     from engine.plan.check import check_graph
-    from engine.runtime.controller import RunOptions, run_graph
-    from engine.runtime.report import print_summary, write_report
-    from engine.runtime.requests import run_requests
-    from engine.runtime.tracker import State
+    from engine.controller.controller import RunOptions, run_graph
+    from engine.controller.report import print_summary, write_report
+    from engine.controller.requests import run_requests
+    from engine.controller.tracker import State
     from engine.spec.load import load_graph
 
     checked = check_graph(load_graph(args.graph, args.overrides))

@@ -23,7 +23,7 @@ from engine.control.client import ControlClient
 from engine.control.messages import Delivered, Fence, GrantRequest, Landed, Message, ReplicaRef
 from engine.control.topics import Topics
 from engine.errors import ControlError, EdgeTimeout, TransportError
-from engine.runtime.replies import Replies
+from engine.control.replies import Replies
 from engine.transport import Ack, Manifest, SlotGrant
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -34,9 +33,8 @@ from engine.control.messages import AgentBirth, AgentJob, AgentOrder, DeviceInfo
 from engine.control.signing import run_key
 from engine.control.topics import AgentTopics
 from engine.errors import BrokerUnreachable, EngineError
-from engine.plan.placement import Offer
-from engine.runtime.deployment import WorkerSecrets, WorkerSpec
-from engine.runtime.launcher import LocalLauncher
+from engine.worker.contract import WorkerSecrets, WorkerSpec
+from engine.worker.launcher import LocalLauncher
 
 log = logging.getLogger("engine.agent")
 TICK_S = 0.2
@@ -255,27 +253,3 @@ async def _connect_when_up(client: ControlBus) -> None:
                 log.warning("%s; waiting for it", exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-
-
-def agent_offers(births: list[AgentBirth], lease_s: float, now: float | None = None) -> list[Offer]:
-    """The devices the agents offer, from announcements fresher than ``lease_s`` (older ones are agents gone)."""
-    now = time.time() if now is None else now
-    return [Offer(birth.agent, device.name, device.free_bytes or 0) for birth in births
-            if birth.state == "online" and now - birth.time < lease_s for device in birth.devices]
-
-
-async def live_agents(broker: BrokerAddress, deploy_key: bytes, wait_s: float) -> list[AgentBirth]:
-    """The latest authentic announcement of every agent heard on the broker within ``wait_s``."""
-    from engine.control.client import ControlClient
-
-    topics = AgentTopics()
-    births: dict[str, AgentBirth] = {}
-    async with ControlClient(broker, client_id=f"hosts-{os.getpid()}", key=deploy_key) as client:
-        await client.subscribe(topics.all_births)
-        deadline = time.monotonic() + wait_s
-        while (left := deadline - time.monotonic()) > 0:
-            inbound = await client.receive(left)
-            if inbound is not None and isinstance(inbound.message, AgentBirth) and \
-                    inbound.sender == topics.signer_of(inbound.message):
-                births[inbound.message.agent] = inbound.message
-    return list(births.values())

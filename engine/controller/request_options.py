@@ -2,7 +2,7 @@
 
 argparse needs every option before the graph, and so its family, is known: ``engine run`` offers the union
 of all families' request fields (``num_frames`` as ``--num-frames``), each with its description, and
-:func:`engine.runtime.requests.run_requests` refuses those the graph's family and task do not have. Values
+:func:`engine.controller.requests.run_requests` refuses those the graph's family and task do not have. Values
 stay text until the request model validates them, so a field's type and bounds are checked in one place.
 """
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from engine.display import human_bytes, table
 from engine.plan.model import Plan
-from engine.runtime.controller import RunResult
+from engine.controller.controller import RunResult
 
 
 def build_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from engine.errors import RequestError
 from engine.plan.check import CheckedGraph
-from engine.runtime.request_options import option_flag
+from engine.controller.request_options import option_flag
 from engine.stages import RequestParams
 
 

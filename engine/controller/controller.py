@@ -1,7 +1,7 @@
 """The controller: deploy the plan's workers, run requests through them, tear everything down, never hang.
 
-Two parts do the work: the :class:`~engine.runtime.fleet.Fleet` places one worker per node replica through a
-launcher and watches them; the :class:`~engine.runtime.scheduler.Scheduler` walks requests through the plan's
+Two parts do the work: the :class:`~engine.controller.fleet.Fleet` places one worker per node replica through a
+launcher and watches them; the :class:`~engine.controller.scheduler.Scheduler` walks requests through the plan's
 segments. The controller owns what they share: the broker (embedded, or the graph's), the run's control
 client and access (signing key, broker users), and the loop that hands every message to the part it concerns.
 A message counts only if the replica that signed it is the one it speaks for. ``engine run`` is
@@ -37,15 +37,15 @@ from engine.control.topics import AgentTopics, Topics
 from engine.errors import EngineError, Interrupted, NodeError, PlanError
 from engine.plan.model import Plan
 from engine.plan.placement import ANY, place_on_agents
-from engine.runtime.access import RunAccess
-from engine.runtime.agent import agent_offers, live_agents
-from engine.runtime.deployment import worker_specs
-from engine.runtime.fleet import Fleet, Launcher, ReplicaInfo, ReplicaKey, RestartPolicy
-from engine.runtime.launcher import LocalLauncher
-from engine.runtime.progress import ProgressView
-from engine.runtime.remote import HostLaunchers, RemoteLauncher
-from engine.runtime.scheduler import Scheduler
-from engine.runtime.tracker import TrackedRequest
+from engine.controller.access import RunAccess
+from engine.control.agents import agent_offers, live_agents
+from engine.worker.contract import worker_specs
+from engine.controller.fleet import Fleet, Launcher, ReplicaInfo, ReplicaKey, RestartPolicy
+from engine.worker.launcher import LocalLauncher
+from engine.controller.progress import ProgressView
+from engine.controller.remote import HostLaunchers, RemoteLauncher
+from engine.controller.scheduler import Scheduler
+from engine.controller.tracker import TrackedRequest
 from engine.stages import RequestParams
 
 TICK_S = 0.1

@@ -1,7 +1,7 @@
 """Launching replicas on other hosts: orders to the agents their nodes are placed on, over MQTT.
 
-:class:`RemoteLauncher` is a :class:`~engine.runtime.fleet.Launcher` whose workers are started by agents
-(:mod:`engine.runtime.agent`): one deploy order per replica, signed under the deployment key, holding the
+:class:`RemoteLauncher` is a :class:`~engine.controller.fleet.Launcher` whose workers are started by agents
+(:mod:`engine.agent.agent`): one deploy order per replica, signed under the deployment key, holding the
 worker's spec and nothing secret (the agent derives the run's key from the deployment key and gives its
 workers its own broker password). While the run lasts it renews the run's lease on each agent every third of
 the lease, so workers outlive neither their controller nor a cut link by more than the lease. A deploy order is
@@ -22,8 +22,8 @@ from engine.control.bus import ControlBus
 from engine.control.heartbeat import RECONNECT_ALLOWANCE_S
 from engine.control.messages import AgentBirth, AgentJob, AgentOrder
 from engine.control.topics import AgentTopics
-from engine.runtime.deployment import WorkerSecrets, WorkerSpec
-from engine.runtime.fleet import Launcher, ReplicaKey
+from engine.worker.contract import WorkerSecrets, WorkerSpec
+from engine.controller.fleet import Launcher, ReplicaKey
 
 log = logging.getLogger(__name__)
 STOP_WAIT_S = 5.0  #: how long stop_all waits for the agents to report their workers stopped

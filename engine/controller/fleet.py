@@ -24,8 +24,8 @@ from engine.control.heartbeat import LivenessMonitor
 from engine.control.messages import Heartbeat, Status
 from engine.errors import NodeError
 from engine.plan.model import Plan
-from engine.runtime.deployment import WorkerSecrets, WorkerSpec
-from engine.runtime.progress import ProgressView
+from engine.worker.contract import WorkerSecrets, WorkerSpec
+from engine.controller.progress import ProgressView
 
 ReplicaKey = tuple[str, int]
 

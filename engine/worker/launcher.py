@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import NodeError
-from engine.runtime.deployment import WorkerSecrets, WorkerSpec
+from engine.worker.contract import WorkerSecrets, WorkerSpec
 
 # util-linux setpriv sets PR_SET_PDEATHSIG, then execs the worker: nothing runs in the forked child but exec.
 _SETPRIV = shutil.which("setpriv")
@@ -60,7 +60,7 @@ def exit_description(code: int) -> str:
 
 class LocalLauncher:
     """Starts workers as subprocesses of this one, each in its own process group (a
-    :class:`engine.runtime.fleet.Launcher`)."""
+    :class:`engine.controller.fleet.Launcher`)."""
 
     def __init__(self, deploy_dir: Path, env: dict[str, str] | None = None):
         self.deploy_dir = deploy_dir
@@ -79,7 +79,7 @@ class LocalLauncher:
         env = {**os.environ, "MC_LOG_LEVEL": os.environ.get("MC_LOG_LEVEL", "WARNING"), "PYTHONUNBUFFERED": "1", **self.env}
         with log_path.open("w") as log:
             process = subprocess.Popen(
-                [_SETPRIV, "--pdeathsig", "KILL", sys.executable, "-m", "engine.runtime.worker", str(spec_path)],
+                [_SETPRIV, "--pdeathsig", "KILL", sys.executable, "-m", "engine.worker.worker", str(spec_path)],
                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
         assert process.stdin is not None

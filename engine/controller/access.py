@@ -4,7 +4,7 @@ Every run has a fresh signing key (:mod:`engine.control.signing`): the controlle
 send with it and drop whatever is not signed with it. On the embedded broker each process also has its own
 broker user (named as its client id, with a fresh password) confined by the broker's ACL to its topics. On a
 broker of the user's own (``mqtt://user:pass@host``) every process connects with the URL's credentials.
-Workers get their password and the key on standard input (:class:`engine.runtime.deployment.WorkerSecrets`);
+Workers get their password and the key on standard input (:class:`engine.worker.contract.WorkerSecrets`);
 nothing of this is written to disk by the engine, and it dies with the run.
 """
 
@@ -18,7 +18,7 @@ from engine.control.broker import BrokerAddress, BrokerUser
 from engine.control.signing import new_key
 from engine.control.topics import Topics
 from engine.plan.model import Plan
-from engine.runtime.deployment import WorkerSecrets
+from engine.worker.contract import WorkerSecrets
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine.plan.shapes import evaluate_shape
-from engine.runtime.deployment import WorkerSpec
+from engine.worker.contract import WorkerSpec
 from engine.stages import ModelFamily
 from engine.transport.expect import Expected
 
