@@ -17,7 +17,8 @@ from engine import __version__
 from engine.errors import EngineError, Interrupted
 
 if TYPE_CHECKING:
-    from engine.plan.memory import DeviceFit, MemoryReport
+    from engine.plan.check import CheckedGraph
+    from engine.plan.memory import DeviceFit, MemoryReport, NodeMemory
     from engine.plan.model import Plan
     from engine.stages import ModelFamily
 
@@ -147,6 +148,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      f"{human_bytes(node.weight_bytes)} ({node.weight_bytes / 1e9:.2f} GB resident; "
                      f"{node.nominal_bytes / 1e9:.2f} GB in {node.dtype}{kept})"])
     print(table(["node", "component", "parameters", "bytes"], rows))
+    split = [node for node in report.nodes if node.ranks > 1]
+    if split:
+        print("\nranks of nodes on several devices (each rank holds the node's weights; its share of the largest request):")
+        print(table(["node", "rank", "device", "branch", "tokens", "hidden state", "weights"],
+                    [row for node in split for row in _rank_rows(plan, checked, node)]))
     print("\nedge buffers (receiver-owned slots, sized at the largest request):")
     print(table(["edge", "from -> to", "transport", "slot", "slots", "per replica"],
                 [[e.name, f"{e.source} -> {e.target}", e.transport, f"{e.slot_bytes} ({human_bytes(e.slot_bytes)})", e.slots,
@@ -158,6 +164,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   human_bytes(d.capacity) if d.capacity is not None else "unknown", _fit_text(d, live)] for d in devices]))
     gone = live is not None and any(d.host != "local" and d.host not in live for d in devices)
     return 0 if all(d.fits is not False for d in devices) and not gone else 1
+
+
+def _rank_rows(plan: Plan, checked: CheckedGraph, node: NodeMemory) -> list[list[str]]:
+    """One row per rank of a several-device node: its guidance branch, its tokens and their hidden state."""
+    from engine.display import human_bytes
+    from engine.stages import DTYPE_BYTES
+
+    parallel = plan.nodes[node.node].parallel
+    sizing = checked.family.request_type(plan.task).model_construct(**plan.limits)
+    shape = checked.family.sequence_shape(plan.task, plan.configs, sizing)
+    rows = []
+    for rank, device in enumerate(node.devices):
+        branch, shard = divmod(rank, parallel.ulysses)
+        branch_name = ("cond", "uncond")[branch] if parallel.cfg > 1 else "both"
+        if shape is None:
+            tokens, hidden = "all", "-"
+        else:
+            share = shape.tokens // parallel.ulysses
+            tokens = f"{share} of {shape.tokens}" if parallel.ulysses > 1 else str(shape.tokens)
+            hidden = human_bytes(share * shape.hidden * DTYPE_BYTES[node.dtype])
+        rows.append([node.node, str(rank), device, branch_name, tokens, hidden, human_bytes(node.weight_bytes)])
+    return rows
 
 
 def _fit_text(device: DeviceFit, live: set[str] | None) -> str:
@@ -185,7 +213,7 @@ def _fit_on_agents(args: argparse.Namespace, plan: Plan, report: MemoryReport, f
         raise ControlError("--broker: the agents' broker (mqtt://... or mqtts://...), not embedded")
     births = asyncio.run(live_agents(broker, deploy_key_from(args), AGENT_WAIT_S))
     offers = agent_offers(births, plan.timeouts.lease_s)
-    placed = place_on_agents(plan, {node.node: node.total_bytes for node in report.nodes}, offers)
+    placed = place_on_agents(plan, {node.node: node.rank_bytes for node in report.nodes}, offers)
     devices = fit_on_agents(memory_report(placed, family, source).devices, offers)
     return placed, devices, {offer.agent for offer in offers}
 

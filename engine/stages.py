@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
+    from engine.parallel import Split
+
 #: Dtype names used in tensor declarations and graph files. ``model`` stands for the graph's model dtype.
 DTYPES = ("float32", "bfloat16", "float16", "uint8", "int64", "int32", "bool")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -62,6 +64,9 @@ class StageSpec:
     #: Request fields naming files the stage reads (an input image): a node on another host than the controller
     #: gets them over the data plane (:mod:`engine.plan.feeder`).
     reads: tuple[str, ...] = ()
+    #: How the stage can split across the ranks of a several-device replica (:mod:`engine.parallel`): ``cfg`` (its
+    #: guided prediction's branches on different ranks) and ``ulysses`` (its tokens); empty: it cannot split.
+    splits: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,15 @@ class ConfigProblem:
         return f"{self.folder}/config.json {self.key}: {self.message}"
 
 
+@dataclass(frozen=True)
+class SequenceShape:
+    """What sequence parallelism splits in a request's DiT: the attention heads and the tokens it attends over."""
+
+    heads: int
+    tokens: int
+    hidden: int  #: width of a token's hidden state (heads x head dimension)
+
+
 #: Reports denoising progress: ``progress(step, total)`` after each step.
 ProgressFn = Callable[[int, int], None]
 
@@ -147,6 +161,11 @@ class Stage(ABC):
         self, request: RequestParams, inputs: Mapping[str, "torch.Tensor"], progress: ProgressFn
     ) -> dict[str, "torch.Tensor"]:
         """Run one request: read ``inputs`` (named as in ``spec.inputs``), return ``spec.outputs`` by name."""
+
+    def split(self, split: "Split") -> None:
+        """From now on compute this rank's share of every request (a stage whose spec declares ``splits``); every
+        rank of the group runs :meth:`run` on the same inputs and returns the whole outputs."""
+        raise NotImplementedError(f"stage {self.spec.name!r} cannot split across devices")
 
 
 @dataclass
@@ -207,6 +226,15 @@ class ModelFamily(ABC):
     def shape_symbols(self, task: str, configs: Configs, request: RequestParams) -> dict[str, int]:
         """Values of the symbols used in the stages' shape expressions, for configs that passed
         :meth:`check_configs`."""
+
+    def sequence_shape(self, task: str, configs: Configs, request: RequestParams) -> SequenceShape | None:
+        """The heads and tokens Ulysses splits in the task's DiT for ``request``; None where the family's transformer
+        cannot split its sequence (the plan then refuses ``parallel.ulysses``)."""
+        return None
+
+    def sequence_refusal(self) -> str:
+        """Why the family's DiT cannot split its sequence (shown when a graph asks for it)."""
+        return f"the {self.name} transformer has no sequence-parallel attention in this engine"
 
     @abstractmethod
     def find_source(self, task: str, path: str) -> Path | None:

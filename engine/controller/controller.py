@@ -187,7 +187,7 @@ class Controller:
         listener = self.access.address(address, AgentTopics.deployer_client(self.options.run_id))
         offers = agent_offers(await live_agents(listener, self.deploy_key, AGENT_WAIT_S), self.plan.timeouts.lease_s)
         report = await asyncio.to_thread(memory_report, self.plan, get_family(self.plan.family), self.source)
-        self.plan = place_on_agents(self.plan, {node.node: node.total_bytes for node in report.nodes}, offers)
+        self.plan = place_on_agents(self.plan, {node.node: node.rank_bytes for node in report.nodes}, offers)
         self.fleet.plan = self.plan
         self.hosts = {n.name: n.host for n in self.plan.nodes.values() if n.host != "local"}
         self.view.placed({n.name: f"{n.host} {n.device}" for n in self.plan.nodes.values() if n.host != "local"})

@@ -15,6 +15,7 @@ from engine.plan.model import Plan, PlannedEdge, PlannedNode, PlannedTensor
 from engine.plan.model_check import check_model
 from engine.plan.shapes import evaluate_shape
 from engine.spec.load import load_graph
+from engine.spec.schema import Parallel
 from engine.stages import DTYPE_BYTES, MODEL_DTYPE, RequestParams, TensorSpec
 
 
@@ -65,6 +66,7 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
             name=name, stages=tuple(node.stages), components=tuple(needed), host=node.place.host,
             device=node.place.device, replicas=node.replicas, dtype=node_dtype(checked, name),
             memory_bytes=node.place.memory_bytes, rdma_device=node.place.rdma_device, line=lines.line(("nodes", name)),
+            devices=node.place.all_devices, parallel=node.parallel or Parallel(),
         )
 
     def planned(tensor: TensorSpec, node: str, producer: str, consumers: tuple[str, ...]) -> PlannedTensor:

@@ -17,6 +17,7 @@ from pydantic import TypeAdapter, ValidationError
 from engine.errors import EngineError, Problem, SpecError
 from engine.families import family_names, get_family
 from engine.plan.model import Segment
+from engine.plan.parallel import check_parallel
 from engine.spec.load import LoadedGraph, did_you_mean, problems_from_validation
 from engine.stages import ModelFamily, RequestParams, StageSpec, TensorSpec
 
@@ -62,6 +63,7 @@ def check_graph(loaded: LoadedGraph) -> CheckedGraph:
     _check_stage_order(loaded, stages, node_of, produced, problems)
     transports = _check_edges(loaded, flows, problems)
     _check_devices(loaded, problems)
+    check_parallel(loaded, family, stages, problems)
     segments, final_outputs = _segments(stages, node_of, produced, flows, loaded, problems)
     defaults, requests = _requests(loaded, family, problems)
     if problems:

@@ -27,6 +27,11 @@ class NodeMemory:
     parameters: dict[str, int]  #: component -> parameter count
     weights: dict[str, int]  #: component -> resident bytes (parameters and buffers, in the dtypes they load in)
     receive_bytes: int  #: edge receive slots one replica registers
+    devices: tuple[str, ...] = ()  #: a several-device replica's devices, rank by rank: each holds the weights
+
+    @property
+    def ranks(self) -> int:
+        return max(1, len(self.devices))
 
     @property
     def weight_bytes(self) -> int:
@@ -45,7 +50,17 @@ class NodeMemory:
 
     @property
     def total_bytes(self) -> int:
-        return self.replicas * (self.weight_bytes + self.receive_bytes)
+        """Every replica's weights on each of its ranks, and rank 0's receive slots."""
+        return self.replicas * (self.ranks * self.weight_bytes + self.receive_bytes)
+
+    @property
+    def rank_bytes(self) -> tuple[int, ...]:
+        """What the node's replicas hold on each rank's device."""
+        return tuple(self.bytes_on(rank) for rank in range(self.ranks))
+
+    def bytes_on(self, rank: int) -> int:
+        """What the node's replicas hold on the device of ``rank``: the weights, and on rank 0 the receive slots."""
+        return self.replicas * (self.weight_bytes + (self.receive_bytes if rank == 0 else 0))
 
 
 @dataclass(frozen=True)
@@ -94,12 +109,15 @@ def memory_report(plan: Plan, family: ModelFamily, source: Path) -> MemoryReport
         parameters = {c: _count(str(source), family, plan.task, c) for c in node.components}
         weights = {c: _bytes(str(source), family, plan.task, c, node.dtype) for c in node.components}
         receive = sum(e.slots * e.slot_bytes for e in plan.edges_into(node.name))
-        nodes.append(NodeMemory(node.name, node.host, node.device, node.replicas, node.dtype, parameters, weights, receive))
-    devices: dict[tuple[str, str], list[NodeMemory]] = {}
+        nodes.append(NodeMemory(node.name, node.host, node.device, node.replicas, node.dtype, parameters, weights, receive,
+                                devices=node.devices if node.ranks > 1 else ()))
+    devices: dict[tuple[str, str], list[tuple[NodeMemory, int]]] = {}
     for memory in nodes:
-        devices.setdefault((memory.host, memory.device), []).append(memory)
+        for rank, device in enumerate(memory.devices or (memory.device,)):
+            devices.setdefault((memory.host, device), []).append((memory, rank))
     fits = []
-    for (host, device), members in devices.items():
+    for (host, device), ranks in devices.items():
+        members = list({m.node: m for m, _ in ranks}.values())
         declared = [plan.nodes[m.node].memory_bytes for m in members if plan.nodes[m.node].memory_bytes is not None]
         if len(set(declared)) > 1:
             raise PlanError(f"{host} {device}: nodes {', '.join(m.node for m in members)} declare different place.memory")
@@ -107,5 +125,5 @@ def memory_report(plan: Plan, family: ModelFamily, source: Path) -> MemoryReport
             capacity: int | None = declared[0]
         else:  # detected on this host; another host's devices are not visible from here
             capacity = local_capacity(device) if host == "local" else None
-        fits.append(DeviceFit(host, device, capacity, sum(m.total_bytes for m in members), tuple(m.node for m in members)))
+        fits.append(DeviceFit(host, device, capacity, sum(m.bytes_on(rank) for m, rank in ranks), tuple(m.node for m in members)))
     return MemoryReport(tuple(nodes), tuple(fits))

@@ -14,6 +14,7 @@ from typing import Any
 from engine.errors import SpecError
 from engine.models.meta import read_component_config
 from engine.plan.check import CheckedGraph
+from engine.plan.parallel import check_sequence
 from engine.plan.shapes import ShapeExpressionError, evaluate_shape
 from engine.stages import ModelFamily, RequestParams
 
@@ -36,6 +37,9 @@ def check_model(checked: CheckedGraph, source: Path, sizing: RequestParams) -> d
     if found:
         what = f"{spec.model.family} {task} cannot run this model: "
         raise SpecError([checked.loaded.lines.problem(("model", "path"), what + problem) for problem in found])
+    split_problems = check_sequence(checked, configs, sizing)
+    if split_problems:
+        raise SpecError(split_problems)
     return configs
 
 

@@ -28,23 +28,52 @@ class Offer:
     free_bytes: int
 
 
-def place_on_agents(plan: Plan, needs: Mapping[str, int], offers: Sequence[Offer]) -> Plan:
-    """The plan with every ``any`` node on an agent device (host and device set); others unchanged."""
+def place_on_agents(plan: Plan, needs: Mapping[str, Sequence[int]], offers: Sequence[Offer]) -> Plan:
+    """The plan with every ``any`` node on an agent device (host and device set); others unchanged. ``needs``: each
+    node's bytes on the device of each of its ranks; a several-device node goes to one agent, on distinct GPUs (CPU
+    ranks share the agent's cpu)."""
     free = {(offer.agent, offer.device): offer.free_bytes for offer in offers}
     nodes = dict(plan.nodes)
-    for node in sorted((n for n in plan.nodes.values() if n.host == ANY), key=lambda n: -needs[n.name]):
+    for node in sorted((n for n in plan.nodes.values() if n.host == ANY), key=lambda n: -sum(needs[n.name])):
         kind = node.device.partition(":")[0]
-        fitting = [(room, spot) for spot, room in free.items()
-                   if spot[1].partition(":")[0] == kind and room >= needs[node.name]]
-        if not fitting:
+        spots = _fitting(free, kind, needs[node.name])
+        if spots is None:
             offers = ", ".join(f"{agent} {device} {human_bytes(room)}" for (agent, device), room in sorted(free.items())
                                if device.partition(":")[0] == kind) or f"no agent offers a {kind} device"
-            raise PlanError(f"node {node.name!r} (place.host: any) needs {human_bytes(needs[node.name])} on {kind}; no "
-                            f"agent has that free ({offers})")
-        room, (agent, device) = max(fitting)
-        free[(agent, device)] = room - needs[node.name]
-        nodes[node.name] = dataclasses.replace(node, host=agent, device=device)
+            ranks = f" on each of {len(needs[node.name])} {kind} devices of one agent" if len(needs[node.name]) > 1 else ""
+            raise PlanError(f"node {node.name!r} (place.host: any) needs {human_bytes(max(needs[node.name]))} on {kind}"
+                            f"{ranks}; no agent has that free ({offers})")
+        for spot, need in zip(spots, needs[node.name]):
+            free[spot] -= need
+        devices = tuple(device for _, device in spots)
+        nodes[node.name] = dataclasses.replace(node, host=spots[0][0], device=devices[0],
+                                               devices=devices if node.ranks > 1 else node.devices)
     return dataclasses.replace(plan, nodes=nodes)
+
+
+def _fitting(free: Mapping[tuple[str, str], int], kind: str, needs: Sequence[int]) -> list[tuple[str, str]] | None:
+    """The roomiest agent devices of ``kind`` for each rank's need, all on one agent; None where no agent has room."""
+    best: tuple[int, list[tuple[str, str]]] | None = None
+    for agent in sorted({agent for agent, _ in free}):
+        devices = sorted(((room, device) for (a, device), room in free.items()
+                          if a == agent and device.partition(":")[0] == kind), reverse=True)
+        if kind == "cpu" and devices:  # CPU ranks share the one cpu device
+            room, device = devices[0]
+            if room >= sum(needs):
+                candidate = (room - sum(needs), [(agent, device)] * len(needs))
+                best = candidate if best is None or candidate[0] > best[0] else best
+            continue
+        if len(devices) < len(needs):
+            continue
+        chosen = devices[:len(needs)]
+        if all(room >= need for (room, _), need in zip(chosen, sorted(needs, reverse=True))):
+            order = sorted(range(len(needs)), key=lambda i: -needs[i])  # the largest need on the roomiest device
+            spots: list[tuple[str, str]] = [("", "")] * len(needs)
+            for (room, device), i in zip(chosen, order):
+                spots[i] = (agent, device)
+            slack = min(room - needs[i] for (room, _), i in zip(chosen, order))
+            best = (slack, spots) if best is None or slack > best[0] else best
+    return None if best is None else best[1]
 
 
 def fit_on_agents(devices: Sequence[DeviceFit], offers: Sequence[Offer]) -> list[DeviceFit]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda:\d+|xpu:\d+)$")
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
@@ -49,19 +49,35 @@ class ModelSpec(Strict):
     _check_dtype = field_validator("dtype", mode="before")(_dtype)
 
 
+def _device(value: str) -> str:
+    if not DEVICE_PATTERN.match(value):
+        raise ValueError(f"got {value!r}; expected cpu, cuda:N or xpu:N (N a device index, e.g. cuda:0)")
+    return value
+
+
+Device = Annotated[str, AfterValidator(_device)]
+
+
 class Place(Strict):
     host: str = Field("local", min_length=1, description="Host running the node: local, or an agent's host name.")
-    device: str = Field(description="Device: cpu, cuda:N or xpu:N.")
+    device: Device = Field(description="Device: cpu, cuda:N or xpu:N (with devices: the first of them).")
+    devices: list[Device] | None = Field(
+        None, min_length=2, max_length=64,
+        description="Several devices for one replica, one worker process (rank) each, split as `parallel:` says; "
+                    "[cpu, cpu] is two CPU ranks.")
     memory: str | None = Field(None, description="Memory to plan against (80GiB); default: detected.")
     rdma_device: str | None = Field(
         None, min_length=1,
         description="RDMA NIC this node's Mooncake edges use, e.g. mlx5_0; default: ENGINE_MOONCAKE_DEVICE, else Mooncake's choice.")
 
-    @field_validator("device")
+    @model_validator(mode="before")
     @classmethod
-    def _device(cls, value: str) -> str:
-        if not DEVICE_PATTERN.match(value):
-            raise ValueError(f"got {value!r}; expected cpu, cuda:N or xpu:N (N a device index, e.g. cuda:0)")
+    def _first_device(cls, value: Any) -> Any:
+        """``devices`` names the replica's devices; ``device`` is then its first (rank 0's)."""
+        if isinstance(value, dict) and isinstance(value.get("devices"), list) and value["devices"]:
+            if "device" in value and value["device"] != value["devices"][0]:
+                raise ValueError("give either device (one device) or devices (several), not both")
+            return {**value, "device": value["devices"][0]}
         return value
 
     @field_validator("memory")
@@ -75,12 +91,32 @@ class Place(Strict):
     def memory_bytes(self) -> int | None:
         return parse_memory(self.memory) if self.memory is not None else None
 
+    @property
+    def all_devices(self) -> tuple[str, ...]:
+        """The replica's devices, rank by rank."""
+        return tuple(self.devices) if self.devices else (self.device,)
+
+
+class Parallel(Strict):
+    """How one replica's work splits across its devices: the product of the degrees is the number of devices."""
+
+    cfg: Literal[1, 2] = Field(1, description="Classifier-free guidance parallel: 2 computes the conditional and "
+                                               "unconditional predictions on two ranks at once.")
+    ulysses: int = Field(1, ge=1, le=64, description="Ulysses sequence parallel: each rank holds 1/N of the tokens "
+                                                     "and 1/N of the attention heads inside attention.")
+
+    @property
+    def ranks(self) -> int:
+        return self.cfg * self.ulysses
+
 
 class NodeSpec(Strict):
     stages: list[str] = Field(min_length=1, description="Stages this node runs, in order (exact names).")
     place: Place = Field(description="Where the node's replicas run.")
     replicas: int = Field(1, ge=1, le=64, description="Worker processes running this node.")
     dtype: str | None = Field(None, description="Overrides the model dtype for this node.")
+    parallel: Parallel | None = Field(None, description="How a replica on several devices (place.devices) splits "
+                                                         "its stages: {cfg: 2, ulysses: 2}.")
 
     @field_validator("dtype", mode="before")
     @classmethod

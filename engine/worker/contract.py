@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.plan.model import Plan, PlannedTensor
+from engine.spec.schema import Parallel
 
 
 class _Frozen(BaseModel):
@@ -53,6 +54,9 @@ class WorkerSpec(_Frozen):
     source: str = Field(description="local diffusers-layout folder of the model")
     configs: dict[str, dict[str, Any]] = Field(description="component folder -> config.json, as the plan checked them")
     device: str
+    devices: tuple[str, ...] = Field((), description="a several-device replica's devices, rank by rank (rank 0 on "
+                                                         "device); empty for one device")
+    parallel: Parallel = Field(default_factory=Parallel, description="how the ranks split the node's stages")
     rdma_device: str | None = Field(description="RDMA NIC for mooncake edges; None: the environment's default")
     dtype: str
     components: tuple[str, ...]
@@ -66,6 +70,7 @@ class WorkerSpec(_Frozen):
     heartbeat_s: float
     broker_timeout_s: float = Field(description="how long the broker may be away before the worker gives up")
     transfer_timeout_s: float
+    collective_timeout_s: float = Field(10.0, description="longest a rank waits in a collective for the others")
     save_frames: bool
     meta: dict[str, str] = Field(description="graph name, file and model path, written beside outputs")
 
@@ -105,7 +110,8 @@ def worker_specs(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str
         for replica in range(node.replicas):
             specs.append(WorkerSpec(
                 run_id=run_id, node=node.name, replica=replica, family=plan.family, task=plan.task,
-                source=str(source), device=node.device, rdma_device=node.rdma_device, dtype=node.dtype, components=node.components,
+                source=str(source), device=node.device, devices=node.devices if node.ranks > 1 else (),
+                parallel=node.parallel, collective_timeout_s=plan.timeouts.heartbeat_s, rdma_device=node.rdma_device, dtype=node.dtype, components=node.components,
                 configs=plan.configs,
                 stages=node.stages, segments=segments,
                 inbound=tuple(end(e, e.source) for e in plan.edges_into(node.name)),

@@ -48,13 +48,15 @@ from engine.worker.edge_link import MqttEdgeLink
 from engine.worker.inbound import InboundShapes
 from engine.worker.input_files import read_input_files, remove_input_files, write_input_files
 from engine.control.replies import Replies
-from engine.stages import Stage
+from engine.stages import ProgressFn, Stage
+from engine.worker.group import GroupBroken, RankGroup
 from engine.transport import Manifest, Receiver, Sender, SlotGrant, SlotsExhausted, accept, make_receiver, make_sender, send_tensors
 
 log = logging.getLogger("engine.worker")
 
 ANSWERS_KEPT = 4096  #: answers kept per kind, to answer a repeated question the same way
 FAREWELL_S = 2.0  #: how long a stopping worker tries to announce it (the broker may be gone)
+RANK_CHECK_S = 0.5  #: how often rank 0 looks whether its follower ranks still run
 
 
 class Cancelled(EngineError):
@@ -84,8 +86,12 @@ class Answers(OrderedDict):
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec, client: ControlClient, topics: Topics, log_tail: LogTail):
+    def __init__(self, spec: WorkerSpec, client: ControlClient, topics: Topics, log_tail: LogTail,
+                 spec_path: Path | None = None):
         self.spec = spec
+        self.spec_path = spec_path
+        self.group: RankGroup | None = None  #: the follower ranks of a replica on several devices
+        self.broken: str | None = None  #: why the group cannot compute any more
         self.client = client
         self.topics = topics
         self.log_tail = log_tail
@@ -130,10 +136,18 @@ class Worker:
         spec = self.spec
         await self.status("loading")
         started = time.perf_counter()
+        if len(spec.devices) > 1:  # the other ranks load their weights while this one loads its own
+            if self.spec_path is None:
+                raise EngineError(f"{spec.node}[{spec.replica}] spans {len(spec.devices)} devices but has no spec file")
+            self.group = await asyncio.to_thread(RankGroup.start, spec, self.spec_path)
         components = await asyncio.to_thread(self.family.load_components, spec.task, spec.components,
                                               Path(spec.source), spec.device, spec.dtype)
         for name in spec.stages:
             self.stages[name] = self.family.build_stage(spec.task, name, components, spec.device, spec.dtype, spec.configs)
+        if self.group is not None:
+            split = await asyncio.to_thread(self.group.join)
+            for stage in self.stages.values():
+                stage.split(split)
         for edge in spec.inbound:
             self.receivers[edge.name] = await asyncio.to_thread(make_receiver, edge.transport, edge.name, edge.slot_bytes,
                                                                 edge.slots, integrity=edge.integrity, **self._mooncake(edge))
@@ -157,6 +171,8 @@ class Worker:
         for endpoint in [*self.senders.values(), *self.receivers.values()]:
             with contextlib.suppress(EngineError, OSError):
                 endpoint.close()
+        if self.group is not None:
+            self.group.close()
 
     async def subscribe(self) -> None:
         """Subscribe before announcing ready: the first run_stage may follow the announcement at once."""
@@ -165,6 +181,7 @@ class Worker:
 
     async def serve(self) -> None:
         tasks = [asyncio.create_task(self._compute_loop(), name="compute"),
+                 *([asyncio.create_task(self._watch_ranks(), name="ranks")] if self.group is not None else []),
                  asyncio.create_task(publish_heartbeats(self.client, self.topics.heartbeat(self.spec.node, self.spec.replica),
                                                         self.spec.node, self.spec.replica, self.progress,
                                                         self.spec.heartbeat_s), name="heartbeat")]
@@ -180,6 +197,19 @@ class Worker:
             for task in [*tasks, *self.background]:
                 task.cancel()
             await asyncio.gather(*tasks, *self.background, return_exceptions=True)
+
+    async def _watch_ranks(self) -> None:
+        """A follower rank that dies while the replica idles ends the replica too: the group is one unit."""
+        assert self.group is not None
+        while (dead := self.group.dead_rank()) is None:
+            await asyncio.sleep(RANK_CHECK_S)
+        self._break(dead)
+
+    def _break(self, why: str) -> None:
+        if self.broken is None:
+            log.error("the rank group is broken: %s; stopping", why)
+            self.broken = why
+        self.stopping.set()
 
     def _task_ended(self, task: asyncio.Task[Any]) -> None:
         """A loop of this worker ended: say why and stop, rather than go on half deaf or half mute."""
@@ -364,6 +394,8 @@ class Worker:
                                      error=str(exc), traceback_tail="".join(traceback.format_exc().splitlines(True)[-12:]),
                                      log_tail="\n".join(self.log_tail.lines))
                 self._release_received(job.request_id)
+                if isinstance(exc, GroupBroken):
+                    self._break(str(exc))
             self.results.remember((job.request_id, job.segment, job.attempt), answer)
             self.client.post(self.topics.controller, answer)
             self.requests_done += 1
@@ -424,16 +456,30 @@ class Worker:
             self.progress.stage_started(request_id, name, 0)
 
             def progress(step: int, total: int, _name: str = name) -> None:
+                if self.group is not None:  # every rank goes on, or every rank stops, at this step
+                    self.group.step(request_id not in self.cancelled)
                 self._check_cancelled(request_id)  # a dropped request stops at the next step
                 if step == 1 or self.progress.snapshot().total_steps != total:
                     self.progress.stage_started(request_id, _name, total)
                 self.progress.step_done(step)
 
             started = time.perf_counter()
-            tensors.update(self.stages[name].run(request, tensors, progress))
+            tensors.update(self._run_stage(self.stages[name], request, tensors, progress))
             timings[name] = time.perf_counter() - started
             log.info("request %s: %s took %.3f s", request_id, name, timings[name])
         return timings
+
+    def _run_stage(self, stage: Stage, request: Any, tensors: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+        """Run a stage here, and on a several-device replica on every rank: the followers get the request and the
+        stage's inputs first; a collective that fails is the rank that broke it."""
+        if self.group is None:
+            return stage.run(request, tensors, progress)
+        try:
+            inputs = {name: tensors[name] for name in stage.spec.inputs if name in tensors}
+            self.group.hand_over(stage.spec.name, request.model_dump(mode="json"), inputs)
+            return stage.run(request, tensors, progress)
+        except RuntimeError as exc:  # torch.distributed's errors (a peer gone, a timeout) are RuntimeErrors
+            raise self.group.broken(exc) from exc
 
     def _inbound_for(self, names: tuple[str, ...]) -> list[EdgeEnd]:
         return [e for e in self.spec.inbound if set(e.tensors) & set(names)]
@@ -482,7 +528,7 @@ def peak_rss_bytes() -> int:
     return rss_bytes()
 
 
-async def run_worker(spec: WorkerSpec, secrets: WorkerSecrets) -> int:
+async def run_worker(spec: WorkerSpec, secrets: WorkerSecrets, spec_path: Path | None = None) -> int:
     topics = Topics(spec.run_id)
     tls = spec.broker.get("tls")
     address = BrokerAddress(**{**spec.broker, "password": secrets.broker_password,
@@ -499,7 +545,7 @@ async def run_worker(spec: WorkerSpec, secrets: WorkerSecrets) -> int:
     client = ControlClient(address, client_id=topics.replica_client(spec.node, spec.replica), key=secrets.key, will=will,
                            keepalive_s=60, broker_timeout_s=spec.broker_timeout_s)
     await client.connect()
-    worker = Worker(spec, client, topics, tail)
+    worker = Worker(spec, client, topics, tail, spec_path)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, worker.stopping.set)
     stop_task = asyncio.create_task(worker.stopping.wait())
@@ -511,6 +557,9 @@ async def run_worker(spec: WorkerSpec, secrets: WorkerSecrets) -> int:
         await asyncio.wait([serve, stop_task], return_when=asyncio.FIRST_COMPLETED)
         serve.cancel()
         await asyncio.gather(serve, return_exceptions=True)
+        if worker.broken is not None:
+            await worker.farewell("failed", detail=worker.broken)
+            return 1
         await worker.farewell("stopped")
         return 0
     except Exception as exc:
@@ -533,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    return asyncio.run(run_worker(spec, secrets))
+    return asyncio.run(run_worker(spec, secrets, Path(argv[0])))
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ DENOISE_T2I = StageSpec(
     inputs=_PROMPT_INPUTS,
     outputs=(TensorSpec("latents", MODEL_DTYPE, _PACKED),),
     description="MMDiT flow-matching loop with true classifier-free guidance",
+    splits=("cfg",),  # its joint text-image attention has no sequence split here
 )
 DENOISE_EDIT = StageSpec(
     "denoise",
@@ -86,6 +87,7 @@ DENOISE_EDIT = StageSpec(
     inputs=(*_PROMPT_INPUTS, "image_latents"),
     outputs=(TensorSpec("latents", MODEL_DTYPE, _PACKED),),
     description="MMDiT flow-matching loop with true classifier-free guidance, conditioned on the image latents",
+    splits=("cfg",),  # its joint text-image attention has no sequence split here
 )
 VAE_DECODE = StageSpec(
     "vae_decode",
@@ -211,6 +213,10 @@ class QwenImageFamily(ModelFamily):
             symbols["prompt_len"] = edit_prompt_len_bound(configs["text_encoder"]["vision_config"])
             symbols["image_latent_h"] = symbols["image_latent_w"] = edit_image_size_bounds()[0] // geometry.scale
         return symbols
+
+    def sequence_refusal(self) -> str:
+        return ("Qwen-Image attends over text and image tokens jointly, which this engine does not split by sequence; "
+                "use parallel: {cfg: 2}")
 
     def find_source(self, task: str, path: str) -> Path | None:
         from nodes.qwen_image.sources import find_source

@@ -21,6 +21,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dime
 from diffusers.utils import load_image
 
 from engine.errors import ModelError, RequestError
+from engine.parallel import SINGLE, Split
 from engine.stages import Configs, LoadedComponents, Stage, StageSpec
 from nodes.qwen_image.family import (
     EDIT_IMAGE_AREA,
@@ -127,6 +128,10 @@ class Denoise(QwenImageStage):
         super().__init__(task, spec, components, device, geometry)
         if self.pipe.transformer.config.guidance_embeds:
             raise ModelError("guidance-distilled Qwen-Image transformers (guidance_embeds) are not supported")
+        self.parallel = SINGLE
+
+    def split(self, split: Split) -> None:
+        self.parallel = split
 
     @torch.no_grad()
     def run(self, request, inputs, progress):
@@ -200,9 +205,13 @@ class Denoise(QwenImageStage):
                     )[0]
                 return prediction[:, : latents.size(1)]
 
-            noise_pred = predict("cond", prompt_embeds, prompt_embeds_mask)
+            # The conditional and unconditional predictions (on two ranks at once with CFG parallel).
+            branches = [lambda: predict("cond", prompt_embeds, prompt_embeds_mask)]
             if do_true_cfg:
-                neg_noise_pred = predict("uncond", negative_prompt_embeds, negative_prompt_embeds_mask)
+                branches.append(lambda: predict("uncond", negative_prompt_embeds, negative_prompt_embeds_mask))
+            noise_pred, *uncond = self.parallel.predict(branches)
+            if uncond:
+                neg_noise_pred = uncond[0]
                 comb_pred = neg_noise_pred + request.true_cfg_scale * (noise_pred - neg_noise_pred)
                 cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
                 noise_norm = torch.norm(comb_pred, dim=-1, keepdim=True)

@@ -22,7 +22,7 @@ from typing import ClassVar
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from engine.stages import (CHECK_FILES, MODEL_DTYPE, ComponentSpec, ConfigProblem, Configs, ModelFamily, RequestParams,
-                           StageSpec, TensorSpec)
+                           SequenceShape, StageSpec, TensorSpec)
 from nodes.wan.geometry import config_problems, latent_geometry
 
 #: The umT5 prompt length the Wan pipelines pad to.
@@ -64,12 +64,15 @@ VAE_ENCODE_FIRST_FRAME = StageSpec(
     description="VAE latent of the input image, the first latent frame (TI2V-5B image to video)",
     reads=("image",),
 )
+#: The DiT stages split their guidance branches and their tokens (nodes.wan.parallel).
+DIT_SPLITS = ("cfg", "ulysses")
 DENOISE_T2V = StageSpec(
     "denoise",
     components=("transformer", "scheduler"),
     inputs=("prompt_embeds", "negative_prompt_embeds"),
     outputs=(TensorSpec("latents", "float32", _LATENT),),
     description="DiT denoising loop with classifier-free guidance",
+    splits=DIT_SPLITS,
 )
 DENOISE_I2V = StageSpec(
     "denoise",
@@ -77,6 +80,7 @@ DENOISE_I2V = StageSpec(
     inputs=("prompt_embeds", "negative_prompt_embeds", "image_embeds", "condition"),
     outputs=(TensorSpec("latents", "float32", _LATENT),),
     description="DiT denoising loop with classifier-free guidance, conditioned on the image",
+    splits=DIT_SPLITS,
 )
 DENOISE_FIRST_FRAME = StageSpec(
     "denoise",
@@ -84,6 +88,7 @@ DENOISE_FIRST_FRAME = StageSpec(
     inputs=("prompt_embeds", "negative_prompt_embeds", "condition"),
     outputs=(TensorSpec("latents", "float32", _LATENT),),
     description="DiT denoising loop with classifier-free guidance, the image's latent held as the first frame",
+    splits=DIT_SPLITS,
 )
 # Wan2.2 A14B: the loop in two stages. The high-noise expert hands the low-noise one its latents and the
 # scheduler's multistep state (absent when the boundary falls before the first step).
@@ -105,6 +110,7 @@ def _experts(conditioning: tuple[str, ...]) -> tuple[StageSpec, StageSpec]:
         inputs=conditioning,
         outputs=(TensorSpec("boundary_latents", "float32", _LATENT), *SCHEDULER_STATE),
         description="the high-noise expert (transformer): the steps down to the boundary timestep",
+        splits=DIT_SPLITS,
     )
     low = StageSpec(
         "denoise_low",
@@ -112,6 +118,7 @@ def _experts(conditioning: tuple[str, ...]) -> tuple[StageSpec, StageSpec]:
         inputs=(*conditioning, *_HANDOVER),
         outputs=(TensorSpec("latents", "float32", _LATENT),),
         description="the low-noise expert (transformer_2): the steps past the boundary timestep",
+        splits=DIT_SPLITS,
     )
     return high, low
 
@@ -277,6 +284,16 @@ class WanFamily(ModelFamily):
             symbols["image_tokens"] = (int(vision["image_size"]) // int(vision["patch_size"])) ** 2 + 1
             symbols["image_dim"] = int(vision["hidden_size"])
         return symbols
+
+    def sequence_shape(self, task: str, configs: Configs, request: RequestParams) -> SequenceShape:
+        assert isinstance(request, WanRequest)
+        geometry = latent_geometry(configs)
+        transformer = configs["transformer"]
+        p_t, p_h, p_w = transformer["patch_size"]
+        latent_frames = (request.num_frames - 1) // geometry.t_scale + 1
+        tokens = (latent_frames // p_t) * (request.height // geometry.s_scale // p_h) * (request.width // geometry.s_scale // p_w)
+        heads = int(transformer["num_attention_heads"])
+        return SequenceShape(heads=heads, tokens=tokens, hidden=heads * int(transformer["attention_head_dim"]))
 
     def find_source(self, task: str, path: str) -> Path | None:
         from nodes.wan.sources import find_source

@@ -28,11 +28,13 @@ from diffusers.utils import load_image
 from diffusers.video_processor import VideoProcessor
 
 from engine.errors import ModelError, RequestError
+from engine.parallel import SINGLE, Split
 from engine.models.loading import torch_dtype
 from engine.stages import Configs, LoadedComponents, ProgressFn, Stage
 from nodes.wan.family import TEXT_LEN, WanExpertsRequest, WanFamily, WanImageRequest, WanRequest
 from nodes.wan.geometry import LatentGeometry, latent_geometry
 from nodes.wan.handoff import check_scheduler, restore_scheduler_state, scheduler_state
+from nodes.wan.parallel import split_sequence
 
 
 def build_stage(task: str, name: str, components: LoadedComponents, device: str, dtype: str, configs: Configs) -> Stage:
@@ -201,6 +203,12 @@ class Denoise(WanStage):
         # Wan2.1 ones it assumes without a VAE).
         self.pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
         self.pipe.vae_scale_factor_temporal, self.pipe.vae_scale_factor_spatial = geometry.t_scale, geometry.s_scale
+        self.parallel = SINGLE
+
+    def split(self, split: Split) -> None:
+        self.parallel = split
+        if split.ulysses > 1:
+            split_sequence(self.transformer, split)
 
     @torch.no_grad()
     def run(self, request: WanRequest, inputs: Mapping[str, torch.Tensor], progress: ProgressFn) -> dict[str, torch.Tensor]:
@@ -303,10 +311,13 @@ class Denoise(WanStage):
                         **loop.image_kwargs,
                     )[0]
 
-            noise_pred = predict("cond", loop.prompt_embeds)
+            # The conditional and unconditional predictions (on two ranks at once with CFG parallel).
+            branches = [lambda: predict("cond", loop.prompt_embeds)]
             if loop.negative_prompt_embeds is not None:
-                noise_uncond = predict("uncond", loop.negative_prompt_embeds)
-                noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
+                branches.append(lambda: predict("uncond", loop.negative_prompt_embeds))
+            noise_pred, *uncond = self.parallel.predict(branches)
+            if uncond:
+                noise_pred = uncond[0] + guidance_scale * (noise_pred - uncond[0])
 
             # x_t -> x_t-1
             latents = loop.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
