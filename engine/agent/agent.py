@@ -148,8 +148,10 @@ class Agent:
             if not any(source.is_relative_to(folder.resolve()) for folder in self.options.models):
                 raise EngineError(f"model {spec.source} is outside this agent's model folders "
                                   f"({', '.join(map(str, self.options.models)) or 'none given: --models'})")
-            if spec.device not in self.options.devices:
-                raise EngineError(f"node {spec.node!r} wants {spec.device}; this agent offers {', '.join(self.options.devices)}")
+            wanted = [device for device in (spec.devices or (spec.device,)) if device not in self.options.devices]
+            if wanted:
+                raise EngineError(f"node {spec.node!r} wants {', '.join(wanted)}; this agent offers "
+                                  f"{', '.join(self.options.devices)}")
             broker = {"host": self.options.broker.host, "port": self.options.broker.port,
                       "username": self.options.broker.username, "password": None, "tls": spec.broker.get("tls")}
             specs.append(spec.model_copy(update={"broker": broker, "out_dir": str(self.run_dir(order.run_id) / "out")}))

@@ -139,7 +139,7 @@ def _summary(cluster: ClusterPlan, options: ClusterOptions, out: Path) -> None:
     from engine.display import table
 
     nodes = cluster.plan.nodes
-    rows = [[pod.name, ", ".join(f"{node} x{nodes[node].replicas} on {nodes[node].device}"
+    rows = [[pod.name, ", ".join(f"{node} x{nodes[node].replicas} on {', '.join(nodes[node].devices) or nodes[node].device}"
                                  for node in cluster.resources[pod.name].nodes),
              memory_quantity(cluster.resources[pod.name].memory_bytes),
              ", ".join(f"{name}: {count}" for name, count in cluster.resources[pod.name].accelerators.items()) or "-",

@@ -301,7 +301,7 @@ def _agent_container(pod: Pod) -> dict[str, Any]:
     """``engine agent`` named as the graph places the pod's node; it reaches the broker as its own user, offers the
     pod's devices, loads models only from the model volume and listens on the pod's address."""
     args = ["agent", "--broker", broker_url(pod.name, "$(ENGINE_BROKER_PASSWORD)"), "--name", pod.name]
-    for device in sorted(set(pod.devices.values())):
+    for device in sorted({device for devices in pod.devices.values() for device in devices}):
         args += ["--device", device]
     args += ["--models", MODELS_DIR, "--address", "$(POD_IP)", "--key-file", f"{KEYS_DIR}/deploy-key"]
     return {"name": "agent", "command": ["engine"], "args": args}

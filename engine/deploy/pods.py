@@ -37,7 +37,7 @@ class Pod:
 
     name: str  #: the Deployment's name; for an agent also the agent's name, which the graph places the node on
     nodes: tuple[str, ...]
-    devices: dict[str, str]  #: node -> its device inside the pod
+    devices: dict[str, tuple[str, ...]]  #: node -> its devices inside the pod, rank by rank (one for most nodes)
 
     @property
     def is_head(self) -> bool:
@@ -66,19 +66,23 @@ def assign_pods(checked: CheckedGraph) -> tuple[Pod, ...]:
     """The serving head, then one agent pod per node of the graph, in graph order."""
     nodes = checked.loaded.spec.nodes
     return (Pod(HEAD, (), {}),
-            *(Pod(agent_name(name), (name,), {name: _in_pod(node.place.device)}) for name, node in nodes.items()))
+            *(Pod(agent_name(name), (name,), {name: _in_pod(node.place.all_devices)}) for name, node in nodes.items()))
 
 
-def _in_pod(device: str) -> str:
-    """The device as the pod's container sees it: the one accelerator it was given is index 0 (cuda:3 -> cuda:0)."""
-    kind, _, index = device.partition(":")
-    return f"{kind}:0" if index else device
+def _in_pod(devices: tuple[str, ...]) -> tuple[str, ...]:
+    """The devices as the pod's container sees them: the accelerators it was given are numbered from 0 (a node on
+    cuda:3 sees cuda:0; one on cuda:2 and cuda:5, cuda:0 and cuda:1); cpu stays cpu."""
+    return tuple(f"{device.partition(':')[0]}:{rank}" if ":" in device else device for rank, device in enumerate(devices))
 
 
 def placement_overrides(pods: tuple[Pod, ...]) -> list[str]:
     """``--set`` assignments that put every node on its pod and its device there."""
     return [f"nodes.{node}.place.{key}={value}" for pod in pods for node in pod.nodes
-            for key, value in (("host", pod.host), ("device", pod.devices[node]))]
+            for key, value in (("host", pod.host), _device_setting(pod.devices[node]))]
+
+
+def _device_setting(devices: tuple[str, ...]) -> tuple[str, str]:
+    return ("device", devices[0]) if len(devices) == 1 else ("devices", f"[{', '.join(devices)}]")
 
 
 def pod_resources(pod: Pod, plan: Plan, report: MemoryReport, headroom_bytes: int) -> PodResources:
@@ -86,9 +90,9 @@ def pod_resources(pod: Pod, plan: Plan, report: MemoryReport, headroom_bytes: in
     nodes given to it, and for the head the collector and feeder the plan adds there."""
     memory = {m.node: m for m in report.nodes}
     nodes = [name for name, node in plan.nodes.items() if node.host == pod.host]
-    workers = sum(plan.nodes[node].replicas for node in nodes)
+    workers = sum(plan.nodes[node].replicas * plan.nodes[node].ranks for node in nodes)
     accelerators: dict[str, int] = {}
-    for device in set(pod.devices.values()):
+    for device in {device for devices in pod.devices.values() for device in devices}:
         kind = device.partition(":")[0]
         if kind in ACCELERATOR_RESOURCES:
             accelerators[ACCELERATOR_RESOURCES[kind]] = accelerators.get(ACCELERATOR_RESOURCES[kind], 0) + 1
