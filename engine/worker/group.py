@@ -31,6 +31,7 @@ from typing import Any
 
 from engine.errors import NodeError
 from engine.parallel import Split, rank_layout
+from engine.spec.schema import Parallel
 from engine.worker.contract import WorkerSpec
 
 log = logging.getLogger("engine.worker.group")
@@ -62,31 +63,39 @@ class Work:
         return cls(data["stage"], data["request"], [(n, d, list(s)) for n, d, s in data["tensors"]])
 
 
-def join_group(spec: WorkerSpec, rank: int, port: int, store: Any = None) -> Split:
-    """Join the replica's process group as ``rank`` and make the CFG and Ulysses subgroups; this rank's Split."""
+def join_group(devices: tuple[str, ...], parallel: Parallel, rank: int, port: int, timeout_s: float,
+               store: Any = None) -> Split:
+    """Join the replica's process group as ``rank`` and make the CFG and Ulysses subgroups; this rank's Split.
+    ``timeout_s`` bounds every collective."""
     import torch
     import torch.distributed as dist
 
-    device = spec.devices[rank]
+    device = devices[rank]
     kind = device.partition(":")[0]
     if kind == "cuda":
         torch.cuda.set_device(torch.device(device))
-    world = len(spec.devices)
+    world = len(devices)
     if store is None:
         store = dist.TCPStore(STORE_HOST, port, world, is_master=False, timeout=timedelta(seconds=JOIN_TIMEOUT_S))
     # Ranks arrive as their weights finish loading: meet first under the long timeout, so that the group's own (short,
     # for collectives) timeout only ever waits for ranks that are already there.
     store.set(f"loaded/{rank}", "1")
     store.wait([f"loaded/{r}" for r in range(world)], timedelta(seconds=JOIN_TIMEOUT_S))
-    dist.init_process_group(BACKENDS[kind], store=store, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=spec.collective_timeout_s))
-    cfg, ulysses = spec.parallel.cfg, spec.parallel.ulysses
-    cfg_ranks, ulysses_ranks = rank_layout(cfg, ulysses)
+    dist.init_process_group(BACKENDS[kind], store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    cfg_ranks, ulysses_ranks = rank_layout(parallel.cfg, parallel.ulysses)
     cfg_groups = [dist.new_group(ranks) for ranks in cfg_ranks]  # every rank makes every group, in one order
     ulysses_groups = [dist.new_group(ranks) for ranks in ulysses_ranks]
-    branch, shard = divmod(rank, ulysses)
-    return Split(cfg=cfg, cfg_rank=branch, ulysses=ulysses, ulysses_rank=shard, cfg_group=cfg_groups[shard],
-                 ulysses_group=ulysses_groups[branch])
+    branch, shard = divmod(rank, parallel.ulysses)
+    return Split(cfg=parallel.cfg, cfg_rank=branch, ulysses=parallel.ulysses, ulysses_rank=shard,
+                 cfg_group=cfg_groups[shard], ulysses_group=ulysses_groups[branch])
+
+
+def open_store(world: int) -> Any:
+    """Rank 0's rendezvous for a group: a store on a free loopback port (its ``port`` tells the other ranks)."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(STORE_HOST, 0, world, is_master=True, timeout=timedelta(seconds=JOIN_TIMEOUT_S),
+                         wait_for_workers=False)
 
 
 def broadcast_tensors(tensors: Mapping[str, Any], device: str) -> dict[str, Any]:
@@ -132,13 +141,10 @@ class RankGroup:
     @classmethod
     def start(cls, spec: WorkerSpec, spec_path: Path) -> RankGroup:
         """Open the group's store and start ranks 1..N-1; they load their weights while rank 0 loads its own."""
-        import torch.distributed as dist
-
         if _SETPRIV is None:
             raise NodeError("setpriv (util-linux) is not installed: without it ranks could outlive their worker")
         world = len(spec.devices)
-        store = dist.TCPStore(STORE_HOST, 0, world, is_master=True, timeout=timedelta(seconds=JOIN_TIMEOUT_S),
-                              wait_for_workers=False)
+        store = open_store(world)
         followers = {}
         for rank in range(1, world):
             followers[rank] = subprocess.Popen(
@@ -149,7 +155,8 @@ class RankGroup:
         return cls(spec, followers, store)
 
     def join(self) -> Split:
-        self.split = join_group(self.spec, 0, self.store.port, self.store)
+        spec = self.spec
+        self.split = join_group(spec.devices, spec.parallel, 0, self.store.port, spec.collective_timeout_s, self.store)
         log.info("group of %d ranks joined (cfg %d x ulysses %d)", len(self.spec.devices), self.spec.parallel.cfg,
                  self.spec.parallel.ulysses)
         return self.split

@@ -32,7 +32,7 @@ def serve(spec: WorkerSpec, rank: int, port: int) -> None:
     components = family.load_components(spec.task, spec.components, Path(spec.source), device, spec.dtype)
     stages = {name: family.build_stage(spec.task, name, components, device, spec.dtype, spec.configs)
               for name in spec.stages}
-    split = join_group(spec, rank, port)
+    split = join_group(spec.devices, spec.parallel, rank, port, spec.collective_timeout_s)
     for stage in stages.values():
         stage.split(split)
     log.info("rank %d of %s[%d] ready on %s", rank, spec.node, spec.replica, device)

@@ -81,7 +81,8 @@ def live_workers(out: Path) -> list[int]:
                 running = (entry / "stat").read_text().split()[2] != "Z"
             except OSError:
                 continue
-            if b"engine.worker.worker" in cmdline and any(arg.startswith(deploy) for arg in cmdline) and running:
+            if any(arg in (b"engine.worker.worker", b"engine.worker.rank") for arg in cmdline) and running \
+                    and any(arg.startswith(deploy) for arg in cmdline):
                 found.append(int(entry.name))
     return found
 
