@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(commands, _add_graph_arguments)
 
+    from engine.serve.cli_submit import add_submit_parser
+
+    add_submit_parser(commands)
+
     from engine.agent.cli import add_agent_parsers
 
     add_agent_parsers(commands)
@@ -92,12 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_validate(args: argparse.Namespace) -> int:
     from engine.plan.build import sizing_request
     from engine.plan.check import check_graph
-    from engine.plan.model_check import check_model
+    from engine.plan.model_check import check_model, model_source
     from engine.spec.load import load_graph
 
     checked = check_graph(load_graph(args.graph, args.overrides))
     model = checked.loaded.spec.model
-    source = checked.family.find_source(model.task, model.path)
+    source = model_source(checked, build=False)
     if source is not None:
         check_model(checked, source, sizing_request(checked))
     spec = checked.loaded.spec
@@ -124,7 +128,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from engine.display import human_bytes, table
+    from engine.display import human_bytes, sizing_text, table
     from engine.plan.build import plan_graph
     from engine.plan.memory import memory_report
 
@@ -134,8 +138,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.broker:
         plan, devices, live = _fit_on_agents(args, plan, report, checked.family, source)
         report = memory_report(plan, checked.family, source)
-    print(f"plan for {plan.graph}: {plan.family} {plan.task}, model {source}, sized for "
-          + ", ".join(f"{k}={v}" for k, v in plan.limits.items()))
+    print(f"plan for {plan.graph}: {plan.family} {plan.task}, model {source}, sized at {sizing_text(plan, list(plan.limits))}")
     print("\nweights per node (one replica; counted from the configs on the meta device, no weights read):")
     rows = []
     for node in report.nodes:
@@ -148,9 +151,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      f"{node.nominal_bytes / 1e9:.2f} GB in {node.dtype}{kept})"])
     print(table(["node", "component", "parameters", "bytes"], rows))
     print("\nedge buffers (receiver-owned slots, sized at the largest request):")
-    print(table(["edge", "from -> to", "transport", "slot", "slots", "per replica"],
+    print(table(["edge", "from -> to", "transport", "slot", "slots", "per replica", "sized at"],
                 [[e.name, f"{e.source} -> {e.target}", e.transport, f"{e.slot_bytes} ({human_bytes(e.slot_bytes)})", e.slots,
-                  human_bytes(e.slot_bytes * e.slots)] for e in plan.edges]) if plan.edges else "  none")
+                  human_bytes(e.slot_bytes * e.slots), sizing_text(plan, e.sized_by)] for e in plan.edges]) if plan.edges else "  none")
     print("\nfit per device (weights + receive buffers, all replicas; activations not included"
           + (f"; agents: what they offer now, {len(live)} live" if live is not None else "") + "):")
     print(table(["host", "device", "nodes", "needs", "has", "fits"],

@@ -23,9 +23,9 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from engine.stages import (MODEL_DTYPE, ComponentSpec, ConfigProblem, Configs, ModelFamily, RequestParams, StageSpec,
-                           TensorSpec)
-from nodes.qwen_image.geometry import config_problems, latent_geometry
+from engine.stages import (MODEL_DTYPE, ComponentSpec, ConfigProblem, Configs, ModelFamily, RequestParams,
+                           RequestProblem, StageSpec, TensorSpec)
+from nodes.qwen_image.geometry import config_problems, latent_geometry, request_problems
 
 #: Prompt embeddings past this many tokens are cut off by QwenImagePipeline (its ``max_sequence_length``).
 T2I_MAX_SEQUENCE_LENGTH = 512
@@ -192,6 +192,10 @@ class QwenImageFamily(ModelFamily):
 
     def check_configs(self, task: str, configs: Configs) -> list[ConfigProblem]:
         return config_problems(configs)
+
+    def request_problems(self, task: str, configs: Configs, request: RequestParams) -> list[RequestProblem]:
+        assert isinstance(request, QwenImageRequest)
+        return request_problems(latent_geometry(configs), request.height, request.width)
 
     def shape_symbols(self, task: str, configs: Configs, request: RequestParams) -> dict[str, int]:
         assert isinstance(request, QwenImageRequest)
