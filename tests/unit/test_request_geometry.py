@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.cli import main
 from engine.controller.controller import Controller, RunOptions
 from engine.families import get_family
 from engine.plan.build import build_plan, check_service_graph
@@ -54,3 +55,15 @@ def test_image_families_state_the_grid_rule_by_field():
         "height", "48 is not a multiple of 32: a packed latent token covers 32 pixels (2 latent pixels of the vae's "
                   "16x downsampling); use 32 or 64")]
     assert [p.field for p in z_image_request_problems(ZImageGeometry(channels=16, scale=16), 64, 80)] == ["width"]
+
+
+def test_validate_refuses_an_edit_input_the_pipeline_would_not_take(tmp_path, capsys):
+    """Qwen-Image-Edit takes inputs up to 4:1; a wider one is refused at its request's line, not in the worker."""
+    from PIL import Image
+
+    Image.new("RGB", (90, 20)).save(tmp_path / "wide.png")
+    graph = str(REPO / "graphs" / "qwen_image_edit.yaml")
+    assert main(["validate", graph, "--set", f"requests.0.image={tmp_path / 'wide.png'}"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: 1 problem in the graph:\n  {graph} (--set requests.0.image={tmp_path / 'wide.png'}) requests[0].image: "
+        f"input image {tmp_path / 'wide.png'} is 90x20 (aspect 4.50); at most 4:1 is accepted\n")
