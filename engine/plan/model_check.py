@@ -11,10 +11,9 @@ line that gave the value, and so do the requests of a run (:func:`check_requests
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from collections.abc import Sequence
 
 from engine.errors import ModelError, Problem, RequestError, SpecError
 from engine.models.meta import read_component_config

@@ -23,6 +23,18 @@ from nodes.z_image.geometry import request_problems as z_image_request_problems
 REPO = Path(__file__).resolve().parents[2]
 
 
+def test_engine_run_refuses_a_command_line_request_off_the_grid_before_anything_starts(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(REPO / "graphs" / "wan22_ti2v.yaml"), "--set", "model.path=configs/wan2.2-ti2v-5b",
+                 "--set", "request.height=64", "--prompt", "x", "--image", str(REPO / "graphs" / "assets" / "first_frame.png"),
+                 "--width", "80", "--out", str(out)]) == 1
+    assert capsys.readouterr().err == (
+        "error: wan ti2v cannot run this request on this model:\n  request 1: width: 80 is not a multiple of 32: a "
+        "transformer token of this model covers 32x32 pixels (vae scale_factor_spatial 16 x transformer patch_size "
+        "[2, 2]); use 64 or 96\n")
+    assert not out.exists()  # refused while planning: no output folder, no broker, no worker
+
+
 def test_a_service_refuses_a_job_off_the_models_token_grid(tmp_path):
     checked = check_service_graph(REPO / "graphs" / "wan_t2v.yaml", ["model.path=configs/wan2.2-ti2v-5b", "request.height=64"])
     plan = build_plan(checked, REPO / "configs" / "wan2.2-ti2v-5b")
