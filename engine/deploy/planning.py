@@ -3,8 +3,9 @@ plan it will make of it, so that what each pod requests is the plan's own figure
 
 The graph the serving head runs is the user's, with the user's ``--set`` applied and then: each node placed on its
 pod (:mod:`engine.deploy.pods`), the broker the pods share, the model at its path in the model volume, the edges'
-size limits fixed at the sizes planned here (so the head sizes its buffers exactly as these requests assume, and
-refuses a larger request), and no requests of its own (the head takes them over HTTP).
+size limits fixed at the sizes planned here, a service's (:func:`engine.plan.build.check_service_graph`: the graph's
+limits, else its request defaults), so the head sizes its buffers exactly as these requests assume and refuses a
+larger request, and no requests of its own (the head takes them over HTTP).
 """
 
 from __future__ import annotations
