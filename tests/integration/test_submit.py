@@ -37,6 +37,10 @@ def test_a_video_job_round_trip_on_mosquitto_and_no_hang_without_a_service(tmp_p
                      str(tmp_path / "out")]) == 0, capsys.readouterr().err
         second = Path(capsys.readouterr().out.splitlines()[-1].removeprefix("wrote "))
         assert second != video and second.read_bytes()[4:8] == b"ftyp"
+        # A job the service refuses: its words, and no output.
+        assert main(["submit", "--client-file", client_file, "--prompt", "x", "--size", "640x480"]) == 1
+        refused = capsys.readouterr()
+        assert refused.err.startswith("error: job: rejected (invalid_value: ") and "limits.height=480" in refused.err
         # Nobody serves that name: a clear error once the timeout passes. The service drops a job signed with
         # another key: no answer either.
         began = time.monotonic()
