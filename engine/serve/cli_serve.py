@@ -41,7 +41,7 @@ With ENGINE_API_TOKEN set (or --token-file), /v1 wants `Authorization: Bearer <t
 MQTT: jobs published as signed `submit_job` messages on dge/serve/<name>/submit get `job_update` messages on
 dge/serve/<name>/reply/<client id>. The signing key is ENGINE_SUBMIT_KEY, else one generated in
 <state-dir>/submit.key; with the embedded broker, a client's broker credentials are written to
-<state-dir>/mqtt-client.json (mode 0600) at start.
+<state-dir>/mqtt-client.json (mode 0600) at start. `engine submit` is such a client.
 """
 
 

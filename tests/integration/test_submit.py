@@ -25,6 +25,8 @@ def test_a_video_job_round_trip_on_mosquitto_and_no_hang_without_a_service(tmp_p
     served = start_service("wan_t2v_single.yaml", tmp_path / "state", "request.steps=2")
     try:
         client_file = str(served.state / "mqtt-client.json")
+        assert ("edge buffers sized at height 48 (request defaults), width 64 (request defaults), num_frames 9 "
+                "(request defaults)") in served.log_text()  # a service has no requests of its own
         done = submit("--client-file", client_file, "--prompt", "a fox", "--out", str(tmp_path / "out"))
         assert done.returncode == 0, done.stderr + served.log_text()[-2000:]
         lines = done.stdout.splitlines()
