@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a graph file and its model's configs, loading no weight",
                                    description="Check schema, stages, placement, edges, devices and requests, and "
-                                               "that the family's stages can run the model's configs (a preset not "
-                                               "built yet is checked when `engine plan` or `engine run` builds it). "
+                                               "that the family's stages can run the model's configs, and the graph's "
+                                               "requests, request defaults and limits at the model's geometry (sizes "
+                                               "on its token grid; a preset not built yet is checked when `engine "
+                                               "plan` or `engine run` builds it). "
                                                "Exit 0 when valid, 1 with every problem (file:line field) otherwise.")
     _add_graph_arguments(validate)
 
@@ -111,7 +113,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"model {model.path}: a preset not built yet; `engine plan` or `engine run` builds it and checks its configs")
     else:
         where = "" if str(source) == model.path else f" (at {source})"
-        print(f"model {model.path}{where}: its configs fit {model.family} {model.task}")
+        print(f"model {model.path}{where}: its configs fit {model.family} {model.task}, and the graph's requests, "
+              "request defaults and limits its geometry")
     return 0
 
 
