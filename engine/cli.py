@@ -49,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a graph file and its model's configs, loading no weight",
                                    description="Check schema, stages, placement, edges, devices and requests, and "
-                                               "that the family's stages can run the model's configs (a preset not "
-                                               "built yet is checked when `engine plan` or `engine run` builds it). "
+                                               "that the family's stages can run the model's configs, and the graph's "
+                                               "requests, request defaults and limits at the model's geometry (sizes "
+                                               "on its token grid; a preset not built yet is checked when `engine "
+                                               "plan` or `engine run` builds it). "
                                                "Exit 0 when valid, 1 with every problem (file:line field) otherwise.")
     _add_graph_arguments(validate)
 
@@ -80,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(commands, _add_graph_arguments)
 
+    from engine.serve.cli_submit import add_submit_parser
+
+    add_submit_parser(commands)
+
     from engine.agent.cli import add_agent_parsers
 
     add_agent_parsers(commands)
@@ -93,12 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_validate(args: argparse.Namespace) -> int:
     from engine.plan.build import sizing_request
     from engine.plan.check import check_graph
-    from engine.plan.model_check import check_model
+    from engine.plan.model_check import check_model, model_source
     from engine.spec.load import load_graph
 
     checked = check_graph(load_graph(args.graph, args.overrides))
     model = checked.loaded.spec.model
-    source = checked.family.find_source(model.task, model.path)
+    source = model_source(checked, build=False)
     if source is not None:
         check_model(checked, source, sizing_request(checked))
     spec = checked.loaded.spec
@@ -108,7 +114,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"model {model.path}: a preset not built yet; `engine plan` or `engine run` builds it and checks its configs")
     else:
         where = "" if str(source) == model.path else f" (at {source})"
-        print(f"model {model.path}{where}: its configs fit {model.family} {model.task}")
+        print(f"model {model.path}{where}: its configs fit {model.family} {model.task}, and the graph's requests, "
+              "request defaults and limits its geometry")
     return 0
 
 
@@ -125,7 +132,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from engine.display import human_bytes, table
+    from engine.display import human_bytes, sizing_text, table
     from engine.plan.build import plan_graph
     from engine.plan.memory import memory_report
 
@@ -135,8 +142,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.broker:
         plan, devices, live = _fit_on_agents(args, plan, report, checked.family, source)
         report = memory_report(plan, checked.family, source)
-    print(f"plan for {plan.graph}: {plan.family} {plan.task}, model {source}, sized for "
-          + ", ".join(f"{k}={v}" for k, v in plan.limits.items()))
+    print(f"plan for {plan.graph}: {plan.family} {plan.task}, model {source}, sized at {sizing_text(plan, list(plan.limits))}")
     print("\nweights per node (one replica; counted from the configs on the meta device, no weights read):")
     rows = []
     for node in report.nodes:
@@ -154,9 +160,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(table(["node", "rank", "device", "branch", "tokens", "hidden state", "weights"],
                     [row for node in split for row in _rank_rows(plan, checked, node)]))
     print("\nedge buffers (receiver-owned slots, sized at the largest request):")
-    print(table(["edge", "from -> to", "transport", "slot", "slots", "per replica"],
+    print(table(["edge", "from -> to", "transport", "slot", "slots", "per replica", "sized at"],
                 [[e.name, f"{e.source} -> {e.target}", e.transport, f"{e.slot_bytes} ({human_bytes(e.slot_bytes)})", e.slots,
-                  human_bytes(e.slot_bytes * e.slots)] for e in plan.edges]) if plan.edges else "  none")
+                  human_bytes(e.slot_bytes * e.slots), sizing_text(plan, e.sized_by)] for e in plan.edges]) if plan.edges else "  none")
     print("\nfit per device (weights + receive buffers, all replicas; activations not included"
           + (f"; agents: what they offer now, {len(live)} live" if live is not None else "") + "):")
     print(table(["host", "device", "nodes", "needs", "has", "fits"],

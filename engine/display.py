@@ -32,9 +32,17 @@ def shape_text(shape: Sequence[int]) -> str:
     return "x".join(map(str, shape))
 
 
+def sizing_text(plan: Plan, sized_by: Sequence[str]) -> str:
+    """``height 480 (limits), num_frames 13 (requests)``: the size fields given, with their values and where each
+    came from; what else sized an edge (its input file) as it is; ``fixed shapes`` for none."""
+    texts = [f"{name} {plan.limits[name]} ({plan.sized_from[name]})" if name in plan.limits else name
+             for name in sized_by]
+    return ", ".join(texts) or "fixed shapes"
+
+
 def graph_text(plan: Plan) -> str:
     parts = [f"graph {plan.graph} ({plan.file}): {plan.family} {plan.task}, model {plan.model_path}, {plan.dtype}",
-             f"sized for {', '.join(f'{k}={v}' for k, v in plan.limits.items())}", ""]
+             f"sized at {sizing_text(plan, list(plan.limits))}", ""]
     parts.append(table(["node", "stages", "host", "device", "replicas", "dtype"],
                        [[n.name, ", ".join(n.stages), n.host, n.device, n.replicas, n.dtype] for n in plan.nodes.values()]))
     parts.append("")
@@ -43,7 +51,8 @@ def graph_text(plan: Plan) -> str:
     for edge in plan.edges:
         parts.append(f"edge {edge.name}: {edge.source} -> {edge.target} over {transport_text(edge)} "
                      f"(integrity {edge.integrity}), slot {edge.slot_bytes} bytes ({human_bytes(edge.slot_bytes)}) "
-                     f"x {edge.slots}, each tensor {PAYLOAD_ALIGNMENT}-byte aligned")
+                     f"x {edge.slots}, each tensor {PAYLOAD_ALIGNMENT}-byte aligned; "
+                     + (f"sized at {sizing_text(plan, edge.sized_by)}" if edge.sized_by else "fixed shapes"))
         parts.append(table(["tensor", "dtype", "shape", "bytes", "size", "from", "to"],
                            [[t.name + (" (optional)" if t.optional else ""), t.dtype, shape_text(t.shape), t.nbytes,
                              human_bytes(t.nbytes), t.producer, ", ".join(t.consumers)] for t in edge.tensors]))

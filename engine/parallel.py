@@ -59,6 +59,11 @@ class Split:
         """This rank's slice of ``tensor``'s tokens along ``dim`` (the validator made them divide evenly)."""
         if self.ulysses == 1:
             return tensor
+        if tensor.shape[dim] % self.ulysses:
+            from engine.errors import RequestError
+
+            raise RequestError(f"{tensor.shape[dim]} DiT tokens do not split over ulysses {self.ulysses}: choose a size "
+                               f"whose token count divides by {self.ulysses}")
         return tensor.chunk(self.ulysses, dim=dim)[self.ulysses_rank].contiguous()
 
     def gather(self, tensor: "torch.Tensor", dim: int) -> "torch.Tensor":

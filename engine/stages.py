@@ -147,6 +147,30 @@ class SequenceShape:
     hidden: int  #: width of a token's hidden state (heads x head dimension)
 
 
+@dataclass(frozen=True)
+class RequestProblem:
+    """A request value a model cannot take (a size off its token grid), naming the request field."""
+
+    field: str  #: request field (``height``)
+    message: str  #: what is wrong and what would do, without the field's name
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+def token_grid_problems(sizes: Mapping[str, int], steps: Mapping[str, int], why: str) -> list[RequestProblem]:
+    """Each of ``sizes`` (``height``: 48) that is not a multiple of its step in ``steps`` (pixels one transformer
+    token covers; ``why`` says how the model makes them), with the nearest sizes that are."""
+    problems = []
+    for field_name, value in sizes.items():
+        step = steps[field_name]
+        if value % step:
+            below = value - value % step
+            nearest = f"{below} or {below + step}" if below else str(step)
+            problems.append(RequestProblem(field_name, f"{value} is not a multiple of {step}: {why}; use {nearest}"))
+    return problems
+
+
 #: Reports denoising progress: ``progress(step, total)`` after each step.
 ProgressFn = Callable[[int, int], None]
 
@@ -193,7 +217,7 @@ class ModelFamily(ABC):
     """A model family: its tasks, their stages, and how to load and run them.
 
     The declaration methods (``tasks`` to ``request_type``, ``check_configs``, ``shape_symbols``,
-    ``find_source``) must not import torch or diffusers. The runtime methods (``resolve_source`` onwards) may.
+    ``request_problems``, ``find_source``) must not import torch or diffusers. The runtime methods (``resolve_source`` onwards) may.
     """
 
     name: ClassVar[str]
@@ -235,6 +259,12 @@ class ModelFamily(ABC):
     def sequence_refusal(self) -> str:
         """Why the family's DiT cannot split its sequence (shown when a graph asks for it)."""
         return f"the {self.name} transformer has no sequence-parallel attention in this engine"
+
+    @abstractmethod
+    def request_problems(self, task: str, configs: Configs, request: RequestParams) -> list[RequestProblem]:
+        """What in ``request`` the model of ``configs`` (which passed :meth:`check_configs`) cannot run: sizes off
+        its token grid, by request field; empty when it can. The one rule of the family: the plan applies it to
+        every request, default and limit before any worker starts, and the stages to every request they run."""
 
     @abstractmethod
     def find_source(self, task: str, path: str) -> Path | None:

@@ -81,10 +81,11 @@ class ControlClient:
         operation_timeout_s: float = 5.0,
         max_backoff_s: float = 2.0,
         broker_timeout_s: float = 60.0,
+        first_seq: int = 0,
     ):
         self.address = address
         self.client_id = client_id
-        self._sealer = Sealer(key, client_id)
+        self._sealer = Sealer(key, client_id, first_seq)
         self._opener = Opener(key)
         self._will = will
         self._keepalive_s = keepalive_s

@@ -87,14 +87,14 @@ def _mac(key: bytes, topic: str, sender: bytes, seq: bytes, body: bytes) -> byte
 class Sealer:
     """Signs what one sender publishes; thread-safe (the sequence counter is shared by every caller)."""
 
-    def __init__(self, key: bytes, sender: str):
+    def __init__(self, key: bytes, sender: str, first_seq: int = 0):
         if len(key) < 16:
             raise ControlError("a run key must have at least 16 bytes")
         if not SENDER_PATTERN.fullmatch(sender.encode()):
             raise ControlError(f"sender {sender!r} must be letters, digits, . _ - (at most 128)")
         self._key = key
         self.sender = sender
-        self._seq = itertools.count()
+        self._seq = itertools.count(first_seq)  # a client that signs anew on every start counts from its clock
         self._lock = threading.Lock()
 
     def seal(self, topic: str, message: Message) -> bytes:

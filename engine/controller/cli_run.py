@@ -18,8 +18,8 @@ one given on the command line, show progress, write the outputs and a run report
 
 Edge buffers are sized for the largest request: each size parameter (e.g. height, width, num_frames) at the
 graph's `limits` where it sets one, a ceiling (a larger request is refused: raise the limit, e.g. --set
-limits.height=720); else at the largest value the graph's requests, its `request` defaults and the requests
-of this run use.
+limits.height=720); else at the largest value the graph's requests and the requests of this run use; the
+family's default only where no request gives one. `engine plan` says which limit or request sized each edge.
 """
 
 REQUEST_FIELDS = """\

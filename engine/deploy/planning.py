@@ -3,8 +3,9 @@ plan it will make of it, so that what each pod requests is the plan's own figure
 
 The graph the serving head runs is the user's, with the user's ``--set`` applied and then: each node placed on its
 pod (:mod:`engine.deploy.pods`), the broker the pods share, the model at its path in the model volume, the edges'
-size limits fixed at the sizes planned here (so the head sizes its buffers exactly as these requests assume, and
-refuses a larger request), and no requests of its own (the head takes them over HTTP).
+size limits fixed at the sizes planned here, a service's (:func:`engine.plan.build.check_service_graph`: the graph's
+limits, else its request defaults), so the head sizes its buffers exactly as these requests assume and refuses a
+larger request, and no requests of its own (the head takes them over HTTP).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from engine.deploy.pods import Pod, PodResources, assign_pods, placement_overrides, pod_resources
-from engine.plan.build import build_plan, sizing_request
+from engine.plan.build import build_plan, check_service_graph, sizing_request
+from engine.plan.model_check import model_source
 from engine.plan.feeder import DEFAULT_FILE_BYTES
 from engine.plan.check import check_graph
 from engine.plan.memory import memory_report
@@ -37,7 +39,7 @@ def plan_for_cluster(graph: Path, overrides: Sequence[str], *, broker: str, mode
     """Plan ``graph`` for a cluster whose pods share ``broker`` and see models under ``models_dir``: the model's
     folder there is ``model_path``, by default the last part of the graph's ``model.path``. The model's configs are
     read here from the graph's own ``model.path`` (a preset is built on first use)."""
-    checked = check_graph(load_graph(graph, overrides))
+    checked = check_service_graph(graph, overrides)
     model = checked.loaded.spec.model
     model_path = model_path or str(PurePosixPath(models_dir) / PurePosixPath(model.path).name)
     pods = assign_pods(checked)
@@ -46,7 +48,7 @@ def plan_for_cluster(graph: Path, overrides: Sequence[str], *, broker: str, mode
                *(f"limits.{name}={getattr(sizing, name)}" for name in type(sizing).size_fields),
                f"broker={json.dumps(broker)}", f"model.path={json.dumps(model_path)}"]
     placed = check_graph(load_graph(graph, cluster))
-    source = placed.family.resolve_source(model.task, model.path)
+    source = model_source(checked, build=True)
     plan = build_plan(placed, source, input_file_bytes=DEFAULT_FILE_BYTES)  # the head's uploads reach other pods
     report = memory_report(plan, placed.family, source)
     return ClusterPlan(plan, pods, {pod.name: pod_resources(pod, plan, report, headroom_bytes) for pod in pods},

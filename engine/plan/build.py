@@ -1,8 +1,10 @@
-"""From a checked graph to the plan: tensor shapes and edge buffer sizes at the largest admitted request."""
+"""From a checked graph to the plan: tensor shapes and edge buffer sizes at the largest admitted request, and which
+limit, request or default gave each size."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,31 +14,65 @@ from engine.plan.collector import collect_remote_outputs
 from engine.plan.feeder import feed_remote_inputs, largest_file
 from engine.plan.host import check_local_devices
 from engine.plan.model import Plan, PlannedEdge, PlannedNode, PlannedTensor
-from engine.plan.model_check import check_model
+from engine.plan.model_check import check_model, check_requests, model_source
 from engine.plan.shapes import evaluate_shape
 from engine.spec.load import load_graph
 from engine.spec.schema import Parallel
-from engine.stages import DTYPE_BYTES, MODEL_DTYPE, RequestParams, TensorSpec
+from engine.stages import DTYPE_BYTES, MODEL_DTYPE, Configs, ModelFamily, RequestParams, TensorSpec
 
 
-def sizing_request(checked: CheckedGraph, requests: Sequence[RequestParams] = ()) -> RequestParams:
-    """The largest request the edges must hold: each size parameter at its explicit limit, or else at the
-    largest value the graph's requests, its defaults or ``requests`` (those of a run) use.
+#: Where a size field of the largest request comes from, as ``engine plan`` names it.
+FROM_LIMITS, FROM_REQUESTS, FROM_DEFAULTS, FROM_FAMILY = "limits", "requests", "request defaults", "family default"
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """The largest request the edges must hold, and where each of its size fields comes from."""
+
+    request: RequestParams
+    sources: dict[str, str]  #: size field -> FROM_LIMITS, FROM_REQUESTS, FROM_DEFAULTS or FROM_FAMILY
+
+
+def sizing(checked: CheckedGraph, requests: Sequence[RequestParams] = ()) -> Sizing:
+    """The largest request the edges must hold: each size parameter at its explicit limit; else at the largest
+    value the graph's requests and ``requests`` (those of a run) use; else, with no request at all (a service),
+    at the graph's request default; the family's default only when the graph gives none.
 
     Explicit limits are a ceiling the graph sets (requests above them are refused); without one, the
     buffers fit exactly the largest request the graph or the run declares.
     """
     spec = checked.loaded.spec
     request_type = checked.family.request_type(spec.model.task)
+    given = (*checked.requests, *requests)
     sizes: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for name in request_type.size_fields:
         if name in spec.limits:
-            sizes[name] = spec.limits[name]
-            continue
-        values = [getattr(r, name) for r in (*checked.requests, *requests)]
-        values.append(checked.request_defaults.get(name, request_type.model_fields[name].default))
-        sizes[name] = max(values)
-    return request_type.model_construct(**sizes)
+            sizes[name], sources[name] = spec.limits[name], FROM_LIMITS
+        elif given:
+            sizes[name], sources[name] = max(getattr(r, name) for r in given), FROM_REQUESTS
+        elif name in checked.request_defaults:
+            sizes[name], sources[name] = checked.request_defaults[name], FROM_DEFAULTS
+        else:
+            sizes[name], sources[name] = request_type.model_fields[name].default, FROM_FAMILY
+    return Sizing(request_type.model_construct(**sizes), sources)
+
+
+def sizing_request(checked: CheckedGraph, requests: Sequence[RequestParams] = ()) -> RequestParams:
+    """The largest request the edges must hold (:func:`sizing`)."""
+    return sizing(checked, requests).request
+
+
+def sized_by(family: ModelFamily, task: str, configs: Configs, largest: RequestParams,
+             tensor: TensorSpec) -> tuple[str, ...]:
+    """The size fields ``tensor``'s shape depends on: those whose growth changes its shape at ``largest``."""
+    shape = evaluate_shape(tensor.shape, family.shape_symbols(task, configs, largest))
+    fields = []
+    for name in type(largest).size_fields:
+        grown = largest.model_copy(update={name: 2 * getattr(largest, name) + 64})  # past any one token's step
+        if evaluate_shape(tensor.shape, family.shape_symbols(task, configs, grown)) != shape:
+            fields.append(name)
+    return tuple(fields)
 
 
 def node_dtype(checked: CheckedGraph, node: str) -> str:
@@ -51,9 +87,10 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
     by default the largest the graph's requests and ``requests`` name."""
     spec, lines = checked.loaded.spec, checked.loaded.lines
     task = spec.model.task
-    sizing = sizing_request(checked, requests)
-    configs = check_model(checked, source, sizing)
-    symbols = checked.family.shape_symbols(task, configs, sizing)
+    largest = sizing(checked, requests)
+    configs = check_model(checked, source, largest.request)
+    check_requests(checked, configs, requests)
+    symbols = checked.family.shape_symbols(task, configs, largest.request)
     components = checked.family.components(task)
 
     nodes = {}
@@ -76,7 +113,8 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
         for dim in shape:
             nbytes *= dim
         return PlannedTensor(tensor.name, dtype, shape, nbytes, tensor.optional, tensor.variable, producer, consumers,
-                             expression=tensor.shape)
+                             expression=tensor.shape,
+                             sized_by=sized_by(checked.family, task, configs, largest.request, tensor))
 
     edges = []
     for i, edge in enumerate(spec.edges):
@@ -94,7 +132,8 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
         graph=spec.name, file=lines.file, family=spec.model.family, task=task, model_path=spec.model.path,
         dtype=spec.model.dtype, broker=spec.broker, nodes=nodes, edges=tuple(edges), segments=checked.segments,
         final_outputs=checked.final_outputs, request_defaults=checked.request_defaults, requests=checked.requests,
-        limits={name: getattr(sizing, name) for name in type(sizing).size_fields}, timeouts=spec.timeouts,
+        limits={name: getattr(largest.request, name) for name in type(largest.request).size_fields},
+        sized_from=largest.sources, timeouts=spec.timeouts,
         base_dir=str(checked.loaded.base_dir), component_folders={name: c.folder for name, c in components.items()},
         configs=configs,
     ), finals)
@@ -108,8 +147,15 @@ def plan_on_this_host(checked: CheckedGraph, requests: Sequence[RequestParams] =
     """Plan a checked graph to run from this host, its edges sized for ``requests`` as well: the devices of
     local nodes are checked first, then the model source is resolved (and a preset built on first use)."""
     check_local_devices(checked)
-    source = checked.family.resolve_source(checked.loaded.spec.model.task, checked.loaded.spec.model.path)
+    source = model_source(checked, build=True)
     return build_plan(checked, source, requests, input_file_bytes=input_file_bytes), source
+
+
+def check_service_graph(path: str | Path, overrides: Sequence[str] = ()) -> CheckedGraph:
+    """Load and check a graph to serve (``engine serve``, ``engine deploy``): a service's requests come from its
+    clients, so the graph's own ``requests`` are dropped, and its edges are sized at the graph's limits, else its
+    request defaults, else the family's (:func:`sizing`)."""
+    return check_graph(load_graph(path, [*overrides, "requests=[]"]))
 
 
 def plan_graph(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Plan, CheckedGraph, Path]:

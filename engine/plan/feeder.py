@@ -20,6 +20,8 @@ from engine.stages import RequestParams, StageSpec
 FEEDER = "feeder"
 EDGE = "inputs"
 _SUFFIX = "_file"
+#: What sizes the feeder's edges, as ``engine plan`` names it.
+INPUT_FILE = "largest input file"
 #: The largest file carried when no request names one yet: a service's uploads are at most this (20 MiB).
 DEFAULT_FILE_BYTES = 20 << 20
 
@@ -68,6 +70,7 @@ def feed_remote_inputs(plan: Plan, stages: Mapping[str, StageSpec], file_bytes: 
         tensors=tuple(PlannedTensor(
             file_tensor(field), "uint8", (file_bytes,), file_bytes, optional=False, variable=(0,), producer=FEEDER,
             consumers=tuple(s for s in plan.nodes[node].stages if field in stages[s].reads), expression=(file_bytes,),
+            sized_by=(INPUT_FILE,),
         ) for field in fields),
     ) for node, fields in readers.items())
 

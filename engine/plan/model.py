@@ -33,6 +33,8 @@ class PlannedTensor:
     producer: str  #: stage that writes it
     consumers: tuple[str, ...]  #: stages that read it
     expression: tuple[int | str, ...]  #: the shape as the producing stage declares it, for any request
+    #: the request's size fields its shape grows with (``height``...), or what else sized it (the input file)
+    sized_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,11 @@ class PlannedEdge:
     @property
     def tensor_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tensors)
+
+    @property
+    def sized_by(self) -> tuple[str, ...]:
+        """What its slot grows with: the size fields of its tensors' shapes (and the input file, for the feeder's)."""
+        return tuple(dict.fromkeys(name for t in self.tensors for name in t.sized_by))
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,8 @@ class Plan:
     #: not hold comes from here
     configs: dict[str, dict[str, Any]]
     component_folders: dict[str, str] = field(default_factory=dict)
+    #: size field -> where its value in ``limits`` comes from: limits, requests, request defaults or family default
+    sized_from: dict[str, str] = field(default_factory=dict)
 
     def edge_between(self, source: str, target: str) -> PlannedEdge:
         return next(e for e in self.edges if e.source == source and e.target == target)

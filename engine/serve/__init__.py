@@ -1,4 +1,5 @@
-"""``engine serve``: one deployment of a graph kept warm, taking jobs over HTTP and MQTT.
+"""``engine serve``: one deployment of a graph kept warm, taking jobs over HTTP and MQTT; ``engine submit``, its
+MQTT client.
 
     jobs.py       the jobs and their state, in SQLite under the service's state folder (a restart loses none)
     bodies.py     the API's request bodies (OpenAI-shaped) turned into the graph family's request
@@ -8,4 +9,6 @@
     metrics.py    the Prometheus metrics
     page.py       the page at / (static files in page/) and the live feed it reads (/v1/service, its events)
     cli_serve.py  the command's arguments and start-up
+    submit.py     ``engine submit``: the MQTT client of a service (sign, submit, follow, fetch the output)
+    cli_submit.py its arguments, and where the broker, credentials and submit key come from
 """

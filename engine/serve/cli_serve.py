@@ -28,8 +28,9 @@ until stopped. SIGTERM or Ctrl-C drains: new jobs get 503, running ones may fini
 queued stay in the state folder and run when the service starts again; then every worker stops.
 
 Jobs and their outputs live under --state-dir (jobs.sqlite, outputs/, uploads/); finished jobs are dropped
-oldest first beyond the --retain-* limits. Edge buffers are sized at the graph's `limits` (else at its largest
-request): a job asking for more is refused (422) naming the limit to raise, e.g. --set limits.height=720.
+oldest first beyond the --retain-* limits. Edge buffers are sized at the graph's `limits`, else at its `request`
+defaults, else at the family's defaults (the graph's `requests` are not a service's; the log says which sized
+each field): a job asking for more is refused (422) naming the limit to raise, e.g. --set limits.height=720.
 
 The API (OpenAI-shaped; see README "Serve"):
   POST /v1/videos, GET /v1/videos[/{id}[/content|/events]], DELETE /v1/videos/{id},
@@ -40,7 +41,7 @@ With ENGINE_API_TOKEN set (or --token-file), /v1 wants `Authorization: Bearer <t
 MQTT: jobs published as signed `submit_job` messages on dge/serve/<name>/submit get `job_update` messages on
 dge/serve/<name>/reply/<client id>. The signing key is ENGINE_SUBMIT_KEY, else one generated in
 <state-dir>/submit.key; with the embedded broker, a client's broker credentials are written to
-<state-dir>/mqtt-client.json (mode 0600) at start.
+<state-dir>/mqtt-client.json (mode 0600) at start. `engine submit` is such a client.
 """
 
 
@@ -100,16 +101,14 @@ def api_token(args: argparse.Namespace) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from engine.plan.build import plan_on_this_host
-    from engine.plan.check import check_graph
+    from engine.plan.build import check_service_graph, plan_on_this_host
     from engine.controller.cli_run import prepare_output_folder
     from engine.serve.http import ApiOptions
     from engine.serve.jobs import Retention
     from engine.serve.service import ServiceOptions
-    from engine.spec.load import load_graph
     from engine.spec.schema import parse_memory
 
-    checked = check_graph(load_graph(args.graph, args.overrides))
+    checked = check_service_graph(args.graph, args.overrides)
     for name, value in (("--queue-size", args.queue_size), ("--job-timeout-s", args.job_timeout_s),
                         ("--grace-s", args.grace_s), ("--retain-jobs", args.retain_jobs), ("--retain-days", args.retain_days),
                         ("--max-restarts", args.max_restarts)):
@@ -140,6 +139,7 @@ async def _run_service(checked: CheckedGraph, plan: Plan, source: Path, options:
 
     from engine.controller.controller import Controller, RunOptions
     from engine.controller.fleet import RestartPolicy
+    from engine.display import sizing_text
     from engine.serve.http import ApiOptions, create_app
     from engine.serve.mqtt import MqttFront
     from engine.serve.service import Service
@@ -156,6 +156,8 @@ async def _run_service(checked: CheckedGraph, plan: Plan, source: Path, options:
     log = logging.getLogger("engine.serve")
     log.info("listening on http://%s:%d (state in %s)%s", host, port, options.state_dir,
              "; bearer token required on /v1" if token else "")
+    log.info("edge buffers sized at %s: a job asking for more is refused (raise with --set limits.FIELD=VALUE)",
+             sizing_text(plan, list(plan.limits)))
     http = asyncio.create_task(server.serve(sockets=[sock]), name="http")
     main = asyncio.create_task(service.run(front.serve if front else None), name="service")
     loop = asyncio.get_running_loop()

@@ -25,7 +25,7 @@ from engine.controller.scheduler import Scheduler
 from engine.controller.tracker import State, TrackedRequest
 from engine.control.broker import BrokerAddress
 from engine.plan.check import CheckedGraph
-from engine.serve.bodies import Translated, Body, translate, validate_body
+from engine.serve.bodies import API_NAME, Body, InvalidRequest, Translated, translate, validate_body
 from engine.serve.jobs import Job, JobStatus, JobStore, Retention
 from engine.serve.metrics import ServiceMetrics
 
@@ -214,7 +214,13 @@ class Service:
         body = validate_body(body_type, raw)
         if body.model is not None and body.model not in self.aliases:
             raise UnknownModel(f"model: {body.model!r} is not served here; this service serves {self.model!r}")
-        return self.submit(job_id, kind, translate(self.checked, body, image), origin)
+        translated = translate(self.checked, body, image)
+        # The model's geometry (a size off its token grid), by the rule the plan and the stages apply.
+        off_grid = self.checked.family.request_problems(self.checked.loaded.spec.model.task,
+                                                        self.controller.plan.configs, translated.params)
+        if off_grid:
+            raise InvalidRequest([(API_NAME.get(p.field, p.field), p.message) for p in off_grid])
+        return self.submit(job_id, kind, translated, origin)
 
     def find_origin(self, origin: str) -> Job | None:
         return self.store.find_origin(origin)

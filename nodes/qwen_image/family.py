@@ -21,11 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, model_validator
 
-from engine.stages import (MODEL_DTYPE, ComponentSpec, ConfigProblem, Configs, ModelFamily, RequestParams, StageSpec,
-                           TensorSpec)
-from nodes.qwen_image.geometry import config_problems, latent_geometry
+from engine.stages import (CHECK_FILES, MODEL_DTYPE, ComponentSpec, ConfigProblem, Configs, ModelFamily, RequestParams,
+                           RequestProblem, StageSpec, TensorSpec)
+from nodes.qwen_image.geometry import config_problems, latent_geometry, request_problems
 
 #: Prompt embeddings past this many tokens are cut off by QwenImagePipeline (its ``max_sequence_length``).
 T2I_MAX_SEQUENCE_LENGTH = 512
@@ -147,6 +147,30 @@ class QwenImageEditRequest(QwenImageRequest):
         description=f"Path of the image to edit (PNG/JPEG), aspect ratio at most {EDIT_MAX_ASPECT:g}:1 either way."
     )
 
+    @model_validator(mode="after")
+    def _image_fits(self, info: ValidationInfo) -> "QwenImageEditRequest":
+        # Where the request is made (validate, plan, run, a service's upload); the stage holds it to the same rule.
+        if info.context == CHECK_FILES:
+            from PIL import Image, UnidentifiedImageError
+
+            try:
+                with Image.open(self.image) as image:
+                    size = image.size
+            except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+                raise ValueError(f"image {self.image} cannot be read as an image: {exc}") from None
+            problem = edit_aspect_problem(self.image, *size)
+            if problem:
+                raise ValueError(problem)
+        return self
+
+
+def edit_aspect_problem(path: Path, width: int, height: int) -> str | None:
+    """Why the Edit pipeline would not take an input image of ``width`` x ``height``; None if it does."""
+    aspect = max(width, height) / min(width, height)
+    if aspect > EDIT_MAX_ASPECT:
+        return f"input image {path} is {width}x{height} (aspect {aspect:.2f}); at most {EDIT_MAX_ASPECT:g}:1 is accepted"
+    return None
+
 
 def edit_image_size_bounds() -> tuple[int, int]:
     """Largest side and largest area (pixels) of the Edit pipeline's resized input image.
@@ -194,6 +218,10 @@ class QwenImageFamily(ModelFamily):
 
     def check_configs(self, task: str, configs: Configs) -> list[ConfigProblem]:
         return config_problems(configs)
+
+    def request_problems(self, task: str, configs: Configs, request: RequestParams) -> list[RequestProblem]:
+        assert isinstance(request, QwenImageRequest)
+        return request_problems(latent_geometry(configs), request.height, request.width)
 
     def shape_symbols(self, task: str, configs: Configs, request: RequestParams) -> dict[str, int]:
         assert isinstance(request, QwenImageRequest)

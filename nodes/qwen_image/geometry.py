@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.models.config_fields import ConfigFields
-from engine.stages import ConfigProblem, Configs
+from engine.stages import ConfigProblem, Configs, RequestProblem, token_grid_problems
 
 #: Requested heights and widths are multiples of this many pixels.
 SIZE_STEP = 16
@@ -34,6 +34,14 @@ def latent_geometry(configs: Configs) -> LatentGeometry:
     """The geometry of configs that passed :func:`config_problems`."""
     vae = configs["vae"]
     return LatentGeometry(channels=vae["z_dim"], scale=2 ** len(vae["temperal_downsample"]))
+
+
+def request_problems(geometry: LatentGeometry, height: int, width: int) -> list[RequestProblem]:
+    """Sizes off the model's token grid, by request field (none for a model whose token divides the request step,
+    which :func:`config_problems` asks of every model today)."""
+    step = geometry.token_pixels
+    return token_grid_problems({"height": height, "width": width}, {"height": step, "width": step},
+                               f"a packed latent token covers {step} pixels ({PACKING} latent pixels of the vae's {geometry.scale}x downsampling)")
 
 
 def config_problems(configs: Configs) -> list[ConfigProblem]:

@@ -25,11 +25,11 @@ from engine.parallel import SINGLE, Split
 from engine.stages import Configs, LoadedComponents, Stage, StageSpec
 from nodes.qwen_image.family import (
     EDIT_IMAGE_AREA,
-    EDIT_MAX_ASPECT,
     T2I_MAX_SEQUENCE_LENGTH,
     QwenImageEditRequest,
     QwenImageFamily,
     QwenImageRequest,
+    edit_aspect_problem,
     edit_prompt_len_bound,
 )
 from nodes.qwen_image.geometry import LatentGeometry, latent_geometry
@@ -256,11 +256,8 @@ def resized_input_image(pipe: QwenImageEditPipeline, request: QwenImageEditReque
         image = load_image(str(request.image))
     except (OSError, ValueError) as exc:
         raise RequestError(f"cannot read the input image {request.image}: {exc}") from exc
-    aspect = max(image.width, image.height) / min(image.width, image.height)
-    if aspect > EDIT_MAX_ASPECT:
-        raise RequestError(
-            f"input image {request.image} is {image.width}x{image.height} (aspect {aspect:.2f}); "
-            f"at most {EDIT_MAX_ASPECT:g}:1 is accepted"
-        )
+    problem = edit_aspect_problem(request.image, image.width, image.height)
+    if problem:
+        raise RequestError(problem)
     width, height, _ = calculate_dimensions(EDIT_IMAGE_AREA, image.width / image.height)
     return pipe.image_processor.resize(image, height, width)

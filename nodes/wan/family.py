@@ -22,8 +22,8 @@ from typing import ClassVar
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from engine.stages import (CHECK_FILES, MODEL_DTYPE, ComponentSpec, ConfigProblem, Configs, ModelFamily, RequestParams,
-                           SequenceShape, StageSpec, TensorSpec)
-from nodes.wan.geometry import config_problems, latent_geometry
+                           RequestProblem, SequenceShape, StageSpec, TensorSpec)
+from nodes.wan.geometry import config_problems, latent_geometry, request_problems
 
 #: The umT5 prompt length the Wan pipelines pad to.
 TEXT_LEN = 512
@@ -260,6 +260,10 @@ class WanFamily(ModelFamily):
 
     def check_configs(self, task: str, configs: Configs) -> list[ConfigProblem]:
         return config_problems(task, configs)
+
+    def request_problems(self, task: str, configs: Configs, request: RequestParams) -> list[RequestProblem]:
+        assert isinstance(request, WanRequest)
+        return request_problems(latent_geometry(configs), request.height, request.width, request.num_frames)
 
     def shape_symbols(self, task: str, configs: Configs, request: RequestParams) -> dict[str, int]:
         assert isinstance(request, WanRequest)

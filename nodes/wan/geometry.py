@@ -14,10 +14,12 @@ other image-to-video tasks refuse such a model, naming that task.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from engine.models.config_fields import ConfigFields
-from engine.stages import ConfigProblem, Configs
+from engine.stages import ConfigProblem, Configs, RequestProblem, token_grid_problems
 
 #: The strides AutoencoderKLWan gives a config written before it had ``scale_factor_temporal`` and
 #: ``scale_factor_spatial`` (the Wan2.1 repos'): what such a model's VAE reports when loaded.
@@ -35,15 +37,48 @@ class LatentGeometry:
     t_scale: int  #: frames per latent frame (after the first), ``vae.scale_factor_temporal``
     s_scale: int  #: pixels per latent pixel on each side, ``vae.scale_factor_spatial``
     expand_timesteps: bool  #: Wan2.2 TI2V-5B: a timestep per latent token (the pipelines' ``expand_timesteps``)
+    patch: tuple[int, int, int]  #: latent frames, rows and columns per transformer token, ``transformer.patch_size``
+
+    @property
+    def token_pixels(self) -> tuple[int, int]:
+        """Rows and columns of pixels one transformer token covers (TI2V-5B: 16 x 2 = 32)."""
+        return self.s_scale * self.patch[1], self.s_scale * self.patch[2]
+
+
+def expands_timesteps(vae: Mapping[str, Any]) -> bool:
+    """Whether the model of this VAE config is a TI2V-5B one, whose pipelines give each latent token its timestep."""
+    return vae.get("patch_size") is not None
+
+
+def ti2v_model_problem(task: str, vae: Mapping[str, Any]) -> ConfigProblem:
+    """Why another image-to-video task than ti2v cannot run a TI2V-5B model (one whose VAE patchifies)."""
+    return ConfigProblem("vae", "patch_size", f"{vae['patch_size']}, the Wan2.2 VAE of a TI2V-5B model: "
+                                              f"{TI2V_INSTEAD}, not {task}")
 
 
 def latent_geometry(configs: Configs) -> LatentGeometry:
     """The geometry of configs that passed :func:`config_problems`."""
     vae = configs["vae"]
     t_scale, s_scale = STRIDES_OF_OLDER_CONFIGS
+    patch_t, patch_h, patch_w = configs["transformer"]["patch_size"]
     return LatentGeometry(channels=vae["z_dim"], t_scale=vae.get("scale_factor_temporal", t_scale),
                           s_scale=vae.get("scale_factor_spatial", s_scale),
-                          expand_timesteps=vae.get("patch_size") is not None)
+                          expand_timesteps=expands_timesteps(vae), patch=(patch_t, patch_h, patch_w))
+
+
+def request_problems(geometry: LatentGeometry, height: int, width: int, num_frames: int) -> list[RequestProblem]:
+    """Sizes off the model's token grid, by request field: the pipelines would round them down (a video of another
+    size than the one asked for) or fail in the transformer, so the plan refuses them at validation and the
+    denoising stage at run time, both by this rule."""
+    token_h, token_w = geometry.token_pixels
+    why = (f"a transformer token of this model covers {token_h}x{token_w} pixels (vae scale_factor_spatial "
+           f"{geometry.s_scale} x transformer patch_size {list(geometry.patch[1:])})")
+    problems = token_grid_problems({"height": height, "width": width}, {"height": token_h, "width": token_w}, why)
+    latent_frames = (num_frames - 1) // geometry.t_scale + 1
+    if latent_frames % geometry.patch[0]:
+        problems.append(RequestProblem("num_frames", f"{num_frames} makes {latent_frames} latent frames, not a multiple "
+                                                     f"of the transformer's patch_size {geometry.patch[0]} in time"))
+    return problems
 
 
 def config_problems(task: str, configs: Configs) -> list[ConfigProblem]:
@@ -61,6 +96,10 @@ def config_problems(task: str, configs: Configs) -> list[ConfigProblem]:
     if fields.problems:
         return fields.problems
 
+    if len(patch) != 3 or not all(isinstance(size, int) and size > 0 for size in patch):
+        fields.refuse("transformer", "patch_size", f"{patch}; expected [frames, rows, columns], positive integers")
+        return fields.problems
+
     # 1. The strides the config states are the ones its architecture has (the VAE-less denoising node and
     #    the decoder must agree on them without comparing notes).
     geometry = latent_geometry(configs)
@@ -75,8 +114,8 @@ def config_problems(task: str, configs: Configs) -> list[ConfigProblem]:
     if FRAME_STEP % geometry.t_scale:
         fields.refuse("vae", "scale_factor_temporal", f"{geometry.t_scale}; it must divide {FRAME_STEP} "
                       f"(requests have {FRAME_STEP}k+1 frames)")
-    # A token covering more pixels than SIZE_STEP (TI2V-5B's 32) leaves some sizes off the token grid: the denoising
-    # stage refuses those requests (the pipelines round them down, to another size than the one requested).
+    # A token covering more pixels than SIZE_STEP (TI2V-5B's 32) leaves some sizes off the token grid: those requests
+    # are refused by request_problems (the pipelines round them down, to another size than the one requested).
 
     # 3. The components agree on the number of latent channels.
     for key, values in statistics.items():
@@ -88,8 +127,7 @@ def config_problems(task: str, configs: Configs) -> list[ConfigProblem]:
     conditioning = task.removesuffix("_experts")
     if conditioning == "i2v" and geometry.expand_timesteps:
         # Its in_channels would be refused too, as a consequence rather than a fault of its own: name the task instead.
-        fields.refuse("vae", "patch_size",
-                      f"{vae_patch}, the Wan2.2 VAE of a TI2V-5B model: {TI2V_INSTEAD}, not {task}")
+        fields.problems.append(ti2v_model_problem(task, configs["vae"]))
     else:
         # I2V: noise, first-frame mask, image latent; TI2V-5B: the image latent in place of the first noisy frame.
         expected_in = 2 * z_dim + geometry.t_scale if conditioning == "i2v" else z_dim

@@ -18,7 +18,7 @@ from engine.models.loading import load_component
 from engine.models.meta import read_component_config, read_model_index
 from engine.stages import LoadedComponents
 from nodes.wan.family import WanFamily
-from nodes.wan.geometry import latent_geometry
+from nodes.wan.geometry import expands_timesteps
 
 
 def load_components(task: str, names: tuple[str, ...], source: Path, device: str, dtype: str) -> LoadedComponents:
@@ -27,7 +27,7 @@ def load_components(task: str, names: tuple[str, ...], source: Path, device: str
     unknown = [name for name in names if name not in specs]
     if unknown:
         raise ModelError(f"wan {task} has no component {unknown}; components: {', '.join(specs)}")
-    expand_timesteps = latent_geometry({"vae": read_component_config(source, "vae")}).expand_timesteps
+    expand_timesteps = expands_timesteps(read_component_config(source, "vae"))
     if read_model_index(source).get("expand_timesteps", False) != expand_timesteps:
         raise ModelError(f"{source}/model_index.json: expand_timesteps must be {str(expand_timesteps).lower()} with its "
                          "VAE (true exactly for the Wan2.2 VAE, which sets patch_size: TI2V-5B)")

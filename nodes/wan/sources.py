@@ -17,7 +17,7 @@ from engine.models.sources import Preset
 from engine.models.sources import find_source as find_model_source
 from engine.models.sources import resolve_source as resolve_model_source
 from nodes.wan.family import WanFamily
-from nodes.wan.geometry import TI2V_INSTEAD
+from nodes.wan.geometry import TI2V_INSTEAD, expands_timesteps, ti2v_model_problem
 from nodes.wan.presets import PRESETS, build_preset, serves
 
 #: Bump when build_preset changes what it writes, so cached folders of the old recipe are not reused.
@@ -49,6 +49,7 @@ def _checked(task: str, source: Path) -> Path:
     """``source``, unless it is a TI2V-5B model (its VAE patchifies) under another image-to-video task. Refused here
     rather than by the family's config checks, which would first miss the components it lacks for that task (an
     image encoder, a second expert)."""
-    if task.removesuffix("_experts") == "i2v" and read_component_config(source, "vae").get("patch_size") is not None:
-        raise ModelError(f"{source}: a Wan2.2 TI2V-5B model (its VAE patchifies): {TI2V_INSTEAD}, not wan {task}")
+    vae = read_component_config(source, "vae")
+    if task.removesuffix("_experts") == "i2v" and expands_timesteps(vae):
+        raise ModelError(f"wan {task} cannot run this model: {source}/{ti2v_model_problem(task, vae)}")
     return source

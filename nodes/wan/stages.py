@@ -32,7 +32,7 @@ from engine.parallel import SINGLE, Split
 from engine.models.loading import torch_dtype
 from engine.stages import Configs, LoadedComponents, ProgressFn, Stage
 from nodes.wan.family import TEXT_LEN, WanExpertsRequest, WanFamily, WanImageRequest, WanRequest
-from nodes.wan.geometry import LatentGeometry, latent_geometry
+from nodes.wan.geometry import LatentGeometry, latent_geometry, request_problems
 from nodes.wan.handoff import check_scheduler, restore_scheduler_state, scheduler_state
 from nodes.wan.parallel import split_sequence
 
@@ -224,7 +224,12 @@ class Denoise(WanStage):
 
     def _prepare(self, request: WanRequest, inputs: Mapping[str, torch.Tensor]) -> _Loop:
         transformer_dtype = self.transformer.dtype
-        latent_mask = self._latent_mask(request)  # first: it refuses a size off the model's token grid
+        # A size off the model's token grid, which the plan refuses too (a request made elsewhere may reach a worker
+        # unchecked): the pipelines would round it down, to another video than the one requested.
+        problems = request_problems(self.geometry, request.height, request.width, request.num_frames)
+        if problems:
+            raise RequestError("; ".join(map(str, problems)))
+        latent_mask = self._latent_mask(request)
 
         # 1. Conditioning in the transformer's dtype, as __call__ casts it before the loop.
         guidance = request.guidance_scale > 1.0
@@ -252,12 +257,6 @@ class Denoise(WanStage):
         text to video. None without expand_timesteps."""
         if not self.geometry.expand_timesteps:
             return None
-        # The pipelines round a size off the token grid down; refusing it keeps the video the size requested.
-        _, patch_h, patch_w = self.transformer.config.patch_size
-        token_h, token_w = self.geometry.s_scale * patch_h, self.geometry.s_scale * patch_w
-        if request.height % token_h or request.width % token_w:
-            raise RequestError(f"height {request.height} and width {request.width} must be multiples of {token_h} and "
-                               f"{token_w} for this model (a transformer token covers {token_h}x{token_w} pixels)")
         latent_frames = (request.num_frames - 1) // self.geometry.t_scale + 1
         return torch.ones(1, 1, latent_frames, request.height // self.geometry.s_scale,
                           request.width // self.geometry.s_scale, dtype=torch.float32, device=self.device)

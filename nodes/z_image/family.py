@@ -19,9 +19,9 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from engine.stages import (MODEL_DTYPE, ComponentSpec, ConfigProblem, Configs, ModelFamily, RequestParams, StageSpec,
-                           TensorSpec)
-from nodes.z_image.geometry import config_problems, latent_geometry
+from engine.stages import (MODEL_DTYPE, ComponentSpec, ConfigProblem, Configs, ModelFamily, RequestParams,
+                           RequestProblem, StageSpec, TensorSpec)
+from nodes.z_image.geometry import config_problems, latent_geometry, request_problems
 
 #: Chat-templated prompts past this many tokens are cut off by ZImagePipeline (its ``max_sequence_length``).
 MAX_SEQUENCE_LENGTH = 512
@@ -109,6 +109,10 @@ class ZImageFamily(ModelFamily):
 
     def check_configs(self, task: str, configs: Configs) -> list[ConfigProblem]:
         return config_problems(configs)
+
+    def request_problems(self, task: str, configs: Configs, request: RequestParams) -> list[RequestProblem]:
+        assert isinstance(request, ZImageRequest)
+        return request_problems(latent_geometry(configs), request.height, request.width)
 
     def shape_symbols(self, task: str, configs: Configs, request: RequestParams) -> dict[str, int]:
         assert isinstance(request, ZImageRequest)

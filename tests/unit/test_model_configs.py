@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from engine.models import meta
+from engine.plan.model_check import component_configs
 from engine.stages import ComponentSpec
 from nodes.wan.family import WanFamily
 
@@ -194,7 +195,7 @@ def test_config_keys_are_all_accepted(folder, component, entry):
 
 def test_wan_i2v_shape_symbols_at_480p():
     folder = CONFIGS / "wan2.1-i2v-14b-480p"
-    configs = {name: meta.read_component_config(folder, name) for name in ("text_encoder", "vae", "image_encoder")}
+    configs = component_configs(_WAN, "i2v", folder)  # the task's every weighted component, as the plan reads them
     request = _WAN.request_type("i2v")(prompt="x", image=Path("first.png"))
     symbols = _WAN.shape_symbols("i2v", configs, request)
     assert symbols["text_dim"] == 4096

@@ -107,6 +107,9 @@ def test_true_cfg_needs_a_negative_prompt_and_a_scale_above_one():
 
 
 def test_edit_image_path_resolves_against_the_request_file(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")  # resolving checks the file (readable, its aspect ratio)
     request = QwenImageEditRequest(prompt="x", image=Path("in.png"))
     assert request.resolve_paths(tmp_path).image == tmp_path / "in.png"
     assert request.resolve_paths(tmp_path).resolve_paths(Path("/elsewhere")).image == tmp_path / "in.png"

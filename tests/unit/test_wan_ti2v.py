@@ -19,7 +19,7 @@ from PIL import Image
 
 from engine.cli import main
 from engine.errors import ModelError, RequestError
-from engine.plan.build import plan_graph
+from engine.plan.build import build_plan, plan_graph
 from engine.plan.memory import memory_report
 from engine.plan.shapes import evaluate_shape
 from engine.stages import ConfigProblem
@@ -147,18 +147,47 @@ def test_image_to_video_of_a_ti2v_model_is_task_ti2v(capsys):
     capsys.readouterr()  # building the preset writes progress
     for graph, model, refusal in [
         ("wan_i2v.yaml", "tiny-ti2v", f"preset 'tiny-ti2v' is not a model of wan i2v; it serves t2v, ti2v; {instead}"),
-        ("wan_i2v.yaml", "configs/wan2.2-ti2v-5b",
-         f"configs/wan2.2-ti2v-5b: a Wan2.2 TI2V-5B model (its VAE patchifies): {instead}, not wan i2v"),
+        ("wan_i2v.yaml", "configs/wan2.2-ti2v-5b", "wan i2v cannot run this model: configs/wan2.2-ti2v-5b/vae/config.json "
+                                                   f"patch_size: 2, the Wan2.2 VAE of a TI2V-5B model: {instead}, not i2v"),
         ("wan22_i2v_experts.yaml", "configs/wan2.2-ti2v-5b",
-         f"configs/wan2.2-ti2v-5b: a Wan2.2 TI2V-5B model (its VAE patchifies): {instead}, not wan i2v_experts"),
+         "wan i2v_experts cannot run this model: configs/wan2.2-ti2v-5b/vae/config.json patch_size: 2, the Wan2.2 VAE "
+         f"of a TI2V-5B model: {instead}, not i2v_experts"),
         ("wan22_ti2v.yaml", "tiny", "preset 'tiny' is not a model of wan ti2v; it serves t2v, i2v, t2v_experts, "
                                     "i2v_experts"),
     ]:
-        assert main(["plan", str(GRAPHS / graph), "--set", f"model.path={model}"]) == 1
-        assert capsys.readouterr().err == f"error: {refusal}\n"
+        for command in ("validate", "plan"):
+            assert main([command, str(GRAPHS / graph), "--set", f"model.path={model}"]) == 1
+            assert capsys.readouterr().err == (f"error: 1 problem in the graph:\n  {GRAPHS / graph} (--set "
+                                               f"model.path={model}) model.path: {refusal}\n")
     assert main(["validate", str(GRAPHS / "wan22_ti2v.yaml"), "--set", "model.path=configs/wan2.1-t2v-1.3b"]) == 1
     assert ("configs/wan2.1-t2v-1.3b/vae/config.json patch_size: not set; ti2v runs Wan2.2 TI2V-5B, whose VAE "
             "patchifies") in capsys.readouterr().err
+
+
+OFF_GRID = ("is not a multiple of 32: a transformer token of this model covers 32x32 pixels (vae "
+            "scale_factor_spatial 16 x transformer patch_size [2, 2])")
+
+
+def test_validate_refuses_a_request_off_the_real_models_token_grid(capsys):
+    """The graph's own 48x64 request fits the tiny model's 16-pixel tokens, not TI2V-5B's 32: validate and plan refuse
+    it at the line of the default that gave it, before any worker starts; a run's request off the grid is refused
+    by the plan as well, naming its field."""
+    graph = str(GRAPHS / "wan22_ti2v.yaml")
+    for command in ("validate", "plan"):
+        assert main([command, graph, "--set", "model.path=configs/wan2.2-ti2v-5b"]) == 1
+        assert capsys.readouterr().err == (f"error: 1 problem in the graph:\n  {graph}:31 request.height: 48 {OFF_GRID}; "
+                                           "use 32 or 64\n")
+    sets = ["--set", "model.path=configs/wan2.2-ti2v-5b", "--set", "requests.0.height=720", "--set", "limits.width=80"]
+    assert main(["validate", graph, *sets]) == 1
+    err = capsys.readouterr().err
+    assert f"{graph} (--set requests.0.height=720) requests[0].height: 720 {OFF_GRID}; use 704 or 736" in err
+    assert f"{graph} (--set limits.width=80) limits.width: 80 {OFF_GRID}; use 64 or 96" in err
+    assert main(["validate", graph, "--set", "model.path=configs/wan2.2-ti2v-5b", "--set", "request.height=64"]) == 0
+    capsys.readouterr()
+    plan, checked, source = plan_graph(GRAPHS / "wan22_ti2v.yaml", ["model.path=configs/wan2.2-ti2v-5b", "request.height=64"])
+    with pytest.raises(RequestError) as caught:
+        build_plan(checked, source, [checked.requests[0].model_copy(update={"width": 80})])
+    assert str(caught.value) == f"wan ti2v cannot run this request on this model:\n  request 1: width: 80 {OFF_GRID}; use 64 or 96"
 
 
 def test_a_size_off_the_token_grid_is_refused():
@@ -171,7 +200,7 @@ def test_a_size_off_the_token_grid_is_refused():
     stage = family.build_stage("t2v", "denoise", family.load_components("t2v", ("transformer", "scheduler"), source,
                                                                          "cpu", "float32"), "cpu", "float32",
                                configs(source))
-    with pytest.raises(RequestError, match="height 48 and width 64 must be multiples of 32 and 32"):
+    with pytest.raises(RequestError, match="^height: 48 is not a multiple of 32: .*; use 32 or 64$"):
         stage.run(make_request(height=48, width=64), {}, lambda step, total: None)
 
 
@@ -186,8 +215,8 @@ def test_a_model_index_that_contradicts_the_vae_is_refused(tmp_path):
 
 def test_plan_at_the_real_ti2v_5b_configs():
     """`engine plan` at TI2V-5B's 720P (1280x704, 121 frames) in bf16: a 5.0B DiT node; 48-channel latents."""
-    real = ["model.path=configs/wan2.2-ti2v-5b", "model.dtype=bf16", "limits.height=704", "limits.width=1280",
-            "limits.num_frames=121"]
+    real = ["model.path=configs/wan2.2-ti2v-5b", "model.dtype=bf16", "request.height=704", "request.width=1280",
+            "request.num_frames=121"]
     plan, checked, source = plan_graph(GRAPHS / "wan_t2v.yaml", real)
     weights = {node.node: node.weights for node in memory_report(plan, checked.family, source).nodes}
     assert abs(weights["transformer"]["transformer"] - 10.0e9) < 0.1e9  # 5.0B parameters in bf16
@@ -198,8 +227,8 @@ def test_plan_at_the_real_ti2v_5b_configs():
 def test_plan_of_ti2v_image_to_video_at_the_real_configs():
     """The three-node image-to-video graph at 1280x704, 121 frames, bf16: the same 5.0B DiT node as text to video;
     the encoder sends the prompt embeddings and one float32 latent frame."""
-    real = ["model.path=configs/wan2.2-ti2v-5b", "model.dtype=bf16", "limits.height=704", "limits.width=1280",
-            "limits.num_frames=121"]
+    real = ["model.path=configs/wan2.2-ti2v-5b", "model.dtype=bf16", "request.height=704", "request.width=1280",
+            "request.num_frames=121"]
     plan, checked, source = plan_graph(GRAPHS / "wan22_ti2v.yaml", real)
     weights = {node.node: node.weights for node in memory_report(plan, checked.family, source).nodes}
     assert abs(weights["transformer"]["transformer"] - 10.0e9) < 0.1e9
