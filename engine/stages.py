@@ -256,9 +256,9 @@ class ModelFamily(ABC):
         cannot split its sequence (the plan then refuses ``parallel.ulysses``)."""
         return None
 
-    def sequence_refusal(self) -> str:
-        """Why the family's DiT cannot split its sequence (shown when a graph asks for it)."""
-        return f"the {self.name} transformer has no sequence-parallel attention in this engine"
+    def split_refusal(self, kind: str) -> str:
+        """Why the family's DiT cannot split by ``kind`` (``cfg``, ``ulysses``), shown when a graph asks for it."""
+        return f"the {self.name} transformer has no {kind} split in this engine"
 
     @abstractmethod
     def request_problems(self, task: str, configs: Configs, request: RequestParams) -> list[RequestProblem]:

@@ -46,12 +46,11 @@ def check_parallel(loaded: LoadedGraph, family: ModelFamily, stages: dict[str, S
             for stage in (stages[s] for s in node.stages if s in stages):
                 if kind in stage.splits:
                     continue
-                if stage.splits:  # a DiT stage that splits otherwise
-                    why = f"it splits by {', '.join(stage.splits)} only" + \
-                          (f": {family.sequence_refusal()}" if kind == "ulysses" else "")
-                else:
-                    can = [s.name for s in stages.values() if kind in s.splits]
-                    why = f"a node with parallel.{kind} runs only stages that can ({', '.join(can) or 'none in this task'})"
+                can = [s.name for s in stages.values() if kind in s.splits]
+                if can:
+                    why = f"a node with parallel.{kind} runs only stages that can ({', '.join(can)})"
+                else:  # the family's DiT does not split this way
+                    why = family.split_refusal(kind)
                 problems.append(lines.problem((*where, kind), f"{family.name} stage {stage.name!r} cannot split by "
                                               f"{kind}; {why}"))
 
@@ -84,7 +83,7 @@ def sequence_problem(family: ModelFamily, task: str, configs: Configs, request: 
     """Why ``request`` cannot run with Ulysses of ``degree`` on this model, None when it can."""
     shape = family.sequence_shape(task, configs, request)
     if shape is None:
-        return family.sequence_refusal()
+        return family.split_refusal("ulysses")
     if shape.heads % degree:
         return f"the transformer's {shape.heads} attention heads do not split over ulysses {degree}"
     if shape.tokens % degree:

@@ -242,9 +242,11 @@ class QwenImageFamily(ModelFamily):
             symbols["image_latent_h"] = symbols["image_latent_w"] = edit_image_size_bounds()[0] // geometry.scale
         return symbols
 
-    def sequence_refusal(self) -> str:
-        return ("Qwen-Image attends over text and image tokens jointly, which this engine does not split by sequence; "
-                "use parallel: {cfg: 2}")
+    def split_refusal(self, kind: str) -> str:
+        if kind == "ulysses":
+            return ("Qwen-Image attends over text and image tokens jointly, which this engine does not split by "
+                    "sequence; use parallel: {cfg: 2}")
+        return super().split_refusal(kind)
 
     def find_source(self, task: str, path: str) -> Path | None:
         from nodes.qwen_image.sources import find_source

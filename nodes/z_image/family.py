@@ -128,6 +128,12 @@ class ZImageFamily(ModelFamily):
             "latent_w": request.width // geometry.scale,
         }
 
+    def split_refusal(self, kind: str) -> str:
+        if kind == "cfg":
+            return ("ZImagePipeline computes the conditional and unconditional predictions as one padded batch, which "
+                    "a branch per rank would not reproduce exactly")
+        return super().split_refusal(kind)
+
     def find_source(self, task: str, path: str) -> Path | None:
         from nodes.z_image.sources import find_source
 
