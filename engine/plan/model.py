@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.spec.schema import Timeouts
+from engine.spec.schema import StepCacheSpec, Timeouts
 from engine.stages import RequestParams
 
 #: Every tensor in an edge payload starts at a multiple of this many bytes (one cache line). The transport packs
@@ -70,6 +70,7 @@ class PlannedNode:
     memory_bytes: int | None  #: declared in the graph; None: detect
     rdma_device: str | None  #: the NIC for Mooncake RDMA; None: the environment's default
     line: int | None
+    cache: StepCacheSpec | None = None  #: step caching of the node's DiT loop; None: none unless a request asks
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda:\d+|xpu:\d+)$")
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
@@ -76,11 +76,40 @@ class Place(Strict):
         return parse_memory(self.memory) if self.memory is not None else None
 
 
+
+
+class StepCacheSpec(Strict):
+    """Step caching on a DiT node, or for one request: reuse the previous pass's residual while the DiT's input
+    barely changes between steps. Output-changing unless ``method`` is ``none`` or ``threshold`` is 0."""
+
+    method: Literal["none", "teacache", "magcache", "fbcache"] = Field(
+        description="none (every pass runs), teacache, magcache or fbcache (first-block cache).")
+    threshold: float = Field(0.0, ge=0, le=10, description="How much change a skipped pass may hide (the method's own "
+                                                           "measure); 0 never skips.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        """``teacache:0.2`` and ``none`` (a command-line option, a request field) mean the mapping."""
+        if isinstance(value, str):
+            method, _, threshold = value.partition(":")
+            return {"method": method.strip(), **({"threshold": threshold.strip()} if threshold else {})}
+        return value
+
+    @property
+    def active(self) -> bool:
+        """Whether the DiT passes go through the cache at all (``none`` calls the transformer as it is)."""
+        return self.method != "none"
+
+
 class NodeSpec(Strict):
     stages: list[str] = Field(min_length=1, description="Stages this node runs, in order (exact names).")
     place: Place = Field(description="Where the node's replicas run.")
     replicas: int = Field(1, ge=1, le=64, description="Worker processes running this node.")
     dtype: str | None = Field(None, description="Overrides the model dtype for this node.")
+    cache: StepCacheSpec | None = Field(None, description="Step caching of the node's DiT loop (a node running a "
+                                                          "denoise stage), e.g. {method: teacache, threshold: 0.2}; "
+                                                          "a request's own cache field overrides it.")
 
     @field_validator("dtype", mode="before")
     @classmethod

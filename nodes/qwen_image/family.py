@@ -79,6 +79,7 @@ DENOISE_T2I = StageSpec(
     inputs=_PROMPT_INPUTS,
     outputs=(TensorSpec("latents", MODEL_DTYPE, _PACKED),),
     description="MMDiT flow-matching loop with true classifier-free guidance",
+    step_cached=True,
 )
 DENOISE_EDIT = StageSpec(
     "denoise",
@@ -86,6 +87,7 @@ DENOISE_EDIT = StageSpec(
     inputs=(*_PROMPT_INPUTS, "image_latents"),
     outputs=(TensorSpec("latents", MODEL_DTYPE, _PACKED),),
     description="MMDiT flow-matching loop with true classifier-free guidance, conditioned on the image latents",
+    step_cached=True,
 )
 VAE_DECODE = StageSpec(
     "vae_decode",

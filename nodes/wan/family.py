@@ -70,6 +70,7 @@ DENOISE_T2V = StageSpec(
     inputs=("prompt_embeds", "negative_prompt_embeds"),
     outputs=(TensorSpec("latents", "float32", _LATENT),),
     description="DiT denoising loop with classifier-free guidance",
+    step_cached=True,
 )
 DENOISE_I2V = StageSpec(
     "denoise",
@@ -77,6 +78,7 @@ DENOISE_I2V = StageSpec(
     inputs=("prompt_embeds", "negative_prompt_embeds", "image_embeds", "condition"),
     outputs=(TensorSpec("latents", "float32", _LATENT),),
     description="DiT denoising loop with classifier-free guidance, conditioned on the image",
+    step_cached=True,
 )
 DENOISE_FIRST_FRAME = StageSpec(
     "denoise",
@@ -84,6 +86,7 @@ DENOISE_FIRST_FRAME = StageSpec(
     inputs=("prompt_embeds", "negative_prompt_embeds", "condition"),
     outputs=(TensorSpec("latents", "float32", _LATENT),),
     description="DiT denoising loop with classifier-free guidance, the image's latent held as the first frame",
+    step_cached=True,
 )
 # Wan2.2 A14B: the loop in two stages. The high-noise expert hands the low-noise one its latents and the
 # scheduler's multistep state (absent when the boundary falls before the first step).
@@ -105,6 +108,7 @@ def _experts(conditioning: tuple[str, ...]) -> tuple[StageSpec, StageSpec]:
         inputs=conditioning,
         outputs=(TensorSpec("boundary_latents", "float32", _LATENT), *SCHEDULER_STATE),
         description="the high-noise expert (transformer): the steps down to the boundary timestep",
+        step_cached=True,
     )
     low = StageSpec(
         "denoise_low",
@@ -112,6 +116,7 @@ def _experts(conditioning: tuple[str, ...]) -> tuple[StageSpec, StageSpec]:
         inputs=(*conditioning, *_HANDOVER),
         outputs=(TensorSpec("latents", "float32", _LATENT),),
         description="the low-noise expert (transformer_2): the steps past the boundary timestep",
+        step_cached=True,
     )
     return high, low
 
