@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from engine.errors import ModelError
 from engine.spec.schema import StepCacheSpec
 from engine.stepcache.blocks import ACTIVE_PASS, BlockForward, BlockStack, route_blocks
 from engine.stepcache.rules import Decision, FirstBlockBranch, MagCacheBranch, TeaCacheBranch, polynomial
@@ -74,6 +75,9 @@ class StepCache:
         self._run_s = 0.0
         self._skipped_s = 0.0
         self._block_ids = frozenset(id(block) for block in stack.blocks)
+        if self.settings.method == "fbcache" and len(stack.blocks) < 2:
+            raise ModelError(f"fbcache skips the blocks after the first, and this transformer has {len(stack.blocks)}; "
+                             "use teacache or magcache")
         if self.settings.active:
             route_blocks(stack)
 
