@@ -6,9 +6,10 @@
 One process, the Wan2.1 text-to-video stages of ``--model`` on the CPU (the ``bench`` preset by default: tiny
 compute, one transformer block, the real Wan2.1 widths at the edges): the prompt is encoded once, then the denoise
 stage runs the request once exactly (``cache: none``) and once per method and threshold, each run's latents decoded
-by the VAE stage. Per run: the denoise stage's seconds, DiT passes run and skipped (guidance on: two per step), the
-seconds saved as the cache counts them, and the PSNR of the frames against the exact run's (frames in [0, 1];
-``inf``: identical).
+by the VAE stage; a first exact run warms up, untimed, and each setting runs ``--repeats`` times. Per setting: the
+denoise stage's median seconds, DiT passes run and skipped (guidance on: two per step), the seconds saved as the
+cache counts them (median), and the PSNR of the frames against the exact run's (frames in [0, 1]; ``inf``:
+identical).
 
 Random weights do not behave like trained ones: how much a pass changes from one step to the next, and so which
 passes a threshold skips and what that costs in PSNR, says nothing about a real checkpoint. The figures show the
@@ -26,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import emit, finish_machine, machine, machine_line  # noqa: E402
+from bench.common import emit, finish_machine, machine, machine_line, median  # noqa: E402
 
 METHODS = ("teacache", "magcache", "fbcache")
 
@@ -40,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.0, 0.1, 0.3, 1.0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (the median is shown)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     return parser.parse_args(argv)
@@ -71,21 +73,27 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                          num_frames=args.frames, steps=args.steps, guidance_scale=5.0, seed=42)
     embeds = text.run(request, {}, lambda step, total: None)
 
-    def run(settings: StepCacheSpec) -> dict[str, Any]:
+    def denoised(settings: StepCacheSpec) -> tuple[Any, float, Any]:
         cached = request.model_copy(update={"cache": settings})
         started = time.perf_counter()
+        with collect() as caches:
+            latents = denoise.run(cached, embeds, lambda step, total: None)["latents"]
+        return latents, time.perf_counter() - started, caches[0].stats
+
+    def run(settings: StepCacheSpec) -> dict[str, Any]:
         try:
-            with collect() as caches:
-                latents = denoise.run(cached, embeds, lambda step, total: None)["latents"]
+            samples = [denoised(settings) for _ in range(args.repeats)]
         except ModelError as exc:  # a method this model cannot run (fbcache on one block)
             return {"method": settings.method, "threshold": settings.threshold, "refused": str(exc)}
-        seconds = time.perf_counter() - started
-        frames = decode.run(cached, {"latents": latents}, lambda step, total: None)["frames"]
-        stats = caches[0].stats
-        return {"method": settings.method, "threshold": settings.threshold, "denoise_s": round(seconds, 3),
+        latents, _, stats = samples[0]
+        frames = decode.run(request, {"latents": latents}, lambda step, total: None)["frames"]
+        return {"method": settings.method, "threshold": settings.threshold,
+                "denoise_s": round(median([seconds for _, seconds, _ in samples]), 3),
+                "denoise_s_samples": [round(seconds, 3) for _, seconds, _ in samples],
                 "passes_run": stats.passes_run, "passes_skipped": stats.passes_skipped,
-                "seconds_saved": stats.seconds_saved, "frames": frames}
+                "seconds_saved": round(median([s.seconds_saved for _, _, s in samples]), 3), "frames": frames}
 
+    denoised(StepCacheSpec(method="none"))  # warm-up
     exact = run(StepCacheSpec(method="none"))
     rows = [exact]
     for method in args.methods:
@@ -95,11 +103,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             row["psnr_db"] = psnr(row.pop("frames"), exact["frames"]) if row is not exact else math.inf
     exact.pop("frames", None)
     return {"model": args.model, "size": f"{args.height}x{args.width}x{args.frames}", "steps": args.steps,
-            "rows": rows}
+            "repeats": args.repeats, "rows": rows}
 
 
 def render(result: dict[str, Any]) -> str:
-    lines = [f"wan t2v on {result['model']}, {result['size']}, {result['steps']} steps, guidance on; "
+    lines = [f"wan t2v on {result['model']}, {result['size']}, {result['steps']} steps, guidance on, median of "
+             f"{result['repeats']}; "
              f"{machine_line(result['machine'])}", "",
              "| method | threshold | denoise s | passes run | skipped | saved s (counted) | PSNR dB |",
              "|---|---|---|---|---|---|---|"]
@@ -117,6 +126,8 @@ def render(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
     import torch
 
     torch.set_num_threads(args.threads)

@@ -9,6 +9,7 @@ same module, executes exactly the original code. Two requests computing on two t
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 ACTIVE_PASS: ContextVar[Pass | None] = ContextVar("step_cache_pass", default=None)
 
 BlockForward = Callable[..., Any]
+_ROUTING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -66,17 +68,20 @@ class BlockStack(ABC):
 
 
 def route_blocks(stack: BlockStack) -> None:
-    """Route every block of ``stack`` through the active pass (once per block; idempotent)."""
-    for index, block in enumerate(stack.blocks):
-        if "_step_cache_original" in block.__dict__:
-            continue
-        original = block.forward
+    """Route every block of ``stack`` through the active pass (once per block, under a lock: two requests starting
+    together on one transformer must not wrap a block twice)."""
+    with _ROUTING:
+        for index, block in enumerate(stack.blocks):
+            if "_step_cache_original" in block.__dict__:
+                continue
+            original = block.forward
 
-        def forward(*args: Any, _block=block, _index: int = index, _original: BlockForward = original, **kwargs: Any) -> Any:
-            active = ACTIVE_PASS.get()
-            if active is None or not active.owns(_block):
-                return _original(*args, **kwargs)
-            return active.block(_index, _block, _original, args, kwargs)
+            def forward(*args: Any, _block=block, _index: int = index, _original: BlockForward = original,
+                        **kwargs: Any) -> Any:
+                active = ACTIVE_PASS.get()
+                if active is None or not active.owns(_block):
+                    return _original(*args, **kwargs)
+                return active.block(_index, _block, _original, args, kwargs)
 
-        block.__dict__["_step_cache_original"] = original
-        block.forward = forward
+            block.__dict__["_step_cache_original"] = original
+            block.forward = forward

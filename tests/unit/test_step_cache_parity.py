@@ -1,6 +1,6 @@
 """Step caching at threshold 0 (every method) and ``none`` computes exactly what the diffusers pipelines compute, bit
-for bit: Wan2.1 text and image to video with guidance, the Wan2.2 two-expert graph on one node and on two DiT nodes,
-Qwen-Image with true CFG and Z-Image with guidance. At threshold 0 every pass runs through the cache's block routing
+for bit: Wan2.1 text and image to video with guidance, Wan2.2 TI2V-5B image to video (a timestep per token), the
+Wan2.2 two-expert graph on one node and on two DiT nodes, Qwen-Image with true CFG and Z-Image with guidance. At threshold 0 every pass runs through the cache's block routing
 (measures taken, residuals kept), so these tests hold that routing to the transformer's own result."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from nodes.z_image.family import ZImageRequest
 from tests.unit import test_qwen_image_runtime as qwen
 from tests.unit import test_wan_experts as experts
 from tests.unit import test_wan_parity as wan
+from tests.unit import test_wan_ti2v as ti2v
 from tests.unit import test_z_image_family as z_image
 from tests.unit.test_qwen_image_runtime import sources, t2i_pipelines  # noqa: F401 - fixtures
 from tests.unit.test_z_image_family import pipeline, source  # noqa: F401 - fixtures
@@ -46,6 +47,17 @@ def test_wan_equals_the_pipeline(task, settings):
 
     assert torch.equal(tensors["frames"], wan.reference_frames(task, "float32", request.model_copy(update={"cache": None})))
     ran_every_pass(caches, 2 * wan.STEPS)
+
+
+@pytest.mark.parametrize("settings", EXACT, ids=settings_id)
+def test_wan22_ti2v_equals_the_pipeline(settings):
+    request = ti2v.make_request("ti2v", guidance_scale=5.0).model_copy(update={"cache": settings})
+
+    with collect() as caches:
+        tensors = ti2v.run_nodes("ti2v", ti2v.THREE_NODES, "float32", request)
+
+    assert torch.equal(tensors["frames"], ti2v.reference_frames("float32", request))
+    ran_every_pass(caches, 2 * request.steps)
 
 
 @pytest.mark.parametrize("settings", EXACT, ids=settings_id)
