@@ -105,7 +105,8 @@ class StepCache:
         finally:
             ACTIVE_PASS.reset(token)
         if active.decision is None:
-            raise RuntimeError("the transformer call ran none of its blocks through the step cache")
+            raise ModelError("the transformer call ran none of the blocks the step cache routes (the family's "
+                             f"{type(self.stack).__name__} names other blocks than the transformer runs)")
         seconds = time.perf_counter() - started
         self._count(active.decision.skip, seconds)
         self.trace.append(TraceEntry(step, branch, active.decision.skip, active.decision.measure,

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,6 +203,26 @@ def test_a_request_overrides_the_nodes_cache_and_may_turn_it_off():
     assert with_node_cache(WanRequest(prompt="x", cache="none"), node).cache == StepCacheSpec(method="none")
     assert with_node_cache(WanRequest(prompt="x", cache="fbcache:0.1"), node).cache == StepCacheSpec(method="fbcache", threshold=0.1)
     assert with_node_cache(WanRequest(prompt="x"), None).cache is None
+
+
+def test_the_command_line_and_the_graph_reach_the_request_and_the_worker():
+    from engine.controller.requests import run_requests
+    from engine.plan.build import build_plan
+    from engine.plan.check import check_graph
+    from engine.spec.load import load_graph
+    from engine.worker.contract import worker_specs
+
+    graph = Path(__file__).resolve().parents[2] / "graphs" / "wan_t2v.yaml"
+    checked = check_graph(load_graph(graph, ["nodes.transformer.cache={method: fbcache, threshold: 0.1}"]))
+    (from_cli,) = run_requests(checked, {"prompt": "a fox", "cache": "teacache:0.3"})  # engine run --cache teacache:0.3
+    assert from_cli.cache == StepCacheSpec(method="teacache", threshold=0.3)
+
+    plan = build_plan(checked, Path(__file__).resolve().parents[2] / "configs" / "wan2.1-t2v-1.3b")
+    specs = {spec.node: spec for spec in worker_specs(plan, run_id="t", source=Path("/m"), out_dir=Path("/o"),
+                                                      broker=lambda node, replica: {"host": "127.0.0.1", "port": 1},
+                                                      save_frames=False, heartbeat_s=1.0)}
+    assert specs["transformer"].cache == StepCacheSpec(method="fbcache", threshold=0.1)
+    assert specs["encoder"].cache is None
 
 
 def test_none_calls_the_transformer_unrouted_and_counts_its_passes():
