@@ -201,7 +201,7 @@ def test_models_health_and_metrics(wan):
     metrics = httpx.get(f"{wan.url}/metrics").text
     for series in ('engine_replicas_up{node="transformer"} 2.0', 'engine_stage_seconds_count{stage="denoise"}',
                    'engine_edge_bytes_total{edge="phase1"}', 'engine_integrity_failures_total{edge="phase2"} 0.0',
-                   "engine_retries_total 0.0", 'engine_dit_passes_total{stage="denoise",result="run"}'):
+                   "engine_retries_total 0.0", 'engine_dit_passes_total{result="run",stage="denoise"}'):
         assert series in metrics, series
 
 
