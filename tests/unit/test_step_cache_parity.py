@@ -105,3 +105,28 @@ def test_z_image_equals_the_pipeline(source, pipeline, settings):  # noqa: F811 
     ran_every_pass(caches, request.steps)
     if settings.active:
         assert [entry.branch for entry in caches[0].trace] == ["cond+uncond", "cond", "cond"]
+
+
+SKIPPING = [StepCacheSpec(method="teacache", threshold=5.0), StepCacheSpec(method="magcache", threshold=5.0),
+            StepCacheSpec(method="fbcache", threshold=5.0)]
+
+
+@pytest.mark.parametrize("settings", SKIPPING, ids=lambda s: s.method)
+def test_qwen_image_and_z_image_skip_passes_with_a_threshold(sources, source, settings):  # noqa: F811 - fixtures
+    """The skip path hands each family's block outputs on in their own form (Qwen-Image's two streams): passes are
+    skipped, the image is finite and differs from the exact one."""
+    qwen_request = qwen.family.request_type("t2i")(prompt="a red fox", negative_prompt="blurry", height=48, width=80,
+                                                   steps=6, true_cfg_scale=4.0, seed=7)
+    z_request = ZImageRequest(prompt="a lighthouse", negative_prompt="blurry", height=48, width=80, steps=6, seed=5,
+                              guidance_scale=3.0)
+    runs = {
+        "qwen_image": lambda request: qwen.run_partition("t2i", sources["t2i"], qwen.ONE_NODE["t2i"], request)[0]["image"],
+        "z_image": lambda request: z_image.run_nodes(source, (z_image.STAGES,), request)["image"],
+    }
+    for name, request in (("qwen_image", qwen_request), ("z_image", z_request)):
+        exact = runs[name](request)
+        with collect() as caches:
+            cached = runs[name](request.model_copy(update={"cache": settings}))
+        (cache,) = caches
+        assert cache.stats.passes_skipped > 0, name
+        assert torch.isfinite(cached).all() and not torch.equal(cached, exact), name
