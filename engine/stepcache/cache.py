@@ -113,6 +113,10 @@ class StepCache:
                                      active.decision.accumulated, seconds))
         return result
 
+    def routes(self, block: torch.nn.Module) -> bool:
+        """Whether ``block`` is one of the blocks this cache routes (not another transformer's on the node)."""
+        return id(block) in self._block_ids
+
     def _rule(self, steps: int) -> TeaCacheBranch | MagCacheBranch | FirstBlockBranch:
         threshold = self.settings.threshold
         if self.settings.method == "teacache":
@@ -159,7 +163,7 @@ class Pass:
     residual_from: torch.Tensor | None = field(default=None, repr=False)  #: the hidden state the residual adds to
 
     def owns(self, block: torch.nn.Module) -> bool:
-        return id(block) in self.cache._block_ids
+        return self.cache.routes(block)
 
     def block(self, index: int, block: torch.nn.Module, original: BlockForward, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:

@@ -1,4 +1,4 @@
-"""Step caching through `engine run` (real processes, broker and Mooncake): the DiT node's cache applies to a request
+"""Step caching through `engine run` (a real worker process and broker, one node): the node's cache applies to a request
 that names none, a request's `cache: none` turns it off and equals the pipeline bit for bit, and report.json counts
 each request's DiT passes run and skipped."""
 
@@ -16,8 +16,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_node_cache_and_a_request_turning_it_off(tmp_path):
-    document = yaml.safe_load((GRAPHS / "wan_t2v.yaml").read_text())
-    document["nodes"]["transformer"]["cache"] = {"method": "fbcache", "threshold": 5.0}
+    document = yaml.safe_load((GRAPHS / "wan_t2v_single.yaml").read_text())
+    document["nodes"]["all"]["cache"] = {"method": "fbcache", "threshold": 5.0}
     document["requests"] = [{"prompt": "a fox", "seed": 1}, {"prompt": "a fox", "seed": 1, "cache": "none"}]
     graph = tmp_path / "wan_t2v_cached.yaml"
     graph.write_text(yaml.safe_dump(document))
