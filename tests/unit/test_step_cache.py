@@ -103,6 +103,17 @@ def test_skipped_passes_follow_the_rule_on_the_recorded_trace(method):
     assert not torch.equal(frames, exact)  # a skipped pass changes the video
 
 
+def test_the_fits_are_evaluated_as_numpy_poly1d_evaluates_them():
+    import numpy as np
+
+    from engine.stepcache.rules import polynomial
+
+    coefficients = teacache_profile({"num_attention_heads": 12, "attention_head_dim": 128, "image_dim": None},
+                                    family.stages("t2v")[1], 480, 832).coefficients
+    for x in (0.0, 0.01, 0.05, 0.2):
+        assert polynomial(coefficients)(x) == pytest.approx(np.poly1d(coefficients)(x), rel=1e-12, abs=1e-9)
+
+
 def test_the_wan21_fits_go_to_the_wan21_checkpoints_only():
     t2v, i2v = family.stages("t2v")[1], family.stages("i2v")[3]
     high = family.stages("t2v_experts")[1]
