@@ -78,6 +78,17 @@ class Split:
         dist.all_gather(parts, tensor, group=self.ulysses_group)
         return torch.cat(parts, dim=dim)
 
+    def sum_over_tokens(self, sums: "torch.Tensor") -> "torch.Tensor":
+        """Sums over this rank's tokens -> the same sums over all tokens, on every rank of the branch (so that a
+        decision taken from them, a step cache's, is one decision for the whole sequence)."""
+        if self.ulysses == 1:
+            return sums
+        import torch.distributed as dist
+
+        sums = sums.clone()
+        dist.all_reduce(sums, group=self.ulysses_group)
+        return sums
+
     def attend(self, attention: Callable[..., "torch.Tensor"], query: "torch.Tensor", key: "torch.Tensor",
                value: "torch.Tensor", **kwargs: Any) -> "torch.Tensor":
         """Ulysses around ``attention``: [B, S/U, H, D] token shards in, all tokens of H/U heads attended, the

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.spec.schema import StepCacheSpec
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
@@ -67,6 +69,9 @@ class StageSpec:
     #: How the stage can split across the ranks of a several-device replica (:mod:`engine.parallel`): ``cfg`` (its
     #: guided prediction's branches on different ranks) and ``ulysses`` (its tokens); empty: it cannot split.
     splits: tuple[str, ...] = ()
+    #: The stage's loop calls a DiT once per step and guidance branch through :mod:`engine.stepcache`: a node's
+    #: ``cache:`` and a request's ``cache`` field apply to it.
+    step_cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,9 @@ class RequestParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     seed: int = Field(0, ge=0, lt=2**63, description="Seed of the initial noise.")
+    cache: StepCacheSpec | None = Field(
+        None, description="Step caching for this request, over the DiT node's cache: METHOD:THRESHOLD (teacache:0.2, "
+                          "magcache, fbcache) or none to run every DiT pass.")
 
     #: Request fields that bound buffer sizes (``height``, ``width``, ``num_frames``...): the planner sizes
     #: edge buffers at the largest value of each the graph admits.

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, TypeAlias
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from engine.errors import ControlError
+from engine.stepcache.stats import StepCacheStats
 
 VERSION = 1
 
@@ -123,6 +124,8 @@ class StageDone(_Model):
     edges: dict[str, EdgeStats] = Field(description="outgoing edge name -> transfer statistics")
     outputs: list[str] = Field(description="files written for the request's final outputs (empty before the last segment)")
     peak_rss_bytes: int = Field(ge=0, description="peak resident memory of the worker process so far")
+    step_cache: dict[str, StepCacheStats] = Field(
+        default_factory=dict, description="stage name -> DiT passes it ran and skipped (stages with a DiT loop)")
 
 
 class StageFailed(_Model):

@@ -47,6 +47,8 @@ class ProgressView:
 
     def segment_done(self, request: Any, segment: Segment, done: StageDone) -> None:
         facts = [f"{name} {seconds:.2f} s" for name, seconds in done.timings.items()]
+        facts += [f"{name} skipped {s.passes_skipped} of {s.passes_run + s.passes_skipped} DiT passes ({s.method} "
+                  f"{s.threshold:g})" for name, s in done.step_cache.items() if s.method != "none"]
         facts += [f"{name} {human_bytes(s.nbytes)} in {s.seconds * 1e3:.1f} ms" for name, s in done.edges.items()]
         self._print(f"{request.id}: {segment.node}[{done.replica}] done ({'; '.join(facts)})")
 

@@ -27,6 +27,8 @@ def build_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:
             "params": request.params.model_dump(mode="json"),
             "outputs": request.outputs,
             "stage_seconds": {k: round(v, 4) for k, v in request.stage_seconds.items()},
+            # Per stage with a DiT loop: the step caching in force, DiT passes run and skipped, seconds saved.
+            "step_cache": {stage: stats.model_dump() for stage, stats in request.step_cache.items()},
             "edges": request.edges,
             # Time a request spent neither computing nor on an edge: waiting in a replica's queue, messaging.
             "queue_wait_seconds": round(max(0.0, segments_s - compute_s - transfer_s), 4),

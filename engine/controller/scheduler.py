@@ -226,6 +226,7 @@ class Scheduler:
         info.assigned -= 1
         info.peak_rss_bytes = max(info.peak_rss_bytes, done.peak_rss_bytes)
         request.stage_seconds.update(done.timings)
+        request.step_cache.update(done.step_cache)
         request.segment_seconds[segment.index] = self.clock() - request.dispatched_at
         request.edges.update({name: stats.model_dump() for name, stats in done.edges.items()})
         request.outputs.extend(done.outputs)

@@ -11,6 +11,7 @@ from typing import Any
 from engine.control.messages import RunStage
 from engine.errors import EngineError
 from engine.stages import RequestParams
+from engine.stepcache.stats import StepCacheStats
 
 
 class State(str, Enum):
@@ -80,6 +81,7 @@ class TrackedRequest:
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
     steps: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  #: (node, stage) -> (step, of total)
+    step_cache: dict[str, StepCacheStats] = field(default_factory=dict)  #: stage -> DiT passes run and skipped
 
     def __post_init__(self) -> None:
         self.events.append(Event(self.now(), self.state, "submitted"))

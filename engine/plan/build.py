@@ -104,6 +104,7 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
             device=node.place.device, replicas=node.replicas, dtype=node_dtype(checked, name),
             memory_bytes=node.place.memory_bytes, rdma_device=node.place.rdma_device, line=lines.line(("nodes", name)),
             devices=node.place.all_devices, parallel=node.parallel or Parallel(),
+            cache=node.cache,
         )
 
     def planned(tensor: TensorSpec, node: str, producer: str, consumers: tuple[str, ...]) -> PlannedTensor:

@@ -64,6 +64,7 @@ def check_graph(loaded: LoadedGraph) -> CheckedGraph:
     transports = _check_edges(loaded, flows, problems)
     _check_devices(loaded, problems)
     check_parallel(loaded, family, stages, problems)
+    _check_step_cache(loaded, stages, problems)
     segments, final_outputs = _segments(stages, node_of, produced, flows, loaded, problems)
     defaults, requests = _requests(loaded, family, problems)
     if problems:
@@ -192,6 +193,15 @@ def _check_devices(loaded: LoadedGraph, problems: list[Problem]) -> None:
         other = first.setdefault(key, (name, place.memory))
         if place.memory_bytes != loaded.spec.nodes[other[0]].place.memory_bytes:
             problems.append(loaded.lines.problem(("nodes", name, "place", "memory"), f"{place.memory} differs from node {other[0]!r} on the same device ({place.host} {place.device}: {other[1]}); nodes sharing a device declare one memory size"))
+
+
+def _check_step_cache(loaded: LoadedGraph, stages: dict[str, StageSpec], problems: list[Problem]) -> None:
+    """``cache:`` only on a node whose stages call a DiT step by step."""
+    for name, node in loaded.spec.nodes.items():
+        if node.cache is not None and not any(stages[s].step_cached for s in node.stages if s in stages):
+            cached = [s.name for s in stages.values() if s.step_cached]
+            problems.append(loaded.lines.problem(("nodes", name, "cache"), f"node {name!r} runs no DiT loop to cache "
+                                                 f"(stages that do: {', '.join(cached)}); put cache on the node running them"))
 
 
 def _segments(stages: dict[str, StageSpec], node_of: dict[str, str], produced: dict[str, tuple[str, TensorSpec]],

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.spec.schema import Parallel, Timeouts
+from engine.spec.schema import Parallel, StepCacheSpec, Timeouts
 from engine.stages import RequestParams
 
 #: Every tensor in an edge payload starts at a multiple of this many bytes (one cache line). The transport packs
@@ -84,6 +84,7 @@ class PlannedNode:
     @property
     def ranks(self) -> int:
         return max(1, len(self.devices))
+    cache: StepCacheSpec | None = None  #: step caching of the node's DiT loop; None: none unless a request asks
 
 
 @dataclass(frozen=True)

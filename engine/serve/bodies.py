@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.plan.build import sizing_request
 from engine.plan.check import CheckedGraph
+from engine.spec.schema import StepCacheSpec
 from engine.stages import CHECK_FILES, RequestParams
 
 MAX_PROMPT_CHARS = 20_000
@@ -44,6 +45,8 @@ class Body(BaseModel):
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     seed: int | None = None
+    cache: StepCacheSpec | None = Field(None, description="step caching for this job over the DiT node's: "
+                                                          "teacache:0.2, {method: fbcache, threshold: 0.1} or none")
 
 
 class VideoBody(Body):

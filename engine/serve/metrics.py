@@ -62,6 +62,12 @@ class ServiceMetrics:
         self.edge_seconds = Counter("engine_edge_seconds", "Seconds spent moving payloads over each edge (grant to "
                                     "acknowledgement); bytes / seconds is the edge's GB/s", ["edge"], registry=self.registry)
         self.retries = Counter("engine_retries", "Requests started again on other replicas", registry=self.registry)
+        self.dit_passes = Counter("engine_dit_passes", "DiT passes (one transformer call of one guidance branch at one "
+                                  "step), by whether step caching ran or skipped them", ["stage", "result"],
+                                  registry=self.registry)
+        self.step_cache_seconds_saved = Counter("engine_step_cache_seconds_saved", "Seconds step caching saved (skipped "
+                                                "passes at a computed pass's mean time, less their own)", ["stage"],
+                                                registry=self.registry)
         self.integrity_failures = Counter("engine_integrity_failures", "Edge deliveries rejected by the receiver's "
                                           "integrity check", ["edge"], registry=self.registry)
         self._completed = 0
@@ -75,6 +81,10 @@ class ServiceMetrics:
         self.retries.inc(request.attempt)
         for stage, seconds in request.stage_seconds.items():
             self.stage_seconds.labels(stage).observe(seconds)
+        for stage, cached in request.step_cache.items():
+            self.dit_passes.labels(stage, "run").inc(cached.passes_run)
+            self.dit_passes.labels(stage, "skipped").inc(cached.passes_skipped)
+            self.step_cache_seconds_saved.labels(stage).inc(max(0.0, cached.seconds_saved))
         for edge, stats in request.edges.items():
             self.edge_bytes.labels(edge).inc(stats["nbytes"])
             self.edge_seconds.labels(edge).inc(stats["seconds"])

@@ -336,6 +336,7 @@ class Service:
         self.metrics.finished(request)
         if request.state == State.DONE:
             job.outputs = list(request.outputs)
+            job.api = {**job.api, "step_cache": {stage: s.model_dump() for stage, s in request.step_cache.items()}}
             job.output_bytes = sum(Path(p).stat().st_size for p in request.outputs if Path(p).is_file())
             self._finish(job, "completed", None, None)
         elif request.id in self._interrupting:

@@ -110,6 +110,32 @@ class Parallel(Strict):
         return self.cfg * self.ulysses
 
 
+
+
+class StepCacheSpec(Strict):
+    """Step caching on a DiT node, or for one request: reuse the previous pass's residual while the DiT's input
+    barely changes between steps. Output-changing unless ``method`` is ``none`` or ``threshold`` is 0."""
+
+    method: Literal["none", "teacache", "magcache", "fbcache"] = Field(
+        description="none (every pass runs), teacache, magcache or fbcache (first-block cache).")
+    threshold: float = Field(0.0, ge=0, le=10, description="How much change a skipped pass may hide (the method's own "
+                                                           "measure); 0 never skips.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        """``teacache:0.2`` and ``none`` (a command-line option, a request field) mean the mapping."""
+        if isinstance(value, str):
+            method, _, threshold = value.partition(":")
+            return {"method": method.strip(), **({"threshold": threshold.strip()} if threshold else {})}
+        return value
+
+    @property
+    def active(self) -> bool:
+        """Whether the DiT passes go through the cache at all (``none`` calls the transformer as it is)."""
+        return self.method != "none"
+
+
 class NodeSpec(Strict):
     stages: list[str] = Field(min_length=1, description="Stages this node runs, in order (exact names).")
     place: Place = Field(description="Where the node's replicas run.")
@@ -117,6 +143,9 @@ class NodeSpec(Strict):
     dtype: str | None = Field(None, description="Overrides the model dtype for this node.")
     parallel: Parallel | None = Field(None, description="How a replica on several devices (place.devices) splits "
                                                          "its stages: {cfg: 2, ulysses: 2}.")
+    cache: StepCacheSpec | None = Field(None, description="Step caching of the node's DiT loop (a node running a "
+                                                          "denoise stage), e.g. {method: teacache, threshold: 0.2}; "
+                                                          "a request's own cache field overrides it.")
 
     @field_validator("dtype", mode="before")
     @classmethod

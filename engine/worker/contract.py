@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.plan.model import Plan, PlannedTensor
 from engine.spec.schema import Parallel
+from engine.spec.schema import StepCacheSpec
 
 
 class _Frozen(BaseModel):
@@ -73,6 +74,7 @@ class WorkerSpec(_Frozen):
     collective_timeout_s: float = Field(10.0, description="longest a rank waits in a collective for the others")
     save_frames: bool
     meta: dict[str, str] = Field(description="graph name, file and model path, written beside outputs")
+    cache: StepCacheSpec | None = Field(None, description="the node's step caching; a request's cache field overrides it")
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +122,7 @@ def worker_specs(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str
                 heartbeat_s=heartbeat_s, broker_timeout_s=plan.timeouts.broker_s, transfer_timeout_s=plan.timeouts.transfer_s, save_frames=save_frames,
                 meta={"graph": plan.graph, "graph_file": plan.file, "model": plan.model_path, "family": plan.family,
                       "task": plan.task, "dtype": node.dtype},
+                cache=node.cache,
             ))
     return specs
 

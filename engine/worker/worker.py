@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -49,6 +50,8 @@ from engine.worker.inbound import InboundShapes
 from engine.worker.input_files import read_input_files, remove_input_files, write_input_files
 from engine.control.replies import Replies
 from engine.stages import ProgressFn, Stage
+from engine.stepcache.stats import StepCacheStats, with_node_cache
+from engine.stepcache.stats import collect as collect_step_caches
 from engine.worker.group import GroupBroken, RankGroup
 from engine.transport import Manifest, Receiver, Sender, SlotGrant, SlotsExhausted, accept, make_receiver, make_sender, send_tensors
 
@@ -425,7 +428,8 @@ class Worker:
                 tensors = read_input_files(job.request, {t.name: t.nbytes for e in spec.outbound for t in e.declared})
 
             # 2. Stages, in order, on the compute thread; progress goes out with the heartbeats.
-            timings = await asyncio.to_thread(self._compute, job.request_id, segment.stages, request, tensors)
+            timings, step_cache = await asyncio.to_thread(self._compute, job.request_id, segment.stages,
+                                                          with_node_cache(request, spec.cache), tensors)
         finally:
             if files:
                 remove_input_files(fed_folder)
@@ -448,10 +452,13 @@ class Worker:
             outputs = [str(p) for p in paths]
         self._release_received(job.request_id)
         return StageDone(request_id=job.request_id, node=spec.node, replica=spec.replica, attempt=job.attempt,
-                         timings=timings, edges=edge_stats, outputs=outputs, peak_rss_bytes=peak_rss_bytes())
+                         timings=timings, edges=edge_stats, outputs=outputs, peak_rss_bytes=peak_rss_bytes(),
+                         step_cache=step_cache)
 
-    def _compute(self, request_id: str, stages: tuple[str, ...], request: Any, tensors: dict[str, Any]) -> dict[str, float]:
-        timings = {}
+    def _compute(self, request_id: str, stages: tuple[str, ...], request: Any,
+                 tensors: dict[str, Any]) -> tuple[dict[str, float], dict[str, StepCacheStats]]:
+        """Run the stages; their times, and what the step caches the stages opened for this request did."""
+        timings, step_cache = {}, {}
         for name in stages:
             self.progress.stage_started(request_id, name, 0)
 
@@ -464,10 +471,13 @@ class Worker:
                 self.progress.step_done(step)
 
             started = time.perf_counter()
-            tensors.update(self._run_stage(self.stages[name], request, tensors, progress))
+            with collect_step_caches() as caches:
+                tensors.update(self._run_stage(self.stages[name], request, tensors, progress))
             timings[name] = time.perf_counter() - started
+            if caches:
+                step_cache[name] = functools.reduce(StepCacheStats.plus, (cache.stats for cache in caches))
             log.info("request %s: %s took %.3f s", request_id, name, timings[name])
-        return timings
+        return timings, step_cache
 
     def _run_stage(self, stage: Stage, request: Any, tensors: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
         """Run a stage here, and on a several-device replica on every rank: the followers get the request and the

@@ -80,6 +80,7 @@ DENOISE_T2I = StageSpec(
     outputs=(TensorSpec("latents", MODEL_DTYPE, _PACKED),),
     description="MMDiT flow-matching loop with true classifier-free guidance",
     splits=("cfg",),  # its joint text-image attention has no sequence split here
+    step_cached=True,
 )
 DENOISE_EDIT = StageSpec(
     "denoise",
@@ -88,6 +89,7 @@ DENOISE_EDIT = StageSpec(
     outputs=(TensorSpec("latents", MODEL_DTYPE, _PACKED),),
     description="MMDiT flow-matching loop with true classifier-free guidance, conditioned on the image latents",
     splits=("cfg",),  # its joint text-image attention has no sequence split here
+    step_cached=True,
 )
 VAE_DECODE = StageSpec(
     "vae_decode",

@@ -23,6 +23,7 @@ from diffusers.utils import load_image
 from engine.errors import ModelError, RequestError
 from engine.parallel import SINGLE, Split
 from engine.stages import Configs, LoadedComponents, Stage, StageSpec
+from engine.stepcache.cache import StepCache
 from nodes.qwen_image.family import (
     EDIT_IMAGE_AREA,
     T2I_MAX_SEQUENCE_LENGTH,
@@ -33,6 +34,7 @@ from nodes.qwen_image.family import (
     edit_prompt_len_bound,
 )
 from nodes.qwen_image.geometry import LatentGeometry, latent_geometry
+from nodes.qwen_image.stepcache import QwenImageBlocks
 
 #: Pipeline constructor argument of each component (the VAE halves are both the pipeline's ``vae``).
 _PIPELINE_ARGUMENT = {
@@ -185,7 +187,9 @@ class Denoise(QwenImageStage):
         )
         timesteps, _ = retrieve_timesteps(pipe.scheduler, request.steps, device, sigmas=sigmas, mu=mu)
 
-        # 4. The loop, with true CFG rescaled to the conditional prediction's norm.
+        # 4. The loop, with true CFG rescaled to the conditional prediction's norm; the transformer's passes go
+        #    through this request's step cache.
+        step_cache = StepCache.open(request.cache, QwenImageBlocks(pipe.transformer))
         pipe.scheduler.set_begin_index(0)
         for i, t in enumerate(timesteps):
             latent_model_input = latents if image_latents is None else torch.cat([latents, image_latents], dim=1)
@@ -193,7 +197,7 @@ class Denoise(QwenImageStage):
 
             def predict(context: str, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
                 with pipe.transformer.cache_context(context):
-                    prediction = pipe.transformer(
+                    prediction = step_cache.run(context, i, len(timesteps), lambda: pipe.transformer(
                         hidden_states=latent_model_input,
                         timestep=timestep / 1000,
                         guidance=None,
@@ -202,7 +206,7 @@ class Denoise(QwenImageStage):
                         img_shapes=img_shapes,
                         attention_kwargs={},
                         return_dict=False,
-                    )[0]
+                    )[0])
                 return prediction[:, : latents.size(1)]
 
             # The conditional and unconditional predictions (on two ranks at once with CFG parallel).

@@ -73,6 +73,7 @@ DENOISE_T2V = StageSpec(
     outputs=(TensorSpec("latents", "float32", _LATENT),),
     description="DiT denoising loop with classifier-free guidance",
     splits=DIT_SPLITS,
+    step_cached=True,
 )
 DENOISE_I2V = StageSpec(
     "denoise",
@@ -81,6 +82,7 @@ DENOISE_I2V = StageSpec(
     outputs=(TensorSpec("latents", "float32", _LATENT),),
     description="DiT denoising loop with classifier-free guidance, conditioned on the image",
     splits=DIT_SPLITS,
+    step_cached=True,
 )
 DENOISE_FIRST_FRAME = StageSpec(
     "denoise",
@@ -89,6 +91,7 @@ DENOISE_FIRST_FRAME = StageSpec(
     outputs=(TensorSpec("latents", "float32", _LATENT),),
     description="DiT denoising loop with classifier-free guidance, the image's latent held as the first frame",
     splits=DIT_SPLITS,
+    step_cached=True,
 )
 # Wan2.2 A14B: the loop in two stages. The high-noise expert hands the low-noise one its latents and the
 # scheduler's multistep state (absent when the boundary falls before the first step).
@@ -111,6 +114,7 @@ def _experts(conditioning: tuple[str, ...]) -> tuple[StageSpec, StageSpec]:
         outputs=(TensorSpec("boundary_latents", "float32", _LATENT), *SCHEDULER_STATE),
         description="the high-noise expert (transformer): the steps down to the boundary timestep",
         splits=DIT_SPLITS,
+        step_cached=True,
     )
     low = StageSpec(
         "denoise_low",
@@ -119,6 +123,7 @@ def _experts(conditioning: tuple[str, ...]) -> tuple[StageSpec, StageSpec]:
         outputs=(TensorSpec("latents", "float32", _LATENT),),
         description="the low-noise expert (transformer_2): the steps past the boundary timestep",
         splits=DIT_SPLITS,
+        step_cached=True,
     )
     return high, low
 

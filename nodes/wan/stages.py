@@ -31,10 +31,12 @@ from engine.errors import ModelError, RequestError
 from engine.parallel import SINGLE, Split
 from engine.models.loading import torch_dtype
 from engine.stages import Configs, LoadedComponents, ProgressFn, Stage
+from engine.stepcache.cache import StepCache
 from nodes.wan.family import TEXT_LEN, WanExpertsRequest, WanFamily, WanImageRequest, WanRequest
 from nodes.wan.geometry import LatentGeometry, latent_geometry, request_problems
 from nodes.wan.handoff import check_scheduler, restore_scheduler_state, scheduler_state
 from nodes.wan.parallel import split_sequence
+from nodes.wan.stepcache import WanBlocks, teacache_profile
 
 
 def build_stage(task: str, name: str, components: LoadedComponents, device: str, dtype: str, configs: Configs) -> Stage:
@@ -191,6 +193,7 @@ class _Loop:
     # to video), else None; and its values at the transformer's tokens, [F, H / patch, W / patch]
     latent_mask: torch.Tensor | None
     token_mask: torch.Tensor | None
+    step_cache: StepCache  # this request's, for this expert's transformer
 
 
 class Denoise(WanStage):
@@ -249,8 +252,11 @@ class Denoise(WanStage):
         scheduler.set_timesteps(request.steps, device=self.device)
         scheduler.set_begin_index(0)
         token_mask = None if latent_mask is None else self._token_values(latent_mask)
+        profile = teacache_profile(self.transformer.config, self.spec, request.height, request.width)
+        # One skip decision for the whole sequence: with Ulysses each rank measures its tokens, and the sums are added.
+        step_cache = StepCache.open(request.cache, WanBlocks(self.transformer, profile), reduce=self.parallel.sum_over_tokens)
         return _Loop(scheduler, scheduler.timesteps, prompt_embeds, negative_prompt_embeds, condition, image_kwargs,
-                     latent_mask, token_mask)
+                     latent_mask, token_mask, step_cache)
 
     def _latent_mask(self, request: WanRequest) -> torch.Tensor | None:
         """With expand_timesteps, the mask the pipelines scale the step's timestep by, [1, 1, F, H, W]: all ones for
@@ -302,13 +308,13 @@ class Denoise(WanStage):
 
             def predict(context: str, embeds: torch.Tensor) -> torch.Tensor:
                 with self.transformer.cache_context(context):
-                    return self.transformer(
+                    return loop.step_cache.run(context, i, len(loop.timesteps), lambda: self.transformer(
                         hidden_states=latent_model_input,
                         timestep=timestep,
                         encoder_hidden_states=embeds,
                         return_dict=False,
                         **loop.image_kwargs,
-                    )[0]
+                    )[0])
 
             # The conditional and unconditional predictions (on two ranks at once with CFG parallel).
             branches = [lambda: predict("cond", loop.prompt_embeds)]

@@ -43,6 +43,7 @@ DENOISE = StageSpec(
     inputs=("prompt_embeds", "negative_prompt_embeds"),
     outputs=(TensorSpec("latents", "float32", ("batch", "z_dim", "latent_h", "latent_w")),),
     description="single-stream DiT flow-matching loop, with classifier-free guidance when guidance_scale > 0",
+    step_cached=True,
 )
 VAE_DECODE = StageSpec(
     "vae_decode",

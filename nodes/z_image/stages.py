@@ -19,8 +19,10 @@ from diffusers.pipelines.z_image.pipeline_z_image import (calculate_shift, get_d
 
 from engine.errors import ModelError
 from engine.stages import Configs, LoadedComponents, Stage, StageSpec
+from engine.stepcache.cache import StepCache
 from nodes.z_image.family import MAX_SEQUENCE_LENGTH, ZImageFamily, ZImageRequest
 from nodes.z_image.geometry import LatentGeometry, latent_geometry
+from nodes.z_image.stepcache import ZImageBlocks
 
 #: Pipeline constructor argument of each component (the VAE decoder half is the pipeline's ``vae``).
 _PIPELINE_ARGUMENT = {
@@ -112,7 +114,9 @@ class Denoise(ZImageStage):
         # 4. Guidance switches off at the steps past cfg_truncation (in normalised time).
         t_norms = ((1000 - timesteps.float()) / 1000).tolist() if request.cfg_truncation <= 1 else None
 
-        # 5. The loop; with guidance the conditional and unconditional inputs go through the transformer together.
+        # 5. The loop; with guidance the conditional and unconditional inputs go through the transformer together,
+        #    one pass of the branch "cond+uncond" in this request's step cache (else of "cond").
+        step_cache = StepCache.open(request.cache, ZImageBlocks(pipe.transformer))
         for i, t in enumerate(timesteps):
             timestep = (1000 - t.expand(latents.shape[0])) / 1000
             guidance_scale = request.guidance_scale
@@ -126,9 +130,9 @@ class Denoise(ZImageStage):
                 embeds, timestep = prompt_embeds + negative_prompt_embeds, timestep.repeat(2)
             else:
                 embeds = prompt_embeds
-            model_out = pipe.transformer(
+            model_out = step_cache.run("cond+uncond" if apply_cfg else "cond", i, len(timesteps), lambda: pipe.transformer(
                 list(latent_model_input.unsqueeze(2).unbind(dim=0)), timestep, embeds, return_dict=False
-            )[0]
+            )[0])
 
             if apply_cfg:
                 positive, negative = model_out[0].float(), model_out[1].float()

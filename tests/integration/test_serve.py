@@ -124,7 +124,7 @@ def test_twenty_concurrent_jobs_match_the_monolithic_pipeline(wan):
 
 
 def test_progress_streams_as_server_sent_events(wan):
-    job = post(wan, {**LONG, "prompt": "watched", "num_inference_steps": 200}).json()
+    job = post(wan, {**LONG, "prompt": "watched", "num_inference_steps": 200, "cache": "teacache:0.5"}).json()
     events = []
     with httpx.stream("GET", f"{wan.url}/v1/videos/{job['id']}/events", timeout=120) as stream:
         for line in stream.iter_lines():
@@ -134,6 +134,10 @@ def test_progress_streams_as_server_sent_events(wan):
     assert events[-1]["status"] == "completed" and progress[-1] == 100
     assert progress == sorted(progress) and len(set(progress)) > 2, progress  # it moved step by step
     assert "in_progress" in {event["status"] for event in events}
+    # The job's step caching, as the node's DiT loop reported it: every step's two passes run or skipped.
+    cached = events[-1]["step_cache"]["denoise"]
+    assert cached["method"] == "teacache" and cached["passes_run"] + cached["passes_skipped"] == 2 * 200
+    assert cached["passes_skipped"] > 0
 
 
 def test_cancel_a_queued_and_a_running_job(wan):
@@ -197,7 +201,7 @@ def test_models_health_and_metrics(wan):
     metrics = httpx.get(f"{wan.url}/metrics").text
     for series in ('engine_replicas_up{node="transformer"} 2.0', 'engine_stage_seconds_count{stage="denoise"}',
                    'engine_edge_bytes_total{edge="phase1"}', 'engine_integrity_failures_total{edge="phase2"} 0.0',
-                   "engine_retries_total 0.0"):
+                   "engine_retries_total 0.0", 'engine_dit_passes_total{result="run",stage="denoise"}'):
         assert series in metrics, series
 
 

@@ -17,7 +17,8 @@ from engine.controller.tracker import State, TrackedRequest
 from nodes.wan.family import WanRequest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-SCRIPTS = ("overhead", "throughput", "control", "memory", "cold_start", "gpu_wan", "timeline", "monolithic", "hosts")
+SCRIPTS = ("overhead", "throughput", "control", "memory", "cold_start", "gpu_wan", "timeline", "monolithic", "hosts",
+           "step_cache")
 
 
 def load(name: str):

@@ -1,0 +1,41 @@
+"""Step caching through `engine run` (a real worker process and broker, one node): the node's cache applies to a request
+that names none, a request's `cache: none` turns it off and equals the pipeline bit for bit, and report.json counts
+each request's DiT passes run and skipped."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.integration.engine_run import GRAPHS, engine_run, live_workers, reference_frames
+
+pytestmark = pytest.mark.integration
+
+
+def test_node_cache_and_a_request_turning_it_off(tmp_path):
+    document = yaml.safe_load((GRAPHS / "wan_t2v_single.yaml").read_text())
+    document["nodes"]["all"]["cache"] = {"method": "fbcache", "threshold": 5.0}
+    document["requests"] = [{"prompt": "a fox", "seed": 1}, {"prompt": "a fox", "seed": 1, "cache": "none"}]
+    graph = tmp_path / "wan_t2v_cached.yaml"
+    graph.write_text(yaml.safe_dump(document))
+
+    run = engine_run(str(graph), tmp_path / "out")
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-2000:]
+
+    steps = document["request"]["steps"]
+    cached, exact = (request["step_cache"]["denoise"] for request in run.report["requests"])
+    # fbcache at 5: the first step of each branch runs, every later one skips its blocks past the first
+    assert cached | {"seconds_saved": 0} == {"method": "fbcache", "threshold": 5.0, "passes_run": 2,
+                                             "passes_skipped": 2 * (steps - 1), "seconds_saved": 0}
+    assert exact == {"method": "none", "threshold": 0.0, "passes_run": 2 * steps, "passes_skipped": 0,
+                     "seconds_saved": 0.0}
+    assert f"denoise skipped {2 * (steps - 1)} of {2 * steps} DiT passes (fbcache 5)" in run.stderr
+
+    request = json.loads((run.out / "r2.json").read_text())["request"]
+    expected = reference_frames("t2v", json.dumps(request, sort_keys=True))
+    assert np.array_equal(np.load(run.out / "r2.npy"), expected)
+    assert not np.array_equal(np.load(run.out / "r1.npy"), expected)
+    assert live_workers(run.out) == []
