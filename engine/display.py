@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from engine.errors import EngineError
-from engine.plan.model import PAYLOAD_ALIGNMENT, Plan, PlannedEdge
+from engine.plan.model import PAYLOAD_ALIGNMENT, Plan, PlannedEdge, PlannedNode
 
 
 def human_bytes(nbytes: int | float) -> str:
@@ -40,11 +40,19 @@ def sizing_text(plan: Plan, sized_by: Sequence[str]) -> str:
     return ", ".join(texts) or "fixed shapes"
 
 
+def _devices_text(node: PlannedNode) -> str:
+    """A node's device, or a several-device node's ranks and how they split: ``cpu x4 (cfg 2 x ulysses 2)``."""
+    if node.ranks == 1:
+        return node.device
+    devices = f"{node.device} x{node.ranks}" if len(set(node.devices)) == 1 else ", ".join(node.devices)
+    return f"{devices} (cfg {node.parallel.cfg} x ulysses {node.parallel.ulysses})"
+
+
 def graph_text(plan: Plan) -> str:
     parts = [f"graph {plan.graph} ({plan.file}): {plan.family} {plan.task}, model {plan.model_path}, {plan.dtype}",
              f"sized at {sizing_text(plan, list(plan.limits))}", ""]
     parts.append(table(["node", "stages", "host", "device", "replicas", "dtype"],
-                       [[n.name, ", ".join(n.stages), n.host, n.device, n.replicas, n.dtype] for n in plan.nodes.values()]))
+                       [[n.name, ", ".join(n.stages), n.host, _devices_text(n), n.replicas, n.dtype] for n in plan.nodes.values()]))
     parts.append("")
     if not plan.edges:
         parts.append("no edges: every stage runs in one node")

@@ -62,15 +62,19 @@ def check_local_devices(checked: CheckedGraph) -> None:
     problems = []
     for name, node in checked.loaded.spec.nodes.items():
         place = node.place
-        if place.host != "local" or place.device == "cpu":
+        if place.host != "local":
             continue
-        kind, _, index = place.device.partition(":")
-        count = device_count(kind)
-        if int(index) >= count:
-            where = lines.problem(("nodes", name, "place", "device"), "")
-            problems.append(Problem(where.file, where.line, f"node {name!r} place.device {place.device}",
-                                    f"this host has {count} {ACCELERATORS[kind]} device{'s' if count != 1 else ''} "
-                                    f"(valid here: {', '.join(local_devices())})"))
+        field = "devices" if place.devices else "device"
+        for device in dict.fromkeys(place.all_devices):
+            if device == "cpu":
+                continue
+            kind, _, index = device.partition(":")
+            count = device_count(kind)
+            if int(index) >= count:
+                where = lines.problem(("nodes", name, "place", field), "")
+                problems.append(Problem(where.file, where.line, f"node {name!r} place.{field} {device}",
+                                        f"this host has {count} {ACCELERATORS[kind]} device{'s' if count != 1 else ''} "
+                                        f"(valid here: {', '.join(local_devices())})"))
     if problems:
         raise PlanError("the graph places nodes on devices this host does not have:\n"
                         + "\n".join(f"  {problem}" for problem in problems))

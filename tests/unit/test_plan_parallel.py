@@ -110,3 +110,11 @@ def test_a_single_device_split_computes_every_branch_itself():
     assert SINGLE.predict([lambda: calls.append("cond") or 1, lambda: calls.append("uncond") or 2]) == [1, 2]
     assert calls == ["cond", "uncond"]
     assert dataclasses.replace(SINGLE, cfg=2).predict([lambda: 7]) == [7]  # no guidance: nothing to exchange
+
+
+def test_engine_graph_shows_a_node_ranks_and_split():
+    from engine.display import graph_text
+
+    planned, _, _ = plan()
+    row = next(line for line in graph_text(planned).splitlines() if line.startswith("transformer"))
+    assert "cpu x4 (cfg 2 x ulysses 2)" in row
