@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
+    from engine.backends.recipe import ExportRecipe
+
 #: Dtype names used in tensor declarations and graph files. ``model`` stands for the graph's model dtype.
 DTYPES = ("float32", "bfloat16", "float16", "uint8", "int64", "int32", "bool")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -62,6 +64,9 @@ class StageSpec:
     #: Request fields naming files the stage reads (an input image): a node on another host than the controller
     #: gets them over the data plane (:mod:`engine.plan.feeder`).
     reads: tuple[str, ...] = ()
+    #: The family exports this stage's work as graphs (:meth:`ModelFamily.export_recipes`): graph backends
+    #: (onnxruntime, openvino, tensorrt) can serve it.
+    exportable: bool = False
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,11 @@ class ModelFamily(ABC):
         """A runnable stage over already-loaded components. ``configs`` are the model's component configs as
         the plan read them: what a stage needs of a component it does not hold (the VAE's latent channels and
         scale factors, for the denoising loop) comes from them, never from a library's default."""
+
+    def export_recipes(self, task: str, stage: Stage) -> tuple["ExportRecipe", ...]:
+        """What of a built stage declared ``exportable`` a graph backend runs instead of PyTorch: the module to
+        export, its input shapes per request, and where the backend's call goes (``engine.backends``)."""
+        return ()
 
     @abstractmethod
     def write_output(

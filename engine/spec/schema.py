@@ -21,6 +21,8 @@ MEMORY_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
                "fp32": "float32", "float32": "float32"}
 INTEGRITY = ("xxh3-128", "none")
+#: What may run a stage (engine.backends): eager PyTorch, torch.compile, or an exported graph on a runtime.
+Backend = Literal["eager", "compile", "onnxruntime", "openvino", "tensorrt"]
 
 
 class Strict(BaseModel):
@@ -81,6 +83,12 @@ class NodeSpec(Strict):
     place: Place = Field(description="Where the node's replicas run.")
     replicas: int = Field(1, ge=1, le=64, description="Worker processes running this node.")
     dtype: str | None = Field(None, description="Overrides the model dtype for this node.")
+    backend: dict[str, Annotated[list[Backend], Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description="Per stage, the backends to try in order, e.g. {vae_decode: [onnxruntime, eager]}: the first that "
+                    "works runs the stage; a stage not named runs eager.")
+    strict: bool = Field(False, description="A stage whose first backend cannot run fails the request, naming the "
+                                            "reason, instead of falling back to the next backend of its chain.")
 
     @field_validator("dtype", mode="before")
     @classmethod
