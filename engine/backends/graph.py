@@ -96,8 +96,9 @@ class GraphCall:
         return Key(slot=slot, weights=self._weights, recipe_version=self.recipe.version, backend_version=self.version,
                    exporter=exporter(), fingerprint=fingerprint(self.device))
 
-    def ensure_built(self, inputs: tuple[TensorSig, ...]) -> Lookup:
-        """The artifact for ``inputs`` in the cache, built now if it is missing or stale and building is allowed."""
+    def ensure_built(self, inputs: tuple[TensorSig, ...], *, build: bool | None = None) -> Lookup:
+        """The artifact for ``inputs`` in the cache, built now if it is missing or stale and building is allowed
+        (``build``; None: as ``ENGINE_BACKEND_BUILD`` says)."""
         why = self.recipe.unsupported(inputs)
         if why is not None:
             raise BackendFailure(Reason.SHAPE_UNSUPPORTED, why)
@@ -106,7 +107,7 @@ class GraphCall:
         meter = self.meter()
         if found.state == "hit":
             meter.cache = "hit"
-        elif not build_on_first_use():
+        elif not (build_on_first_use() if build is None else build):
             if found.state == "stale":
                 assert found.manifest is not None
                 raise BackendFailure(Reason.ARTIFACT_STALE, f"the artifact at {found.folder} was built for another "

@@ -22,8 +22,8 @@ def exporter() -> str:
 def export_onnx(recipe: ExportRecipe, inputs: tuple[torch.Tensor, ...], folder: Path) -> Path:
     """Write ``recipe.module`` traced at ``inputs`` to ``folder/model.onnx`` (weights beside it); return its path."""
     path = folder / MODEL
-    for chatty in ("onnx_ir", "onnxscript", "torch.onnx"):  # per-pass INFO lines would flood the worker's log
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    for chatty in ("onnx_ir", "onnxscript", "torch.onnx"):  # per-pass lines would flood the worker's log
+        logging.getLogger(chatty).setLevel(logging.ERROR)
     chatter = io.StringIO()  # the exporter prints its progress; the stage logs its own
     with torch.no_grad(), contextlib.redirect_stdout(chatter):
         torch.onnx.export(recipe.module.eval(), inputs, str(path), input_names=list(recipe.input_names),

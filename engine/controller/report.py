@@ -28,6 +28,8 @@ def build_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:
             "outputs": request.outputs,
             "stage_seconds": {k: round(v, 4) for k, v in request.stage_seconds.items()},
             "edges": request.edges,
+            # Stages with a backend chain: the backend asked for and the one used, each passed over with its reason.
+            "backends": request.backends,
             # Time a request spent neither computing nor on an edge: waiting in a replica's queue, messaging.
             "queue_wait_seconds": round(max(0.0, segments_s - compute_s - transfer_s), 4),
             # The request's clock (timeline, segments) starts this long after the run's (ready_seconds).

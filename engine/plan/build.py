@@ -65,6 +65,7 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
             name=name, stages=tuple(node.stages), components=tuple(needed), host=node.place.host,
             device=node.place.device, replicas=node.replicas, dtype=node_dtype(checked, name),
             memory_bytes=node.place.memory_bytes, rdma_device=node.place.rdma_device, line=lines.line(("nodes", name)),
+            backends={stage: tuple(chain) for stage, chain in node.backend.items()}, strict=node.strict,
         )
 
     def planned(tensor: TensorSpec, node: str, producer: str, consumers: tuple[str, ...]) -> PlannedTensor:

@@ -70,6 +70,9 @@ class PlannedNode:
     memory_bytes: int | None  #: declared in the graph; None: detect
     rdma_device: str | None  #: the NIC for Mooncake RDMA; None: the environment's default
     line: int | None
+    #: per stage, the backends to try in order (engine.backends); a stage not named runs eager
+    backends: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    strict: bool = False  #: a stage's first backend failing fails the request instead of falling back
 
 
 @dataclass(frozen=True)

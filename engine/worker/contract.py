@@ -68,6 +68,8 @@ class WorkerSpec(_Frozen):
     transfer_timeout_s: float
     save_frames: bool
     meta: dict[str, str] = Field(description="graph name, file and model path, written beside outputs")
+    backends: dict[str, tuple[str, ...]] = Field(default_factory=dict, description="stage -> backends to try in order")
+    strict_backends: bool = Field(False, description="a stage's first backend failing fails the request")
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +116,7 @@ def worker_specs(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str
                 heartbeat_s=heartbeat_s, broker_timeout_s=plan.timeouts.broker_s, transfer_timeout_s=plan.timeouts.transfer_s, save_frames=save_frames,
                 meta={"graph": plan.graph, "graph_file": plan.file, "model": plan.model_path, "family": plan.family,
                       "task": plan.task, "dtype": node.dtype},
+                backends=node.backends, strict_backends=node.strict,
             ))
     return specs
 
