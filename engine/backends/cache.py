@@ -151,9 +151,7 @@ def read_manifest(folder: Path) -> Manifest | None:
     path = folder / MANIFEST
     try:
         return Manifest.model_validate_json(path.read_text())
-    except FileNotFoundError:
-        return None
-    except ValueError:  # unreadable: treated as absent, and replaced by the next build
+    except (OSError, ValueError):  # absent or unreadable: treated as absent, replaced by the next build
         return None
 
 
