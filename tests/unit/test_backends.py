@@ -203,3 +203,29 @@ def test_the_eager_call_is_back_after_each_request():
     stage = make(["onnxruntime"], vae=vae)
     run(stage)
     assert "decode" not in vars(vae)
+
+
+class ToyDenoise(Stage):
+    """A stage the family exports nothing of (a DiT): compile compiles its modules' forward in place."""
+
+    spec = StageSpec("denoise", components=("transformer",), inputs=("latents",),
+                     outputs=(TensorSpec("latents", "float32", (1, 4, "h", "w")),))
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.transformer = transformer
+        self.ran_compiled: list[bool] = []
+
+    def run(self, request, inputs, progress):
+        self.ran_compiled.append("forward" in vars(self.transformer))
+        return {"latents": self.transformer(inputs["latents"])}
+
+
+def test_compile_of_a_stage_without_recipes_compiles_its_modules_in_place():
+    transformer = ToyVae().conv
+    inner = ToyDenoise(transformer)
+    stage = with_backends(inner, ToyFamily(), "t2i", "transformer", ("compile", "eager"), False,
+                          LoadedComponents({"transformer": transformer}), "cpu", "/models/toy")
+    out = stage.run(Size(), {"latents": latents()}, None)["latents"]
+    assert inner.ran_compiled == [True] and "forward" not in vars(transformer)  # compiled for the run, restored after
+    assert stage_uses({"denoise": stage}, ("denoise",))["denoise"]["used"] == "compile"
+    assert (out - transformer(latents())).abs().max() <= 3e-4

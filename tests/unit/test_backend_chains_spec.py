@@ -1,0 +1,59 @@
+"""Backend chains in the graph file: validated with file and line, carried by the plan into each worker's spec,
+and counted by /metrics when a stage falls back."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.controller.tracker import TrackedRequest
+from engine.errors import SpecError
+from engine.plan.check import check_graph
+from engine.serve.metrics import ServiceMetrics
+from engine.spec.load import load_graph
+from engine.stages import RequestParams
+from tests.integration.engine_run import GRAPHS
+
+
+def problems(*overrides: str) -> list[str]:
+    with pytest.raises(SpecError) as caught:
+        check_graph(load_graph(GRAPHS / "qwen_image_t2i.yaml", list(overrides)))
+    return [str(p) for p in caught.value.problems]
+
+
+def test_a_valid_chain_reaches_the_plan():
+    checked = check_graph(load_graph(GRAPHS / "qwen_image_t2i.yaml",
+                                     ["nodes.decoder.backend.vae_decode=[tensorrt,onnxruntime,eager]",
+                                      "nodes.transformer.backend.denoise=[compile,eager]", "nodes.decoder.strict=true"]))
+    assert checked.loaded.spec.nodes["decoder"].backend == {"vae_decode": ["tensorrt", "onnxruntime", "eager"]}
+
+
+def test_an_unknown_backend_is_named_with_its_line():
+    (problem,) = problems("nodes.decoder.backend.vae_decode=[onnxrt]")
+    assert "nodes.decoder.backend.vae_decode[0]: got 'onnxrt'" in problem and "'onnxruntime'" in problem
+
+
+@pytest.mark.parametrize("override, message", [
+    ("nodes.decoder.backend.denoise=[compile]", "node 'decoder' does not run stage 'denoise'"),
+    ("nodes.transformer.backend.denoise=[onnxruntime]", "onnxruntime cannot serve 'denoise': qwen_image exports no graph of it"),
+    ("nodes.encoder.backend.text_encode=[openvino,eager]", "openvino cannot serve 'text_encode'"),
+    ("nodes.decoder.backend.vae_decode=[eager,onnxruntime]", "onnxruntime after it would never run; put eager last"),
+    ("nodes.decoder.backend.vae_decode=[openvino,openvino]", "openvino is listed twice"),
+])
+def test_a_chain_the_node_cannot_run_is_refused(override, message):
+    (problem,) = problems(override)
+    assert message in problem and problem.startswith(f"{GRAPHS / 'qwen_image_t2i.yaml'}") and "nodes." in problem
+
+
+def test_fallbacks_are_counted_by_node_stage_and_reason():
+    metrics = ServiceMetrics(service=None)  # type: ignore[arg-type] - the live gauges are not read here
+    request = TrackedRequest(id="r1", params=RequestParams(), clock_zero=0.0)
+    request.backends["vae_decode"] = {"node": "decoder", "chain": [
+        {"backend": "tensorrt", "reason": "import_error", "detail": ""},
+        {"backend": "onnxruntime", "reason": "run_error", "detail": ""},
+        {"backend": "eager", "reason": None, "detail": ""}]}
+    metrics.finished(request)
+    samples = {tuple(sorted(s.labels.items())): s.value for family in metrics.backend_fallbacks.collect()
+               for s in family.samples if s.name == "engine_backend_fallback_total"}
+    assert samples == {
+        (("from", "tensorrt"), ("node", "decoder"), ("reason", "import_error"), ("stage", "vae_decode"), ("to", "onnxruntime")): 1.0,
+        (("from", "onnxruntime"), ("node", "decoder"), ("reason", "run_error"), ("stage", "vae_decode"), ("to", "eager")): 1.0}

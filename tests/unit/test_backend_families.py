@@ -1,0 +1,47 @@
+"""The families' export recipes on the tiny presets: Qwen-Image's VAE decode and encode and Z-Image's VAE decode on
+ONNX Runtime and OpenVINO, within the fp32 tolerance of the eager stage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.backends.chain import stage_uses, with_backends
+from engine.families import get_family
+from engine.plan.model_check import component_configs
+from tests.integration.engine_run import GRAPHS
+
+CASES = [("qwen_image", "t2i", "vae_decode"), ("qwen_image", "edit", "vae_encode"), ("z_image", "t2i", "vae_decode")]
+
+
+def stage_inputs(family_name: str, task: str, stage_name: str, request):
+    if stage_name == "vae_encode":
+        return {}
+    if family_name == "qwen_image":  # packed latents: [1, tokens, channels * 4]
+        return {"latents": torch.randn(1, (request.height // 16) * (request.width // 16), 64,
+                                       generator=torch.Generator().manual_seed(1))}
+    return {"latents": torch.randn(1, 16, request.height // 8, request.width // 8, generator=torch.Generator().manual_seed(1))}
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("family_name, task, stage_name", CASES)
+def test_the_stage_on_a_graph_backend_matches_eager(family_name, task, stage_name, backend, tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGINE_ARTIFACT_DIR", str(tmp_path))
+    family = get_family(family_name)
+    source = family.resolve_source(task, "tiny")
+    spec = next(s for s in family.stages(task) if s.name == stage_name)
+    components = family.load_components(task, spec.components, source, "cpu", "float32")
+    configs = component_configs(family, task, source)
+    fields = {"prompt": "x", "height": 64, "width": 96}
+    if stage_name == "vae_encode":
+        fields["image"] = GRAPHS / "assets" / "first_frame.png"
+    request = family.request_type(task).model_validate(fields)
+    inputs = stage_inputs(family_name, task, stage_name, request)
+    expected = family.build_stage(task, stage_name, components, "cpu", "float32", configs).run(request, inputs, None)
+    stage = with_backends(family.build_stage(task, stage_name, components, "cpu", "float32", configs), family, task,
+                          "node", (backend, "eager"), True, components, "cpu", str(source))
+    outputs = stage.run(request, inputs, None)
+    use = stage_uses({stage_name: stage}, (stage_name,))[stage_name]
+    assert use["used"] == backend and use["parity"]["passed"]
+    for name, tensor in expected.items():
+        assert outputs[name].shape == tensor.shape and (outputs[name] - tensor).abs().max() <= 3e-4
