@@ -148,9 +148,8 @@ def _graph(backend: str, recipes: tuple[ExportRecipe, ...], stage: BackendStage,
         raise BackendFailure(Reason.PROBE_FAILED, f"the family exports nothing of stage {stage.spec.name!r}")
     runner = graph_runner(backend)
     version = runner.probe(device, precision_of(recipes[0].module))
-    resident = Resident(resident_budget())
     calls = [GraphCall(runner, version, recipe, stage=stage.spec.name, model=model, device=device, cache=cache,
-                       resident=resident, meter=lambda: stage.meter) for recipe in recipes]
+                       resident=Resident(resident_budget()), meter=lambda: stage.meter) for recipe in recipes]
     return version, GraphBackend(calls)
 
 
