@@ -91,12 +91,21 @@ def stage_inputs(family, task: str, stage_name: str, configs, request, device: s
             for name in spec.inputs}
 
 
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work, so that a time is the work's."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import os
 
     import torch
 
     from engine.backends.chain import stage_uses, with_backends
+    from engine.errors import EngineError
 
     rows = []
     for family_name, task, stage_name, configs_folder in STAGES:
@@ -109,25 +118,30 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             for backend in args.backends:
                 os.environ["ENGINE_ARTIFACT_DIR"] = tempfile.mkdtemp(prefix="bench-backends-")
                 stage = family.build_stage(task, stage_name, components, args.device, "float32", configs)
-                stage = with_backends(stage, family, task, "bench", (backend,), True, components, args.device, str(source))
-                with torch.no_grad():
-                    started = time.perf_counter()
-                    first = stage.run(request, inputs, lambda step, total: None)
-                    first_s = time.perf_counter() - started
-                    use = stage_uses({stage_name: stage}, (stage_name,)).get(stage_name, {})  # the first call's costs
-                    times = []
-                    for _ in range(args.repeats):
+                stage = with_backends(stage, family, task, "bench", (backend,), False, components, args.device, str(source))
+                row = {"stage": f"{family_name} {stage_name}", "size": f"{height}x{width}", "backend": backend}
+                try:
+                    with torch.no_grad():
                         started = time.perf_counter()
-                        stage.run(request, inputs, lambda step, total: None)
-                        times.append((time.perf_counter() - started) * 1e3)
+                        first = stage.run(request, inputs, lambda step, total: None)
+                        synchronize(args.device)
+                        first_s = time.perf_counter() - started
+                        use = stage_uses({stage_name: stage}, (stage_name,)).get(stage_name, {})  # the first call's costs
+                        times = []
+                        for _ in range(args.repeats):
+                            started = time.perf_counter()
+                            stage.run(request, inputs, lambda step, total: None)
+                            synchronize(args.device)
+                            times.append((time.perf_counter() - started) * 1e3)
+                except EngineError as exc:  # the backend cannot run here (not installed, no such device...)
+                    rows.append({**row, "error": str(exc)})
+                    continue
                 output = next(iter(first.values()))
                 if reference is None:
                     reference = output
-                rows.append({"stage": f"{family_name} {stage_name}", "size": f"{height}x{width}", "backend": backend,
-                             "ms_per_call": round(median(times), 2), "first_call_s": round(first_s, 2),
+                rows.append({**row, "ms_per_call": round(median(times), 2), "first_call_s": round(first_s, 2),
                              "build_s": use.get("build_s", 0.0), "load_s": use.get("load_s", 0.0),
-                             "max_abs_vs_first": float((output - reference).abs().max()),
-                             "parity": use.get("parity")})
+                             "max_abs_vs_first": float((output - reference).abs().max()), "parity": use.get("parity")})
     return {"rows": rows}
 
 
@@ -135,11 +149,13 @@ def render(result: dict[str, Any]) -> str:
     from engine.display import table
 
     eager = {(r["stage"], r["size"]): r["ms_per_call"] for r in result["rows"] if r["backend"] == "eager"}
+    measured = [r for r in result["rows"] if "error" not in r]
     lines = [table(["stage", "size", "backend", "ms/call", "vs eager", "first call s", "build s", "load s", "max abs vs eager"],
                    [[r["stage"], r["size"], r["backend"], f"{r['ms_per_call']:.1f}",
                      f"{r['ms_per_call'] / eager[(r['stage'], r['size'])]:.2f}x" if (r["stage"], r["size"]) in eager else "-",
                      f"{r['first_call_s']:.1f}", f"{r['build_s']:.1f}", f"{r['load_s']:.2f}", f"{r['max_abs_vs_first']:.2g}"]
-                    for r in result["rows"]])]
+                    for r in measured])]
+    lines += [f"{r['stage']} {r['size']} {r['backend']}: not measured: {r['error']}" for r in result["rows"] if "error" in r]
     lines.append("\nvs eager: ms per call over eager's (below 1x: faster); max abs vs eager: the stage's output against "
                  "eager's on the same input")
     lines.append(machine_line(result["machine"]))

@@ -1,44 +1,21 @@
 """What of Qwen-Image's stages a graph backend runs (engine.backends): the VAE's decode and encode of one frame.
 
-Each is exported as a plain graph per image size. The modules call AutoencoderKLQwenImage's methods unbound, so
-the replacement installed on the VAE instance (``vae.decode = ...``) never calls itself; both run the causal
-3D VAE on one frame, whose convolution cache starts empty on every call (``clear_cache``), so no state crosses
-calls.
+Each is exported as a plain graph per image size. Both run the causal 3D VAE on one frame, whose convolution
+cache starts empty on every call (``clear_cache``), so no state crosses calls.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 
+from engine.backends.modules import UnboundCall, install_decode
 from engine.backends.recipe import Call, ExportRecipe, TensorSig, dtype_name, replace_method
 from engine.stages import Stage
 from nodes.qwen_image.family import QwenImageEditRequest
 
 RECIPE_VERSION = 1
-
-
-class Decode(torch.nn.Module):
-    """Unpacked, de-normalised latents [1, C, 1, h, w] to the image [1, 3, 1, H, W] in [-1, 1]."""
-
-    def __init__(self, vae: torch.nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return type(self.vae).decode(self.vae, latents, return_dict=False)[0]
-
-
-class Encode(torch.nn.Module):
-    """Image [1, 3, 1, H, W] in [-1, 1] to the latent distribution's parameters (mean and log-variance)."""
-
-    def __init__(self, vae: torch.nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return type(self.vae).encode(self.vae, pixels, return_dict=False)[0].parameters
 
 
 def export_recipes(stage: Stage) -> tuple[ExportRecipe, ...]:
@@ -50,13 +27,9 @@ def export_recipes(stage: Stage) -> tuple[ExportRecipe, ...]:
             scale = pipe.vae_scale_factor
             return (TensorSig((1, vae.config.z_dim, 1, request.height // scale, request.width // scale), dtype),)
 
-        def install_decode(call: Call):
-            def decode(z: torch.Tensor, return_dict: bool = True):
-                (image,) = call(z)
-                return DecoderOutput(sample=image) if return_dict else (image,)
-            return replace_method(vae, "decode", decode)
-
-        return (ExportRecipe("decode", RECIPE_VERSION, Decode(vae), ("latents",), ("image",), latents, install_decode),)
+        # unpacked, de-normalised latents [1, C, 1, h, w] to the image [1, 3, 1, H, W] in [-1, 1]
+        return (ExportRecipe("decode", RECIPE_VERSION, UnboundCall(vae, "decode"), ("latents",), ("image",), latents,
+                             install_decode(vae)),)
     if stage.spec.name == "vae_encode":
         from nodes.qwen_image.stages import resized_input_image
 
@@ -72,5 +45,7 @@ def export_recipes(stage: Stage) -> tuple[ExportRecipe, ...]:
                 return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
             return replace_method(vae, "encode", encode)
 
-        return (ExportRecipe("encode", RECIPE_VERSION, Encode(vae), ("pixels",), ("moments",), pixels, install_encode),)
+        # the image [1, 3, 1, H, W] in [-1, 1] to the latent distribution's parameters (mean and log-variance)
+        encode = UnboundCall(vae, "encode", pick=lambda out: out[0].parameters)
+        return (ExportRecipe("encode", RECIPE_VERSION, encode, ("pixels",), ("moments",), pixels, install_encode),)
     return ()

@@ -11,6 +11,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput
 
 from engine.backends.cache import ArtifactCache, read_manifest
 from engine.backends.chain import BackendStage, stage_uses, with_backends
+from engine.backends.modules import UnboundCall
 from engine.backends.names import StrictBackendError
 from engine.backends.recipe import ExportRecipe, TensorSig, replace_method
 from engine.stages import LoadedComponents, RequestParams, Stage, StageSpec, TensorSpec
@@ -25,15 +26,6 @@ class ToyVae(torch.nn.Module):
     def decode(self, z: torch.Tensor, return_dict: bool = True):
         image = torch.tanh(self.conv(torch.nn.functional.interpolate(z, scale_factor=2.0)))
         return DecoderOutput(sample=image) if return_dict else (image,)
-
-
-class Decode(torch.nn.Module):
-    def __init__(self, vae: ToyVae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return type(self.vae).decode(self.vae, z, return_dict=False)[0]
 
 
 class Size(RequestParams):
@@ -66,7 +58,7 @@ class ToyFamily:
         def install(call):
             return replace_method(vae, "decode", lambda z, return_dict=True: (call(z)[0],))
 
-        return (ExportRecipe("decode", self.version, Decode(vae), ("latents",), ("image",),
+        return (ExportRecipe("decode", self.version, UnboundCall(vae, "decode"), ("latents",), ("image",),
                              lambda request: (TensorSig((1, 4, request.side, request.side), "float32"),), install),)
 
 
