@@ -63,9 +63,6 @@ class Slot(_Frozen):
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:20]
 
-    def signatures(self) -> tuple[TensorSig, ...]:
-        return tuple(TensorSig(shape, dtype) for shape, dtype in self.inputs)
-
 
 class Key(_Frozen):
     """What makes an artifact in its slot valid: any difference makes it stale."""

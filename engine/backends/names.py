@@ -1,14 +1,12 @@
-"""Backend names, what each can serve, and why a stage falls back: plain data, no heavy import."""
+"""Which backends run exported graphs, and why a stage falls back: plain data, no heavy import. (The backend names
+themselves are the graph schema's ``Backend``.)"""
 
 from __future__ import annotations
 
 from enum import Enum
-from typing import get_args
 
 from engine.errors import EngineError
-from engine.spec.schema import Backend
 
-BACKENDS: tuple[str, ...] = get_args(Backend)
 #: Backends that run a graph exported by the family's recipe (and so serve only ``exportable`` stages).
 GRAPH_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 

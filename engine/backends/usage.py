@@ -33,8 +33,3 @@ class StageUse:
     chain: list[Step] = field(default_factory=list)
     meter: Meter = field(default_factory=Meter)
     versions: dict[str, str] = field(default_factory=dict)
-
-    def fallbacks(self) -> list[tuple[str, str, str]]:
-        """(from, to, reason) for each backend passed over on the way to the one used."""
-        return [(step.backend, after.backend, step.reason.value)
-                for step, after in zip(self.chain, self.chain[1:]) if step.reason is not None]

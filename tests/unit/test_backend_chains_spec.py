@@ -57,3 +57,16 @@ def test_fallbacks_are_counted_by_node_stage_and_reason():
     assert samples == {
         (("from", "tensorrt"), ("node", "decoder"), ("reason", "import_error"), ("stage", "vae_decode"), ("to", "onnxruntime")): 1.0,
         (("from", "onnxruntime"), ("node", "decoder"), ("reason", "run_error"), ("stage", "vae_decode"), ("to", "eager")): 1.0}
+
+
+def test_each_worker_is_told_its_chains(tmp_path):
+    from engine.plan.build import plan_on_this_host
+    from engine.worker.contract import worker_specs
+
+    checked = check_graph(load_graph(GRAPHS / "qwen_image_t2i.yaml", ["nodes.decoder.backend.vae_decode=[openvino,eager]",
+                                                                      "nodes.decoder.strict=true"]))
+    plan, source = plan_on_this_host(checked)
+    specs = {spec.node: spec for spec in worker_specs(plan, run_id="r", source=source, broker=lambda node, replica: {},
+                                                      out_dir=tmp_path, save_frames=False, heartbeat_s=1.0)}
+    assert specs["decoder"].backends == {"vae_decode": ("openvino", "eager")} and specs["decoder"].strict_backends
+    assert specs["transformer"].backends == {} and not specs["transformer"].strict_backends
