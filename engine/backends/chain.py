@@ -19,7 +19,7 @@ import torch
 from engine.backends.cache import ArtifactCache
 from engine.backends.compiled import Compiled, probe_compile
 from engine.backends.graph import GraphCall, precision_of
-from engine.backends.names import GRAPH_BACKENDS, BackendFailure, Reason, StrictBackendError
+from engine.backends.names import BACKEND_WIDE, GRAPH_BACKENDS, BackendFailure, Reason, StrictBackendError
 from engine.backends.recipe import ExportRecipe
 from engine.backends.resident import Resident, resident_budget
 from engine.backends.runners import graph_runner
@@ -78,7 +78,7 @@ class BackendStage(Stage):
 
     def fail(self, backend: str, failure: BackendFailure) -> None:
         """Note a backend's failure: logged once per reason; strict nodes stop here."""
-        if failure.reason in (Reason.IMPORT_ERROR, Reason.PROBE_FAILED, Reason.RUN_ERROR):
+        if failure.reason in BACKEND_WIDE:
             self.dead[backend] = failure
         if (backend, failure.reason) not in self.logged:
             self.logged.add((backend, failure.reason))

@@ -73,3 +73,12 @@ def test_a_size_not_built_falls_back_to_eager_bit_for_bit(run):
     params = json.loads((result.out / f"{second['id']}.json").read_text())["request"]
     assert np.array_equal(np.load(result.out / f"{second['id']}.npy"), qwen_reference_image("t2i", params))
     assert live_workers(result.out) == []
+
+
+def test_a_strict_node_fails_the_run_naming_stage_and_reason(tmp_path):
+    result = engine_run("qwen_image_t2i_single.yaml", tmp_path / "out", "nodes.all.backend.vae_decode=[tensorrt,eager]",
+                        "nodes.all.strict=true")
+    assert result.returncode == 1
+    assert ("StrictBackendError: stage 'vae_decode' on node 'all': backend tensorrt failed with import_error"
+            in result.stderr)
+    assert live_workers(result.out) == []
