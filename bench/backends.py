@@ -116,7 +116,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             inputs = stage_inputs(family, task, stage_name, configs, request, args.device)
             reference = None
             for backend in args.backends:
-                os.environ["ENGINE_ARTIFACT_DIR"] = tempfile.mkdtemp(prefix="bench-backends-")
+                artifacts = tempfile.TemporaryDirectory(prefix="bench-backends-")  # a cold build, removed after
+                os.environ["ENGINE_ARTIFACT_DIR"] = artifacts.name
                 stage = family.build_stage(task, stage_name, components, args.device, "float32", configs)
                 stage = with_backends(stage, family, task, "bench", (backend,), False, components, args.device, str(source))
                 row = {"stage": f"{family_name} {stage_name}", "size": f"{height}x{width}", "backend": backend}
@@ -136,6 +137,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 except EngineError as exc:  # the backend cannot run here (not installed, no such device...)
                     rows.append({**row, "error": str(exc)})
                     continue
+                finally:
+                    artifacts.cleanup()
                 output = next(iter(first.values()))
                 if reference is None:
                     reference = output
