@@ -13,7 +13,7 @@ def add_build_parser(commands: argparse._SubParsersAction, add_graph_arguments: 
                     "components on this host, export each stage's graphs at the input shapes of the graph's requests "
                     "and of its `limits`, build them for each backend, check each against eager (the parity gate) "
                     "and store it in the artifact cache (ENGINE_ARTIFACT_DIR) with its manifest. An artifact already "
-                    "there with the same key is kept; a stale one is rebuilt. Exit 1 when one fails to build or "
+                    "there with the same key is kept; a stale one is rebuilt. Exit 1 when one fails to build or fails "
                     "its parity gate (a backend not installed here is listed and passed over).")
     add_graph_arguments(build)
     build.set_defaults(handler=cmd_build)

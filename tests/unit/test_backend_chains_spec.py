@@ -70,3 +70,22 @@ def test_each_worker_is_told_its_chains(tmp_path):
                                                       out_dir=tmp_path, save_frames=False, heartbeat_s=1.0)}
     assert specs["decoder"].backends == {"vae_decode": ("openvino", "eager")} and specs["decoder"].strict_backends
     assert specs["transformer"].backends == {} and not specs["transformer"].strict_backends
+
+
+def test_engine_plan_lists_each_chain_and_the_shapes_built(tmp_path):
+    from engine.backends.build import chains
+    from engine.backends.cache import ArtifactCache, Key, Manifest, Parity, slot_for
+    from engine.backends.recipe import TensorSig
+    from engine.plan.build import plan_on_this_host
+
+    checked = check_graph(load_graph(GRAPHS / "qwen_image_t2i.yaml",
+                                     ["nodes.decoder.backend.vae_decode=[tensorrt,onnxruntime,eager]"]))
+    plan, source = plan_on_this_host(checked)
+    cache = ArtifactCache(tmp_path)
+    slot = slot_for(str(source), "vae_decode", "decode", (TensorSig((1, 16, 1, 8, 12), "float32"),), "float32",
+                    "onnxruntime", "cpu")
+    key = Key(slot=slot, weights="w", recipe_version=1, backend_version="1", exporter="e", fingerprint="f")
+    cache.commit(cache.staging(slot), Manifest(key=key, files=(), build_s=1.0, parity=Parity(
+        passed=True, max_abs=0.0, cosine=1.0, psnr_db=999.0, threshold="max abs <= 0.0003")))
+    assert list(chains(plan, source, cache)) == [["decoder", "vae_decode", "tensorrt -> onnxruntime -> eager",
+                                                  "tensorrt: nothing built; onnxruntime: 1x16x1x8x12"]]
