@@ -19,8 +19,7 @@ def fingerprint(device: str) -> str:
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
         major, minor = torch.cuda.get_device_capability(index)
-        driver = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else "unknown"
-        return f"{torch.cuda.get_device_name(index)} sm_{major}{minor} driver {driver} cuda {torch.version.cuda}"
+        return f"{torch.cuda.get_device_name(index)} sm_{major}{minor} driver {_nvidia_driver()} cuda {torch.version.cuda}"
     flags: set[str] = set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -29,6 +28,16 @@ def fingerprint(device: str) -> str:
                 flags.update(line.split(":", 1)[1].split())
                 break
     return f"{platform.machine()} {' '.join(f for f in _ISA_FLAGS if f in flags) or 'baseline'}"
+
+
+def _nvidia_driver() -> str:
+    """The NVIDIA kernel driver's version, as /proc/driver/nvidia/version states it."""
+    try:
+        first = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return "unknown"
+    words = first.split()
+    return next((w for w in words if w[:1].isdigit() and "." in w), "unknown")
 
 
 def weights_digest(module: torch.nn.Module) -> str:
