@@ -26,6 +26,7 @@ from engine.backends.recipe import TensorSig
 ARTIFACT_DIR_ENV = "ENGINE_ARTIFACT_DIR"
 BUILD_ENV = "ENGINE_BACKEND_BUILD"
 MANIFEST = "manifest.json"
+EXPORT = "onnx"  #: the cache's name for ONNX exports, shared by every graph backend on the host
 
 
 def artifact_root() -> Path:
@@ -89,7 +90,7 @@ class Manifest(_Frozen):
     key: Key
     files: tuple[str, ...] = Field(description="the artifact's files in its folder")
     build_s: float
-    parity: Parity
+    parity: Parity | None = Field(description="against eager; None for an ONNX export, which graph backends build from")
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from engine.backends.cache import ArtifactCache, Key, Lookup, Manifest, build_on_first_use, describe, slot_for
+from engine.backends.cache import EXPORT, ArtifactCache, Key, Lookup, Manifest, build_on_first_use, describe, slot_for
 from engine.backends.faults import injected
 from engine.backends.identity import fingerprint, weights_digest
 from engine.backends.names import BACKEND_WIDE, BackendFailure, Reason
+from engine.backends.onnx_export import MODEL as ONNX_MODEL
 from engine.backends.onnx_export import export_onnx, exporter
 from engine.backends.parity import parity
 from engine.backends.recipe import ExportRecipe, TensorSig
@@ -122,7 +122,7 @@ class GraphCall:
             stale = f" (stale: {describe(found.manifest.key, key)})" if found.manifest is not None else ""
             found = self.build(key, inputs)
             meter.cache = f"{'rebuilt' if stale else 'built'}{stale}"
-        assert found.manifest is not None
+        assert found.manifest is not None and found.manifest.parity is not None  # graph artifacts are gated
         if meter.parity is None or found.manifest.parity.max_abs > meter.parity.max_abs:  # the worst of the stage's calls
             meter.parity = found.manifest.parity
         if not found.manifest.parity.passed:
@@ -139,10 +139,9 @@ class GraphCall:
         examples = example_inputs(inputs, self.device)
         staging = None
         try:
+            onnx = self._export(key, examples)
             staging = self.cache.staging(key.slot)
-            with tempfile.TemporaryDirectory(dir=self.cache.root, prefix=".export-") as scratch:
-                onnx = export_onnx(self.recipe, examples, Path(scratch))
-                files = self.runner.build(onnx, staging, self.device, self.precision)
+            files = self.runner.build(onnx, staging, self.device, self.precision)
             session = self.runner.load(staging, self.device, self.precision, len(self.recipe.output_names))
             actual = session(*examples)
             with torch.no_grad():
@@ -157,9 +156,28 @@ class GraphCall:
                             parity=parity(expected, actual, self.precision))
         folder = self.cache.commit(staging, manifest)
         self.meter().build_s += manifest.build_s
+        figures = manifest.parity
         log.info("%s %s: %s artifact built in %.1f s, parity max abs %.3g (%s)", self.stage, self.recipe.name,
-                 self.runner.name, manifest.build_s, manifest.parity.max_abs, "passed" if manifest.parity.passed else "FAILED")
+                 self.runner.name, manifest.build_s, figures.max_abs, "passed" if figures.passed else "FAILED")
         return Lookup("hit", folder, manifest)
+
+    def _export(self, key: Key, examples: tuple[torch.Tensor, ...]) -> Path:
+        """The ONNX graph every graph backend builds ``key``'s artifact from: exported once per host and shape."""
+        slot = key.slot.model_copy(update={"backend": EXPORT})
+        export_key = key.model_copy(update={"slot": slot, "backend_version": exporter()})
+        found = self.cache.lookup(export_key)
+        if found.state != "hit":
+            started = time.perf_counter()
+            staging = self.cache.staging(slot)
+            try:
+                export_onnx(self.recipe, examples, staging)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            files = tuple(sorted(p.name for p in staging.iterdir()))
+            manifest = Manifest(key=export_key, files=files, build_s=round(time.perf_counter() - started, 3), parity=None)
+            found = Lookup("hit", self.cache.commit(staging, manifest), manifest)
+        return found.folder / ONNX_MODEL
 
     def _load(self, found: Lookup) -> Session:
         started = time.perf_counter()

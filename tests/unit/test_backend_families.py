@@ -29,9 +29,15 @@ def stage_inputs(family_name: str, task: str, stage_name: str, request):
     return {"latents": torch.randn(1, 16, request.height // 8, request.width // 8, generator=torch.Generator().manual_seed(1))}
 
 
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """One cache for the module: onnxruntime and openvino build a stage from the same ONNX export."""
+    return tmp_path_factory.mktemp("artifacts")
+
+
 @pytest.mark.parametrize("family_name, task, stage_name, backend", CASES)
-def test_the_stage_on_a_graph_backend_matches_eager(family_name, task, stage_name, backend, tmp_path, monkeypatch):
-    monkeypatch.setenv("ENGINE_ARTIFACT_DIR", str(tmp_path))
+def test_the_stage_on_a_graph_backend_matches_eager(family_name, task, stage_name, backend, artifacts, monkeypatch):
+    monkeypatch.setenv("ENGINE_ARTIFACT_DIR", str(artifacts))
     family = get_family(family_name)
     source = family.resolve_source(task, "tiny")
     spec = next(s for s in family.stages(task) if s.name == stage_name)

@@ -221,3 +221,12 @@ def test_compile_of_a_stage_without_recipes_compiles_its_modules_in_place():
     assert inner.ran_compiled == [True] and "forward" not in vars(transformer)  # compiled for the run, restored after
     assert stage_uses({"denoise": stage}, ("denoise",))["denoise"]["used"] == "compile"
     assert (out - transformer(latents())).abs().max() <= 3e-4
+
+
+def test_graph_backends_build_from_one_onnx_export(artifacts):
+    run(make(["onnxruntime"]))
+    (export,) = artifacts.glob("onnx/vae_decode/*/manifest.json")
+    exported_at = export.stat().st_mtime_ns
+    _, use = run(make(["openvino"]))
+    assert use["cache"] == "built" and use["parity"]["passed"]
+    assert [p.stat().st_mtime_ns for p in artifacts.glob("onnx/vae_decode/*/manifest.json")] == [exported_at]
