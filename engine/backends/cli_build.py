@@ -25,7 +25,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     from engine.plan.build import plan_graph, sizing_request
 
     plan, checked, source = plan_graph(args.graph, args.overrides)
-    requests = (*plan.requests, sizing_request(checked))
+    # The largest request: a request of the graph (its input files) at the sizes of the graph's limits.
+    sizing = sizing_request(checked)
+    largest = (plan.requests[0].model_copy(update={name: getattr(sizing, name) for name in type(sizing).size_fields})
+               if plan.requests else sizing)
+    requests = (*plan.requests, largest)
 
     def progress(built: Built) -> None:
         print(f"{built.node} {built.stage} {built.backend} {built.inputs}: {built.outcome} ({built.seconds:.1f} s)", flush=True)
