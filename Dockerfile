@@ -5,6 +5,8 @@
 # CUDA (a CUDA runtime base; the transfer engine's CUDA wheel instead of the CPU one, as the README says):
 #   docker build -t REGISTRY/engine:0.1.0-cuda --build-arg BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04 \
 #       --build-arg EXTRAS= --build-arg GPU_PACKAGES=mooncake-transfer-engine .
+# Stage backends (ONNX Runtime, OpenVINO; TensorRT on the CUDA variant): add them to EXTRAS, e.g.
+#   --build-arg EXTRAS=backends,tensorrt
 #
 # The install is the README's: the same system libraries (RDMA verbs, NUMA, mosquitto, graphviz) and
 # `pip install torch==2.13.0 -e '.[mooncake]'`. The image runs as user `engine` (uid 10001), which the rendered

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.deploy.cli_deploy import add_deploy_parsers
 
     add_deploy_parsers(commands, _add_graph_arguments)
+
+    from engine.backends.cli_build import add_build_parser
+
+    add_build_parser(commands, _add_graph_arguments)
     return parser
 
 
@@ -132,6 +136,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from engine.backends.build import chains
     from engine.display import human_bytes, sizing_text, table
     from engine.plan.build import plan_graph
     from engine.plan.memory import memory_report
@@ -163,6 +168,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(table(["edge", "from -> to", "transport", "slot", "slots", "per replica", "sized at"],
                 [[e.name, f"{e.source} -> {e.target}", e.transport, f"{e.slot_bytes} ({human_bytes(e.slot_bytes)})", e.slots,
                   human_bytes(e.slot_bytes * e.slots), sizing_text(plan, e.sized_by)] for e in plan.edges]) if plan.edges else "  none")
+    backend_rows = list(chains(plan, source))
+    if backend_rows:
+        print("\nstage backends (first that works runs the stage; built: input shapes in the artifact cache):")
+        print(table(["node", "stage", "chain", "built"], backend_rows))
     print("\nfit per device (weights + receive buffers, all replicas; activations not included"
           + (f"; agents: what they offer now, {len(live)} live" if live is not None else "") + "):")
     print(table(["host", "device", "nodes", "needs", "has", "fits"],

@@ -26,6 +26,7 @@ from engine.spec.schema import StepCacheSpec
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
+    from engine.backends.recipe import ExportRecipe
     from engine.parallel import Split
 
 #: Dtype names used in tensor declarations and graph files. ``model`` stands for the graph's model dtype.
@@ -72,6 +73,9 @@ class StageSpec:
     #: The stage's loop calls a DiT once per step and guidance branch through :mod:`engine.stepcache`: a node's
     #: ``cache:`` and a request's ``cache`` field apply to it.
     step_cached: bool = False
+    #: The family exports this stage's work as graphs (:meth:`ModelFamily.export_recipes`): graph backends
+    #: (onnxruntime, openvino, tensorrt) can serve it.
+    exportable: bool = False
 
 
 @dataclass(frozen=True)
@@ -300,6 +304,11 @@ class ModelFamily(ABC):
         """A runnable stage over already-loaded components. ``configs`` are the model's component configs as
         the plan read them: what a stage needs of a component it does not hold (the VAE's latent channels and
         scale factors, for the denoising loop) comes from them, never from a library's default."""
+
+    def export_recipes(self, task: str, stage: Stage) -> tuple["ExportRecipe", ...]:
+        """What of a built stage declared ``exportable`` a graph backend runs instead of PyTorch: the module to
+        export, its input shapes per request, and where the backend's call goes (``engine.backends``)."""
+        return ()
 
     @abstractmethod
     def write_output(

@@ -111,6 +111,28 @@ class RunStage(_Model):
     send_to: dict[str, int] = Field(description="outgoing edge name -> replica index of the receiving node")
 
 
+class BackendStep(_Model):
+    """One backend of a stage's chain, for one request."""
+
+    backend: str = Field(min_length=1)
+    reason: str | None = Field(description="why it did not run the stage (import_error, run_error...); None: it ran it")
+    detail: str = Field(description="what failed, in words")
+
+
+class BackendUse(_Model):
+    """How one stage with a backend chain ran for a request (engine.backends)."""
+
+    asked: str = Field(min_length=1, description="the first backend of the chain")
+    used: str = Field(min_length=1, description="the backend that ran the stage")
+    chain: list[BackendStep] = Field(description="the backends tried, in order, ending with the one used")
+    cache: str | None = Field(description="resident, hit, built or rebuilt (stale: ...); None without artifacts")
+    build_s: float = Field(ge=0, description="seconds spent building artifacts (or compiling) for this request")
+    load_s: float = Field(ge=0, description="seconds spent loading artifacts for this request")
+    run_ms: float = Field(ge=0, description="milliseconds the backend ran")
+    parity: dict[str, float | bool | str] | None = Field(description="the artifact's figures against eager")
+    versions: dict[str, str] = Field(description="backend -> its version, for each one that loaded")
+
+
 class StageDone(_Model):
     """Replica -> controller: the node's stages finished for a request."""
 
@@ -126,6 +148,7 @@ class StageDone(_Model):
     peak_rss_bytes: int = Field(ge=0, description="peak resident memory of the worker process so far")
     step_cache: dict[str, StepCacheStats] = Field(
         default_factory=dict, description="stage name -> DiT passes it ran and skipped (stages with a DiT loop)")
+    backends: dict[str, BackendUse] = Field(default_factory=dict, description="stage -> how its backend chain ran")
 
 
 class StageFailed(_Model):

@@ -30,6 +30,8 @@ def build_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:
             # Per stage with a DiT loop: the step caching in force, DiT passes run and skipped, seconds saved.
             "step_cache": {stage: stats.model_dump() for stage, stats in request.step_cache.items()},
             "edges": request.edges,
+            # Stages with a backend chain: the backend asked for and the one used, each passed over with its reason.
+            "backends": request.backends,
             # Time a request spent neither computing nor on an edge: waiting in a replica's queue, messaging.
             "queue_wait_seconds": round(max(0.0, segments_s - compute_s - transfer_s), 4),
             # The request's clock (timeline, segments) starts this long after the run's (ready_seconds).

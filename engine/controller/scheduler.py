@@ -230,6 +230,7 @@ class Scheduler:
         request.segment_seconds[segment.index] = self.clock() - request.dispatched_at
         request.edges.update({name: stats.model_dump() for name, stats in done.edges.items()})
         request.outputs.extend(done.outputs)
+        request.backends.update({stage: {"node": done.node, **use.model_dump()} for stage, use in done.backends.items()})
         self.view.segment_done(request, segment, done)
         if segment.index + 1 < len(self.plan.segments):
             self._dispatch(request, segment.index + 1)

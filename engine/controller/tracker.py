@@ -79,6 +79,8 @@ class TrackedRequest:
     segment_seconds: dict[int, float] = field(default_factory=dict)  #: dispatch to done, per segment
     edges: dict[str, dict[str, Any]] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
+    #: stage -> how its backend chain ran (engine.backends), with the node that ran it
+    backends: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
     steps: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  #: (node, stage) -> (step, of total)
     step_cache: dict[str, StepCacheStats] = field(default_factory=dict)  #: stage -> DiT passes run and skipped

@@ -105,6 +105,7 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
             memory_bytes=node.place.memory_bytes, rdma_device=node.place.rdma_device, line=lines.line(("nodes", name)),
             devices=node.place.all_devices, parallel=node.parallel or Parallel(),
             cache=node.cache,
+            backends={stage: tuple(chain) for stage, chain in node.backend.items()}, strict=node.strict,
         )
 
     def planned(tensor: TensorSpec, node: str, producer: str, consumers: tuple[str, ...]) -> PlannedTensor:

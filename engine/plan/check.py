@@ -65,6 +65,7 @@ def check_graph(loaded: LoadedGraph) -> CheckedGraph:
     _check_devices(loaded, problems)
     check_parallel(loaded, family, stages, problems)
     _check_step_cache(loaded, stages, problems)
+    _check_backends(loaded, family, stages, problems)
     segments, final_outputs = _segments(stages, node_of, produced, flows, loaded, problems)
     defaults, requests = _requests(loaded, family, problems)
     if problems:
@@ -202,6 +203,31 @@ def _check_step_cache(loaded: LoadedGraph, stages: dict[str, StageSpec], problem
             cached = [s.name for s in stages.values() if s.step_cached]
             problems.append(loaded.lines.problem(("nodes", name, "cache"), f"node {name!r} runs no DiT loop to cache "
                                                  f"(stages that do: {', '.join(cached)}); put cache on the node running them"))
+
+
+def _check_backends(loaded: LoadedGraph, family: ModelFamily, stages: dict[str, StageSpec], problems: list[Problem]) -> None:
+    """Each node's ``backend`` chains: stages of that node, backends that can serve the stage, nothing after eager."""
+    from engine.backends.names import GRAPH_BACKENDS
+
+    components = family.components(loaded.spec.model.task)
+    for node_name, node in loaded.spec.nodes.items():
+        for stage, chain in node.backend.items():
+            where = ("nodes", node_name, "backend", stage)
+            if stage not in node.stages:
+                problems.append(loaded.lines.problem(where, f"node {node_name!r} does not run stage {stage!r}{did_you_mean(stage, node.stages)} (its stages: {', '.join(node.stages)})"))
+                continue
+            if stage not in stages:
+                continue  # reported by _placement
+            for i, backend in enumerate(chain):
+                at = (*where, i)
+                if backend in chain[:i]:
+                    problems.append(loaded.lines.problem(at, f"{backend} is listed twice; list each backend once"))
+                elif backend in GRAPH_BACKENDS and not stages[stage].exportable:
+                    problems.append(loaded.lines.problem(at, f"{backend} cannot serve {stage!r}: {loaded.spec.model.family} exports no graph of it (stages it exports: {', '.join(s.name for s in stages.values() if s.exportable) or 'none'}); use compile or eager"))
+                elif backend == "compile" and not any(components[c].weights for c in stages[stage].components if c in components):
+                    problems.append(loaded.lines.problem(at, f"compile cannot serve {stage!r}: the stage holds no module to compile; use eager"))
+            if "eager" in chain[:-1]:
+                problems.append(loaded.lines.problem(where, f"eager never fails, so {', '.join(chain[chain.index('eager') + 1:])} after it would never run; put eager last"))
 
 
 def _segments(stages: dict[str, StageSpec], node_of: dict[str, str], produced: dict[str, tuple[str, TensorSpec]],

@@ -85,6 +85,9 @@ class PlannedNode:
     def ranks(self) -> int:
         return max(1, len(self.devices))
     cache: StepCacheSpec | None = None  #: step caching of the node's DiT loop; None: none unless a request asks
+    #: per stage, the backends to try in order (engine.backends); a stage not named runs eager
+    backends: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    strict: bool = False  #: a stage's first backend failing fails the request instead of falling back
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,12 @@ def check_parallel(loaded: LoadedGraph, family: ModelFamily, stages: dict[str, S
         if twice:
             problems.append(lines.problem(("nodes", name, "place", "devices"), f"{', '.join(twice)} named twice: each "
                                           "rank needs a GPU of its own (only cpu may repeat)"))
+        if len(devices) > 1:
+            for stage, chain in node.backend.items():
+                if list(chain) != ["eager"]:
+                    problems.append(lines.problem(("nodes", name, "backend", stage), f"a node on several devices runs "
+                                                  "its stages eager: each rank would choose and fall back on its own, "
+                                                  "and the ranks must compute alike"))
         for kind in _degrees(parallel):
             for stage in (stages[s] for s in node.stages if s in stages):
                 if kind in stage.splits:

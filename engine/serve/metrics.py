@@ -70,6 +70,8 @@ class ServiceMetrics:
                                                 registry=self.registry)
         self.integrity_failures = Counter("engine_integrity_failures", "Edge deliveries rejected by the receiver's "
                                           "integrity check", ["edge"], registry=self.registry)
+        self.backend_fallbacks = Counter("engine_backend_fallback", "Stage runs that fell back from one backend to the "
+                                         "next, by reason", ["node", "stage", "from", "to", "reason"], registry=self.registry)
         self._completed = 0
         self._completed_s = 0.0
 
@@ -89,6 +91,10 @@ class ServiceMetrics:
             self.edge_bytes.labels(edge).inc(stats["nbytes"])
             self.edge_seconds.labels(edge).inc(stats["seconds"])
             self.integrity_failures.labels(edge).inc(stats.get("rejected", 0))
+        for stage, use in request.backends.items():
+            chain = use["chain"]
+            for step, after in zip(chain, chain[1:]):
+                self.backend_fallbacks.labels(use["node"], stage, step["backend"], after["backend"], step["reason"]).inc()
         if request.state.value == "done":
             self._completed += 1
             self._completed_s += request.seconds

@@ -21,6 +21,8 @@ MEMORY_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
                "fp32": "float32", "float32": "float32"}
 INTEGRITY = ("xxh3-128", "none")
+#: What may run a stage (engine.backends): eager PyTorch, torch.compile, or an exported graph on a runtime.
+Backend = Literal["eager", "compile", "onnxruntime", "openvino", "tensorrt"]
 
 
 class Strict(BaseModel):
@@ -146,6 +148,12 @@ class NodeSpec(Strict):
     cache: StepCacheSpec | None = Field(None, description="Step caching of the node's DiT loop (a node running a "
                                                           "denoise stage), e.g. {method: teacache, threshold: 0.2}; "
                                                           "a request's own cache field overrides it.")
+    backend: dict[str, Annotated[list[Backend], Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description="Per stage, the backends to try in order, e.g. {vae_decode: [onnxruntime, eager]}: the first that "
+                    "works runs the stage; a stage not named runs eager.")
+    strict: bool = Field(False, description="A stage whose first backend cannot run fails the request, naming the "
+                                            "reason, instead of falling back to the next backend of its chain.")
 
     @field_validator("dtype", mode="before")
     @classmethod

@@ -75,6 +75,8 @@ class WorkerSpec(_Frozen):
     save_frames: bool
     meta: dict[str, str] = Field(description="graph name, file and model path, written beside outputs")
     cache: StepCacheSpec | None = Field(None, description="the node's step caching; a request's cache field overrides it")
+    backends: dict[str, tuple[str, ...]] = Field(default_factory=dict, description="stage -> backends to try in order")
+    strict_backends: bool = Field(False, description="a stage's first backend failing fails the request")
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +125,7 @@ def worker_specs(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str
                 meta={"graph": plan.graph, "graph_file": plan.file, "model": plan.model_path, "family": plan.family,
                       "task": plan.task, "dtype": node.dtype},
                 cache=node.cache,
+                backends=node.backends, strict_backends=node.strict,
             ))
     return specs
 

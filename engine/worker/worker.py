@@ -32,6 +32,7 @@ from collections.abc import Coroutine, Hashable
 from pathlib import Path
 from typing import Any
 
+from engine.backends.chain import stage_uses, with_backends
 from engine.control.broker import BrokerAddress, TLSOptions
 from engine.control.bus import Inbound
 from engine.control.client import ControlClient, LastWill
@@ -145,12 +146,16 @@ class Worker:
             self.group = await asyncio.to_thread(RankGroup.start, spec, self.spec_path)
         components = await asyncio.to_thread(self.family.load_components, spec.task, spec.components,
                                               Path(spec.source), spec.device, spec.dtype)
+        built: dict[str, Stage] = {}
         for name in spec.stages:
-            self.stages[name] = self.family.build_stage(spec.task, name, components, spec.device, spec.dtype, spec.configs)
+            built[name] = self.family.build_stage(spec.task, name, components, spec.device, spec.dtype, spec.configs)
         if self.group is not None:
             split = await asyncio.to_thread(self.group.join)
-            for stage in self.stages.values():
+            for stage in built.values():
                 stage.split(split)
+        for name, stage in built.items():
+            self.stages[name] = with_backends(stage, self.family, spec.task, spec.node, spec.backends.get(name, ()),
+                                              spec.strict_backends, components, spec.device, spec.source)
         for edge in spec.inbound:
             self.receivers[edge.name] = await asyncio.to_thread(make_receiver, edge.transport, edge.name, edge.slot_bytes,
                                                                 edge.slots, integrity=edge.integrity, **self._mooncake(edge))
@@ -453,7 +458,7 @@ class Worker:
         self._release_received(job.request_id)
         return StageDone(request_id=job.request_id, node=spec.node, replica=spec.replica, attempt=job.attempt,
                          timings=timings, edges=edge_stats, outputs=outputs, peak_rss_bytes=peak_rss_bytes(),
-                         step_cache=step_cache)
+                         step_cache=step_cache, backends=stage_uses(self.stages, segment.stages))
 
     def _compute(self, request_id: str, stages: tuple[str, ...], request: Any,
                  tensors: dict[str, Any]) -> tuple[dict[str, float], dict[str, StepCacheStats]]:

@@ -72,6 +72,7 @@ VAE_ENCODE = StageSpec(
     ),
     description="normalised VAE latent (distribution mode) of the input image at about one megapixel",
     reads=("image",),
+    exportable=True,
 )
 DENOISE_T2I = StageSpec(
     "denoise",
@@ -97,6 +98,7 @@ VAE_DECODE = StageSpec(
     inputs=("latents",),
     outputs=(TensorSpec("image", "float32", ("batch", "height", "width", 3)),),
     description="VAE decoder to an RGB image in [0, 1]",
+    exportable=True,
 )
 
 _STAGES = {
@@ -271,6 +273,11 @@ class QwenImageFamily(ModelFamily):
         from nodes.qwen_image.stages import build_stage
 
         return build_stage(task, name, components, device, dtype, configs)
+
+    def export_recipes(self, task, stage):
+        from nodes.qwen_image.exports import export_recipes
+
+        return export_recipes(stage)
 
     def write_output(self, request, outputs, out_dir, stem, *, meta=None, save_frames=False):
         from engine.models.outputs import write_image

@@ -134,6 +134,7 @@ VAE_DECODE = StageSpec(
     inputs=("latents",),
     outputs=(TensorSpec("frames", "float32", ("batch", "num_frames", "height", "width", 3)),),
     description="VAE decoder to RGB frames in [0, 1]",
+    exportable=True,
 )
 
 _STAGES = {
@@ -325,6 +326,11 @@ class WanFamily(ModelFamily):
         from nodes.wan.stages import build_stage
 
         return build_stage(task, name, components, device, dtype, configs)
+
+    def export_recipes(self, task, stage):
+        from nodes.wan.exports import export_recipes
+
+        return export_recipes(stage)
 
     def write_output(self, request, outputs, out_dir, stem, *, meta=None, save_frames=False):
         from nodes.wan.output import write_video

@@ -51,6 +51,7 @@ VAE_DECODE = StageSpec(
     inputs=("latents",),
     outputs=(TensorSpec("image", "float32", ("batch", "height", "width", 3)),),
     description="VAE decoder to an RGB image in [0, 1]",
+    exportable=True,
 )
 
 _STAGES = (TEXT_ENCODE, DENOISE, VAE_DECODE)
@@ -156,6 +157,11 @@ class ZImageFamily(ModelFamily):
         from nodes.z_image.stages import build_stage
 
         return build_stage(name, components, device, configs)
+
+    def export_recipes(self, task, stage):
+        from nodes.z_image.exports import export_recipes
+
+        return export_recipes(stage)
 
     def write_output(self, request, outputs, out_dir, stem, *, meta=None, save_frames=False):
         from engine.models.outputs import write_image

@@ -18,7 +18,7 @@ from nodes.wan.family import WanRequest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 SCRIPTS = ("overhead", "throughput", "control", "memory", "cold_start", "gpu_wan", "timeline", "monolithic", "hosts",
-           "step_cache")
+           "step_cache", "backends")
 
 
 def load(name: str):
@@ -38,7 +38,7 @@ def test_every_script_has_help(name, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ("overhead", "throughput", "control", "memory", "cold_start", "gpu_wan", "hosts"))
+@pytest.mark.parametrize("name", ("overhead", "throughput", "control", "memory", "cold_start", "gpu_wan", "hosts", "backends"))
 def test_measuring_scripts_offer_json(name):
     assert load(name).parse_args(["--json"]).json is True
 
@@ -50,6 +50,7 @@ def test_measuring_scripts_offer_json(name):
     ("cold_start", ["--repeats", "0"], "--repeats must be at least 1"),
     ("hosts", ["--repeats", "0"], "--repeats must be at least 1"),
     ("gpu_wan", ["--requests", "-1"], "--requests must be 0 or more"),
+    ("backends", ["--sizes", "big"], "--sizes: got 'big'"),
 ])
 def test_bad_counts_are_refused(name, argv, message, capsys):
     with pytest.raises(SystemExit):

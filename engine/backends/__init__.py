@@ -1,0 +1,7 @@
+"""Stage backends: a node's stage run by the first backend of its chain that works (``backend:`` in the graph).
+
+``chain`` wraps a built stage (``with_backends``, called where the worker builds its stages) and reports what ran
+(``stage_uses``); ``graph`` runs a family's export recipes (``recipe``) on a graph backend (``runners``) with
+artifacts from the ``cache`` checked by the ``parity`` gate and kept ``resident``; ``compiled`` is torch.compile;
+``build`` is ``engine build``. Families describe what to export in ``nodes/<family>/exports.py``.
+"""

@@ -1,0 +1,199 @@
+"""A recipe's call run by a graph backend (onnxruntime, openvino, tensorrt) in place of eager PyTorch.
+
+For each input shape it meets, the call finds the artifact in the cache (its manifest's key must match), builds
+it on first use when allowed (ONNX export, the backend's build, the parity gate against eager), loads it and
+keeps it resident within the budget. Whatever goes wrong raises :class:`BackendFailure` with its reason, which
+the stage answers by trying the next backend; a shape that failed is not tried again on this backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from engine.backends.cache import EXPORT, ArtifactCache, Key, Lookup, Manifest, build_on_first_use, describe, slot_for
+from engine.backends.faults import injected
+from engine.backends.identity import fingerprint, weights_digest
+from engine.backends.names import BACKEND_WIDE, BackendFailure, Reason
+from engine.backends.onnx_export import MODEL as ONNX_MODEL
+from engine.backends.onnx_export import export_onnx, exporter
+from engine.backends.parity import parity
+from engine.backends.recipe import ExportRecipe, TensorSig
+from engine.backends.resident import Resident
+from engine.backends.runners.base import GraphRunner, Session
+from engine.backends.usage import Meter
+
+log = logging.getLogger("engine.backends")
+PARITY_FAULT = 1e-2  #: what an injected parity fault adds to the artifact's output
+
+
+def signatures(tensors: tuple[torch.Tensor, ...]) -> tuple[TensorSig, ...]:
+    return tuple(TensorSig(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in tensors)
+
+
+def example_inputs(inputs: tuple[TensorSig, ...], device: str) -> tuple[torch.Tensor, ...]:
+    """The parity gate's inputs: seeded normal values of each shape, the same on every build."""
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(sig.shape, generator=generator, dtype=torch.float32).to(device, getattr(torch, sig.dtype))
+                 for sig in inputs)
+
+
+def precision_of(module: torch.nn.Module) -> str:
+    parameter = next(module.parameters(), None)
+    return str(parameter.dtype).removeprefix("torch.") if parameter is not None else "float32"
+
+
+class GraphCall:
+    def __init__(self, runner: GraphRunner, version: str, recipe: ExportRecipe, *, stage: str, model: str, device: str,
+                 cache: ArtifactCache, resident: Resident, meter: Callable[[], Meter]):
+        self.runner, self.version, self.recipe = runner, version, recipe
+        self.stage, self.model, self.device = stage, model, device
+        self.cache, self.resident, self.meter = cache, resident, meter
+        self.precision = precision_of(recipe.module)
+        self.refused: dict[tuple[TensorSig, ...], BackendFailure] = {}
+        self._weights: str | None = None
+
+    def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        session = self.session(signatures(tensors))
+        started = time.perf_counter()
+        try:
+            if injected("run_error", self.runner.name):
+                raise RuntimeError("run error injected by ENGINE_BACKEND_FAULTS")
+            outputs = session(*tensors)
+        except BackendFailure:
+            raise
+        except Exception as exc:  # whatever the runtime raises: this request falls back, the stage stops asking it
+            raise BackendFailure(Reason.RUN_ERROR, f"{type(exc).__name__}: {exc}") from exc
+        self.meter().run_ms += (time.perf_counter() - started) * 1e3
+        return outputs
+
+    def session(self, inputs: tuple[TensorSig, ...]) -> Session:
+        """The loaded artifact for ``inputs``: resident, or found (or built) and loaded now."""
+        held = self.resident.get((self.recipe.name, inputs))
+        if held is not None:
+            self.meter().cache = "resident"
+            return held
+        if inputs in self.refused:
+            raise self.refused[inputs]
+        try:
+            session = self._load(self.ensure_built(inputs))
+        except BackendFailure as failure:
+            if failure.reason not in BACKEND_WIDE:
+                self.refused[inputs] = failure
+            raise
+        self.resident.put((self.recipe.name, inputs), session)
+        return session
+
+    def key(self, inputs: tuple[TensorSig, ...]) -> Key:
+        if self._weights is None:
+            self._weights = weights_digest(self.recipe.module)
+        slot = slot_for(self.model, self.stage, self.recipe.name, inputs, self.precision, self.runner.name, self.device)
+        return Key(slot=slot, weights=self._weights, recipe_version=self.recipe.version, backend_version=self.version,
+                   exporter=exporter(), fingerprint=fingerprint(self.device))
+
+    def ensure_built(self, inputs: tuple[TensorSig, ...], *, build: bool | None = None) -> Lookup:
+        """The artifact for ``inputs`` in the cache, built now if it is missing or stale and building is allowed
+        (``build``; None: as ``ENGINE_BACKEND_BUILD`` says)."""
+        why = self.recipe.unsupported(inputs)
+        if why is not None:
+            raise BackendFailure(Reason.SHAPE_UNSUPPORTED, why)
+        key = self.key(inputs)
+        found = self.cache.lookup(key)
+        meter = self.meter()
+        if found.state == "hit":
+            meter.cache = "hit"
+        elif not (build_on_first_use() if build is None else build):
+            if found.state == "stale":
+                assert found.manifest is not None
+                raise BackendFailure(Reason.ARTIFACT_STALE, f"the artifact at {found.folder} was built for another "
+                                     f"{describe(found.manifest.key, key)}; run `engine build` (ENGINE_BACKEND_BUILD=never)")
+            built = [slot.inputs for slot in self.cache.slots(self.runner.name, self.stage, self.model)]
+            if built:
+                raise BackendFailure(Reason.SHAPE_UNSUPPORTED, f"no artifact for inputs {_shapes(inputs)}; built: "
+                                     f"{'; '.join(_shapes(i) for i in built)} (ENGINE_BACKEND_BUILD=never)")
+            raise BackendFailure(Reason.ARTIFACT_MISSING, f"nothing built for {self.stage} under {self.cache.root}; run "
+                                 "`engine build` (ENGINE_BACKEND_BUILD=never)")
+        else:
+            stale = f" (stale: {describe(found.manifest.key, key)})" if found.manifest is not None else ""
+            found = self.build(key, inputs)
+            meter.cache = f"{'rebuilt' if stale else 'built'}{stale}"
+        assert found.manifest is not None and found.manifest.parity is not None  # graph artifacts are gated
+        if meter.parity is None or found.manifest.parity.max_abs > meter.parity.max_abs:  # the worst of the stage's calls
+            meter.parity = found.manifest.parity
+        if not found.manifest.parity.passed:
+            figures = found.manifest.parity
+            raise BackendFailure(Reason.PARITY_FAILED, f"max abs {figures.max_abs:.3g}, cosine {figures.cosine:.6f}, "
+                                 f"PSNR {figures.psnr_db:.1f} dB against eager; needs {figures.threshold}")
+        return found
+
+    def build(self, key: Key, inputs: tuple[TensorSig, ...]) -> Lookup:
+        """Export, build and gate the artifact for ``inputs``; commit it (a failing gate is recorded too, never used)."""
+        log.info("%s %s: building the %s artifact for inputs %s", self.stage, self.recipe.name, self.runner.name,
+                 _shapes(inputs))
+        started = time.perf_counter()
+        examples = example_inputs(inputs, self.device)
+        staging = None
+        try:
+            onnx = self._export(key, examples)
+            staging = self.cache.staging(key.slot)
+            files = self.runner.build(onnx, staging, self.device, self.precision)
+            session = self.runner.load(staging, self.device, self.precision, len(self.recipe.output_names))
+            actual = session(*examples)
+            with torch.no_grad():
+                expected = as_tuple(self.recipe.module(*examples))
+        except Exception as exc:  # an exporter or runtime error of any kind: the artifact cannot be had
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise BackendFailure(Reason.BUILD_FAILED, f"{type(exc).__name__}: {exc}") from exc
+        if injected("parity", self.runner.name):
+            actual = tuple(t + PARITY_FAULT for t in actual)
+        manifest = Manifest(key=key, files=files, build_s=round(time.perf_counter() - started, 3),
+                            parity=parity(expected, actual, self.precision))
+        folder = self.cache.commit(staging, manifest)
+        self.meter().build_s += manifest.build_s
+        figures = manifest.parity
+        log.info("%s %s: %s artifact built in %.1f s, parity max abs %.3g (%s)", self.stage, self.recipe.name,
+                 self.runner.name, manifest.build_s, figures.max_abs, "passed" if figures.passed else "FAILED")
+        return Lookup("hit", folder, manifest)
+
+    def _export(self, key: Key, examples: tuple[torch.Tensor, ...]) -> Path:
+        """The ONNX graph every graph backend builds ``key``'s artifact from: exported once per host and shape."""
+        slot = key.slot.model_copy(update={"backend": EXPORT})
+        export_key = key.model_copy(update={"slot": slot, "backend_version": exporter()})
+        found = self.cache.lookup(export_key)
+        if found.state != "hit":
+            started = time.perf_counter()
+            staging = self.cache.staging(slot)
+            try:
+                export_onnx(self.recipe, examples, staging)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            files = tuple(sorted(p.name for p in staging.iterdir()))
+            manifest = Manifest(key=export_key, files=files, build_s=round(time.perf_counter() - started, 3), parity=None)
+            found = Lookup("hit", self.cache.commit(staging, manifest), manifest)
+        return found.folder / ONNX_MODEL
+
+    def _load(self, found: Lookup) -> Session:
+        started = time.perf_counter()
+        try:
+            if injected("load_oom", self.runner.name):
+                raise MemoryError("out of memory injected by ENGINE_BACKEND_FAULTS")
+            session = self.runner.load(found.folder, self.device, self.precision, len(self.recipe.output_names))
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            raise BackendFailure(Reason.LOAD_OOM, f"{type(exc).__name__}: {exc}") from exc
+        self.meter().load_s += time.perf_counter() - started
+        return session
+
+
+def as_tuple(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def _shapes(inputs: tuple) -> str:  # TensorSig tuples or a slot's (shape, dtype) pairs
+    return ", ".join("x".join(map(str, (s.shape if isinstance(s, TensorSig) else s[0]))) for s in inputs)

@@ -1,0 +1,84 @@
+"""Stage backends through `engine build` and `engine run`: Qwen-Image T2I with the decoder's chain
+[tensorrt, onnxruntime, eager] on this CPU machine, artifacts built ahead and only those used.
+
+One build (the graph's first size) and one run of two requests share every assertion: the first request's
+decoder runs on ONNX Runtime from the cache, within tolerance of the monolithic pipeline; the second, at a size
+nothing was built for, falls back to eager and equals the pipeline bit for bit; TensorRT, not installed, is passed
+over with import_error in both, and report.json says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.integration.engine_run import GRAPHS, REPO, engine_run, live_workers, qwen_reference_image
+
+pytestmark = pytest.mark.integration
+
+CHAIN = "nodes.all.backend.vae_decode=[tensorrt,onnxruntime,eager]"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("backends")
+    env = {"ENGINE_ARTIFACT_DIR": str(tmp / "artifacts")}
+    document = yaml.safe_load((GRAPHS / "qwen_image_t2i_single.yaml").read_text())
+    document["requests"] = [{"prompt": "a fox", "seed": 1}]
+    built_for = tmp / "build.yaml"
+    built_for.write_text(yaml.safe_dump(document))
+    build = subprocess.run([sys.executable, "-m", "engine.cli", "build", str(built_for), "--set", CHAIN],
+                           capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, **env})
+    document["requests"].append({"prompt": "a fox", "seed": 2, "height": 32, "width": 48})
+    graph = tmp / "run.yaml"
+    graph.write_text(yaml.safe_dump(document))
+    result = engine_run(str(graph), tmp / "out", CHAIN, env={**env, "ENGINE_BACKEND_BUILD": "never"})
+    return build, result
+
+
+def chain(request: dict) -> list[tuple[str, str | None]]:
+    return [(step["backend"], step["reason"]) for step in request["backends"]["vae_decode"]["chain"]]
+
+
+def test_engine_build_builds_what_the_requests_need(run):
+    build, _ = run
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert "onnxruntime  1x16x1x8x12" in build.stdout and "built" in build.stdout
+    assert "import_error" in build.stdout  # tensorrt, listed and passed over
+
+
+def test_the_decoder_runs_on_onnxruntime_within_tolerance(run):
+    _, result = run
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = result.report["requests"][0]
+    use = first["backends"]["vae_decode"]
+    assert chain(first) == [("tensorrt", "import_error"), ("onnxruntime", None)]
+    assert use["used"] == "onnxruntime" and use["cache"] == "hit" and use["parity"]["passed"]
+    assert use["node"] == "all" and "onnxruntime" in use["versions"]
+    params = json.loads((result.out / f"{first['id']}.json").read_text())["request"]
+    image, expected = np.load(result.out / f"{first['id']}.npy"), qwen_reference_image("t2i", params)
+    assert image.shape == expected.shape and np.abs(image - expected).max() <= 3e-4
+
+
+def test_a_size_not_built_falls_back_to_eager_bit_for_bit(run):
+    _, result = run
+    second = result.report["requests"][1]
+    assert chain(second) == [("tensorrt", "import_error"), ("onnxruntime", "shape_unsupported"), ("eager", None)]
+    params = json.loads((result.out / f"{second['id']}.json").read_text())["request"]
+    assert np.array_equal(np.load(result.out / f"{second['id']}.npy"), qwen_reference_image("t2i", params))
+    assert live_workers(result.out) == []
+
+
+def test_a_strict_node_fails_the_run_naming_stage_and_reason(tmp_path):
+    result = engine_run("qwen_image_t2i_single.yaml", tmp_path / "out", "nodes.all.backend.vae_decode=[tensorrt,eager]",
+                        "nodes.all.strict=true")
+    assert result.returncode == 1
+    assert ("StrictBackendError: stage 'vae_decode' on node 'all': backend tensorrt failed with import_error"
+            in result.stderr)
+    assert live_workers(result.out) == []
