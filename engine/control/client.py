@@ -240,40 +240,12 @@ class ControlClient:
             raise ControlError(f"broker {self.address.display} refused the subscription to {topic_filter}")
 
     def _connection_for(self) -> aiomqtt.Client:
-        tls_params = tls_insecure = None
-        if self.address.tls is not None:
-            tls = self.address.tls
-            tls_params = aiomqtt.TLSParameters(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-                cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED,
-            )
-            tls_insecure = tls.insecure
         will = None
         if self._will is not None:
             payload = self._sealer.seal(self._will.topic, self._will.message)
             will = aiomqtt.Will(self._will.topic, payload, qos=1, retain=self._will.retain)
-        connection = aiomqtt.Client(
-            self.address.host,
-            self.address.port,
-            username=self.address.username,
-            password=self.address.password,
-            identifier=self.client_id,
-            protocol=aiomqtt.ProtocolVersion.V311,
-            clean_session=True,
-            will=will,
-            keepalive=self._keepalive_s,
-            timeout=self._connect_timeout_s,
-            tls_params=tls_params,
-            tls_insecure=tls_insecure,
-            socket_options=[_NODELAY],
-            logger=log,
-        )
-        # paho's blocking TCP connect runs in a thread that a timeout cannot stop; bound it by our timeout so
-        # that an abandoned attempt cannot connect later and take over this client id.
-        connection._client.connect_timeout = self._connect_timeout_s  # noqa: SLF001
-        return connection
+        return mqtt_connection(self.address, self.client_id, will=will, keepalive_s=self._keepalive_s,
+                               timeout_s=self._connect_timeout_s)
 
     async def _open(self) -> aiomqtt.Client:
         """Connect, subscribe to every remembered filter, and mark the client connected."""
@@ -294,8 +266,12 @@ class ControlClient:
         try:
             for topic_filter in self._filters:
                 await self._subscribe(connection, topic_filter)
-            for topic, payload in self._retained.items():  # a restarted broker forgot what we keep retained
-                await connection.publish(topic, payload, qos=1, retain=True, timeout=self._operation_timeout_s)
+            # A restarted broker forgot what we keep retained; what still waits in the outbox goes out from there
+            # (sent from here too, a receiver would get it twice and refuse the second as a replay).
+            waiting = {outgoing.payload for outgoing in self._outbox}
+            for topic, payload in self._retained.items():
+                if payload not in waiting:
+                    await connection.publish(topic, payload, qos=1, retain=True, timeout=self._operation_timeout_s)
         except (ControlError, aiomqtt.MqttError):
             with contextlib.suppress(aiomqtt.MqttError):
                 await connection.__aexit__(None, None, None)
@@ -349,7 +325,7 @@ class ControlClient:
     async def _reconnect(self) -> aiomqtt.Client:
         """Connect again, or raise BrokerLost once the broker has been away longer than ``broker_timeout_s``."""
         assert self._lost_at is not None
-        delay = 0.05
+        delay, failures = 0.05, 0
         while True:
             away_s = time.monotonic() - self._lost_at
             if away_s > self._broker_timeout_s:
@@ -357,14 +333,16 @@ class ControlClient:
                                  f"(timeouts.broker_s is {self._broker_timeout_s:g})")
             try:
                 connection = await self._open()
-            except ControlError as exc:
-                log.warning("control client %s: %s; retrying in %.2f s", self.client_id, exc, delay)
+            except ControlError as exc:  # said once per outage: a broker away for hours is not a log flood
+                failures += 1
+                log.log(logging.WARNING if failures == 1 else logging.DEBUG, "control client %s: %s; retrying quietly "
+                        "every %g s at most", self.client_id, exc, self._max_backoff_s)
                 await asyncio.sleep(min(delay, self._broker_timeout_s - away_s + 0.01))
                 delay = min(2 * delay, self._max_backoff_s)
                 continue
             self.reconnects += 1
-            log.info("control client %s reconnected to broker %s after %.1f s", self.client_id, self.address.display,
-                     time.monotonic() - self._lost_at)
+            log.info("control client %s reconnected to broker %s after %.1f s (%d failed tries)", self.client_id,
+                     self.address.display, time.monotonic() - self._lost_at, failures)
             self._lost_at = None
             return connection
 
@@ -389,3 +367,39 @@ class ControlClient:
                             self.client_id, topic, exc, who)
             return
         self._inbox.put(Inbound(topic=topic, message=opened.message, retained=raw.retain, sender=opened.sender))
+
+
+def mqtt_connection(address: BrokerAddress, client_id: str, *, will: aiomqtt.Will | None = None, keepalive_s: int = 5,
+                    timeout_s: float = 3.0) -> aiomqtt.Client:
+    """An aiomqtt client (not connected yet) as the engine connects: MQTT 3.1.1, clean session, TLS as the address
+    says, no Nagle."""
+    tls_params = tls_insecure = None
+    if address.tls is not None:
+        tls = address.tls
+        tls_params = aiomqtt.TLSParameters(
+            ca_certs=str(tls.ca_file) if tls.ca_file else None,
+            certfile=str(tls.cert_file) if tls.cert_file else None,
+            keyfile=str(tls.key_file) if tls.key_file else None,
+            cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED,
+        )
+        tls_insecure = tls.insecure
+    connection = aiomqtt.Client(
+        address.host,
+        address.port,
+        username=address.username,
+        password=address.password,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V311,
+        clean_session=True,
+        will=will,
+        keepalive=keepalive_s,
+        timeout=timeout_s,
+        tls_params=tls_params,
+        tls_insecure=tls_insecure,
+        socket_options=[_NODELAY],
+        logger=log,
+    )
+    # paho's blocking TCP connect runs in a thread that a timeout cannot stop; bound it by our timeout so
+    # that an abandoned attempt cannot connect later and take over this client id.
+    connection._client.connect_timeout = timeout_s  # noqa: SLF001
+    return connection
