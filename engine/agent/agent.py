@@ -92,7 +92,7 @@ class Agent:
         """Announce, then take orders until stopped; stop every worker on the way out."""
         await self.client.subscribe(self.topics.orders(self.options.name))
         await self.client.publish(self.topics.birth(self.options.name), self.birth(), retain=True)
-        announced = time.monotonic()
+        announced, reconnects = time.monotonic(), self.client.reconnects
         log.info("agent %s online at %s, devices %s", self.options.name, self.options.address, ", ".join(self.options.devices))
         try:
             while not self.stopping.is_set():
@@ -107,9 +107,12 @@ class Agent:
                                         inbound.message.run_id, inbound.sender)
                     inbound = await self.client.receive(0)
                 await self.check_jobs()
-                if time.monotonic() - announced > self.options.heartbeat_s:
+                # Not while the broker is away (between runs of an embedded broker, for hours maybe): a backlog of
+                # stale announcements would follow the reconnect. Right after it, a fresh one.
+                due = time.monotonic() - announced > self.options.heartbeat_s or self.client.reconnects != reconnects
+                if due and self.client.connected:
                     self.client.post(self.topics.birth(self.options.name), self.birth(), retain=True)
-                    announced = time.monotonic()
+                    announced, reconnects = time.monotonic(), self.client.reconnects
         finally:
             for job in self.jobs.values():
                 await self.stop(job, "the agent is stopping")

@@ -77,7 +77,7 @@ class RemoteLauncher:
             await self.client.subscribe(self.topics.birth(agent))
         started = renewed = resent = time.monotonic()
         while True:
-            quick = self._unsent or self._offline_since
+            quick = self._offline_since or any(self.hosts[spec.node] in self._births for spec in self._unsent.values())
             inbound = await self.client.receive(QUICK_TICK_S if quick else min(RESEND_S, self.lease_s / 6))
             if inbound is not None and inbound.sender == self.topics.signer_of(inbound.message):
                 self._on_message(inbound.message)
@@ -163,6 +163,7 @@ class RemoteLauncher:
                 self._births[message.agent] = message
             if time.time() - message.time < self.lease_s:  # a retained birth of a dead agent stops getting younger
                 self._online.add(message.agent)
+                self._gone.discard(message.agent)
                 self._offline_since.pop(message.agent, None)
         elif isinstance(message, AgentBirth) and message.agent in self.agents:  # its will: judged after the grace
             self._offline_since.setdefault(message.agent, time.monotonic())
