@@ -151,9 +151,15 @@ async def add_agent(state: BrokerState, agent: str) -> tuple[BrokerAddress, Path
                            f"{ADMIN_USER!r} (--password-file {state.admin_password_file})")
     topics = AgentTopics()
     user, password = topics.agent_client(agent), secrets.token_urlsafe(24)
-    async with Identities(admin, f"agents-{os.getpid()}") as identities:
-        await identities.run(identity_commands(user, password, user, topics.agent_acl(agent)))
     path = state.agent_password_file(agent)
+    async with Identities(admin, f"agents-{os.getpid()}") as identities:
+        try:
+            await identities.run(identity_commands(user, password, user, topics.agent_acl(agent)))
+        except ControlError as exc:
+            if "already exists" not in str(exc):
+                raise
+            raise ControlError(f"agent {agent!r} has a broker user already (its password: {path}); for a new one, "
+                               f"`engine agents remove {agent}` first") from None
     write_secret(path, password + "\n", replace=True)
     return BrokerAddress(admin.host, admin.port, user), path
 

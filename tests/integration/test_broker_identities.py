@@ -76,6 +76,13 @@ def test_the_state_is_private_and_no_password_is_printed(broker):
         assert path.stat().st_mode & 0o777 == 0o600, path
     added = engine("agents", "add", "h3", "--state-dir", str(broker.state))
     assert added.returncode == 0 and broker.password_of("h3") not in added.stdout + added.stderr
+    again = engine("agents", "add", "h3", "--state-dir", str(broker.state))
+    assert again.returncode == 1 and "agent 'h3' has a broker user already" in again.stderr
+    password = broker.password_of("h3")
+    assert asyncio.run(attempt(broker, "agent-h3", password, "agent-h3", [])) == []
+    assert engine("agents", "remove", "h3", "--state-dir", str(broker.state)).returncode == 0
+    assert not (broker.state / "agents" / "h3.password").exists()
+    assert isinstance(asyncio.run(attempt(broker, "agent-h3", password, "agent-h3", [])), str)  # refused now
 
 
 async def attempt(broker: Standing, user: str, password: str, client_id: str, topics: list[str]) -> list[bool] | str:
