@@ -10,9 +10,11 @@ engine's own WorkerSpec; a model outside ``--models``, a device the host does no
 refuses the whole order) and started as the engine's own worker entry point, never a command taken from a
 message. Its workers get the run's key (derived from the deployment key, never sent) and their broker password
 on standard input, and die with the agent: the agent's own password, or, when its broker user is its alone
-(``engine agents add``), the one of the user the run's controller made for that worker. The agent reports each worker's exit with its log tail,
-stops a run's workers on a stop order, when no order renewed the run's lease in time (its controller is gone),
-and on SIGTERM; it rides out a broker restart like every client (reconnects, re-announces).
+(``engine agents add``), the one of the user the run's controller made for that worker. The agent reports each
+worker's exit with its log tail, stops a run's workers on a stop order, when no order renewed the run's lease in
+time (its controller is gone), and on SIGTERM; it rides out a broker restart like every client (reconnects,
+re-announces), and while it is cut off from the broker itself a lease counts from its reconnect: it cannot hear
+the renewals then, so their absence says nothing of the controller.
 """
 
 from __future__ import annotations
@@ -218,6 +220,8 @@ class Agent:
         for job in self.jobs.values():
             if job.state != "starting" or job.launcher is None:
                 continue
+            if not self.client.connected:  # we cannot hear the controller: its silence says nothing (a broker restart)
+                job.lease_until = max(job.lease_until, now + job.order.lease_s)
             if now > job.lease_until:
                 await self.stop(job, f"lease of {job.order.lease_s:g} s ran out: the run's controller is gone")
             elif set(job.launcher.exited()) - job.reported_exits:

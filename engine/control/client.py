@@ -6,7 +6,8 @@ subscriptions and, when the connection drops, reconnects with exponential backof
 Sending: every message is signed (:mod:`engine.control.signing`) and goes through an outbox, in order, with
 QoS 1. While the broker is away the outbox waits; after the reconnect it sends again whatever the broker had
 not acknowledged (the signature's sequence number lets receivers drop a duplicate) and re-publishes the
-retained messages this client owns (a restarted broker has forgotten them). ``publish`` waits for the broker's
+retained messages this client owns (a restarted broker has forgotten them). Retained messages are states, said
+again after a reconnect under fresh sequence numbers, so that no receiver takes them for replays. ``publish`` waits for the broker's
 acknowledgement, ``post`` does not. Only when the broker stays away longer than ``broker_timeout_s`` does the
 client give up: it ends with :class:`~engine.errors.BrokerLost`, which every waiting publish and every reader
 of ``receive`` gets, naming the broker.
@@ -266,11 +267,13 @@ class ControlClient:
         try:
             for topic_filter in self._filters:
                 await self._subscribe(connection, topic_filter)
-            # A restarted broker forgot what we keep retained; what still waits in the outbox goes out from there
-            # (sent from here too, a receiver would get it twice and refuse the second as a replay).
-            waiting = {outgoing.payload for outgoing in self._outbox}
-            for topic, payload in self._retained.items():
-                if payload not in waiting:
+            # A restarted broker forgot what we keep retained: it is announced again, as what still waits in the
+            # outbox is sent again. A retained message is a state, so each goes out under a fresh sequence number:
+            # a receiver that had it already takes it as the same state said again, not as a replay.
+            waiting = self._reseal_waiting_states()
+            for topic, payload in list(self._retained.items()):
+                if topic not in waiting:
+                    self._retained[topic] = payload = self._reseal(topic, payload)
                     await connection.publish(topic, payload, qos=1, retain=True, timeout=self._operation_timeout_s)
         except (ControlError, aiomqtt.MqttError):
             with contextlib.suppress(aiomqtt.MqttError):
@@ -279,6 +282,22 @@ class ControlClient:
         self._connection = connection
         self._connected.set()
         return connection
+
+    def _reseal(self, topic: str, payload: bytes) -> bytes:
+        """The same message signed again under a fresh sequence number."""
+        return self._sealer.seal_body(topic, payload.partition(b"\n")[2])
+
+    def _reseal_waiting_states(self) -> set[str]:
+        """Re-sign the retained messages waiting in the outbox (see ``_open``); their topics."""
+        topics = set()
+        for outgoing in self._outbox:
+            if outgoing.retain and outgoing.payload:
+                fresh = self._reseal(outgoing.topic, outgoing.payload)
+                if self._retained.get(outgoing.topic) == outgoing.payload:
+                    self._retained[outgoing.topic] = fresh
+                outgoing.payload = fresh
+                topics.add(outgoing.topic)
+        return topics
 
     def _task_ended(self, name: str, task: asyncio.Task[None]) -> None:
         """The client's loops only end by close() or a lost broker; any other end is reported, never silent."""

@@ -302,3 +302,35 @@ def test_workers_of_an_agent_with_its_own_user_get_users_made_for_the_run(tmp_pa
         assert (broker_of["username"], broker_of["password"]) == ("run1-transformer-0", "secret-transformer")
     else:
         assert deploy is None and "agent 'h1' has a broker user of its own" in exited[("transformer", 0)]
+
+
+def test_a_lease_counts_from_the_reconnect_while_the_agent_is_cut_off_from_the_broker(tmp_path, monkeypatch):
+    """A broker restart longer than the lease: the renewals could not come, so the workers stay."""
+    from engine.control.memory import MemoryBus
+
+    broker, link = MemoryBroker(), {"up": True}
+    monkeypatch.setattr(MemoryBus, "connected", property(lambda self: link["up"]))
+
+    async def run():
+        agent = Agent(AgentOptions(name="h1", broker=BrokerAddress("10.0.0.1", 1883), deploy_key=broker.key,
+                                   devices=("cpu",), models=(tmp_path / "models",), address="10.0.0.2",
+                                   work_dir=tmp_path / "work"), broker.connect("agent-h1"))
+        serving = asyncio.create_task(agent.serve())
+        await asyncio.sleep(0.05)
+        topic = TOPICS.orders("h1")
+        broker.inject(topic, Sealer(broker.key, "run1-deployer").seal(
+            topic, order("run1", [spec_json("run1", tmp_path / "models")], lease_s=0.3)))
+        await asyncio.sleep(0.1)
+        link["up"] = False  # the broker is away for longer than the lease
+        await asyncio.sleep(0.8)
+        kept = agent.jobs[("run1", "transformer-0")].state
+        link["up"] = True  # back, and no renewal comes: the controller is gone
+        await asyncio.sleep(0.6)
+        agent.stopping.set()
+        await serving
+        return kept, agent.jobs[("run1", "transformer-0")]
+
+    (tmp_path / "models" / "wan-tiny").mkdir(parents=True)
+    kept, job = asyncio.run(run())
+    assert kept == "starting"
+    assert job.state == "stopped" and "lease of 0.3 s ran out" in job.detail
