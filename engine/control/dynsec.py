@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import secrets
@@ -95,8 +96,9 @@ class Identities:
 
     async def __aexit__(self, *exc_info: object) -> None:
         client, self._client = self._client, None
-        if client is not None:
-            await client.__aexit__(None, None, None)
+        if client is not None:  # a broker gone meanwhile does not hold up the goodbye
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.__aexit__(None, None, None)
 
     async def run(self, commands: Sequence[dict[str, Any]], *, absent_ok: bool = False) -> None:
         """Send ``commands`` and wait for the answers; ControlError naming the first that failed (one deleting what
