@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "agents are checked against the memory the live agents offer now, and "
                                            "`place.host: any` nodes are placed as `engine run` would place them.")
     _add_graph_arguments(plan)
-    plan.add_argument("--broker", help="the agents' broker (mqtt://user:pass@host:port): check fit against the live agents")
+    plan.add_argument("--broker", help="the agents' broker (mqtt://user@host:port; the password from --password-file "
+                                       "or ENGINE_BROKER_PASSWORD): check fit against the live agents")
+    plan.add_argument("--password-file", type=Path, help="the broker user's password, read from this file")
     plan.add_argument("--key-file", type=Path, help="the deployment key, read from this file (default: ENGINE_DEPLOY_KEY)")
 
     from engine.controller.cli_run import add_run_parser
@@ -89,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.agent.cli import add_agent_parsers
 
     add_agent_parsers(commands)
+
+    from engine.control.cli_broker import add_broker_parsers
+
+    add_broker_parsers(commands)
 
     from engine.deploy.cli_deploy import add_deploy_parsers
 
@@ -215,22 +221,30 @@ def _fit_on_agents(args: argparse.Namespace, plan: Plan, report: MemoryReport, f
     (agent devices against what they offer now) and the names of the live agents."""
     import asyncio
 
-    from engine.control.broker import BrokerAddress, parse_broker
-    from engine.errors import ControlError
     from engine.plan.memory import memory_report
     from engine.plan.placement import fit_on_agents, place_on_agents
     from engine.control.agents import agent_offers, live_agents
-    from engine.agent.cli import deploy_key_from
+    from engine.agent.cli import broker_from, deploy_key_from
     from engine.controller.controller import AGENT_WAIT_S
 
-    broker = parse_broker(args.broker)
-    if not isinstance(broker, BrokerAddress):
-        raise ControlError("--broker: the agents' broker (mqtt://... or mqtts://...), not embedded")
+    broker = broker_from(args)
     births = asyncio.run(live_agents(broker, deploy_key_from(args), AGENT_WAIT_S))
     offers = agent_offers(births, plan.timeouts.lease_s)
     placed = place_on_agents(plan, {node.node: node.rank_bytes for node in report.nodes}, offers)
     devices = fit_on_agents(memory_report(placed, family, source).devices, offers)
     return placed, devices, {offer.agent for offer in offers}
+
+
+def _warn_of_passwords(overrides: list[str]) -> None:
+    """A broker password given with --set shows in `ps`: said, with where to put it instead."""
+    from engine.control.broker import PASSWORD_ENV, PASSWORD_FILE_ENV, password_in_url
+
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.strip() == "broker" and password_in_url(value):
+            print(f"warning: --set broker=...: the password in the URL shows in `ps` to every user of this host; "
+                  f"give the user only (mqtt://USER@HOST:PORT) and the password in {PASSWORD_ENV} or in a file "
+                  f"named by {PASSWORD_FILE_ENV}", file=sys.stderr)
 
 
 COMMANDS = {"validate": cmd_validate, "graph": cmd_graph, "plan": cmd_plan}
@@ -239,6 +253,7 @@ COMMANDS = {"validate": cmd_validate, "graph": cmd_graph, "plan": cmd_plan}
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)  # the run command's options come from the installed families
+        _warn_of_passwords(getattr(args, "overrides", []))
         if args.command in COMMANDS:
             return COMMANDS[args.command](args)
         return args.handler(args)

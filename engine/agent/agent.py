@@ -8,10 +8,13 @@ signed by the controller of the run it names. A deploy order is a job, idempoten
 with the job's state: queued, starting, failed with the reason, stopped): each worker spec is validated (the
 engine's own WorkerSpec; a model outside ``--models``, a device the host does not offer or another run's id
 refuses the whole order) and started as the engine's own worker entry point, never a command taken from a
-message. Its workers get the run's key (derived from the deployment key, never sent) and the agent's broker
-password on standard input, and die with the agent. The agent reports each worker's exit with its log tail,
-stops a run's workers on a stop order, when no order renewed the run's lease in time (its controller is gone),
-and on SIGTERM; it rides out a broker restart like every client (reconnects, re-announces).
+message. Its workers get the run's key (derived from the deployment key, never sent) and their broker password
+on standard input, and die with the agent: the agent's own password, or, when its broker user is its alone
+(``engine agents add``), the one of the user the run's controller made for that worker. The agent reports each
+worker's exit with its log tail, stops a run's workers on a stop order, when no order renewed the run's lease in
+time (its controller is gone), and on SIGTERM; it rides out a broker restart like every client (reconnects,
+re-announces), and while it is cut off from the broker itself a lease counts from its reconnect: it cannot hear
+the renewals then, so their absence says nothing of the controller.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from engine.worker.launcher import LocalLauncher
 log = logging.getLogger("engine.agent")
 TICK_S = 0.2
 ENDED_KEPT_S = 600.0  #: an ended job's record answers repeats of its order this long, then is forgotten
+BROKER_WAIT_S = 365 * 86400.0  #: an agent waits for its broker (one that comes up with each run) this long
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,12 @@ class AgentOptions:
     work_dir: Path  #: worker specs, logs and outputs of each run
     memory: dict[str, int] = field(default_factory=dict)  #: device -> bytes offered (default: what is free)
     heartbeat_s: float = 2.0
+
+    @property
+    def own_identity(self) -> bool:
+        """Whether its broker user is its alone (named as its client id, as `engine agents add` makes it): then its
+        workers cannot connect as it, and each gets a user of its own from the run's controller."""
+        return self.broker.username == AgentTopics.agent_client(self.name)
 
 
 @dataclass
@@ -84,7 +94,7 @@ class Agent:
         """Announce, then take orders until stopped; stop every worker on the way out."""
         await self.client.subscribe(self.topics.orders(self.options.name))
         await self.client.publish(self.topics.birth(self.options.name), self.birth(), retain=True)
-        announced = time.monotonic()
+        announced, reconnects = time.monotonic(), self.client.reconnects
         log.info("agent %s online at %s, devices %s", self.options.name, self.options.address, ", ".join(self.options.devices))
         try:
             while not self.stopping.is_set():
@@ -99,9 +109,12 @@ class Agent:
                                         inbound.message.run_id, inbound.sender)
                     inbound = await self.client.receive(0)
                 await self.check_jobs()
-                if time.monotonic() - announced > self.options.heartbeat_s:
+                # Not while the broker is away (between runs of an embedded broker, for hours maybe): a backlog of
+                # stale announcements would follow the reconnect. Right after it, a fresh one.
+                due = time.monotonic() - announced > self.options.heartbeat_s or self.client.reconnects != reconnects
+                if due and self.client.connected:
                     self.client.post(self.topics.birth(self.options.name), self.birth(), retain=True)
-                    announced = time.monotonic()
+                    announced, reconnects = time.monotonic(), self.client.reconnects
         finally:
             for job in self.jobs.values():
                 await self.stop(job, "the agent is stopping")
@@ -134,8 +147,9 @@ class Agent:
                 self.start(job, specs)
         self.report(job)
 
-    def accept(self, order: AgentOrder) -> list[WorkerSpec]:
-        """The order's worker specs, rewritten for this host; EngineError saying what this agent will not run."""
+    def accept(self, order: AgentOrder) -> list[tuple[WorkerSpec, str | None]]:
+        """The order's worker specs, rewritten for this host, each with its broker password; EngineError saying
+        what this agent will not run."""
         specs = []
         for raw in order.workers:
             try:
@@ -152,23 +166,36 @@ class Agent:
             if wanted:
                 raise EngineError(f"node {spec.node!r} wants {', '.join(wanted)}; this agent offers "
                                   f"{', '.join(self.options.devices)}")
-            broker = {"host": self.options.broker.host, "port": self.options.broker.port,
-                      "username": self.options.broker.username, "password": None, "tls": spec.broker.get("tls")}
-            specs.append(spec.model_copy(update={"broker": broker, "out_dir": str(self.run_dir(order.run_id) / "out")}))
+            user, password = self.worker_user(spec)
+            broker = {"host": self.options.broker.host, "port": self.options.broker.port, "username": user,
+                      "password": None, "tls": spec.broker.get("tls")}
+            specs.append((spec.model_copy(update={"broker": broker, "out_dir": str(self.run_dir(order.run_id) / "out")}),
+                          password))
         return specs
+
+    def worker_user(self, spec: WorkerSpec) -> tuple[str | None, str | None]:
+        """The broker user and password a worker connects with: the user its controller made for it when this
+        agent's user is its own (that password came in the order, on a topic only this agent may read), else
+        this agent's."""
+        if not self.options.own_identity:
+            return self.options.broker.username, self.options.broker.password
+        if not spec.broker.get("password"):
+            raise EngineError(f"this agent's broker user {self.options.broker.username!r} is its own: its workers need "
+                              "users of their own, which a run's controller makes on `engine broker` as its "
+                              "administrator (--set broker=mqtt://engine@...)")
+        return spec.broker["username"], spec.broker["password"]
 
     def run_dir(self, run_id: str) -> Path:
         return self.options.work_dir / run_id
 
-    def start(self, job: Job, specs: list[WorkerSpec]) -> None:
-        secrets = WorkerSecrets(broker_password=self.options.broker.password,
-                                run_key=run_key(self.options.deploy_key, job.order.run_id).hex())
+    def start(self, job: Job, specs: list[tuple[WorkerSpec, str | None]]) -> None:
+        key = run_key(self.options.deploy_key, job.order.run_id).hex()
         job.launcher = LocalLauncher(self.run_dir(job.order.run_id) / job.order.order_id,
                                      env={"ENGINE_MOONCAKE_HOST": self.options.address})
-        for spec in specs:
-            job.launcher.start(spec, secrets)
+        for spec, password in specs:
+            job.launcher.start(spec, WorkerSecrets(broker_password=password, run_key=key))
         job.state = "starting"
-        log.info("run %s: started %s", job.order.run_id, ", ".join(f"{s.node}[{s.replica}]" for s in specs))
+        log.info("run %s: started %s", job.order.run_id, ", ".join(f"{s.node}[{s.replica}]" for s, _ in specs))
 
     async def stop(self, job: Job, why: str) -> None:
         if job.state != "starting":
@@ -195,6 +222,8 @@ class Agent:
         for job in self.jobs.values():
             if job.state != "starting" or job.launcher is None:
                 continue
+            if not self.client.connected:  # we cannot hear the controller: its silence says nothing (a broker restart)
+                job.lease_until = max(job.lease_until, now + job.order.lease_s)
             if now > job.lease_until:
                 await self.stop(job, f"lease of {job.order.lease_s:g} s ran out: the run's controller is gone")
             elif set(job.launcher.exited()) - job.reported_exits:
@@ -212,7 +241,7 @@ def announcement(options: AgentOptions, state: str, running: list[str]) -> Agent
         devices=[DeviceInfo(name=d, total_bytes=local_capacity(d), free_bytes=options.memory.get(d, local_free(d)))
                  for d in options.devices],
         rdma_devices=rdma_devices(), families=family_names(), models=[str(m) for m in options.models], running=running,
-        time=time.time())
+        time=time.time(), own_identity=options.own_identity)
 
 
 def rdma_devices() -> list[str]:
@@ -229,7 +258,7 @@ async def run_agent(options: AgentOptions) -> int:
     # birth goes stale instead (its time stops moving), which is how `engine hosts` tells it.
     will = LastWill(topics.birth(options.name), announcement(options, "offline", []))
     client = ControlClient(options.broker, client_id=client_id, key=options.deploy_key, will=will, keepalive_s=10,
-                           broker_timeout_s=3600)
+                           broker_timeout_s=BROKER_WAIT_S)
     await _connect_when_up(client)
     agent = Agent(options, client)
     loop = asyncio.get_running_loop()
@@ -243,8 +272,8 @@ async def run_agent(options: AgentOptions) -> int:
 
 
 async def _connect_when_up(client: ControlBus) -> None:
-    """Connect, waiting for a broker that is not up yet (an embedded broker comes up with each run); a broker that
-    refuses the credentials is an error at once."""
+    """Connect, waiting for a broker that is not up yet (an embedded broker comes up with each run): said once, then
+    retried quietly. A broker that refuses the credentials is an error at once."""
     delay = 0.5
     while True:
         try:

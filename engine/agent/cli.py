@@ -11,11 +11,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.errors import ControlError
 
+if TYPE_CHECKING:
+    from engine.control.broker import BrokerAddress
+
 KEY_HELP = ("the deployment key shared with the controllers (hex, 32+ bytes), read from this file; default: the "
             "ENGINE_DEPLOY_KEY environment variable")
+
+BROKER_HELP = "the broker, mqtt://user@host:port or mqtts://... (a password in it is refused: it would show in `ps`)"
+PASSWORD_HELP = ("the broker user's password, read from this file (default: ENGINE_BROKER_PASSWORD, or the file "
+                 "ENGINE_BROKER_PASSWORD_FILE names)")
 
 
 def add_agent_parsers(commands: argparse._SubParsersAction) -> None:
@@ -24,9 +32,10 @@ def add_agent_parsers(commands: argparse._SubParsersAction) -> None:
         description="Connect to the broker, announce this host (devices, memory, RDMA NICs, model folders) and start "
                     "the engine's workers that a run's controller orders here. Orders must be signed with the "
                     "deployment key; a run's workers are stopped when its controller stops renewing their lease. "
-                    "On each host:  ENGINE_DEPLOY_KEY=... engine agent --broker mqtt://user:pass@broker:1883 --name gpu1 "
-                    "--device cuda:0 --models /models --address 10.0.0.11")
-    agent.add_argument("--broker", required=True, help="the broker, mqtt://user:pass@host:port or mqtts://...")
+                    "On each host:  ENGINE_DEPLOY_KEY=... engine agent --broker mqtt://agent-gpu1@broker:1883 "
+                    "--password-file gpu1.password --name gpu1 --device cuda:0 --models /models --address 10.0.0.11")
+    agent.add_argument("--broker", required=True, help=BROKER_HELP)
+    agent.add_argument("--password-file", type=Path, help=PASSWORD_HELP)
     agent.add_argument("--name", required=True, help="this host's name, as graphs place nodes on it (place.host)")
     agent.add_argument("--device", dest="devices", action="append", metavar="DEVICE",
                        help="a device nodes may use here (cpu, cuda:N, xpu:N; repeatable; default: cpu)")
@@ -45,7 +54,8 @@ def add_agent_parsers(commands: argparse._SubParsersAction) -> None:
         description="Listen on the broker for the agents' announcements (signed with the deployment key) and list "
                     "each live agent: its address, devices with memory, RDMA NICs, model folders and the runs it "
                     "has workers of. An agent whose announcement is older than --stale-s is shown as gone.")
-    hosts.add_argument("--broker", required=True, help="the broker, mqtt://user:pass@host:port or mqtts://...")
+    hosts.add_argument("--broker", required=True, help=BROKER_HELP)
+    hosts.add_argument("--password-file", type=Path, help=PASSWORD_HELP)
     hosts.add_argument("--key-file", type=Path, help=KEY_HELP)
     hosts.add_argument("--wait-s", type=float, default=3.0, help="how long to listen (agents announce every 2 s)")
     hosts.add_argument("--stale-s", type=float, default=10.0, help="an announcement older than this is an agent gone")
@@ -66,18 +76,39 @@ def deploy_key_from(args: argparse.Namespace) -> bytes:
     return read_key(text, "ENGINE_DEPLOY_KEY")
 
 
-def _agent(args: argparse.Namespace) -> int:
-    from engine.control.broker import BrokerAddress, parse_broker
+def agent_command(broker_url: str, password_file: str, name: str, *, address: str, models: str,
+                  devices: list[str] | None = None) -> str:
+    """The command line that starts agent ``name`` (the deployment key and the password stay off it)."""
+    device = "".join(f" --device {d}" for d in devices or [])
+    return (f"ENGINE_DEPLOY_KEY=<the deployment key> engine agent --broker {broker_url} --password-file {password_file} "
+            f"--name {name}{device} --models {models} --address {address}")
+
+
+def check_agent_name(name: str) -> None:
     from engine.control.messages import AGENT_NAME_PATTERN
+
+    if not re.match(AGENT_NAME_PATTERN, name) or name in ("any", "local"):
+        raise ControlError(f"agent name {name!r}: letters, digits, . _ - only, and neither 'any' nor 'local' "
+                           "(those are placements)")
+
+
+def broker_from(args: argparse.Namespace) -> BrokerAddress:
+    """``--broker`` with its password from ``--password-file`` or the environment; a password in the URL refused."""
+    from engine.control.broker import BrokerAddress, parse_broker, refuse_password_in_url
+
+    refuse_password_in_url(args.broker, "--broker")
+    broker = parse_broker(args.broker, password_file=args.password_file)
+    if not isinstance(broker, BrokerAddress):
+        raise ControlError("--broker: give the agents' broker (mqtt://... or mqtts://...), not embedded")
+    return broker
+
+
+def _agent(args: argparse.Namespace) -> int:
     from engine.agent.agent import AgentOptions, run_agent
     from engine.spec.schema import parse_memory
 
-    if not re.match(AGENT_NAME_PATTERN, args.name) or args.name in ("any", "local"):
-        raise ControlError(f"--name {args.name!r}: letters, digits, . _ - only, and neither 'any' nor 'local' "
-                           "(those are placements)")
-    broker = parse_broker(args.broker)
-    if not isinstance(broker, BrokerAddress):
-        raise ControlError("--broker: an agent needs a broker of its own (mqtt://... or mqtts://...), not embedded")
+    check_agent_name(args.name)
+    broker = broker_from(args)
     devices = tuple(args.devices or ["cpu"])
     bad = [d for d in devices if not re.fullmatch(r"cpu|(cuda|xpu):\d+", d)]
     if bad:
@@ -99,12 +130,9 @@ def _agent(args: argparse.Namespace) -> int:
 
 
 def _hosts(args: argparse.Namespace) -> int:
-    from engine.control.broker import BrokerAddress, parse_broker
     from engine.control.agents import live_agents
 
-    broker = parse_broker(args.broker)
-    if not isinstance(broker, BrokerAddress):
-        raise ControlError("--broker: give the broker the agents use (mqtt://... or mqtts://...)")
+    broker = broker_from(args)
     births = asyncio.run(live_agents(broker, deploy_key_from(args), args.wait_s))
     if not births:
         print(f"no agent announced itself on {broker.display} within {args.wait_s:g} s")

@@ -40,6 +40,8 @@ _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 _VALID = ("expected 'embedded', 'embedded:mosquitto', 'embedded:amqtt' (each optionally @ADDRESS[:PORT] to listen "
           "there), 'mqtt://[user:pass@]host[:port]' or 'mqtts://...'")
 AGENTS_USER = "agents"  #: the agents' user on an embedded broker that listens on an address
+PASSWORD_ENV = "ENGINE_BROKER_PASSWORD"  #: the password of the broker URL's user
+PASSWORD_FILE_ENV = "ENGINE_BROKER_PASSWORD_FILE"  #: a file holding it
 _MOSQUITTO_PLACES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 # If this process is killed outright, the kernel sends mosquitto SIGTERM (util-linux setpriv; Linux only).
 _SETPRIV = shutil.which("setpriv")
@@ -114,8 +116,11 @@ class EmbeddedBroker:
         return (self.host, self.port) if self.host is not None else None
 
 
-def parse_broker(setting: str, *, tls: TLSOptions | None = None) -> BrokerAddress | EmbeddedBroker:
-    """Parse a broker setting; ``tls`` applies to ``mqtts://`` URLs (default: verify against system CAs)."""
+def parse_broker(setting: str, *, tls: TLSOptions | None = None,
+                 password_file: Path | None = None) -> BrokerAddress | EmbeddedBroker:
+    """Parse a broker setting; ``tls`` applies to ``mqtts://`` URLs (default: verify against system CAs). A URL with
+    a user and no password takes the password from ``password_file``, else from ENGINE_BROKER_PASSWORD, else from
+    the file ENGINE_BROKER_PASSWORD_FILE names (so that it need not be on a command line)."""
     text = setting.strip()
     if text.partition("@")[0] == "embedded" or text.startswith("embedded:"):
         name, at, where = text.partition("@")
@@ -147,13 +152,49 @@ def parse_broker(setting: str, *, tls: TLSOptions | None = None) -> BrokerAddres
         raise ControlError(f"broker {setting!r}: a password needs a user name; {_VALID}")
     if url.scheme == "mqtt" and tls is not None:
         raise ControlError(f"broker {setting!r}: TLS options need an mqtts:// URL")
+    username = unquote(url.username) if url.username else None
+    password = unquote(url.password) if url.password is not None else None
+    if username and password is None:
+        password = user_password(password_file)
     return BrokerAddress(
         host=url.hostname,
         port=port if port is not None else _DEFAULT_PORTS[url.scheme],
-        username=unquote(url.username) if url.username else None,
-        password=unquote(url.password) if url.password is not None else None,
+        username=username,
+        password=password,
         tls=(tls or TLSOptions()) if url.scheme == "mqtts" else None,
     )
+
+
+def user_password(password_file: Path | None = None) -> str | None:
+    """The broker user's password: from ``password_file``, else ENGINE_BROKER_PASSWORD, else the file named by
+    ENGINE_BROKER_PASSWORD_FILE; None when none is given."""
+    if password_file is None and os.environ.get(PASSWORD_ENV):
+        return os.environ[PASSWORD_ENV]
+    where = password_file or (Path(os.environ[PASSWORD_FILE_ENV]) if os.environ.get(PASSWORD_FILE_ENV) else None)
+    if where is None:
+        return None
+    try:
+        password = where.read_text().strip()
+    except OSError as exc:
+        raise ControlError(f"broker password file {where}: {exc.strerror}") from None
+    if not password:
+        raise ControlError(f"broker password file {where} is empty")
+    return password
+
+
+def password_in_url(setting: str) -> bool:
+    """Whether a broker setting carries a password (``mqtt://user:pass@...``)."""
+    with contextlib.suppress(ValueError):
+        return urlsplit(setting.strip()).password is not None
+    return False
+
+
+def refuse_password_in_url(setting: str, option: str) -> None:
+    """A password on a command line shows in ``ps`` to every user of the host: refused, naming the way to give it."""
+    if password_in_url(setting):
+        raise ControlError(f"{option}: a password in the URL shows in `ps` to every user of this host; give the user "
+                           f"only (mqtt://USER@HOST:PORT) and the password in a file (--password-file, or "
+                           f"{PASSWORD_FILE_ENV}) or in {PASSWORD_ENV}")
 
 
 def find_mosquitto() -> Path | None:
@@ -199,14 +240,31 @@ def agents_user(host: str, port: int) -> BrokerUser:
     the broker, keep agents, runs and workers apart."""
     password = os.environ.get("ENGINE_AGENTS_PASSWORD")
     if not password:
-        folder = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "engine"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"broker-{host}-{port}.password"
-        if not path.exists():
-            with contextlib.suppress(FileExistsError), os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
-                file.write(secrets.token_urlsafe(24) + "\n")
+        path = agents_password_file(host, port)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            write_secret(path, secrets.token_urlsafe(24) + "\n")
         password = path.read_text().strip()
     return BrokerUser(AGENTS_USER, password, Acl(read=("dge/#",), write=("dge/#",)), shared=True)
+
+
+def write_secret(path: Path, text: str, *, replace: bool = False) -> None:
+    """Write a file only its owner may read (mode 0600 from its creation on); FileExistsError if it exists, unless
+    ``replace``."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
+    with os.fdopen(os.open(path, flags, 0o600), "w") as file:
+        file.write(text)
+    os.chmod(path, 0o600)  # a file that existed keeps its mode otherwise
+
+
+def state_folder() -> Path:
+    """Where the engine keeps what outlives a run: ``$XDG_STATE_HOME/engine`` (``~/.local/state/engine``)."""
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "engine"
+
+
+def agents_password_file(host: str, port: int) -> Path:
+    """The file holding the agents' password of the embedded broker listening on ``host:port``."""
+    return state_folder() / f"broker-{host}-{port}.password"
 
 
 def free_port() -> int:
@@ -261,26 +319,27 @@ async def _mosquitto(binary: Path, users: Sequence[BrokerUser], start_timeout_s:
                 "log_dest stderr\nlog_type error\n"
             )
             log = folder / "mosquitto.log"
-            with log.open("wb") as log_file:
-                process = subprocess.Popen(  # its own session: a terminal's Ctrl-C is for the engine to handle
-                    [*_DIE_WITH_PARENT, str(binary), "-c", str(config)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=log_file,
-                    start_new_session=True,
-                )
+            process = start_mosquitto(binary, config, log)
             try:
-                if await _wait_listening(process, host, port, start_timeout_s, log):
+                if await wait_listening(process, host, port, start_timeout_s, log):
                     yield port
                     return
             finally:
-                _stop(process)
+                stop_process(process)
         if listen:
             raise ControlError(f"the embedded mosquitto cannot listen on {host}:{port}: {log.read_text()[-300:].strip()}")
         raise ControlError(f"mosquitto could not bind a free loopback port in 3 tries: {log.read_text()[-500:]}")
 
 
-async def _wait_listening(process: subprocess.Popen[bytes], host: str, port: int, timeout_s: float, log: Path) -> bool:
+def start_mosquitto(binary: Path, config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """mosquitto on ``config``, logging to ``log``, in its own session (a terminal's Ctrl-C is for the engine to
+    handle); it gets SIGTERM if this process is killed outright."""
+    with log.open("wb") as log_file:
+        return subprocess.Popen([*_DIE_WITH_PARENT, str(binary), "-c", str(config)], stdin=subprocess.DEVNULL,
+                                stdout=log_file, stderr=log_file, start_new_session=True)
+
+
+async def wait_listening(process: subprocess.Popen[bytes], host: str, port: int, timeout_s: float, log: Path) -> bool:
     """True once the port accepts; False if mosquitto exited because the port was taken."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -297,7 +356,7 @@ async def _wait_listening(process: subprocess.Popen[bytes], host: str, port: int
     raise ControlError(f"mosquitto did not accept connections on {host}:{port} within {timeout_s:g} s")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_process(process: subprocess.Popen[bytes]) -> None:
     """Stop mosquitto synchronously, so that even a cancelled caller leaves no process behind."""
     if process.poll() is None:
         process.terminate()

@@ -6,7 +6,8 @@ subscriptions and, when the connection drops, reconnects with exponential backof
 Sending: every message is signed (:mod:`engine.control.signing`) and goes through an outbox, in order, with
 QoS 1. While the broker is away the outbox waits; after the reconnect it sends again whatever the broker had
 not acknowledged (the signature's sequence number lets receivers drop a duplicate) and re-publishes the
-retained messages this client owns (a restarted broker has forgotten them). ``publish`` waits for the broker's
+retained messages this client owns (a restarted broker has forgotten them). Retained messages are states, said
+again after a reconnect under fresh sequence numbers, so that no receiver takes them for replays. ``publish`` waits for the broker's
 acknowledgement, ``post`` does not. Only when the broker stays away longer than ``broker_timeout_s`` does the
 client give up: it ends with :class:`~engine.errors.BrokerLost`, which every waiting publish and every reader
 of ``receive`` gets, naming the broker.
@@ -241,40 +242,12 @@ class ControlClient:
             raise ControlError(f"broker {self.address.display} refused the subscription to {topic_filter}")
 
     def _connection_for(self) -> aiomqtt.Client:
-        tls_params = tls_insecure = None
-        if self.address.tls is not None:
-            tls = self.address.tls
-            tls_params = aiomqtt.TLSParameters(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-                cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED,
-            )
-            tls_insecure = tls.insecure
         will = None
         if self._will is not None:
             payload = self._sealer.seal(self._will.topic, self._will.message)
             will = aiomqtt.Will(self._will.topic, payload, qos=1, retain=self._will.retain)
-        connection = aiomqtt.Client(
-            self.address.host,
-            self.address.port,
-            username=self.address.username,
-            password=self.address.password,
-            identifier=self.client_id,
-            protocol=aiomqtt.ProtocolVersion.V311,
-            clean_session=True,
-            will=will,
-            keepalive=self._keepalive_s,
-            timeout=self._connect_timeout_s,
-            tls_params=tls_params,
-            tls_insecure=tls_insecure,
-            socket_options=[_NODELAY],
-            logger=log,
-        )
-        # paho's blocking TCP connect runs in a thread that a timeout cannot stop; bound it by our timeout so
-        # that an abandoned attempt cannot connect later and take over this client id.
-        connection._client.connect_timeout = self._connect_timeout_s  # noqa: SLF001
-        return connection
+        return mqtt_connection(self.address, self.client_id, will=will, keepalive_s=self._keepalive_s,
+                               timeout_s=self._connect_timeout_s)
 
     async def _open(self) -> aiomqtt.Client:
         """Connect, subscribe to every remembered filter, and mark the client connected."""
@@ -295,8 +268,14 @@ class ControlClient:
         try:
             for topic_filter in self._filters:
                 await self._subscribe(connection, topic_filter)
-            for topic, payload in self._retained.items():  # a restarted broker forgot what we keep retained
-                await connection.publish(topic, payload, qos=1, retain=True, timeout=self._operation_timeout_s)
+            # A restarted broker forgot what we keep retained: it is announced again, as what still waits in the
+            # outbox is sent again. A retained message is a state, so each goes out under a fresh sequence number:
+            # a receiver that had it already takes it as the same state said again, not as a replay.
+            waiting = self._reseal_waiting_states()
+            for topic, payload in list(self._retained.items()):
+                if topic not in waiting:
+                    self._retained[topic] = payload = self._reseal(topic, payload)
+                    await connection.publish(topic, payload, qos=1, retain=True, timeout=self._operation_timeout_s)
         except (ControlError, aiomqtt.MqttError):
             with contextlib.suppress(aiomqtt.MqttError):
                 await connection.__aexit__(None, None, None)
@@ -304,6 +283,22 @@ class ControlClient:
         self._connection = connection
         self._connected.set()
         return connection
+
+    def _reseal(self, topic: str, payload: bytes) -> bytes:
+        """The same message signed again under a fresh sequence number."""
+        return self._sealer.seal_body(topic, payload.partition(b"\n")[2])
+
+    def _reseal_waiting_states(self) -> set[str]:
+        """Re-sign the retained messages waiting in the outbox (see ``_open``); their topics."""
+        topics = set()
+        for outgoing in self._outbox:
+            if outgoing.retain and outgoing.payload:
+                fresh = self._reseal(outgoing.topic, outgoing.payload)
+                if self._retained.get(outgoing.topic) == outgoing.payload:
+                    self._retained[outgoing.topic] = fresh
+                outgoing.payload = fresh
+                topics.add(outgoing.topic)
+        return topics
 
     def _task_ended(self, name: str, task: asyncio.Task[None]) -> None:
         """The client's loops only end by close() or a lost broker; any other end is reported, never silent."""
@@ -350,7 +345,7 @@ class ControlClient:
     async def _reconnect(self) -> aiomqtt.Client:
         """Connect again, or raise BrokerLost once the broker has been away longer than ``broker_timeout_s``."""
         assert self._lost_at is not None
-        delay = 0.05
+        delay, failures = 0.05, 0
         while True:
             away_s = time.monotonic() - self._lost_at
             if away_s > self._broker_timeout_s:
@@ -358,14 +353,16 @@ class ControlClient:
                                  f"(timeouts.broker_s is {self._broker_timeout_s:g})")
             try:
                 connection = await self._open()
-            except ControlError as exc:
-                log.warning("control client %s: %s; retrying in %.2f s", self.client_id, exc, delay)
+            except ControlError as exc:  # said once per outage: a broker away for hours is not a log flood
+                failures += 1
+                log.log(logging.WARNING if failures == 1 else logging.DEBUG, "control client %s: %s; retrying quietly "
+                        "every %g s at most", self.client_id, exc, self._max_backoff_s)
                 await asyncio.sleep(min(delay, self._broker_timeout_s - away_s + 0.01))
                 delay = min(2 * delay, self._max_backoff_s)
                 continue
             self.reconnects += 1
-            log.info("control client %s reconnected to broker %s after %.1f s", self.client_id, self.address.display,
-                     time.monotonic() - self._lost_at)
+            log.info("control client %s reconnected to broker %s after %.1f s (%d failed tries)", self.client_id,
+                     self.address.display, time.monotonic() - self._lost_at, failures)
             self._lost_at = None
             return connection
 
@@ -390,3 +387,39 @@ class ControlClient:
                             self.client_id, topic, exc, who)
             return
         self._inbox.put(Inbound(topic=topic, message=opened.message, retained=raw.retain, sender=opened.sender))
+
+
+def mqtt_connection(address: BrokerAddress, client_id: str, *, will: aiomqtt.Will | None = None, keepalive_s: int = 5,
+                    timeout_s: float = 3.0) -> aiomqtt.Client:
+    """An aiomqtt client (not connected yet) as the engine connects: MQTT 3.1.1, clean session, TLS as the address
+    says, no Nagle."""
+    tls_params = tls_insecure = None
+    if address.tls is not None:
+        tls = address.tls
+        tls_params = aiomqtt.TLSParameters(
+            ca_certs=str(tls.ca_file) if tls.ca_file else None,
+            certfile=str(tls.cert_file) if tls.cert_file else None,
+            keyfile=str(tls.key_file) if tls.key_file else None,
+            cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED,
+        )
+        tls_insecure = tls.insecure
+    connection = aiomqtt.Client(
+        address.host,
+        address.port,
+        username=address.username,
+        password=address.password,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V311,
+        clean_session=True,
+        will=will,
+        keepalive=keepalive_s,
+        timeout=timeout_s,
+        tls_params=tls_params,
+        tls_insecure=tls_insecure,
+        socket_options=[_NODELAY],
+        logger=log,
+    )
+    # paho's blocking TCP connect runs in a thread that a timeout cannot stop; bound it by our timeout so
+    # that an abandoned attempt cannot connect later and take over this client id.
+    connection._client.connect_timeout = timeout_s  # noqa: SLF001
+    return connection

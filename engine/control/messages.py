@@ -321,6 +321,8 @@ class AgentBirth(_Model):
     models: list[str] = Field(max_length=1024, description="model folders it may load (its --models folders)")
     running: list[str] = Field(max_length=1024, description="runs it has workers of")
     time: float = Field(description="sender's wall clock when sent: a retained birth that stops moving is stale")
+    own_identity: bool = Field(default=False, description="its broker user is its alone (engine agents add): each "
+                                                          "worker it starts needs a broker user of its own, per run")
 
 
 class AgentOrder(_Model):

@@ -141,6 +141,11 @@ class AgentTopics:
     def deployer_client(run_id: str) -> str:
         return f"{run_id}-deployer"
 
+    def agent_acl(self, agent: str) -> Acl:
+        """What an agent with a broker user of its own may do: read its orders; announce itself, and answer any
+        run's controller (its workers get users of their own, per run)."""
+        return Acl(read=(self.orders(agent),), write=(self.birth(agent), f"{self.prefix}/+/jobs"))
+
     def deployer_acl(self, run_id: str) -> Acl:
         """What a run's deployer may do: order any agent, read the agents' births and its run's job reports."""
         return Acl(read=(self.all_births, self.jobs(run_id)), write=(f"{self.prefix}/agents/+/orders",))

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import signal
 import time
@@ -27,14 +28,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.control.broker import (AGENTS_USER, BrokerAddress, BrokerUser, EmbeddedBroker, agents_user, embedded_broker,
-                                  parse_broker)
+from engine.control.broker import (AGENTS_USER, BrokerAddress, BrokerUser, EmbeddedBroker, agents_password_file,
+                                  agents_user, embedded_broker, parse_broker)
 from engine.control.bus import ControlBus
 from engine.control.client import ControlClient
+from engine.control.dynsec import RunWorkerUsers
 from engine.control.messages import Heartbeat, ReplicaRestarting, Shutdown, StageDone, StageFailed, Status
 from engine.control.signing import read_key, run_key
 from engine.control.topics import AgentTopics, Topics
-from engine.errors import EngineError, Interrupted, NodeError, PlanError
+from engine.errors import ControlError, EngineError, Interrupted, NodeError, PlanError
 from engine.plan.model import Plan
 from engine.plan.placement import ANY, place_on_agents
 from engine.controller.access import RunAccess
@@ -48,6 +50,7 @@ from engine.controller.scheduler import Scheduler
 from engine.controller.tracker import TrackedRequest
 from engine.stages import RequestParams
 
+log = logging.getLogger(__name__)
 TICK_S = 0.1
 AGENT_WAIT_S = 2.5  #: how long to listen for the agents' announcements (they announce every 2 s)
 
@@ -152,7 +155,7 @@ class Controller:
         async with broker_for(self.broker, self.options.broker_kind, self.access) as address:
             self.address = address
             if AGENTS_USER in self.access.users:
-                self.view.agents_broker(address.as_user(self.access.users[AGENTS_USER]))
+                self._show_agent_commands(address)
             me = self.topics.controller_client
             self.client = client = self._connect(self.access.address(address, me), me, self.access.key)
             await client.connect()
@@ -169,6 +172,26 @@ class Controller:
                         await self._stop_workers()
             finally:
                 await client.close()
+
+    def _show_agent_commands(self, address: BrokerAddress) -> None:
+        """The command line of each agent this run places nodes on, complete but for the host's address; the
+        password stays in its file."""
+        from engine.agent.cli import agent_command
+
+        if os.environ.get("ENGINE_AGENTS_PASSWORD"):
+            password_from, password_file = "ENGINE_AGENTS_PASSWORD here", "<a file holding it>"
+        else:
+            path = agents_password_file(address.host, address.port)
+            password_from, password_file = f"in {path} (copy it to each agent's host)", str(path)
+        url = dataclasses.replace(address, username=AGENTS_USER).url
+        devices: dict[str, list[str]] = {}
+        for node in self.plan.nodes.values():
+            if node.host != "local" and node.device not in devices.setdefault(node.host, []):
+                devices[node.host].append(node.device)
+        commands = [agent_command(url, password_file, agent if agent != ANY else "NAME", devices=agent_devices,
+                                  models=str(self.source), address=f"<{agent if agent != ANY else 'its'} address>")
+                    for agent, agent_devices in sorted(devices.items())]
+        self.view.agents_broker(address.display, password_from, commands)
 
     @property
     def refused(self) -> dict[str, int]:
@@ -201,15 +224,26 @@ class Controller:
         deployer = AgentTopics.deployer_client(self.options.run_id)
         agents = self._connect(self.access.address(address, deployer), deployer, self.deploy_key)
         await agents.connect()
-        self.remote = RemoteLauncher(agents, self.options.run_id, self.hosts, self.plan.timeouts.lease_s)
+        # On a standing broker, as its administrator, the run makes broker users for the workers of agents whose
+        # users are their own; an embedded broker's agents share one user, which their workers use too.
+        users = (RunWorkerUsers(self.access.address(address, deployer), self.topics)
+                 if isinstance(self.broker, BrokerAddress) else None)
+        self.remote = RemoteLauncher(agents, self.options.run_id, self.hosts, self.plan.timeouts.lease_s, users)
         self.fleet.launcher = HostLaunchers(self.fleet.launcher, self.remote)
         serving = asyncio.create_task(self.remote.serve(), name="agents")
         try:
             yield
         finally:
             serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
+            results = await asyncio.gather(serving, return_exceptions=True)
+            if isinstance(results[0], Exception):
+                log.error("following the agents failed: %r", results[0])
             await agents.close()
+            if users is not None:
+                try:
+                    await users.remove_all()
+                except ControlError as exc:
+                    log.warning("the run's workers' broker users were not all removed: %s", exc)
 
     async def _deploy(self, address: BrokerAddress) -> None:
         """Start every replica and wait until each has announced itself ready."""

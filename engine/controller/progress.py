@@ -83,10 +83,14 @@ class ProgressView:
             self._refused_from.add(sender)
             self._print(f"!! refused a message signed by {sender}: {what} (further ones from it are only counted)")
 
-    def agents_broker(self, address: Any) -> None:
-        """Where agents on other hosts connect (the embedded broker listens on an address)."""
-        self._print(f"broker on {address.display}; on other hosts: ENGINE_DEPLOY_KEY=<the deployment key> engine agent "
-                    f"--broker mqtt://{address.username}:{address.password}@{address.display} --name NAME")
+    def agents_broker(self, display: str, password_from: str, commands: list[str]) -> None:
+        """Where the agents on other hosts connect (the embedded broker listens on an address), and the command that
+        starts each: shown also when quiet, as the run waits for them."""
+        quiet, self.quiet = self.quiet, False
+        self._print(f"broker on {display}; the agents' password is {password_from}; on each agent's host:")
+        for command in commands:
+            self._print(f"  {command}")
+        self.quiet = quiet
 
     def placed(self, where: dict[str, str]) -> None:
         self._print("placed on agents: " + ", ".join(f"{node} on {spot}" for node, spot in where.items()))

@@ -3,12 +3,17 @@
 :class:`RemoteLauncher` is a :class:`~engine.controller.fleet.Launcher` whose workers are started by agents
 (:mod:`engine.agent.agent`): one deploy order per replica, signed under the deployment key, holding the
 worker's spec and nothing secret (the agent derives the run's key from the deployment key and gives its
-workers its own broker password). While the run lasts it renews the run's lease on each agent every third of
-the lease, so workers outlive neither their controller nor a cut link by more than the lease. A deploy order is
-repeated until its agent answers (an agent answers a repeat with the job's state). An agent's job report
-(refused order, a worker that exited, with its log tail), its going offline (its will, believed when no fresh
-announcement follows within ``OFFLINE_GRACE_S``: a broker that shuts down publishes every client's will), or no
-fresh announcement from it within the lease takes its replicas out of service with that reason. :class:`HostLaunchers` routes each replica to the local or the remote launcher by its node's host.
+workers its broker password). A deploy order goes out once its agent has announced itself: an agent whose broker
+user is its own (``engine agents add``) gets, in the order, a broker user made for each of its workers for this run
+(:class:`~engine.control.dynsec.RunWorkerUsers`; its orders topic is readable by that agent alone). While the run
+lasts it renews the run's lease on each agent every third of the lease, so workers outlive neither their
+controller nor a cut link by more than the lease. A deploy order is repeated until its agent answers (an agent
+answers a repeat with the job's state). An agent's job report (refused order, a worker that exited, with its log
+tail), its going away (its will, believed when no fresh announcement follows within ``OFFLINE_GRACE_S``: a broker
+that shuts down publishes every client's will), or no fresh announcement from it within the lease takes its
+replicas out of service with that reason. A host that went away is named as such, ahead of its workers' own wills
+(believed later, :data:`~engine.control.heartbeat.WILL_GRACE_S`), and the run's end does not wait for its agent.
+:class:`HostLaunchers` routes each replica to the local or the remote launcher by its node's host.
 """
 
 from __future__ import annotations
@@ -19,29 +24,39 @@ import threading
 import time
 
 from engine.control.bus import ControlBus
-from engine.control.heartbeat import RECONNECT_ALLOWANCE_S
+from engine.control.dynsec import RunWorkerUsers
+from engine.control.heartbeat import RECONNECT_ALLOWANCE_S, WILL_GRACE_S
 from engine.control.messages import AgentBirth, AgentJob, AgentOrder
 from engine.control.topics import AgentTopics
+from engine.errors import ControlError
 from engine.worker.contract import WorkerSecrets, WorkerSpec
 from engine.controller.fleet import Launcher, ReplicaKey
 
 log = logging.getLogger(__name__)
 STOP_WAIT_S = 5.0  #: how long stop_all waits for the agents to report their workers stopped
 RESEND_S = 1.0  #: a deploy order no agent has answered yet is sent again this often (the agent may have been away)
-OFFLINE_GRACE_S = 5.0  #: an agent's will is believed when no announcement (every 2 s) follows it for this long
+#: An agent's will is believed when no announcement follows it for this long. An agent re-announces itself as soon
+#: as it reconnects; shorter than its workers' grace, so that a host gone is named as the host.
+OFFLINE_GRACE_S = WILL_GRACE_S - 0.5
+QUICK_TICK_S = 0.05  #: how often the loop looks while orders wait to go out or wills wait to be believed
 
 
 class RemoteLauncher:
-    def __init__(self, client: ControlBus, run_id: str, hosts: dict[str, str], lease_s: float):
+    def __init__(self, client: ControlBus, run_id: str, hosts: dict[str, str], lease_s: float,
+                 users: RunWorkerUsers | None = None):
         self.client = client
         self.run_id = run_id
         self.hosts = hosts  #: node -> the agent it is placed on
         self.lease_s = lease_s
+        self.users = users  #: makes the workers' broker users, for agents whose user is their own; None: cannot
         self.topics = AgentTopics()
         self._orders: dict[str, ReplicaKey] = {}  # order id -> the replica it started
         self._current: dict[ReplicaKey, str] = {}  # replica -> the order that started its present process
+        self._unsent: dict[str, WorkerSpec] = {}  # deploy orders waiting for their agent's announcement
         self._unanswered: dict[str, AgentOrder] = {}  # deploy orders no report answered yet
+        self._births: dict[str, AgentBirth] = {}  # the latest announcement of each of our agents
         self._online: set[str] = set()  # agents that announced themselves online since the run started
+        self._gone: set[str] = set()  # agents that went away (their will, believed)
         self._offline_since: dict[str, float] = {}  # agents whose will arrived, since when (monotonic)
         self._reconnects = 0
         self._state: dict[str, str] = {}  # order id -> the job's last reported state
@@ -62,9 +77,11 @@ class RemoteLauncher:
             await self.client.subscribe(self.topics.birth(agent))
         started = renewed = resent = time.monotonic()
         while True:
-            inbound = await self.client.receive(min(RESEND_S, self.lease_s / 6))
+            quick = self._offline_since or any(self.hosts[spec.node] in self._births for spec in self._unsent.values())
+            inbound = await self.client.receive(QUICK_TICK_S if quick else min(RESEND_S, self.lease_s / 6))
             if inbound is not None and inbound.sender == self.topics.signer_of(inbound.message):
                 self._on_message(inbound.message)
+            await self._send_deploys()
             now = time.monotonic()
             if now - renewed > self.lease_s / 3:
                 self._order_all("renew")
@@ -94,8 +111,38 @@ class RemoteLauncher:
         for agent, since in list(self._offline_since.items()):
             if now - since > OFFLINE_GRACE_S:
                 del self._offline_since[agent]
+                self._gone.add(agent)
                 for key in [key for key in self._orders.values() if self.hosts[key[0]] == agent]:
-                    self._exited.setdefault(key, f"its agent {agent!r} went offline")
+                    self._exited.setdefault(key, f"host {agent!r} (agent {agent!r}) went away: the agent's broker "
+                                                 "connection ended without a goodbye and it did not announce itself "
+                                                 f"again within {OFFLINE_GRACE_S:g} s")
+                if not self._running():
+                    self._stopped.set()
+
+    async def _send_deploys(self) -> None:
+        """Send the deploy orders whose agent has announced itself, with broker users for its workers if it needs
+        them; a replica whose users cannot be made is out, with the reason."""
+        for order_id, spec in list(self._unsent.items()):
+            agent = self.hosts[spec.node]
+            birth = self._births.get(agent)
+            if birth is None:
+                continue
+            del self._unsent[order_id]
+            if birth.own_identity:
+                try:
+                    spec = await self._with_user(spec, agent)
+                except ControlError as exc:
+                    self._exited.setdefault((spec.node, spec.replica), str(exc))
+                    continue
+            self._unanswered[order_id] = self._order(agent, order_id, "deploy", [spec.model_dump(mode="json")])
+
+    async def _with_user(self, spec: WorkerSpec, agent: str) -> WorkerSpec:
+        if self.users is None:
+            raise ControlError(f"agent {agent!r} has a broker user of its own, so its workers need users of their own, "
+                               "which the controller makes only on `engine broker` as its administrator "
+                               "(--set broker=mqtt://engine@HOST:PORT)")
+        user, password = await self.users.make(spec.node, spec.replica)
+        return spec.model_copy(update={"broker": {**spec.broker, "username": user, "password": password}})
 
     def _on_message(self, message: object) -> None:
         if isinstance(message, AgentJob) and message.order_id in self._orders and message.run_id == self.run_id:
@@ -112,15 +159,19 @@ class RemoteLauncher:
             if not self._running():
                 self._stopped.set()
         elif isinstance(message, AgentBirth) and message.state == "online":
+            if message.agent in self.agents:
+                self._births[message.agent] = message
             if time.time() - message.time < self.lease_s:  # a retained birth of a dead agent stops getting younger
                 self._online.add(message.agent)
+                self._gone.discard(message.agent)
                 self._offline_since.pop(message.agent, None)
         elif isinstance(message, AgentBirth) and message.agent in self.agents:  # its will: judged after the grace
             self._offline_since.setdefault(message.agent, time.monotonic())
 
     def _running(self) -> list[str]:
-        """Orders whose workers an agent said it started and has not said it stopped."""
-        return [order for order, state in self._state.items() if state == "starting"]
+        """Orders whose workers an agent said it started and has not said it stopped, on agents not gone away."""
+        return [order for order, state in self._state.items() if state == "starting"
+                and self.hosts[self._orders[order][0]] not in self._gone | set(self._offline_since)]
 
     def _order(self, agent: str, order_id: str, action: str, workers: list[dict] | None = None) -> AgentOrder:
         order = AgentOrder(order_id=order_id, run_id=self.run_id, action=action, lease_s=self.lease_s,
@@ -143,7 +194,7 @@ class RemoteLauncher:
         self._current[key] = order_id
         self._exited.pop(key, None)
         self._tails.pop(key, None)
-        self._unanswered[order_id] = self._order(self.hosts[spec.node], order_id, "deploy", [spec.model_dump(mode="json")])
+        self._unsent[order_id] = spec
 
     def exited(self) -> dict[ReplicaKey, str]:
         return dict(self._exited)
@@ -155,6 +206,7 @@ class RemoteLauncher:
         """Order every agent to stop the run's workers and wait (bounded) for them to say so; from any thread."""
         if self._loop is None or not self._running():
             return
+        self._stopped.clear()
         self._loop.call_soon_threadsafe(self._order_all, "stop")
         if not self._stopped.wait(STOP_WAIT_S):
             log.warning("not every agent reported the run's workers stopped within %g s; their lease stops them",

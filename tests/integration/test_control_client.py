@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import subprocess
@@ -144,7 +145,8 @@ class DroppingProxy:
 
     async def start(self) -> BrokerAddress:
         self.server = await asyncio.start_server(self._connected, "127.0.0.1", 0)
-        return BrokerAddress("127.0.0.1", self.server.sockets[0].getsockname()[1])
+        self._port = self.server.sockets[0].getsockname()[1]
+        return BrokerAddress("127.0.0.1", self._port)
 
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection(self.target.host, self.target.port)
@@ -162,6 +164,17 @@ class DroppingProxy:
         finally:
             writer.close()
 
+    async def go_away(self) -> None:
+        """Cut every connection and refuse new ones, as a broker that is down."""
+        assert self.server is not None
+        self.server.close()
+        self.drop()
+        await self.server.wait_closed()
+
+    async def come_back(self) -> None:
+        assert self.server is not None
+        self.server = await asyncio.start_server(self._connected, "127.0.0.1", self._port)
+
     def drop(self) -> None:
         for writer in self.writers:
             writer.close()
@@ -173,6 +186,52 @@ class DroppingProxy:
         self.server.close()
 
 
+@contextlib.asynccontextmanager
+async def behind_a_proxy(kind: str, proxied: str, direct: str, max_backoff_s: float):
+    """A client ``proxied`` through a :class:`DroppingProxy` and a client ``direct`` on an embedded broker."""
+    async with embedded_broker(kind) as address:
+        proxy = DroppingProxy(address)
+        via_proxy = await proxy.start()
+        try:
+            async with (
+                ControlClient(via_proxy, key=KEY, client_id=proxied, max_backoff_s=max_backoff_s) as through,
+                ControlClient(address, key=KEY, client_id=direct) as straight,
+            ):
+                yield through, straight, proxy
+        finally:
+            proxy.close()
+
+
+def test_a_broker_away_is_said_once_and_a_retained_message_posted_meanwhile_arrives_once(caplog):
+    """An agent between runs: its broker away for a while, an announcement posted meanwhile (retained). The retry
+    is logged once, not at every try; after the reconnect the retained messages are said again, the one posted
+    meanwhile once, and no receiver takes one for a replay."""
+    def status(node: str) -> Status:
+        return Status(node=node, replica=0, state="loading", pid=1, host="h1")
+
+    async def scenario():
+        async with behind_a_proxy("amqtt", "agent-h1", "observer", max_backoff_s=0.1) as (agent, observer, proxy):
+            await observer.subscribe(TOPICS.all_status)
+            await agent.publish(TOPICS.status("before", 0), status("before"), retain=True)
+            first = await expect(observer, "the announcement made before the broker went away")
+            await proxy.go_away()
+            await asyncio.sleep(0.3)
+            agent.post(TOPICS.status("meanwhile", 0), status("meanwhile"), retain=True)
+            await asyncio.sleep(1.0)  # ~10 failed tries
+            await proxy.come_back()
+            heard = [first]
+            while (inbound := await observer.receive(1.0)) is not None:
+                heard.append(inbound)
+            return [h.message.node for h in heard], dict(observer.rejected), agent.reconnects
+
+    with caplog.at_level(logging.DEBUG, logger="engine.control.client"):
+        heard, rejected, reconnects = run(scenario())
+    assert sorted(heard) == ["before", "before", "meanwhile"] and rejected == {} and reconnects == 1
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING and "retrying quietly" in r.getMessage()]
+    tried = [r for r in caplog.records if "retrying quietly" in r.getMessage()]
+    assert len(said) == 1 and len(tried) > 3, [r.getMessage() for r in tried]
+
+
 @pytest.mark.parametrize("kind", BROKERS)
 def test_reconnects_and_subscribes_again_after_losing_the_connection(kind):
     async def wait_until(condition, what: str, timeout_s: float) -> None:
@@ -182,22 +241,13 @@ def test_reconnects_and_subscribes_again_after_losing_the_connection(kind):
             await asyncio.sleep(0.01)
 
     async def scenario():
-        async with embedded_broker(kind) as address:
-            proxy = DroppingProxy(address)
-            via_proxy = await proxy.start()
-            try:
-                async with (
-                    ControlClient(via_proxy, key=KEY, client_id="worker", max_backoff_s=0.2) as worker,
-                    ControlClient(address, key=KEY, client_id="controller") as controller,
-                ):
-                    await worker.subscribe(TOPICS.inbox("w", 0))
-                    proxy.drop()
-                    await wait_until(lambda: worker.reconnects == 1 and worker.connected, "worker reconnected", 5)
-                    await controller.publish(TOPICS.inbox("w", 0), Shutdown(reason="after reconnect"))
-                    got = await expect(worker, "a message on the re-subscribed inbox")
-                    assert got.message == Shutdown(reason="after reconnect")
-            finally:
-                proxy.close()
+        async with behind_a_proxy(kind, "worker", "controller", max_backoff_s=0.2) as (worker, controller, proxy):
+            await worker.subscribe(TOPICS.inbox("w", 0))
+            proxy.drop()
+            await wait_until(lambda: worker.reconnects == 1 and worker.connected, "worker reconnected", 5)
+            await controller.publish(TOPICS.inbox("w", 0), Shutdown(reason="after reconnect"))
+            got = await expect(worker, "a message on the re-subscribed inbox")
+            assert got.message == Shutdown(reason="after reconnect")
 
     run(scenario())
 

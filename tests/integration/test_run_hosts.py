@@ -2,9 +2,12 @@
 `engine agent`, a real mosquitto on the bridge, real Mooncake across the veths. The fixture needs root (as CI
 has) and iproute2; elsewhere the tests skip with the reason.
 
-    root namespace  10.231.0.1  mosquitto, the controller (`engine run`) and the decoder node
+    root namespace  10.231.0.1  `engine broker`, the controller (`engine run`) and the decoder node
     dge-h1          10.231.0.2  agent h1: the encoder node
     dge-h2          10.231.0.3  agent h2: the transformer node
+
+The broker is a standing one, with a broker user of its own for each agent and for each of their workers per run:
+the agents, started once, serve every run and a service of the module.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,12 +24,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
 from bench.netns import SUBNET, Cluster, namespace_hosts
 from engine.families import get_family
 from tests.integration.engine_run import GRAPHS, REPO, LiveRun, reference_frames
+from tests.integration.serve_helpers import start_service
 
 pytestmark = [
     pytest.mark.integration,
@@ -128,7 +134,7 @@ def test_engine_hosts_lists_the_live_agents_and_what_they_offer(cluster):
     assert {name: (row[1], row[2], row[3]) for name, row in rows.items()} == {
         host: ("online", address, "cpu") for host, address in HOSTS.items()}
     wrong = subprocess.run([sys.executable, "-m", "engine.cli", "hosts", "--broker", cluster.broker, "--wait-s", "2.5"],
-                           cwd=REPO, env={**os.environ, "ENGINE_DEPLOY_KEY": "00" * 32}, capture_output=True, text=True,
+                           cwd=REPO, env={**cluster.env, "ENGINE_DEPLOY_KEY": "00" * 32}, capture_output=True, text=True,
                            timeout=60)
     assert wrong.returncode == 1 and "no agent announced itself" in wrong.stdout  # another key hears nothing
 
@@ -174,6 +180,33 @@ def test_engine_plan_checks_fit_against_the_live_agents(cluster):
     assert plan("nodes.encoder.place.host=h1").returncode == 0
 
 
+def runs_served(cluster: Cluster, host: str) -> set[str]:
+    return set(re.findall(r"run (\S+): started", cluster.agent_log(host)))
+
+
+def test_agents_started_once_stay_connected_across_the_runs_and_a_service(cluster, tmp_path, monkeypatch):
+    """The module's earlier tests made three runs or more with these agents; a test run alone makes them here."""
+    for missing in range(3 - min(len(runs_served(cluster, host)) for host in HOSTS)):
+        output, _ = (run := engine_run(cluster, tmp_path / f"run{missing}")).communicate(timeout=240)
+        assert run.returncode == 0, output[-3000:]
+    for name in ("ENGINE_DEPLOY_KEY", "ENGINE_MOONCAKE_HOST", "ENGINE_BROKER_PASSWORD_FILE"):
+        monkeypatch.setenv(name, cluster.env[name])
+    served = start_service("wan_t2v.yaml", tmp_path / "state", f"broker={cluster.broker}", "nodes.encoder.place.host=h1",
+                           "nodes.transformer.place.host=h2")
+    try:
+        job = httpx.post(f"{served.url}/v1/videos", json={"prompt": "a standing fleet", "seed": 5}, timeout=60).json()
+        assert served.wait_for(job["id"])["status"] == "completed", served.log_text()[-3000:]
+    finally:
+        assert served.stop() == 0
+    listed = subprocess.run([sys.executable, "-m", "engine.cli", "hosts", "--broker", cluster.broker], cwd=REPO,
+                            env=cluster.env, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and listed.stdout.count(" online ") == 2, listed.stdout + listed.stderr  # between runs
+    for host in HOSTS:
+        log = cluster.agent_log(host)
+        assert len(runs_served(cluster, host)) >= 4, log[-2000:]  # three runs and the service
+        assert log.count(f"agent {host} online") == 1 and "lost broker" not in log and "replayed" not in log, log[-3000:]
+
+
 def test_a_broker_restart_mid_run_with_agents_loses_nothing(cluster, tmp_path, monkeypatch):
     out = tmp_path / "out"
     run = live_run(cluster, out, monkeypatch, "request.steps=300", extra=("--save-frames",))
@@ -188,7 +221,7 @@ def test_a_broker_restart_mid_run_with_agents_loses_nothing(cluster, tmp_path, m
 
 def live_run(cluster: Cluster, out: Path, monkeypatch, *settings: str, extra: tuple[str, ...] = ()) -> LiveRun:
     """`engine run` with progress lines readable as they come."""
-    for name in ("ENGINE_DEPLOY_KEY", "ENGINE_MOONCAKE_HOST"):
+    for name in ("ENGINE_DEPLOY_KEY", "ENGINE_MOONCAKE_HOST", "ENGINE_BROKER_PASSWORD_FILE"):
         monkeypatch.setenv(name, cluster.env[name])
     return LiveRun("wan_t2v.yaml", out, f"broker={cluster.broker}", "nodes.encoder.place.host=h1",
                    "nodes.transformer.place.host=h2", *settings, extra=extra)
@@ -220,4 +253,8 @@ def test_a_host_killed_mid_request_fails_it_within_5s_naming_host_node_replica_a
     failed = run.wait_for("FAILED", timeout=30)
     assert failed - killed < 5, f"the dead host was noticed after {failed - killed:.1f} s"
     assert run.finish() == 1
-    assert "node 'transformer' replica 0 on host 'h2' (stage 'denoise')" in run.output, run.output[-3000:]
+    ended = time.monotonic()
+    assert "node 'transformer' replica 0 on host 'h2' (stage 'denoise'): host 'h2' (agent 'h2') went away" \
+        in run.output, run.output[-3000:]
+    assert "connection lost without a goodbye" not in run.output and "not every agent reported" not in run.output
+    assert ended - failed < 5, f"the run ended {ended - failed:.1f} s after failing"  # it did not wait for h2

@@ -16,6 +16,8 @@ from engine.control.broker import (
     find_mosquitto,
     mosquitto_password_line,
     parse_broker,
+    refuse_password_in_url,
+    write_secret,
 )
 from engine.errors import ControlError
 
@@ -130,3 +132,36 @@ def test_find_mosquitto_finds_an_executable_or_none():
 def test_password_file_refuses_names_it_cannot_hold(username, password):
     with pytest.raises(ControlError, match="user name must be non-empty without ':'"):
         mosquitto_password_line(username, password)
+
+
+def test_a_users_password_comes_from_a_file_or_the_environment_never_the_url(tmp_path, monkeypatch):
+    monkeypatch.delenv("ENGINE_BROKER_PASSWORD", raising=False)
+    monkeypatch.delenv("ENGINE_BROKER_PASSWORD_FILE", raising=False)
+    assert parse_broker("mqtt://agent-h1@10.0.0.10").password is None
+    (tmp_path / "h1.password").write_text("from-the-file\n")
+    monkeypatch.setenv("ENGINE_BROKER_PASSWORD_FILE", str(tmp_path / "h1.password"))
+    assert parse_broker("mqtt://agent-h1@10.0.0.10").password == "from-the-file"
+    monkeypatch.setenv("ENGINE_BROKER_PASSWORD", "from-the-environment")
+    assert parse_broker("mqtt://agent-h1@10.0.0.10").password == "from-the-environment"
+    assert parse_broker("mqtt://agent-h1@10.0.0.10", password_file=tmp_path / "h1.password").password == "from-the-file"
+    assert parse_broker("mqtt://10.0.0.10").password is None  # no user, no password
+    with pytest.raises(ControlError, match="broker password file .*missing.password: No such file"):
+        parse_broker("mqtt://agent-h1@10.0.0.10", password_file=tmp_path / "missing.password")
+
+
+def test_a_password_in_a_command_line_url_is_refused_naming_the_ways_to_give_it():
+    refuse_password_in_url("mqtt://agent-h1@10.0.0.10:1883", "--broker")  # no password: fine
+    with pytest.raises(ControlError, match=r"--broker: a password in the URL shows in `ps`.*--password-file.*"
+                                           "ENGINE_BROKER_PASSWORD"):
+        refuse_password_in_url("mqtt://agent-h1:secret@10.0.0.10:1883", "--broker")
+
+
+def test_secrets_are_written_private_from_the_start(tmp_path):
+    write_secret(tmp_path / "a.password", "one\n")
+    assert (tmp_path / "a.password").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(FileExistsError):
+        write_secret(tmp_path / "a.password", "two\n")
+    (tmp_path / "b").write_text("open")
+    (tmp_path / "b").chmod(0o644)
+    write_secret(tmp_path / "b", "closed", replace=True)
+    assert (tmp_path / "b").read_text() == "closed" and (tmp_path / "b").stat().st_mode & 0o777 == 0o600

@@ -4,6 +4,7 @@ No worker process is started: refused orders never reach the launcher, and accep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 
@@ -61,10 +62,10 @@ def order(run_id: str, workers: list[dict], action: str = "deploy", order_id: st
     return AgentOrder(order_id=order_id, run_id=run_id, action=action, lease_s=lease_s, workers=workers)
 
 
-def scenario(tmp_path: Path, orders: list[tuple[str, AgentOrder]], after: float = 0.3):
+def scenario(tmp_path: Path, orders: list[tuple[str, AgentOrder]], after: float = 0.3, user: str = "agent"):
     """An agent on the memory bus gets ``orders`` (each signed by the named client); returns its job reports."""
     broker = MemoryBroker()
-    options = AgentOptions(name="h1", broker=BrokerAddress("10.0.0.1", 1883, "agent", "pw"), deploy_key=broker.key,
+    options = AgentOptions(name="h1", broker=BrokerAddress("10.0.0.1", 1883, user, "pw"), deploy_key=broker.key,
                            devices=("cpu",), models=(tmp_path / "models",), address="10.0.0.2", work_dir=tmp_path / "work")
 
     async def run():
@@ -102,6 +103,22 @@ def test_a_deploy_order_starts_the_engine_worker_with_the_derived_run_key_and_th
     assert str(tmp_path / "work" / "run1") in launched.spec.out_dir
     assert [r.state for r in reports if isinstance(r, AgentJob)][:1] == ["starting"]
     assert launched.stopped  # the agent stopping stops its workers
+
+
+def test_an_agent_with_its_own_broker_user_gives_each_worker_the_user_made_for_it(tmp_path):
+    models = tmp_path / "models"
+    worker = spec_json("run1", models, broker={"host": "10.0.0.1", "port": 1883, "username": "run1-transformer-0",
+                                               "password": "made-for-it"})
+    reports, agent = scenario(tmp_path, [("run1-deployer", order("run1", [worker])),
+                                         ("run1-deployer", order("run1", [spec_json("run1", models)], order_id="bare"))],
+                              user="agent-h1")
+    assert agent.options.own_identity and agent.birth().own_identity
+    launched = agent.jobs[("run1", "transformer-0")].launcher
+    assert launched.secrets.broker_password == "made-for-it"  # on standard input, never in the spec file
+    assert launched.spec.broker["username"] == "run1-transformer-0" and launched.spec.broker["password"] is None
+    bare = next(r for r in reports if r.order_id == "bare")  # no user made for the worker: it cannot connect as h1
+    assert bare.state == "failed" and "its workers need users of their own" in bare.detail
+    assert FakeLauncher.started == [("transformer", 0)]
 
 
 def test_a_repeated_order_is_answered_without_starting_again(tmp_path):
@@ -174,6 +191,17 @@ def test_ended_jobs_are_forgotten_after_a_while(tmp_path, monkeypatch):
     assert agent.jobs == {}  # the run ended: its record went after ENDED_KEPT_S
 
 
+async def next_deploy(agent, within_s: float) -> AgentOrder | None:
+    """The next deploy order ``agent`` gets within ``within_s`` (renewals skipped)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within_s):
+            while True:
+                inbound = await agent.receive(within_s)
+                if inbound is not None and inbound.message.action == "deploy":
+                    return inbound.message
+    return None
+
+
 def test_the_controller_side_repeats_orders_until_answered_and_names_an_absent_agent(tmp_path):
     from engine.controller.remote import RemoteLauncher
 
@@ -187,10 +215,11 @@ def test_the_controller_side_repeats_orders_until_answered_and_names_an_absent_a
         h1 = broker.connect("agent-h1")
         await h1.subscribe(TOPICS.orders("h1"))
         launcher.start(WorkerSpec.model_validate(spec_json("run1", tmp_path)), None)  # type: ignore[arg-type]
-        first = await h1.receive(1)
+        assert await next_deploy(h1, 0.3) is None  # not sent before the agent announced itself
         await h1.publish(TOPICS.birth("h1"), agent_module.announcement(AgentOptions(
             name="h1", broker=BrokerAddress("x", 1), deploy_key=broker.key, devices=("cpu",), models=(), address="a",
             work_dir=tmp_path), "online", []), retain=True)
+        first = await next_deploy(h1, 1)
         await h1.publish(TOPICS.jobs("run1"), AgentJob(agent="h1", order_id="transformer-0", run_id="run1", state="failed",
                                                        detail="model outside --models", exited={}, log_tails={}))
         launcher.start(WorkerSpec.model_validate({**spec_json("run1", tmp_path), "node": "encoder"}), None)  # type: ignore[arg-type]
@@ -199,7 +228,7 @@ def test_the_controller_side_repeats_orders_until_answered_and_names_an_absent_a
         return first, launcher.exited()
 
     first, exited = asyncio.run(run())
-    assert isinstance(first.message, AgentOrder) and first.message.action == "deploy"
+    assert isinstance(first, AgentOrder) and first.order_id == "transformer-0"
     assert exited[("transformer", 0)] == "refused by agent 'h1': model outside --models"
     assert exited[("encoder", 0)].startswith("agent 'h2' is not online: no announcement from it within 0.6 s")
 
@@ -234,4 +263,74 @@ def test_an_agents_will_counts_only_when_no_announcement_follows_it(tmp_path, mo
 
     survived, gone = asyncio.run(run())
     assert survived == {}
-    assert gone == {("transformer", 0): "its agent 'h1' went offline"}
+    assert gone == {("transformer", 0): "host 'h1' (agent 'h1') went away: the agent's broker connection ended without "
+                                        "a goodbye and it did not announce itself again within 0.3 s"}
+
+
+class FakeUsers:
+    def __init__(self):
+        self.made: list[tuple[str, int]] = []
+
+    async def make(self, node: str, replica: int) -> tuple[str, str]:
+        self.made.append((node, replica))
+        return f"run1-{node}-{replica}", f"secret-{node}"
+
+
+@pytest.mark.parametrize("users", [FakeUsers(), None])
+def test_workers_of_an_agent_with_its_own_user_get_users_made_for_the_run(tmp_path, users):
+    from engine.controller.remote import RemoteLauncher
+
+    broker = MemoryBroker()
+
+    async def run():
+        launcher = RemoteLauncher(broker.connect("run1-deployer"), "run1", {"transformer": "h1"}, lease_s=60, users=users)
+        serving = asyncio.create_task(launcher.serve())
+        h1 = broker.connect("agent-h1")
+        await h1.subscribe(TOPICS.orders("h1"))
+        await h1.publish(TOPICS.birth("h1"), agent_module.announcement(AgentOptions(
+            name="h1", broker=BrokerAddress("x", 1, "agent-h1"), deploy_key=broker.key, devices=("cpu",), models=(),
+            address="a", work_dir=tmp_path), "online", []), retain=True)
+        launcher.start(WorkerSpec.model_validate(spec_json("run1", tmp_path)), None)  # type: ignore[arg-type]
+        deploy = await next_deploy(h1, 0.5)
+        serving.cancel()
+        return deploy, launcher.exited()
+
+    deploy, exited = asyncio.run(run())
+    if users is not None:
+        assert users.made == [("transformer", 0)] and exited == {}
+        broker_of = deploy.workers[0]["broker"]
+        assert (broker_of["username"], broker_of["password"]) == ("run1-transformer-0", "secret-transformer")
+    else:
+        assert deploy is None and "agent 'h1' has a broker user of its own" in exited[("transformer", 0)]
+
+
+def test_a_lease_counts_from_the_reconnect_while_the_agent_is_cut_off_from_the_broker(tmp_path, monkeypatch):
+    """A broker restart longer than the lease: the renewals could not come, so the workers stay."""
+    from engine.control.memory import MemoryBus
+
+    broker, link = MemoryBroker(), {"up": True}
+    monkeypatch.setattr(MemoryBus, "connected", property(lambda self: link["up"]))
+
+    async def run():
+        agent = Agent(AgentOptions(name="h1", broker=BrokerAddress("10.0.0.1", 1883), deploy_key=broker.key,
+                                   devices=("cpu",), models=(tmp_path / "models",), address="10.0.0.2",
+                                   work_dir=tmp_path / "work"), broker.connect("agent-h1"))
+        serving = asyncio.create_task(agent.serve())
+        await asyncio.sleep(0.05)
+        topic = TOPICS.orders("h1")
+        broker.inject(topic, Sealer(broker.key, "run1-deployer").seal(
+            topic, order("run1", [spec_json("run1", tmp_path / "models")], lease_s=0.3)))
+        await asyncio.sleep(0.1)
+        link["up"] = False  # the broker is away for longer than the lease
+        await asyncio.sleep(0.8)
+        kept = agent.jobs[("run1", "transformer-0")].state
+        link["up"] = True  # back, and no renewal comes: the controller is gone
+        await asyncio.sleep(0.6)
+        agent.stopping.set()
+        await serving
+        return kept, agent.jobs[("run1", "transformer-0")]
+
+    (tmp_path / "models" / "wan-tiny").mkdir(parents=True)
+    kept, job = asyncio.run(run())
+    assert kept == "starting"
+    assert job.state == "stopped" and "lease of 0.3 s ran out" in job.detail
