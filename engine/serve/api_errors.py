@@ -1,7 +1,7 @@
 """Errors as the API answers them, and the two gates every request passes first (body size, bearer token).
 
 Every 4xx and 5xx is ``{"error": {"message", "type", "param", "code"}}``, the ones FastAPI and Starlette raise
-themselves included (a malformed query parameter, an unknown path, a wrong method). The gates are plain ASGI
+themselves included (a malformed query parameter, an unknown path, a wrong method, an internal error). The gates are plain ASGI
 middleware: an error raised while a body streams in reaches the app's handlers as itself, not wrapped in the
 task group of Starlette's ``BaseHTTPMiddleware``.
 """
@@ -51,6 +51,10 @@ def add_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return ApiError(exc.status_code, str(exc.detail), code=code, headers=exc.headers).response()
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception) -> JSONResponse:  # Starlette logs it, then answers this
+        return ApiError(500, f"internal error ({type(exc).__name__}); the service's log has the details").response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:

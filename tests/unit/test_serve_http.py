@@ -68,3 +68,11 @@ def test_the_bearer_scheme_is_case_insensitive(tmp_path):
         for given in ("Bearer wrong", "Basic secret", "secret", "Bearer"):
             refused = client.get("/v1/models", headers={"Authorization": given})
             assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key", given
+
+
+def test_an_internal_error_is_a_500_in_the_api_error_shape(tmp_path):
+    service = service_of(tmp_path)
+    with in_process(service) as client:
+        client.portal.call(service.store.close)  # the store is gone: listing jobs fails inside the service
+        answer = TestClient(client.app, raise_server_exceptions=False).get("/v1/videos")
+    assert answer.status_code == 500 and answer.json()["error"]["type"] == "server_error", answer.text
