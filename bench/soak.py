@@ -7,11 +7,13 @@ own small request: 48x64x9, 4 steps; MQTT front on) starts as a subprocess on a 
 state folder. ``--clients`` closed loops each submit a job (``POST /v1/videos``, seeds counting up), follow its
 server-sent events to the end and delete it (``DELETE /v1/videos/{id}``: outputs and record gone), then submit the
 next, for ``--minutes``. Every ``--sample-s`` seconds the resident memory (RSS) and the open files of every process
-of the service are sampled: the service itself, its broker and each worker (named by node and replica).
+of the service are sampled: the service itself, its broker and each worker (named by node and replica). A sample's
+RSS is the least of 10 readings 0.3 s apart, what the process holds between two requests (one reading lands in a
+request's working set as often as not); the table's maximum is the most of every reading.
 
 Growth is measured from the first sample after ``--warmup-s`` (allocators, caches and pools filled by the first
-jobs, and the workers' window of recent answers, 60 s) to the last; per job it is the least-squares slope of RSS over the jobs completed, across those samples. A service that keeps nothing per
-job shows a growth near zero and, over days, a flat line; the issue this was written for measured ~48 KB a job.
+jobs, and the workers' window of recent answers, 60 s) to the last; per job it is the least-squares slope of RSS
+over the jobs completed, across those samples. A service that keeps nothing per job shows a slope near zero.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from bench.serve import READ_TIMEOUT_S, final_event, free_port, serve_command, s
 
 LAYOUT = "_two_dit"
 MIB = 1 << 20
+READINGS = 10  #: readings per sample, ...
+READINGS_APART_S = 0.3  #: ... this far apart (a job's decode takes ~0.1-0.3 s here)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,18 +68,27 @@ def process_name(process: Any, service_pid: int) -> str:
     return process.name()
 
 
-def sample(service_pid: int) -> dict[str, dict[str, int]]:
-    """RSS bytes and open files of the service and every process under it, by name."""
+def sample(service_pid: int, readings: int = READINGS, apart_s: float = READINGS_APART_S) -> dict[str, dict[str, int]]:
+    """Per process of the service (by name): its resident memory as the least of ``readings`` readings
+    ``apart_s`` apart and the most of them, and its open files.
+
+    The least is what the process holds between requests: a single reading lands in a request's working set as
+    often as not (the decoder's swings by ~60 MiB at this size), which would bury a growth of kilobytes a job."""
     import psutil
 
     root = psutil.Process(service_pid)
     found: dict[str, dict[str, int]] = {}
-    for process in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            if process.name() == "setpriv":
-                continue
-            found[process_name(process, service_pid)] = {"rss_bytes": process.memory_info().rss,
-                                                         "open_files": process.num_fds()}
+    for reading in range(readings):
+        if reading:
+            time.sleep(apart_s)
+        for process in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                if process.name() == "setpriv":
+                    continue
+                rss, files = process.memory_info().rss, process.num_fds()
+                seen = found.setdefault(process_name(process, service_pid), {"rss_bytes": rss, "rss_peak_bytes": rss})
+                seen.update(rss_bytes=min(seen["rss_bytes"], rss), rss_peak_bytes=max(seen["rss_peak_bytes"], rss),
+                            open_files=files)
     return found
 
 
@@ -160,7 +173,8 @@ def growth(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
         start = base["processes"][name]
         processes[name] = {"rss_start_bytes": start["rss_bytes"], "rss_end_bytes": end["rss_bytes"],
                            "rss_growth_bytes": end["rss_bytes"] - start["rss_bytes"],
-                           "rss_bytes_per_job": slope(points), "rss_max_bytes": max(rss for _, rss in points),
+                           "rss_bytes_per_job": slope(points),
+                           "rss_max_bytes": max(s["processes"][name]["rss_peak_bytes"] for s in after),
                            "open_files_start": start["open_files"], "open_files_end": end["open_files"]}
     return {"from_seconds": base["seconds"], "to_seconds": last["seconds"], "samples": len(after),
             "jobs": last["jobs_completed"] - base["jobs_completed"], "processes": processes}

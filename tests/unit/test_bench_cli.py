@@ -199,7 +199,8 @@ def test_soak_fits_the_growth_per_job_after_warm_up_and_renders_a_table():
 
     def sample(seconds: float, jobs: int, decoder_rss: int, worker_rss: int) -> dict:
         return {"seconds": seconds, "jobs_completed": jobs, "processes": {
-            "decoder-0": {"rss_bytes": decoder_rss, "open_files": 19}, "transformer-0": {"rss_bytes": worker_rss, "open_files": 20}}}
+            "decoder-0": {"rss_bytes": decoder_rss, "rss_peak_bytes": decoder_rss + (60 << 20), "open_files": 19},
+            "transformer-0": {"rss_bytes": worker_rss, "rss_peak_bytes": worker_rss, "open_files": 20}}}
 
     # The decoder grows 4 KiB a job under a request's swing; the transformer is flat after warm-up.
     swing = [0, 3 << 20, -2 << 20, 1 << 20, 0]
