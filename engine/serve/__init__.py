@@ -5,6 +5,8 @@ MQTT client.
     bodies.py     the API's request bodies (OpenAI-shaped) turned into the graph family's request
     service.py    the service: admission, the deployment's scheduler, job state, events, draining
     http.py       the HTTP API (FastAPI): /v1/videos, /v1/images/*, /v1/models, /health, /metrics
+    api_errors.py errors in the API's shape, the body-size and bearer-token gates
+    reading.py    a job's body read strictly (JSON, form fields, an uploaded image decoded to its last pixel)
     mqtt.py       job submission over MQTT (signed SubmitJob in, JobUpdate out)
     metrics.py    the Prometheus metrics
     page.py       the page at / (static files in page/) and the live feed it reads (/v1/service, its events)

@@ -34,7 +34,7 @@ class InvalidRequest(Exception):
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+    model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = None

@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import hmac
 import json
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,15 +32,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
 
 from engine.plan.feeder import DEFAULT_FILE_BYTES
-from engine.serve.bodies import ImageBody, InvalidRequest, VideoBody
+from engine.serve.api_errors import ApiError, BearerAuth, BodyLimit, add_error_handlers, refused_as_api_errors
+from engine.serve.bodies import ImageBody, VideoBody
 from engine.serve.jobs import Job, api_object
 from engine.serve.metrics import CONTENT_TYPE
 from engine.serve.page import add_page
-from engine.serve.service import QueueFull, Service, Unavailable, UnknownModel
+from engine.serve.reading import FormReader, parse_json_object
+from engine.serve.service import Service
 
 VIDEO_SUFFIXES = (".mp4",)
 IMAGE_SUFFIXES = (".png",)
@@ -57,65 +54,16 @@ class ApiOptions:
     max_image_pixels: int = 8192 * 8192
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None, problems: list[tuple[str, str]] | None = None):
-        super().__init__(message)
-        self.status, self.param, self.code, self.headers, self.problems = status, param, code, headers, problems
-
-    def response(self) -> JSONResponse:
-        error: dict[str, Any] = {"message": str(self), "type": "invalid_request_error" if self.status < 500 else "server_error",
-                                 "param": self.param, "code": self.code or ("invalid_request" if self.status < 500 else "error")}
-        if self.problems:
-            error["problems"] = [{"param": name, "message": text} for name, text in self.problems]
-        return JSONResponse({"error": error}, status_code=self.status, headers=self.headers)
-
-
-class BodyLimit:
-    """Refuse request bodies over ``max_bytes`` (413), by Content-Length or as they stream in."""
-
-    def __init__(self, app: Any, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]], send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_large = ApiError(413, f"the request body is over {self.max_bytes} bytes", code="body_too_large").response()
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await too_large(scope, receive, send)
-        seen = 0
-
-        async def limited() -> Any:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise ApiError(413, f"the request body is over {self.max_bytes} bytes", code="body_too_large")
-            return message
-
-        return await self.app(scope, limited, send)
-
-
 def create_app(service: Service, options: ApiOptions = ApiOptions()) -> FastAPI:
     checked = service.checked
     makes_video, takes_image = service.makes_video, service.takes_image
     app = FastAPI(title=f"engine serve: {service.model}", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if options.token and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {options.token}".encode()):
-                return ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}).response()
-        return await call_next(request)
-
+    add_error_handlers(app)
+    app.add_middleware(BearerAuth, token=options.token)  # type: ignore[arg-type]
     app.add_middleware(BodyLimit, max_bytes=options.max_body_bytes)  # type: ignore[arg-type]
+    forms = FormReader(service.options.uploads, takes_image=takes_image, max_image_bytes=options.max_image_bytes,
+                       max_image_pixels=options.max_image_pixels)
 
     # -- bodies -----------------------------------------------------------------------------------------------
 
@@ -123,45 +71,19 @@ def create_app(service: Service, options: ApiOptions = ApiOptions()) -> FastAPI:
         """The body's fields, and the uploaded image saved under the service's uploads as ``<job id>.<ext>``."""
         kind = request.headers.get("content-type", "")
         if kind.startswith("multipart/form-data") or kind.startswith("application/x-www-form-urlencoded"):
-            try:
-                form = await request.form(max_part_size=options.max_image_bytes)
-            except MultiPartException as exc:
-                raise ApiError(400, f"body: malformed form data: {exc.message}", param="body") from None
-            fields: dict[str, Any] = {}
-            image = None
-            for name, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    if name != image_field:
-                        raise ApiError(422, f"{name}: no file is expected here (the image goes in {image_field})", param=name)
-                    image = (name, await save_image(value, name, job_id))
-                else:
-                    fields[name] = value
-            return fields, image
-        try:
-            raw = json.loads(await request.body() or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"body: not valid JSON ({exc})", param="body") from None
-        if not isinstance(raw, dict):
-            raise ApiError(422, "body: expected a JSON object", param="body")
-        if image_field in raw:
-            raise ApiError(422, f"{image_field}: send the image as a file in a multipart/form-data body", param=image_field)
-        return raw, None
+            return await forms.read(request, image_field, job_id)
+        return parse_json_object(await request.body(), image_field), None
 
-    async def save_image(upload: UploadFile, field: str, job_id: str) -> Path:
-        if not takes_image:
-            raise ApiError(422, f"{field}: this service's model takes no image", param=field)
-        data = await upload.read()
-        if len(data) > options.max_image_bytes:
-            raise ApiError(413, f"{field}: the image is over {options.max_image_bytes} bytes", param=field)
-        suffix = check_image_bytes(data, field, options.max_image_pixels)
-        path = service.options.uploads / f"{job_id}{suffix}"
-        await asyncio.to_thread(path.write_bytes, data)
-        return path
-
-    def create(body_type: type[VideoBody] | type[ImageBody], raw: dict[str, Any], image: tuple[str, Path] | None,
-               job_id: str, kind: str) -> Job:
-        with refused_as_api_errors():
-            return service.accept(job_id, kind, body_type, raw, image)
+    async def create(request: Request, body_type: type[VideoBody] | type[ImageBody], image_field: str,
+                     kind: str) -> Job:
+        """Read, check and queue a job; a refused one leaves no upload behind."""
+        job_id = service.new_id(kind)
+        with service.receiving(job_id):
+            raw, image = await read_body(request, image_field, job_id)
+            if kind == "image" and takes_image and image is None:
+                raise ApiError(422, "image: the image to edit is missing (a file in the multipart body)", param="image")
+            with refused_as_api_errors():
+                return service.accept(job_id, kind, body_type, raw, image)
 
     def admit() -> None:
         with refused_as_api_errors():
@@ -184,9 +106,7 @@ def create_app(service: Service, options: ApiOptions = ApiOptions()) -> FastAPI:
     async def create_video(request: Request) -> JSONResponse:
         videos_only()
         admit()  # before reading an upload
-        job_id = service.new_id("video")
-        raw, image = await read_body(request, "input_reference", job_id)
-        return JSONResponse(api_object(create(VideoBody, raw, image, job_id, "video")))
+        return JSONResponse(api_object(await create(request, VideoBody, "input_reference", "video")))
 
     @app.get("/v1/videos")
     async def list_videos(limit: int = 20, after: str | None = None, order: str = "desc") -> dict[str, Any]:
@@ -243,11 +163,7 @@ def create_app(service: Service, options: ApiOptions = ApiOptions()) -> FastAPI:
                                                            else "takes no image: use /v1/images/generations"),
                            code="wrong_endpoint")
         admit()
-        job_id = service.new_id("image")
-        raw, image = await read_body(request, "image", job_id)
-        if edit and image is None:
-            raise ApiError(422, "image: the image to edit is missing (a file in the multipart body)", param="image")
-        job = create(ImageBody, raw, image, job_id, "image")
+        job = await create(request, ImageBody, "image", "image")
         async for job in service.follow(job.id):
             pass
         if job.status != "completed":
@@ -294,38 +210,3 @@ def create_app(service: Service, options: ApiOptions = ApiOptions()) -> FastAPI:
 
     add_page(app, service)
     return app
-
-
-@contextlib.contextmanager
-def refused_as_api_errors() -> Iterator[None]:
-    """The service's refusals of a job as the API answers them."""
-    try:
-        yield
-    except UnknownModel as exc:
-        raise ApiError(404, str(exc), param="model", code="model_not_found") from None
-    except InvalidRequest as exc:
-        raise ApiError(422, str(exc), param=exc.problems[0][0], code="invalid_value", problems=exc.problems) from None
-    except QueueFull as exc:
-        raise ApiError(429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after_s)}) from None
-    except Unavailable as exc:
-        raise ApiError(503, str(exc), code="stopping") from None
-
-
-def check_image_bytes(data: bytes, field: str, max_pixels: int) -> str:
-    """The file suffix of an uploaded PNG/JPEG/WebP; ApiError (422) for anything else, or a decompression bomb."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > max_pixels:
-                raise ApiError(422, f"{field}: {image.width}x{image.height} is over {max_pixels} pixels", param=field)
-            image.verify()
-            kind = image.format
-    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ApiError(422, f"{field}: not a readable image ({exc})", param=field) from None
-    if kind not in ("PNG", "JPEG", "WEBP"):
-        raise ApiError(422, f"{field}: a {kind} image; send PNG, JPEG or WebP", param=field)
-    return {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}[kind]
-

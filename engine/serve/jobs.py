@@ -116,6 +116,9 @@ class JobStore:
         found = self._db.execute("SELECT * FROM jobs WHERE origin = ?", (origin,)).fetchone()
         return self._job(found) if found else None
 
+    def ids(self) -> set[str]:
+        return {row[0] for row in self._db.execute("SELECT id FROM jobs")}
+
     def with_status(self, status: JobStatus) -> list[Job]:
         rows = self._db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY created_at, id", (status,)).fetchall()
         return [self._job(row) for row in rows]

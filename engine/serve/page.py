@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import annotated_types
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
@@ -32,12 +33,13 @@ from engine.plan.model import PlannedEdge
 from engine.plan.shapes import evaluate_shape
 from engine.serve.jobs import Job, api_object
 from engine.serve.service import Service
-from engine.stages import DTYPE_BYTES
+from engine.stages import DTYPE_BYTES, RequestParams
 
 PAGE = Path(__file__).with_name("page")
 STATE_S = 0.25  #: how often the replicas' state is looked at for changes
 RECENT_JOBS = 50  #: jobs the page gets when it connects
 FORM_FIELDS = ("width", "height", "num_frames", "steps", "seed", "negative_prompt")
+BOUNDED_FIELDS = ("width", "height", "num_frames", "steps")  #: the form's number boxes with a range
 
 
 def add_page(app: FastAPI, service: Service) -> None:
@@ -71,6 +73,7 @@ def describe(service: Service) -> dict[str, Any]:
         "makes_video": service.makes_video,
         "defaults": {name: getattr(default, name) for name in FORM_FIELDS if name in service.request_type.model_fields},
         "limits": plan.limits,
+        "bounds": bounds(service.request_type, plan.limits),
         "nodes": [{"name": node.name, "stages": list(node.stages), "host": node.host, "device": node.device,
                    "replicas": node.replicas} for node in plan.nodes.values()],
         "edges": [{"name": edge.name, "from": edge.source, "to": edge.target, "transport": edge.transport,
@@ -79,6 +82,22 @@ def describe(service: Service) -> dict[str, Any]:
                   for edge in plan.edges],
         "graph": plan.graph,
     }
+
+
+def bounds(request_type: type[RequestParams], limits: dict[str, int]) -> dict[str, dict[str, int]]:
+    """The range of each bounded form field: the family's request bounds, the upper one at most what the
+    deployment's edge buffers hold (its limits)."""
+    found = {}
+    for name in BOUNDED_FIELDS:
+        if name not in request_type.model_fields:
+            continue
+        metadata = request_type.model_fields[name].metadata
+        low = next((m.ge for m in metadata if isinstance(m, annotated_types.Ge)), None)
+        high = next((m.le for m in metadata if isinstance(m, annotated_types.Le)), None)
+        if name in limits:
+            high = limits[name] if high is None else min(high, limits[name])
+        found[name] = {key: value for key, value in (("min", low), ("max", high)) if value is not None}
+    return found
 
 
 def endpoint(service: Service) -> str:
@@ -106,8 +125,11 @@ def state(service: Service) -> dict[str, Any]:
 
 
 def page_job(job: Job) -> dict[str, Any]:
-    """A job as the API shows it, with the prompt and steps it asked for (for the page's progress bars)."""
-    return {**api_object(job), "prompt": job.params.get("prompt"), "steps": job.params.get("steps")}
+    """A job as the API shows it, with the prompt, steps, frames and frame rate it asked for (for the page's
+    progress bars and the video's length: ``num_frames / fps``; the API's ``seconds`` is ``(num_frames - 1) / fps``,
+    as a request's ``seconds`` makes ``seconds x fps + 1`` frames)."""
+    return {**api_object(job), "prompt": job.params.get("prompt"), "steps": job.params.get("steps"),
+            "num_frames": job.params.get("num_frames"), "fps": job.params.get("fps")}
 
 
 async def events(service: Service) -> AsyncIterator[dict[str, str]]:

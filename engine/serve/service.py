@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from engine.serve.metrics import ServiceMetrics
 log = logging.getLogger("engine.serve")
 
 SYNC_S = 0.1
+ORPHAN_SWEEP_S = 60.0  #: at most this often, uploads of no job are removed (after a job finishes)
 STATUS: dict[State, JobStatus] = {State.QUEUED: "queued", State.RUNNING: "in_progress", State.DONE: "completed",
                                   State.FAILED: "failed", State.CANCELLED: "cancelled"}
 INTERRUPTED = "interrupted"
@@ -109,6 +110,8 @@ class Service:
         self.stopped = False  #: every worker is stopped: followers end
         self._live: dict[str, Job] = {}  #: jobs not finished, by id
         self._interrupting: set[str] = set()
+        self._receiving: set[str] = set()  #: jobs whose body (and upload) is being read and checked
+        self._swept_at = 0.0
         self._followers: dict[str, set[asyncio.Queue[Job | None]]] = {}  #: None ends a follower: the service stopped
         self._watchers: set[asyncio.Queue[Job | None]] = set()  #: those following every job
         self._stop = asyncio.Event()
@@ -171,7 +174,9 @@ class Service:
         return self.scheduler.running if self.scheduler else 0
 
     def _recover(self) -> None:
-        """Jobs from before a restart: queued ones run again, running ones failed as interrupted."""
+        """Jobs from before a restart: queued ones run again, running ones failed as interrupted; uploads of no
+        job are removed."""
+        self._remove_orphaned_uploads()
         for job in self.store.with_status("in_progress"):
             self._finish(job, "failed", INTERRUPTED, "interrupted: the service stopped while the job ran; submit it again")
         for job in self.store.with_status("queued"):
@@ -207,6 +212,19 @@ class Service:
             raise Unavailable("the service is stopping and takes no new jobs")
         if self.queued >= self.options.queue_size:
             raise QueueFull(self.queued, self._retry_after_s())
+
+    @contextlib.contextmanager
+    def receiving(self, job_id: str) -> Iterator[None]:
+        """While a job's body is read, checked and queued: its upload is no orphan, and if the job is refused (any
+        exception) its upload is removed."""
+        self._receiving.add(job_id)
+        try:
+            yield
+        except BaseException:
+            self._remove_uploads(job_id)
+            raise
+        finally:
+            self._receiving.discard(job_id)
 
     def accept(self, job_id: str, kind: str, body_type: type[Body], raw: Mapping[str, Any],
                image: tuple[str, Path] | None = None, origin: str = "http") -> Job:
@@ -368,13 +386,27 @@ class Service:
     def _apply_retention(self) -> None:
         for dropped in self.store.prune(self.options.retention):
             self._remove_files(dropped)
+        if time.monotonic() - self._swept_at > ORPHAN_SWEEP_S:
+            self._remove_orphaned_uploads()
 
     def _remove_files(self, job: Job) -> None:
         for path in job.outputs:
             with contextlib.suppress(OSError):
                 Path(path).unlink()
-        for upload in self.options.uploads.glob(f"{job.id}.*"):
+        self._remove_uploads(job.id)
+
+    def _remove_uploads(self, job_id: str) -> None:
+        for upload in self.options.uploads.glob(f"{job_id}.*"):
             upload.unlink(missing_ok=True)
+
+    def _remove_orphaned_uploads(self) -> None:
+        """Remove uploads that belong to no job kept in the store nor to one being received (left by a service
+        killed while it read a body, or by versions that kept refused jobs' uploads)."""
+        self._swept_at = time.monotonic()
+        kept = self.store.ids() | self._receiving
+        for upload in self.options.uploads.iterdir():
+            if upload.is_file() and upload.name.split(".", 1)[0] not in kept:
+                upload.unlink(missing_ok=True)
 
     def _notify(self, job: Job) -> None:
         for queue in (*self._followers.get(job.id, ()), *self._watchers):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ import sys
 import time
 import traceback
 from collections import OrderedDict, deque
-from collections.abc import Coroutine, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from engine.models.outputs import output_stem
 from engine.plan.feeder import FEEDER
 from engine.worker.contract import EdgeEnd, WorkerSecrets, WorkerSpec
 from engine.worker.edge_link import MqttEdgeLink
+from engine.worker.heap import release_freed_memory
 from engine.worker.inbound import InboundShapes
 from engine.worker.input_files import read_input_files, remove_input_files, write_input_files
 from engine.control.replies import Replies
@@ -58,7 +60,8 @@ from engine.transport import Manifest, Receiver, Sender, SlotGrant, SlotsExhaust
 
 log = logging.getLogger("engine.worker")
 
-ANSWERS_KEPT = 4096  #: answers kept per kind, to answer a repeated question the same way
+ANSWERS_KEPT = 64  #: answers kept per kind whatever their age, to answer a repeated question the same way
+ANSWER_KEPT_S = 60.0  #: and beyond those, how long an answer is kept after it was given (the controller asks again every 2 s)
 FAREWELL_S = 2.0  #: how long a stopping worker tries to announce it (the broker may be gone)
 RANK_CHECK_S = 0.5  #: how often rank 0 looks whether its follower ranks still run
 
@@ -79,14 +82,25 @@ class LogTail(logging.Handler):
 
 
 class Answers(OrderedDict):
-    """The answers given to questions, by question; forgets the oldest beyond ``ANSWERS_KEPT``. A question
-    present with None is being worked on."""
+    """The answers given to questions, by question, the last given last. A question present with None is being
+    worked on and stays. An answer is forgotten once it is older than ``ANSWER_KEPT_S`` and ``ANSWERS_KEPT``
+    newer ones are kept: long enough for any repeat of its question (the controller repeats an unanswered one
+    every few seconds, the outbox re-sends after a broker outage), and nothing held per request a service ran."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self._clock = clock
+        self._given: dict[Hashable, float] = {}
 
     def remember(self, question: Hashable, answer: Any) -> None:
         self[question] = answer
         self.move_to_end(question)
-        while len(self) > ANSWERS_KEPT:
-            self.popitem(last=False)
+        now = self._given[question] = self._clock()
+        for old in list(itertools.islice(self, max(0, len(self) - ANSWERS_KEPT))):
+            if now - self._given[old] <= ANSWER_KEPT_S:
+                break
+            if self[old] is not None:
+                del self[old], self._given[old]
 
 
 class Worker:
@@ -408,6 +422,7 @@ class Worker:
             self.client.post(self.topics.controller, answer)
             self.requests_done += 1
             self.progress.request_finished()
+            await asyncio.to_thread(release_freed_memory)  # what the request freed goes back to the system
 
     async def _run_segment(self, job: RunStage) -> StageDone:
         spec = self.spec

@@ -65,10 +65,10 @@ class Served:
             raise AssertionError(f"engine serve did not stop within {timeout_s} s of SIGTERM:\n{self.log_text()[-3000:]}")
 
 
-def start_service(graph: str, state: Path, *settings: str, extra: tuple[str, ...] = ()) -> Served:
-    """``engine serve graphs/<graph>`` on a free port, once /health answers 200."""
+def start_service(graph: str, state: Path, *settings: str, extra: tuple[str, ...] = (), port: int | None = None) -> Served:
+    """``engine serve graphs/<graph>`` on ``port`` (default: a free one), once /health answers 200."""
     state.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log = state.parent / f"{state.name}-serve-{time.monotonic_ns()}.log"
     command = [sys.executable, "-m", "engine.cli", "serve", str(REPO / "graphs" / graph), "--port", str(port),
                "--state-dir", str(state), *[arg for s in settings for arg in ("--set", s)], *extra]

@@ -23,6 +23,7 @@ from PIL import Image
 
 from engine.control.client import ControlClient
 from engine.control.messages import JobUpdate, SubmitJob
+from tests.hostile_bodies import image_bodies, json_bodies
 from tests.integration.engine_run import reference_frames
 from tests.integration.serve_helpers import REPO, Served, start_service
 
@@ -91,6 +92,20 @@ def test_broken_json_a_broken_image_and_a_file_where_none_is_wanted(wan):
     wrong_endpoint = httpx.post(f"{wan.url}/v1/images/generations", json={"prompt": "x"})
     assert wrong_endpoint.status_code == 404 and "/v1/videos" in wrong_endpoint.json()["error"]["message"]
     assert "Traceback" not in wan.log_text()
+
+
+def test_hostile_bodies_get_a_4xx_naming_the_problem_and_a_normal_job_completes_after(wan):
+    with httpx.Client(base_url=wan.url, timeout=60) as client:
+        for hostile in json_bodies():
+            hostile.check(client.post("/v1/videos", **hostile.send))
+        for query, param in (({"limit": "abc"}, "limit"), ({"limit": 0}, "limit"), ({"order": "sideways"}, "order")):
+            refused = client.get("/v1/videos", params=query)
+            assert refused.status_code == 422 and refused.json()["error"]["param"] == param, refused.text
+        unknown = client.get("/v1/no-such-thing")
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+        after = client.post("/v1/videos", json={"prompt": "a normal job after them"}).json()
+    assert wan.wait_for(after["id"])["status"] == "completed"
+    assert "Traceback" not in wan.log_text() and "ExceptionGroup" not in wan.log_text()
 
 
 # -- jobs -----------------------------------------------------------------------------------------------------
@@ -273,6 +288,13 @@ def test_an_image_edit_through_multipart(tmp_path):
         assert same.content == base64.b64decode(body["data"][0]["b64_json"])  # same seed, same image
         missing = httpx.post(f"{served.url}/v1/images/edits", data={"prompt": "x"}, timeout=30)
         assert missing.status_code == 422 and missing.json()["error"]["param"] == "image"
+        for hostile in image_bodies("image", {"prompt": "make the sky stormy"}):
+            hostile.check(httpx.post(f"{served.url}/v1/images/edits", timeout=60, **hostile.send))
+        # No refused request left its upload: only the two edits' images are there.
+        assert sorted(p.stem for p in (served.state / "uploads").iterdir()) == sorted([body["id"], by_url["id"]])
+        again = httpx.post(f"{served.url}/v1/images/edits", data={"prompt": "make the sky stormy", "seed": "7"},
+                           files={"image": ("frame.png", picture, "image/png")}, timeout=120)
+        assert again.json()["data"][0]["b64_json"] == body["data"][0]["b64_json"]
     finally:
         assert served.stop() == 0
     assert "Traceback" not in served.log_text()

@@ -2,7 +2,8 @@
 against a real ``engine serve``. One deployment of the two-DiT T2V graph wants an API token (the page asks for
 it once): a job submitted from the form reaches 100% and its video plays, another is cancelled from its card.
 A separate three-node deployment, open, loses its only transformer worker to kill -9 for good: the page shows
-the replica down and the job's error. An image edit deployment takes its image from the form and shows the
+the replica down and the job's error; stopped, the page says the service does not answer and shows no replica
+ready, and started again on the same port, the page comes back to it by itself. An image edit deployment takes its image from the form and shows the
 result. Screenshots land in each test's tmp_path; a failed wait names its own."""
 
 from __future__ import annotations
@@ -141,20 +142,33 @@ def test_the_page_asks_for_the_token_once_and_a_job_from_the_form_plays(wan, pag
     edges = page.js("return [...document.querySelectorAll('#graph g.edge')].map(e => e.textContent)")
     assert len(edges) == 2 and all("mooncake" in e and "/ request" in e for e in edges), edges
 
-    page.submit_form("too tall", height=256)  # refused as the API refuses it, naming the field and the fix
+    boxes = page.js("""return Object.fromEntries([...document.querySelectorAll('#submit input[type=number]')].map(i =>
+        [i.name, {min: i.min, max: i.max, width: i.clientWidth}]))""")
+    assert boxes["num_inference_steps"]["max"] == "1000" and boxes["height"]["max"] == "128", boxes  # family, limits
+    assert boxes["num_frames"]["max"] == "17" and boxes["width"]["max"] == "160", boxes
+    assert boxes["num_inference_steps"]["width"] >= 90 and boxes["seed"]["width"] >= 180, (boxes, page.shot("form"))
+
+    page.submit_form("too tall", height=256)  # over the limit: the browser holds it back, naming the maximum
+    assert page.js("return document.querySelector('#submit [name=height]').validity.rangeOverflow"), page.shot("too-tall")
+    page.driver.find_element("name", "height").clear()
+    page.driver.find_element("name", "height").send_keys("128")
+    page.submit_form("", seed=2**63)  # what only the service knows is refused as the API refuses it, naming the field
     refused = page.wait("the form's error", lambda: page.js("return document.getElementById('submit-error').textContent"))
-    assert refused == "height: 256 is over the 128 this service's edge buffers hold; restart it with --set limits.height=256"
-    assert page.js("return document.querySelector('#submit [name=height]').getAttribute('aria-invalid')") == "true"
+    assert refused == f"seed: Input should be less than {2**63}", refused
+    assert page.js("return document.querySelector('#submit [name=seed]').getAttribute('aria-invalid')") == "true"
+    assert not page.js("return document.querySelectorAll('#jobs .job').length")
 
     page.driver.find_element("name", "prompt").clear()
-    job_id = page.submit("a red fox in snow", height=48, num_inference_steps=8, seed=7)
-    assert not page.js("return document.querySelector('#submit [name=height]').getAttribute('aria-invalid')")
+    job_id = page.submit("a red fox in snow", height=48, num_inference_steps=8, seed=1234567890123)
+    assert not page.js("return document.querySelector('#submit [name=seed]').getAttribute('aria-invalid')")
     page.wait("the job completed", lambda: page.card(job_id)["status"] == "completed")
     card = page.card(job_id)
     shot = page.shot("completed")
     assert card["progress"] == 100 and card["label"] == "100% · step 8/8" and not card["cancel"], (card, shot)
     video = page.wait("the video loaded", lambda: (v := page.video(job_id)) and v["readyState"] >= 2 and v)
     assert video["duration"] > 0 and video["error"] is None, (video, shot)
+    size = page.js("return document.querySelector(`#jobs .job[data-job-id='${arguments[0]}'] .job-size`).textContent", job_id)
+    assert size == f"64x48 · {video['duration']:g} s" == "64x48 · 1.125 s", (size, video)  # 9 frames at 8 fps
     assert video["src"].startswith("blob:"), "with a token the page fetches the video itself"
     played = page.driver.execute_async_script("""const [id, done] = arguments;
         const v = document.querySelector(`#jobs .job[data-job-id="${id}"] video`);
@@ -191,8 +205,12 @@ def test_a_running_job_shows_its_replica_busy_and_cancelled_shows_as_cancelled(w
         r["state"] == "ready" for name, r in page.replicas().items() if name.startswith("transformer")))
 
 
-def test_a_killed_worker_shows_its_replica_down_and_the_jobs_error(tmp_path, page):
-    served = start_service("wan_t2v.yaml", tmp_path / "state", *LIMITS, extra=("--no-mqtt", "--max-restarts", "0"))
+def test_a_killed_worker_shows_its_replica_down_and_the_jobs_error_then_the_service_restarts(tmp_path, page):
+    """kill -9 of the only transformer: its replica down, the job's error; then the service stops (the page says
+    it does not answer, in its own words, and shows nothing as ready) and starts again on the same port (the page
+    comes back to it by itself, the error gone)."""
+    settings = ("wan_t2v.yaml", tmp_path / "state", *LIMITS)
+    served = start_service(*settings, extra=("--no-mqtt", "--max-restarts", "0"))
     try:
         page.open(served.url)
         page.wait("three replicas ready", lambda: [r["state"] for r in page.replicas().values()] == ["ready"] * 3)
@@ -217,11 +235,36 @@ def test_a_killed_worker_shows_its_replica_down_and_the_jobs_error(tmp_path, pag
         code = served.stop()  # with the page still open: its event stream must not hold the service up
     assert code == 0 and "Traceback" not in served.log_text(), served.log_text()[-5000:]
 
+    page.wait("the page disconnected", lambda: page.js("return document.getElementById('status').textContent") == "disconnected")
+    error = page.wait("the page's error in its own words", lambda: (
+        text := page.js("return document.getElementById('page-error').textContent")) and "no answer" in text and text)
+    page.wait("every replica unknown", lambda: {r["state"] for r in page.replicas().values()} == {"unknown"})
+    shot = page.shot("disconnected")
+    assert error == "events: GET /v1/service/events: no answer from the service (stopped, restarting, or the network " \
+                    "is down); reconnecting every 2 s", (error, shot)
+    assert page.replicas()["encoder[0]"]["text"] == "[0] unknown (was ready)", shot
+    queue = page.js("const q = document.getElementById('queue'); return [q.textContent, q.dataset.stale]")
+    assert re.fullmatch(r"queued 0 · running 0 \(as of .+\)", queue[0]) and queue[1] == "true", (queue, shot)
+
+    port = int(served.url.rsplit(":", 1)[1])
+    again = start_service(*settings, extra=("--no-mqtt",), port=port)
+    try:
+        page.wait("the page back with the service", lambda: page.js("return document.getElementById('status').textContent") == "ok")
+        page.wait("three replicas ready again", lambda: [r["state"] for r in page.replicas().values()] == ["ready"] * 3)
+        shot = page.shot("back")
+        assert page.js("return document.getElementById('page-error').hidden"), shot
+        assert page.js("return document.getElementById('queue').dataset.stale") is None, shot
+        assert page.card(job_id)["status"] == "failed", shot  # the jobs listed again, from the service's records
+    finally:
+        code = again.stop()
+    assert code == 0 and "Traceback" not in again.log_text(), again.log_text()[-5000:]
+
 
 def test_the_service_endpoints_describe_the_graph_without_a_browser(wan):
     """What the page reads, checked directly: the graph as planned and events that start with the jobs."""
     auth = {"Authorization": f"Bearer {TOKEN}"}
     assert httpx.get(f"{wan.url}/v1/service", timeout=30).status_code == 401
+    assert httpx.get(f"{wan.url}/v1/service", headers={"Authorization": f"bearer {TOKEN}"}, timeout=30).status_code == 200
     assert httpx.get(f"{wan.url}/", timeout=30).status_code == 200  # the page itself holds nothing secret
     service = httpx.get(f"{wan.url}/v1/service", headers=auth, timeout=30).json()
     assert [(n["name"], n["replicas"], n["device"]) for n in service["nodes"]] == [

@@ -18,7 +18,7 @@ from nodes.wan.family import WanRequest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 SCRIPTS = ("overhead", "throughput", "control", "memory", "cold_start", "gpu_wan", "timeline", "monolithic", "hosts",
-           "step_cache", "backends")
+           "step_cache", "backends", "soak", "parallel")
 
 
 def load(name: str):
@@ -194,3 +194,27 @@ def test_timeline_bars_follow_each_replica_queue(tmp_path):
     assert len([b for b in bars if b["kind"] == "segment"]) == 6
     pytest.importorskip("matplotlib")
     assert timeline.draw(report, tmp_path / "timeline.png").stat().st_size > 0
+
+
+def test_soak_fits_the_growth_per_job_after_warm_up_and_renders_a_table():
+    soak = load("soak")
+
+    def sample(seconds: float, jobs: int, decoder_rss: int, worker_rss: int) -> dict:
+        return {"seconds": seconds, "jobs_completed": jobs, "processes": {
+            "decoder-0": {"rss_bytes": decoder_rss, "rss_peak_bytes": decoder_rss + (60 << 20), "open_files": 19},
+            "transformer-0": {"rss_bytes": worker_rss, "rss_peak_bytes": worker_rss, "open_files": 20}}}
+
+    # The decoder grows 4 KiB a job under a request's swing; the transformer is flat after warm-up.
+    swing = [0, 3 << 20, -2 << 20, 1 << 20, 0]
+    samples = [sample(0, 0, 400 << 20, 300 << 20)] + [
+        sample(30 * i, 100 * i, (500 << 20) + 4096 * 100 * i + swing[i % 5], 480 << 20) for i in range(1, 21)]
+    grown = soak.growth(samples, warmup_s=60)
+    assert grown["from_seconds"] == 60 and grown["jobs"] == 1800 and grown["samples"] == 19
+    assert abs(grown["processes"]["decoder-0"]["rss_bytes_per_job"] - 4096) < 1024
+    assert grown["processes"]["transformer-0"]["rss_bytes_per_job"] == 0
+    assert grown["processes"]["transformer-0"]["rss_growth_bytes"] == 0
+    result = {"graph": "g", "model": "tiny", "clients": 4, "minutes": 10, "completed": 2000, "failed": 0, "failures": [],
+              "growth": grown, "samples": samples, "ready_seconds": 9.0, "exit_code": 0,
+              "machine": {"cpu": "c", "cores": 2, "memory_gib": 1, "torch": "t", "torch_threads": 1, "loadavg_start": 0.0}}
+    table = soak.render(result)
+    assert "decoder-0" in table and "KiB per job (fit)" in table and "+0.00" in table

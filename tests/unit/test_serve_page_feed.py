@@ -5,31 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 from fastapi.testclient import TestClient
 
 from engine.control.messages import Heartbeat, Status
-from engine.plan.build import build_plan
-from engine.plan.check import check_graph
-from engine.controller.controller import Controller, RunOptions
 from engine.controller.tracker import State, TrackedRequest
 from engine.serve.bodies import VideoBody
 from engine.serve.http import ApiOptions, create_app
 from engine.serve.page import describe, events
-from engine.serve.service import ReplicaSnapshot, Service, ServiceOptions
-from engine.spec.load import load_graph
+from engine.serve.service import ReplicaSnapshot, Service
 from nodes.wan.family import WanRequest
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def service_of(tmp_path: Path) -> Service:
-    checked = check_graph(load_graph(REPO / "graphs" / "wan_t2v_two_dit.yaml", []))
-    plan = build_plan(checked, REPO / "configs" / "wan2.1-t2v-1.3b")
-    controller = Controller(plan, REPO, RunOptions(out_dir=tmp_path / "outputs", run_id="t", quiet=True))
-    return Service(controller, checked, ServiceOptions(state_dir=tmp_path))
+from tests.unit.serve_support import service_of
 
 
 def announce(service: Service, node: str, replica: int, state: str, **fields) -> None:
@@ -90,6 +77,9 @@ def test_the_graph_as_planned_with_bytes_at_the_default_request(tmp_path):
     assert described["endpoint"] == "/v1/videos" and described["image_field"] is None
     assert described["defaults"] == {"width": 64, "height": 48, "num_frames": 9, "steps": 4, "seed": 0,
                                      "negative_prompt": "blurry, distorted"}
+    # The form's ranges: the family's bounds, the sizes at most what the edge buffers hold (the graph's limits).
+    assert described["bounds"] == {"width": {"min": 16, "max": 64}, "height": {"min": 16, "max": 48},
+                                   "num_frames": {"min": 1, "max": 9}, "steps": {"min": 1, "max": 1000}}
 
 
 def test_events_start_with_the_jobs_and_the_state_then_follow_changes(tmp_path):

@@ -43,10 +43,26 @@ function askToken(refused) {
   return asking;
 }
 
+/** The service could not be reached (fetch() says only "Failed to fetch", or its browser's own words). */
+export class Unreachable extends Error {
+  constructor(what) {
+    super(`${what}: no answer from the service (stopped, restarting, or the network is down)`);
+  }
+}
+
+async function reaching(what, promise) {
+  try {
+    return await promise;
+  } catch (error) {
+    if (error instanceof TypeError) throw new Unreachable(what);  // what fetch() and stream reads throw
+    throw error;
+  }
+}
+
 /** fetch() with the token; a 401 asks for the token (again) and repeats the request. */
 export async function request(path, init = {}) {
   for (;;) {
-    const response = await fetch(path, withToken(init));
+    const response = await reaching(`${init.method ?? "GET"} ${path}`, fetch(path, withToken(init)));
     if (response.status !== 401) return response;
     await askToken(Boolean(token()));
   }
@@ -82,15 +98,17 @@ function dispatch(block, onEvent) {
   if (data.length) onEvent(name, JSON.parse(data.join("\n")));
 }
 
-/** Call onEvent(name, data) for each server-sent event at path; resolves when the stream ends. */
-export async function readEvents(path, onEvent) {
+/** Call onOpen() once the stream at path is open, then onEvent(name, data) for each server-sent event on it;
+ * resolves when the stream ends, throws Unreachable when the service cannot be reached or stops answering. */
+export async function readEvents(path, onOpen, onEvent) {
   const response = await request(path, { headers: { Accept: "text/event-stream" } });
   if (!response.ok) throw await failure(response);
+  onOpen();
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let text = "";
   let held = "";  // a chunk may end between the \r and \n of a line end
   for (;;) {
-    const { value, done } = await reader.read();
+    const { value, done } = await reaching(`events of ${path}`, reader.read());
     if (done) return;
     const chunk = held + value;
     held = chunk.endsWith("\r") ? "\r" : "";

@@ -3,7 +3,7 @@
 
 import { json, readEvents } from "./api.js";
 import { setUpForm } from "./form.js";
-import { drawGraph, showState } from "./graph.js";
+import { drawGraph, markStale, showState } from "./graph.js";
 import { JobList } from "./jobs.js";
 
 const RECONNECT_MS = 2000;
@@ -24,8 +24,24 @@ function showPageError(text) {
 
 function showServiceState(state) {
   showStatus(state.status);
-  document.getElementById("queue").textContent = `queued ${state.queued} · running ${state.running}`;
+  const queue = document.getElementById("queue");
+  queue.textContent = `queued ${state.queued} · running ${state.running}`;
+  delete queue.dataset.stale;
+  queue.title = "";
   showState(graph, state);
+}
+
+/** Nothing shown of the service's state holds while its events do not come: say so, and since when. */
+function showDisconnected() {
+  showStatus("disconnected");
+  const queue = document.getElementById("queue");
+  if (!queue.dataset.stale) {
+    const since = new Date().toLocaleTimeString();
+    queue.dataset.stale = "true";
+    queue.title = `as of ${since}, when the service stopped answering`;
+    if (queue.textContent) queue.textContent = `${queue.textContent} (as of ${since})`;
+  }
+  markStale(graph);
 }
 
 function showModel(service) {
@@ -44,12 +60,12 @@ const handlers = {
 async function follow() {
   for (;;) {
     try {
-      await readEvents("/v1/service/events", (name, data) => handlers[name]?.(data));
-      showPageError("");
+      await readEvents("/v1/service/events", () => showPageError(""), (name, data) => handlers[name]?.(data));
+      showPageError(`events: the service ended the stream; reconnecting every ${RECONNECT_MS / 1000} s`);
     } catch (error) {
-      showPageError(`events: ${error.message}`);
+      showPageError(`events: ${error.message}; reconnecting every ${RECONNECT_MS / 1000} s`);
     }
-    showStatus("disconnected");
+    showDisconnected();
     await new Promise((resolve) => setTimeout(resolve, RECONNECT_MS));
   }
 }
@@ -63,4 +79,4 @@ async function main() {
   await follow();
 }
 
-main().catch((error) => showPageError(`the service did not answer: ${error.message}`));
+main().catch((error) => showPageError(`the page could not start: ${error.message}`));

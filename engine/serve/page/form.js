@@ -11,6 +11,11 @@ function fillDefaults(form, service) {
     if (defaults[name] !== undefined) form.elements[name].value = defaults[name];
   }
   if (defaults.steps !== undefined) form.elements.num_inference_steps.value = defaults.steps;
+  for (const [name, range] of Object.entries(service.bounds ?? {})) {  // the family's bounds, the limits' maxima
+    const input = form.elements[name === "steps" ? "num_inference_steps" : name];
+    if (range.min !== undefined) input.min = range.min;
+    if (range.max !== undefined) input.max = range.max;
+  }
   for (const name of ["seed", "negative_prompt"]) {  // left empty, the service's default applies
     if (defaults[name] !== undefined && defaults[name] !== null) form.elements[name].placeholder = defaults[name];
   }

@@ -138,3 +138,17 @@ export function showState(svg, state) {
     row.querySelector("title").textContent = details.filter(Boolean).join("\n");
   }
 }
+
+/** The service does not answer: no replica's state is known any more (none stays green). Each row says what it
+ * was last; the next `state` event shows them again. */
+export function markStale(svg) {
+  for (const row of svg.querySelectorAll("g.replica")) {
+    if (row.dataset.state === "unknown") continue;
+    const last = row.dataset.state;
+    row.dataset.state = "unknown";
+    row.dataset.stage = "";
+    row.querySelector("text").textContent = `[${row.dataset.replica}] unknown (was ${last})`;
+    const title = row.querySelector("title");
+    title.textContent = `no news: the service does not answer\nlast known: ${title.textContent || last}`;
+  }
+}

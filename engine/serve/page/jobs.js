@@ -21,8 +21,14 @@ function progressLabel(job) {
   return `${job.progress}%${steps}`;
 }
 
+/** The video's length: its frames at its frame rate (9 frames at 16 fps play 0.5625 s). */
+function videoSeconds(job) {
+  return job.num_frames && job.fps ? Number((job.num_frames / job.fps).toFixed(4)) : null;
+}
+
 function describeSize(job) {
-  return [job.size, job.seconds && `${job.seconds} s`].filter(Boolean).join(" · ");
+  const seconds = videoSeconds(job);
+  return [job.size, seconds !== null && `${seconds} s`].filter(Boolean).join(" · ");
 }
 
 export class JobList {
