@@ -67,7 +67,8 @@ def load_transformer(model: str, device: str, dtype):
 
     if model == "synthetic":
         torch.manual_seed(0)
-        return WanTransformer3DModel(**SYNTHETIC).to(device, dtype).eval()
+        model = WanTransformer3DModel(**SYNTHETIC)
+        return (model if dtype == torch.float32 else model.to(dtype)).to(device).eval()
     return WanTransformer3DModel.from_pretrained(Path(model) / "transformer", torch_dtype=dtype).to(device).eval()
 
 
