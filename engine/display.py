@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from engine.errors import EngineError
-from engine.plan.model import PAYLOAD_ALIGNMENT, Plan, PlannedEdge
+from engine.plan.model import PAYLOAD_ALIGNMENT, Plan, PlannedEdge, PlannedNode
 
 
 def human_bytes(nbytes: int | float) -> str:
@@ -36,7 +36,8 @@ def graph_text(plan: Plan) -> str:
     parts = [f"graph {plan.graph} ({plan.file}): {plan.family} {plan.task}, model {plan.model_path}, {plan.dtype}",
              f"sized for {', '.join(f'{k}={v}' for k, v in plan.limits.items())}", ""]
     parts.append(table(["node", "stages", "host", "device", "replicas", "dtype"],
-                       [[n.name, ", ".join(n.stages), n.host, n.device, n.replicas, n.dtype] for n in plan.nodes.values()]))
+                       [[n.name, ", ".join(n.stages), n.host, n.device, replica_text(n), n.dtype]
+                        for n in plan.nodes.values()]))
     parts.append("")
     if not plan.edges:
         parts.append("no edges: every stage runs in one node")
@@ -50,6 +51,11 @@ def graph_text(plan: Plan) -> str:
         parts.append("")
     parts.append("a request runs through: " + " -> ".join(f"{s.node}[{', '.join(s.stages)}]" for s in plan.segments))
     return "\n".join(parts)
+
+
+def replica_text(node: PlannedNode) -> str:
+    """``2``, or ``1-4`` for an elastic node."""
+    return f"{node.replicas}-{node.max_replicas}" if node.max_replicas else str(node.replicas)
 
 
 def transport_text(edge: PlannedEdge) -> str:
@@ -66,7 +72,7 @@ def graph_dot(plan: Plan) -> str:
              '  edge [fontname="Helvetica", fontsize=10];',
              f"  label={quote(f'{plan.graph}: {plan.family} {plan.task} ({plan.model_path}, {plan.dtype})')}; labelloc=t;"]
     for node in plan.nodes.values():
-        replicas = f" x{node.replicas}" if node.replicas > 1 else ""
+        replicas = f" x{replica_text(node)}" if node.most_replicas > 1 else ""
         label = f"{node.name}{replicas}\n{node.host} {node.device}\n" + "\n".join(node.stages)
         lines.append(f"  {quote(node.name)} [label={quote(label)}];")
     for edge in plan.edges:

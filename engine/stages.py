@@ -62,6 +62,10 @@ class StageSpec:
     #: Request fields naming files the stage reads (an input image): a node on another host than the controller
     #: gets them over the data plane (:mod:`engine.plan.feeder`).
     reads: tuple[str, ...] = ()
+    #: Request fields the outputs depend on, besides the weights, when nothing else does (no input tensors, no
+    #: randomness): a worker may then keep outputs for requests that repeat them (:mod:`engine.worker.output_cache`);
+    #: a field in ``reads`` counts by its file's bytes. None: the stage always runs.
+    cache_key: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,8 @@ class TrackedRequest:
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
     steps: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  #: (node, stage) -> (step, of total)
+    cached: dict[str, bool] = field(default_factory=dict)  #: cacheable stage -> whether its outputs were a cache hit
+    saved_s: float = 0.0  #: seconds its cache hits saved
 
     def __post_init__(self) -> None:
         self.events.append(Event(self.now(), self.state, "submitted"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.spec.schema import Timeouts
+from engine.spec.schema import Scaling, Timeouts
 from engine.stages import RequestParams
 
 #: Every tensor in an edge payload starts at a multiple of this many bytes (one cache line). The transport packs
@@ -70,6 +70,14 @@ class PlannedNode:
     memory_bytes: int | None  #: declared in the graph; None: detect
     rdma_device: str | None  #: the NIC for Mooncake RDMA; None: the environment's default
     line: int | None
+    max_replicas: int | None = None  #: most replicas of an elastic node (``replicas`` is its fewest); None: fixed
+    threads: int | None = None  #: torch threads per replica (``place.threads``); None: a share of the host's cores
+    output_cache_bytes: int = 0  #: stage outputs each replica may keep for repeated inputs
+
+    @property
+    def most_replicas(self) -> int:
+        """The replicas this node may run at once: what memory, credentials and buffers are planned for."""
+        return self.max_replicas or self.replicas
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,7 @@ class Plan:
     #: not hold comes from here
     configs: dict[str, dict[str, Any]]
     component_folders: dict[str, str] = field(default_factory=dict)
+    scaling: Scaling = field(default_factory=Scaling)
 
     def edge_between(self, source: str, target: str) -> PlannedEdge:
         return next(e for e in self.edges if e.source == source and e.target == target)

@@ -35,8 +35,8 @@ from engine.control.broker import BrokerAddress, TLSOptions
 from engine.control.bus import Inbound
 from engine.control.client import ControlClient, LastWill
 from engine.control.heartbeat import RECONNECT_ALLOWANCE_S, WILL_GRACE_S, Progress, publish_heartbeats, rss_bytes
-from engine.control.messages import (Ack, Cancel, Delivered, EdgeStats, Fence, Grant, GrantRequest, Landed, ReplicaRef,
-                                     ReplicaRestarting, RunStage, Shutdown, StageDone, StageFailed, Status)
+from engine.control.messages import (Ack, Cancel, CpuShare, Delivered, EdgeStats, Fence, Grant, GrantRequest, Landed,
+                                     ReplicaRef, ReplicaRestarting, RunStage, Shutdown, StageDone, StageFailed, Status)
 from engine.control.topics import Topics
 from engine.display import human_bytes
 from engine.errors import EngineError, TransportError
@@ -47,6 +47,8 @@ from engine.worker.contract import EdgeEnd, WorkerSecrets, WorkerSpec
 from engine.worker.edge_link import MqttEdgeLink
 from engine.worker.inbound import InboundShapes
 from engine.worker.input_files import read_input_files, remove_input_files, write_input_files
+from engine.worker.output_cache import CachedStage, OutputCache, with_output_cache
+from engine.worker.threads import TorchThreads
 from engine.control.replies import Replies
 from engine.stages import Stage
 from engine.transport import Manifest, Receiver, Sender, SlotGrant, SlotsExhausted, accept, make_receiver, make_sender, send_tensors
@@ -110,6 +112,9 @@ class Worker:
         self.background: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
         self.requests_done = 0
+        self.queued_at: dict[tuple[str, int, int], float] = {}  #: run_stage question -> when it was queued
+        self.threads = TorchThreads(spec.cpu_share, spec.threads)
+        self.output_cache = OutputCache(spec.output_cache_bytes) if spec.output_cache_bytes else None
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -132,8 +137,10 @@ class Worker:
         started = time.perf_counter()
         components = await asyncio.to_thread(self.family.load_components, spec.task, spec.components,
                                               Path(spec.source), spec.device, spec.dtype)
+        weights = f"{spec.family}:{spec.task}:{spec.source}:{','.join(spec.components)}:{spec.dtype}:{spec.device}"
         for name in spec.stages:
-            self.stages[name] = self.family.build_stage(spec.task, name, components, spec.device, spec.dtype, spec.configs)
+            stage = self.family.build_stage(spec.task, name, components, spec.device, spec.dtype, spec.configs)
+            self.stages[name] = with_output_cache(stage, self.output_cache, weights)
         for edge in spec.inbound:
             self.receivers[edge.name] = await asyncio.to_thread(make_receiver, edge.transport, edge.name, edge.slot_bytes,
                                                                 edge.slots, integrity=edge.integrity, **self._mooncake(edge))
@@ -220,7 +227,9 @@ class Worker:
             question = (message.request_id, message.segment, message.attempt)
             if question not in self.results:
                 self.results.remember(question, None)
+                self.queued_at[question] = time.monotonic()
                 self.jobs.put_nowait(message)
+                self.progress.waiting = self.jobs.qsize()
             elif self.results[question] is not None:  # our answer was lost: give it again
                 self.client.post(self.topics.controller, self.results[question])
         elif isinstance(message, GrantRequest):
@@ -277,6 +286,8 @@ class Worker:
         elif isinstance(message, Shutdown):
             log.info("shutdown: %s", message.reason)
             self.stopping.set()
+        elif isinstance(message, CpuShare):
+            self.threads.share = message.share  # the compute thread applies it before its next stage
 
     def _clear_suspicion(self, peer: tuple[str, int]) -> None:
         """The peer spoke (or is being started again): its will, if one came, is not to be believed."""
@@ -352,10 +363,14 @@ class Worker:
         controller that did not hear it asks again and gets it again."""
         while True:
             job = await self.jobs.get()
+            self.progress.waiting = self.jobs.qsize()
+            started = time.monotonic()
+            waited = started - self.queued_at.pop((job.request_id, job.segment, job.attempt), started)
             answer: StageDone | StageFailed
             try:
                 self._check_cancelled(job.request_id)
-                answer = await self._run_segment(job)
+                done = await self._run_segment(job)
+                answer = done.model_copy(update={"waited_s": waited, "busy_s": time.monotonic() - started})
             except Exception as exc:  # reported to the controller, which decides what the request does next
                 log.log(logging.INFO if isinstance(exc, Cancelled) else logging.ERROR, "request %s failed: %s",
                         job.request_id, exc)
@@ -393,7 +408,7 @@ class Worker:
                 tensors = read_input_files(job.request, {t.name: t.nbytes for e in spec.outbound for t in e.declared})
 
             # 2. Stages, in order, on the compute thread; progress goes out with the heartbeats.
-            timings = await asyncio.to_thread(self._compute, job.request_id, segment.stages, request, tensors)
+            timings, cached = await asyncio.to_thread(self._compute, job.request_id, segment.stages, request, tensors)
         finally:
             if files:
                 remove_input_files(fed_folder)
@@ -416,10 +431,15 @@ class Worker:
             outputs = [str(p) for p in paths]
         self._release_received(job.request_id)
         return StageDone(request_id=job.request_id, node=spec.node, replica=spec.replica, attempt=job.attempt,
-                         timings=timings, edges=edge_stats, outputs=outputs, peak_rss_bytes=peak_rss_bytes())
+                         timings=timings, edges=edge_stats, outputs=outputs, peak_rss_bytes=peak_rss_bytes(),
+                         cached={stage: outcome.hit for stage, outcome in cached.items()},
+                         saved_s=sum(outcome.saved_s for outcome in cached.values()))
 
-    def _compute(self, request_id: str, stages: tuple[str, ...], request: Any, tensors: dict[str, Any]) -> dict[str, float]:
-        timings = {}
+    def _compute(self, request_id: str, stages: tuple[str, ...], request: Any,
+                 tensors: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+        """Run the stages: their seconds, and how each cached stage's outputs came (hit or miss)."""
+        self.threads.apply()
+        timings, cached = {}, {}
         for name in stages:
             self.progress.stage_started(request_id, name, 0)
 
@@ -430,10 +450,14 @@ class Worker:
                 self.progress.step_done(step)
 
             started = time.perf_counter()
-            tensors.update(self.stages[name].run(request, tensors, progress))
+            stage = self.stages[name]
+            tensors.update(stage.run(request, tensors, progress))
             timings[name] = time.perf_counter() - started
-            log.info("request %s: %s took %.3f s", request_id, name, timings[name])
-        return timings
+            if isinstance(stage, CachedStage) and stage.last is not None:
+                cached[name] = stage.last
+            log.info("request %s: %s took %.3f s%s", request_id, name, timings[name],
+                     " (outputs from the cache)" if name in cached and cached[name].hit else "")
+        return timings, cached
 
     def _inbound_for(self, names: tuple[str, ...]) -> list[EdgeEnd]:
         return [e for e in self.spec.inbound if set(e.tensors) & set(names)]
@@ -532,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
+
+    TorchThreads(spec.cpu_share, spec.threads).start()
 
     return asyncio.run(run_worker(spec, secrets))
 
