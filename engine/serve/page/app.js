@@ -26,6 +26,13 @@ function showServiceState(state) {
   showStatus(state.status);
   document.getElementById("queue").textContent = `queued ${state.queued} · running ${state.running}`;
   showState(graph, state);
+  const scaling = document.getElementById("scaling");
+  scaling.replaceChildren(...state.scale_events.map((event) => {
+    const item = document.createElement("li");
+    const when = new Date(event.time * 1000).toLocaleTimeString();
+    item.textContent = `${when} scale ${event.direction} ${event.node}[${event.replica}]: ${event.detail}`;
+    return item;
+  }));
 }
 
 function showModel(service) {
