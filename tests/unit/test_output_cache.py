@@ -97,3 +97,19 @@ def test_frames_of_a_cache_hit_equal_those_of_a_miss(guidance):
     hit = frames()
     assert stages["text_encode"].last.hit and stages["text_encode"].last.saved_s > 0
     assert torch.equal(hit, miss)
+
+
+def test_every_declared_cache_key_names_fields_of_the_tasks_request():
+    from engine.families import get_family
+
+    declared = 0
+    for name in ("wan", "qwen_image", "z_image"):
+        fam = get_family(name)
+        for task in fam.tasks:
+            fields = fam.request_type(task).model_fields
+            for spec in fam.stages(task):
+                if spec.cache_key is not None:
+                    declared += 1
+                    assert set(spec.cache_key) <= set(fields), (name, task, spec.name)
+                    assert not spec.inputs, f"{name} {task} {spec.name} reads tensors: its outputs are not its fields'"
+    assert declared >= 5
