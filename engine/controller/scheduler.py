@@ -306,8 +306,8 @@ class Scheduler:
 
     def _release(self, request: TrackedRequest) -> None:
         for index, replica in request.replica_of.items():
-            if index >= request.segment:
-                info = self.fleet.replicas[(self.plan.segments[index].node, replica)]
+            info = self.fleet.replicas.get((self.plan.segments[index].node, replica))
+            if index >= request.segment and info is not None:  # None: drained, died and already handed back
                 info.assigned = max(0, info.assigned - 1)
 
     def _drop_on_replicas(self, request: TrackedRequest, reason: str) -> None:
