@@ -22,8 +22,9 @@ cancelled or lost). A rate starts once the jobs of the one before have all ended
 every job of a rate (``--queue-size`` at least ``--jobs``), so none is refused for a full queue.
 
 Two services run in turn, each through every rate: ``fixed``, the graph as it is, and ``elastic``, the same graph
-with the ``--elastic`` node (the decoder) at ``replicas: {min: 1, max: --max-replicas}`` and a short scaling window
-(``--scale-window-s``, the cooldown twice that) that suits jobs of a second or two. Around each rate the
+with the ``--elastic`` node (the decoder) at ``replicas: {min: 1, max: --max-replicas}`` and short scaling windows
+(``--scale-window-s`` to scale out, the cooldown twice that; ``--scale-in-window-s`` to scale in) that suit jobs of
+a second or two. Around each rate the
 benchmark reads the service's ``/metrics``: per node, the segments finished, the seconds its replicas were busy on
 them and the seconds those waited in a replica's queue first; the scaling decisions; the most replicas each node had
 (looked at every 0.5 s). Each worker's torch threads are the engine's CPU budget (its share of the cores by the
@@ -87,7 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--elastic", default="decoder", help="the node the elastic service scales (default: decoder)")
     parser.add_argument("--max-replicas", type=int, default=2, help="its most replicas (default: 2)")
     parser.add_argument("--scale-window-s", type=float, default=3.0,
-                        help="the elastic service's scaling window; its cooldown is twice that (default: 3)")
+                        help="the elastic service's window to scale out; its cooldown is twice that (default: 3)")
+    parser.add_argument("--scale-in-window-s", type=float, default=20.0,
+                        help="the elastic service's window to scale in (default: 20)")
     parser.add_argument("--out", type=Path, help="folder for the service's state and the pipeline's outputs "
                         "(default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
@@ -96,8 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--jobs must be at least 1")
     if args.warmup < 0 or (args.worker_threads is not None and args.worker_threads < 1):
         parser.error("--warmup must be 0 or more, --worker-threads 1 or more")
-    if args.max_replicas < 2 or args.scale_window_s <= 0:
-        parser.error("--max-replicas must be at least 2 and --scale-window-s above 0")
+    if args.max_replicas < 2 or not 0 < args.scale_window_s <= args.scale_in_window_s:
+        parser.error("--max-replicas must be at least 2, and 0 < --scale-window-s <= --scale-in-window-s")
     if min(args.rates or args.loads) <= 0:
         parser.error("rates and loads must be above 0")
     return args
@@ -365,7 +368,8 @@ def measure(args: argparse.Namespace) -> dict:
     threads = [f"nodes.{node}.place.threads={args.worker_threads}" for node in plan.nodes
                if node in checked.loaded.spec.nodes] if args.worker_threads else []
     elastic = [f"nodes.{args.elastic}.replicas={{min: 1, max: {args.max_replicas}}}",
-               f"scaling.window_s={args.scale_window_s:g}", f"scaling.cooldown_s={2 * args.scale_window_s:g}"]
+               f"scaling.window_s={args.scale_window_s:g}", f"scaling.in_window_s={args.scale_in_window_s:g}",
+               f"scaling.cooldown_s={2 * args.scale_window_s:g}"]
     image = jobs[0].image if args.task == "i2v" else None
     services = {}
     for variant in args.variants:
@@ -393,7 +397,8 @@ def measure(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "capacity_jobs_per_minute": capacity,
         "worker_threads": args.worker_threads,
-        "elastic": {"node": args.elastic, "max_replicas": args.max_replicas, "window_s": args.scale_window_s},
+        "elastic": {"node": args.elastic, "max_replicas": args.max_replicas, "window_s": args.scale_window_s,
+                    "in_window_s": args.scale_in_window_s},
         "services": services,
         "monolithic": mono,
         "machine": finish_machine(info),
@@ -413,7 +418,7 @@ def render(result: dict) -> str:
              f"{request['height']}x{request['width']}x{request['frames']}, {request['steps']} steps; "
              f"{result['jobs']} jobs per rate, {arrivals}; {result['warmup']} warm-up job(s) per side; {threads}, "
              f"pipeline {mono['torch_threads']}; elastic: {elastic['node']} 1-{elastic['max_replicas']} replicas, "
-             f"{elastic['window_s']:g} s window", ""]
+             f"out on {elastic['window_s']:g} s, in on {elastic['in_window_s']:g} s", ""]
 
     def cell(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"

@@ -45,7 +45,7 @@ class Autoscaler:
         self.fleet = fleet
         self.scaling = scaling  #: False: elastic nodes keep their ``min`` replicas (``engine serve --autoscale off``)
         self.clock = clock
-        self.window = LoadWindow(plan.scaling.window_s)
+        self.window = LoadWindow(max(plan.scaling.window_s, plan.scaling.in_window_s))
         self.events: deque[ScaleEvent] = deque(maxlen=EVENTS_KEPT)
         self.counts: Counter[tuple[str, str, str]] = Counter()  #: (node, direction, reason) -> decisions
         self.elastic = [n.name for n in plan.nodes.values() if n.max_replicas is not None]
@@ -77,7 +77,9 @@ class Autoscaler:
             state = NodeState(serving, warming, draining, planned.replicas, planned.most_replicas, self._changed_at[node])
             replicas = [r.replica for r in self.fleet.replicas.values()
                         if r.node == node and r.down is None and r.state == "ready" and not r.draining]
-            decision = decide(node, state, self.window.load(node, replicas, state.changed_at, now), self.plan.scaling, now)
+            policy = self.plan.scaling
+            decision = decide(node, state, self.window.load(node, replicas, state.changed_at, now, policy.window_s),
+                              self.window.load(node, replicas, state.changed_at, now, policy.in_window_s), policy, now)
             if decision is not None:
                 found.append(decision)
         return found

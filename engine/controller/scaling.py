@@ -8,10 +8,11 @@ time its serving replicas were busy and how many segments waited per replica. :f
 
 - out, when the busy share is above ``out_busy`` or more than ``out_waiting`` segments wait per replica, below
   ``max``;
-- in, when the node would still be under ``in_busy`` with one replica fewer and nothing waits, above ``min``;
+- in, when over the longer ``in_window_s`` the node would still be under ``in_busy`` with one replica fewer and
+  nothing waited, above ``min`` (quick to add, slow to remove: a lull between bursts keeps the replicas);
 - nothing while a replica of the node warms up or drains, within ``cooldown_s`` of the node's last change, or before
-  the window has seen ``window_s`` seconds of the node as it is now (observations from before a change say nothing
-  of the new count).
+  the window has seen its whole length of the node as it is now (observations from before a change say nothing of
+  the new count).
 
 ``in_busy`` well below ``out_busy`` keeps a steady load at the boundary from flapping: after scaling out at a share
 just above ``out_busy``, the node with one replica fewer would be there again, far above ``in_busy``.
@@ -68,7 +69,7 @@ class Decision:
 
 
 class LoadWindow:
-    """Heartbeat samples of every replica over the last ``window_s`` seconds."""
+    """Heartbeat samples of every replica over the last ``window_s`` seconds (the longest window looked at)."""
 
     def __init__(self, window_s: float):
         self.window_s = window_s
@@ -92,10 +93,10 @@ class LoadWindow:
             return None
         return min(1.0, (samples[-1].busy_s - samples[0].busy_s) / (samples[-1].at - samples[0].at))
 
-    def load(self, node: str, replicas: list[int], since: float, now: float) -> NodeLoad | None:
-        """The node's load from ``since`` (at most ``window_s`` back) over ``replicas``; None before any of them
-        has two samples."""
-        since = max(since, now - self.window_s)
+    def load(self, node: str, replicas: list[int], since: float, now: float, window_s: float) -> NodeLoad | None:
+        """The node's load from ``since`` (at most ``window_s`` back, at most the window kept) over ``replicas``;
+        None before any of them has two samples."""
+        since = max(since, now - min(window_s, self.window_s))
         shares = [share for r in replicas if (share := self.busy_share(node, r, since)) is not None]
         if not shares:
             return None
@@ -104,23 +105,23 @@ class LoadWindow:
                         span_s=now - since)
 
 
-def decide(node: str, state: NodeState, load: NodeLoad | None, policy: Scaling, now: float) -> Decision | None:
-    """Scale ``node`` out, in, or leave it (see the module's docstring)."""
-    if state.warming or state.draining or not state.replicas or load is None:
-        return None
-    if now - state.changed_at < policy.cooldown_s or load.span_s < policy.window_s * 0.999:
+def decide(node: str, state: NodeState, recent: NodeLoad | None, longer: NodeLoad | None, policy: Scaling,
+           now: float) -> Decision | None:
+    """Scale ``node`` out (on its ``recent`` load, over ``window_s``), in (on its ``longer`` load, over
+    ``in_window_s``), or leave it (see the module's docstring)."""
+    if state.warming or state.draining or not state.replicas or now - state.changed_at < policy.cooldown_s:
         return None
     n = state.replicas
-    if n < state.most:
-        if load.busy > policy.out_busy:
-            return Decision(node, "out", "busy", f"busy {load.busy:.0%} of the last {load.span_s:g} s over {n} "
+    if n < state.most and recent is not None and recent.span_s >= policy.window_s * 0.999:
+        if recent.busy > policy.out_busy:
+            return Decision(node, "out", "busy", f"busy {recent.busy:.0%} of the last {recent.span_s:g} s over {n} "
                                                  f"replica(s), above {policy.out_busy:.0%}")
-        if load.waiting > policy.out_waiting:
-            return Decision(node, "out", "queue", f"{load.waiting:.1f} segment(s) waiting per replica over the last "
-                                                  f"{load.span_s:g} s, above {policy.out_waiting:g}")
-    if n > state.fewest and load.waiting == 0:
-        fewer = load.busy * n / (n - 1)
+        if recent.waiting > policy.out_waiting:
+            return Decision(node, "out", "queue", f"{recent.waiting:.1f} segment(s) waiting per replica over the last "
+                                                  f"{recent.span_s:g} s, above {policy.out_waiting:g}")
+    if n > state.fewest and longer is not None and longer.span_s >= policy.in_window_s * 0.999 and longer.waiting == 0:
+        fewer = longer.busy * n / (n - 1)
         if fewer < policy.in_busy:
-            return Decision(node, "in", "idle", f"busy {load.busy:.0%} of the last {load.span_s:g} s over {n} "
+            return Decision(node, "in", "idle", f"busy {longer.busy:.0%} of the last {longer.span_s:g} s over {n} "
                                                 f"replicas: {fewer:.0%} on {n - 1}, below {policy.in_busy:.0%}")
     return None

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from engine.plan.model import Plan
 
 ReplicaKey = tuple[str, int]
-FLOOR = 0.05  #: the least weight a replica has (idle, or not measured yet against busy ones)
+FLOOR = 0.01  #: the least weight a replica has (idle: it keeps one thread, and leaves the cores to the busy)
 
 
 def cpu_shares(hosts: Mapping[ReplicaKey, str], weights: Mapping[ReplicaKey, float]) -> dict[ReplicaKey, float]:

@@ -158,7 +158,10 @@ class Timeouts(Strict):
 class Scaling(Strict):
     """How `engine serve` moves an elastic node (``replicas: {min, max}``) between its bounds."""
 
-    window_s: float = Field(10.0, gt=0, le=3600, description="Seconds of heartbeats a decision looks at.")
+    window_s: float = Field(10.0, gt=0, le=3600, description="Seconds of heartbeats a decision to scale out looks at.")
+    in_window_s: float = Field(30.0, gt=0, le=3600, description="Seconds of heartbeats a decision to scale in looks at: "
+                                                                "longer, so that gaps between bursts do not remove a "
+                                                                "replica the next burst needs.")
     cooldown_s: float = Field(10.0, ge=0, le=3600, description="Least seconds between two changes of one node.")
     out_busy: float = Field(0.8, gt=0, le=1, description="Busy share of the node's replicas above which it scales out.")
     out_waiting: float = Field(1.0, gt=0, description="Segments waiting per replica above which it scales out.")
@@ -167,6 +170,8 @@ class Scaling(Strict):
 
     @model_validator(mode="after")
     def _apart(self) -> Scaling:
+        if self.in_window_s < self.window_s:
+            raise ValueError(f"in_window_s {self.in_window_s:g} must be at least window_s {self.window_s:g}")
         if self.in_busy * 2 > self.out_busy:
             raise ValueError(f"in_busy {self.in_busy:g} must be at most half of out_busy {self.out_busy:g}, or a steady "
                              "load would scale the node out and in again")

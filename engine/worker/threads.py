@@ -12,6 +12,7 @@ import logging
 import os
 
 log = logging.getLogger("engine.worker")
+STICKY = 0.15  #: how far past the middle between two thread counts a share must move to change the count
 
 
 def host_cores() -> int:
@@ -49,10 +50,15 @@ class TorchThreads:
         return count
 
     def apply(self) -> None:
-        """In the computing thread, before a stage: follow a changed share (inter-op threads stay as started)."""
+        """In the computing thread, before a stage: follow a changed share (inter-op threads stay as started), once
+        it is ``STICKY`` past the middle between the current count and the next: a share that wavers around that
+        middle would otherwise change the count at every stage."""
         import torch
 
+        current = torch.get_num_threads()
+        if self.fixed is not None or abs(self.share * host_cores() - current) <= 0.5 + STICKY:
+            return
         count = self.wanted
-        if torch.get_num_threads() != count:
+        if count != current:
             torch.set_num_threads(count)
             log.info("torch threads: %d (a share of %.2f of %d cores)", count, self.share, host_cores())

@@ -20,8 +20,8 @@ from tests.integration.serve_helpers import Served, start_service
 pytestmark = pytest.mark.integration
 
 JOBS = 20
-ELASTIC = ("nodes.decoder.replicas={min: 1, max: 2}", "scaling.window_s=1.5", "scaling.cooldown_s=3",
-           "limits.height=128", "limits.width=160", "limits.num_frames=17")
+ELASTIC = ("nodes.decoder.replicas={min: 1, max: 2}", "scaling.window_s=1.5", "scaling.in_window_s=3",
+           "scaling.cooldown_s=3", "limits.height=128", "limits.width=160", "limits.num_frames=17")
 BODY = {"prompt": "a burst", "size": "160x128", "num_frames": 17, "num_inference_steps": 2}  # decoding takes the time
 
 

@@ -17,7 +17,8 @@ from engine.controller.controller import Controller, RunOptions
 from engine.controller.tracker import State
 from tests.unit.test_runtime_scheduler import FakeLauncher, plan_of
 
-ELASTIC = ("nodes.decoder.replicas={min: 1, max: 2}", "scaling.window_s=0.5", "scaling.cooldown_s=0.5")
+ELASTIC = ("nodes.decoder.replicas={min: 1, max: 2}", "scaling.window_s=0.5", "scaling.in_window_s=1",
+           "scaling.cooldown_s=0.5")
 WORK_S = {"encoder": 0.01, "transformer": 0.01, "decoder": 0.12}
 
 
