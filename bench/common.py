@@ -177,24 +177,18 @@ def make_requests(checked, values: dict[str, Any], count: int) -> list:
 def run_engine(plan, source: Path, requests: list, out_dir: Path, *, broker_kind: str = "auto",
                save_frames: bool = False, run_id: str | None = None, worker_threads: int | None = None) -> dict[str, Any]:
     """Deploy, run ``requests``, tear down; the run's report (also written as ``report.json``). With
-    ``worker_threads`` each worker process runs torch on that many threads (``OMP_NUM_THREADS``, which the
-    launcher passes on), else on torch's default (every core)."""
+    ``worker_threads`` each worker process runs torch on that many threads (every node's ``place.threads``), else
+    on the engine's CPU budget (its share of the cores by the work it does)."""
     from engine.controller.controller import RunOptions, run_graph
     from engine.controller.report import build_report
 
     options = RunOptions(out_dir=out_dir, quiet=True, broker_kind=broker_kind, save_frames=save_frames)
     if run_id is not None:
         options = dataclasses.replace(options, run_id=run_id)
-    previous = os.environ.get("OMP_NUM_THREADS")
-    if worker_threads is not None:
-        os.environ["OMP_NUM_THREADS"] = str(worker_threads)
-    try:
-        result = asyncio.run(run_graph(plan, source, requests, options))
-    finally:
-        if previous is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = previous
+    if worker_threads:
+        plan = dataclasses.replace(plan, nodes={name: dataclasses.replace(node, threads=worker_threads)
+                                                for name, node in plan.nodes.items()})
+    result = asyncio.run(run_graph(plan, source, requests, options))
     report = build_report(result, plan, source)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     failed = [r for r in report["requests"] if r["state"] != "done"]

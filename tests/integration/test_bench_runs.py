@@ -77,6 +77,14 @@ def test_serve_takes_open_loop_jobs_at_two_rates_beside_the_pipeline(tmp_path):
     assert len(list((tmp_path / "elastic" / "state" / "outputs").glob("video_*.mp4"))) == 1 + 2 * 3  # warm-up, both rates
 
 
+def test_cache_counts_hits_on_a_trace_of_repeated_prompts_and_changes_no_frame(tmp_path):
+    result = bench("cache", *TINY, "--requests", "3", "--prompts", "2", "--out", str(tmp_path))
+    cached, uncached = result["cached"], result["uncached"]
+    assert (cached["hits"], cached["misses"]) == (1, 2) and cached["saved_seconds"] > 0  # r3 repeats r1's prompt
+    assert (uncached["hits"], uncached["misses"]) == (0, 0)  # no cache, no cacheable stage counted
+    assert result["frames_equal"] is True
+
+
 def test_memory_and_cold_start_per_node(tmp_path):
     memory = bench("memory", *TINY, "--out", str(tmp_path / "memory"))
     assert [n["node"] for n in memory["nodes"]] == ["encoder", "transformer", "decoder"]
