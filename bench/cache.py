@@ -21,7 +21,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (add_request_arguments, emit, finish_machine, graph_path, machine, machine_line, median,  # noqa: E402
-                          on_run_clock, plan_graph, request_values, run_engine, size_overrides, work_dir)
+                          on_run_clock, plan_graph, request_values, run_engine, sized_for, work_dir)
 
 PROMPTS = ["a sun rising over a quiet valley, slow camera pan", "a red fox running through fresh snow",
            "waves breaking on black rocks at dusk", "a paper boat drifting down a rain gutter",
@@ -59,7 +59,7 @@ def measure(args: argparse.Namespace) -> dict:
     from engine.controller.requests import build_request
 
     out = work_dir(args.out, "cache")
-    sized = size_overrides(args.height, args.width, args.frames)
+    sized = sized_for(args.height, args.width, args.frames)
     trace = [dict(request_values(args.task, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
                                  seed=42 + i), prompt=PROMPTS[i % args.prompts]) for i in range(args.requests)]
     info = machine()

@@ -126,6 +126,13 @@ def size_overrides(height: int, width: int, frames: int) -> list[str]:
     return [f"limits.height={height}", f"limits.width={width}", f"limits.num_frames={frames}"]
 
 
+def sized_for(height: int, width: int, frames: int) -> list[str]:
+    """The graph's request defaults and its limits at the benchmark's size: the edge buffers hold exactly it (the
+    defaults too, so that a size below the graph's own defaults is valid)."""
+    defaults = [f"request.height={height}", f"request.width={width}", f"request.num_frames={frames}"]
+    return [*defaults, *size_overrides(height, width, frames)]
+
+
 #: The largest Wan2.1 480P request, and what its edges carry (batch 1, guidance on).
 REAL_480P = (480, 832, 81)
 _PROMPT = {"prompt_embeds": (1, 512, 4096), "negative_prompt_embeds": (1, 512, 4096)}

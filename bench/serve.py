@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (BenchError, add_request_arguments, emit, finish_machine, graph_path, machine,  # noqa: E402
                           machine_line, percentile, plan_graph, request_values, run_monolithic,
-                          size_overrides, work_dir)
+                          sized_for, work_dir)
 
 LAYOUT = "_two_dit"
 VARIANTS = ("fixed", "elastic")
@@ -132,13 +132,6 @@ def arrival_offsets(count: int, kind: str, seed: int) -> list[float]:
     for gap in gaps:
         offsets.append(offsets[-1] + gap)
     return offsets
-
-
-def sized_for(height: int, width: int, frames: int) -> list[str]:
-    """The graph's request defaults and its limits at the benchmark's size: the edge buffers hold exactly it (the
-    defaults too, so that a size below the graph's own defaults is valid)."""
-    defaults = [f"request.height={height}", f"request.width={width}", f"request.num_frames={frames}"]
-    return [*defaults, *size_overrides(height, width, frames)]
 
 
 # -- the service ----------------------------------------------------------------------------------------------

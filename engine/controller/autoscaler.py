@@ -74,7 +74,8 @@ class Autoscaler:
         for node in self.elastic:
             serving, warming, draining = self.fleet.counts(node)
             planned = self.plan.nodes[node]
-            state = NodeState(serving, warming, draining, planned.replicas, planned.most_replicas, self._changed_at[node])
+            state = NodeState(serving, warming, draining, planned.replicas, planned.most_replicas,
+                              self._changed_at[node])
             replicas = [r.replica for r in self.fleet.replicas.values()
                         if r.node == node and r.down is None and r.state == "ready" and not r.draining]
             policy = self.plan.scaling
