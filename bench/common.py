@@ -126,6 +126,13 @@ def size_overrides(height: int, width: int, frames: int) -> list[str]:
     return [f"limits.height={height}", f"limits.width={width}", f"limits.num_frames={frames}"]
 
 
+def sized_for(height: int, width: int, frames: int) -> list[str]:
+    """The graph's request defaults and its limits at the benchmark's size: the edge buffers hold exactly it (the
+    defaults too, so that a size below the graph's own defaults is valid)."""
+    defaults = [f"request.height={height}", f"request.width={width}", f"request.num_frames={frames}"]
+    return [*defaults, *size_overrides(height, width, frames)]
+
+
 #: The largest Wan2.1 480P request, and what its edges carry (batch 1, guidance on).
 REAL_480P = (480, 832, 81)
 _PROMPT = {"prompt_embeds": (1, 512, 4096), "negative_prompt_embeds": (1, 512, 4096)}
@@ -177,24 +184,18 @@ def make_requests(checked, values: dict[str, Any], count: int) -> list:
 def run_engine(plan, source: Path, requests: list, out_dir: Path, *, broker_kind: str = "auto",
                save_frames: bool = False, run_id: str | None = None, worker_threads: int | None = None) -> dict[str, Any]:
     """Deploy, run ``requests``, tear down; the run's report (also written as ``report.json``). With
-    ``worker_threads`` each worker process runs torch on that many threads (``OMP_NUM_THREADS``, which the
-    launcher passes on), else on torch's default (every core)."""
+    ``worker_threads`` each worker process runs torch on that many threads (every node's ``place.threads``), else
+    on the engine's CPU budget (its share of the cores by the work it does)."""
     from engine.controller.controller import RunOptions, run_graph
     from engine.controller.report import build_report
 
     options = RunOptions(out_dir=out_dir, quiet=True, broker_kind=broker_kind, save_frames=save_frames)
     if run_id is not None:
         options = dataclasses.replace(options, run_id=run_id)
-    previous = os.environ.get("OMP_NUM_THREADS")
-    if worker_threads is not None:
-        os.environ["OMP_NUM_THREADS"] = str(worker_threads)
-    try:
-        result = asyncio.run(run_graph(plan, source, requests, options))
-    finally:
-        if previous is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = previous
+    if worker_threads:
+        plan = dataclasses.replace(plan, nodes={name: dataclasses.replace(node, threads=worker_threads)
+                                                for name, node in plan.nodes.items()})
+    result = asyncio.run(run_graph(plan, source, requests, options))
     report = build_report(result, plan, source)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     failed = [r for r in report["requests"] if r["state"] != "done"]

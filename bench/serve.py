@@ -1,6 +1,7 @@
-"""Serving under open-loop load: `engine serve` of the two-DiT graph at three arrival rates, against the pipeline.
+"""Serving under open-loop load: `engine serve` of the two-DiT graph at three arrival rates, fixed and elastic, against the pipeline.
 
     python bench/serve.py [--json] [--jobs 12] [--loads 0.5 1 2 | --rates 30 60 120] [--arrivals poisson|fixed]
+                          [--variants fixed elastic] [--elastic decoder] [--max-replicas 2]
 
 The baseline runs first: the same ``--jobs`` jobs (seeds 42, 43, ...) one after another through the diffusers
 pipeline in one fresh process, after ``--warmup`` untimed jobs (bench/monolithic.py). Its jobs per minute is the
@@ -20,10 +21,17 @@ to last completion), p50 / p99 latency of the completed jobs, and failures (refu
 cancelled or lost). A rate starts once the jobs of the one before have all ended. The service's queue holds
 every job of a rate (``--queue-size`` at least ``--jobs``), so none is refused for a full queue.
 
-Each worker runs torch on ``cores / workers`` threads (at least 1; ``--worker-threads``), as bench/throughput.py
-runs them; the pipeline keeps torch's default (every core). At the end the service gets SIGTERM and must exit
-with 0; on an error or Ctrl-C it gets SIGTERM too, then SIGKILL if it has not exited (its workers and broker die
-with it), and it dies with this process if this one is killed.
+Two services run in turn, each through every rate: ``fixed``, the graph as it is, and ``elastic``, the same graph
+with the ``--elastic`` node (the decoder) at ``replicas: {min: 1, max: --max-replicas}`` and short scaling windows
+(``--scale-window-s`` to scale out, the cooldown twice that; ``--scale-in-window-s`` to scale in) that suit jobs of
+a second or two. Around each rate the
+benchmark reads the service's ``/metrics``: per node, the segments finished, the seconds its replicas were busy on
+them and the seconds those waited in a replica's queue first; the scaling decisions; the most replicas each node had
+(looked at every 0.5 s). Each worker's torch threads are the engine's CPU budget (its share of the cores by the
+work it does); ``--worker-threads N`` fixes them at N for every node (``place.threads``). The pipeline keeps
+torch's default (every core). At the end each service gets SIGTERM and must exit with 0; on an error or Ctrl-C it
+gets SIGTERM too, then SIGKILL if it has not exited (its workers and broker die with it), and it dies with this
+process if this one is killed.
 """
 
 from __future__ import annotations
@@ -47,13 +55,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (BenchError, add_request_arguments, cores, emit, finish_machine, graph_path, machine,  # noqa: E402
-                          machine_line, median, percentile, plan_graph, request_values, run_monolithic,
-                          size_overrides, work_dir)
-from bench.throughput import default_worker_threads  # noqa: E402
+from bench.common import (BenchError, add_request_arguments, emit, finish_machine, graph_path, machine,  # noqa: E402
+                          machine_line, percentile, plan_graph, request_values, run_monolithic,
+                          sized_for, work_dir)
 
 LAYOUT = "_two_dit"
+VARIANTS = ("fixed", "elastic")
 FIRST_SEED = 42
+WATCH_S = 0.5  #: how often replica counts are read from /metrics during a rate
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
 #: Longer than the service's 15 s keep-alive pings on an event stream: no byte for this long means it is stuck.
@@ -72,16 +81,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="exponential intervals (a Poisson process) or fixed ones (default: poisson)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the exponential intervals")
     parser.add_argument("--warmup", type=int, default=1, help="untimed jobs per side first, one at a time")
-    parser.add_argument("--worker-threads", type=int, help="torch threads per worker process (default: cores / "
-                        "workers, at least 1; 0: torch's default, every core per worker)")
+    parser.add_argument("--worker-threads", type=int, help="torch threads per worker process, every node (default: "
+                        "the engine's CPU budget)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="services to measure: the graph as it is, and with --elastic between 1 and --max-replicas")
+    parser.add_argument("--elastic", default="decoder", help="the node the elastic service scales (default: decoder)")
+    parser.add_argument("--max-replicas", type=int, default=2, help="its most replicas (default: 2)")
+    parser.add_argument("--scale-window-s", type=float, default=3.0,
+                        help="the elastic service's window to scale out; its cooldown is twice that (default: 3)")
+    parser.add_argument("--scale-in-window-s", type=float, default=20.0,
+                        help="the elastic service's window to scale in (default: 20)")
     parser.add_argument("--out", type=Path, help="folder for the service's state and the pipeline's outputs "
                         "(default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
-    if args.warmup < 0 or (args.worker_threads is not None and args.worker_threads < 0):
-        parser.error("--warmup and --worker-threads must be 0 or more")
+    if args.warmup < 0 or (args.worker_threads is not None and args.worker_threads < 1):
+        parser.error("--warmup must be 0 or more, --worker-threads 1 or more")
+    if args.max_replicas < 2 or not 0 < args.scale_window_s <= args.scale_in_window_s:
+        parser.error("--max-replicas must be at least 2, and 0 < --scale-window-s <= --scale-in-window-s")
     if min(args.rates or args.loads) <= 0:
         parser.error("rates and loads must be above 0")
     return args
@@ -115,13 +134,6 @@ def arrival_offsets(count: int, kind: str, seed: int) -> list[float]:
     return offsets
 
 
-def sized_for(height: int, width: int, frames: int) -> list[str]:
-    """The graph's request defaults and its limits at the benchmark's size: the edge buffers hold exactly it (the
-    defaults too, so that a size below the graph's own defaults is valid)."""
-    defaults = [f"request.height={height}", f"request.width={width}", f"request.num_frames={frames}"]
-    return [*defaults, *size_overrides(height, width, frames)]
-
-
 # -- the service ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -153,12 +165,10 @@ def serve_command(graph: Path, overrides: list[str], port: int, state: Path, que
 
 
 @contextlib.contextmanager
-def served(command: list[str], port: int, log_path: Path, worker_threads: int | None) -> Iterator[Served]:
+def served(command: list[str], port: int, log_path: Path) -> Iterator[Served]:
     """The service running and healthy; stopped with SIGTERM on the way out (exit code 0 checked when nothing
     else went wrong), killed if it does not stop."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if worker_threads:
-        env["OMP_NUM_THREADS"] = str(worker_threads)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -249,16 +259,59 @@ async def open_loop(client, bodies: list[dict[str, Any]], offsets: list[float], 
     return list(await asyncio.gather(*jobs))
 
 
+async def metrics(client) -> dict[str, dict[tuple[str, ...], float]]:
+    """The service's ``/metrics``: family name -> label values -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = await client.get("/metrics")
+    response.raise_for_status()
+    return {family.name: {tuple(sample.labels.values()): sample.value for sample in family.samples}
+            for family in text_string_to_metric_families(response.text)}
+
+
+async def watch_replicas(client, peak: dict[str, float]) -> None:
+    """Keep the most replicas each node had in ``peak`` until cancelled."""
+    while True:
+        for (node,), count in (await metrics(client)).get("engine_replicas", {}).items():
+            peak[node] = max(peak.get(node, 0.0), count)
+        await asyncio.sleep(WATCH_S)
+
+
+async def measured_rate(client, bodies: list[dict[str, Any]], offsets: list[float], image: Path | None) -> dict[str, Any]:
+    """One rate's outcomes, with what ``/metrics`` says changed meanwhile and the most replicas per node."""
+    before, peak = await metrics(client), {}
+    watching = asyncio.create_task(watch_replicas(client, peak))
+    try:
+        outcomes = await open_loop(client, bodies, offsets, image)
+    finally:
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+    after = await metrics(client)
+
+    def change(name: str) -> dict[tuple[str, ...], float]:
+        return {labels: value - before.get(name, {}).get(labels, 0.0) for labels, value in after.get(name, {}).items()}
+
+    nodes = {node: {"segments": int(change("engine_node_segments")[(node,)]),
+                    "busy_seconds": change("engine_node_busy_seconds")[(node,)],
+                    "queue_wait_seconds": change("engine_node_queue_wait_seconds")[(node,)],
+                    "peak_replicas": int(peak.get(node, after["engine_replicas"][(node,)]))}
+             for (node,) in after["engine_node_segments"]}
+    scaling = [{"node": n, "direction": d, "reason": r, "count": int(c)}
+               for (n, d, r), c in change("engine_scale_events").items() if c]
+    cache = {name: change(f"engine_output_cache_{name}")[()] for name in ("hits", "misses", "saved_seconds")}
+    return {"outcomes": outcomes, "nodes": nodes, "scaling": scaling, "output_cache": cache}
+
+
 async def drive(url: str, bodies: list[dict[str, Any]], image: Path | None, warmup: int, rates: list[float],
-                unit_offsets: list[float]) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
-    """The warm-up jobs one at a time, then every rate (jobs per minute) in turn: their outcomes."""
+                unit_offsets: list[float]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The warm-up jobs one at a time, then every rate (jobs per minute) in turn: their outcomes and figures."""
     import httpx
 
     limits = httpx.Limits(max_connections=2 * len(bodies) + 8, max_keepalive_connections=len(bodies) + 4)
     timeout = httpx.Timeout(30.0, read=READ_TIMEOUT_S)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
         warm = [await submit_and_follow(client, bodies[i % len(bodies)], image) for i in range(warmup)]
-        per_rate = [await open_loop(client, bodies, [t * 60.0 / rate for t in unit_offsets], image) for rate in rates]
+        per_rate = [await measured_rate(client, bodies, [t * 60.0 / rate for t in unit_offsets], image) for rate in rates]
     return warm, per_rate
 
 
@@ -270,14 +323,16 @@ def latency_figures(latencies: list[float]) -> dict[str, Any]:
             "p99_seconds": percentile(latencies, 99) if latencies else None}
 
 
-def rate_figures(rate: float, capacity: float, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+def rate_figures(rate: float, capacity: float, measured: dict[str, Any]) -> dict[str, Any]:
+    outcomes = measured["outcomes"]
     done = [o for o in outcomes if o["status"] == "completed"]
     failed = [o for o in outcomes if o["status"] != "completed"]
     span = max(o["ended"] for o in done) - min(o["submitted"] for o in outcomes) if done else 0.0
     return {"offered_jobs_per_minute": rate, "load": rate / capacity, "jobs": len(outcomes), "completed": len(done),
             "failed": len(failed), "seconds": span, "jobs_per_minute": len(done) / span * 60 if done else 0.0,
             **latency_figures([o["ended"] - o["submitted"] for o in done]),
-            "failures": [{"status": o["status"], "error": o["error"]} for o in failed]}
+            "failures": [{"status": o["status"], "error": o["error"]} for o in failed],
+            "nodes": measured["nodes"], "scaling": measured["scaling"], "output_cache": measured["output_cache"]}
 
 
 def monolithic_figures(mono: dict[str, Any]) -> dict[str, Any]:
@@ -302,16 +357,26 @@ def measure(args: argparse.Namespace) -> dict:
     capacity = mono["jobs_per_minute"]
     rates = args.rates or [load * capacity for load in args.loads]
 
-    # 2. The service: launched, healthy, warmed up, then the same jobs at each rate.
-    threads = default_worker_threads(plan, cores()) if args.worker_threads is None else args.worker_threads
-    port = free_port()
-    command = serve_command(graph, overrides, port, out / "state", max(64, args.jobs))
+    # 2. Each service: launched, healthy, warmed up, then the same jobs at each rate.
+    threads = [f"nodes.{node}.place.threads={args.worker_threads}" for node in plan.nodes
+               if node in checked.loaded.spec.nodes] if args.worker_threads else []
+    elastic = [f"nodes.{args.elastic}.replicas={{min: 1, max: {args.max_replicas}}}",
+               f"scaling.window_s={args.scale_window_s:g}", f"scaling.in_window_s={args.scale_in_window_s:g}",
+               f"scaling.cooldown_s={2 * args.scale_window_s:g}"]
     image = jobs[0].image if args.task == "i2v" else None
-    with served(command, port, out / "serve.log", threads) as service:
-        warm, per_rate = asyncio.run(drive(service.url, [api_body(j) for j in jobs], image, args.warmup, rates,
-                                           arrival_offsets(args.jobs, args.arrivals, args.seed)))
-    if any(o["status"] != "completed" for o in warm):
-        raise BenchError(f"a warm-up job of the service did not complete: {warm}")
+    services = {}
+    for variant in args.variants:
+        port = free_port()
+        command = serve_command(graph, [*overrides, *threads, *(elastic if variant == "elastic" else [])], port,
+                                out / variant / "state", max(64, args.jobs))
+        with served(command, port, out / variant / "serve.log") as service:
+            warm, per_rate = asyncio.run(drive(service.url, [api_body(j) for j in jobs], image, args.warmup, rates,
+                                               arrival_offsets(args.jobs, args.arrivals, args.seed)))
+        if any(o["status"] != "completed" for o in warm):
+            raise BenchError(f"a warm-up job of the {variant} service did not complete: {warm}")
+        services[variant] = {"ready_seconds": service.ready_seconds, "exit_code": service.exit_code,
+                             "warmup_seconds": [o["ended"] - o["submitted"] for o in warm],
+                             "rates": [rate_figures(r, capacity, m) for r, m in zip(rates, per_rate)]}
     return {
         "benchmark": "serve",
         "graph": plan.graph,
@@ -324,9 +389,10 @@ def measure(args: argparse.Namespace) -> dict:
         "arrivals": args.arrivals,
         "seed": args.seed,
         "capacity_jobs_per_minute": capacity,
-        "worker_threads": threads or None,
-        "service": {"ready_seconds": service.ready_seconds, "warmup_seconds": [o["ended"] - o["submitted"] for o in warm],
-                    "exit_code": service.exit_code, "rates": [rate_figures(r, capacity, o) for r, o in zip(rates, per_rate)]},
+        "worker_threads": args.worker_threads,
+        "elastic": {"node": args.elastic, "max_replicas": args.max_replicas, "window_s": args.scale_window_s,
+                    "in_window_s": args.scale_in_window_s},
+        "services": services,
         "monolithic": mono,
         "machine": finish_machine(info),
         "out": str(out),
@@ -336,30 +402,58 @@ def measure(args: argparse.Namespace) -> dict:
 def render(result: dict) -> str:
     from engine.display import table
 
-    request, service, mono = result["request"], result["service"], result["monolithic"]
+    request, services, mono = result["request"], result["services"], result["monolithic"]
     nodes = " | ".join(f"{name} x{count}" if count > 1 else name for name, count in result["nodes"].items())
     arrivals = (f"Poisson arrivals (seed {result['seed']})" if result["arrivals"] == "poisson" else "arrivals at fixed intervals")
+    elastic = result["elastic"]
+    threads = f"{result['worker_threads']} torch thread(s) per worker" if result["worker_threads"] else "CPU budget"
     lines = [f"Serving under open-loop load: engine serve {result['graph']} ({nodes}), model {result['model']}, "
              f"{request['height']}x{request['width']}x{request['frames']}, {request['steps']} steps; "
-             f"{result['jobs']} jobs per rate, {arrivals}; {result['warmup']} warm-up job(s) per side; "
-             f"{result['worker_threads'] or 'default'} torch thread(s) per worker, pipeline {mono['torch_threads']}", ""]
+             f"{result['jobs']} jobs per rate, {arrivals}; {result['warmup']} warm-up job(s) per side; {threads}, "
+             f"pipeline {mono['torch_threads']}; elastic: {elastic['node']} 1-{elastic['max_replicas']} replicas, "
+             f"out on {elastic['window_s']:g} s, in on {elastic['in_window_s']:g} s", ""]
 
-    def row(name: str, offered: str, figures: dict) -> list[str]:
-        p50, p99 = figures["p50_seconds"], figures["p99_seconds"]
-        return [name, offered, f"{figures['jobs_per_minute']:.1f}", "-" if p50 is None else f"{p50:.2f}",
-                "-" if p99 is None else f"{p99:.2f}", str(figures.get("failed", 0))]
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
 
-    rows = [row(f"engine serve, {r['load']:.2g}x capacity", f"{r['offered_jobs_per_minute']:.1f}", r) for r in service["rates"]]
-    rows.append(row("monolithic, one after another", "-", mono))
-    lines.append(table(["", "offered jobs/min", "completed jobs/min", "p50 latency s", "p99 latency s", "failed"], rows))
-    lines += ["", f"capacity: the pipeline's {result['capacity_jobs_per_minute']:.1f} jobs/min one after another (median "
-                  f"job {median(mono['latency_seconds']):.2f} s); latency: submit to the done event (service), pipeline "
-                  f"call plus output writing, no queue (monolithic); p99 of {result['jobs']} jobs is near their maximum",
-              f"service: healthy {service['ready_seconds']:.1f} s after launch; stopped with SIGTERM, exit code "
-              f"{service['exit_code']}"]
-    for r in service["rates"]:
-        for failure in r["failures"][:3]:
-            lines.append(f"failed at {r['load']:.2g}x: {failure['status']}: {failure['error']}")
+    header, rows = ["load", "offered jobs/min"], []
+    for variant in services:
+        header += [f"{variant} jobs/min", "p50 s", "p99 s", "failed"]
+    header.append(f"{elastic['node']} replicas (most)")
+    for i, load in enumerate(r["load"] for r in next(iter(services.values()))["rates"]):
+        row = [f"{load:.2g}x", f"{next(iter(services.values()))['rates'][i]['offered_jobs_per_minute']:.1f}"]
+        for figures in services.values():
+            r = figures["rates"][i]
+            row += [f"{r['jobs_per_minute']:.1f}", cell(r["p50_seconds"]), cell(r["p99_seconds"]), str(r["failed"])]
+        row.append(" / ".join(str(f["rates"][i]["nodes"][elastic["node"]]["peak_replicas"]) for f in services.values()))
+        rows.append(row)
+    lines.append(table(header, rows))
+    lines += ["", f"monolithic, one after another: {mono['jobs_per_minute']:.1f} jobs/min, p50 {cell(mono['p50_seconds'])} s, "
+                  f"p99 {cell(mono['p99_seconds'])} s (the capacity the loads are multiples of)", ""]
+
+    node_names = list(next(iter(services.values()))["rates"][0]["nodes"])
+    busy_rows = []
+    for variant, figures in services.items():
+        for r in figures["rates"]:
+            row = [variant, f"{r['load']:.2g}x"]
+            for node in node_names:
+                n = r["nodes"][node]
+                per = max(1, n["segments"])
+                row += [f"{n['busy_seconds']:.1f} / {n['busy_seconds'] / per:.2f}", f"{n['queue_wait_seconds'] / per:.2f}"]
+            row.append(", ".join(f"{e['node']} {e['direction']} ({e['reason']}) x{e['count']}" for e in r["scaling"]) or "-")
+            busy_rows.append(row)
+    lines.append(table(["service", "load", *[h for node in node_names for h in (f"{node} busy s / per job", "wait s")],
+                        "scaling"], busy_rows))
+    lines += ["", "busy: seconds a node's replicas spent on the rate's jobs (stages, sending, writing), in all and per job; "
+                  "wait: mean seconds a job waited in a replica's queue there; latency: submit to the done event "
+                  "(service), pipeline call plus output writing, no queue (monolithic); p99 of "
+                  f"{result['jobs']} jobs is near their maximum",
+              "services: " + "; ".join(f"{v} healthy {f['ready_seconds']:.1f} s after launch, exit code {f['exit_code']} "
+                                       f"after SIGTERM" for v, f in services.items())]
+    for variant, figures in services.items():
+        for r in figures["rates"]:
+            for failure in r["failures"][:3]:
+                lines.append(f"failed ({variant}, {r['load']:.2g}x): {failure['status']}: {failure['error']}")
     lines.append(machine_line(result["machine"]))
     return "\n".join(lines)
 

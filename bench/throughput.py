@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=8, help="requests per side")
     parser.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto", help="embedded broker")
     parser.add_argument("--worker-threads", type=int, help="torch threads per worker process (default: cores / the "
-                        "nodes that can compute at once, at least 1; 0: torch's default, every core per worker)")
+                        "nodes that can compute at once, at least 1; 0: the engine's CPU budget, its share of the "
+                        "cores by the work it does)")
     parser.add_argument("--out", type=Path, help="folder for outputs and reports (default: a temporary folder)")
     parser.add_argument("--png", type=Path, help="timeline picture (default: <out>/timeline.png); needs matplotlib")
     parser.add_argument("--no-png", action="store_true", help="do not draw the timeline")

@@ -52,7 +52,8 @@ def graph_text(plan: Plan) -> str:
     parts = [f"graph {plan.graph} ({plan.file}): {plan.family} {plan.task}, model {plan.model_path}, {plan.dtype}",
              f"sized at {sizing_text(plan, list(plan.limits))}", ""]
     parts.append(table(["node", "stages", "host", "device", "replicas", "dtype"],
-                       [[n.name, ", ".join(n.stages), n.host, _devices_text(n), n.replicas, n.dtype] for n in plan.nodes.values()]))
+                       [[n.name, ", ".join(n.stages), n.host, _devices_text(n), replica_text(n), n.dtype]
+                        for n in plan.nodes.values()]))
     parts.append("")
     if not plan.edges:
         parts.append("no edges: every stage runs in one node")
@@ -69,6 +70,11 @@ def graph_text(plan: Plan) -> str:
     return "\n".join(parts)
 
 
+def replica_text(node: PlannedNode) -> str:
+    """``2``, or ``1-4`` for an elastic node."""
+    return f"{node.replicas}-{node.max_replicas}" if node.max_replicas else str(node.replicas)
+
+
 def transport_text(edge: PlannedEdge) -> str:
     """``mooncake``, or ``mooncake rdma`` where the graph sets the protocol."""
     return f"{edge.transport} {edge.protocol}" if edge.protocol else edge.transport
@@ -83,7 +89,7 @@ def graph_dot(plan: Plan) -> str:
              '  edge [fontname="Helvetica", fontsize=10];',
              f"  label={quote(f'{plan.graph}: {plan.family} {plan.task} ({plan.model_path}, {plan.dtype})')}; labelloc=t;"]
     for node in plan.nodes.values():
-        replicas = f" x{node.replicas}" if node.replicas > 1 else ""
+        replicas = f" x{replica_text(node)}" if node.most_replicas > 1 else ""
         label = f"{node.name}{replicas}\n{node.host} {node.device}\n" + "\n".join(node.stages)
         lines.append(f"  {quote(node.name)} [label={quote(label)}];")
     for edge in plan.edges:

@@ -76,6 +76,10 @@ class StageSpec:
     #: The family exports this stage's work as graphs (:meth:`ModelFamily.export_recipes`): graph backends
     #: (onnxruntime, openvino, tensorrt) can serve it.
     exportable: bool = False
+    #: Request fields the outputs depend on, besides the weights, when nothing else does (no input tensors, no
+    #: randomness): a worker may then keep outputs for requests that repeat them (:mod:`engine.worker.output_cache`);
+    #: a field in ``reads`` counts by its file's bytes. None: the stage always runs.
+    cache_key: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -46,14 +46,21 @@ class ProgressSnapshot:
 
 
 class Progress:
-    """What a replica is doing, written by its compute thread and read by the heartbeat task."""
+    """What a replica is doing, written by its compute thread and read by the heartbeat task; also how long it has
+    been busy in all and how many segments wait for it (what the controller's autoscaling looks at)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._state = ProgressSnapshot(request_id=None, stage=None, step=0, total_steps=0, requests_done=0)
+        self._clock = clock
+        self._busy_s = 0.0  #: busy seconds of the requests finished
+        self._busy_since: float | None = None  #: when work on the current request began
+        self.waiting = 0  #: segments dispatched to this replica and not started yet
 
     def stage_started(self, request_id: str, stage: str, total_steps: int) -> None:
         with self._lock:
+            if self._busy_since is None:
+                self._busy_since = self._clock()
             self._state = ProgressSnapshot(request_id, stage, 0, total_steps, self._state.requests_done)
 
     def step_done(self, step: int) -> None:
@@ -65,11 +72,19 @@ class Progress:
     def request_finished(self) -> None:
         """The replica's work for the current request ended (done or failed); it is idle now."""
         with self._lock:
+            if self._busy_since is not None:
+                self._busy_s += self._clock() - self._busy_since
+                self._busy_since = None
             self._state = ProgressSnapshot(None, None, 0, 0, self._state.requests_done + 1)
 
     def snapshot(self) -> ProgressSnapshot:
         with self._lock:
             return self._state
+
+    def busy_seconds(self) -> float:
+        """Seconds spent on requests since the start, the current one's so far included."""
+        with self._lock:
+            return self._busy_s + (self._clock() - self._busy_since if self._busy_since is not None else 0.0)
 
 
 def rss_bytes() -> int:
@@ -78,7 +93,8 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * _PAGE_BYTES
 
 
-def heartbeat(node: str, replica: int, seq: int, progress: ProgressSnapshot, rejected: int = 0) -> Heartbeat:
+def heartbeat(node: str, replica: int, seq: int, progress: ProgressSnapshot, rejected: int = 0, busy_s: float = 0.0,
+              waiting: int = 0) -> Heartbeat:
     return Heartbeat(
         node=node,
         replica=replica,
@@ -91,6 +107,8 @@ def heartbeat(node: str, replica: int, seq: int, progress: ProgressSnapshot, rej
         rss_bytes=rss_bytes(),
         rejected=rejected,
         time=time.time(),
+        busy_s=busy_s,
+        waiting=waiting,
     )
 
 
@@ -102,7 +120,8 @@ async def publish_heartbeats(
     on the broker ends this loop with its BrokerLost."""
     seq = 0
     while True:
-        await client.publish(topic, heartbeat(node, replica, seq, progress.snapshot(), sum(client.rejected.values())))
+        await client.publish(topic, heartbeat(node, replica, seq, progress.snapshot(), sum(client.rejected.values()),
+                                              progress.busy_seconds(), progress.waiting))
         seq += 1
         await asyncio.sleep(period_s)
 

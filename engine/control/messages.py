@@ -95,6 +95,8 @@ class Heartbeat(_Model):
     rss_bytes: int = Field(ge=0, description="resident memory of the worker process")
     rejected: int = Field(ge=0, description="control messages this replica refused (unsigned, forged, replayed...)")
     time: float = Field(description="sender's wall clock (time.time()) when sent")
+    busy_s: float = Field(0.0, ge=0, description="seconds the replica has spent on requests since it started")
+    waiting: int = Field(0, ge=0, description="segments dispatched to the replica that wait for it to start them")
 
 
 class RunStage(_Model):
@@ -149,6 +151,11 @@ class StageDone(_Model):
     step_cache: dict[str, StepCacheStats] = Field(
         default_factory=dict, description="stage name -> DiT passes it ran and skipped (stages with a DiT loop)")
     backends: dict[str, BackendUse] = Field(default_factory=dict, description="stage -> how its backend chain ran")
+    cached: dict[str, bool] = Field(default_factory=dict, description="cacheable stage -> whether its outputs came "
+                                    "from the replica's output cache (a hit: the stage did not run)")
+    saved_s: float = Field(0.0, ge=0, description="seconds the cache hits saved (what those stages took when they ran)")
+    waited_s: float = Field(0.0, ge=0, description="seconds the segment waited in the replica's queue before it started")
+    busy_s: float = Field(0.0, ge=0, description="seconds the replica spent on the segment (stages, sending, writing)")
 
 
 class StageFailed(_Model):
@@ -274,6 +281,15 @@ class Shutdown(_Model):
     reason: str = Field(min_length=1, description="why the run ends, for the workers' logs")
 
 
+class CpuShare(_Model):
+    """Controller -> a replica: its share of its host's cores changed (replicas came or went there, or the work each
+    does moved); its torch threads follow from the next stage on, unless the graph fixes them (``place.threads``)."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["cpu_share"] = "cpu_share"
+    share: float = Field(gt=0, le=1, description="fraction of the host's cores this replica's threads may use")
+
+
 class ReplicaRestarting(_Model):
     """Controller -> every other replica: this replica is started again (its process died); what its earlier
     process said no longer stands, and the new one signs from sequence number 0."""
@@ -379,7 +395,7 @@ class JobUpdate(_Model):
 
 Message: TypeAlias = Annotated[
     Status | Heartbeat | RunStage | StageDone | StageFailed | GrantRequest | Grant | Landed | Delivered | Ack | Fence
-    | Shutdown | Cancel | ReplicaRestarting | AgentBirth | AgentOrder | AgentJob | SubmitJob | JobUpdate,
+    | Shutdown | Cancel | ReplicaRestarting | CpuShare | AgentBirth | AgentOrder | AgentJob | SubmitJob | JobUpdate,
     Field(discriminator="kind"),
 ]
 _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
@@ -387,7 +403,7 @@ KINDS: frozenset[str] = frozenset(
     model.model_fields["kind"].default
     for model in (
         Status, Heartbeat, RunStage, StageDone, StageFailed, GrantRequest, Grant, Landed, Delivered, Ack, Fence, Shutdown,
-        Cancel, ReplicaRestarting, AgentBirth, AgentOrder, AgentJob, SubmitJob, JobUpdate,
+        Cancel, ReplicaRestarting, CpuShare, AgentBirth, AgentOrder, AgentJob, SubmitJob, JobUpdate,
     )
 )
 

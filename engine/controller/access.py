@@ -34,7 +34,7 @@ class RunAccess:
         if embedded:
             users[topics.controller_client] = BrokerUser.generate(topics.controller_client, topics.controller_acl)
             for node in plan.nodes.values():
-                for replica in range(node.replicas):
+                for replica in range(node.most_replicas):  # an elastic node's later replicas too
                     client = topics.replica_client(node.name, replica)
                     users[client] = BrokerUser.generate(client, topics.replica_acl(node.name, replica))
         return cls(topics, key or new_key(), users)

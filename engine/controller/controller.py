@@ -33,7 +33,7 @@ from engine.control.broker import (AGENTS_USER, BrokerAddress, BrokerUser, Embed
 from engine.control.bus import ControlBus
 from engine.control.client import ControlClient
 from engine.control.dynsec import RunWorkerUsers
-from engine.control.messages import Heartbeat, ReplicaRestarting, Shutdown, StageDone, StageFailed, Status
+from engine.control.messages import CpuShare, Heartbeat, ReplicaRestarting, Shutdown, StageDone, StageFailed, Status
 from engine.control.signing import read_key, run_key
 from engine.control.topics import AgentTopics, Topics
 from engine.errors import ControlError, EngineError, Interrupted, NodeError, PlanError
@@ -41,8 +41,10 @@ from engine.plan.model import Plan
 from engine.plan.placement import ANY, place_on_agents
 from engine.controller.access import RunAccess
 from engine.control.agents import agent_offers, live_agents
-from engine.worker.contract import worker_specs
+from engine.worker.contract import spec_maker
+from engine.controller.autoscaler import Autoscaler
 from engine.controller.fleet import Fleet, Launcher, ReplicaInfo, ReplicaKey, RestartPolicy
+from engine.plan.cpu_budget import budgeted, cpu_shares
 from engine.worker.launcher import LocalLauncher
 from engine.controller.progress import ProgressView
 from engine.controller.remote import HostLaunchers, RemoteLauncher
@@ -64,6 +66,7 @@ class RunOptions:
     heartbeat_s: float = 0.5
     broker_kind: str = "auto"  #: for ``broker: embedded``: auto, mosquitto or amqtt
     restarts: RestartPolicy | None = None  #: start replicas that die again (a service); None: they stay out
+    autoscale: bool = True  #: elastic nodes (``replicas: {min, max}``) follow the load; False: they keep ``min``
 
 
 @dataclass
@@ -129,6 +132,7 @@ class Controller:
         self._connect = connect or self._mqtt
         self.client: ControlBus | None = None
         self.scheduler: Scheduler | None = None
+        self.autoscaler: Autoscaler | None = None
         self.clock_zero = time.monotonic()
         self.ready_s = 0.0
         self.address: BrokerAddress | None = None  #: the broker, once deployed (the embedded one's port is known then)
@@ -251,16 +255,20 @@ class Controller:
         for topic in (self.topics.all_status, self.topics.all_heartbeats, self.topics.controller):
             await self.client.subscribe(topic)
         self.scheduler = Scheduler(self.plan, self.topics, self.client, self.fleet, self.view, self.options.out_dir)
-        specs = worker_specs(self.plan, run_id=self.options.run_id, source=self.source,
-                             broker=functools.partial(self.access.worker_broker, address), out_dir=self.options.out_dir,
-                             save_frames=self.options.save_frames, heartbeat_s=self.options.heartbeat_s)
-        self.fleet.launch([(spec, self.access.worker_secrets(address, spec.node, spec.replica)) for spec in specs])
+        self.autoscaler = Autoscaler(self.plan, self.fleet, scaling=self.options.autoscale)
+        make = spec_maker(self.plan, run_id=self.options.run_id, source=self.source,
+                          broker=functools.partial(self.access.worker_broker, address), out_dir=self.options.out_dir,
+                          save_frames=self.options.save_frames, heartbeat_s=self.options.heartbeat_s)
+        shares = cpu_shares(budgeted(self.plan, list(self.fleet.replicas)), {})
+        self.fleet.launch(lambda node, replica, share: (make(node, replica, share),
+                                                        self.access.worker_secrets(address, node, replica)), shares)
         deadline = time.monotonic() + self.plan.timeouts.ready_s
         while not self.fleet.ready():
             if time.monotonic() > deadline:
                 raise NodeError(f"not ready after {self.plan.timeouts.ready_s:g} s (timeouts.ready_s): "
                                 f"{', '.join(self.fleet.not_ready())}")
             await self._step()
+        self.autoscaler.started(shares)
 
     async def serve_until(self, done: Callable[[], bool]) -> None:
         """Handle messages, dispatch and watch replicas until ``done()``."""
@@ -291,23 +299,52 @@ class Controller:
                 self.fleet.observe(message)
                 if isinstance(message, Heartbeat) and self.scheduler is not None:
                     self.scheduler.on_heartbeat(message)
+                if isinstance(message, Heartbeat) and self.autoscaler is not None and (message.node, message.replica) in self.fleet.replicas:
+                    self.autoscaler.observe(message)
             elif isinstance(message, StageDone | StageFailed) and self.scheduler is not None:
                 self.scheduler.on_answer(message)
             inbound = await self.client.receive(0)
         self.fleet.check(connected=self.client.connected, reconnects=self.client.reconnects)
         for key in self.fleet.due_restarts():
-            self._restart(key)
+            self._new_process(key)
+            self.fleet.restart(key)
+        if self.autoscaler is not None:
+            self._scale(self.autoscaler)
 
-    def _restart(self, key: ReplicaKey) -> None:
-        """Start a replica again. First everyone forgets its old process's sequence numbers (the new process counts
-        from 0): the notices go out before the process exists, so they arrive before anything it says."""
+    def _new_process(self, key: ReplicaKey) -> None:
+        """Before a process of a replica starts (again, or at an index an earlier one left), everyone forgets what
+        an earlier process of it said, its sequence numbers first (the new process counts from 0): the notices go
+        out before the process exists, so they arrive before anything it says."""
         assert self.client is not None
         self.client.forget_sender(self.topics.replica_client(*key))
         notice = ReplicaRestarting(node=key[0], replica=key[1])
         for other, info in self.fleet.replicas.items():
             if other != key and info.down is None:
                 self.client.post(self.topics.inbox(*other), notice)
-        self.fleet.restart(key)
+
+    def _scale(self, autoscaler: Autoscaler) -> None:
+        """Carry out the autoscaler's decisions, stop the replicas drained, tell workers whose CPU share moved."""
+        assert self.client is not None
+        changed = False
+        for decision in autoscaler.decisions():
+            if decision.direction == "out":
+                key = (decision.node, self.fleet.free_replica(decision.node))
+                self._new_process(key)
+                self.fleet.add(key, autoscaler.share_of_new(key))
+            else:
+                serving = [r for r in self.fleet.replicas.values() if r.node == decision.node and r.down is None
+                           and r.state == "ready" and not r.draining]
+                key = max(serving, key=lambda r: (-r.assigned, r.replica)).key  # the least busy, the newest first
+                self.fleet.drain(key)
+            autoscaler.record(decision, key[1])
+            self.view.scaled(decision, key[1])
+            changed = True
+        for info in self.fleet.retire_drained():
+            self.client.post(self.topics.inbox(*info.key), Shutdown(reason="scaled in: its node needs fewer replicas"))
+            self.view.retired(info)
+        for key, share in autoscaler.moved_shares(force=changed).items():
+            if key in self.fleet.replicas:
+                self.client.post(self.topics.inbox(*key), CpuShare(share=share))
 
     async def _stop_workers(self) -> None:
         """Tell every replica to stop, clear their retained status, then make sure every process is gone. The broker

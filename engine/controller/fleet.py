@@ -11,6 +11,11 @@ With a :class:`RestartPolicy` (a service), a replica taken out is started again 
 doubles with each restart, unless it was restarted ``max_restarts`` times within ``window_s`` (a crash loop: it
 stays out, and says why). Until it is ready again its node counts as live but not serving: requests wait for it
 rather than fail. One that is not ready within ``timeouts.ready_s`` is taken out again.
+
+An elastic node (``replicas: {min, max}``) gains replicas with :meth:`Fleet.add` (started like a restart: serving
+once ready) and loses them by a drain: :meth:`Fleet.drain` takes a replica out of dispatch, it finishes the
+segments it was given or promised, and :meth:`Fleet.retire_drained` hands it back for the controller to stop; its
+process's exit is then no failure. Nothing it was given is lost or run twice.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from engine.worker.contract import WorkerSecrets, WorkerSpec
 from engine.controller.progress import ProgressView
 
 ReplicaKey = tuple[str, int]
+#: The spec and secrets of any replica of any node, given its share of its host's cores.
+WorkerMaker = Callable[[str, int, float], tuple[WorkerSpec, WorkerSecrets]]
+RETIRE_GRACE_S = 10.0  #: a retired replica told to stop that has not exited after this long is killed
 
 
 class Launcher(Protocol):
@@ -70,6 +78,8 @@ class ReplicaInfo:
     rejected: int = 0  #: control messages it refused (from its heartbeats)
     receives_at: dict[str, str] = field(default_factory=dict)  #: inbound edge -> where senders write (ip:port)
     restarts: int = 0  #: times it was started again
+    added: bool = False  #: started by a scale-out, not with the deployment
+    draining: bool = False  #: taken out of dispatch: it finishes what it has, then it is stopped
 
     @property
     def key(self) -> ReplicaKey:
@@ -92,13 +102,22 @@ class Fleet:
         self._deployed = False  #: every replica was ready once: later readiness is a restart's
         self._restart_at: dict[ReplicaKey, float] = {}  #: replicas to start again, when
         self._restarted: dict[ReplicaKey, list[float]] = {}  #: when each replica was started again
-        self._starting_since: dict[ReplicaKey, float] = {}  #: restarted replicas not ready yet, since when
+        self._starting_since: dict[ReplicaKey, float] = {}  #: restarted or added replicas not ready yet, since when
+        self._retiring: dict[ReplicaKey, float] = {}  #: drained replicas told to stop, killed if still there by then
+        self._make: WorkerMaker | None = None
 
-    def launch(self, workers: list[tuple[WorkerSpec, WorkerSecrets]]) -> None:
-        for spec, secrets in workers:
-            self._workers[(spec.node, spec.replica)] = (spec, secrets)
-            self.launcher.start(spec, secrets)
+    def launch(self, make: WorkerMaker, shares: dict[ReplicaKey, float]) -> None:
+        """Start the plan's replicas, each with its share of its host's cores (1.0 if not given); ``make`` also
+        makes the workers of later scale-outs."""
+        self._make = make
+        for key in self.replicas:
+            self._start(key, shares.get(key, 1.0))
         self.view.deploying(len(self.replicas))
+
+    def _start(self, key: ReplicaKey, share: float) -> None:
+        assert self._make is not None
+        self._workers[key] = self._make(*key, share)
+        self.launcher.start(*self._workers[key])
 
     # -- what replicas say ------------------------------------------------------------------------------------
 
@@ -126,7 +145,10 @@ class Fleet:
                                 for edge, where in (message.receive_edges or {}).items()}
             if self._starting_since.pop(info.key, None) is not None:
                 self.monitor.expect(info.node, info.replica)
-                self.view.replica_back(info)
+                if info.added:
+                    self.view.replica_added(info)
+                else:
+                    self.view.replica_back(info)
         if message.state == "failed":
             self._down(info, f"failed: {message.detail or 'no detail'}")
 
@@ -150,14 +172,22 @@ class Fleet:
     def check(self, *, connected: bool, reconnects: int) -> None:
         """Take out replicas whose process ended, restarted ones not ready in time, and, while we hear the broker,
         those silent or stuck."""
-        for key, how in self.launcher.exited().items():
-            self._down(self.replicas[key], how)
         now = self.clock()
+        for key, how in self.launcher.exited().items():
+            if key in self.replicas:
+                self._down(self.replicas[key], how)
+            else:  # retired: its exit is what it was told to do
+                self._retiring.pop(key, None)
+        for key, deadline in list(self._retiring.items()):
+            if now > deadline:
+                del self._retiring[key]
+                self.launcher.kill(key)
         for key, since in list(self._starting_since.items()):
             if now - since > self.plan.timeouts.ready_s:
                 self.launcher.kill(key)
-                self._down(self.replicas[key], f"not ready within {self.plan.timeouts.ready_s:g} s of its restart "
-                                               "(timeouts.ready_s); killed")
+                info = self.replicas[key]
+                start = "restart" if info.restarts else "start"
+                self._down(info, f"not ready within {self.plan.timeouts.ready_s:g} s of its {start} (timeouts.ready_s); killed")
         if not connected:
             return  # cut off from the broker ourselves: the replicas' silence says nothing about them
         if reconnects != self._reconnects_seen:
@@ -183,7 +213,7 @@ class Fleet:
         self._starting_since.pop(info.key, None)
         self.view.replica_down(info, why)
         self._newly_down.append(info)
-        if self.restarts is not None and self._deployed:
+        if self.restarts is not None and self._deployed and not info.draining:
             self._plan_restart(info)
 
     # -- restarts ---------------------------------------------------------------------------------------------
@@ -215,10 +245,46 @@ class Fleet:
         self._restarted.setdefault(key, []).append(now)
         old = self.replicas[key]
         self.replicas[key] = ReplicaInfo(old.node, old.replica, restarts=old.restarts + 1,
-                                         peak_rss_bytes=old.peak_rss_bytes)
+                                         peak_rss_bytes=old.peak_rss_bytes, added=old.added)
         self._starting_since[key] = now
         self.monitor.forget(*key)  # what was heard of the old process says nothing of the new one
         self.launcher.start(*self._workers[key])
+
+    # -- elastic nodes ----------------------------------------------------------------------------------------
+
+    def free_replica(self, node: str) -> int:
+        """The lowest replica index of ``node`` not in use (nor still stopping): the next scale-out's."""
+        used = {r for (n, r) in [*self.replicas, *self._retiring] if n == node}
+        return next(i for i in range(len(used) + 1) if i not in used)
+
+    def add(self, key: ReplicaKey, share: float) -> None:
+        """Start a new replica (a scale-out) with ``share`` of its host's cores; it serves once ready."""
+        self.replicas[key] = ReplicaInfo(*key, added=True)
+        self._starting_since[key] = self.clock()
+        self.monitor.forget(*key)
+        self._start(key, share)
+
+    def drain(self, key: ReplicaKey) -> None:
+        """Give a replica no more work; once it has finished what it has, :meth:`retire_drained` hands it back."""
+        self.replicas[key].draining = True
+
+    def retire_drained(self) -> list[ReplicaInfo]:
+        """Draining replicas with nothing left to do (or out of service), no longer part of the fleet; the caller
+        tells each to stop, and one still there after ``RETIRE_GRACE_S`` is killed."""
+        done = [info for info in self.replicas.values() if info.draining and (info.assigned == 0 or info.down is not None)]
+        for info in done:
+            del self.replicas[info.key]
+            self.monitor.forget(*info.key)
+            self._starting_since.pop(info.key, None)
+            self._restart_at.pop(info.key, None)
+            self._retiring[info.key] = self.clock() + RETIRE_GRACE_S
+        return done
+
+    def counts(self, node: str) -> tuple[int, int, int]:
+        """(serving, warming, draining) replicas of ``node``: ready and in service; started and not ready; draining."""
+        infos = [r for r in self.replicas.values() if r.node == node and r.down is None]
+        return (sum(r.state == "ready" and not r.draining for r in infos),
+                sum(r.state != "ready" for r in infos), sum(r.draining for r in infos))
 
     # -- for the scheduler ------------------------------------------------------------------------------------
 
@@ -231,8 +297,10 @@ class Fleet:
         return any(r.down is None and r.state == "ready" for r in self.replicas.values() if r.node == node)
 
     def pick(self, node: str) -> int:
-        """The ready replica of ``node`` in service with the fewest segments assigned (then the lowest index)."""
-        live = [r for r in self.replicas.values() if r.node == node and r.down is None and r.state == "ready"]
+        """The ready replica of ``node`` in service and not draining with the fewest segments assigned (then the
+        lowest index)."""
+        live = [r for r in self.replicas.values()
+                if r.node == node and r.down is None and r.state == "ready" and not r.draining]
         if not live:
             raise NodeError("no replica ready: it is being started again" if self.has_live(node) else
                             "no live replica left", node=node)

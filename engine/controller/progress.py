@@ -74,6 +74,16 @@ class ProgressView:
     def replica_back(self, info: Any) -> None:
         self._print(f"{info.node}[{info.replica}] is back: ready in {info.load_s or 0:.1f} s (restart {info.restarts})")
 
+    def replica_added(self, info: Any) -> None:
+        self._print(f"{info.node}[{info.replica}] is ready (scaled out): loaded in {info.load_s or 0:.1f} s")
+
+    def scaled(self, decision: Any, replica: int) -> None:
+        action = "starting" if decision.direction == "out" else "draining"
+        self._print(f"{decision} ({action} {decision.node}[{replica}])")
+
+    def retired(self, info: Any) -> None:
+        self._print(f"{info.node}[{info.replica}] drained: stopping it (scaled in)")
+
     def replica_left_down(self, info: Any, restarts: int, window_s: float) -> None:
         self._print(f"!! {info.node}[{info.replica}] stays out: restarted {restarts} times in the last {window_s:g} s")
 

@@ -29,6 +29,10 @@ def build_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:
             "stage_seconds": {k: round(v, 4) for k, v in request.stage_seconds.items()},
             # Per stage with a DiT loop: the step caching in force, DiT passes run and skipped, seconds saved.
             "step_cache": {stage: stats.model_dump() for stage, stats in request.step_cache.items()},
+            # Cacheable stages: whether each one's outputs came from a replica's output cache, and what that saved.
+            "output_cache": {"hits": sorted(s for s, hit in request.cached.items() if hit),
+                             "misses": sorted(s for s, hit in request.cached.items() if not hit),
+                             "saved_seconds": round(request.saved_s, 4)},
             "edges": request.edges,
             # Stages with a backend chain: the backend asked for and the one used, each passed over with its reason.
             "backends": request.backends,
@@ -63,6 +67,9 @@ def build_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:
         "edges": [{"name": e.name, "from": e.source, "to": e.target, "transport": e.transport,
                    "slot_bytes": e.slot_bytes, "slots": e.slots} for e in plan.edges],
         "requests": requests,
+        "output_cache": {"hits": sum(len(r["output_cache"]["hits"]) for r in requests),
+                         "misses": sum(len(r["output_cache"]["misses"]) for r in requests),
+                         "saved_seconds": round(sum(r["output_cache"]["saved_seconds"] for r in requests), 4)},
     }
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.control.bus import ControlBus
@@ -33,6 +34,24 @@ from engine.stages import RequestParams
 
 MAX_ATTEMPTS = 2
 RESEND_S = 2.0  #: a dispatch not answered for this long is sent again
+
+
+@dataclass
+class NodeTime:
+    """What a node's replicas spent on the segments they finished: working, and waiting in their queues first."""
+
+    segments: int = 0
+    busy_s: float = 0.0
+    waited_s: float = 0.0
+
+
+@dataclass
+class CacheUse:
+    """Cacheable stages run (misses) or skipped (hits), and the seconds the hits saved."""
+
+    hits: int = 0
+    misses: int = 0
+    saved_s: float = 0.0
 
 
 class RequestHandle:
@@ -67,7 +86,14 @@ class Scheduler:
         self.admitting = True  #: False: queued requests stay queued (a service draining before it stops)
         self.impostors = 0  #: authentic answers refused: not what was asked, or outputs outside the run
         self._handles: dict[str, RequestHandle] = {}
-        self.in_flight_cap = max(1, min((e.slots * plan.nodes[e.target].replicas for e in plan.edges), default=1 << 30))
+        self.node_time: dict[str, NodeTime] = {node: NodeTime() for node in plan.nodes}
+        self.cache = CacheUse()
+
+    @property
+    def in_flight_cap(self) -> int:
+        """Requests running at once: each edge's slots times the replicas serving its target now (an elastic
+        node's count moves)."""
+        return max(1, min((e.slots * max(1, self.fleet.counts(e.target)[0]) for e in self.plan.edges), default=1 << 30))
 
     def submit(self, params: RequestParams, request_id: str | None = None, deadline_s: float | None = None) -> RequestHandle:
         """Queue a request (id ``r<n>`` unless given), to end within ``deadline_s`` if given; it is dispatched on
@@ -143,9 +169,9 @@ class Scheduler:
     def _admit(self) -> None:
         if not self.admitting or self._waiting_for_restarts():
             return
-        running = self.running
+        running, cap = self.running, self.in_flight_cap
         for request in self.requests:
-            if running >= self.in_flight_cap:
+            if running >= cap:
                 return
             if request.state == State.QUEUED:
                 self._dispatch(request, 0)
@@ -225,6 +251,13 @@ class Scheduler:
         info = self.fleet.replicas[(done.node, done.replica)]
         info.assigned -= 1
         info.peak_rss_bytes = max(info.peak_rss_bytes, done.peak_rss_bytes)
+        spent = self.node_time[done.node]
+        spent.segments, spent.busy_s, spent.waited_s = spent.segments + 1, spent.busy_s + done.busy_s, spent.waited_s + done.waited_s
+        request.cached.update(done.cached)
+        request.saved_s += done.saved_s
+        self.cache.hits += sum(done.cached.values())
+        self.cache.misses += sum(not hit for hit in done.cached.values())
+        self.cache.saved_s += done.saved_s
         request.stage_seconds.update(done.timings)
         request.step_cache.update(done.step_cache)
         request.segment_seconds[segment.index] = self.clock() - request.dispatched_at
@@ -275,8 +308,8 @@ class Scheduler:
 
     def _release(self, request: TrackedRequest) -> None:
         for index, replica in request.replica_of.items():
-            if index >= request.segment:
-                info = self.fleet.replicas[(self.plan.segments[index].node, replica)]
+            info = self.fleet.replicas.get((self.plan.segments[index].node, replica))
+            if index >= request.segment and info is not None:  # None: drained, died and already handed back
                 info.assigned = max(0, info.assigned - 1)
 
     def _drop_on_replicas(self, request: TrackedRequest, reason: str) -> None:

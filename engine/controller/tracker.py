@@ -84,6 +84,8 @@ class TrackedRequest:
     error: str | None = None
     steps: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  #: (node, stage) -> (step, of total)
     step_cache: dict[str, StepCacheStats] = field(default_factory=dict)  #: stage -> DiT passes run and skipped
+    cached: dict[str, bool] = field(default_factory=dict)  #: cacheable stage -> whether its outputs were a cache hit
+    saved_s: float = 0.0  #: seconds its cache hits saved
 
     def __post_init__(self) -> None:
         self.events.append(Event(self.now(), self.state, "submitted"))

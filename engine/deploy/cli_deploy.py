@@ -110,7 +110,7 @@ def _k8s(args: argparse.Namespace) -> int:
         image=args.image, namespace=args.namespace or dns_name(cluster.plan.graph), storage_class=args.storage_class,
         model_claim=args.model_claim, model_size=args.model_size, state_size=args.state_size,
         node_selector=selector, tolerations=tolerations, broker_image=args.broker_image, rdma_resource=args.rdma_resource)
-    credentials = Credentials.generate(cluster.pods, {n.name: n.replicas for n in cluster.plan.nodes.values()})
+    credentials = Credentials.generate(cluster.pods, {n.name: n.most_replicas for n in cluster.plan.nodes.values()})
     out = args.out or Path(f"k8s-{options.namespace}")
     write_files(out, render(cluster, options, credentials), secret_files=SECRET_FILES)
     _summary(cluster, options, out)

@@ -90,7 +90,7 @@ def pod_resources(pod: Pod, plan: Plan, report: MemoryReport, headroom_bytes: in
     nodes given to it, and for the head the collector and feeder the plan adds there."""
     memory = {m.node: m for m in report.nodes}
     nodes = [name for name, node in plan.nodes.items() if node.host == pod.host]
-    workers = sum(plan.nodes[node].replicas * plan.nodes[node].ranks for node in nodes)
+    workers = sum(plan.nodes[node].most_replicas * plan.nodes[node].ranks for node in nodes)
     accelerators: dict[str, int] = {}
     for device in {device for devices in pod.devices.values() for device in devices}:
         kind = device.partition(":")[0]

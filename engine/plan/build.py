@@ -17,7 +17,7 @@ from engine.plan.model import Plan, PlannedEdge, PlannedNode, PlannedTensor
 from engine.plan.model_check import check_model, check_requests, model_source
 from engine.plan.shapes import evaluate_shape
 from engine.spec.load import load_graph
-from engine.spec.schema import Parallel
+from engine.spec.schema import Parallel, parse_memory
 from engine.stages import DTYPE_BYTES, MODEL_DTYPE, Configs, ModelFamily, RequestParams, TensorSpec
 
 
@@ -99,13 +99,16 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
         missing = [c for c in needed if c not in components]
         if missing:
             raise PlanError(f"node {name!r}: the {spec.model.family} family declares no component {missing}")
+        fewest, most = node.replica_bounds
         nodes[name] = PlannedNode(
             name=name, stages=tuple(node.stages), components=tuple(needed), host=node.place.host,
-            device=node.place.device, replicas=node.replicas, dtype=node_dtype(checked, name),
+            device=node.place.device, replicas=fewest, dtype=node_dtype(checked, name),
             memory_bytes=node.place.memory_bytes, rdma_device=node.place.rdma_device, line=lines.line(("nodes", name)),
             devices=node.place.all_devices, parallel=node.parallel or Parallel(),
             cache=node.cache,
             backends={stage: tuple(chain) for stage, chain in node.backend.items()}, strict=node.strict,
+            max_replicas=most if most > fewest else None, threads=node.place.threads,
+            output_cache_bytes=parse_memory(node.output_cache),
         )
 
     def planned(tensor: TensorSpec, node: str, producer: str, consumers: tuple[str, ...]) -> PlannedTensor:
@@ -137,7 +140,7 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
         limits={name: getattr(largest.request, name) for name in type(largest.request).size_fields},
         sized_from=largest.sources, timeouts=spec.timeouts,
         base_dir=str(checked.loaded.base_dir), component_folders={name: c.folder for name, c in components.items()},
-        configs=configs,
+        configs=configs, scaling=spec.scaling,
     ), finals)
     if input_file_bytes is None:
         input_file_bytes = largest_file((*checked.requests, *requests))

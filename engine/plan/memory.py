@@ -22,7 +22,7 @@ class NodeMemory:
     node: str
     host: str
     device: str
-    replicas: int
+    replicas: int  #: the most it may run at once (an elastic node's max): what must fit
     dtype: str
     parameters: dict[str, int]  #: component -> parameter count
     weights: dict[str, int]  #: component -> resident bytes (parameters and buffers, in the dtypes they load in)
@@ -109,8 +109,8 @@ def memory_report(plan: Plan, family: ModelFamily, source: Path) -> MemoryReport
         parameters = {c: _count(str(source), family, plan.task, c) for c in node.components}
         weights = {c: _bytes(str(source), family, plan.task, c, node.dtype) for c in node.components}
         receive = sum(e.slots * e.slot_bytes for e in plan.edges_into(node.name))
-        nodes.append(NodeMemory(node.name, node.host, node.device, node.replicas, node.dtype, parameters, weights, receive,
-                                devices=node.devices if node.ranks > 1 else ()))
+        nodes.append(NodeMemory(node.name, node.host, node.device, node.most_replicas, node.dtype, parameters, weights,
+                                receive, devices=node.devices if node.ranks > 1 else ()))
     devices: dict[tuple[str, str], list[tuple[NodeMemory, int]]] = {}
     for memory in nodes:
         for rank, device in enumerate(memory.devices or (memory.device,)):

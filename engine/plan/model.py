@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.spec.schema import Parallel, StepCacheSpec, Timeouts
+from engine.spec.schema import Parallel, Scaling, StepCacheSpec, Timeouts
 from engine.stages import RequestParams
 
 #: Every tensor in an edge payload starts at a multiple of this many bytes (one cache line). The transport packs
@@ -88,6 +88,14 @@ class PlannedNode:
     #: per stage, the backends to try in order (engine.backends); a stage not named runs eager
     backends: dict[str, tuple[str, ...]] = field(default_factory=dict)
     strict: bool = False  #: a stage's first backend failing fails the request instead of falling back
+    max_replicas: int | None = None  #: most replicas of an elastic node (``replicas`` is its fewest); None: fixed
+    threads: int | None = None  #: torch threads per replica (``place.threads``); None: a share of the host's cores
+    output_cache_bytes: int = 0  #: stage outputs each replica may keep for repeated inputs
+
+    @property
+    def most_replicas(self) -> int:
+        """The replicas this node may run at once: what memory, credentials and buffers are planned for."""
+        return self.max_replicas or self.replicas
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,7 @@ class Plan:
     component_folders: dict[str, str] = field(default_factory=dict)
     #: size field -> where its value in ``limits`` comes from: limits, requests, request defaults or family default
     sized_from: dict[str, str] = field(default_factory=dict)
+    scaling: Scaling = field(default_factory=Scaling)
 
     def edge_between(self, source: str, target: str) -> PlannedEdge:
         return next(e for e in self.edges if e.source == source and e.target == target)

@@ -45,7 +45,7 @@ def check_parallel(loaded: LoadedGraph, family: ModelFamily, stages: dict[str, S
         if len(devices) > 1:
             for stage, chain in node.backend.items():
                 if list(chain) != ["eager"]:
-                    problems.append(lines.problem(("nodes", name, "backend", stage), f"a node on several devices runs "
+                    problems.append(lines.problem(("nodes", name, "backend", stage), "a node on several devices runs "
                                                   "its stages eager: each rank would choose and fall back on its own, "
                                                   "and the ranks must compute alike"))
         for kind in _degrees(parallel):

@@ -64,6 +64,9 @@ def add_serve_parser(commands: argparse._SubParsersAction, add_graph_arguments: 
     serve.add_argument("--max-restarts", type=int, default=3,
                        help="a replica whose process dies is started again, at most this many times in 10 minutes; "
                             "after that it stays out (default: 3; 0: never)")
+    serve.add_argument("--autoscale", choices=("on", "off"), default="on",
+                       help="nodes with replicas: {min, max} follow the load between their bounds (see the graph's "
+                            "scaling: section); off: they keep min (default: on)")
     serve.add_argument("--no-mqtt", action="store_true", help="take jobs over HTTP only")
     serve.add_argument("--save-frames", action="store_true", help="also save each job's raw decoded frames as .npy")
     serve.set_defaults(handler=_serve)
@@ -130,11 +133,12 @@ def _serve(args: argparse.Namespace) -> int:
     for chatty in ("amqtt", "transitions"):  # the embedded amqtt broker logs every session's state change
         logging.getLogger(chatty).setLevel(logging.WARNING)
     return asyncio.run(_run_service(checked, plan, source, options, sock, token, mqtt=not args.no_mqtt,
-                                    save_frames=args.save_frames, max_restarts=args.max_restarts))
+                                    save_frames=args.save_frames, max_restarts=args.max_restarts,
+                                    autoscale=args.autoscale == "on"))
 
 
 async def _run_service(checked: CheckedGraph, plan: Plan, source: Path, options: ServiceOptions, sock: socket.socket,
-                       token: str | None, *, mqtt: bool, save_frames: bool, max_restarts: int) -> int:
+                       token: str | None, *, mqtt: bool, save_frames: bool, max_restarts: int, autoscale: bool) -> int:
     import uvicorn
 
     from engine.controller.controller import Controller, RunOptions
@@ -147,7 +151,7 @@ async def _run_service(checked: CheckedGraph, plan: Plan, source: Path, options:
     run_id = f"serve-{checked.loaded.spec.name.replace('_', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     restarts = RestartPolicy(max_restarts=max_restarts) if max_restarts else None
     controller = Controller(plan, source, RunOptions(out_dir=options.outputs, run_id=run_id, save_frames=save_frames,
-                                                     restarts=restarts))
+                                                     restarts=restarts, autoscale=autoscale))
     service = Service(controller, checked, options)
     host, port = sock.getsockname()[:2]
     front = MqttFront.prepare(service, f"http://{host}:{port}") if mqtt else None

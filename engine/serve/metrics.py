@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engine.controller.tracker import TrackedRequest
@@ -30,7 +30,7 @@ class _Live(Collector):
     def __init__(self, service: Service):
         self.service = service
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         service = self.service
         queue = GaugeMetricFamily("engine_queue_depth", "Jobs accepted and waiting to run")
         queue.add_metric([], service.queued)
@@ -46,6 +46,43 @@ class _Live(Collector):
             up.add_metric([node], sum(r.node == node and r.down is None and r.state == "ready"
                                       for r in fleet.replicas.values()))
         yield up
+        yield from self._elastic()
+        yield from self._work()
+
+    def _elastic(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """Replica counts now (starting and draining ones too) and the autoscaler's decisions."""
+        controller = self.service.controller
+        replicas = GaugeMetricFamily("engine_replicas", "Replica processes of each node (starting, serving or "
+                                     "draining)", labels=["node"])
+        for node in controller.fleet.plan.nodes:
+            replicas.add_metric([node], sum(r.node == node and r.down is None for r in controller.fleet.replicas.values()))
+        yield replicas
+        events = CounterMetricFamily("engine_scale_events", "Replicas added (out) or drained (in) by the autoscaler",
+                                     labels=["node", "direction", "reason"])
+        for (node, direction, reason), count in sorted(controller.autoscaler.counts.items() if controller.autoscaler else ()):
+            events.add_metric([node, direction, reason], count)
+        yield events
+
+    def _work(self) -> Iterator[CounterMetricFamily]:
+        """Per node: segments finished, seconds busy on them and waiting in the replicas' queues; the output cache."""
+        scheduler = self.service.scheduler
+        if scheduler is None:
+            return
+        families = [CounterMetricFamily(f"engine_node_{name}", text, labels=["node"]) for name, text in (
+            ("segments", "Segments the node's replicas finished"),
+            ("busy_seconds", "Seconds the node's replicas spent on the segments they finished"),
+            ("queue_wait_seconds", "Seconds those segments waited in a replica's queue before they started"))]
+        for node, spent in scheduler.node_time.items():
+            for family, value in zip(families, (spent.segments, spent.busy_s, spent.waited_s), strict=True):
+                family.add_metric([node], value)
+        yield from families
+        cache = scheduler.cache
+        for name, text, value in (("hits", "Stage runs skipped: outputs from a replica's output cache", cache.hits),
+                                  ("misses", "Cacheable stage runs that ran (their outputs then kept)", cache.misses),
+                                  ("saved_seconds", "Seconds the cache hits saved", cache.saved_s)):
+            family = CounterMetricFamily(f"engine_output_cache_{name}", text)
+            family.add_metric([], value)
+            yield family
 
 
 class ServiceMetrics:

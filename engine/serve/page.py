@@ -60,6 +60,9 @@ def add_page(app: FastAPI, service: Service) -> None:
         return EventSourceResponse(events(service), ping=15)
 
 
+SCALE_EVENTS_SHOWN = 5
+
+
 def describe(service: Service) -> dict[str, Any]:
     """What does not change while the service runs: the model, what it takes, the graph as planned."""
     plan = service.controller.fleet.plan  # where nodes placed on ``any`` host went
@@ -75,7 +78,7 @@ def describe(service: Service) -> dict[str, Any]:
         "limits": plan.limits,
         "bounds": bounds(service.request_type, plan.limits),
         "nodes": [{"name": node.name, "stages": list(node.stages), "host": node.host, "device": node.device,
-                   "replicas": node.replicas} for node in plan.nodes.values()],
+                   "replicas": node.most_replicas} for node in plan.nodes.values()],
         "edges": [{"name": edge.name, "from": edge.source, "to": edge.target, "transport": edge.transport,
                    "protocol": edge.protocol, "tensors": list(edge.tensor_names),
                    "bytes_per_request": edge_bytes(edge, symbols), "slot_bytes": edge.slot_bytes}
@@ -120,8 +123,10 @@ def edge_bytes(edge: PlannedEdge, symbols: dict[str, int]) -> int:
 def state(service: Service) -> dict[str, Any]:
     """What changes: health, queue depth, running jobs and every replica's state."""
     _, health = service.health()
+    autoscaler = service.controller.autoscaler
     return {"status": health["status"], "queued": health["queued"], "running": health["running"],
-            "replicas": [asdict(replica) for replica in service.replicas()]}
+            "replicas": [asdict(replica) for replica in service.replicas()],
+            "scale_events": [asdict(event) for event in list(autoscaler.events)[-SCALE_EVENTS_SHOWN:]] if autoscaler else []}
 
 
 def page_job(job: Job) -> dict[str, Any]:

@@ -71,6 +71,10 @@ class Place(Strict):
     rdma_device: str | None = Field(
         None, min_length=1,
         description="RDMA NIC this node's Mooncake edges use, e.g. mlx5_0; default: ENGINE_MOONCAKE_DEVICE, else Mooncake's choice.")
+    threads: int | None = Field(
+        None, ge=1, le=1024,
+        description="CPU threads each replica's torch uses (intra- and inter-op); default: its share of the host's cores, "
+                    "split among the workers there by the work each does.")
 
     @model_validator(mode="before")
     @classmethod
@@ -138,10 +142,21 @@ class StepCacheSpec(Strict):
         return self.method != "none"
 
 
+class ReplicaBounds(Strict):
+    """An elastic node's replica count (checked by ``NodeSpec.replicas``)."""
+
+    min: int = Field(ge=1, le=64, description="Replicas always running (and at start).")
+    max: int = Field(ge=1, le=64, description="Most replicas the service scales the node out to.")
+
+
 class NodeSpec(Strict):
     stages: list[str] = Field(min_length=1, description="Stages this node runs, in order (exact names).")
     place: Place = Field(description="Where the node's replicas run.")
-    replicas: int = Field(1, ge=1, le=64, description="Worker processes running this node.")
+    replicas: int | ReplicaBounds = Field(
+        1, description="Worker processes running this node: a number, or {min, max} for a count that follows the load.")
+    output_cache: str = Field(
+        "256MiB", description="Bytes of stage outputs each replica keeps for requests that repeat a cacheable stage's "
+                              "inputs (a text encoder's prompt), least recently used first out; 0B: none.")
     dtype: str | None = Field(None, description="Overrides the model dtype for this node.")
     parallel: Parallel | None = Field(None, description="How a replica on several devices (place.devices) splits "
                                                          "its stages: {cfg: 2, ulysses: 2}.")
@@ -159,6 +174,34 @@ class NodeSpec(Strict):
     @classmethod
     def _check_dtype(cls, value: Any) -> Any:
         return None if value is None else _dtype(value)
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _check_replicas(cls, value: Any) -> Any:
+        expected = "expected a number of replicas (1-64) or {min: N, max: M} with 1 <= N <= M <= 64"
+        if isinstance(value, dict):
+            if set(value) != {"min", "max"} or not all(type(v) is int for v in value.values()):
+                raise ValueError(f"got {value!r}; {expected}")
+            value = (value["min"], value["max"])
+            if not 1 <= value[0] <= value[1] <= 64:
+                raise ValueError(f"got min {value[0]}, max {value[1]}; {expected}")
+            return ReplicaBounds(min=value[0], max=value[1])
+        if type(value) is not int or not 1 <= value <= 64:
+            raise ValueError(f"got {value!r}; {expected}")
+        return value
+
+    @field_validator("output_cache")
+    @classmethod
+    def _output_cache(cls, value: str) -> str:
+        parse_memory(value)
+        return value
+
+    @property
+    def replica_bounds(self) -> tuple[int, int]:
+        """(fewest, most) replicas: equal for a fixed count."""
+        if isinstance(self.replicas, ReplicaBounds):
+            return self.replicas.min, self.replicas.max
+        return self.replicas, self.replicas
 
 
 class EdgeSpec(Strict):
@@ -185,6 +228,29 @@ class Timeouts(Strict):
                                                          "renewed their lease for this long (it died or was cut off).")
 
 
+class Scaling(Strict):
+    """How `engine serve` moves an elastic node (``replicas: {min, max}``) between its bounds."""
+
+    window_s: float = Field(10.0, gt=0, le=3600, description="Seconds of heartbeats a decision to scale out looks at.")
+    in_window_s: float = Field(30.0, gt=0, le=3600, description="Seconds of heartbeats a decision to scale in looks at: "
+                                                                "longer, so that gaps between bursts do not remove a "
+                                                                "replica the next burst needs.")
+    cooldown_s: float = Field(10.0, ge=0, le=3600, description="Least seconds between two changes of one node.")
+    out_busy: float = Field(0.8, gt=0, le=1, description="Busy share of the node's replicas above which it scales out.")
+    out_waiting: float = Field(1.0, gt=0, description="Segments waiting per replica above which it scales out.")
+    in_busy: float = Field(0.2, ge=0, lt=1, description="It scales in when one replica fewer would be busy less than "
+                                                        "this share (and nothing waits).")
+
+    @model_validator(mode="after")
+    def _apart(self) -> Scaling:
+        if self.in_window_s < self.window_s:
+            raise ValueError(f"in_window_s {self.in_window_s:g} must be at least window_s {self.window_s:g}")
+        if self.in_busy * 2 > self.out_busy:
+            raise ValueError(f"in_busy {self.in_busy:g} must be at most half of out_busy {self.out_busy:g}, or a steady "
+                             "load would scale the node out and in again")
+        return self
+
+
 def _node_name(name: str) -> str:
     if not re.match(NAME_PATTERN, name):
         raise ValueError(f"node name {name!r} must be lower-case letters, digits and _ (starting with a letter)")
@@ -206,6 +272,7 @@ class GraphSpec(Strict):
     requests: list[dict[str, Any]] = Field(default_factory=list, description="Requests `engine run` submits.")
     limits: dict[str, int] = Field(default_factory=dict, description="Largest value of size parameters (height, width, num_frames) a request may use; sizes edge buffers.")
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    scaling: Scaling = Field(default_factory=Scaling)
 
     @field_validator("broker")
     @classmethod

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.plan.cpu_budget import budgeted, cpu_shares
 from engine.plan.model import Plan, PlannedTensor
 from engine.spec.schema import Parallel
 from engine.spec.schema import StepCacheSpec
@@ -77,6 +78,9 @@ class WorkerSpec(_Frozen):
     cache: StepCacheSpec | None = Field(None, description="the node's step caching; a request's cache field overrides it")
     backends: dict[str, tuple[str, ...]] = Field(default_factory=dict, description="stage -> backends to try in order")
     strict_backends: bool = Field(False, description="a stage's first backend failing fails the request")
+    cpu_share: float = Field(gt=0, le=1, description="fraction of its host's cores its torch threads may use")
+    threads: int | None = Field(description="torch threads fixed by the graph (place.threads); None: from cpu_share")
+    output_cache_bytes: int = Field(ge=0, description="stage outputs it may keep for repeated inputs (0: none)")
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,35 +103,45 @@ class WorkerSecrets(_Frozen):
         return bytes.fromhex(self.run_key)
 
 
-def worker_specs(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str, int], dict[str, Any]], out_dir: Path,
-                 save_frames: bool, heartbeat_s: float) -> list[WorkerSpec]:
-    """One spec per node replica, in plan order; ``broker(node, replica)`` is that replica's broker address."""
+def worker_specs(plan: Plan, **settings: Any) -> list[WorkerSpec]:
+    """One spec per replica the plan starts with, in plan order, the cores of each host split evenly among the
+    replicas there (``settings`` as :func:`spec_maker` takes them)."""
+    keys = [(node.name, replica) for node in plan.nodes.values() for replica in range(node.replicas)]
+    shares = cpu_shares(budgeted(plan, keys), {})
+    make = spec_maker(plan, **settings)
+    return [make(node, replica, shares.get((node, replica), 1.0)) for node, replica in keys]
+
+
+def spec_maker(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str, int], dict[str, Any]], out_dir: Path,
+               save_frames: bool, heartbeat_s: float) -> Callable[[str, int, float], WorkerSpec]:
+    """The spec of any replica of any node (an elastic node's later ones too): ``make(node, replica, cpu_share)``;
+    ``broker(node, replica)`` is that replica's broker address."""
     def end(edge, peer: str) -> EdgeEnd:  # noqa: ANN001 - PlannedEdge
         return EdgeEnd(name=edge.name, peer=peer, transport=edge.transport, protocol=edge.protocol, integrity=edge.integrity,
                        retries=edge.retries, slot_bytes=edge.slot_bytes, slots=edge.slots, tensors=edge.tensor_names,
                        declared=edge.tensors)
 
-    specs = []
-    for node in plan.nodes.values():
+    def spec(name: str, replica: int, cpu_share: float) -> WorkerSpec:
+        node = plan.nodes[name]
         segments = tuple(SegmentSpec(index=s.index, stages=s.stages, inputs=s.inputs, outputs=s.outputs)
                          for s in plan.segments if s.node == node.name)
-        for replica in range(node.replicas):
-            specs.append(WorkerSpec(
-                run_id=run_id, node=node.name, replica=replica, family=plan.family, task=plan.task,
-                source=str(source), device=node.device, devices=node.devices if node.ranks > 1 else (),
-                parallel=node.parallel, collective_timeout_s=plan.timeouts.heartbeat_s, rdma_device=node.rdma_device, dtype=node.dtype, components=node.components,
-                configs=plan.configs,
-                stages=node.stages, segments=segments,
-                inbound=tuple(end(e, e.source) for e in plan.edges_into(node.name)),
-                outbound=tuple(end(e, e.target) for e in plan.edges_from(node.name)),
-                final_outputs=written_by(plan, node.name), broker=broker(node.name, replica), out_dir=str(out_dir),
-                heartbeat_s=heartbeat_s, broker_timeout_s=plan.timeouts.broker_s, transfer_timeout_s=plan.timeouts.transfer_s, save_frames=save_frames,
-                meta={"graph": plan.graph, "graph_file": plan.file, "model": plan.model_path, "family": plan.family,
-                      "task": plan.task, "dtype": node.dtype},
-                cache=node.cache,
-                backends=node.backends, strict_backends=node.strict,
-            ))
-    return specs
+        return WorkerSpec(
+            run_id=run_id, node=node.name, replica=replica, family=plan.family, task=plan.task,
+            source=str(source), device=node.device, devices=node.devices if node.ranks > 1 else (),
+            parallel=node.parallel, collective_timeout_s=plan.timeouts.heartbeat_s, rdma_device=node.rdma_device, dtype=node.dtype, components=node.components,
+            configs=plan.configs,
+            stages=node.stages, segments=segments,
+            inbound=tuple(end(e, e.source) for e in plan.edges_into(node.name)),
+            outbound=tuple(end(e, e.target) for e in plan.edges_from(node.name)),
+            final_outputs=written_by(plan, node.name), broker=broker(node.name, replica), out_dir=str(out_dir),
+            heartbeat_s=heartbeat_s, broker_timeout_s=plan.timeouts.broker_s, transfer_timeout_s=plan.timeouts.transfer_s, save_frames=save_frames,
+            meta={"graph": plan.graph, "graph_file": plan.file, "model": plan.model_path, "family": plan.family,
+                  "task": plan.task, "dtype": node.dtype},
+            cpu_share=cpu_share, threads=node.threads, output_cache_bytes=node.output_cache_bytes,
+            cache=node.cache, backends=node.backends, strict_backends=node.strict,
+        )
+
+    return spec
 
 
 def written_by(plan: Plan, node: str) -> tuple[str, ...]:

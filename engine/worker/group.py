@@ -53,14 +53,16 @@ class Work:
     stage: str
     request: dict[str, Any]
     tensors: list[tuple[str, str, list[int]]]  #: name, dtype, shape, in broadcast order
+    threads: int  #: rank 0's torch threads: every rank computes with as many (on CPU the count can change results)
 
     def line(self) -> bytes:
-        return json.dumps({"stage": self.stage, "request": self.request, "tensors": self.tensors}).encode() + b"\n"
+        return json.dumps({"stage": self.stage, "request": self.request, "tensors": self.tensors,
+                           "threads": self.threads}).encode() + b"\n"
 
     @classmethod
     def parse(cls, line: bytes) -> Work:
         data = json.loads(line)
-        return cls(data["stage"], data["request"], [(n, d, list(s)) for n, d, s in data["tensors"]])
+        return cls(data["stage"], data["request"], [(n, d, list(s)) for n, d, s in data["tensors"]], data["threads"])
 
 
 def join_group(devices: tuple[str, ...], parallel: Parallel, rank: int, port: int, timeout_s: float,
@@ -166,7 +168,10 @@ class RankGroup:
     def hand_over(self, stage: str, request: dict[str, Any], tensors: Mapping[str, Any]) -> dict[str, Any]:
         """Tell every follower to run ``stage`` for ``request`` and broadcast its inputs; the inputs on rank 0's
         device."""
-        work = Work(stage, request, [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in tensors.items()])
+        import torch
+
+        work = Work(stage, request, [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in tensors.items()],
+                    torch.get_num_threads())
         for rank, process in self.followers.items():
             try:
                 assert process.stdin is not None

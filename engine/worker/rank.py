@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from engine.errors import EngineError
 from engine.families import get_family
 from engine.worker.contract import WorkerSpec
@@ -44,6 +46,7 @@ def serve(spec: WorkerSpec, rank: int, port: int) -> None:
     request_type = family.request_type(spec.task)
     for line in sys.stdin.buffer:
         work = Work.parse(line)
+        torch.set_num_threads(work.threads)
         tensors = receive_tensors(work, device)
         try:
             stages[work.stage].run(request_type.model_validate(work.request), tensors, progress)

@@ -38,8 +38,8 @@ from engine.control.broker import BrokerAddress, TLSOptions
 from engine.control.bus import Inbound
 from engine.control.client import ControlClient, LastWill
 from engine.control.heartbeat import RECONNECT_ALLOWANCE_S, WILL_GRACE_S, Progress, publish_heartbeats, rss_bytes
-from engine.control.messages import (Ack, Cancel, Delivered, EdgeStats, Fence, Grant, GrantRequest, Landed, ReplicaRef,
-                                     ReplicaRestarting, RunStage, Shutdown, StageDone, StageFailed, Status)
+from engine.control.messages import (Ack, Cancel, CpuShare, Delivered, EdgeStats, Fence, Grant, GrantRequest, Landed,
+                                     ReplicaRef, ReplicaRestarting, RunStage, Shutdown, StageDone, StageFailed, Status)
 from engine.control.topics import Topics
 from engine.display import human_bytes
 from engine.errors import EngineError, TransportError
@@ -51,6 +51,8 @@ from engine.worker.edge_link import MqttEdgeLink
 from engine.worker.heap import release_freed_memory
 from engine.worker.inbound import InboundShapes
 from engine.worker.input_files import read_input_files, remove_input_files, write_input_files
+from engine.worker.output_cache import CachedStage, OutputCache, with_output_cache
+from engine.worker.threads import TorchThreads
 from engine.control.replies import Replies
 from engine.stages import ProgressFn, Stage
 from engine.stepcache.stats import StepCacheStats, with_node_cache
@@ -134,6 +136,9 @@ class Worker:
         self.background: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
         self.requests_done = 0
+        self.queued_at: dict[tuple[str, int, int], float] = {}  #: run_stage question -> when it was queued
+        self.threads = TorchThreads(spec.cpu_share, spec.threads)
+        self.output_cache = OutputCache(spec.output_cache_bytes) if spec.output_cache_bytes else None
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -160,6 +165,7 @@ class Worker:
             self.group = await asyncio.to_thread(RankGroup.start, spec, self.spec_path)
         components = await asyncio.to_thread(self.family.load_components, spec.task, spec.components,
                                               Path(spec.source), spec.device, spec.dtype)
+        weights = f"{spec.family}:{spec.task}:{spec.source}:{','.join(spec.components)}:{spec.dtype}:{spec.device}"
         built: dict[str, Stage] = {}
         for name in spec.stages:
             built[name] = self.family.build_stage(spec.task, name, components, spec.device, spec.dtype, spec.configs)
@@ -168,8 +174,9 @@ class Worker:
             for stage in built.values():
                 stage.split(split)
         for name, stage in built.items():
-            self.stages[name] = with_backends(stage, self.family, spec.task, spec.node, spec.backends.get(name, ()),
-                                              spec.strict_backends, components, spec.device, spec.source)
+            stage = with_backends(stage, self.family, spec.task, spec.node, spec.backends.get(name, ()),
+                                  spec.strict_backends, components, spec.device, spec.source)
+            self.stages[name] = with_output_cache(stage, self.output_cache, weights)
         for edge in spec.inbound:
             self.receivers[edge.name] = await asyncio.to_thread(make_receiver, edge.transport, edge.name, edge.slot_bytes,
                                                                 edge.slots, integrity=edge.integrity, **self._mooncake(edge))
@@ -272,7 +279,9 @@ class Worker:
             question = (message.request_id, message.segment, message.attempt)
             if question not in self.results:
                 self.results.remember(question, None)
+                self.queued_at[question] = time.monotonic()
                 self.jobs.put_nowait(message)
+                self.progress.waiting = self.jobs.qsize()
             elif self.results[question] is not None:  # our answer was lost: give it again
                 self.client.post(self.topics.controller, self.results[question])
         elif isinstance(message, GrantRequest):
@@ -329,6 +338,8 @@ class Worker:
         elif isinstance(message, Shutdown):
             log.info("shutdown: %s", message.reason)
             self.stopping.set()
+        elif isinstance(message, CpuShare):
+            self.threads.share = message.share  # the compute thread applies it before its next stage
 
     def _clear_suspicion(self, peer: tuple[str, int]) -> None:
         """The peer spoke (or is being started again): its will, if one came, is not to be believed."""
@@ -404,10 +415,14 @@ class Worker:
         controller that did not hear it asks again and gets it again."""
         while True:
             job = await self.jobs.get()
+            self.progress.waiting = self.jobs.qsize()
+            started = time.monotonic()
+            waited = started - self.queued_at.pop((job.request_id, job.segment, job.attempt), started)
             answer: StageDone | StageFailed
             try:
                 self._check_cancelled(job.request_id)
-                answer = await self._run_segment(job)
+                done = await self._run_segment(job)
+                answer = done.model_copy(update={"waited_s": waited, "busy_s": time.monotonic() - started})
             except Exception as exc:  # reported to the controller, which decides what the request does next
                 log.log(logging.INFO if isinstance(exc, Cancelled) else logging.ERROR, "request %s failed: %s",
                         job.request_id, exc)
@@ -448,8 +463,8 @@ class Worker:
                 tensors = read_input_files(job.request, {t.name: t.nbytes for e in spec.outbound for t in e.declared})
 
             # 2. Stages, in order, on the compute thread; progress goes out with the heartbeats.
-            timings, step_cache = await asyncio.to_thread(self._compute, job.request_id, segment.stages,
-                                                          with_node_cache(request, spec.cache), tensors)
+            timings, step_cache, cached = await asyncio.to_thread(self._compute, job.request_id, segment.stages,
+                                                                  with_node_cache(request, spec.cache), tensors)
         finally:
             if files:
                 remove_input_files(fed_folder)
@@ -473,12 +488,16 @@ class Worker:
         self._release_received(job.request_id)
         return StageDone(request_id=job.request_id, node=spec.node, replica=spec.replica, attempt=job.attempt,
                          timings=timings, edges=edge_stats, outputs=outputs, peak_rss_bytes=peak_rss_bytes(),
-                         step_cache=step_cache, backends=stage_uses(self.stages, segment.stages))
+                         step_cache=step_cache, backends=stage_uses(self.stages, segment.stages),
+                         cached={stage: outcome.hit for stage, outcome in cached.items()},
+                         saved_s=sum(outcome.saved_s for outcome in cached.values()))
 
-    def _compute(self, request_id: str, stages: tuple[str, ...], request: Any,
-                 tensors: dict[str, Any]) -> tuple[dict[str, float], dict[str, StepCacheStats]]:
-        """Run the stages; their times, and what the step caches the stages opened for this request did."""
-        timings, step_cache = {}, {}
+    def _compute(self, request_id: str, stages: tuple[str, ...], request: Any, tensors: dict[str, Any]
+                 ) -> tuple[dict[str, float], dict[str, StepCacheStats], dict[str, Any]]:
+        """Run the stages: their seconds, what the step caches they opened for this request did, and how each
+        output-cached stage's outputs came (hit or miss)."""
+        self.threads.apply()
+        timings, step_cache, cached = {}, {}, {}
         for name in stages:
             self.progress.stage_started(request_id, name, 0)
 
@@ -491,13 +510,17 @@ class Worker:
                 self.progress.step_done(step)
 
             started = time.perf_counter()
+            stage = self.stages[name]
             with collect_step_caches() as caches:
-                tensors.update(self._run_stage(self.stages[name], request, tensors, progress))
+                tensors.update(self._run_stage(stage, request, tensors, progress))
             timings[name] = time.perf_counter() - started
             if caches:
                 step_cache[name] = functools.reduce(StepCacheStats.plus, (cache.stats for cache in caches))
-            log.info("request %s: %s took %.3f s", request_id, name, timings[name])
-        return timings, step_cache
+            if isinstance(stage, CachedStage) and stage.last is not None:
+                cached[name] = stage.last
+            log.info("request %s: %s took %.3f s%s", request_id, name, timings[name],
+                     " (outputs from the cache)" if name in cached and cached[name].hit else "")
+        return timings, step_cache, cached
 
     def _run_stage(self, stage: Stage, request: Any, tensors: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
         """Run a stage here, and on a several-device replica on every rank: the followers get the request and the
@@ -611,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
+
+    TorchThreads(spec.cpu_share, spec.threads).start()
 
     return asyncio.run(run_worker(spec, secrets, Path(argv[0])))
 

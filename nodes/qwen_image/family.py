@@ -54,6 +54,7 @@ TEXT_ENCODE_T2I = StageSpec(
     components=("tokenizer", "text_encoder"),
     outputs=TEXT_ENCODE_OUTPUTS,
     description="Qwen2.5-VL last hidden states of the prompt (and of the negative prompt with true CFG)",
+    cache_key=("prompt", "negative_prompt", "true_cfg_scale"),
 )
 TEXT_ENCODE_EDIT = StageSpec(
     "text_encode",

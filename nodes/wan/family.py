@@ -40,6 +40,7 @@ TEXT_ENCODE = StageSpec(
         TensorSpec("negative_prompt_embeds", MODEL_DTYPE, ("batch", "text_len", "text_dim"), optional=True),
     ),
     description="umT5 prompt embeddings (and negative prompt embeddings when guidance is on)",
+    cache_key=("prompt", "negative_prompt", "guidance_scale"),
 )
 IMAGE_ENCODE = StageSpec(
     "image_encode",
@@ -47,6 +48,7 @@ IMAGE_ENCODE = StageSpec(
     outputs=(TensorSpec("image_embeds", MODEL_DTYPE, ("batch", "image_tokens", "image_dim")),),
     description="CLIP vision penultimate hidden states of the input image",
     reads=("image",),
+    cache_key=("image",),
 )
 VAE_ENCODE = StageSpec(
     "vae_encode",

@@ -36,6 +36,7 @@ TEXT_ENCODE = StageSpec(
         TensorSpec("negative_prompt_embeds", MODEL_DTYPE, _PROMPT, optional=True, variable=(1,)),
     ),
     description="Qwen3 second-to-last hidden states of the prompt's real tokens (and of the negative prompt with CFG)",
+    cache_key=("prompt", "negative_prompt", "guidance_scale"),
 )
 DENOISE = StageSpec(
     "denoise",

@@ -56,18 +56,33 @@ def test_throughput_runs_both_sides_and_draws_the_timeline(tmp_path):
 
 
 def test_serve_takes_open_loop_jobs_at_two_rates_beside_the_pipeline(tmp_path):
-    result = bench("serve", *TINY, "--jobs", "3", "--loads", "1", "2", "--out", str(tmp_path))
-    rates = result["service"]["rates"]
+    result = bench("serve", *TINY, "--jobs", "3", "--loads", "1", "2", "--variants", "elastic", "--out", str(tmp_path))
+    service = result["services"]["elastic"]
+    rates = service["rates"]
     assert [r["load"] for r in rates] == pytest.approx([1.0, 2.0])
     for rate in rates:
         assert rate["jobs"] == rate["completed"] == 3 and rate["failed"] == 0 and rate["failures"] == []
         assert 0 < rate["p50_seconds"] <= rate["p99_seconds"] <= rate["seconds"] and rate["jobs_per_minute"] > 0
+        # per node, from /metrics around the rate: every job's segment, the seconds busy and waiting
+        assert {node: n["segments"] for node, n in rate["nodes"].items()} == {"encoder": 3, "transformer": 3, "decoder": 3}
+        assert all(n["busy_seconds"] > 0 and n["queue_wait_seconds"] >= 0 for n in rate["nodes"].values())
+        assert 1 <= rate["nodes"]["decoder"]["peak_replicas"] <= 2
+        # every job has the benchmark's prompt, encoded once by the warm-up job: each job's text_encode is a hit
+        assert rate["output_cache"]["hits"] == 3 and rate["output_cache"]["misses"] == 0
     monolithic = result["monolithic"]
     assert len(monolithic["latency_seconds"]) == 3 and len(monolithic["warmup_seconds"]) == 1
     assert result["capacity_jobs_per_minute"] == pytest.approx(monolithic["jobs_per_minute"])
     assert result["nodes"] == {"encoder": 1, "transformer": 2, "decoder": 1}
-    assert result["service"]["exit_code"] == 0  # stopped with SIGTERM, drained
-    assert len(list((tmp_path / "state" / "outputs").glob("video_*.mp4"))) == 1 + 2 * 3  # the warm-up and both rates
+    assert service["exit_code"] == 0  # stopped with SIGTERM, drained
+    assert len(list((tmp_path / "elastic" / "state" / "outputs").glob("video_*.mp4"))) == 1 + 2 * 3  # warm-up, both rates
+
+
+def test_cache_counts_hits_on_a_trace_of_repeated_prompts_and_changes_no_frame(tmp_path):
+    result = bench("cache", *TINY, "--requests", "3", "--prompts", "2", "--out", str(tmp_path))
+    cached, uncached = result["cached"], result["uncached"]
+    assert (cached["hits"], cached["misses"]) == (1, 2) and cached["saved_seconds"] > 0  # r3 repeats r1's prompt
+    assert (uncached["hits"], uncached["misses"]) == (0, 0)  # no cache, no cacheable stage counted
+    assert result["frames_equal"] is True
 
 
 def test_memory_and_cold_start_per_node(tmp_path):

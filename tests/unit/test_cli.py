@@ -134,7 +134,7 @@ def test_set_unknown_key_path() -> None:
 def test_set_of_a_new_nested_key_is_blamed_on_the_option_with_the_valid_keys() -> None:
     result = engine("validate", "graphs/wan_t2v.yaml", "--set", "a.b.c.d=1")
     assert_user_error(result, "1 problem in the graph:\n  graphs/wan_t2v.yaml (--set a.b.c.d=1) a: unknown key (valid: name, "
-                              "model, broker, nodes, edges, request, requests, limits, timeouts)")
+                              "model, broker, nodes, edges, request, requests, limits, timeouts, scaling)")
     assert "wan_t2v.yaml:" not in result.stderr  # no line of the file is blamed
 
 

@@ -138,9 +138,9 @@ def test_problems_under_an_override_name_the_option() -> None:
 
 
 @pytest.mark.parametrize("assignment, field, valid", [
-    ("a.b.c.d=1", "a", "(valid: name, model, broker, nodes, edges, request, requests, limits, timeouts)"),
+    ("a.b.c.d=1", "a", "(valid: name, model, broker, nodes, edges, request, requests, limits, timeouts, scaling)"),
     ("model.foo.bar=1", "model.foo", "(valid: family, task, path, dtype)"),
-    ("nodes.encoder.place.gpu.index=1", "nodes.encoder.place.gpu", "(valid: host, device, devices, memory, rdma_device)"),
+    ("nodes.encoder.place.gpu.index=1", "nodes.encoder.place.gpu", "(valid: host, device, devices, memory, rdma_device, threads)"),
 ])
 def test_an_override_that_creates_an_unknown_key_is_blamed_on_the_option(assignment: str, field: str, valid: str) -> None:
     with pytest.raises(SpecError) as caught:

@@ -29,6 +29,13 @@ function showServiceState(state) {
   delete queue.dataset.stale;
   queue.title = "";
   showState(graph, state);
+  const scaling = document.getElementById("scaling");
+  scaling.replaceChildren(...state.scale_events.map((event) => {
+    const item = document.createElement("li");
+    const when = new Date(event.time * 1000).toLocaleTimeString();
+    item.textContent = `${when} scale ${event.direction} ${event.node}[${event.replica}]: ${event.detail}`;
+    return item;
+  }));
 }
 
 /** Nothing shown of the service's state holds while its events do not come: say so, and since when. */

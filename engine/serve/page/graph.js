@@ -127,6 +127,13 @@ function describeReplica(replica) {
 
 /** Show each replica's state as the service's `state` event gives it. */
 export function showState(svg, state) {
+  const running = new Set(state.replicas.map((replica) => `${replica.node}[${replica.replica}]`));
+  for (const row of svg.querySelectorAll("g.replica")) {  // an elastic node's rows beyond its replicas now
+    if (!running.has(`${row.dataset.node}[${row.dataset.replica}]`)) {
+      row.dataset.state = "absent";
+      row.querySelector("text").textContent = `[${row.dataset.replica}] not running`;
+    }
+  }
   for (const replica of state.replicas) {
     const row = svg.querySelector(`g.replica[data-node="${replica.node}"][data-replica="${replica.replica}"]`);
     if (!row) continue;

@@ -1,0 +1,106 @@
+"""The output cache on a trace of repeated prompts with one shared negative prompt: hit rate, seconds saved, frames.
+
+    python bench/cache.py [--json] [--requests 12] [--prompts 4] [--task t2v] [--model tiny] [--height ...]
+
+The trace: ``--requests`` requests whose prompts cycle through ``--prompts`` different ones (request i has prompt
+i mod ``--prompts``), every one with the graph's negative prompt and guidance on, seeds 42, 43, ... The engine runs
+it twice through graphs/wan_<task>.yaml, with every node's output cache (the default 256 MiB) and with none
+(``output_cache=0B``), the raw frames saved. Per side: the cache's hits, misses and seconds saved from the run's
+report, the median ``text_encode`` seconds of the hits and of the misses, and the run's seconds from first dispatch
+to last completion; then whether every request's frames are equal on both sides. A hit needs the whole key
+(prompt, negative prompt, guidance): the shared negative prompt alone does not make one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (add_request_arguments, emit, finish_machine, graph_path, machine, machine_line, median,  # noqa: E402
+                          on_run_clock, plan_graph, request_values, run_engine, sized_for, work_dir)
+
+PROMPTS = ["a sun rising over a quiet valley, slow camera pan", "a red fox running through fresh snow",
+           "waves breaking on black rocks at dusk", "a paper boat drifting down a rain gutter",
+           "a lighthouse beam sweeping through fog", "bees over a field of lavender"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_request_arguments(parser)
+    parser.set_defaults(task="t2v", model="tiny")
+    parser.add_argument("--requests", type=int, default=12, help="requests in the trace")
+    parser.add_argument("--prompts", type=int, default=4, help=f"different prompts in it (1-{len(PROMPTS)})")
+    parser.add_argument("--out", type=Path, help="folder for both runs (default: a temporary folder)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    args = parser.parse_args(argv)
+    if args.requests < 1 or not 1 <= args.prompts <= len(PROMPTS):
+        parser.error(f"--requests must be at least 1 and --prompts from 1 to {len(PROMPTS)}")
+    return args
+
+
+def side(report: dict[str, Any]) -> dict[str, Any]:
+    runs = report["requests"]
+    hits = [r["stage_seconds"]["text_encode"] for r in runs if "text_encode" in r["output_cache"]["hits"]]
+    misses = [r["stage_seconds"]["text_encode"] for r in runs if "text_encode" not in r["output_cache"]["hits"]]
+    first = min(on_run_clock(r, r["segments"][0]["dispatched"]) for r in runs)
+    last = max(on_run_clock(r, r["segments"][-1]["done"]) for r in runs)
+    return {**report["output_cache"], "hit_rate": report["output_cache"]["hits"] / len(runs),
+            "text_encode_hit_seconds": median(hits) if hits else None,
+            "text_encode_miss_seconds": median(misses) if misses else None, "seconds": last - first}
+
+
+def measure(args: argparse.Namespace) -> dict:
+    import numpy as np
+
+    from engine.controller.requests import build_request
+
+    out = work_dir(args.out, "cache")
+    sized = sized_for(args.height, args.width, args.frames)
+    trace = [dict(request_values(args.task, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
+                                 seed=42 + i), prompt=PROMPTS[i % args.prompts]) for i in range(args.requests)]
+    info = machine()
+    sides = {}
+    for name, cache in (("cached", []), ("uncached", ["nodes.encoder.output_cache=0B"])):
+        plan, checked, source = plan_graph(graph_path(args.task), [f"model.path={args.model}", *sized, *cache])
+        requests = [build_request(checked, values, f"trace request {i + 1}") for i, values in enumerate(trace)]
+        sides[name] = side(run_engine(plan, source, requests, out / name, save_frames=True))
+    equal = all(np.array_equal(np.load(out / "cached" / f"r{i}.npy"), np.load(out / "uncached" / f"r{i}.npy"))
+                for i in range(1, args.requests + 1))
+    return {"benchmark": "cache", "graph": plan.graph, "model": args.model, "requests": args.requests,
+            "prompts": args.prompts, "request": {"height": args.height, "width": args.width, "frames": args.frames,
+                                                 "steps": args.steps},
+            "negative_prompt": requests[0].negative_prompt, **sides, "frames_equal": equal,
+            "machine": finish_machine(info), "out": str(out)}
+
+
+def render(result: dict) -> str:
+    from engine.display import table
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    request = result["request"]
+    rows = [[name, str(s["hits"]), str(s["misses"]), f"{s['hit_rate']:.0%}", f"{s['saved_seconds']:.3f}",
+             cell(s["text_encode_hit_seconds"]), cell(s["text_encode_miss_seconds"]), f"{s['seconds']:.2f}"]
+            for name, s in ((n, result[n]) for n in ("cached", "uncached"))]
+    return "\n".join([
+        f"Output cache: {result['requests']} requests through {result['graph']} (model {result['model']}, "
+        f"{request['height']}x{request['width']}x{request['frames']}, {request['steps']} steps), {result['prompts']} "
+        f"different prompts in turn, every one with the negative prompt {result['negative_prompt']!r}", "",
+        table(["", "hits", "misses", "hit rate", "saved s", "text_encode s (hit)", "text_encode s (miss)", "run s"], rows),
+        "", f"frames equal with and without the cache, every request: {result['frames_equal']}",
+        machine_line(result["machine"])])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    emit(measure(args), args.json, render)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

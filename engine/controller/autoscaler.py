@@ -1,0 +1,129 @@
+"""The controller's side of an elastic deployment: replicas that follow the load, and each worker's CPU share.
+
+The :class:`Autoscaler` feeds every heartbeat into a :class:`~engine.controller.scaling.LoadWindow`. Every
+``TICK_S`` it asks the policy (:func:`~engine.controller.scaling.decide`) about each elastic node, when scaling is
+on, and returns the decisions for the controller to carry out (start a replica, drain one); each is recorded as a
+:class:`ScaleEvent` (log, the service's page and ``/metrics``). It also keeps the workers' shares of their host's
+cores in step with the work each does (:mod:`engine.plan.cpu_budget`): :meth:`Autoscaler.shares` after a change of
+replicas, and at most every window otherwise, the controller tells the workers whose share moved.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.control.messages import Heartbeat
+from engine.controller.fleet import Fleet, ReplicaKey
+from engine.controller.scaling import Decision, LoadWindow, NodeState, Sample, decide
+from engine.plan.cpu_budget import budgeted, cpu_shares
+from engine.plan.model import Plan
+
+log = logging.getLogger("engine.scaling")
+
+TICK_S = 0.5  #: how often the policy looks
+SHARE_STEP = 0.05  #: a worker is told of its new share when it moved at least this much
+EVENTS_KEPT = 100
+
+
+@dataclass(frozen=True)
+class ScaleEvent:
+    time: float  #: wall clock
+    node: str
+    direction: str
+    reason: str
+    detail: str
+    replica: int  #: the replica started (out) or drained (in)
+
+
+class Autoscaler:
+    def __init__(self, plan: Plan, fleet: Fleet, *, scaling: bool, clock: Callable[[], float] = time.monotonic):
+        self.plan = plan
+        self.fleet = fleet
+        self.scaling = scaling  #: False: elastic nodes keep their ``min`` replicas (``engine serve --autoscale off``)
+        self.clock = clock
+        self.window = LoadWindow(max(plan.scaling.window_s, plan.scaling.in_window_s))
+        self.events: deque[ScaleEvent] = deque(maxlen=EVENTS_KEPT)
+        self.counts: Counter[tuple[str, str, str]] = Counter()  #: (node, direction, reason) -> decisions
+        self.elastic = [n.name for n in plan.nodes.values() if n.max_replicas is not None]
+        self._changed_at: dict[str, float] = {}
+        self._next_tick = 0.0
+        self._next_rebalance = 0.0
+        self.sent: dict[ReplicaKey, float] = {}  #: the share each worker was last given
+
+    def started(self, shares: dict[ReplicaKey, float]) -> None:
+        """The deployment is ready with these shares: the nodes' counts date from now."""
+        now = self.clock()
+        self._changed_at = {node: now for node in self.plan.nodes}
+        self.sent = dict(shares)
+        self._next_rebalance = now + self.plan.scaling.window_s
+
+    def observe(self, beat: Heartbeat) -> None:
+        self.window.observe(beat.node, beat.replica, Sample(self.clock(), beat.busy_s, beat.waiting))
+
+    def decisions(self) -> list[Decision]:
+        """What the policy decides now for each elastic node (nothing between ticks or with scaling off)."""
+        now = self.clock()
+        if not self.scaling or now < self._next_tick or not self._changed_at:
+            return []
+        self._next_tick = now + TICK_S
+        found = []
+        for node in self.elastic:
+            serving, warming, draining = self.fleet.counts(node)
+            planned = self.plan.nodes[node]
+            state = NodeState(serving, warming, draining, planned.replicas, planned.most_replicas,
+                              self._changed_at[node])
+            replicas = [r.replica for r in self.fleet.replicas.values()
+                        if r.node == node and r.down is None and r.state == "ready" and not r.draining]
+            policy = self.plan.scaling
+            decision = decide(node, state, self.window.load(node, replicas, state.changed_at, now, policy.window_s),
+                              self.window.load(node, replicas, state.changed_at, now, policy.in_window_s), policy, now)
+            if decision is not None:
+                found.append(decision)
+        return found
+
+    def record(self, decision: Decision, replica: int) -> None:
+        """A decision carried out on ``replica``: its node's count changed now."""
+        self._changed_at[decision.node] = self.clock()
+        self.counts[(decision.node, decision.direction, decision.reason)] += 1
+        self.events.append(ScaleEvent(time.time(), decision.node, decision.direction, decision.reason, decision.detail,
+                                      replica))
+        log.info("%s (replica %d)", decision, replica)
+        if decision.direction == "in":
+            self.window.forget(decision.node, replica)
+
+    def share_of_new(self, key: ReplicaKey) -> float:
+        """The share a replica about to start gets: weighed as the mean of its node's replicas."""
+        return self.shares(extra=key).get(key, 1.0)
+
+    def shares(self, extra: ReplicaKey | None = None) -> dict[ReplicaKey, float]:
+        """Every budgeted replica's share of its host's cores (and ``extra``'s, about to start), by the busy share
+        each had over the window."""
+        now = self.clock()
+        keys = [key for key, info in self.fleet.replicas.items() if info.down is None and not info.draining]
+        weights = {key: share for key in keys
+                   if (share := self.window.busy_share(*key, now - self.plan.scaling.window_s)) is not None}
+        if extra is not None:
+            keys.append(extra)
+            mates = [weights[k] for k in weights if k[0] == extra[0]]
+            if mates:
+                weights[extra] = sum(mates) / len(mates)
+        if len(weights) < len(keys):  # not all measured: the unmeasured weigh as the mean of the measured
+            mean = sum(weights.values()) / len(weights) if weights else 1.0
+            weights = {key: weights.get(key, mean) for key in keys}
+        return cpu_shares(budgeted(self.plan, keys), weights)
+
+    def moved_shares(self, force: bool = False) -> dict[ReplicaKey, float]:
+        """Shares that moved by ``SHARE_STEP`` or more since each worker was told, once a window (or now with
+        ``force``, after a change of replicas); they count as told."""
+        now = self.clock()
+        if not self._changed_at or (not force and now < self._next_rebalance):
+            return {}
+        self._next_rebalance = now + self.plan.scaling.window_s
+        moved = {key: share for key, share in self.shares().items()
+                 if abs(share - self.sent.get(key, 0.0)) >= SHARE_STEP}
+        self.sent.update(moved)
+        return moved

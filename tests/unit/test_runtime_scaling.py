@@ -1,0 +1,172 @@
+"""An elastic node in process: the controller with its autoscaler against the in-memory bus, and fake workers that
+take a while per segment, one at a time, report their busy seconds and queue in their heartbeats, and stop when told.
+Every request must finish once: no decode segment lost or run twice, whatever the replicas do meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+from engine.control.bus import LastWill
+from engine.control.heartbeat import Progress, publish_heartbeats
+from engine.control.memory import MemoryBroker
+from engine.control.messages import CpuShare, RunStage, Shutdown, StageDone
+from engine.control.topics import Topics
+from engine.controller.controller import Controller, RunOptions
+from engine.controller.tracker import State
+from tests.unit.test_runtime_scheduler import FakeLauncher, plan_of
+
+ELASTIC = ("nodes.decoder.replicas={min: 1, max: 2}", "scaling.window_s=0.5", "scaling.in_window_s=1",
+           "scaling.cooldown_s=0.5")
+WORK_S = {"encoder": 0.01, "transformer": 0.01, "decoder": 0.12}
+
+
+class TimedLauncher(FakeLauncher):
+    """Fake workers that spend ``WORK_S[node]`` on each segment, in order of arrival, answer a repeated dispatch
+    once, and exit on a shutdown order; ``shares`` records the CPU shares they were told."""
+
+    def __init__(self, broker: MemoryBroker, topics: Topics):
+        super().__init__(broker, topics, lambda node, replica: "done")
+        self.stopped: list[tuple[str, int]] = []
+        self.shares: list[tuple[str, int, float]] = []
+        self.finished: list[tuple[str, int, str]] = []  # node, replica, request of every segment answered
+
+    async def _worker(self, node: str, replica: int) -> None:
+        key, client = (node, replica), self.topics.replica_client(node, replica)
+        bus = self.broker.connect(client, will=LastWill(self.topics.status(node, replica), self._status(node, replica, "dead")))
+        await bus.subscribe(self.topics.inbox(node, replica))
+        await bus.publish(self.topics.status(node, replica), self._status(node, replica, "ready"), retain=True)
+        progress, jobs, seen = Progress(), asyncio.Queue(), set()
+        self.heartbeats[key] = asyncio.create_task(publish_heartbeats(
+            bus, self.topics.heartbeat(node, replica), node, replica, progress, period_s=0.05))
+
+        async def compute() -> None:
+            while True:
+                order = await jobs.get()
+                progress.waiting = jobs.qsize()
+                progress.stage_started(order.request_id, "work", 0)
+                await asyncio.sleep(WORK_S[node])
+                progress.request_finished()
+                self.finished.append((node, replica, order.request_id))
+                await bus.publish(self.topics.controller, StageDone(
+                    request_id=order.request_id, node=node, replica=replica, attempt=order.attempt, timings={},
+                    edges={}, outputs=[], peak_rss_bytes=0, busy_s=WORK_S[node]))
+
+        computing = asyncio.create_task(compute())
+        try:
+            async for inbound in bus.messages():
+                message = inbound.message
+                if isinstance(message, RunStage) and (message.request_id, message.segment, message.attempt) not in seen:
+                    seen.add((message.request_id, message.segment, message.attempt))
+                    self.orders.append((node, replica, message))
+                    jobs.put_nowait(message)
+                    progress.waiting = jobs.qsize()
+                elif isinstance(message, CpuShare):
+                    self.shares.append((node, replica, message.share))
+                elif isinstance(message, Shutdown):
+                    assert jobs.empty() and progress.snapshot().request_id is None, f"{key} stopped with work left"
+                    self.stopped.append(key)
+                    return
+        finally:
+            computing.cancel()
+            self.heartbeats[key].cancel()
+            await bus.close()
+            self.dead[key] = "process exited with code 0"
+
+
+def deployment(tmp_path: Path, *overrides: str, autoscale: bool = True) -> tuple[Controller, TimedLauncher]:
+    broker = MemoryBroker()
+    options = RunOptions(out_dir=tmp_path, quiet=True, autoscale=autoscale)
+    launcher = TimedLauncher(broker, Topics(options.run_id))
+    controller = Controller(plan_of("wan_t2v.yaml", *overrides), tmp_path, options, launcher=launcher,
+                            connect=lambda address, client_id, key: broker.connect(client_id))
+    return controller, launcher
+
+
+async def within(work, seconds: float):
+    async with asyncio.timeout(seconds):
+        return await work
+
+
+def burst(controller: Controller, requests: int, then=None):
+    """Submit ``requests`` at once, serve until they end, then until ``then()`` if given; the requests."""
+    from nodes.wan.family import WanRequest
+
+    async def scenario():
+        async with controller.deployed() as scheduler:
+            handles = [scheduler.submit(WanRequest(prompt="a cat", seed=i)) for i in range(requests)]
+            await controller.serve_until(lambda: all(handle.finished for handle in handles))
+            if then is not None:
+                await controller.serve_until(then)
+            return [handle.request for handle in handles]
+
+    return asyncio.run(within(scenario(), 30))
+
+
+def assert_each_ran_once(requests, launcher: TimedLauncher) -> None:
+    assert [r.state for r in requests] == [State.DONE] * len(requests)
+    decoded = Counter(request for node, _, request in launcher.finished if node == "decoder")
+    assert decoded == Counter({r.id: 1 for r in requests}), "a decode lost or run twice"
+
+
+def test_a_burst_scales_the_decoder_out_and_idle_scales_it_back_in(tmp_path):
+    controller, launcher = deployment(tmp_path, *ELASTIC)
+    requests = burst(controller, 24, then=lambda: ("decoder", 1) in launcher.stopped)
+
+    assert_each_ran_once(requests, launcher)
+    events = list(controller.autoscaler.events)
+    assert [(e.node, e.direction) for e in events] == [("decoder", "out"), ("decoder", "in")]
+    assert events[0].reason in ("busy", "queue") and events[1].reason == "idle"
+    assert {replica for node, replica, _ in launcher.finished if node == "decoder"} == {0, 1}  # both decoded
+    assert ("decoder", 1) not in controller.fleet.replicas and controller.fleet.counts("decoder") == (1, 0, 0)
+    assert launcher.started.count(("decoder", 1)) == 1  # started once, stopped once
+    assert controller.autoscaler.counts[("decoder", "in", "idle")] == 1
+
+
+def test_a_replica_drained_with_work_finishes_it_first(tmp_path):
+    controller, launcher = deployment(tmp_path, *ELASTIC)
+    fleet = controller.fleet
+    drained = {}
+
+    def drain_once_busy() -> bool:  # a scale-in at the worst moment: decoder[1] holds work
+        info = fleet.replicas.get(("decoder", 1))
+        if not drained and info is not None and info.assigned >= 1:
+            drained["assigned"] = info.assigned
+            fleet.drain(info.key)
+        return bool(drained) and ("decoder", 1) in launcher.stopped
+
+    from nodes.wan.family import WanRequest
+
+    async def scenario():
+        async with controller.deployed() as scheduler:
+            handles = [scheduler.submit(WanRequest(prompt="a cat", seed=i)) for i in range(30)]
+            await controller.serve_until(drain_once_busy)
+            await controller.serve_until(lambda: all(handle.finished for handle in handles))
+            return [handle.request for handle in handles]
+
+    requests = asyncio.run(within(scenario(), 30))
+    assert drained["assigned"] >= 1
+    assert_each_ran_once(requests, launcher)
+    given = [order.request_id for node, replica, order in launcher.orders if (node, replica) == ("decoder", 1)]
+    done = [request for node, replica, request in launcher.finished if (node, replica) == ("decoder", 1)]
+    assert given[:len(done)] == done and len(done) >= drained["assigned"]  # what it was given, it finished
+
+
+def test_with_autoscale_off_an_elastic_node_keeps_its_minimum(tmp_path):
+    controller, launcher = deployment(tmp_path, *ELASTIC, autoscale=False)
+    requests = burst(controller, 12)
+    assert_each_ran_once(requests, launcher)
+    assert not controller.autoscaler.events and ("decoder", 1) not in launcher.started
+
+
+def test_workers_share_the_cores_by_the_work_they_do(tmp_path):
+    """Three workers on one host start with a third each; once measured, the decoder (most of the work) is told a
+    larger share and the others smaller ones."""
+    controller, launcher = deployment(tmp_path, "scaling.window_s=0.5")
+    requests = burst(controller, 16, then=lambda: any(node == "decoder" for node, _, _ in launcher.shares))
+    assert all(r.state == State.DONE for r in requests)
+    told = {node: share for node, _, share in launcher.shares}
+    assert told["decoder"] > 0.5 and all(told.get(node, 1 / 3) < 1 / 3 for node in ("encoder", "transformer"))
+    assert sum(told.get(node, 1 / 3) for node in ("encoder", "transformer", "decoder")) <= 1.0 + 1e-6
+
