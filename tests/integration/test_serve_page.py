@@ -182,6 +182,14 @@ def test_the_page_asks_for_the_token_once_and_a_job_from_the_form_plays(wan, pag
     page.wait("the job listed again", lambda: page.js(
         "return document.querySelector(`#jobs .job[data-job-id='${arguments[0]}']`)?.dataset.status", job_id) == "completed")
 
+    # A job whose DiT skipped passes (step caching, asked for by the request) says how many on its card.
+    cached = httpx.post(f"{wan.url}/v1/videos", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60, json={
+        "prompt": "a cached job", "size": "64x48", "num_inference_steps": 20, "cache": "fbcache:0.1"}).json()
+    page.wait("the cached job completed", lambda: page.js(
+        "return document.querySelector(`#jobs .job[data-job-id='${arguments[0]}']`)?.dataset.status", cached["id"]) == "completed")
+    label = page.card(cached["id"])["label"]
+    assert re.fullmatch(r"100% · step 20/20 · \d+ of 40 DiT passes skipped", label), (label, page.shot("step-cache"))
+
 
 def test_a_running_job_shows_its_replica_busy_and_cancelled_shows_as_cancelled(wan, page):
     page.open(wan.url, token=TOKEN)

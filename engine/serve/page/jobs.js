@@ -18,7 +18,15 @@ function contentPath(job) {
 
 function progressLabel(job) {
   const steps = job.steps ? ` · step ${Math.round((job.progress * job.steps) / 100)}/${job.steps}` : "";
-  return `${job.progress}%${steps}`;
+  return `${job.progress}%${steps}${stepCacheLabel(job)}`;
+}
+
+/** What step caching skipped, once the job says (its DiT stages' passes run and skipped, summed). */
+function stepCacheLabel(job) {
+  const stages = Object.values(job.step_cache ?? {});
+  const skipped = stages.reduce((sum, s) => sum + s.passes_skipped, 0);
+  const total = stages.reduce((sum, s) => sum + s.passes_run + s.passes_skipped, 0);
+  return total && skipped ? ` · ${skipped} of ${total} DiT passes skipped` : "";
 }
 
 /** The video's length: its frames at its frame rate (9 frames at 16 fps play 0.5625 s). */
