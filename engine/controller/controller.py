@@ -67,6 +67,9 @@ class RunOptions:
     broker_kind: str = "auto"  #: for ``broker: embedded``: auto, mosquitto or amqtt
     restarts: RestartPolicy | None = None  #: start replicas that die again (a service); None: they stay out
     autoscale: bool = True  #: elastic nodes (``replicas: {min, max}``) follow the load; False: they keep ``min``
+    #: workers' torch threads are their share of the host's cores (a service); False: torch's own default, which keeps
+    #: CPU results bit-identical to a one-process pipeline's (the thread count can change a matmul's last bits)
+    cpu_budget: bool = False
 
 
 @dataclass
@@ -258,7 +261,8 @@ class Controller:
         self.autoscaler = Autoscaler(self.plan, self.fleet, scaling=self.options.autoscale)
         make = spec_maker(self.plan, run_id=self.options.run_id, source=self.source,
                           broker=functools.partial(self.access.worker_broker, address), out_dir=self.options.out_dir,
-                          save_frames=self.options.save_frames, heartbeat_s=self.options.heartbeat_s)
+                          save_frames=self.options.save_frames, heartbeat_s=self.options.heartbeat_s,
+                          cpu_budget=self.options.cpu_budget)
         shares = cpu_shares(budgeted(self.plan, list(self.fleet.replicas)), {})
         self.fleet.launch(lambda node, replica, share: (make(node, replica, share),
                                                         self.access.worker_secrets(address, node, replica)), shares)

@@ -79,6 +79,8 @@ class WorkerSpec(_Frozen):
     backends: dict[str, tuple[str, ...]] = Field(default_factory=dict, description="stage -> backends to try in order")
     strict_backends: bool = Field(False, description="a stage's first backend failing fails the request")
     cpu_share: float = Field(gt=0, le=1, description="fraction of its host's cores its torch threads may use")
+    cpu_budget: bool = Field(False, description="whether its torch threads follow cpu_share; False: torch's default "
+                                                "(place.threads still fixes them)")
     threads: int | None = Field(description="torch threads fixed by the graph (place.threads); None: from cpu_share")
     output_cache_bytes: int = Field(ge=0, description="stage outputs it may keep for repeated inputs (0: none)")
 
@@ -113,7 +115,7 @@ def worker_specs(plan: Plan, **settings: Any) -> list[WorkerSpec]:
 
 
 def spec_maker(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str, int], dict[str, Any]], out_dir: Path,
-               save_frames: bool, heartbeat_s: float) -> Callable[[str, int, float], WorkerSpec]:
+               save_frames: bool, heartbeat_s: float, cpu_budget: bool = False) -> Callable[[str, int, float], WorkerSpec]:
     """The spec of any replica of any node (an elastic node's later ones too): ``make(node, replica, cpu_share)``;
     ``broker(node, replica)`` is that replica's broker address."""
     def end(edge, peer: str) -> EdgeEnd:  # noqa: ANN001 - PlannedEdge
@@ -137,7 +139,7 @@ def spec_maker(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str, 
             heartbeat_s=heartbeat_s, broker_timeout_s=plan.timeouts.broker_s, transfer_timeout_s=plan.timeouts.transfer_s, save_frames=save_frames,
             meta={"graph": plan.graph, "graph_file": plan.file, "model": plan.model_path, "family": plan.family,
                   "task": plan.task, "dtype": node.dtype},
-            cpu_share=cpu_share, threads=node.threads, output_cache_bytes=node.output_cache_bytes,
+            cpu_share=cpu_share, cpu_budget=cpu_budget, threads=node.threads, output_cache_bytes=node.output_cache_bytes,
             cache=node.cache, backends=node.backends, strict_backends=node.strict,
         )
 

@@ -30,9 +30,10 @@ def thread_count(share: float, fixed: int | None, cores: int | None = None) -> i
 class TorchThreads:
     """Sets torch's thread counts for the thread that computes, when they are not what they should be."""
 
-    def __init__(self, share: float, fixed: int | None):
+    def __init__(self, share: float, fixed: int | None, budget: bool = True):
         self.share = share
         self.fixed = fixed
+        self.budget = budget  #: False: torch's default unless ``fixed`` (a run that must equal the pipeline bit for bit)
 
     @property
     def wanted(self) -> int:
@@ -42,6 +43,8 @@ class TorchThreads:
         """At the process's start, before any parallel work: intra-op and inter-op threads."""
         import torch
 
+        if not self.budget and self.fixed is None:
+            return torch.get_num_threads()
         count = self.wanted
         torch.set_num_threads(count)
         torch.set_num_interop_threads(count)
@@ -56,7 +59,7 @@ class TorchThreads:
         import torch
 
         current = torch.get_num_threads()
-        if self.fixed is not None or abs(self.share * host_cores() - current) <= 0.5 + STICKY:
+        if not self.budget or self.fixed is not None or abs(self.share * host_cores() - current) <= 0.5 + STICKY:
             return
         count = self.wanted
         if count != current:

@@ -137,7 +137,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self.requests_done = 0
         self.queued_at: dict[tuple[str, int, int], float] = {}  #: run_stage question -> when it was queued
-        self.threads = TorchThreads(spec.cpu_share, spec.threads)
+        self.threads = TorchThreads(spec.cpu_share, spec.threads, spec.cpu_budget)
         self.output_cache = OutputCache(spec.output_cache_bytes) if spec.output_cache_bytes else None
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -635,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    TorchThreads(spec.cpu_share, spec.threads).start()
+    TorchThreads(spec.cpu_share, spec.threads, spec.cpu_budget).start()
 
     return asyncio.run(run_worker(spec, secrets, Path(argv[0])))
 

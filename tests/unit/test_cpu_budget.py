@@ -49,5 +49,7 @@ def test_a_wavering_share_does_not_change_the_threads_at_every_stage(monkeypatch
         fixed = threads.TorchThreads(0.9, 1)
         fixed.apply()
         assert torch.get_num_threads() == 1  # place.threads holds whatever the share
+        off = threads.TorchThreads(0.9, None, budget=False)  # engine run: torch's default, as the pipeline runs
+        assert off.start() == 1 and (off.apply() or torch.get_num_threads()) == 1
     finally:
         torch.set_num_threads(before)
