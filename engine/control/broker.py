@@ -171,15 +171,18 @@ def user_password(password_file: Path | None = None) -> str | None:
     if password_file is None and os.environ.get(PASSWORD_ENV):
         return os.environ[PASSWORD_ENV]
     where = password_file or (Path(os.environ[PASSWORD_FILE_ENV]) if os.environ.get(PASSWORD_FILE_ENV) else None)
-    if where is None:
-        return None
+    return None if where is None else read_secret(where, "broker password file")
+
+
+def read_secret(path: Path, what: str) -> str:
+    """The secret a file holds (``what`` names it in errors: an option or a kind of file), refusing an empty one."""
     try:
-        password = where.read_text().strip()
+        text = path.read_text().strip()
     except OSError as exc:
-        raise ControlError(f"broker password file {where}: {exc.strerror}") from None
-    if not password:
-        raise ControlError(f"broker password file {where} is empty")
-    return password
+        raise ControlError(f"{what} {path}: {exc.strerror or exc}") from None
+    if not text:
+        raise ControlError(f"{what} {path} is empty")
+    return text
 
 
 def password_in_url(setting: str) -> bool:

@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.control.broker import read_secret
 from engine.errors import ControlError, OutputError
 
 if TYPE_CHECKING:
@@ -89,13 +90,7 @@ def job_fields(args: argparse.Namespace) -> dict[str, Any]:
 def _secret(path: Path | None, option: str, env: str) -> str | None:
     """A secret from the file given with ``option``, else from ``env``."""
     if path is not None:
-        try:
-            text = path.read_text().strip()
-        except OSError as exc:
-            raise OutputError(f"{option} {path}: {exc.strerror or exc}") from None
-        if not text:
-            raise OutputError(f"{option} {path} is empty")
-        return text
+        return read_secret(path, option)
     return os.environ.get(env) or None
 
 
