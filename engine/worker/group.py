@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -33,10 +32,10 @@ from engine.errors import NodeError
 from engine.parallel import Split, rank_layout
 from engine.spec.schema import Parallel
 from engine.worker.contract import WorkerSpec
+from engine.worker.launcher import SETPRIV, exit_description
 
 log = logging.getLogger("engine.worker.group")
 
-_SETPRIV = shutil.which("setpriv")
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "xpu": "xccl"}
 STORE_HOST = "127.0.0.1"  #: every rank of a group runs on one host
 JOIN_TIMEOUT_S = 600.0  #: ranks load their weights before they join: allow for a large model
@@ -143,14 +142,14 @@ class RankGroup:
     @classmethod
     def start(cls, spec: WorkerSpec, spec_path: Path) -> RankGroup:
         """Open the group's store and start ranks 1..N-1; they load their weights while rank 0 loads its own."""
-        if _SETPRIV is None:
+        if SETPRIV is None:
             raise NodeError("setpriv (util-linux) is not installed: without it ranks could outlive their worker")
         world = len(spec.devices)
         store = open_store(world)
         followers = {}
         for rank in range(1, world):
             followers[rank] = subprocess.Popen(
-                [_SETPRIV, "--pdeathsig", "KILL", sys.executable, "-m", "engine.worker.rank", str(spec_path), str(rank),
+                [SETPRIV, "--pdeathsig", "KILL", sys.executable, "-m", "engine.worker.rank", str(spec_path), str(rank),
                  str(store.port)],
                 stdin=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.info("started ranks 1-%d of %s[%d] on %s", world - 1, spec.node, spec.replica, ", ".join(spec.devices[1:]))
@@ -188,8 +187,6 @@ class RankGroup:
 
     def dead_rank(self) -> str | None:
         """What became of the first follower that is gone or stopped, None while all run."""
-        from engine.worker.launcher import exit_description
-
         for rank, process in self.followers.items():
             code = process.poll()
             if code is not None:

@@ -20,7 +20,7 @@ from engine.errors import NodeError
 from engine.worker.contract import WorkerSecrets, WorkerSpec
 
 # util-linux setpriv sets PR_SET_PDEATHSIG, then execs the worker: nothing runs in the forked child but exec.
-_SETPRIV = shutil.which("setpriv")
+SETPRIV = shutil.which("setpriv")
 
 
 @dataclass
@@ -68,7 +68,7 @@ class LocalLauncher:
         self.workers: dict[tuple[str, int], WorkerProcess] = {}
 
     def start(self, spec: WorkerSpec, secrets: WorkerSecrets) -> WorkerProcess:
-        if _SETPRIV is None:
+        if SETPRIV is None:
             raise NodeError("setpriv (util-linux) is not installed: without it workers could outlive the controller")
         stem = f"{spec.node}-{spec.replica}"
         spec_path = self.deploy_dir / f"{stem}.json"
@@ -79,7 +79,7 @@ class LocalLauncher:
         env = {**os.environ, "MC_LOG_LEVEL": os.environ.get("MC_LOG_LEVEL", "WARNING"), "PYTHONUNBUFFERED": "1", **self.env}
         with log_path.open("w") as log:
             process = subprocess.Popen(
-                [_SETPRIV, "--pdeathsig", "KILL", sys.executable, "-m", "engine.worker.worker", str(spec_path)],
+                [SETPRIV, "--pdeathsig", "KILL", sys.executable, "-m", "engine.worker.worker", str(spec_path)],
                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
         assert process.stdin is not None
