@@ -18,10 +18,12 @@ from diffusers.pipelines.z_image.pipeline_z_image import (calculate_shift, get_d
                                                           retrieve_timesteps)
 
 from engine.errors import ModelError
+from engine.preview.picture import flow_x0, offer
 from engine.stages import Configs, LoadedComponents, Stage, StageSpec
 from engine.stepcache.cache import StepCache
 from nodes.z_image.family import MAX_SEQUENCE_LENGTH, ZImageFamily, ZImageRequest
 from nodes.z_image.geometry import LatentGeometry, latent_geometry
+from nodes.z_image.preview import projection
 from nodes.z_image.stepcache import ZImageBlocks
 
 #: Pipeline constructor argument of each component (the VAE decoder half is the pipeline's ``vae``).
@@ -148,6 +150,9 @@ class Denoise(ZImageStage):
 
             # The transformer predicts the negated velocity.
             noise_pred = -noise_pred.squeeze(2)
+            # A preview of the clean latent this step predicts, when one is due (engine.preview).
+            offer(i + 1, len(timesteps), lambda: flow_x0(latents, noise_pred, pipe.scheduler.sigmas[i])[0],
+                  projection(latents.shape[1]))
             latents = pipe.scheduler.step(noise_pred.to(torch.float32), t, latents, return_dict=False)[0]
             progress(i + 1, len(timesteps))
         return {"latents": latents}
