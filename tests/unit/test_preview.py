@@ -190,3 +190,38 @@ def test_the_controller_keeps_a_requests_latest_preview_from_the_replica_running
     request = deployed(plan_of("wan_t2v.yaml"), tmp_path, dit_runs_forever, scenario)
     assert request.state == State.RUNNING and request.preview.step == 2
     assert request.previews_written == [str(tmp_path / "previews" / "r1-denoise-step2.jpg")]
+
+
+# -- the service ------------------------------------------------------------------------------------------------
+
+
+def test_the_service_shows_a_jobs_latest_preview_and_serves_its_jpeg(tmp_path):
+    import time
+    from types import SimpleNamespace
+
+    from engine.controller.tracker import TrackedRequest
+    from engine.serve.bodies import VideoBody
+    from nodes.wan.family import WanRequest
+    from tests.unit.serve_support import in_process, service_of
+
+    service = service_of(tmp_path)
+    with in_process(service) as client:
+        job = client.portal.call(lambda: service.accept(service.new_id("video"), "video", VideoBody,
+                                                        {"prompt": "a fox", "preview_every": 2}))
+        assert job.params["preview_every"] == 2
+        refused = client.get(f"/v1/videos/{job.id}/preview")
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "no_preview"
+
+        running = TrackedRequest(job.id, WanRequest(prompt="a fox", steps=4), time.monotonic(), state=State.RUNNING,
+                                 segment=1, replica_of={0: 0, 1: 0})
+        service.scheduler = SimpleNamespace(requests=[running])  # type: ignore[assignment]
+        jpeg, width, height = encode_strip(torch.rand(2, 4, 6, 3))
+        for step in (2, 4):
+            running.preview = preview_message(request_id=job.id, step=step, width=width, height=height,
+                                              jpeg_b64=base64.b64encode(jpeg + bytes([step])).decode())
+            client.portal.call(service._sync)  # noqa: SLF001
+        shown = client.get(f"/v1/videos/{job.id}").json()
+        picture = client.get(f"/v1/videos/{job.id}/preview")
+    assert shown["preview"] == {"step": 4, "total_steps": 4, "stage": "denoise", "width": width, "height": height}
+    assert picture.headers["content-type"] == "image/jpeg" and picture.content == jpeg + bytes([4])
+    assert jpeg_image(picture.content).size == (width, height)
