@@ -116,7 +116,7 @@ class MqttFront:
         async for job in self.service.follow(job.id):
             update = JobUpdate(request_key=message.request_key, job=api_object(job))
             preview = self.service.preview(job.id)
-            if preview is not sent and preview is not None and not job.finished:  # each preview once, while it runs
+            if preview is not sent and preview is not None:  # each preview once
                 sent = preview
                 update = update.model_copy(update={"preview_jpeg_b64": preview.jpeg_b64})
             if job.status == "completed":

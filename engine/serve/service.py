@@ -373,6 +373,7 @@ class Service:
 
     def _finished_request(self, job: Job, request: TrackedRequest) -> None:
         self.metrics.finished(request)
+        self._took_preview(job, request)  # the last one, if it came since the last sync
         if request.state == State.DONE:
             job.outputs = list(request.outputs)
             job.api = {**job.api, "step_cache": {stage: s.model_dump() for stage, s in request.step_cache.items()}}
