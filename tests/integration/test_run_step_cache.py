@@ -7,6 +7,7 @@ pipeline bit for bit), each a JPEG PIL decodes, of the size the strip of latent 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,3 +59,4 @@ def test_node_cache_and_previews_and_a_request_turning_the_cache_off(tmp_path):
             assert image.format == "JPEG" and image.width == latent_frames * latent_w * (256 // latent_w)
         assert path.stat().st_size <= MAX_JPEG_BYTES
     assert f"2 preview(s) written: {tmp_path / 'previews' / 'r1-denoise-step2.jpg'}" in run.stderr
+    assert [Path(p).name for p in run.report["requests"][0]["previews"]] == ["r1-denoise-step2.jpg", "r1-denoise-step4.jpg"]
