@@ -71,6 +71,27 @@ def test_the_flow_prediction_of_x0_is_x_t_less_sigma_times_v():
     assert torch.equal(sample, torch.tensor([1.0, 2.0]))  # read, not written
 
 
+def test_the_prediction_is_the_one_wans_scheduler_makes_at_each_step():
+    """Wan's UniPC scheduler keeps its x0 prediction of the step (``model_outputs[-1]``): the preview's is the same."""
+    import json
+    from pathlib import Path
+
+    from diffusers import UniPCMultistepScheduler
+
+    config = json.loads((Path(__file__).resolve().parents[2] / "configs" / "wan2.1-t2v-1.3b" / "scheduler" /
+                         "scheduler_config.json").read_text())
+    scheduler = UniPCMultistepScheduler.from_config(config)
+    scheduler.set_timesteps(4)
+    scheduler.set_begin_index(0)
+    generator = torch.Generator().manual_seed(4)
+    latents = torch.randn(1, 16, 2, 3, 4, generator=generator)
+    for i, t in enumerate(scheduler.timesteps):
+        velocity = torch.randn(latents.shape, generator=generator)
+        predicted = flow_x0(latents, velocity, scheduler.sigmas[i])
+        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+        assert torch.allclose(predicted, scheduler.model_outputs[-1], atol=1e-6), i
+
+
 # -- the strip and its JPEG -------------------------------------------------------------------------------------
 
 
