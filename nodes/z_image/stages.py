@@ -119,6 +119,7 @@ class Denoise(ZImageStage):
         # 5. The loop; with guidance the conditional and unconditional inputs go through the transformer together,
         #    one pass of the branch "cond+uncond" in this request's step cache (else of "cond").
         step_cache = StepCache.open(request.cache, ZImageBlocks(pipe.transformer))
+        preview = projection(latents.shape[1])
         for i, t in enumerate(timesteps):
             timestep = (1000 - t.expand(latents.shape[0])) / 1000
             guidance_scale = request.guidance_scale
@@ -151,8 +152,7 @@ class Denoise(ZImageStage):
             # The transformer predicts the negated velocity.
             noise_pred = -noise_pred.squeeze(2)
             # A preview of the clean latent this step predicts, when one is due (engine.preview).
-            offer(i + 1, len(timesteps), lambda: flow_x0(latents, noise_pred, pipe.scheduler.sigmas[i])[0],
-                  projection(latents.shape[1]))
+            offer(i + 1, len(timesteps), lambda: flow_x0(latents, noise_pred, pipe.scheduler.sigmas[i])[0], preview)
             latents = pipe.scheduler.step(noise_pred.to(torch.float32), t, latents, return_dict=False)[0]
             progress(i + 1, len(timesteps))
         return {"latents": latents}
