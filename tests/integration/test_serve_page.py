@@ -319,7 +319,7 @@ def test_an_image_edit_from_the_form_shows_its_image(tmp_path, page):
         job_id = page.submit("make the sky stormy", seed=7)
         page.wait("the edit completed", lambda: page.card(job_id)["status"] == "completed")
         image = page.wait("the image shown", lambda: page.js(
-            "const i = document.querySelector(`#jobs .job[data-job-id='${arguments[0]}'] img`);"
+            "const i = document.querySelector(`#jobs .job[data-job-id='${arguments[0]}'] .job-output img`);"
             "return i && i.complete && i.naturalWidth && [i.naturalWidth, i.naturalHeight]", job_id))
         shot = page.shot("edited")
         assert image == [64, 64] and page.card(job_id)["label"].startswith("100%"), (image, shot)
