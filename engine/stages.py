@@ -118,6 +118,9 @@ class RequestParams(BaseModel):
     cache: StepCacheSpec | None = Field(
         None, description="Step caching for this request, over the DiT node's cache: METHOD:THRESHOLD (teacache:0.2, "
                           "magcache, fbcache) or none to run every DiT pass.")
+    preview_every: int | None = Field(
+        None, ge=0, le=1000, description="A preview of the denoising every N steps, over the DiT node's preview "
+                                         "setting; 0: none.")
 
     #: Request fields that bound buffer sizes (``height``, ``width``, ``num_frames``...): the planner sizes
     #: edge buffers at the largest value of each the graph admits.

@@ -174,6 +174,35 @@ class StageFailed(_Model):
     log_tail: str = Field(description="last lines of the worker's log")
 
 
+#: The most a preview message carries: 64 KiB of JPEG, base64-encoded (workers make them at most 48 KiB).
+PREVIEW_JPEG_BYTES = 64 << 10
+PREVIEW_B64_CHARS = 4 * -(-PREVIEW_JPEG_BYTES // 3)
+
+
+class Preview(_Model):
+    """Replica -> controller: a small picture of what a request's denoising predicts after a step (engine.preview)."""
+
+    v: Literal[1] = VERSION
+    kind: Literal["preview"] = "preview"
+    request_id: str = _REQUEST
+    node: str = _NAME
+    replica: int = _REPLICA
+    attempt: int = _ATTEMPT
+    stage: str = Field(pattern=_GRAPH_NAME, description="the stage whose loop made it (denoise)")
+    step: int = Field(ge=1, description="steps of the stage done when it was made")
+    total_steps: int = Field(ge=1, le=10_000, description="steps the stage takes")
+    width: int = Field(ge=1, le=4096, description="pixels across the picture")
+    height: int = Field(ge=1, le=4096, description="pixels down the picture")
+    jpeg_b64: str = Field(min_length=4, max_length=PREVIEW_B64_CHARS, pattern=r"^[A-Za-z0-9+/]+={0,2}$",
+                          description="the picture, a JPEG, base64-encoded")
+
+    @model_validator(mode="after")
+    def _step_within_stage(self) -> Preview:
+        if self.step > self.total_steps:
+            raise ValueError(f"step {self.step} is past the stage's {self.total_steps} steps")
+        return self
+
+
 class GrantRequest(_Model):
     """Sender -> receiving replica: ask for a slot to write one edge payload into."""
 
@@ -391,10 +420,12 @@ class JobUpdate(_Model):
     job: JsonObject = Field(description="the job as the HTTP API shows it (id, status, progress, error, ...)")
     content_url: str | None = Field(default=None, description="where to fetch the output once completed")
     b64_json: str | None = Field(default=None, max_length=700_000, description="a small image output, inline")
+    preview_jpeg_b64: str | None = Field(default=None, max_length=PREVIEW_B64_CHARS,
+                                         description="the job's latest preview (a JPEG, base64) when it is new")
 
 
 Message: TypeAlias = Annotated[
-    Status | Heartbeat | RunStage | StageDone | StageFailed | GrantRequest | Grant | Landed | Delivered | Ack | Fence
+    Status | Heartbeat | RunStage | StageDone | StageFailed | Preview | GrantRequest | Grant | Landed | Delivered | Ack | Fence
     | Shutdown | Cancel | ReplicaRestarting | CpuShare | AgentBirth | AgentOrder | AgentJob | SubmitJob | JobUpdate,
     Field(discriminator="kind"),
 ]
@@ -402,7 +433,7 @@ _ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
 KINDS: frozenset[str] = frozenset(
     model.model_fields["kind"].default
     for model in (
-        Status, Heartbeat, RunStage, StageDone, StageFailed, GrantRequest, Grant, Landed, Delivered, Ack, Fence, Shutdown,
+        Status, Heartbeat, RunStage, StageDone, StageFailed, Preview, GrantRequest, Grant, Landed, Delivered, Ack, Fence, Shutdown,
         Cancel, ReplicaRestarting, CpuShare, AgentBirth, AgentOrder, AgentJob, SubmitJob, JobUpdate,
     )
 )

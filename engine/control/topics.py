@@ -3,7 +3,7 @@
     <prefix>/<run_id>/status/<node>/<replica>   retained Status of a replica (also its last will)
     <prefix>/<run_id>/hb/<node>/<replica>       Heartbeat of a replica
     <prefix>/<run_id>/in/<node>/<replica>       a replica's inbox: run_stage, edge messages, shutdown
-    <prefix>/<run_id>/ctl                       the controller's inbox: stage_done, stage_failed
+    <prefix>/<run_id>/ctl                       the controller's inbox: stage_done, stage_failed, preview
 
 The run id namespaces everything, so concurrent runs on one broker never see each other's messages. Each
 process connects with its own client id (``<run_id>-controller``, ``<run_id>-<node>-<replica>``), which is also
@@ -95,7 +95,7 @@ class Topics:
 
 def claims_to_be(message: Message) -> tuple[str, int] | None:
     """The replica a message says it comes from (its node and replica, or its sender / receiver), if any."""
-    if message.kind in ("status", "heartbeat", "stage_done", "stage_failed"):
+    if message.kind in ("status", "heartbeat", "stage_done", "stage_failed", "preview"):
         return (message.node, message.replica)  # type: ignore[union-attr]
     ref = getattr(message, "sender", None) or getattr(message, "receiver", None)
     return None if ref is None else (ref.node, ref.replica)

@@ -8,9 +8,14 @@ import dataclasses
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.errors import OutputError
 from engine.controller.request_options import add_request_options
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from engine.plan.model import Plan
+    from engine.stages import RequestParams
 
 DESCRIPTION = """\
 Start the broker (embedded by default), one worker process per node replica, run the graph's requests or the
@@ -21,6 +26,8 @@ graph's `limits` where it sets one, a ceiling (a larger request is refused: rais
 limits.height=720); else at the largest value the graph's requests and the requests of this run use; the
 family's default only where no request gives one. `engine plan` says which limit or request sized each edge.
 """
+
+PREVIEW_EVERY = 2  #: steps between previews for --preview when neither the graph nor a request says
 
 REQUEST_FIELDS = """\
 With --prompt: one request, on the graph's `request` defaults, replacing its `requests`. Without: these values
@@ -37,6 +44,9 @@ def add_run_parser(commands: argparse._SubParsersAction, add_graph_arguments: Ca
     run.add_argument("--out", type=Path, metavar="FOLDER", help="output folder, created if missing (default: outputs/<run-id>)")
     run.add_argument("--save-frames", action="store_true", help="also save the raw decoded frames as .npy")
     run.add_argument("--quiet", action="store_true", help="no live progress, only the summary")
+    run.add_argument("--preview", type=Path, metavar="DIR", help="write every denoising preview there as "
+                     "<request>-<stage>-step<k>.jpg (created if missing; the DiT node's preview: {every: N} or "
+                     "--preview-every sets how often; without either, every %d steps)" % PREVIEW_EVERY)
     run.set_defaults(handler=_run)
 
 
@@ -60,6 +70,18 @@ def prepare_output_folder(folder: Path) -> None:
         raise refuse(f"cannot write in it ({exc.strerror or exc})") from None
 
 
+def with_previews(requests: list["RequestParams"], plan: "Plan", folder: Path) -> list["RequestParams"]:
+    """For ``--preview DIR``: ``folder`` created, and where neither the graph's DiT node nor a request says how often,
+    the requests preview every :data:`PREVIEW_EVERY` steps."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"preview folder {folder}: cannot create it ({exc.strerror or exc}); choose another with --preview") from None
+    if any(node.preview is not None for node in plan.nodes.values()):
+        return requests
+    return [r if r.preview_every is not None else r.model_copy(update={"preview_every": PREVIEW_EVERY}) for r in requests]
+
+
 def _run(args: argparse.Namespace) -> int:
     """``engine run``: check the graph and the requests, plan for them, run, write the report, print the summary."""
     from engine.plan.build import plan_on_this_host
@@ -73,7 +95,10 @@ def _run(args: argparse.Namespace) -> int:
     checked = check_graph(load_graph(args.graph, args.overrides))
     requests = run_requests(checked, args.request)
     plan, source = plan_on_this_host(checked, requests)
-    options = RunOptions(out_dir=Path(args.out) if args.out else Path("outputs"), save_frames=args.save_frames, quiet=args.quiet)
+    if args.preview is not None:
+        requests = with_previews(requests, plan, args.preview)
+    options = RunOptions(out_dir=Path(args.out) if args.out else Path("outputs"), save_frames=args.save_frames, quiet=args.quiet,
+                         preview_dir=args.preview)
     if not args.out:
         options = dataclasses.replace(options, out_dir=Path("outputs") / options.run_id)
     prepare_output_folder(options.out_dir)

@@ -33,7 +33,8 @@ from engine.control.broker import (AGENTS_USER, BrokerAddress, BrokerUser, Embed
 from engine.control.bus import ControlBus
 from engine.control.client import ControlClient
 from engine.control.dynsec import RunWorkerUsers
-from engine.control.messages import CpuShare, Heartbeat, ReplicaRestarting, Shutdown, StageDone, StageFailed, Status
+from engine.control.messages import (CpuShare, Heartbeat, Preview, ReplicaRestarting, Shutdown, StageDone, StageFailed,
+                                     Status)
 from engine.control.signing import read_key, run_key
 from engine.control.topics import AgentTopics, Topics
 from engine.errors import ControlError, EngineError, Interrupted, NodeError, PlanError
@@ -70,6 +71,7 @@ class RunOptions:
     #: workers' torch threads are their share of the host's cores (a service); False: torch's own default, which keeps
     #: CPU results bit-identical to a one-process pipeline's (the thread count can change a matmul's last bits)
     cpu_budget: bool = False
+    preview_dir: Path | None = None  #: ``engine run --preview DIR``: every preview written there as a JPEG
 
 
 @dataclass
@@ -257,7 +259,8 @@ class Controller:
         assert self.client is not None
         for topic in (self.topics.all_status, self.topics.all_heartbeats, self.topics.controller):
             await self.client.subscribe(topic)
-        self.scheduler = Scheduler(self.plan, self.topics, self.client, self.fleet, self.view, self.options.out_dir)
+        self.scheduler = Scheduler(self.plan, self.topics, self.client, self.fleet, self.view, self.options.out_dir,
+                                   preview_dir=self.options.preview_dir)
         self.autoscaler = Autoscaler(self.plan, self.fleet, scaling=self.options.autoscale)
         make = spec_maker(self.plan, run_id=self.options.run_id, source=self.source,
                           broker=functools.partial(self.access.worker_broker, address), out_dir=self.options.out_dir,
@@ -307,6 +310,8 @@ class Controller:
                     self.autoscaler.observe(message)
             elif isinstance(message, StageDone | StageFailed) and self.scheduler is not None:
                 self.scheduler.on_answer(message)
+            elif isinstance(message, Preview) and self.scheduler is not None:
+                self.scheduler.on_preview(message)
             inbound = await self.client.receive(0)
         self.fleet.check(connected=self.client.connected, reconnects=self.client.reconnects)
         for key in self.fleet.due_restarts():

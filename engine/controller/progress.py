@@ -117,4 +117,6 @@ class ProgressView:
         elif request.error:
             self._print(f"{request.id}: FAILED after {request.seconds:.2f} s: {request.error}")
         else:
-            self._print(f"{request.id}: done in {request.seconds:.2f} s -> {', '.join(request.outputs)}")
+            previews = request.previews_written
+            written = f" ({len(previews)} preview(s) written: {', '.join(previews)})" if previews else ""
+            self._print(f"{request.id}: done in {request.seconds:.2f} s -> {', '.join(request.outputs)}{written}")

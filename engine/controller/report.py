@@ -33,6 +33,8 @@ def build_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:
             "output_cache": {"hits": sorted(s for s, hit in request.cached.items() if hit),
                              "misses": sorted(s for s, hit in request.cached.items() if not hit),
                              "saved_seconds": round(request.saved_s, 4)},
+            # engine run --preview DIR: the previews of its denoising written there, in the order they came.
+            "previews": request.previews_written,
             "edges": request.edges,
             # Stages with a backend chain: the backend asked for and the one used, each passed over with its reason.
             "backends": request.backends,

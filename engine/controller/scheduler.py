@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.control.bus import ControlBus
-from engine.control.messages import Cancel, Heartbeat, RunStage, StageDone, StageFailed
+from engine.control.messages import Cancel, Heartbeat, Preview, RunStage, StageDone, StageFailed
 from engine.control.topics import Topics
 from engine.errors import NodeError
 from engine.plan.model import Plan, Segment
+from engine.preview.files import write_preview
 from engine.controller.fleet import Fleet, ReplicaInfo
 from engine.controller.progress import ProgressView
 from engine.controller.tracker import State, TrackedRequest
@@ -73,7 +74,7 @@ class RequestHandle:
 
 class Scheduler:
     def __init__(self, plan: Plan, topics: Topics, bus: ControlBus, fleet: Fleet, view: ProgressView, out_dir: Path, *,
-                 resend_s: float = RESEND_S, clock: Callable[[], float] = time.monotonic):
+                 resend_s: float = RESEND_S, clock: Callable[[], float] = time.monotonic, preview_dir: Path | None = None):
         self.plan = plan
         self.topics = topics
         self.bus = bus
@@ -88,6 +89,7 @@ class Scheduler:
         self._handles: dict[str, RequestHandle] = {}
         self.node_time: dict[str, NodeTime] = {node: NodeTime() for node in plan.nodes}
         self.cache = CacheUse()
+        self.preview_dir = preview_dir  #: where previews are written as files (engine run --preview); None: kept only
 
     @property
     def in_flight_cap(self) -> int:
@@ -132,6 +134,24 @@ class Scheduler:
         handle = self._handles.get(beat.request_id or "")
         if handle is not None and handle.request.state == State.RUNNING and beat.stage and beat.total_steps:
             handle.request.steps[(beat.node, beat.stage)] = (beat.step, beat.total_steps)
+
+    def on_preview(self, preview: Preview) -> None:
+        """Keep a preview as its request's latest (and write it under ``preview_dir``) if it comes from the replica
+        running the request's current segment, for the current attempt; else drop it: a late one of an abandoned
+        attempt, or one from a replica the segment was not dispatched to (refused and counted)."""
+        handle = self._handles.get(preview.request_id)
+        request = handle.request if handle is not None else None
+        if request is None or request.state != State.RUNNING or request.attempt != preview.attempt:
+            return
+        segment = self.plan.segments[request.segment]
+        if (segment.node, request.replica_of.get(segment.index)) != (preview.node, preview.replica) \
+                or preview.stage not in segment.stages:
+            self.refuse(self.topics.replica_client(preview.node, preview.replica),
+                        f"a preview of {preview.request_id}'s {preview.stage!r}, which it does not run")
+            return
+        request.preview = preview
+        if self.preview_dir is not None:
+            request.previews_written.append(str(write_preview(self.preview_dir, preview)))
 
     @property
     def queued(self) -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from engine.control.messages import RunStage
+from engine.control.messages import Preview, RunStage
 from engine.errors import EngineError
 from engine.stages import RequestParams
 from engine.stepcache.stats import StepCacheStats
@@ -86,6 +86,8 @@ class TrackedRequest:
     step_cache: dict[str, StepCacheStats] = field(default_factory=dict)  #: stage -> DiT passes run and skipped
     cached: dict[str, bool] = field(default_factory=dict)  #: cacheable stage -> whether its outputs were a cache hit
     saved_s: float = 0.0  #: seconds its cache hits saved
+    preview: Preview | None = None  #: the latest preview of its denoising (engine.preview)
+    previews_written: list[str] = field(default_factory=list)  #: files ``engine run --preview DIR`` wrote
 
     def __post_init__(self) -> None:
         self.events.append(Event(self.now(), self.state, "submitted"))

@@ -105,7 +105,7 @@ def build_plan(checked: CheckedGraph, source: Path, requests: Sequence[RequestPa
             device=node.place.device, replicas=fewest, dtype=node_dtype(checked, name),
             memory_bytes=node.place.memory_bytes, rdma_device=node.place.rdma_device, line=lines.line(("nodes", name)),
             devices=node.place.all_devices, parallel=node.parallel or Parallel(),
-            cache=node.cache,
+            cache=node.cache, preview=node.preview,
             backends={stage: tuple(chain) for stage, chain in node.backend.items()}, strict=node.strict,
             max_replicas=most if most > fewest else None, threads=node.place.threads,
             output_cache_bytes=parse_memory(node.output_cache),

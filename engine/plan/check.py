@@ -197,12 +197,14 @@ def _check_devices(loaded: LoadedGraph, problems: list[Problem]) -> None:
 
 
 def _check_step_cache(loaded: LoadedGraph, stages: dict[str, StageSpec], problems: list[Problem]) -> None:
-    """``cache:`` only on a node whose stages call a DiT step by step."""
+    """``cache:`` and ``preview:`` only on a node whose stages call a DiT step by step (a denoising loop)."""
     for name, node in loaded.spec.nodes.items():
-        if node.cache is not None and not any(stages[s].step_cached for s in node.stages if s in stages):
-            cached = [s.name for s in stages.values() if s.step_cached]
-            problems.append(loaded.lines.problem(("nodes", name, "cache"), f"node {name!r} runs no DiT loop to cache "
-                                                 f"(stages that do: {', '.join(cached)}); put cache on the node running them"))
+        looping = any(stages[s].step_cached for s in node.stages if s in stages)
+        for field in ("cache", "preview"):
+            if getattr(node, field) is not None and not looping:
+                cached = [s.name for s in stages.values() if s.step_cached]
+                problems.append(loaded.lines.problem(("nodes", name, field), f"node {name!r} runs no DiT loop to {field} "
+                                                     f"(stages that do: {', '.join(cached)}); put {field} on the node running them"))
 
 
 def _check_backends(loaded: LoadedGraph, family: ModelFamily, stages: dict[str, StageSpec], problems: list[Problem]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.spec.schema import Parallel, Scaling, StepCacheSpec, Timeouts
+from engine.spec.schema import Parallel, PreviewSpec, Scaling, StepCacheSpec, Timeouts
 from engine.stages import RequestParams
 
 #: Every tensor in an edge payload starts at a multiple of this many bytes (one cache line). The transport packs
@@ -85,6 +85,7 @@ class PlannedNode:
     def ranks(self) -> int:
         return max(1, len(self.devices))
     cache: StepCacheSpec | None = None  #: step caching of the node's DiT loop; None: none unless a request asks
+    preview: PreviewSpec | None = None  #: previews of the node's DiT loop; None: none unless a request asks
     #: per stage, the backends to try in order (engine.backends); a stage not named runs eager
     backends: dict[str, tuple[str, ...]] = field(default_factory=dict)
     strict: bool = False  #: a stage's first backend failing fails the request instead of falling back

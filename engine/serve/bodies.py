@@ -47,6 +47,8 @@ class Body(BaseModel):
     seed: int | None = None
     cache: StepCacheSpec | None = Field(None, description="step caching for this job over the DiT node's: "
                                                           "teacache:0.2, {method: fbcache, threshold: 0.1} or none")
+    preview_every: int | None = Field(None, description="a preview of the denoising every N steps, over the DiT node's "
+                                                        "preview setting (events, GET .../preview); 0: none")
 
 
 class VideoBody(Body):

@@ -4,11 +4,14 @@
     GET    /v1/videos                  list jobs (limit, after, order)
     GET    /v1/videos/{id}             a job: status, progress 0-100, error {code, message}
     GET    /v1/videos/{id}/content     the video (video/mp4; range requests)
-    GET    /v1/videos/{id}/events      server-sent events: the job on every change, until it ends
+    GET    /v1/videos/{id}/events      server-sent events: the job on every change (``progress``, ``done``) and its
+                                       denoising previews (``preview``: step, total_steps, stage, a JPEG data URL)
+    GET    /v1/videos/{id}/preview     the job's latest denoising preview (image/jpeg; 404 before the first)
     DELETE /v1/videos/{id}             cancel a job that has not finished; delete one that has
     POST   /v1/images/generations      text to image, answered when done (b64_json or url)
     POST   /v1/images/edits            image edit (multipart: image, prompt, ...)
     GET    /v1/images/{id}/content     an image job's PNG
+    GET    /v1/images/{id}/preview     an image job's latest denoising preview (image/jpeg)
     GET    /v1/models                  the model served
     GET    /v1/service[/events]        the graph, its replicas and jobs, live (for the page; engine/serve/page.py)
     GET    /                           the page: the graph drawn, live state, jobs, a form to submit
@@ -33,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
+from engine.control.messages import Preview
 from engine.plan.feeder import DEFAULT_FILE_BYTES
 from engine.serve.api_errors import ApiError, BearerAuth, BodyLimit, add_error_handlers, refused_as_api_errors
 from engine.serve.bodies import ImageBody, VideoBody
@@ -52,6 +56,12 @@ class ApiOptions:
     max_body_bytes: int = 32 << 20
     max_image_bytes: int = DEFAULT_FILE_BYTES  #: also what the edge carrying uploads to other hosts holds
     max_image_pixels: int = 8192 * 8192
+
+
+def preview_event(preview: Preview) -> dict[str, Any]:
+    """A ``preview`` server-sent event: where the denoising is, and the picture as a data URL an <img> shows."""
+    return {"step": preview.step, "total_steps": preview.total_steps, "stage": preview.stage, "width": preview.width,
+            "height": preview.height, "image": f"data:image/jpeg;base64,{preview.jpeg_b64}"}
 
 
 def create_app(service: Service, options: ApiOptions = ApiOptions()) -> FastAPI:
@@ -139,10 +149,26 @@ def create_app(service: Service, options: ApiOptions = ApiOptions()) -> FastAPI:
         find(job_id, "video")
 
         async def events() -> Any:
+            sent = None
             async for job in service.follow(job_id):
+                preview = service.preview(job_id)
+                if preview is not sent and preview is not None and not job.finished:
+                    sent = preview
+                    yield {"event": "preview", "data": json.dumps(preview_event(preview))}
                 yield {"event": "done" if job.finished else "progress", "data": json.dumps(api_object(job))}
 
         return EventSourceResponse(events(), ping=15)
+
+    @app.get("/v1/videos/{job_id}/preview")
+    async def video_preview(job_id: str) -> Response:
+        return preview_image(find(job_id, "video"))
+
+    def preview_image(job: Job) -> Response:
+        preview = service.preview(job.id)
+        if preview is None:
+            raise ApiError(404, f"job {job.id} has no preview (yet): previews come every N denoising steps when the "
+                                "DiT node's preview or the job's preview_every asks for them", code="no_preview")
+        return Response(base64.b64decode(preview.jpeg_b64), media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     def content(job: Job, suffixes: tuple[str, ...], media_type: str) -> FileResponse:
         if job.status != "completed":
@@ -186,6 +212,10 @@ def create_app(service: Service, options: ApiOptions = ApiOptions()) -> FastAPI:
     @app.get("/v1/images/{job_id}/content")
     async def image_content(job_id: str) -> FileResponse:
         return content(find(job_id, "image"), IMAGE_SUFFIXES, "image/png")
+
+    @app.get("/v1/images/{job_id}/preview")
+    async def image_preview(job_id: str) -> Response:
+        return preview_image(find(job_id, "image"))
 
     # -- service ----------------------------------------------------------------------------------------------
 

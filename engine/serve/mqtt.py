@@ -4,8 +4,8 @@ A client signs with the service's submit key (ENGINE_SUBMIT_KEY, else ``<state-d
 client id; the service answers on that client's reply topic only, so no client can make the service publish
 anywhere else. The body is validated exactly as the HTTP API's (``job`` has its fields); a repeated
 ``request_key`` from the same client is answered with the job it already made, never run twice. Updates follow
-the job (status, progress) to its end; a completed one names where to fetch the output, and a small image comes
-inline. On the embedded broker the service adds a broker user for itself and one for clients, whose
+the job (status, progress) to its end, each new denoising preview inline once (``preview_jpeg_b64``); a completed
+one names where to fetch the output, and a small image comes inline. On the embedded broker the service adds a broker user for itself and one for clients, whose
 credentials it writes to ``<state-dir>/mqtt-client.json`` (mode 0600) once the broker is up.
 """
 
@@ -112,8 +112,13 @@ class MqttFront:
                 await client.publish(reply, JobUpdate(request_key=message.request_key, job={
                     "id": None, "status": "rejected", "error": {"code": code, "message": str(exc)}}))
                 return
+        sent = None
         async for job in self.service.follow(job.id):
             update = JobUpdate(request_key=message.request_key, job=api_object(job))
+            preview = self.service.preview(job.id)
+            if preview is not sent and preview is not None:  # each preview once
+                sent = preview
+                update = update.model_copy(update={"preview_jpeg_b64": preview.jpeg_b64})
             if job.status == "completed":
                 update = self._with_output(update, job)
             await client.publish(reply, update)

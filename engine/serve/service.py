@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from engine.controller.controller import Controller
 from engine.controller.scheduler import Scheduler
 from engine.controller.tracker import State, TrackedRequest
 from engine.control.broker import BrokerAddress
+from engine.control.messages import Preview
 from engine.plan.check import CheckedGraph
 from engine.serve.bodies import API_NAME, Body, InvalidRequest, Translated, translate, validate_body
 from engine.serve.jobs import Job, JobStatus, JobStore, Retention
@@ -36,6 +38,7 @@ ORPHAN_SWEEP_S = 60.0  #: at most this often, uploads of no job are removed (aft
 STATUS: dict[State, JobStatus] = {State.QUEUED: "queued", State.RUNNING: "in_progress", State.DONE: "completed",
                                   State.FAILED: "failed", State.CANCELLED: "cancelled"}
 INTERRUPTED = "interrupted"
+PREVIEWS_KEPT = 256  #: jobs whose latest preview is kept in memory (each at most 64 KiB), the oldest dropped first
 
 
 class Unavailable(Exception):
@@ -114,6 +117,7 @@ class Service:
         self._swept_at = 0.0
         self._followers: dict[str, set[asyncio.Queue[Job | None]]] = {}  #: None ends a follower: the service stopped
         self._watchers: set[asyncio.Queue[Job | None]] = set()  #: those following every job
+        self._previews: OrderedDict[str, Preview] = OrderedDict()  #: each job's latest preview, by job id
         self._stop = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -343,15 +347,33 @@ class Service:
             if request.finished:
                 self._finished_request(job, request)
                 self.scheduler.forget(request.id)
-            elif (status, progress) != (job.status, job.progress):
+            elif self._took_preview(job, request) or (status, progress) != (job.status, job.progress):
                 if status == "in_progress" and job.started_at is None:
                     job.started_at = time.time()
                 job.status, job.progress = status, progress
                 self.store.save(job)
                 self._notify(job)
 
+    def preview(self, job_id: str) -> Preview | None:
+        """The job's latest preview, if it made one (kept for the :data:`PREVIEWS_KEPT` latest jobs)."""
+        return self._previews.get(job_id)
+
+    def _took_preview(self, job: Job, request: TrackedRequest) -> bool:
+        """Keep the request's latest preview if it is new, its step and size in the job (the API shows them)."""
+        preview = request.preview
+        if preview is None or self._previews.get(job.id) is preview:
+            return False
+        self._previews[job.id] = preview
+        self._previews.move_to_end(job.id)
+        while len(self._previews) > PREVIEWS_KEPT:
+            self._previews.popitem(last=False)
+        job.api = {**job.api, "preview": {"step": preview.step, "total_steps": preview.total_steps, "stage": preview.stage,
+                                          "width": preview.width, "height": preview.height}}
+        return True
+
     def _finished_request(self, job: Job, request: TrackedRequest) -> None:
         self.metrics.finished(request)
+        self._took_preview(job, request)  # the last one, if it came since the last sync
         if request.state == State.DONE:
             job.outputs = list(request.outputs)
             job.api = {**job.api, "step_cache": {stage: s.model_dump() for stage, s in request.step_cache.items()}}
@@ -381,6 +403,7 @@ class Service:
         job = self.store.get(job_id)
         if job is not None and job.finished:
             self.store.delete(job_id)
+            self._previews.pop(job_id, None)
             self._remove_files(job)
 
     def _apply_retention(self) -> None:

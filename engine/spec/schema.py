@@ -142,6 +142,13 @@ class StepCacheSpec(Strict):
         return self.method != "none"
 
 
+class PreviewSpec(Strict):
+    """Previews of a DiT node's denoising: a small JPEG of the predicted clean latent every ``every`` steps."""
+
+    every: int = Field(ge=1, le=1000, strict=True, description="Steps between previews: at steps N, 2N, ... (a "
+                                                               "request's preview_every overrides it; 0 there: none).")
+
+
 class ReplicaBounds(Strict):
     """An elastic node's replica count (checked by ``NodeSpec.replicas``)."""
 
@@ -163,6 +170,8 @@ class NodeSpec(Strict):
     cache: StepCacheSpec | None = Field(None, description="Step caching of the node's DiT loop (a node running a "
                                                           "denoise stage), e.g. {method: teacache, threshold: 0.2}; "
                                                           "a request's own cache field overrides it.")
+    preview: PreviewSpec | None = Field(None, description="Previews of the node's denoising loop (a node running a "
+                                                          "denoise stage), e.g. {every: 2}; off by default.")
     backend: dict[str, Annotated[list[Backend], Field(min_length=1)]] = Field(
         default_factory=dict,
         description="Per stage, the backends to try in order, e.g. {vae_decode: [onnxruntime, eager]}: the first that "

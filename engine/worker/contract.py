@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.plan.cpu_budget import budgeted, cpu_shares
 from engine.plan.model import Plan, PlannedTensor
 from engine.spec.schema import Parallel
-from engine.spec.schema import StepCacheSpec
+from engine.spec.schema import PreviewSpec, StepCacheSpec
 
 
 class _Frozen(BaseModel):
@@ -76,6 +76,7 @@ class WorkerSpec(_Frozen):
     save_frames: bool
     meta: dict[str, str] = Field(description="graph name, file and model path, written beside outputs")
     cache: StepCacheSpec | None = Field(None, description="the node's step caching; a request's cache field overrides it")
+    preview: PreviewSpec | None = Field(None, description="the node's previews; a request's preview_every overrides it")
     backends: dict[str, tuple[str, ...]] = Field(default_factory=dict, description="stage -> backends to try in order")
     strict_backends: bool = Field(False, description="a stage's first backend failing fails the request")
     cpu_share: float = Field(gt=0, le=1, description="fraction of its host's cores its torch threads may use")
@@ -140,7 +141,7 @@ def spec_maker(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str, 
             meta={"graph": plan.graph, "graph_file": plan.file, "model": plan.model_path, "family": plan.family,
                   "task": plan.task, "dtype": node.dtype},
             cpu_share=cpu_share, cpu_budget=cpu_budget, threads=node.threads, output_cache_bytes=node.output_cache_bytes,
-            cache=node.cache, backends=node.backends, strict_backends=node.strict,
+            cache=node.cache, preview=node.preview, backends=node.backends, strict_backends=node.strict,
         )
 
     return spec

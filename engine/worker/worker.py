@@ -18,6 +18,7 @@ folder.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import itertools
@@ -39,13 +40,15 @@ from engine.control.bus import Inbound
 from engine.control.client import ControlClient, LastWill
 from engine.control.heartbeat import RECONNECT_ALLOWANCE_S, WILL_GRACE_S, Progress, publish_heartbeats, rss_bytes
 from engine.control.messages import (Ack, Cancel, CpuShare, Delivered, EdgeStats, Fence, Grant, GrantRequest, Landed,
-                                     ReplicaRef, ReplicaRestarting, RunStage, Shutdown, StageDone, StageFailed, Status)
+                                     Preview, ReplicaRef, ReplicaRestarting, RunStage, Shutdown, StageDone, StageFailed,
+                                     Status)
 from engine.control.topics import Topics
 from engine.display import human_bytes
 from engine.errors import EngineError, TransportError
 from engine.families import get_family
 from engine.models.outputs import output_stem
 from engine.plan.feeder import FEEDER
+from engine.preview.sink import Picture, Sink, cadence, previews
 from engine.worker.contract import EdgeEnd, WorkerSecrets, WorkerSpec
 from engine.worker.edge_link import MqttEdgeLink
 from engine.worker.heap import release_freed_memory
@@ -462,9 +465,11 @@ class Worker:
             if spec.node == FEEDER:
                 tensors = read_input_files(job.request, {t.name: t.nbytes for e in spec.outbound for t in e.declared})
 
-            # 2. Stages, in order, on the compute thread; progress goes out with the heartbeats.
+            # 2. Stages, in order, on the compute thread; progress goes out with the heartbeats, previews as they come.
+            every = cadence(request.preview_every, spec.preview.every if spec.preview else None)
+            sink_for = functools.partial(self._preview_sink, job, every, asyncio.get_running_loop())
             timings, step_cache, cached = await asyncio.to_thread(self._compute, job.request_id, segment.stages,
-                                                                  with_node_cache(request, spec.cache), tensors)
+                                                                  with_node_cache(request, spec.cache), tensors, sink_for)
         finally:
             if files:
                 remove_input_files(fed_folder)
@@ -492,10 +497,10 @@ class Worker:
                          cached={stage: outcome.hit for stage, outcome in cached.items()},
                          saved_s=sum(outcome.saved_s for outcome in cached.values()))
 
-    def _compute(self, request_id: str, stages: tuple[str, ...], request: Any, tensors: dict[str, Any]
-                 ) -> tuple[dict[str, float], dict[str, StepCacheStats], dict[str, Any]]:
+    def _compute(self, request_id: str, stages: tuple[str, ...], request: Any, tensors: dict[str, Any],
+                 sink_for: Callable[[str], Sink | None]) -> tuple[dict[str, float], dict[str, StepCacheStats], dict[str, Any]]:
         """Run the stages: their seconds, what the step caches they opened for this request did, and how each
-        output-cached stage's outputs came (hit or miss)."""
+        output-cached stage's outputs came (hit or miss). A stage's previews go to ``sink_for(stage)``."""
         self.threads.apply()
         timings, step_cache, cached = {}, {}, {}
         for name in stages:
@@ -511,7 +516,7 @@ class Worker:
 
             started = time.perf_counter()
             stage = self.stages[name]
-            with collect_step_caches() as caches:
+            with collect_step_caches() as caches, previews(sink_for(name)):
                 tensors.update(self._run_stage(stage, request, tensors, progress))
             timings[name] = time.perf_counter() - started
             if caches:
@@ -521,6 +526,20 @@ class Worker:
             log.info("request %s: %s took %.3f s%s", request_id, name, timings[name],
                      " (outputs from the cache)" if name in cached and cached[name].hit else "")
         return timings, step_cache, cached
+
+    def _preview_sink(self, job: RunStage, every: int, loop: asyncio.AbstractEventLoop, stage: str) -> Sink | None:
+        """Where a stage's previews go, every ``every`` steps: to the controller, posted from the event loop (the
+        stage runs on the compute thread). Only this process opens one: a follower rank's loop makes no preview."""
+        if not every:
+            return None
+
+        def emit(picture: Picture) -> None:
+            message = Preview(request_id=job.request_id, node=self.spec.node, replica=self.spec.replica, attempt=job.attempt,
+                              stage=stage, step=picture.step, total_steps=picture.total, width=picture.width,
+                              height=picture.height, jpeg_b64=base64.b64encode(picture.jpeg).decode())
+            loop.call_soon_threadsafe(self.client.post, self.topics.controller, message)
+
+        return Sink(every, emit)
 
     def _run_stage(self, stage: Stage, request: Any, tensors: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
         """Run a stage here, and on a several-device replica on every rank: the followers get the request and the

@@ -22,6 +22,7 @@ from diffusers.utils import load_image
 
 from engine.errors import ModelError, RequestError
 from engine.parallel import SINGLE, Split
+from engine.preview.picture import flow_x0, offer
 from engine.stages import Configs, LoadedComponents, Stage, StageSpec
 from engine.stepcache.cache import StepCache
 from nodes.qwen_image.family import (
@@ -34,6 +35,7 @@ from nodes.qwen_image.family import (
     edit_prompt_len_bound,
 )
 from nodes.qwen_image.geometry import LatentGeometry, latent_geometry
+from nodes.qwen_image.preview import projection
 from nodes.qwen_image.stepcache import QwenImageBlocks
 
 #: Pipeline constructor argument of each component (the VAE halves are both the pipeline's ``vae``).
@@ -131,6 +133,7 @@ class Denoise(QwenImageStage):
         if self.pipe.transformer.config.guidance_embeds:
             raise ModelError("guidance-distilled Qwen-Image transformers (guidance_embeds) are not supported")
         self.parallel = SINGLE
+        self.preview = projection(geometry.channels)
 
     def split(self, split: Split) -> None:
         self.parallel = split
@@ -220,6 +223,9 @@ class Denoise(QwenImageStage):
                 cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
                 noise_norm = torch.norm(comb_pred, dim=-1, keepdim=True)
                 noise_pred = comb_pred * (cond_norm / noise_norm)
+            # A preview of the clean latents this step predicts, unpacked, when one is due (engine.preview).
+            offer(i + 1, len(timesteps), lambda: pipe._unpack_latents(flow_x0(latents, noise_pred, pipe.scheduler.sigmas[i]),
+                                                                      height, width, pipe.vae_scale_factor)[0], self.preview)
             latents = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             progress(i + 1, len(timesteps))
         return {"latents": latents}

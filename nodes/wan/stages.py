@@ -30,12 +30,14 @@ from diffusers.video_processor import VideoProcessor
 from engine.errors import ModelError, RequestError
 from engine.parallel import SINGLE, Split
 from engine.models.loading import torch_dtype
+from engine.preview.picture import flow_x0, offer
 from engine.stages import Configs, LoadedComponents, ProgressFn, Stage
 from engine.stepcache.cache import StepCache
 from nodes.wan.family import TEXT_LEN, WanExpertsRequest, WanFamily, WanImageRequest, WanRequest
 from nodes.wan.geometry import LatentGeometry, latent_geometry, request_problems
 from nodes.wan.handoff import check_scheduler, restore_scheduler_state, scheduler_state
 from nodes.wan.parallel import split_sequence
+from nodes.wan.preview import projection
 from nodes.wan.stepcache import WanBlocks, teacache_profile
 
 
@@ -207,6 +209,7 @@ class Denoise(WanStage):
         self.pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
         self.pipe.vae_scale_factor_temporal, self.pipe.vae_scale_factor_spatial = geometry.t_scale, geometry.s_scale
         self.parallel = SINGLE
+        self.preview = projection(geometry.channels)
 
     def split(self, split: Split) -> None:
         self.parallel = split
@@ -324,6 +327,9 @@ class Denoise(WanStage):
             if uncond:
                 noise_pred = uncond[0] + guidance_scale * (noise_pred - uncond[0])
 
+            # A preview of the clean latents this step predicts, when one is due (engine.preview).
+            offer(i + 1, len(loop.timesteps), lambda: self._clean(loop, flow_x0(latents, noise_pred, loop.scheduler.sigmas[i]))[0],
+                  self.preview)
             # x_t -> x_t-1
             latents = loop.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             progress(i + 1, len(loop.timesteps))

@@ -18,10 +18,12 @@ from diffusers.pipelines.z_image.pipeline_z_image import (calculate_shift, get_d
                                                           retrieve_timesteps)
 
 from engine.errors import ModelError
+from engine.preview.picture import flow_x0, offer
 from engine.stages import Configs, LoadedComponents, Stage, StageSpec
 from engine.stepcache.cache import StepCache
 from nodes.z_image.family import MAX_SEQUENCE_LENGTH, ZImageFamily, ZImageRequest
 from nodes.z_image.geometry import LatentGeometry, latent_geometry
+from nodes.z_image.preview import projection
 from nodes.z_image.stepcache import ZImageBlocks
 
 #: Pipeline constructor argument of each component (the VAE decoder half is the pipeline's ``vae``).
@@ -117,6 +119,7 @@ class Denoise(ZImageStage):
         # 5. The loop; with guidance the conditional and unconditional inputs go through the transformer together,
         #    one pass of the branch "cond+uncond" in this request's step cache (else of "cond").
         step_cache = StepCache.open(request.cache, ZImageBlocks(pipe.transformer))
+        preview = projection(latents.shape[1])
         for i, t in enumerate(timesteps):
             timestep = (1000 - t.expand(latents.shape[0])) / 1000
             guidance_scale = request.guidance_scale
@@ -148,6 +151,8 @@ class Denoise(ZImageStage):
 
             # The transformer predicts the negated velocity.
             noise_pred = -noise_pred.squeeze(2)
+            # A preview of the clean latent this step predicts, when one is due (engine.preview).
+            offer(i + 1, len(timesteps), lambda: flow_x0(latents, noise_pred, pipe.scheduler.sigmas[i])[0], preview)
             latents = pipe.scheduler.step(noise_pred.to(torch.float32), t, latents, return_dict=False)[0]
             progress(i + 1, len(timesteps))
         return {"latents": latents}

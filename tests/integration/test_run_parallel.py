@@ -1,5 +1,6 @@
 """A DiT node on several devices through `engine run` and `engine serve`: real rank processes (gloo over loopback),
-real broker and Mooncake. The frames equal the monolithic pipeline's bit for bit with CFG parallel, Ulysses and both;
+real broker and Mooncake. The frames equal the monolithic pipeline's bit for bit with CFG parallel, Ulysses and both,
+with previews on (`--preview`: every 2 steps, from rank 0 alone, one per step);
 a rank killed mid-denoise fails its request naming the rank, the service starts the group again, nothing is left."""
 
 from __future__ import annotations
@@ -46,11 +47,14 @@ def expected_output(graph: str, request: dict) -> np.ndarray:
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_split_dit_equals_the_pipeline(case, tmp_path):
     graph, settings, split = CASES[case]
-    run = engine_run(graph, tmp_path / "out", *settings)
+    run = engine_run(graph, tmp_path / "out", *settings, extra=("--preview", str(tmp_path / "previews")))
     assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
     report = run.report
     assert [r["state"] for r in report["requests"]] == ["done"]
     request = json.loads((run.out / "r1.json").read_text())["request"]
+    previews = [Path(path).name for path in report["requests"][0]["previews"]]
+    assert [int(name.rsplit("step", 1)[1].removesuffix(".jpg")) for name in previews] == \
+        list(range(2, request["steps"] + 1, 2)), previews
     output, expected = np.load(run.out / "r1.npy"), expected_output(graph, request)
     assert output.shape == expected.shape
     assert np.array_equal(output, expected), f"max abs difference {np.abs(output - expected).max()}"

@@ -138,13 +138,18 @@ def test_twenty_concurrent_jobs_match_the_monolithic_pipeline(wan):
     assert head.status_code == 206 and head.content == video.content[:100]
 
 
-def test_progress_streams_as_server_sent_events(wan):
-    job = post(wan, {**LONG, "prompt": "watched", "num_inference_steps": 200, "cache": "teacache:0.5"}).json()
-    events = []
+def test_progress_and_previews_stream_as_server_sent_events(wan):
+    job = post(wan, {**LONG, "prompt": "watched", "num_inference_steps": 200, "cache": "teacache:0.5",
+                     "preview_every": 40}).json()
+    named = []  # (event name, data) in the order they came
     with httpx.stream("GET", f"{wan.url}/v1/videos/{job['id']}/events", timeout=120) as stream:
+        name = "message"
         for line in stream.iter_lines():
-            if line.startswith("data: "):
-                events.append(json.loads(line[len("data: "):]))
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                named.append((name, json.loads(line[len("data: "):])))
+    events = [data for name, data in named if name != "preview"]
     progress = [event["progress"] for event in events]
     assert events[-1]["status"] == "completed" and progress[-1] == 100
     assert progress == sorted(progress) and len(set(progress)) > 2, progress  # it moved step by step
@@ -153,6 +158,17 @@ def test_progress_streams_as_server_sent_events(wan):
     cached = events[-1]["step_cache"]["denoise"]
     assert cached["method"] == "teacache" and cached["passes_run"] + cached["passes_skipped"] == 2 * 200
     assert cached["passes_skipped"] > 0
+    # Previews every 40 steps, during the denoising: each before the job's end, a JPEG of the size it states.
+    previews = [(index, data) for index, (name, data) in enumerate(named) if name == "preview"]
+    assert len(previews) >= 2 and all(index < len(named) - 1 for index, _ in previews), [d["step"] for _, d in previews]
+    assert {data["step"] for _, data in previews} <= {40, 80, 120, 160, 200}
+    for _, data in previews:
+        assert data["stage"] == "denoise" and data["total_steps"] == 200
+        head, encoded = data["image"].split(",", 1)
+        assert head == "data:image/jpeg;base64"
+        with Image.open(io.BytesIO(base64.b64decode(encoded))) as image:
+            assert image.format == "JPEG" and image.size == (data["width"], data["height"])
+    assert events[-1]["preview"]["step"] >= previews[-1][1]["step"]
 
 
 def test_cancel_a_queued_and_a_running_job(wan):
@@ -223,6 +239,10 @@ def test_models_health_and_metrics(wan):
 def test_mqtt_submission_round_trip_on_mosquitto(wan):
     updates = asyncio.run(_mqtt_round_trip(wan))
     assert updates[-1].job["status"] == "completed" and updates[-1].content_url
+    # The job's previews, each once and inline: at least its last (steps 12, every 4), a JPEG.
+    inline = [update for update in updates if update.preview_jpeg_b64]
+    assert inline and updates[-1].job["preview"]["step"] == 12
+    assert Image.open(io.BytesIO(base64.b64decode(inline[-1].preview_jpeg_b64))).format == "JPEG"
     assert httpx.get(updates[-1].content_url, timeout=30).content[4:8] == b"ftyp"  # an MP4
 
 
@@ -234,7 +254,8 @@ async def _mqtt_round_trip(served: Served) -> list[JobUpdate]:
     await client.connect()
     try:
         await client.subscribe(reply)
-        job = SubmitJob(client_id=client_id, request_key="k1", endpoint="videos", job={"prompt": "over mqtt", "seed": 5})
+        job = SubmitJob(client_id=client_id, request_key="k1", endpoint="videos",
+                        job={"prompt": "over mqtt", "seed": 5, "num_inference_steps": 12, "preview_every": 4})
         await client.publish(submit, job)
         updates: list[JobUpdate] = []
         while not updates or updates[-1].job["status"] not in ("completed", "failed", "rejected"):

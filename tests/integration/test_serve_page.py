@@ -1,7 +1,8 @@
 """The service's page in a real browser: Debian's headless Chromium, driven by selenium through chromium-driver,
 against a real ``engine serve``. One deployment of the two-DiT T2V graph wants an API token (the page asks for
 it once): a job submitted from the form reaches 100% and its video plays, another is cancelled from its card.
-A separate three-node deployment, open, loses its only transformer worker to kill -9 for good: the page shows
+A running job's card shows its latest denoising preview (the DiT node
+previews every 20 steps). A separate three-node deployment, open, loses its only transformer worker to kill -9 for good: the page shows
 the replica down and the job's error; stopped, the page says the service does not answer and shows no replica
 ready, and started again on the same port, the page comes back to it by itself. An image edit deployment takes its image from the form and shows the
 result. Screenshots land in each test's tmp_path; a failed wait names its own."""
@@ -32,6 +33,7 @@ TOKEN = "page-test-token-5f1c"
 LIMITS = ("limits.height=128", "limits.width=160", "limits.num_frames=17")
 LONG = {"width": 160, "height": 128, "num_frames": 17, "num_inference_steps": 1000}  # about a minute
 WAIT_S = 120.0
+PREVIEW_EVERY = 20  #: the DiT node's previews, in steps
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,8 @@ def wan(tmp_path_factory) -> Iterator[Served]:
     state = tmp_path_factory.mktemp("page") / "state"
     token_file = state.parent / "token"
     token_file.write_text(TOKEN)
-    served = start_service("wan_t2v_two_dit.yaml", state, *LIMITS, extra=("--no-mqtt", "--token-file", str(token_file)))
+    served = start_service("wan_t2v_two_dit.yaml", state, *LIMITS, f"nodes.transformer.preview.every={PREVIEW_EVERY}",
+                           extra=("--no-mqtt", "--token-file", str(token_file)))
     yield served
     assert served.stop() == 0, served.log_text()[-3000:]
     assert "Traceback" not in served.log_text(), served.log_text()[-5000:]
@@ -123,6 +126,12 @@ class Page:
                     label: c.querySelector('.progress-label').textContent, error: c.querySelector('.job-error').textContent,
                     cancel: !c.querySelector('.cancel').hidden}""", job_id)
 
+    def preview(self, job_id: str) -> dict[str, Any]:
+        """The card's preview image: shown or not, loaded (its decoded width), the step it is of."""
+        return self.js("""const i = document.querySelector(`#jobs .job[data-job-id="${arguments[0]}"] .job-preview`);
+            return {hidden: i.hidden, complete: i.complete, naturalWidth: i.naturalWidth, shownWidth: i.clientWidth,
+                    step: i.dataset.step, src: i.src}""", job_id)
+
     def video(self, job_id: str) -> dict[str, Any] | None:
         return self.js("""const v = document.querySelector(`#jobs .job[data-job-id="${arguments[0]}"] video`);
             return v && {duration: v.duration, readyState: v.readyState, src: v.src, error: v.error && v.error.message}""",
@@ -201,12 +210,19 @@ def test_a_running_job_shows_its_replica_busy_and_cancelled_shows_as_cancelled(w
     shot = page.shot("busy")
     assert re.fullmatch(r"\[[01]\] busy · denoise \d+/1000", busy["text"]) and f"job {job_id}" in busy["title"], (busy, shot)
     assert re.fullmatch(r"\d+% · step \d+/1000", page.card(job_id)["label"]), (page.card(job_id), shot)
+    # The DiT node previews every 20 steps: the card shows the latest picture while the job runs.
+    preview = page.wait("the card's preview image loaded", lambda: (p := page.preview(job_id)) and not p["hidden"]
+                        and p["complete"] and p["naturalWidth"] > 0 and p)
+    shot = page.shot("preview")
+    assert int(preview["step"]) % PREVIEW_EVERY == 0 and preview["shownWidth"] > 0, (preview, shot)
+    assert preview["src"].startswith("blob:"), "with a token the page fetches the preview itself"
 
     page.driver.find_element("css selector", f'#jobs .job[data-job-id="{job_id}"] .cancel').click()
     page.wait("the job cancelled", lambda: page.card(job_id)["status"] == "cancelled")
     card = page.card(job_id)
     shot = page.shot("cancelled")
     assert not card["cancel"] and card["error"] == "", (card, shot)
+    assert page.preview(job_id)["hidden"], (page.preview(job_id), shot)  # a preview only while the job runs
     answer = httpx.get(f"{wan.url}/v1/videos/{job_id}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     assert answer.json()["status"] == "cancelled"
     page.wait("the transformer replicas idle again", lambda: all(
@@ -303,7 +319,7 @@ def test_an_image_edit_from_the_form_shows_its_image(tmp_path, page):
         job_id = page.submit("make the sky stormy", seed=7)
         page.wait("the edit completed", lambda: page.card(job_id)["status"] == "completed")
         image = page.wait("the image shown", lambda: page.js(
-            "const i = document.querySelector(`#jobs .job[data-job-id='${arguments[0]}'] img`);"
+            "const i = document.querySelector(`#jobs .job[data-job-id='${arguments[0]}'] .job-output img`);"
             "return i && i.complete && i.naturalWidth && [i.naturalWidth, i.naturalHeight]", job_id))
         shot = page.shot("edited")
         assert image == [64, 64] and page.card(job_id)["label"].startswith("100%"), (image, shot)

@@ -316,7 +316,7 @@ def test_run_help_lists_every_request_field_with_its_description() -> None:
 def test_run_refuses_a_request_field_the_graph_model_does_not_have() -> None:
     result = engine("run", "graphs/qwen_image_t2i.yaml", "--guidance-scale", "3")
     assert_user_error(result, "error: --guidance-scale: not an option of qwen_image t2i requests "
-                              "(graphs/qwen_image_t2i.yaml); valid: --seed, --cache, --prompt, --negative-prompt, --height, "
+                              "(graphs/qwen_image_t2i.yaml); valid: --seed, --cache, --preview-every, --prompt, --negative-prompt, --height, "
                               "--width, --steps, --true-cfg-scale")
 
 

@@ -63,7 +63,7 @@ def test_a_field_the_graph_model_does_not_have_is_refused_with_the_valid_options
         run_requests(checked, {"prompt": "x", "guidance_scale": "3", "num_frames": "5"})
     assert str(caught.value) == (
         f"--guidance-scale, --num-frames: not options of qwen_image t2i requests ({GRAPHS / 'qwen_image_t2i.yaml'}); "
-        "valid: --seed, --cache, --prompt, --negative-prompt, --height, --width, --steps, --true-cfg-scale")
+        "valid: --seed, --cache, --preview-every, --prompt, --negative-prompt, --height, --width, --steps, --true-cfg-scale")
 
 
 def test_command_line_values_are_validated_by_the_request_model_and_name_the_option():

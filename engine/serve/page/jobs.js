@@ -1,5 +1,6 @@
 // The jobs, newest first: status, a progress bar over the denoising steps, the error as the API gives it, a
-// cancel button while a video job has not finished, and the finished video or image in place.
+// cancel button while a video job has not finished, the latest denoising preview while it runs, and the finished
+// video or image in place.
 
 import { json, mediaUrl } from "./api.js";
 
@@ -74,7 +75,9 @@ export class JobList {
     const bar = part("progress", "");
     bar.max = 100;
     progress.append(bar, part("span", "progress-label"));
-    card.append(head, part("p", "job-prompt"), progress, part("pre", "job-error"),
+    const preview = part("img", "job-preview");
+    preview.hidden = true;
+    card.append(head, part("p", "job-prompt"), progress, part("pre", "job-error"), preview,
                 part("div", "job-output"));
     return card;
   }
@@ -91,6 +94,24 @@ export class JobList {
     const error = job.error ? `${job.error.code}: ${job.error.message ?? ""}` : "";
     this.showError(card, error);
     if (job.status === "completed") this.showOutput(card, job);
+    this.showPreview(card, job);
+  }
+
+  /** The latest denoising preview (job.preview: its step) while the job runs; gone once the output is there. */
+  async showPreview(card, job) {
+    const image = card.querySelector(".job-preview");
+    const step = job.preview?.step;
+    if (FINISHED.has(job.status)) image.hidden = true;
+    if (FINISHED.has(job.status) || step === undefined || image.dataset.step === String(step)) return;
+    image.dataset.step = String(step);
+    image.alt = `preview at step ${step}/${job.preview.total_steps}`;
+    image.title = image.alt;
+    try {
+      image.src = await mediaUrl(`/v1/${job.object}s/${job.id}/preview?step=${step}`);
+      image.hidden = false;
+    } catch (error) {
+      this.showError(card, error.message);
+    }
   }
 
   showError(card, text) {
