@@ -57,6 +57,7 @@ from engine.control.replies import Replies
 from engine.stages import ProgressFn, Stage
 from engine.stepcache.stats import StepCacheStats, with_node_cache
 from engine.stepcache.stats import collect as collect_step_caches
+from engine.stream.video import VideoStream
 from engine.worker.group import GroupBroken, RankGroup
 from engine.transport import Manifest, Receiver, Sender, SlotGrant, SlotsExhausted, accept, make_receiver, make_sender, send_tensors
 
@@ -462,9 +463,11 @@ class Worker:
             if spec.node == FEEDER:
                 tensors = read_input_files(job.request, {t.name: t.nbytes for e in spec.outbound for t in e.declared})
 
-            # 2. Stages, in order, on the compute thread; progress goes out with the heartbeats.
-            timings, step_cache, cached = await asyncio.to_thread(self._compute, job.request_id, segment.stages,
-                                                                  with_node_cache(request, spec.cache), tensors)
+            # 2. Stages, in order, on the compute thread; progress goes out with the heartbeats. A video this worker
+            #    writes also grows as a stream file while it is decoded (engine.stream).
+            stream = self._video_stream(job.request_id, segment.outputs, request)
+            compute = (self._compute, job.request_id, segment.stages, with_node_cache(request, spec.cache), tensors)
+            timings, step_cache, cached = await asyncio.to_thread(*((stream.feeding, *compute) if stream else compute))
         finally:
             if files:
                 remove_input_files(fed_folder)
@@ -533,6 +536,14 @@ class Worker:
             return stage.run(request, tensors, progress)
         except RuntimeError as exc:  # torch.distributed's errors (a peer gone, a timeout) are RuntimeErrors
             raise self.group.broken(exc) from exc
+
+    def _video_stream(self, request_id: str, outputs: tuple[str, ...], request: Any) -> VideoStream | None:
+        """The stream file of a video whose frames this segment makes and this worker writes, when streaming is on."""
+        fps = getattr(request, "fps", None)
+        if not self.spec.stream_video or fps is None or not set(self.spec.final_outputs) & set(outputs):
+            return None
+        out_dir = Path(self.spec.out_dir)
+        return VideoStream(out_dir, output_stem(out_dir, request_id), fps, lambda: self._check_cancelled(request_id))
 
     def _inbound_for(self, names: tuple[str, ...]) -> list[EdgeEnd]:
         return [e for e in self.spec.inbound if set(e.tensors) & set(names)]

@@ -4,7 +4,6 @@ fragment by fragment while a reader follows it."""
 from __future__ import annotations
 
 import asyncio
-import io
 import threading
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from engine.stream.boxes import playable_end
 from engine.stream.fmp4 import FragmentedMp4Writer, to_levels
 from engine.stream.follow import FileWatch, follow_growing
 from nodes.wan.output import encode_mp4
+from tests.stream_support import decode, frames_at_each_cut, level_error, top_boxes
 
 CHUNKS = (1, 4, 4, 4)  #: frames per chunk as the Wan decoder makes them (13 frames from 4 latent frames)
 HEIGHT, WIDTH, FPS = 48, 64, 16
@@ -27,21 +27,6 @@ def clip(frames: int = sum(CHUNKS)) -> np.ndarray:
     out = [np.stack([0.5 + 0.4 * np.sin((x + 3 * t) / 11), y / HEIGHT, 0.5 + 0.4 * np.sin((x + y) / 9 + t / 3)], -1)
            for t in range(frames)]
     return to_levels(np.stack(out))
-
-
-def decode(data: bytes) -> np.ndarray:
-    with av.open(io.BytesIO(data)) as container:
-        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
-
-
-def top_boxes(data: bytes) -> list[tuple[bytes, int, int]]:
-    """(type, start, end) of the top-level boxes."""
-    boxes, offset = [], 0
-    while offset < len(data):
-        size = int.from_bytes(data[offset:offset + 4], "big")
-        boxes.append((data[offset + 4:offset + 8], offset, offset + size))
-        offset += size
-    return boxes
 
 
 def write(path: Path, frames: np.ndarray, chunks=CHUNKS) -> list[int]:
@@ -62,14 +47,11 @@ def test_the_stream_plays_at_every_fragment_boundary(tmp_path):
     data = path.read_bytes()
     boxes = top_boxes(data)
     assert [kind for kind, *_ in boxes[:2]] == [b"ftyp", b"moov"]
-    moofs = [start for kind, start, _ in boxes if kind == b"moof"]
-    assert len(moofs) == len(CHUNKS)  # one fragment per chunk
-    for index, cut in enumerate([*moofs[1:], boxes[-1][1]]):  # before each next fragment, and before the trailer
-        shown = decode(data[:cut])
-        assert len(shown) == sum(CHUNKS[:index + 1]), f"cut after fragment {index}"
-        with av.open(io.BytesIO(data[:cut])) as container:  # each fragment opens with a keyframe
-            keys = [packet.is_keyframe for packet in container.demux(video=0) if packet.size]
-        assert [i for i, key in enumerate(keys) if key] == [sum(CHUNKS[:k]) for k in range(index + 1)]
+    assert [kind for kind, *_ in boxes].count(b"moof") == len(CHUNKS)  # one fragment per chunk
+    assert frames_at_each_cut(data) == [sum(CHUNKS[:k + 1]) for k in range(len(CHUNKS))]
+    with av.open(path) as container:  # each fragment opens with a keyframe
+        keys = [packet.is_keyframe for packet in container.demux(video=0) if packet.size]
+    assert [i for i, key in enumerate(keys) if key] == [sum(CHUNKS[:k]) for k in range(len(CHUNKS))]
 
 
 def test_its_frames_are_the_final_files_frames_within_the_compression_noise(tmp_path):
@@ -83,12 +65,8 @@ def test_its_frames_are_the_final_files_frames_within_the_compression_noise(tmp_
     encode_mp4(frames, tmp_path / "a.mp4", FPS)
     streamed, final = decode((tmp_path / "a.stream.mp4").read_bytes()), decode((tmp_path / "a.mp4").read_bytes())
     assert streamed.shape == final.shape == frames.shape
-
-    def error(a: np.ndarray, b: np.ndarray) -> float:
-        return float(np.abs(a.astype(int) - b.astype(int)).mean())
-
-    assert error(streamed, final) < 4.0
-    assert error(streamed, frames) <= error(final, frames) + 1.0
+    assert level_error(streamed, final) < 4.0
+    assert level_error(streamed, frames) <= level_error(final, frames) + 1.0
 
 
 def test_fragments_reach_the_file_one_chunk_later_and_the_last_at_close(tmp_path):
