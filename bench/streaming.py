@@ -90,11 +90,8 @@ async def one_job(url: str, body: dict[str, Any], image: Path | None) -> dict[st
 
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60, read=None)) as client:
         started = time.monotonic()
-        if image is None:
-            response = await client.post("/v1/videos", json=body)
-        else:
-            response = await client.post("/v1/videos", data={k: str(v) for k, v in body.items()},
-                                         files={"input_reference": (image.name, image.read_bytes(), "image/png")})
+        files = {"input_reference": (image.name, image.read_bytes(), "image/png")} if image else None
+        response = await client.post("/v1/videos", data={k: str(v) for k, v in body.items()}, files=files)
         if response.status_code != 200:
             raise BenchError(f"the job was refused: HTTP {response.status_code} {response.text[:300]}")
         job_id, times = response.json()["id"], {}
