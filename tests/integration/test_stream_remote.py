@@ -1,4 +1,4 @@
-"""A decoder on another host streams its video through the collector: `engine serve` with the decoder placed on an
+"""A decoder on another host streams its video through the collector: `engine serve` with the decoding node placed on an
 agent (`engine agent` on this machine, under its own name and broker user: the plan treats it as another host, so
 the outputs come back over Mooncake to a ``collector`` node), a standing broker (`engine broker`, mosquitto). While
 the remote decoder decodes, each chunk of frames goes over the data plane, verified, and the collector grows the
@@ -41,7 +41,8 @@ def engine(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def remote_decoder(tmp_path_factory) -> Iterator[Served]:
-    """A standing broker on 127.0.0.1, an agent ``far`` on it, and `engine serve` with the decoder on ``far``."""
+    """A standing broker on 127.0.0.1, an agent ``far`` on it, and `engine serve` of the one-node graph on ``far``
+    (the outputs come back to the collector)."""
     folder = tmp_path_factory.mktemp("remote")
     models = get_family("wan").resolve_source("t2v", "tiny").parent.parent
     port = free_port()
@@ -70,8 +71,8 @@ def remote_decoder(tmp_path_factory) -> Iterator[Served]:
         saved = {name: os.environ.get(name) for name in env}
         os.environ.update(env)
         try:
-            served = start_service("wan_t2v.yaml", folder / "state", *LIMITS, f"broker=mqtt://engine@127.0.0.1:{port}",
-                                   "nodes.decoder.place.host=far", extra=("--no-mqtt", "--save-frames"))
+            served = start_service("wan_t2v_single.yaml", folder / "state", *LIMITS, f"broker=mqtt://engine@127.0.0.1:{port}",
+                                   "nodes.all.place.host=far", extra=("--no-mqtt", "--save-frames"))
         finally:
             for name, value in saved.items():
                 if value is None:
