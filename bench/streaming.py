@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (BenchError, IMAGE, emit, finish_machine, graph_path, machine, machine_line,  # noqa: E402
+from bench.common import (BenchError, emit, finish_machine, graph_path, machine, machine_line,  # noqa: E402
                           request_values, size_overrides, work_dir)
 from bench.serve import free_port, serve_command, served  # noqa: E402
 
@@ -95,7 +95,8 @@ async def one_job(url: str, body: dict[str, Any], image: Path | None) -> dict[st
         if response.status_code != 200:
             raise BenchError(f"the job was refused: HTTP {response.status_code} {response.text[:300]}")
         job_id, times = response.json()["id"], {}
-        await asyncio.gather(follow_events(client, job_id, started, times), follow_stream(client, job_id, started, times))
+        await asyncio.gather(follow_events(client, job_id, started, times),
+                             follow_stream(client, job_id, started, times))
     if times.get("status") != "completed":
         raise BenchError(f"job {job_id} ended {times.get('status')}")
     return {"id": job_id, **times}
@@ -124,7 +125,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     lines = [f"Streamed video: engine serve {result['graph']}, model {result['model']}, {result['steps']} steps; "
              "seconds from submission", "",
-             "| size | first preview s | first playable frame s | complete file s | stream ended s | first frame early by |",
+             "| size | first preview s | first playable frame s | complete file s | stream ended s "
+             "| first frame early by |",
              "|---|---|---|---|---|---|"]
     for row in result["rows"]:
         preview = f"{row['first_preview_s']:.2f}" if "first_preview_s" in row else "-"
