@@ -71,8 +71,9 @@ class FileWatch:
 
 async def follow_growing(path: Path, finished: Callable[[], bool], wake: asyncio.Event) -> AsyncIterator[bytes]:
     """The bytes of ``path`` up to its playable end (:mod:`engine.stream.boxes`), as the file grows; ends once
-    ``finished()`` was true before a last read. ``wake`` is set by the file's writes and by whoever knows when
-    ``finished`` changes."""
+    ``finished()`` was true before a last read, or when the file is written again from the start (a request run
+    again after its worker died). ``wake`` is set by the file's writes and by whoever knows when ``finished``
+    changes."""
     watch = FileWatch(path.parent, path.name, wake)
     sent = scanned = 0
     file = None
@@ -83,6 +84,9 @@ async def follow_growing(path: Path, finished: Callable[[], bool], wake: asyncio
                 file = open(path, "rb")  # noqa: SIM115 - held across awaits, closed in finally
             if file is not None:
                 size = os.fstat(file.fileno()).st_size
+                if size < sent:  # written again from the start (the request runs again): what was sent cannot be
+                    log.info("%s started again: its readers' streams end", path.name)  # taken back
+                    return
                 scanned = await asyncio.to_thread(playable_end, file, scanned, size)
                 while sent < scanned:
                     file.seek(sent)

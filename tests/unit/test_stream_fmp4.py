@@ -166,3 +166,22 @@ def test_a_write_to_the_file_wakes_its_watcher_and_other_files_do_not(tmp_path):
             watcher.close()
 
     assert asyncio.run(watch()) == (False, True)
+
+
+def test_a_file_written_again_from_the_start_ends_its_readers_stream(tmp_path):
+    """A request run again (its worker died) rewrites its stream file: a reader cannot take back what it sent, so its
+    stream ends there (a playable prefix of the first attempt's video)."""
+    path = tmp_path / "a.stream.mp4"
+    write(path, clip())
+    first = path.read_bytes()
+
+    async def read() -> bytes:
+        received = b""
+        async with asyncio.timeout(10):
+            async for data in follow_growing(path, lambda: False, asyncio.Event()):
+                received += data
+                path.write_bytes(first[:100])  # the new attempt's first bytes
+        return received
+
+    received = asyncio.run(read())
+    assert received == first and len(decode(received)) == sum(CHUNKS)
