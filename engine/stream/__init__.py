@@ -7,7 +7,9 @@ request runs.
   with a keyframe, so the file is playable at every fragment boundary);
 - :mod:`engine.stream.boxes`: where a growing file is playable (the end of its last whole fragment);
 - :mod:`engine.stream.follow`: reading a file another process grows, woken by the kernel (inotify) rather
-  than polling.
+  than polling;
+- :mod:`engine.stream.video`: the worker that writes the outputs growing the file from its decoder's chunks;
+- :mod:`engine.stream.remote`: a decoder on another host sending its chunks to the collector over the data plane.
 
 The final output files are written as they always were; the stream is ``<stem>.stream.mp4`` beside them.
 """
