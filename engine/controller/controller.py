@@ -72,6 +72,7 @@ class RunOptions:
     #: CPU results bit-identical to a one-process pipeline's (the thread count can change a matmul's last bits)
     cpu_budget: bool = False
     preview_dir: Path | None = None  #: ``engine run --preview DIR``: every preview written there as a JPEG
+    stream_video: bool = False  #: the video grows as <stem>.stream.mp4 while it is decoded (a service streams it)
 
 
 @dataclass
@@ -265,7 +266,7 @@ class Controller:
         make = spec_maker(self.plan, run_id=self.options.run_id, source=self.source,
                           broker=functools.partial(self.access.worker_broker, address), out_dir=self.options.out_dir,
                           save_frames=self.options.save_frames, heartbeat_s=self.options.heartbeat_s,
-                          cpu_budget=self.options.cpu_budget)
+                          cpu_budget=self.options.cpu_budget, stream_video=self.options.stream_video)
         shares = cpu_shares(budgeted(self.plan, list(self.fleet.replicas)), {})
         self.fleet.launch(lambda node, replica, share: (make(node, replica, share),
                                                         self.access.worker_secrets(address, node, replica)), shares)

@@ -151,7 +151,8 @@ async def _run_service(checked: CheckedGraph, plan: Plan, source: Path, options:
     run_id = f"serve-{checked.loaded.spec.name.replace('_', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     restarts = RestartPolicy(max_restarts=max_restarts) if max_restarts else None
     controller = Controller(plan, source, RunOptions(out_dir=options.outputs, run_id=run_id, save_frames=save_frames,
-                                                     restarts=restarts, autoscale=autoscale, cpu_budget=True))
+                                                     restarts=restarts, autoscale=autoscale, cpu_budget=True,
+                                                     stream_video=True))
     service = Service(controller, checked, options)
     host, port = sock.getsockname()[:2]
     front = MqttFront.prepare(service, f"http://{host}:{port}") if mqtt else None

@@ -4,6 +4,8 @@
     GET    /v1/videos                  list jobs (limit, after, order)
     GET    /v1/videos/{id}             a job: status, progress 0-100, error {code, message}
     GET    /v1/videos/{id}/content     the video (video/mp4; range requests)
+    GET    /v1/videos/{id}/content?stream=true   while the job runs: the video as it is decoded, a fragmented
+                                       MP4 growing with chunked transfer until the job ends (engine.stream)
     GET    /v1/videos/{id}/events      server-sent events: the job on every change (``progress``, ``done``) and its
                                        denoising previews (``preview``: step, total_steps, stage, a JPEG data URL)
     GET    /v1/videos/{id}/preview     the job's latest denoising preview (image/jpeg; 404 before the first)
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from sse_starlette.sse import EventSourceResponse
 
 from engine.control.messages import Preview
@@ -141,8 +143,12 @@ def create_app(service: Service, options: ApiOptions = ApiOptions()) -> FastAPI:
         return api_object(cancelled or job)
 
     @app.get("/v1/videos/{job_id}/content")
-    async def video_content(job_id: str) -> FileResponse:
-        return content(find(job_id, "video"), VIDEO_SUFFIXES, "video/mp4")
+    async def video_content(job_id: str, stream: bool = False) -> Response:
+        job = find(job_id, "video")
+        if stream and not job.finished:
+            return StreamingResponse(service.stream_video(job_id), media_type="video/mp4",
+                                     headers={"Cache-Control": "no-store"})
+        return content(job, VIDEO_SUFFIXES, "video/mp4")
 
     @app.get("/v1/videos/{job_id}/events")
     async def video_events(job_id: str) -> EventSourceResponse:

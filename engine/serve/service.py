@@ -30,6 +30,8 @@ from engine.plan.check import CheckedGraph
 from engine.serve.bodies import API_NAME, Body, InvalidRequest, Translated, translate, validate_body
 from engine.serve.jobs import Job, JobStatus, JobStore, Retention
 from engine.serve.metrics import ServiceMetrics
+from engine.stream.fmp4 import stream_path
+from engine.stream.follow import follow_growing
 
 log = logging.getLogger("engine.serve")
 
@@ -302,6 +304,35 @@ class Service:
         finally:
             self._watchers.discard(queue)
 
+    async def stream_video(self, job_id: str) -> AsyncIterator[bytes]:
+        """The job's video while it is made: its stream file (a fragmented MP4, engine.stream) up to the last whole
+        fragment, on as the file grows, until the job has finished (or the service has stopped). A job that completed
+        without a stream file (its frames came whole, from another host or a stage's output cache) gets its video.
+        Nothing here makes the job wait: the worker writes its file, each reader follows it at its own pace."""
+        wake = asyncio.Event()
+
+        async def watch_job() -> None:
+            async for _ in self.follow(job_id):
+                wake.set()
+
+        def ended() -> bool:
+            job = self.get(job_id)
+            return job is None or job.finished or self.stopped
+
+        watcher = asyncio.create_task(watch_job(), name=f"following {job_id}")
+        sent = 0
+        try:
+            async for data in follow_growing(stream_path(self.options.outputs, job_id), ended, wake):
+                sent += len(data)
+                yield data
+            job = self.get(job_id)
+            video = job.output((".mp4",)) if job is not None and job.status == "completed" and not sent else None
+            if video is not None and video.is_file():
+                yield await asyncio.to_thread(video.read_bytes)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
     def replicas(self) -> list[ReplicaSnapshot]:
         """Every replica now: starting, ready, busy with a job (its stage and step) or down (and why)."""
         fleet = self.controller.fleet
@@ -413,7 +444,7 @@ class Service:
             self._remove_orphaned_uploads()
 
     def _remove_files(self, job: Job) -> None:
-        for path in job.outputs:
+        for path in [*job.outputs, stream_path(self.options.outputs, job.id)]:
             with contextlib.suppress(OSError):
                 Path(path).unlink()
         self._remove_uploads(job.id)

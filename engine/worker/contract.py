@@ -84,6 +84,8 @@ class WorkerSpec(_Frozen):
                                                 "(place.threads still fixes them)")
     threads: int | None = Field(description="torch threads fixed by the graph (place.threads); None: from cpu_share")
     output_cache_bytes: int = Field(ge=0, description="stage outputs it may keep for repeated inputs (0: none)")
+    stream_video: bool = Field(False, description="whether the video it writes also grows as <stem>.stream.mp4 while "
+                                                  "it is decoded (engine.stream)")
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +118,8 @@ def worker_specs(plan: Plan, **settings: Any) -> list[WorkerSpec]:
 
 
 def spec_maker(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str, int], dict[str, Any]], out_dir: Path,
-               save_frames: bool, heartbeat_s: float, cpu_budget: bool = False) -> Callable[[str, int, float], WorkerSpec]:
+               save_frames: bool, heartbeat_s: float, cpu_budget: bool = False,
+               stream_video: bool = False) -> Callable[[str, int, float], WorkerSpec]:
     """The spec of any replica of any node (an elastic node's later ones too): ``make(node, replica, cpu_share)``;
     ``broker(node, replica)`` is that replica's broker address."""
     def end(edge, peer: str) -> EdgeEnd:  # noqa: ANN001 - PlannedEdge
@@ -142,6 +145,7 @@ def spec_maker(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str, 
                   "task": plan.task, "dtype": node.dtype},
             cpu_share=cpu_share, cpu_budget=cpu_budget, threads=node.threads, output_cache_bytes=node.output_cache_bytes,
             cache=node.cache, preview=node.preview, backends=node.backends, strict_backends=node.strict,
+            stream_video=stream_video,
         )
 
     return spec

@@ -49,7 +49,7 @@ from engine.families import get_family
 from engine.models.outputs import output_stem
 from engine.plan.feeder import FEEDER
 from engine.preview.sink import Picture, Sink, cadence, previews
-from engine.worker.contract import EdgeEnd, WorkerSecrets, WorkerSpec
+from engine.worker.contract import EdgeEnd, SegmentSpec, WorkerSecrets, WorkerSpec
 from engine.worker.edge_link import MqttEdgeLink
 from engine.worker.heap import release_freed_memory
 from engine.worker.inbound import InboundShapes
@@ -60,6 +60,9 @@ from engine.control.replies import Replies
 from engine.stages import ProgressFn, Stage
 from engine.stepcache.stats import StepCacheStats, with_node_cache
 from engine.stepcache.stats import collect as collect_step_caches
+from engine.stream.remote import ChunkSender, chunk_expected, chunk_of
+from engine.stream.video import VideoStream
+from engine.plan.collector import COLLECTOR
 from engine.worker.group import GroupBroken, RankGroup
 from engine.transport import Manifest, Receiver, Sender, SlotGrant, SlotsExhausted, accept, make_receiver, make_sender, send_tensors
 
@@ -142,6 +145,7 @@ class Worker:
         self.queued_at: dict[tuple[str, int, int], float] = {}  #: run_stage question -> when it was queued
         self.threads = TorchThreads(spec.cpu_share, spec.threads, spec.cpu_budget)
         self.output_cache = OutputCache(spec.output_cache_bytes) if spec.output_cache_bytes else None
+        self.streams: dict[str, VideoStream] = {}  #: stream files the collector grows from a remote decoder's chunks
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -338,6 +342,7 @@ class Worker:
             log.info("request %s dropped: %s", message.request_id, message.reason)
             self.cancelled.remember(message.request_id, message.reason)
             self._release_received(message.request_id)
+            self._end_stream(message.request_id)
         elif isinstance(message, Shutdown):
             log.info("shutdown: %s", message.reason)
             self.stopping.set()
@@ -395,8 +400,13 @@ class Worker:
         ahead = receiver.hashed_ahead(manifest.slot, manifest.generation)
         started = time.perf_counter()
         expected = self.inbound.expected(message.edge, message.request)
+        chunk = chunk_of(message.request_id) if self.spec.stream_video else None
+        if chunk is not None:
+            expected = chunk_expected(expected)
         ack, views = await asyncio.to_thread(accept, receiver, manifest, expected)  # hashing a large payload takes a while
-        if views is not None:
+        if views is not None and chunk is not None:
+            await self._on_chunk(message, chunk, manifest, views)
+        elif views is not None:
             early = f" ({human_bytes(ahead)} of it hashed as it landed)" if ahead else ""
             log.info("edge %r request %s: %s verified in %.1f ms%s", message.edge, message.request_id,
                      human_bytes(manifest.nbytes), (time.perf_counter() - started) * 1e3, early)
@@ -465,11 +475,13 @@ class Worker:
             if spec.node == FEEDER:
                 tensors = read_input_files(job.request, {t.name: t.nbytes for e in spec.outbound for t in e.declared})
 
-            # 2. Stages, in order, on the compute thread; progress goes out with the heartbeats, previews as they come.
+            # 2. Stages, in order, on the compute thread; progress goes out with the heartbeats, previews as they come. A
+            #    video this worker writes also grows as a stream file while it is decoded (engine.stream).
             every = cadence(request.preview_every, spec.preview.every if spec.preview else None)
             sink_for = functools.partial(self._preview_sink, job, every, asyncio.get_running_loop())
-            timings, step_cache, cached = await asyncio.to_thread(self._compute, job.request_id, segment.stages,
-                                                                  with_node_cache(request, spec.cache), tensors, sink_for)
+            stream = self._video_stream(job, segment, request)
+            compute = (self._compute, job.request_id, segment.stages, with_node_cache(request, spec.cache), tensors, sink_for)
+            timings, step_cache, cached = await asyncio.to_thread(*((stream.feeding, *compute) if stream else compute))
         finally:
             if files:
                 remove_input_files(fed_folder)
@@ -485,6 +497,7 @@ class Worker:
         # 4. Final outputs (decoded frames): files in the run's output folder.
         outputs: list[str] = []
         finals = {name: tensors[name] for name in spec.final_outputs if name in segment.outputs}
+        self._end_stream(job.request_id)
         if finals:
             out_dir = Path(spec.out_dir)
             paths = await asyncio.to_thread(self.family.write_output, request, finals, out_dir, output_stem(out_dir, job.request_id),
@@ -553,6 +566,59 @@ class Worker:
         except RuntimeError as exc:  # torch.distributed's errors (a peer gone, a timeout) are RuntimeErrors
             raise self.group.broken(exc) from exc
 
+    def _video_stream(self, job: RunStage, segment: SegmentSpec, request: Any) -> VideoStream | ChunkSender | None:
+        """Where the frames of a video this segment decodes go as they are made, when streaming is on: the stream
+        file, when this worker writes the video; the collector, when it does (engine.stream.remote)."""
+        fps = getattr(request, "fps", None)
+        if not self.spec.stream_video or fps is None or not segment.stages:
+            return None
+        check = functools.partial(self._check_cancelled, job.request_id)
+        if set(self.spec.final_outputs) & set(segment.outputs):
+            return VideoStream(self._out_dir, output_stem(self._out_dir, job.request_id), fps, check)
+        to_collector = [(edge, name) for edge in self.spec.outbound if edge.peer == COLLECTOR
+                        for name in edge.tensors if name in segment.outputs]
+        if len(to_collector) != 1:
+            return None
+        ((edge, name),) = to_collector
+        loop = asyncio.get_running_loop()
+
+        def send(key: str, tensors: dict[str, Any]) -> None:
+            asyncio.run_coroutine_threadsafe(self._send(edge, job, tensors, key=key), loop).result()
+
+        return ChunkSender(job.request_id, name, send, check)
+
+    @property
+    def _out_dir(self) -> Path:
+        return Path(self.spec.out_dir)
+
+    async def _on_chunk(self, message: Delivered, chunk: tuple[str, int], manifest: Manifest, views: dict[str, Any]) -> None:
+        """A chunk of a remote decoder's frames (engine.stream.remote): onto the request's stream file, its slot
+        freed. Chunk 0 starts the file (again, for a request that is run again)."""
+        request_id, index = chunk
+        fps = message.request.get("fps")
+        try:
+            if index == 0:
+                self._end_stream(request_id)
+                if isinstance(fps, int) and fps > 0:
+                    self.streams[request_id] = VideoStream(self._out_dir, output_stem(self._out_dir, request_id), fps,
+                                                           functools.partial(self._check_cancelled, request_id))
+            stream = self.streams.get(request_id)
+            if stream is not None:
+                (frames,) = views.values()
+                with contextlib.suppress(Cancelled):  # dropped meanwhile: the Cancel ends the file
+                    await asyncio.to_thread(stream, frames)
+        finally:
+            self.receivers[message.edge].release(manifest)
+            self._serve_grants(message.edge)
+
+    def _end_stream(self, request_id: str) -> None:
+        """End a stream file the collector grows (the outputs came, or the request was dropped)."""
+        stream = self.streams.pop(request_id, None)
+        if stream is not None:
+            stream.writer.close()
+            log.info("request %s: streamed %d frames in %d chunks from a remote decoder to %s", request_id,
+                     stream.writer.frames, stream.writer.chunks, stream.path.name)
+
     def _inbound_for(self, names: tuple[str, ...]) -> list[EdgeEnd]:
         return [e for e in self.spec.inbound if set(e.tensors) & set(names)]
 
@@ -570,7 +636,8 @@ class Worker:
                 self.receivers[edge.name].release(held[0])
                 self._serve_grants(edge.name)
 
-    async def _send(self, edge: EdgeEnd, job: RunStage, payload: dict[str, Any]) -> EdgeStats:
+    async def _send(self, edge: EdgeEnd, job: RunStage, payload: dict[str, Any], *, key: str | None = None) -> EdgeStats:
+        """Send ``payload`` for the job's request (or under ``key``: a stream chunk, engine.stream.remote)."""
         replica = job.send_to.get(edge.name)
         if replica is None:
             raise EngineError(f"run_stage for {job.request_id} names no target replica for edge {edge.name!r}")
@@ -586,7 +653,7 @@ class Worker:
                             target=ReplicaRef(node=edge.peer, replica=replica), attempt=job.attempt,
                             timeout_s=self.spec.transfer_timeout_s, request=job.request)
         started = time.perf_counter()
-        manifest = await send_tensors(sender, link, payload, job.request_id, retries=edge.retries)
+        manifest = await send_tensors(sender, link, payload, key or job.request_id, retries=edge.retries)
         return EdgeStats(nbytes=manifest.nbytes, tensor_bytes=sum(h.nbytes for h in manifest.tensors),
                          seconds=time.perf_counter() - started, digest=manifest.digest, rejected=link.deliveries - 1)
 

@@ -33,12 +33,14 @@ from engine.models.loading import torch_dtype
 from engine.preview.picture import flow_x0, offer
 from engine.stages import Configs, LoadedComponents, ProgressFn, Stage
 from engine.stepcache.cache import StepCache
+from engine.stream.sink import emit, stream_sink
 from nodes.wan.family import TEXT_LEN, WanExpertsRequest, WanFamily, WanImageRequest, WanRequest
 from nodes.wan.geometry import LatentGeometry, latent_geometry, request_problems
 from nodes.wan.handoff import check_scheduler, restore_scheduler_state, scheduler_state
 from nodes.wan.parallel import split_sequence
 from nodes.wan.preview import projection
 from nodes.wan.stepcache import WanBlocks, teacache_profile
+from nodes.wan.streaming import decode_by_frame, decodes_by_frame
 
 
 def build_stage(task: str, name: str, components: LoadedComponents, device: str, dtype: str, configs: Configs) -> Stage:
@@ -416,9 +418,22 @@ class VaeDecode(WanStage):
 
         # 2. Decode, then map [-1, 1] to [0, 1] like the pipeline's postprocessing ("pt" is "np" before the
         #    NumPy conversion: [B, F, C, H, W]); channels last as the pipeline's frames.
-        video = self.vae.decode(latents, return_dict=False)[0]
+        #    Someone listening for frames as they are made (engine.stream) gets each latent frame's as it is
+        #    decoded, the same frames the whole decode gives (nodes.wan.streaming).
+        sink = stream_sink()
+        if sink is None or not decodes_by_frame(self.vae):
+            frames = self._frames(self.vae.decode(latents, return_dict=False)[0])
+            emit(frames)
+            return {"frames": frames}
+        chunks = []
+        for video in decode_by_frame(self.vae, latents):
+            chunks.append(self._frames(video))
+            sink(chunks[-1])
+        return {"frames": torch.cat(chunks, 1)}
+
+    def _frames(self, video: torch.Tensor) -> torch.Tensor:
         frames = self.video_processor.postprocess_video(video, output_type="pt")
-        return {"frames": frames.permute(0, 1, 3, 4, 2).float().contiguous()}
+        return frames.permute(0, 1, 3, 4, 2).float().contiguous()
 
 
 _STAGES = {

@@ -23,9 +23,11 @@ from PIL import Image
 
 from engine.control.client import ControlClient
 from engine.control.messages import JobUpdate, SubmitJob
+from engine.stream.fmp4 import to_levels
 from tests.hostile_bodies import image_bodies, json_bodies
 from tests.integration.engine_run import reference_frames
 from tests.integration.serve_helpers import REPO, Served, start_service
+from tests.stream_support import decode, fragment_cuts, frames_at_each_cut, level_error
 
 pytestmark = pytest.mark.integration
 
@@ -394,3 +396,105 @@ def served_job(state: Path, job_id: str) -> dict:
     with sqlite3.connect(state / "jobs.sqlite") as db:
         db.row_factory = sqlite3.Row
         return dict(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+
+# -- streamed video -------------------------------------------------------------------------------------------
+
+STREAMED = {"prompt": "streamed", "num_inference_steps": 2, "height": 128, "width": 160, "num_frames": 17, "seed": 7}
+
+
+class StreamReader(threading.Thread):
+    """GET ``content?stream=true`` on its own thread: what arrived and when; ``pause_s`` between reads (a slow
+    client), or ``stop_after`` pieces (a client that goes away)."""
+
+    def __init__(self, served: Served, job_id: str, *, pause_s: float = 0.0, stop_after: int | None = None,
+                 piece_bytes: int | None = None):
+        super().__init__(daemon=True)
+        self.url = f"{served.url}/v1/videos/{job_id}/content"
+        self.pause_s, self.stop_after, self.piece_bytes = pause_s, stop_after, piece_bytes
+        self.pieces: list[tuple[float, bytes]] = []
+        self.status = 0
+        self.first_fragment_at: float | None = None  #: when what arrived first held a whole fragment
+        self.file_when_first_fragment: bytes | None = None  #: the stream file on disk at that moment
+        self.stream_file = served.state / "outputs" / f"{job_id}.stream.mp4"
+
+    def run(self) -> None:
+        with httpx.stream("GET", self.url, params={"stream": "true"}, timeout=120) as answer:
+            self.status = answer.status_code
+            for piece in answer.iter_bytes(self.piece_bytes):
+                self.pieces.append((time.time(), piece))
+                if self.first_fragment_at is None and fragment_cuts(self.data):
+                    self.first_fragment_at = time.time()
+                    self.file_when_first_fragment = self.stream_file.read_bytes()
+                if self.stop_after is not None and len(self.pieces) >= self.stop_after:
+                    return
+                time.sleep(self.pause_s)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(piece for _, piece in self.pieces)
+
+
+def test_a_video_streams_while_it_is_decoded_to_slow_and_leaving_clients_alike(wan):
+    """The stream's first fragment reaches the client while the decoder still decodes; the stream plays at every
+    fragment boundary and shows the final file's frames; a client that reads slowly or goes away changes nothing
+    for the job."""
+    job = post(wan, STREAMED).json()
+    readers = [StreamReader(wan, job["id"]), StreamReader(wan, job["id"], pause_s=0.2, piece_bytes=4096),
+               StreamReader(wan, job["id"], stop_after=1)]
+    for reader in readers:
+        reader.start()
+    done = wan.wait_for(job["id"])
+    finished_at = time.time()
+    for reader in readers:
+        reader.join(120)
+    fast, slow, leaving = readers
+    assert done["status"] == "completed" and [r.status for r in readers] == [200] * 3
+
+    # 1. Early: the first fragment arrived while the decoder had not finished (its file not ended yet, fewer
+    #    frames in it than asked for), before the decoder logged its end.
+    outputs = wan.state / "outputs"
+    stream = (outputs / f"{job['id']}.stream.mp4").read_bytes()
+    assert fast.file_when_first_fragment is not None and b"mfra" not in fast.file_when_first_fragment
+    assert len(decode(fast.file_when_first_fragment[:fragment_cuts(fast.file_when_first_fragment)[-1]])) < 17
+    decoded_at = _logged_at(wan, rf"request {job['id']}: vae_decode took", timeout_s=10)
+    assert fast.first_fragment_at < decoded_at + 0.001, (fast.first_fragment_at, decoded_at)
+
+    # 2. Whole: the stream is the file, playable after every fragment (one per latent frame: 1, then 4 frames).
+    assert fast.data == stream and slow.data == stream
+    assert frames_at_each_cut(stream) == [1, 5, 9, 13, 17]
+    exact = np.load(outputs / f"{job['id']}.npy")[0]
+    final = decode((outputs / f"{job['id']}.mp4").read_bytes())
+    streamed = decode(stream)
+    assert level_error(streamed, final) < 4.0  # both H.264 of the same frames (tests/unit/test_stream_fmp4.py)
+    assert level_error(streamed, to_levels(exact)) <= level_error(final, to_levels(exact)) + 1.0
+
+    # 3. The slow client was still reading when the job had completed; the leaving one read one piece. The job is
+    #    unchanged (its frames are the pipeline's with streaming on: test_twenty_concurrent_jobs_match_...).
+    assert slow.pieces[-1][0] > finished_at and len(leaving.pieces) == 1
+    assert httpx.get(f"{wan.url}/v1/videos/{job['id']}/content", timeout=30).content == (outputs / f"{job['id']}.mp4").read_bytes()
+
+
+def test_cancel_while_streaming_stops_the_decoder_and_ends_the_stream(wan):
+    job = post(wan, {**STREAMED, "prompt": "cancelled while streamed"}).json()
+    reader = StreamReader(wan, job["id"])
+    reader.start()
+    deadline = time.monotonic() + 120
+    while reader.first_fragment_at is None:  # the decoder is decoding
+        assert reader.is_alive() and time.monotonic() < deadline, "no fragment arrived"
+        time.sleep(0.02)
+    asked = time.time()
+    assert httpx.delete(f"{wan.url}/v1/videos/{job['id']}", timeout=30).json()["status"] == "cancelled"
+    reader.join(30)
+    assert not reader.is_alive() and reader.status == 200, "the stream did not end with the job"
+    stopped = _logged_at(wan, rf"request {job['id']} failed: dropped: cancelled by the client", timeout_s=30)
+    assert stopped - asked < 10
+    # The decoder stopped between chunks: the stream file holds fewer frames than asked for and still plays; what
+    # the client got is a playable prefix of it.
+    stream = (wan.state / "outputs" / f"{job['id']}.stream.mp4").read_bytes()
+    shown = frames_at_each_cut(stream)
+    assert shown and shown[-1] < 17 and len(decode(stream)) == shown[-1]
+    assert stream.startswith(reader.data) and frames_at_each_cut(reader.data)
+    assert not (wan.state / "outputs" / f"{job['id']}.mp4").exists()
+    answer = httpx.get(f"{wan.url}/v1/videos/{job['id']}/content", params={"stream": "true"}, timeout=30)
+    assert answer.status_code == 409 and answer.json()["error"]["code"] == "not_completed"

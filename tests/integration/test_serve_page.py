@@ -229,6 +229,25 @@ def test_a_running_job_shows_its_replica_busy_and_cancelled_shows_as_cancelled(w
         r["state"] == "ready" for name, r in page.replicas().items() if name.startswith("transformer")))
 
 
+def test_a_running_jobs_card_plays_its_video_while_it_is_decoded(wan, page):
+    """The card of a running video job plays the stream (Media Source Extensions over the fetched fragmented MP4)
+    while the job is still in progress; the finished video replaces it."""
+    page.open(wan.url, token=TOKEN)
+    job_id = page.submit("a fox streamed as it is decoded", width=160, height=128, num_frames=17, num_inference_steps=2)
+    stream = page.wait("the video playing while the job runs", lambda: page.js("""
+        const card = document.querySelector(`#jobs .job[data-job-id="${arguments[0]}"]`);
+        const v = card.querySelector('video.job-stream');
+        return v && card.dataset.status === 'in_progress' && (v.readyState >= 2 || v.currentTime > 0) &&
+            {status: card.dataset.status, readyState: v.readyState, time: v.currentTime, src: v.src,
+             buffered: v.buffered.length ? v.buffered.end(0) : 0, hidden: v.hidden}""", job_id))
+    shot = page.shot("streaming")
+    assert stream["src"].startswith("blob:") and not stream["hidden"] and stream["buffered"] > 0, (stream, shot)
+    page.wait("the job completed", lambda: page.card(job_id)["status"] == "completed")
+    video = page.wait("the finished video loaded", lambda: (v := page.video(job_id)) and v["readyState"] >= 2 and v)
+    assert video["duration"] == pytest.approx(17 / 8, abs=0.07) and video["error"] is None, (video, page.shot("streamed-done"))
+    assert not page.js("return document.querySelectorAll('#jobs video.job-stream').length")
+
+
 def test_a_killed_worker_shows_its_replica_down_and_the_jobs_error_then_the_service_restarts(tmp_path, page):
     """kill -9 of the only transformer: its replica down, the job's error; then the service stops (the page says
     it does not answer, in its own words, and shows nothing as ready) and starts again on the same port (the page
@@ -306,7 +325,7 @@ def test_the_service_endpoints_describe_the_graph_without_a_browser(wan):
             if len(names) == 2:
                 break
     assert names == ["jobs", "state"]
-    for name in ("index.html", "app.js", "api.js", "graph.js", "jobs.js", "form.js", "style.css"):
+    for name in ("index.html", "app.js", "api.js", "graph.js", "jobs.js", "stream.js", "form.js", "style.css"):
         assert httpx.get(f"{wan.url}/page/{name}", timeout=30).status_code == 200, name
 
 

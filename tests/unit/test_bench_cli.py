@@ -218,3 +218,16 @@ def test_soak_fits_the_growth_per_job_after_warm_up_and_renders_a_table():
               "machine": {"cpu": "c", "cores": 2, "memory_gib": 1, "torch": "t", "torch_threads": 1, "loadavg_start": 0.0}}
     table = soak.render(result)
     assert "decoder-0" in table and "KiB per job (fit)" in table and "+0.00" in table
+
+
+def test_the_streaming_bench_has_help_json_and_refuses_a_bad_size(capsys):
+    streaming = load("streaming")
+    with pytest.raises(SystemExit) as exit_info:
+        streaming.parse_args(["--help"])
+    assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+    args = streaming.parse_args(["--json", "--sizes", "48x64x9,128x224x17"])
+    assert args.json is True and args.sizes == [(48, 64, 9), (128, 224, 17)]
+    with pytest.raises(SystemExit):
+        streaming.parse_args(["--sizes", "48x64"])
+    assert "--sizes: each size is HxWxF" in capsys.readouterr().err
+    assert streaming.first_fragment_end(b"") is False

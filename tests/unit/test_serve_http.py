@@ -76,3 +76,41 @@ def test_an_internal_error_is_a_500_in_the_api_error_shape(tmp_path):
         client.portal.call(service.store.close)  # the store is gone: listing jobs fails inside the service
         answer = TestClient(client.app, raise_server_exceptions=False).get("/v1/videos")
     assert answer.status_code == 500 and answer.json()["error"]["type"] == "server_error", answer.text
+
+
+def test_a_jobs_stream_follows_its_file_until_the_job_ends_then_the_plain_rules_apply(tmp_path):
+    """``?stream=true`` answers a job not finished with its stream file as it grows (chunked, no length), and ends
+    when the job does (here: cancelled); afterwards a cancelled job's content is 409 as without ``stream``."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from engine.stream.fmp4 import FragmentedMp4Writer, stream_path
+
+    service = service_of(tmp_path)
+    service.options.outputs.mkdir(parents=True)
+    with in_process(service) as client:
+        job = client.post("/v1/videos", json={"prompt": "streamed"}).json()
+        path = stream_path(service.options.outputs, job["id"])
+
+        def decoder() -> None:
+            deadline = time.monotonic() + 10
+            while job["id"] not in service._followers and time.monotonic() < deadline:  # the stream follows the job
+                time.sleep(0.01)
+            try:
+                with FragmentedMp4Writer(path, 8) as writer:
+                    for count in (1, 4, 4):
+                        writer.add(np.full((count, 16, 16, 3), 40 * count, np.uint8))
+            finally:
+                client.portal.call(service.cancel, job["id"])
+
+        thread = threading.Thread(target=decoder)
+        thread.start()
+        answer = client.get(f"/v1/videos/{job['id']}/content", params={"stream": "true"})
+        thread.join()
+        assert answer.status_code == 200 and answer.headers["content-type"] == "video/mp4"
+        assert "content-length" not in answer.headers and answer.content == path.read_bytes()
+        again = client.get(f"/v1/videos/{job['id']}/content", params={"stream": "true"})
+        assert again.status_code == 409 and again.json()["error"]["code"] == "not_completed"
+        assert client.get("/v1/videos/video_000000000000000000000000/content", params={"stream": "true"}).status_code == 404

@@ -103,7 +103,7 @@ def test_events_start_with_the_jobs_and_the_state_then_follow_changes(tmp_path):
 def test_the_page_is_public_its_modules_are_javascript_and_v1_service_wants_the_token(tmp_path):
     client = TestClient(create_app(service_of(tmp_path), ApiOptions(token="secret")))
     assert "<script type=\"module\" src=\"/page/app.js\">" in client.get("/").text
-    for name in ("app.js", "api.js", "form.js", "graph.js", "jobs.js"):
+    for name in ("app.js", "api.js", "form.js", "graph.js", "jobs.js", "stream.js"):
         answer = client.get(f"/page/{name}")
         assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/javascript"), name
     assert client.get("/page/style.css").headers["content-type"].startswith("text/css")

@@ -3,6 +3,7 @@
 // video or image in place.
 
 import { json, mediaUrl } from "./api.js";
+import { playStream } from "./stream.js";
 
 const FINISHED = new Set(["completed", "failed", "cancelled"]);
 
@@ -93,6 +94,8 @@ export class JobList {
     card.querySelector(".cancel").hidden = FINISHED.has(job.status) || job.object !== "video";
     const error = job.error ? `${job.error.code}: ${job.error.message ?? ""}` : "";
     this.showError(card, error);
+    if (job.status === "in_progress" && job.object === "video") this.showStream(card, job);
+    if (FINISHED.has(job.status)) card.streaming?.abort();
     if (job.status === "completed") this.showOutput(card, job);
     this.showPreview(card, job);
   }
@@ -114,6 +117,18 @@ export class JobList {
     }
   }
 
+  /** While a video job runs, its video as it is decoded (stream.js); the finished video replaces it. */
+  showStream(card, job) {
+    if (card.streaming) return;
+    card.streaming = new AbortController();
+    const video = document.createElement("video");
+    video.className = "job-stream";
+    Object.assign(video, { controls: true, muted: true, playsInline: true, hidden: true });
+    card.querySelector(".job-output").append(video);
+    video.addEventListener("loadeddata", () => { video.hidden = false; }, { once: true });
+    playStream(video, contentPath(job), card.streaming.signal).catch((error) => console.warn(job.id, error));
+  }
+
   showError(card, text) {
     const error = card.querySelector(".job-error");
     error.textContent = text;
@@ -122,6 +137,7 @@ export class JobList {
 
   async showOutput(card, job) {
     const output = card.querySelector(".job-output");
+    output.querySelector(".job-stream")?.remove();
     if (output.childElementCount) return;
     const media = job.object === "video" ? document.createElement("video") : document.createElement("img");
     output.append(media);
