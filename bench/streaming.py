@@ -2,10 +2,10 @@
 
 `engine serve graphs/wan_<task>.yaml` (the bench preset by default, its limits at the largest size measured) takes
 one job per size, one after another. For each, from the moment it was submitted: the first ``preview`` server-sent
-event (``-`` when the service sends none), the first playable fragment of ``GET /v1/videos/{id}/content?stream=true``
-(the init segment and one whole ``moof``+``mdat``: the first frame a player can show), and the job's ``done`` event
-(the final MP4 is written). The decode share says how much of the job the streamed part covers: from the first
-fragment to the end, against the whole.
+event (a preview every ``--preview-every`` steps; ``-`` with 0), the first playable fragment of
+``GET /v1/videos/{id}/content?stream=true`` (the init segment and one whole ``moof``+``mdat``: the first frame a
+player can show), and the job's ``done`` event (the final MP4 is written). The decode share says how much of the
+job the streamed part covers: from the first fragment to the end, against the whole.
 
     python bench/streaming.py                        # 128x224x17 and 480x832x81, i2v, 4 steps
     python bench/streaming.py --sizes 128x224x17 --json
@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="bench", help="preset or diffusers folder (default: the bench preset)")
     parser.add_argument("--sizes", default=",".join(SIZES), help="HxWxF, comma-separated")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--preview-every", type=int, default=1, metavar="N",
+                        help="ask for a denoising preview every N steps (0: none; default 1)")
     parser.add_argument("--out", type=Path, help="work folder (default: a fresh temporary one)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
@@ -115,6 +117,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             values = request_values(args.task, height=height, width=width, frames=frames, steps=args.steps)
             image = Path(values.pop("image")) if args.task == "i2v" else None
             values["num_inference_steps"] = values.pop("steps")
+            values["preview_every"] = args.preview_every
             timed = asyncio.run(one_job(service.url, values, image))
             rows.append({"size": f"{height}x{width}x{frames}", **timed,
                          "streamed_share": (timed["complete_s"] - timed["first_fragment_s"]) / timed["complete_s"]})
