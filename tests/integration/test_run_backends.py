@@ -4,7 +4,9 @@
 One build (the graph's first size) and one run of two requests share every assertion: the first request's
 decoder runs on ONNX Runtime from the cache, within tolerance of the monolithic pipeline; the second, at a size
 nothing was built for, falls back to eager and equals the pipeline bit for bit; TensorRT, not installed, is passed
-over with import_error in both, and report.json says so.
+over with import_error in both, and report.json says so. Then one run per other backend of the decoder
+(OpenVINO and torch.compile, built on first use) and Wan I2V's decoder on ONNX Runtime (its step graphs), each
+within tolerance of the monolithic pipeline.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.integration.engine_run import GRAPHS, REPO, engine_run, live_workers, qwen_reference_image
+from tests.integration.engine_run import GRAPHS, REPO, engine_run, live_workers, qwen_reference_image, reference_frames
 
 pytestmark = pytest.mark.integration
 
@@ -82,3 +84,38 @@ def test_a_strict_node_fails_the_run_naming_stage_and_reason(tmp_path):
     assert ("StrictBackendError: stage 'vae_decode' on node 'all': backend tensorrt failed with import_error"
             in result.stderr)
     assert live_workers(result.out) == []
+
+
+@pytest.fixture(scope="module", params=["openvino", "compile"])
+def decoded_on(request, tmp_path_factory):
+    """`engine run` of the graph's request with the decoder on ``request.param``, built on first use."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    result = engine_run("qwen_image_t2i_single.yaml", tmp / "out", f"nodes.all.backend.vae_decode=[{request.param},eager]",
+                        env={"ENGINE_ARTIFACT_DIR": str(tmp / "artifacts")})
+    return request.param, result
+
+
+def test_the_decoder_runs_on_each_backend_within_tolerance(decoded_on):
+    backend, result = decoded_on
+    assert result.returncode == 0, result.stderr[-3000:]
+    (first,) = result.report["requests"]
+    use = first["backends"]["vae_decode"]
+    assert chain(first) == [(backend, None)] and use["asked"] == use["used"] == backend
+    assert use["parity"]["passed"] and use["parity"]["max_abs"] <= 3e-4 and use["build_s"] > 0
+    assert use["cache"] == ("built" if backend == "openvino" else None)  # compile keeps no artifact
+    params = json.loads((result.out / f"{first['id']}.json").read_text())["request"]
+    image, expected = np.load(result.out / f"{first['id']}.npy"), qwen_reference_image("t2i", params)
+    assert image.shape == expected.shape and np.abs(image - expected).max() <= 3e-4
+    assert live_workers(result.out) == []
+
+
+def test_wan_i2v_decodes_on_onnxruntime_within_tolerance(tmp_path):
+    result = engine_run("wan_i2v_single.yaml", tmp_path / "out", "nodes.all.backend.vae_decode=[onnxruntime,eager]",
+                        env={"ENGINE_ARTIFACT_DIR": str(tmp_path / "artifacts")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (first,) = result.report["requests"]
+    use = first["backends"]["vae_decode"]
+    assert chain(first) == [("onnxruntime", None)] and use["cache"] == "built" and use["parity"]["passed"]
+    request = json.loads((result.out / f"{first['id']}.json").read_text())["request"]
+    frames, expected = np.load(result.out / f"{first['id']}.npy"), reference_frames("i2v", json.dumps(request, sort_keys=True))
+    assert frames.shape == expected.shape and np.abs(frames - expected).max() <= 3e-4
