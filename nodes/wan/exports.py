@@ -6,7 +6,8 @@ for the first frame (no cache in; ``first_chunk``), one for the second (the firs
 the upsamplers' "Rep" markers fixed in the graph) and one for every later frame (two-frame caches in and out).
 The installed ``decode`` walks the frames through them and finishes as ``AutoencoderKLWan._decode`` does
 (concatenate, unpatchify for the Wan2.2 VAE, clamp). Which cache entries hold tensors is found by running the
-decoder on fake tensors (shapes only, no compute).
+decoder on fake tensors (shapes only, no compute). The three graphs are static, one set per size: their caches'
+sizes follow the latents' at several scales, which a dynamic export would have to relate axis by axis.
 """
 
 from __future__ import annotations
