@@ -17,6 +17,8 @@ from engine.backends.chain import BackendStage, stage_uses, with_backends
 from engine.backends.modules import UnboundCall
 from engine.backends.names import StrictBackendError
 from engine.backends.recipe import ExportRecipe, TensorSig, replace_method
+from engine.controller.tracker import TrackedRequest
+from engine.serve.metrics import ServiceMetrics
 from engine.stages import LoadedComponents, RequestParams, Stage, StageSpec, TensorSpec
 
 
@@ -229,8 +231,35 @@ def test_compile_of_a_stage_without_recipes_compiles_its_modules_in_place():
                           LoadedComponents({"transformer": transformer}), "cpu", "/models/toy")
     out = stage.run(Size(), {"latents": latents()}, None)["latents"]
     assert inner.ran_compiled == [True] and "forward" not in vars(transformer)  # compiled for the run, restored after
-    assert stage_uses({"denoise": stage}, ("denoise",))["denoise"]["used"] == "compile"
+    use = stage_uses({"denoise": stage}, ("denoise",))["denoise"]
+    assert use["used"] == "compile" and use["parity"]["passed"] and use["parity"]["max_abs"] <= 3e-4
     assert (out - transformer(latents())).abs().max() <= 3e-4
+
+
+def test_a_dit_whose_compiled_forward_fails_its_parity_gate_runs_eager(monkeypatch):
+    monkeypatch.setenv("ENGINE_BACKEND_FAULTS", json.dumps({"parity": ["compile"]}))
+    transformer = ToyVae().conv
+    stage = with_backends(ToyDenoise(transformer), ToyFamily(), "t2i", "transformer", ("compile", "eager"), False,
+                          LoadedComponents({"transformer": transformer}), "cpu", "/models/toy")
+    details = []
+    for _ in range(2):  # the second request is refused with the first one's figures: the gate's answer is kept
+        out = stage.run(Size(), {"latents": latents()}, None)["latents"]
+        use = stage_uses({"denoise": stage}, ("denoise",))["denoise"]
+        assert reasons(use) == [("compile", "parity_failed"), ("eager", None)] and torch.equal(out, transformer(latents()))
+        details.append(use["chain"][0]["detail"])
+    assert details[0] == details[1] and details[0].startswith("max abs 0.01")
+    metrics = ServiceMetrics(service=None)  # type: ignore[arg-type] - the live gauges are not read here
+    request = TrackedRequest(id="r1", params=RequestParams(), clock_zero=0.0)
+    request.backends["denoise"] = {"node": "transformer", **use}
+    metrics.finished(request)
+    (sample,) = [s for family in metrics.backend_fallbacks.collect() for s in family.samples
+                 if s.name == "engine_backend_fallback_total"]
+    assert sample.labels == {"node": "transformer", "stage": "denoise", "from": "compile", "to": "eager",
+                             "reason": "parity_failed"} and sample.value == 1
+    strict = with_backends(ToyDenoise(transformer), ToyFamily(), "t2i", "transformer", ("compile", "eager"), True,
+                           LoadedComponents({"transformer": transformer}), "cpu", "/models/toy")
+    with pytest.raises(StrictBackendError, match="stage 'denoise' on node 'transformer': backend compile failed with parity_failed"):
+        strict.run(Size(), {"latents": latents()}, None)
 
 
 def test_graph_backends_build_from_one_onnx_export(artifacts):
