@@ -138,9 +138,7 @@ class GraphCall:
             return found
         if not allowed:
             if found.state == "stale":
-                assert found.manifest is not None
-                raise BackendFailure(Reason.ARTIFACT_STALE, f"the artifact at {found.folder} was built for another "
-                                     f"{describe(found.manifest.key, key)}; run `engine build` (ENGINE_BACKEND_BUILD=never)")
+                raise _stale(found, key)
             return None
         wanted = profile(self.recipe, self.bounds, inputs)
         if held is not None:  # built for a narrower range: rebuilt for both
@@ -173,9 +171,7 @@ class GraphCall:
             cache = "hit"
         elif not allowed:
             if found.state == "stale":
-                assert found.manifest is not None
-                raise BackendFailure(Reason.ARTIFACT_STALE, f"the artifact at {found.folder} was built for another "
-                                     f"{describe(found.manifest.key, key)}; run `engine build` (ENGINE_BACKEND_BUILD=never)")
+                raise _stale(found, key)
             built = [m.inputs_text() for m in self.cache.manifests(self.runner.name, self.stage, self.model)]
             if built:
                 raise BackendFailure(Reason.SHAPE_UNSUPPORTED, f"no artifact for inputs {_shapes(inputs)}; built: "
@@ -263,6 +259,12 @@ class GraphCall:
 
 def as_tuple(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def _stale(found: Lookup, key: Key) -> BackendFailure:
+    assert found.manifest is not None
+    return BackendFailure(Reason.ARTIFACT_STALE, f"the artifact at {found.folder} was built for another "
+                          f"{describe(found.manifest.key, key)}; run `engine build` (ENGINE_BACKEND_BUILD=never)")
 
 
 def _shapes(inputs: tuple[TensorSig, ...]) -> str:
