@@ -114,6 +114,8 @@ def test_the_decoder_runs_on_each_backend_within_tolerance(decoded_on):
 
 
 def test_wan_i2v_decodes_on_onnxruntime_within_tolerance(tmp_path):
+    # The graph's own request (9 frames: each of the three step graphs runs), as test_run_parity's, whose reference
+    # frames a session computes once.
     result = engine_run("wan_i2v_single.yaml", tmp_path / "out", "nodes.all.backend.vae_decode=[onnxruntime,eager]",
                         env={"ENGINE_ARTIFACT_DIR": str(tmp_path / "artifacts")})
     assert result.returncode == 0, result.stderr[-3000:]
