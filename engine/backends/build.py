@@ -53,6 +53,7 @@ def build_artifacts(plan: Plan, family: ModelFamily, source: Path, requests: tup
                     progress(done[-1])
                     continue
                 for call in installed.calls:
+                    listed: set[Path] = set()  #: artifacts listed already (a dynamic one serves several requests)
                     for inputs in dict.fromkeys(call.recipe.inputs(request) for request in requests):
                         started = time.perf_counter()
                         shapes = ", ".join("x".join(map(str, sig.shape)) for sig in inputs)
@@ -60,6 +61,9 @@ def build_artifacts(plan: Plan, family: ModelFamily, source: Path, requests: tup
                         try:
                             found = call.ensure_built(inputs, build=True)
                             assert found.manifest is not None and found.manifest.parity is not None
+                            if found.folder in listed:
+                                continue
+                            listed.add(found.folder)
                             shapes = found.manifest.inputs_text()
                             outcome, figures = wrapped.meter.cache or "hit", _figures(found.manifest)
                         except BackendFailure as failure:
