@@ -9,6 +9,7 @@ that fails is ``parity_failed``: the request runs eager, and so does every later
 
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 import logging
 import shutil
@@ -25,6 +26,7 @@ from engine.backends.names import BackendFailure, Reason
 from engine.backends.parity import parity
 from engine.backends.recipe import ExportRecipe, TensorSig
 from engine.backends.usage import Meter
+from engine.stepcache.blocks import ACTIVE_PASS
 
 log = logging.getLogger("engine.backends")
 
@@ -79,8 +81,7 @@ class Gated:
             meter.run_ms += elapsed * 1e3
             return outputs
         meter.build_s += elapsed  # the first call at this signature compiled it
-        with torch.no_grad():
-            expected = self.eager(*args, **kwargs)
+        expected = contextvars.copy_context().run(self._reference, args, kwargs)
         actual = _tensors(outputs)
         if injected("parity", "compile"):
             actual = tuple(t + PARITY_FAULT for t in actual)
@@ -94,6 +95,14 @@ class Gated:
             log.warning("compile: %s", self.checked[inputs])
             raise self.checked[inputs]  # type: ignore[misc]
         return outputs
+
+
+    def _reference(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The eager call on the same inputs, outside any step-cache pass (its blocks must not decide, nor count,
+        twice for one transformer call)."""
+        ACTIVE_PASS.set(None)
+        with torch.no_grad():
+            return self.eager(*args, **kwargs)
 
 
 def _tensors(outputs: Any) -> tuple[torch.Tensor, ...]:
