@@ -46,10 +46,15 @@ def lowest(field: FieldInfo) -> int:
     return -(-low // step) * step
 
 
+def dynamic_axes(recipe: ExportRecipe, inputs: tuple[TensorSig, ...]) -> tuple[tuple[int, ...], ...]:
+    """The recipe's dynamic axes for each of ``inputs`` (none for an input it does not name)."""
+    return tuple(recipe.dynamic[i] if i < len(recipe.dynamic) else () for i in range(len(inputs)))
+
+
 def pattern(recipe: ExportRecipe, inputs: tuple[TensorSig, ...]) -> tuple[TensorSig, ...]:
     """``inputs`` with each dynamic axis as -1: the slot of the one dynamic artifact serving every size."""
     return tuple(TensorSig(tuple(-1 if axis in axes else d for axis, d in enumerate(sig.shape)), sig.dtype)
-                 for sig, axes in zip(inputs, recipe.dynamic))
+                 for sig, axes in zip(inputs, dynamic_axes(recipe, inputs)))
 
 
 def shapes(inputs: tuple[TensorSig, ...]) -> tuple[tuple[int, ...], ...]:
@@ -59,7 +64,7 @@ def shapes(inputs: tuple[TensorSig, ...]) -> tuple[tuple[int, ...], ...]:
 def profile(recipe: ExportRecipe, bounds: SizeBounds, inputs: tuple[TensorSig, ...]) -> Range:
     """The range an artifact built now for ``inputs`` serves: the bounds' shapes, widened to ``inputs``."""
     smallest, largest = shapes(recipe.inputs(bounds.smallest)), shapes(recipe.inputs(bounds.largest))
-    bounded = Range(axes=recipe.dynamic, smallest=smallest, optimal=shapes(inputs), largest=largest)
+    bounded = Range(axes=dynamic_axes(recipe, inputs), smallest=smallest, optimal=shapes(inputs), largest=largest)
     return bounded.widened(shapes(inputs))
 
 
