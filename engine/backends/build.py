@@ -33,6 +33,7 @@ def build_artifacts(plan: Plan, family: ModelFamily, source: Path, requests: tup
     dynamic artifact serving every size up to the plan's limits where the recipe has dynamic axes, else one static
     artifact per size."""
     from engine.backends.chain import BackendStage, GraphBackend, with_backends
+    from engine.backends.graph import shapes_text
 
     done: list[Built] = []
     for node in plan.nodes.values():
@@ -56,7 +57,7 @@ def build_artifacts(plan: Plan, family: ModelFamily, source: Path, requests: tup
                     listed: set[Path] = set()  #: artifacts listed already (a dynamic one serves several requests)
                     for inputs in dict.fromkeys(call.recipe.inputs(request) for request in requests):
                         started = time.perf_counter()
-                        shapes = ", ".join("x".join(map(str, sig.shape)) for sig in inputs)
+                        shapes = shapes_text(inputs)
                         wrapped.meter.cache = None
                         try:
                             found = call.ensure_built(inputs, build=True)

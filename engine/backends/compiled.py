@@ -21,7 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from engine.backends.faults import injected
-from engine.backends.graph import PARITY_FAULT, as_tuple, precision_of, signatures
+from engine.backends.graph import PARITY_FAULT, as_tuple, precision_of, shapes_text, signatures
 from engine.backends.names import BackendFailure, Reason
 from engine.backends.parity import parity
 from engine.backends.recipe import ExportRecipe, TensorSig
@@ -90,12 +90,11 @@ class Gated:
             meter.parity = figures  # the worst of the stage's compiled calls
         self.checked[inputs] = None if figures.passed else BackendFailure(
             Reason.PARITY_FAILED, f"max abs {figures.max_abs:.3g}, cosine {figures.cosine:.6f}, PSNR "
-            f"{figures.psnr_db:.1f} dB against eager at inputs {_text(inputs)}; needs {figures.threshold}")
+            f"{figures.psnr_db:.1f} dB against eager at inputs {shapes_text(inputs)}; needs {figures.threshold}")
         if not figures.passed:
             log.warning("compile: %s", self.checked[inputs])
             raise self.checked[inputs]  # type: ignore[misc]
         return outputs
-
 
     def _reference(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The eager call on the same inputs, outside any step-cache pass (its blocks must not decide, nor count,
@@ -110,10 +109,6 @@ def _tensors(outputs: Any) -> tuple[torch.Tensor, ...]:
     if hasattr(outputs, "to_tuple"):  # diffusers' BaseOutput
         outputs = outputs.to_tuple()
     return tuple(leaf for leaf in pytree.tree_leaves(outputs) if torch.is_tensor(leaf))
-
-
-def _text(inputs: tuple[TensorSig, ...]) -> str:
-    return ", ".join("x".join(map(str, sig.shape)) for sig in inputs)
 
 
 class Compiled:

@@ -174,7 +174,7 @@ class GraphCall:
                 raise _stale(found, key)
             built = [m.inputs_text() for m in self.cache.manifests(self.runner.name, self.stage, self.model)]
             if built:
-                raise BackendFailure(Reason.SHAPE_UNSUPPORTED, f"no artifact for inputs {_shapes(inputs)}; built: "
+                raise BackendFailure(Reason.SHAPE_UNSUPPORTED, f"no artifact for inputs {shapes_text(inputs)}; built: "
                                      f"{'; '.join(built)} (ENGINE_BACKEND_BUILD=never)")
             raise BackendFailure(Reason.ARTIFACT_MISSING, f"nothing built for {self.stage} under {self.cache.root}; run "
                                  "`engine build` (ENGINE_BACKEND_BUILD=never)")
@@ -194,7 +194,7 @@ class GraphCall:
         """Export, build and gate the artifact for ``inputs`` (with ``dynamic``: for the range, gated at its smallest
         and its largest shapes); commit it (a failing gate is recorded too, never used)."""
         log.info("%s %s: building the %s artifact for inputs %s", self.stage, self.recipe.name, self.runner.name,
-                 dynamic.text() if dynamic is not None else _shapes(inputs))
+                 dynamic.text() if dynamic is not None else shapes_text(inputs))
         started = time.perf_counter()
         gated = [inputs] if dynamic is None else [at(dynamic.smallest, inputs), at(dynamic.largest, inputs)]
         staging = None
@@ -267,5 +267,6 @@ def _stale(found: Lookup, key: Key) -> BackendFailure:
                           f"{describe(found.manifest.key, key)}; run `engine build` (ENGINE_BACKEND_BUILD=never)")
 
 
-def _shapes(inputs: tuple[TensorSig, ...]) -> str:
+def shapes_text(inputs: tuple[TensorSig, ...]) -> str:
+    """1x16x1x8x12, 1x4: each input's shape."""
     return ", ".join("x".join(map(str, sig.shape)) for sig in inputs)
