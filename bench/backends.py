@@ -1,13 +1,16 @@
 """Stage backends: each exportable stage, per size, on eager, compile, onnxruntime and openvino (tensorrt on CUDA).
 
     python bench/backends.py [--json] [--model real|tiny] [--sizes 256x256] [--backends eager,compile,onnxruntime,openvino]
-                             [--device cpu|cuda:0] [--repeats 5] [--threads N]
+                             [--device cpu|cuda:0] [--repeats 5] [--threads N] [--static]
 
 Per stage and size: milliseconds per call (median of ``--repeats`` after the first), the seconds the first call
 spent building (export, build and parity gate; compile: compiling) and loading, and the parity figures against
 eager. ``--model real`` runs the VAEs of the real checkpoints' architectures (configs/) with random weights: the
 compute of the real model, no download; ``tiny`` runs the tiny presets. Every backend builds into a fresh artifact
-cache, so build seconds are a cold build. A backend slower than eager shows a ratio above 1.
+cache, so its first build is a cold one; the sizes then run one after the other on the same stage, as a worker
+meets them: with the largest of ``--sizes`` as the limits, one artifact with dynamic height and width serves them
+all (built at the first size, resident at the next), or with ``--static`` each size builds its own. A backend
+slower than eager shows a ratio above 1.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls after the first (default 5)")
     parser.add_argument("--threads", type=int, help="torch's CPU threads, which ONNX Runtime's and OpenVINO's pools "
                                                    "follow (default: torch's default)")
+    parser.add_argument("--static", action="store_true", help="one static artifact per size instead of one with "
+                                                               "dynamic height and width up to the largest size")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -108,43 +113,46 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from engine.errors import EngineError
 
     rows = []
+    limits = None if args.static else {"height": max(h for h, _ in args.sizes), "width": max(w for _, w in args.sizes)}
     for family_name, task, stage_name, configs_folder in STAGES:
         family, components, configs, source = load_stage_parts(family_name, task, stage_name, configs_folder,
                                                                args.model, args.device)
-        for height, width in args.sizes:
-            request = family.request_type(task).model_validate({"prompt": "x", "height": height, "width": width})
-            inputs = stage_inputs(family, task, stage_name, configs, request, args.device)
-            reference = None
-            for backend in args.backends:
-                artifacts = tempfile.TemporaryDirectory(prefix="bench-backends-")  # a cold build, removed after
-                os.environ["ENGINE_ARTIFACT_DIR"] = artifacts.name
-                stage = family.build_stage(task, stage_name, components, args.device, "float32", configs)
-                stage = with_backends(stage, family, task, "bench", (backend,), False, components, args.device, str(source))
-                row = {"stage": f"{family_name} {stage_name}", "size": f"{height}x{width}", "backend": backend}
+        requests = [family.request_type(task).model_validate({"prompt": "x", "height": height, "width": width})
+                    for height, width in args.sizes]
+        inputs = [stage_inputs(family, task, stage_name, configs, request, args.device) for request in requests]
+        references: dict[int, Any] = {}
+        for backend in args.backends:
+            artifacts = tempfile.TemporaryDirectory(prefix="bench-backends-")  # a cold build, removed after
+            os.environ["ENGINE_ARTIFACT_DIR"] = artifacts.name
+            stage = family.build_stage(task, stage_name, components, args.device, "float32", configs)
+            stage = with_backends(stage, family, task, "bench", (backend,), False, components, args.device, str(source),
+                                  limits)
+            for index, (request, sized) in enumerate(zip(requests, inputs)):
+                row = {"stage": f"{family_name} {stage_name}", "size": f"{request.height}x{request.width}",
+                       "backend": backend}
                 try:
                     with torch.no_grad():
                         started = time.perf_counter()
-                        first = stage.run(request, inputs, lambda step, total: None)
+                        first = stage.run(request, sized, lambda step, total: None)
                         synchronize(args.device)
                         first_s = time.perf_counter() - started
                         use = stage_uses({stage_name: stage}, (stage_name,)).get(stage_name, {})  # the first call's costs
                         times = []
                         for _ in range(args.repeats):
                             started = time.perf_counter()
-                            stage.run(request, inputs, lambda step, total: None)
+                            stage.run(request, sized, lambda step, total: None)
                             synchronize(args.device)
                             times.append((time.perf_counter() - started) * 1e3)
                 except EngineError as exc:  # the backend cannot run here (not installed, no such device...)
                     rows.append({**row, "error": str(exc)})
                     continue
-                finally:
-                    artifacts.cleanup()
                 output = next(iter(first.values()))
-                if reference is None:
-                    reference = output
+                reference = references.setdefault(index, output)
                 rows.append({**row, "ms_per_call": round(median(times), 2), "first_call_s": round(first_s, 2),
                              "build_s": use.get("build_s", 0.0), "load_s": use.get("load_s", 0.0),
+                             "cache": use.get("cache"), "shapes": use.get("shapes"),
                              "max_abs_vs_first": float((output - reference).abs().max()), "parity": use.get("parity")})
+            artifacts.cleanup()
     return {"rows": rows}
 
 
@@ -153,14 +161,17 @@ def render(result: dict[str, Any]) -> str:
 
     eager = {(r["stage"], r["size"]): r["ms_per_call"] for r in result["rows"] if r["backend"] == "eager"}
     measured = [r for r in result["rows"] if "error" not in r]
-    lines = [table(["stage", "size", "backend", "ms/call", "vs eager", "first call s", "build s", "load s", "max abs vs eager"],
+    lines = [table(["stage", "size", "backend", "ms/call", "vs eager", "first call s", "build s", "load s", "artifact",
+                    "max abs vs eager"],
                    [[r["stage"], r["size"], r["backend"], f"{r['ms_per_call']:.1f}",
                      f"{r['ms_per_call'] / eager[(r['stage'], r['size'])]:.2f}x" if (r["stage"], r["size"]) in eager else "-",
-                     f"{r['first_call_s']:.1f}", f"{r['build_s']:.1f}", f"{r['load_s']:.2f}", f"{r['max_abs_vs_first']:.2g}"]
+                     f"{r['first_call_s']:.1f}", f"{r['build_s']:.1f}", f"{r['load_s']:.2f}",
+                     f"{r['cache']} {r['shapes']}" if r.get("cache") else "-", f"{r['max_abs_vs_first']:.2g}"]
                     for r in measured])]
     lines += [f"{r['stage']} {r['size']} {r['backend']}: not measured: {r['error']}" for r in result["rows"] if "error" in r]
-    lines.append("\nvs eager: ms per call over eager's (below 1x: faster); max abs vs eager: the stage's output against "
-                 "eager's on the same input")
+    lines.append("\nvs eager: ms per call over eager's (below 1x: faster); artifact: how the first call had it (built, "
+                 "resident: loaded for an earlier size) and its shapes (static, or the range a dynamic one serves); max "
+                 "abs vs eager: the stage's output against eager's on the same input")
     lines.append(machine_line(result["machine"]))
     return "\n".join(lines)
 
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args)
     result["machine"] = finish_machine(info)
     result["settings"] = {"model": args.model, "sizes": [f"{h}x{w}" for h, w in args.sizes], "repeats": args.repeats,
-                          "device": args.device}
+                          "device": args.device, "static": args.static}
     emit(result, args.json, render)
     return 0
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.backends.cache import ArtifactCache
+from engine.backends.cache import ArtifactCache, Manifest
 from engine.backends.names import GRAPH_BACKENDS, BackendFailure
 from engine.plan.model import Plan
 from engine.stages import ModelFamily, RequestParams
@@ -29,8 +29,11 @@ class Built:
 
 def build_artifacts(plan: Plan, family: ModelFamily, source: Path, requests: tuple[RequestParams, ...],
                     progress: Callable[[Built], None]) -> list[Built]:
-    """Load each node with a graph backend in its chains (on this host), and build what its requests need."""
+    """Load each node with a graph backend in its chains (on this host), and build what its requests need: a
+    dynamic artifact serving every size up to the plan's limits where the recipe has dynamic axes, else one static
+    artifact per size."""
     from engine.backends.chain import BackendStage, GraphBackend, with_backends
+    from engine.backends.graph import shapes_text
 
     done: list[Built] = []
     for node in plan.nodes.values():
@@ -40,7 +43,8 @@ def build_artifacts(plan: Plan, family: ModelFamily, source: Path, requests: tup
         components = family.load_components(plan.task, node.components, source, node.device, node.dtype)
         for stage_name, chain in wanted.items():
             stage = family.build_stage(plan.task, stage_name, components, node.device, node.dtype, plan.configs)
-            wrapped = with_backends(stage, family, plan.task, node.name, chain, False, components, node.device, str(source))
+            wrapped = with_backends(stage, family, plan.task, node.name, chain, False, components, node.device, str(source),
+                                    plan.limits)
             assert isinstance(wrapped, BackendStage)
             for backend in (b for b in chain if b in GRAPH_BACKENDS):
                 installed = wrapped.backends.get(backend)
@@ -50,21 +54,31 @@ def build_artifacts(plan: Plan, family: ModelFamily, source: Path, requests: tup
                     progress(done[-1])
                     continue
                 for call in installed.calls:
+                    listed: set[Path] = set()  #: artifacts listed already (a dynamic one serves several requests)
                     for inputs in dict.fromkeys(call.recipe.inputs(request) for request in requests):
                         started = time.perf_counter()
-                        shapes = ", ".join("x".join(map(str, sig.shape)) for sig in inputs)
+                        shapes = shapes_text(inputs)
                         wrapped.meter.cache = None
                         try:
                             found = call.ensure_built(inputs, build=True)
-                            parity = found.manifest.parity if found.manifest else None
-                            outcome = wrapped.meter.cache or "hit"
-                            figures = f"max abs {parity.max_abs:.2g}" if parity else "-"
+                            assert found.manifest is not None and found.manifest.parity is not None
+                            if found.folder in listed:
+                                continue
+                            listed.add(found.folder)
+                            shapes = found.manifest.inputs_text()
+                            outcome, figures = wrapped.meter.cache or "hit", _figures(found.manifest)
                         except BackendFailure as failure:
                             outcome, figures = failure.reason.value, failure.detail
                         done.append(Built(node.name, stage_name, backend, shapes, outcome,
                                           time.perf_counter() - started, figures))
                         progress(done[-1])
     return done
+
+
+def _figures(manifest: Manifest) -> str:
+    """The parity gate's max abs difference: at the smallest and the largest shapes of a dynamic artifact."""
+    checks = manifest.range.parity if manifest.range is not None else (manifest.parity,)
+    return " / ".join(f"max abs {check.max_abs:.2g}" for check in checks if check is not None)
 
 
 def chains(plan: Plan, source: Path, cache: ArtifactCache | None = None) -> Iterator[list[str]]:
@@ -74,8 +88,7 @@ def chains(plan: Plan, source: Path, cache: ArtifactCache | None = None) -> Iter
         for stage, chain in node.backends.items():
             built = []
             for backend in (b for b in chain if b in GRAPH_BACKENDS):
-                shapes = ["; ".join("x".join(map(str, shape)) for shape, _ in slot.inputs)
-                          for slot in cache.slots(backend, stage, str(source))]
+                shapes = [manifest.inputs_text() for manifest in cache.manifests(backend, stage, str(source))]
                 built.append(f"{backend}: {', '.join(shapes) if shapes else 'nothing built'}")
             yield [node.name, stage, " -> ".join(chain) + (" (strict)" if node.strict else ""),
                    "; ".join(built) or "-"]

@@ -86,11 +86,45 @@ class Parity(_Frozen):
     threshold: str = Field(description="the tolerance applied, for the precision")
 
 
+class Range(_Frozen):
+    """The sizes a dynamic artifact serves: per input, its dynamic axes and its shape at the smallest, the optimal
+    (TensorRT's opt: the size it was first built for) and the largest size; its slot's shapes hold -1 there."""
+
+    axes: tuple[tuple[int, ...], ...] = Field(description="per input, the axes that follow the request's size")
+    smallest: tuple[tuple[int, ...], ...]
+    optimal: tuple[tuple[int, ...], ...]
+    largest: tuple[tuple[int, ...], ...]
+    parity: tuple[Parity, ...] = Field((), description="the gate at the smallest and at the largest shapes")
+
+    def covers(self, shapes: tuple[tuple[int, ...], ...]) -> bool:
+        return all(low[axis] <= shape[axis] <= high[axis]
+                   for axes, low, high, shape in zip(self.axes, self.smallest, self.largest, shapes) for axis in axes)
+
+    def widened(self, shapes: tuple[tuple[int, ...], ...]) -> Range:
+        """This range grown to serve ``shapes`` too (parity not yet checked)."""
+        def bound(pick, ends):  # noqa: ANN001, ANN202
+            return tuple(tuple(pick(end[d], shape[d]) if d in axes else end[d] for d in range(len(end)))
+                         for axes, end, shape in zip(self.axes, ends, shapes))
+        return self.model_copy(update={"smallest": bound(min, self.smallest), "largest": bound(max, self.largest),
+                                       "parity": ()})
+
+    def text(self) -> str:
+        """1x16x1x2..8x2..12: each input's shape, a dynamic axis as its bounds."""
+        return ", ".join("x".join(f"{low[d]}..{high[d]}" if d in axes else str(low[d]) for d in range(len(low)))
+                         for axes, low, high in zip(self.axes, self.smallest, self.largest))
+
+
 class Manifest(_Frozen):
     key: Key
     files: tuple[str, ...] = Field(description="the artifact's files in its folder")
     build_s: float
-    parity: Parity | None = Field(description="against eager; None for an ONNX export, which graph backends build from")
+    parity: Parity | None = Field(description="against eager (a dynamic artifact: the worse of its two gates); "
+                                              "None for an ONNX export, which graph backends build from")
+    range: Range | None = Field(None, description="the sizes a dynamic artifact serves; None: only its slot's shapes")
+
+    def inputs_text(self) -> str:
+        return self.range.text() if self.range is not None else \
+            ", ".join("x".join(map(str, shape)) for shape, _ in self.key.slot.inputs)
 
 
 @dataclass(frozen=True)
@@ -116,12 +150,12 @@ class ArtifactCache:
             return Lookup("stale", folder, manifest)
         return Lookup("hit", folder, manifest)
 
-    def slots(self, backend: str, stage: str, model: str) -> Iterator[Slot]:
-        """Every slot with a manifest for ``backend`` and ``stage`` of ``model``: the shapes built."""
+    def manifests(self, backend: str, stage: str, model: str) -> Iterator[Manifest]:
+        """The manifest of every artifact of ``backend`` and ``stage`` of ``model``: the shapes built."""
         for path in sorted((self.root / backend / stage).glob(f"*/{MANIFEST}")):
             manifest = read_manifest(path.parent)
             if manifest is not None and manifest.key.slot.model == model:
-                yield manifest.key.slot
+                yield manifest
 
     def staging(self, slot: Slot) -> Path:
         """A fresh folder to build ``slot``'s artifact in, beside its final place."""

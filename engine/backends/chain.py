@@ -23,6 +23,7 @@ from engine.backends.names import BACKEND_WIDE, GRAPH_BACKENDS, BackendFailure, 
 from engine.backends.recipe import ExportRecipe
 from engine.backends.resident import Resident, resident_budget
 from engine.backends.runners import graph_runner
+from engine.backends.sizes import SizeBounds, size_bounds
 from engine.backends.usage import Meter, StageUse, Step
 from engine.errors import EngineError
 from engine.stages import LoadedComponents, ModelFamily, ProgressFn, RequestParams, Stage
@@ -117,12 +118,14 @@ class BackendStage(Stage):
 
 
 def with_backends(stage: Stage, family: ModelFamily, task: str, node: str, chain: tuple[str, ...], strict: bool,
-                  components: LoadedComponents, device: str, model: str) -> Stage:
-    """``stage`` run by its chain of backends (``stage`` itself when it has none)."""
+                  components: LoadedComponents, device: str, model: str, limits: Mapping[str, int] | None = None) -> Stage:
+    """``stage`` run by its chain of backends (``stage`` itself when it has none). ``limits``: the graph's largest
+    sizes, which a graph backend's dynamic artifacts are built to serve (None: static artifacts, one per size)."""
     if not chain or chain == ("eager",):
         return stage
     wrapped = BackendStage(stage, node, chain, strict)
     recipes: tuple[ExportRecipe, ...] = family.export_recipes(task, stage) if stage.spec.exportable else ()
+    bounds = size_bounds(family.request_type(task), limits) if limits else None
     cache = ArtifactCache()
     for backend in chain:
         if backend == "eager":
@@ -132,7 +135,7 @@ def with_backends(stage: Stage, family: ModelFamily, task: str, node: str, chain
                        if isinstance(components.objects.get(c), torch.nn.Module)]
             wrapped.add(backend, lambda: (probe_compile(device), _installed(Compiled(recipes, modules, lambda: wrapped.meter))))
         elif backend in GRAPH_BACKENDS:
-            wrapped.add(backend, lambda backend=backend: _graph(backend, recipes, wrapped, device, model, cache))
+            wrapped.add(backend, lambda backend=backend: _graph(backend, recipes, wrapped, device, model, cache, bounds))
         else:
             raise EngineError(f"unknown backend {backend!r}")
     return wrapped
@@ -143,13 +146,13 @@ def _installed(compiled: Compiled) -> Installed:
 
 
 def _graph(backend: str, recipes: tuple[ExportRecipe, ...], stage: BackendStage, device: str, model: str,
-           cache: ArtifactCache) -> tuple[str, Installed]:
+           cache: ArtifactCache, bounds: SizeBounds | None) -> tuple[str, Installed]:
     if not recipes:
         raise BackendFailure(Reason.PROBE_FAILED, f"the family exports nothing of stage {stage.spec.name!r}")
     runner = graph_runner(backend)
     version = runner.probe(device, precision_of(recipes[0].module))
     calls = [GraphCall(runner, version, recipe, stage=stage.spec.name, model=model, device=device, cache=cache,
-                       resident=Resident(resident_budget()), meter=lambda: stage.meter) for recipe in recipes]
+                       resident=Resident(resident_budget()), meter=lambda: stage.meter, bounds=bounds) for recipe in recipes]
     return version, GraphBackend(calls)
 
 
@@ -165,7 +168,7 @@ def stage_uses(stages: Mapping[str, Stage], names: tuple[str, ...]) -> dict[str,
                 "asked": use.asked, "used": use.used,
                 "chain": [{"backend": s.backend, "reason": s.reason.value if s.reason else None, "detail": s.detail}
                           for s in use.chain],
-                "cache": meter.cache, "build_s": round(meter.build_s, 4), "load_s": round(meter.load_s, 4),
+                "cache": meter.cache, "shapes": meter.shapes, "build_s": round(meter.build_s, 4), "load_s": round(meter.load_s, 4),
                 "run_ms": round(meter.run_ms, 3),
                 "parity": meter.parity.model_dump() if meter.parity is not None else None, "versions": use.versions,
             }

@@ -2,7 +2,8 @@
 
 ``{"load_oom": ["onnxruntime"], "run_error": ["openvino"], "parity": ["onnxruntime"], "import_error": ["openvino"]}``:
 a MemoryError when loading an onnxruntime artifact, an error when running an openvino one, an onnxruntime artifact
-whose output is off by 1e-2 in the parity gate, openvino's import raising ImportError.
+whose output is off by 1e-2 in the parity gate, openvino's import raising ImportError. ``compile`` takes
+``import_error``, ``run_error`` and ``parity`` (its compiled calls, a DiT's forward too, off by 1e-2 in its gate).
 """
 
 from __future__ import annotations

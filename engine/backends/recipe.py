@@ -32,7 +32,10 @@ class ExportRecipe:
     calls the stage's methods unbound from the class, so that an installed replacement never calls itself.
     ``inputs(request)`` are the shapes and dtypes the stage passes it for a request: what ``engine build``
     builds for. ``install(call)`` puts ``call`` where the stage makes this call and returns the function that
-    puts eager back. ``unsupported(inputs)`` says why a shape cannot be exported (None: it can).
+    puts eager back. ``unsupported(inputs)`` says why a shape cannot be exported (None: it can). ``dynamic``
+    names, per input, the axes that follow the request's size: with them one graph, exported with those axes
+    dynamic, serves every size of the graph's ``limits``; without them (or where that export fails) each size
+    gets a static graph of its own.
     """
 
     name: str  #: the call (``decode``), unique within the stage
@@ -43,6 +46,7 @@ class ExportRecipe:
     inputs: Callable[[RequestParams], tuple[TensorSig, ...]]
     install: Callable[[Call], Callable[[], None]]
     unsupported: Callable[[tuple[TensorSig, ...]], str | None] = lambda inputs: None
+    dynamic: tuple[tuple[int, ...], ...] = ()
 
 
 def replace_method(owner: object, name: str, replacement: Callable[..., object]) -> Callable[[], None]:

@@ -15,8 +15,9 @@ log = logging.getLogger("engine.backends")
 
 
 def resident_budget() -> int:
-    """Sizes a stage keeps loaded per backend (``ENGINE_BACKEND_RESIDENT``, default 1): a static artifact serves
-    one input shape, so a request of another size loads its own and the least recently used goes."""
+    """Artifacts a stage keeps loaded per backend (``ENGINE_BACKEND_RESIDENT``, default 1): a static artifact serves
+    one input shape, so a request of another size loads its own and the least recently used goes; a dynamic one
+    serves every size of its range."""
     raw = os.environ.get(RESIDENT_ENV, "1")
     if not raw.isdigit() or int(raw) < 1:
         raise EngineError(f"{RESIDENT_ENV}={raw!r}; expected a whole number of sizes, 1 or more")

@@ -13,6 +13,7 @@ class Meter:
     """Filled by the backend that runs a request's stage."""
 
     cache: str | None = None  #: resident, hit, built, rebuilt (stale: ...); None without artifacts
+    shapes: str | None = None  #: the artifact's: static (this size only), or the range a dynamic one serves
     build_s: float = 0.0
     load_s: float = 0.0
     run_ms: float = 0.0

@@ -128,6 +128,8 @@ class BackendUse(_Model):
     used: str = Field(min_length=1, description="the backend that ran the stage")
     chain: list[BackendStep] = Field(description="the backends tried, in order, ending with the one used")
     cache: str | None = Field(description="resident, hit, built or rebuilt (stale: ...); None without artifacts")
+    shapes: str | None = Field(None, description="the artifact's shapes: static (its size only), or the range a dynamic "
+                                                 "one serves (1x16x1x2..8x2..12); None without artifacts")
     build_s: float = Field(ge=0, description="seconds spent building artifacts (or compiling) for this request")
     load_s: float = Field(ge=0, description="seconds spent loading artifacts for this request")
     run_ms: float = Field(ge=0, description="milliseconds the backend ran")

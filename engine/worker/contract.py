@@ -79,6 +79,8 @@ class WorkerSpec(_Frozen):
     preview: PreviewSpec | None = Field(None, description="the node's previews; a request's preview_every overrides it")
     backends: dict[str, tuple[str, ...]] = Field(default_factory=dict, description="stage -> backends to try in order")
     strict_backends: bool = Field(False, description="a stage's first backend failing fails the request")
+    limits: dict[str, int] = Field(default_factory=dict, description="the graph's largest sizes (the plan's limits): "
+                                                                     "what a stage's dynamic artifacts serve")
     cpu_share: float = Field(gt=0, le=1, description="fraction of its host's cores its torch threads may use")
     cpu_budget: bool = Field(False, description="whether its torch threads follow cpu_share; False: torch's default "
                                                 "(place.threads still fixes them)")
@@ -144,7 +146,7 @@ def spec_maker(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str, 
             meta={"graph": plan.graph, "graph_file": plan.file, "model": plan.model_path, "family": plan.family,
                   "task": plan.task, "dtype": node.dtype},
             cpu_share=cpu_share, cpu_budget=cpu_budget, threads=node.threads, output_cache_bytes=node.output_cache_bytes,
-            cache=node.cache, preview=node.preview, backends=node.backends, strict_backends=node.strict,
+            cache=node.cache, preview=node.preview, backends=node.backends, strict_backends=node.strict, limits=plan.limits,
             stream_video=stream_video,
         )
 

@@ -182,7 +182,7 @@ class Worker:
                 stage.split(split)
         for name, stage in built.items():
             stage = with_backends(stage, self.family, spec.task, spec.node, spec.backends.get(name, ()),
-                                  spec.strict_backends, components, spec.device, spec.source)
+                                  spec.strict_backends, components, spec.device, spec.source, spec.limits)
             self.stages[name] = with_output_cache(stage, self.output_cache, weights)
         for edge in spec.inbound:
             self.receivers[edge.name] = await asyncio.to_thread(make_receiver, edge.transport, edge.name, edge.slot_bytes,

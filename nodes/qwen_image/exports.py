@@ -1,7 +1,9 @@
 """What of Qwen-Image's stages a graph backend runs (engine.backends): the VAE's decode and encode of one frame.
 
-Each is exported as a plain graph per image size. Both run the causal 3D VAE on one frame, whose convolution
-cache starts empty on every call (``clear_cache``), so no state crosses calls.
+The decode is exported with dynamic height and width (one graph serves every size of the graph's limits); the
+encode as a plain graph per image size (its input's size follows the input image, which the limits do not
+bound). Both run the causal 3D VAE on one frame, whose convolution cache starts empty on every call
+(``clear_cache``), so no state crosses calls.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def export_recipes(stage: Stage) -> tuple[ExportRecipe, ...]:
 
         # unpacked, de-normalised latents [1, C, 1, h, w] to the image [1, 3, 1, H, W] in [-1, 1]
         return (ExportRecipe("decode", RECIPE_VERSION, UnboundCall(vae, "decode"), ("latents",), ("image",), latents,
-                             install_decode(vae)),)
+                             install_decode(vae), dynamic=((3, 4),)),)
     if stage.spec.name == "vae_encode":
         from nodes.qwen_image.stages import resized_input_image
 

@@ -1,4 +1,5 @@
-"""What of Z-Image's stages a graph backend runs (engine.backends): the VAE decode, a plain graph per image size."""
+"""What of Z-Image's stages a graph backend runs (engine.backends): the VAE decode, one graph with dynamic height
+and width serving every size of the graph's limits."""
 
 from __future__ import annotations
 
@@ -22,4 +23,4 @@ def export_recipes(stage: Stage) -> tuple[ExportRecipe, ...]:
 
     # scaled and shifted latents [1, C, h, w] to the image [1, 3, H, W] in [-1, 1]
     return (ExportRecipe("decode", RECIPE_VERSION, UnboundCall(vae, "decode"), ("latents",), ("image",), latents,
-                         install_decode(vae)),)
+                         install_decode(vae), dynamic=((2, 3),)),)

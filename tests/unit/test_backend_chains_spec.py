@@ -69,6 +69,7 @@ def test_each_worker_is_told_its_chains(tmp_path):
     specs = {spec.node: spec for spec in worker_specs(plan, run_id="r", source=source, broker=lambda node, replica: {},
                                                       out_dir=tmp_path, save_frames=False, heartbeat_s=1.0)}
     assert specs["decoder"].backends == {"vae_decode": ("openvino", "eager")} and specs["decoder"].strict_backends
+    assert specs["decoder"].limits == plan.limits == {"height": 64, "width": 96}  # what its dynamic artifacts serve
     assert specs["transformer"].backends == {} and not specs["transformer"].strict_backends
 
 

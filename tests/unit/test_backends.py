@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 
+from typing import ClassVar
+
 import pytest
 import torch
+from pydantic import Field
 from diffusers.models.autoencoders.vae import DecoderOutput
 
 from engine.backends.cache import ArtifactCache, read_manifest
@@ -14,6 +17,8 @@ from engine.backends.chain import BackendStage, stage_uses, with_backends
 from engine.backends.modules import UnboundCall
 from engine.backends.names import StrictBackendError
 from engine.backends.recipe import ExportRecipe, TensorSig, replace_method
+from engine.controller.tracker import TrackedRequest
+from engine.serve.metrics import ServiceMetrics
 from engine.stages import LoadedComponents, RequestParams, Stage, StageSpec, TensorSpec
 
 
@@ -29,7 +34,8 @@ class ToyVae(torch.nn.Module):
 
 
 class Size(RequestParams):
-    side: int = 4
+    size_fields: ClassVar[tuple[str, ...]] = ("side",)
+    side: int = Field(4, ge=2)
 
 
 SPEC = StageSpec("vae_decode", components=("vae_decoder",), inputs=("latents",),
@@ -47,10 +53,15 @@ class ToyStage(Stage):
 
 
 class ToyFamily:
-    """What with_backends asks of a family: the stage's export recipes."""
+    """What with_backends asks of a family: the stage's export recipes (with ``dynamic``: over the latents' height
+    and width) and, for dynamic ones, its request type."""
 
-    def __init__(self, version: int = 1):
+    def __init__(self, version: int = 1, dynamic: bool = False):
         self.version = version
+        self.dynamic = ((2, 3),) if dynamic else ()
+
+    def request_type(self, task: str) -> type[Size]:
+        return Size
 
     def export_recipes(self, task: str, stage: ToyStage) -> tuple[ExportRecipe, ...]:
         vae = stage.vae
@@ -59,17 +70,18 @@ class ToyFamily:
             return replace_method(vae, "decode", lambda z, return_dict=True: (call(z)[0],))
 
         return (ExportRecipe("decode", self.version, UnboundCall(vae, "decode"), ("latents",), ("image",),
-                             lambda request: (TensorSig((1, 4, request.side, request.side), "float32"),), install),)
+                             lambda request: (TensorSig((1, 4, request.side, request.side), "float32"),), install,
+                             dynamic=self.dynamic),)
 
 
 def latents(side: int = 4) -> torch.Tensor:
     return torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(side))
 
 
-def make(chain, *, strict=False, vae=None, family=None) -> BackendStage:
+def make(chain, *, strict=False, vae=None, family=None, limits=None) -> BackendStage:
     vae = vae or ToyVae()
     stage = with_backends(ToyStage(vae), family or ToyFamily(), "t2i", "decoder", tuple(chain), strict,
-                          LoadedComponents({"vae_decoder": vae}), "cpu", "/models/toy")
+                          LoadedComponents({"vae_decoder": vae}), "cpu", "/models/toy", limits)
     assert isinstance(stage, BackendStage)
     return stage
 
@@ -169,7 +181,7 @@ def test_a_changed_weight_shape_or_recipe_version_rebuilds():
     assert run(make(["onnxruntime"], vae=ToyVae(seed=1), family=ToyFamily(version=2)))[1]["cache"] == \
         "rebuilt (stale: recipe_version)"
     assert run(make(["onnxruntime"]), side=6)[1]["cache"] == "built"  # another shape: another slot
-    assert len(list(ArtifactCache().slots("onnxruntime", "vae_decode", "/models/toy"))) == 2
+    assert len(list(ArtifactCache().manifests("onnxruntime", "vae_decode", "/models/toy"))) == 2
 
 
 @pytest.mark.parametrize("budget, third", [("1", "hit"), ("2", "resident")])
@@ -219,8 +231,35 @@ def test_compile_of_a_stage_without_recipes_compiles_its_modules_in_place():
                           LoadedComponents({"transformer": transformer}), "cpu", "/models/toy")
     out = stage.run(Size(), {"latents": latents()}, None)["latents"]
     assert inner.ran_compiled == [True] and "forward" not in vars(transformer)  # compiled for the run, restored after
-    assert stage_uses({"denoise": stage}, ("denoise",))["denoise"]["used"] == "compile"
+    use = stage_uses({"denoise": stage}, ("denoise",))["denoise"]
+    assert use["used"] == "compile" and use["parity"]["passed"] and use["parity"]["max_abs"] <= 3e-4
     assert (out - transformer(latents())).abs().max() <= 3e-4
+
+
+def test_a_dit_whose_compiled_forward_fails_its_parity_gate_runs_eager(monkeypatch):
+    monkeypatch.setenv("ENGINE_BACKEND_FAULTS", json.dumps({"parity": ["compile"]}))
+    transformer = ToyVae().conv
+    stage = with_backends(ToyDenoise(transformer), ToyFamily(), "t2i", "transformer", ("compile", "eager"), False,
+                          LoadedComponents({"transformer": transformer}), "cpu", "/models/toy")
+    details = []
+    for _ in range(2):  # the second request is refused with the first one's figures: the gate's answer is kept
+        out = stage.run(Size(), {"latents": latents()}, None)["latents"]
+        use = stage_uses({"denoise": stage}, ("denoise",))["denoise"]
+        assert reasons(use) == [("compile", "parity_failed"), ("eager", None)] and torch.equal(out, transformer(latents()))
+        details.append(use["chain"][0]["detail"])
+    assert details[0] == details[1] and details[0].startswith("max abs 0.01")
+    metrics = ServiceMetrics(service=None)  # type: ignore[arg-type] - the live gauges are not read here
+    request = TrackedRequest(id="r1", params=RequestParams(), clock_zero=0.0)
+    request.backends["denoise"] = {"node": "transformer", **use}
+    metrics.finished(request)
+    (sample,) = [s for family in metrics.backend_fallbacks.collect() for s in family.samples
+                 if s.name == "engine_backend_fallback_total"]
+    assert sample.labels == {"node": "transformer", "stage": "denoise", "from": "compile", "to": "eager",
+                             "reason": "parity_failed"} and sample.value == 1
+    strict = with_backends(ToyDenoise(transformer), ToyFamily(), "t2i", "transformer", ("compile", "eager"), True,
+                           LoadedComponents({"transformer": transformer}), "cpu", "/models/toy")
+    with pytest.raises(StrictBackendError, match="stage 'denoise' on node 'transformer': backend compile failed with parity_failed"):
+        strict.run(Size(), {"latents": latents()}, None)
 
 
 def test_graph_backends_build_from_one_onnx_export(artifacts):
@@ -230,3 +269,56 @@ def test_graph_backends_build_from_one_onnx_export(artifacts):
     _, use = run(make(["openvino"]))
     assert use["cache"] == "built" and use["parity"]["passed"]
     assert [p.stat().st_mtime_ns for p in artifacts.glob("onnx/vae_decode/*/manifest.json")] == [exported_at]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_one_dynamic_artifact_serves_every_size_within_the_limits(backend, artifacts):
+    def dynamic() -> BackendStage:
+        return make([backend, "eager"], family=ToyFamily(dynamic=True), limits={"side": 8})
+
+    stage = dynamic()
+    image, use = run(stage, 4)
+    assert use["cache"] == "built" and use["shapes"] == "1x4x2..8x2..8" and (image - eager(4)).abs().max() <= 3e-4
+    image, use = run(stage, 6)  # another size: the same artifact, already loaded
+    assert use["cache"] == "resident" and use["build_s"] == 0 and use["parity"]["passed"]
+    assert (image - eager(6)).abs().max() <= 3e-4
+    image, use = run(dynamic(), 8)  # another process, the largest size: found in the cache, not rebuilt
+    assert use["cache"] == "hit" and use["build_s"] == 0 and (image - eager(8)).abs().max() <= 3e-4
+    (path,) = artifacts.glob(f"{backend}/vae_decode/*/manifest.json")
+    manifest = read_manifest(path.parent)
+    assert manifest.key.slot.inputs == (((1, 4, -1, -1), "float32"),)
+    assert manifest.range.axes == ((2, 3),) and manifest.range.smallest == ((1, 4, 2, 2),)
+    assert manifest.range.optimal == ((1, 4, 4, 4),) and manifest.range.largest == ((1, 4, 8, 8),)
+    assert [check.passed for check in manifest.range.parity] == [True, True]  # gated at both ends
+
+
+def test_a_size_beyond_the_range_widens_it_or_falls_back(monkeypatch, artifacts):
+    family = ToyFamily(dynamic=True)
+    run(make(["onnxruntime", "eager"], family=family, limits={"side": 6}), 4)
+    monkeypatch.setenv("ENGINE_BACKEND_BUILD", "never")
+    image, use = run(make(["onnxruntime", "eager"], family=family, limits={"side": 6}), 8)
+    assert reasons(use)[0][1] == "shape_unsupported" and "1x4x2..6x2..6" in use["chain"][0]["detail"]
+    assert torch.equal(image, eager(8))
+    monkeypatch.setenv("ENGINE_BACKEND_BUILD", "first_use")
+    image, use = run(make(["onnxruntime", "eager"], family=family, limits={"side": 6}), 8)
+    assert use["cache"] == "rebuilt (stale: range)" and use["shapes"] == "1x4x2..8x2..8"
+    assert (image - eager(8)).abs().max() <= 3e-4 and len(list(artifacts.glob("onnxruntime/vae_decode/*/manifest.json"))) == 1
+
+
+class FixedVae(ToyVae):
+    """A decode whose graph fixes the latents' width (a shape read as a number): no dynamic export of it."""
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        image = torch.tanh(self.conv(torch.nn.functional.interpolate(z, scale_factor=2.0)))
+        image = image * (1.0 if z.shape[3] == 4 else 0.5)
+        return DecoderOutput(sample=image) if return_dict else (image,)
+
+
+def test_where_the_dynamic_export_fails_each_size_gets_a_static_artifact(artifacts):
+    vae = FixedVae()
+    stage = make(["onnxruntime", "eager"], vae=vae, family=ToyFamily(dynamic=True), limits={"side": 8})
+    for side in (4, 6):
+        image, use = run(stage, side)
+        assert use["used"] == "onnxruntime" and use["cache"] == "built" and use["shapes"] == "static"
+        assert (image - ToyStage(vae).run(Size(side=side), {"latents": latents(side)}, None)["image"]).abs().max() <= 3e-4
+    assert stage.backends["onnxruntime"].calls[0].dynamic_failure.reason.value == "build_failed"

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from engine.backends.cache import Range
 from engine.backends.faults import injected
 
 #: A loaded artifact: the input tensors in (in the recipe's order), the output tensors out.
@@ -29,8 +30,9 @@ class GraphRunner(ABC):
     def _probe(self, device: str, precision: str) -> str: ...
 
     @abstractmethod
-    def build(self, onnx: Path, folder: Path, device: str, precision: str) -> tuple[str, ...]:
-        """Build the artifact from the ONNX graph at ``onnx`` into ``folder``; return the files written."""
+    def build(self, onnx: Path, folder: Path, device: str, precision: str, dynamic: Range | None) -> tuple[str, ...]:
+        """Build the artifact from the ONNX graph at ``onnx`` into ``folder``; return the files written. ``dynamic``:
+        the range of sizes a graph with dynamic axes must serve (None: the graph is static)."""
 
     @abstractmethod
     def load(self, folder: Path, device: str, precision: str, output_count: int) -> Session:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from engine.backends.cache import Range
 from engine.backends.names import BackendFailure, Reason
 from engine.backends.runners.base import GraphRunner, Session, cpu_threads, to_numpy
 
@@ -33,7 +34,7 @@ class OpenVinoRunner(GraphRunner):
             return f"GPU.{torch.device(device).index or 0}"
         raise BackendFailure(Reason.PROBE_FAILED, f"OpenVINO does not run on {device}")
 
-    def build(self, onnx: Path, folder: Path, device: str, precision: str) -> tuple[str, ...]:
+    def build(self, onnx: Path, folder: Path, device: str, precision: str, dynamic: Range | None) -> tuple[str, ...]:
         import openvino
 
         model = openvino.Core().read_model(str(onnx))

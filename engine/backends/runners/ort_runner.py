@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from engine.backends.cache import Range
 from engine.backends.names import BackendFailure, Reason
 from engine.backends.runners.base import GraphRunner, Session, cpu_threads, to_numpy
 
@@ -51,7 +52,7 @@ class OnnxRuntimeRunner(GraphRunner):
             return [(provider, {"device_id": index}), "CPUExecutionProvider"]
         return [provider]
 
-    def build(self, onnx: Path, folder: Path, device: str, precision: str) -> tuple[str, ...]:
+    def build(self, onnx: Path, folder: Path, device: str, precision: str, dynamic: Range | None) -> tuple[str, ...]:
         import onnxruntime
 
         options = self._options(device)

@@ -1,7 +1,13 @@
-"""TensorRT: the artifact is a serialized engine built from the exported graph for one input shape, on a CUDA GPU.
+"""TensorRT: the artifact is a serialized engine built from the exported graph, on a CUDA GPU: for one input shape,
+or, for a graph with dynamic axes, with one optimisation profile whose min, opt and max shapes are the manifest's
+range (smallest, optimal, largest), so that one engine serves every size within the graph's limits.
 
 The engine's key holds TensorRT's version and the GPU's SM, driver and CUDA (``engine.backends.identity``): an
 engine built elsewhere is stale and rebuilt, never deserialized here.
+
+Not yet run on a GPU: no machine this was developed on had one (nor TensorRT), so the optimisation profile and the
+input shapes set per call follow TensorRT's documented Python API untested; only the fallback on a machine without
+TensorRT (import_error, probe_failed) is tested.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from engine.backends.cache import Range
 from engine.backends.names import BackendFailure, Reason
 from engine.backends.runners.base import GraphRunner, Session
 
@@ -29,7 +36,7 @@ class TensorRtRunner(GraphRunner):
             raise BackendFailure(Reason.PROBE_FAILED, "TensorRT imports but torch sees no CUDA device")
         return tensorrt.__version__
 
-    def build(self, onnx: Path, folder: Path, device: str, precision: str) -> tuple[str, ...]:
+    def build(self, onnx: Path, folder: Path, device: str, precision: str, dynamic: Range | None) -> tuple[str, ...]:
         import tensorrt
 
         logger = tensorrt.Logger(tensorrt.Logger.WARNING)
@@ -41,6 +48,12 @@ class TensorRtRunner(GraphRunner):
             raise RuntimeError(f"TensorRT cannot parse the ONNX graph: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(tensorrt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+        if dynamic is not None:  # untested on a GPU (see the module's docstring)
+            shapes = builder.create_optimization_profile()
+            for index in range(network.num_inputs):
+                shapes.set_shape(network.get_input(index).name, dynamic.smallest[index], dynamic.optimal[index],
+                                 dynamic.largest[index])
+            config.add_optimization_profile(shapes)
         if precision == "float16":
             config.set_flag(tensorrt.BuilderFlag.FP16)
         elif precision == "bfloat16":
@@ -71,6 +84,7 @@ class TensorRtRunner(GraphRunner):
             stream = torch.cuda.current_stream(target)
             held = [t.to(target).contiguous() for t in tensors]
             for name, tensor in zip(inputs, held):
+                context.set_input_shape(name, tuple(tensor.shape))  # a dynamic engine's shapes for this call
                 context.set_tensor_address(name, tensor.data_ptr())
             results = []
             for name in outputs:
