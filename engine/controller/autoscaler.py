@@ -34,9 +34,9 @@ class ScaleEvent:
     time: float  #: wall clock
     node: str
     direction: str
-    reason: str
+    reason: str  #: busy, queue, idle, or no_room (a scale-out that found no device with room: nothing started)
     detail: str
-    replica: int  #: the replica started (out) or drained (in)
+    replica: int | None  #: the replica started (out) or drained (in); None: none (no room)
 
 
 class Autoscaler:
@@ -50,6 +50,7 @@ class Autoscaler:
         self.counts: Counter[tuple[str, str, str]] = Counter()  #: (node, direction, reason) -> decisions
         self.elastic = [n.name for n in plan.nodes.values() if n.max_replicas is not None]
         self._changed_at: dict[str, float] = {}
+        self._no_room_until: dict[str, float] = {}  #: nodes whose last scale-out found no room: not before then
         self._next_tick = 0.0
         self._next_rebalance = 0.0
         self.sent: dict[ReplicaKey, float] = {}  #: the share each worker was last given
@@ -81,19 +82,30 @@ class Autoscaler:
             policy = self.plan.scaling
             decision = decide(node, state, self.window.load(node, replicas, state.changed_at, now, policy.window_s),
                               self.window.load(node, replicas, state.changed_at, now, policy.in_window_s), policy, now)
-            if decision is not None:
+            if decision is not None and not (decision.direction == "out" and now < self._no_room_until.get(node, 0.0)):
                 found.append(decision)
         return found
 
-    def record(self, decision: Decision, replica: int) -> None:
-        """A decision carried out on ``replica``: its node's count changed now."""
+    def record(self, decision: Decision, replica: int, where: str = "") -> None:
+        """A decision carried out on ``replica`` (``where``: why there, for a scale-out): its node's count changed
+        now."""
         self._changed_at[decision.node] = self.clock()
-        self.counts[(decision.node, decision.direction, decision.reason)] += 1
-        self.events.append(ScaleEvent(time.time(), decision.node, decision.direction, decision.reason, decision.detail,
-                                      replica))
-        log.info("%s (replica %d)", decision, replica)
+        detail = f"{decision.detail}; {where}" if where else decision.detail
+        self._event(ScaleEvent(time.time(), decision.node, decision.direction, decision.reason, detail, replica))
+        log.info("%s%s (replica %d)", decision, f"; {where}" if where else "", replica)
         if decision.direction == "in":
             self.window.forget(decision.node, replica)
+
+    def no_room(self, decision: Decision, why: str) -> None:
+        """A scale-out that found no device with room (``why``): nothing started; the node's next scale-out waits
+        a cooldown."""
+        self._no_room_until[decision.node] = self.clock() + self.plan.scaling.cooldown_s
+        self._event(ScaleEvent(time.time(), decision.node, "out", "no_room", f"{decision.detail}; {why}", None))
+        log.warning("%s; %s: not scaled out", decision, why)
+
+    def _event(self, event: ScaleEvent) -> None:
+        self.counts[(event.node, event.direction, event.reason)] += 1
+        self.events.append(event)
 
     def share_of_new(self, key: ReplicaKey) -> float:
         """The share a replica about to start gets: weighed as the mean of its node's replicas."""

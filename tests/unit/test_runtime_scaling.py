@@ -14,12 +14,16 @@ from engine.control.memory import MemoryBroker
 from engine.control.messages import CpuShare, RunStage, Shutdown, StageDone
 from engine.control.topics import Topics
 from engine.controller.controller import Controller, RunOptions
+from engine.controller.placing import ReplicaPlacer
+from engine.plan.placement import Offer
 from engine.controller.tracker import State
 from tests.unit.test_runtime_scheduler import FakeLauncher, plan_of
 
 ELASTIC = ("nodes.decoder.replicas={min: 1, max: 2}", "scaling.window_s=0.5", "scaling.in_window_s=1",
            "scaling.cooldown_s=0.5")
 WORK_S = {"encoder": 0.01, "transformer": 0.01, "decoder": 0.12}
+GIB = 2**30
+ROOMY = [Offer("local", "cpu", 64 * GIB)]  #: this host as a fake: room for any replica
 
 
 class TimedLauncher(FakeLauncher):
@@ -31,6 +35,11 @@ class TimedLauncher(FakeLauncher):
         self.stopped: list[tuple[str, int]] = []
         self.shares: list[tuple[str, int, float]] = []
         self.finished: list[tuple[str, int, str]] = []  # node, replica, request of every segment answered
+        self.devices: dict[tuple[str, int], str] = {}  # the device each replica was started on
+
+    def start(self, spec, secrets) -> None:
+        self.devices[(spec.node, spec.replica)] = spec.device
+        super().start(spec, secrets)
 
     async def _worker(self, node: str, replica: int) -> None:
         key, client = (node, replica), self.topics.replica_client(node, replica)
@@ -75,12 +84,17 @@ class TimedLauncher(FakeLauncher):
             self.dead[key] = "process exited with code 0"
 
 
-def deployment(tmp_path: Path, *overrides: str, autoscale: bool = True) -> tuple[Controller, TimedLauncher]:
+def deployment(tmp_path: Path, *overrides: str, autoscale: bool = True, local: list[Offer] = ROOMY,
+               need: int = GIB) -> tuple[Controller, TimedLauncher]:
+    """The controller over fake workers; ``local``: this host's devices as the placer sees them, ``need``: one
+    replica's bytes of every node."""
     broker = MemoryBroker()
     options = RunOptions(out_dir=tmp_path, quiet=True, autoscale=autoscale)
     launcher = TimedLauncher(broker, Topics(options.run_id))
-    controller = Controller(plan_of("wan_t2v.yaml", *overrides), tmp_path, options, launcher=launcher,
-                            connect=lambda address, client_id, key: broker.connect(client_id))
+    plan = plan_of("wan_t2v.yaml", *overrides)
+    placer = ReplicaPlacer(plan, dict.fromkeys(plan.nodes, need), frozenset(), local=lambda: local)
+    controller = Controller(plan, tmp_path, options, launcher=launcher,
+                            connect=lambda address, client_id, key: broker.connect(client_id), placer=placer)
     return controller, launcher
 
 
@@ -170,3 +184,27 @@ def test_workers_share_the_cores_by_the_work_they_do(tmp_path):
     assert told["decoder"] > 0.5 and all(told.get(node, 1 / 3) < 1 / 3 for node in ("encoder", "transformer"))
     assert sum(told.get(node, 1 / 3) for node in ("encoder", "transformer", "decoder")) <= 1.0 + 1e-6
 
+
+
+def test_a_scale_out_goes_to_a_free_local_device_and_the_event_says_why(tmp_path):
+    """The decoder on cuda:0 (room left there) scales out onto cuda:1, which no replica uses; the CPU's room does not
+    count for a cuda node."""
+    local = [Offer("local", "cpu", 64 * GIB), Offer("local", "cuda:0", 3 * GIB), Offer("local", "cuda:1", 2 * GIB)]
+    controller, launcher = deployment(tmp_path, *ELASTIC, "nodes.decoder.place.device=cuda:0", local=local)
+    requests = burst(controller, 24, then=lambda: bool(controller.autoscaler.events))
+    assert all(r.state == State.DONE for r in requests)
+    event = controller.autoscaler.events[0]
+    assert (event.node, event.direction, event.replica) == ("decoder", "out", 1)
+    assert launcher.devices[("decoder", 0)] == "cuda:0" and launcher.devices[("decoder", 1)] == "cuda:1"
+    assert "on local cuda:1: 2.00 GiB free for 1.00 GiB, a free device" in event.detail, event.detail
+
+
+def test_a_scale_out_with_no_room_starts_nothing_and_the_event_says_so(tmp_path):
+    controller, launcher = deployment(tmp_path, *ELASTIC, local=[Offer("local", "cpu", 100 * 2**20)])
+    requests = burst(controller, 24)
+    assert_each_ran_once(requests, launcher)
+    events = list(controller.autoscaler.events)
+    assert events and {(e.node, e.direction, e.reason, e.replica) for e in events} == {("decoder", "out", "no_room", None)}
+    assert "no room: a replica needs 1.00 GiB; free: local cpu 100.00 MiB" in events[0].detail, events[0].detail
+    assert ("decoder", 1) not in launcher.started and controller.autoscaler.counts[("decoder", "out", "no_room")] == len(events)
+    assert len(events) <= 1 + requests[-1].seconds / controller.plan.scaling.cooldown_s  # at most one a cooldown
