@@ -21,6 +21,7 @@ from engine.controller.fleet import Fleet, ReplicaKey
 from engine.controller.scaling import Decision, LoadWindow, NodeState, Sample, decide
 from engine.plan.cpu_budget import budgeted, cpu_shares
 from engine.plan.model import Plan
+from engine.worker.threads import host_cores, thread_count
 
 log = logging.getLogger("engine.scaling")
 
@@ -40,10 +41,13 @@ class ScaleEvent:
 
 
 class Autoscaler:
-    def __init__(self, plan: Plan, fleet: Fleet, *, scaling: bool, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, plan: Plan, fleet: Fleet, *, scaling: bool, cpu_budget: bool = True,
+                 clock: Callable[[], float] = time.monotonic, cores: Callable[[], int] = host_cores):
         self.plan = plan
         self.fleet = fleet
         self.scaling = scaling  #: False: elastic nodes keep their ``min`` replicas (``engine serve --autoscale off``)
+        self.cpu_budget = cpu_budget  #: workers' threads are their shares of the cores; False: every core each
+        self.cores = cores  #: this host's cores
         self.clock = clock
         self.window = LoadWindow(max(plan.scaling.window_s, plan.scaling.in_window_s))
         self.events: deque[ScaleEvent] = deque(maxlen=EVENTS_KEPT)
@@ -76,7 +80,7 @@ class Autoscaler:
             serving, warming, draining = self.fleet.counts(node)
             planned = self.plan.nodes[node]
             state = NodeState(serving, warming, draining, planned.replicas, planned.most_replicas,
-                              self._changed_at[node])
+                              self._changed_at[node], self.spare_cores(node, now))
             replicas = [r.replica for r in self.fleet.replicas.values()
                         if r.node == node and r.down is None and r.state == "ready" and not r.draining]
             policy = self.plan.scaling
@@ -85,6 +89,20 @@ class Autoscaler:
             if decision is not None and not (decision.direction == "out" and now < self._no_room_until.get(node, 0.0)):
                 found.append(decision)
         return found
+
+    def spare_cores(self, node: str, now: float) -> float | None:
+        """For a node on this host's CPU: the cores its workers left idle over the window (each worker's threads
+        times its busy share, taken from the host's cores); None for other nodes."""
+        if self.plan.nodes[node].device != "cpu" or self.plan.nodes[node].host != "local":
+            return None
+        cores = self.cores()
+        used = 0.0
+        for key, info in self.fleet.replicas.items():
+            if info.down is None and self.fleet.where(info) == ("local", "cpu"):
+                fixed = self.plan.nodes[info.node].threads
+                threads = thread_count(self.sent.get(key, 1.0), fixed, cores) if self.cpu_budget else fixed or cores
+                used += threads * (self.window.busy_share(*key, now - self.plan.scaling.window_s) or 0.0)
+        return cores - used
 
     def record(self, decision: Decision, replica: int, where: str = "") -> None:
         """A decision carried out on ``replica`` (``where``: why there, for a scale-out): its node's count changed

@@ -264,7 +264,8 @@ class Controller:
         for topic in (self.topics.all_status, self.topics.all_heartbeats, self.topics.controller):
             await self.client.subscribe(topic)
         self.scheduler = Scheduler(self.plan, self.topics, self.client, self.fleet, self.view, self.options.out_dir)
-        self.autoscaler = Autoscaler(self.plan, self.fleet, scaling=self.options.autoscale)
+        self.autoscaler = Autoscaler(self.plan, self.fleet, scaling=self.options.autoscale,
+                                     cpu_budget=self.options.cpu_budget)
         make = spec_maker(self.plan, run_id=self.options.run_id, source=self.source,
                           broker=functools.partial(self.access.worker_broker, address), out_dir=self.options.out_dir,
                           save_frames=self.options.save_frames, heartbeat_s=self.options.heartbeat_s,

@@ -55,7 +55,8 @@ def build_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:
         "model": {"path": plan.model_path, "source": str(source), "dtype": plan.dtype},
         "ready_seconds": round(result.ready_s, 4),
         "seconds": round(result.seconds, 4),
-        "nodes": [{"node": r.node, "replica": r.replica, "host": plan.nodes[r.node].host, "pid": r.pid, "state": r.state,
+        "nodes": [{"node": r.node, "replica": r.replica, "host": r.where[0] if r.where else plan.nodes[r.node].host,
+                   "device": r.where[1] if r.where else plan.nodes[r.node].device, "pid": r.pid, "state": r.state,
                    "down": r.down,
                    "load_seconds": r.load_s, "param_bytes": r.param_bytes, "peak_rss_bytes": r.peak_rss_bytes,
                    "refused_messages": r.rejected, "receives_at": r.receives_at}

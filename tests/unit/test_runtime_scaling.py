@@ -85,11 +85,11 @@ class TimedLauncher(FakeLauncher):
 
 
 def deployment(tmp_path: Path, *overrides: str, autoscale: bool = True, local: list[Offer] = ROOMY,
-               need: int = GIB) -> tuple[Controller, TimedLauncher]:
+               need: int = GIB, cpu_budget: bool = False) -> tuple[Controller, TimedLauncher]:
     """The controller over fake workers; ``local``: this host's devices as the placer sees them, ``need``: one
     replica's bytes of every node."""
     broker = MemoryBroker()
-    options = RunOptions(out_dir=tmp_path, quiet=True, autoscale=autoscale)
+    options = RunOptions(out_dir=tmp_path, quiet=True, autoscale=autoscale, cpu_budget=cpu_budget)
     launcher = TimedLauncher(broker, Topics(options.run_id))
     plan = plan_of("wan_t2v.yaml", *overrides)
     placer = ReplicaPlacer(plan, dict.fromkeys(plan.nodes, need), frozenset(), local=lambda: local)
@@ -208,3 +208,39 @@ def test_a_scale_out_with_no_room_starts_nothing_and_the_event_says_so(tmp_path)
     assert "no room: a replica needs 1.00 GiB; free: local cpu 100.00 MiB" in events[0].detail, events[0].detail
     assert ("decoder", 1) not in launcher.started and controller.autoscaler.counts[("decoder", "out", "no_room")] == len(events)
     assert len(events) <= 1 + requests[-1].seconds / controller.plan.scaling.cooldown_s  # at most one a cooldown
+
+
+def closed_loop(controller: Controller, clients: int, seconds: float, cores: int) -> list:
+    """``clients`` each submitting a request as soon as its last one ended, for ``seconds``, the autoscaler seeing
+    ``cores`` cores on this host; every request."""
+    from nodes.wan.family import WanRequest
+
+    async def scenario():
+        async with controller.deployed() as scheduler:
+            controller.autoscaler.cores = lambda: cores
+            handles, end = [], asyncio.get_running_loop().time() + seconds
+
+            def more() -> bool:
+                if asyncio.get_running_loop().time() > end:
+                    return all(handle.finished for handle in handles)
+                while sum(not handle.finished for handle in handles) < clients:
+                    handles.append(scheduler.submit(WanRequest(prompt="a cat", seed=len(handles))))
+                return False
+
+            await controller.serve_until(more)
+            return [handle.request for handle in handles]
+
+    return asyncio.run(within(scenario(), 30))
+
+
+def test_a_busy_cpu_node_does_not_scale_out_onto_cores_its_host_has_in_full_use(tmp_path):
+    """Two requests in flight keep the decoder busy with at most one waiting: on a 1-core host, whose core the
+    decoder's thread keeps busy, no scale-out; with cores to spare, it scales out on the busy share."""
+    controller, launcher = deployment(tmp_path, *ELASTIC, cpu_budget=True)
+    requests = closed_loop(controller, clients=2, seconds=3, cores=1)
+    assert_each_ran_once(requests, launcher)
+    assert not controller.autoscaler.events and ("decoder", 1) not in launcher.started
+
+    controller, launcher = deployment(tmp_path / "roomy", *ELASTIC, cpu_budget=True)
+    closed_loop(controller, clients=2, seconds=3, cores=64)
+    assert [(e.node, e.direction, e.reason) for e in controller.autoscaler.events][:1] == [("decoder", "out", "busy")]
