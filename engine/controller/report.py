@@ -70,8 +70,20 @@ def build_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:
         "requests": requests,
         "output_cache": {"hits": sum(len(r["output_cache"]["hits"]) for r in requests),
                          "misses": sum(len(r["output_cache"]["misses"]) for r in requests),
-                         "saved_seconds": round(sum(r["output_cache"]["saved_seconds"] for r in requests), 4)},
+                         "saved_seconds": round(sum(r["output_cache"]["saved_seconds"] for r in requests), 4),
+                         # per cacheable stage, or stage/part (text_encode/negative_prompt) for one cached by parts
+                         "parts": cache_parts(requests)},
     }
+
+
+def cache_parts(requests: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Hits and misses of each cacheable stage or part over ``requests``."""
+    parts: dict[str, dict[str, int]] = {}
+    for request in requests:
+        for result in ("hits", "misses"):
+            for part in request["output_cache"][result]:
+                parts.setdefault(part, {"hits": 0, "misses": 0})[result] += 1
+    return dict(sorted(parts.items()))
 
 
 def write_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:
