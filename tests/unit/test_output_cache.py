@@ -116,6 +116,11 @@ def test_every_declared_cache_key_names_fields_of_the_tasks_request():
                     declared += 1
                     assert set(spec.cache_key) <= set(fields), (name, task, spec.name)
                     assert not spec.inputs, f"{name} {task} {spec.name} reads tensors: its outputs are not its fields'"
+                for part in spec.cache_parts:  # a part's fields are the request's, its outputs the stage's
+                    assert set(part.fields) <= set(spec.cache_key or ()), (name, task, spec.name, part.name)
+                if spec.cache_parts:  # the parts together make every output, each once
+                    made = [output for part in spec.cache_parts for output in part.outputs]
+                    assert sorted(made) == sorted(t.name for t in spec.outputs), (name, task, spec.name)
     assert declared >= 5
 
 
