@@ -38,7 +38,7 @@ from engine.control.signing import read_key, run_key
 from engine.control.topics import AgentTopics, Topics
 from engine.errors import ControlError, EngineError, Interrupted, NodeError, PlanError
 from engine.plan.model import Plan
-from engine.plan.placement import ANY, place_on_agents
+from engine.plan.placement import ANY, deploy_needs, place_on_agents
 from engine.controller.access import RunAccess
 from engine.control.agents import agent_offers, live_agents
 from engine.worker.contract import spec_maker
@@ -221,9 +221,7 @@ class Controller:
         listener = self.access.address(address, AgentTopics.deployer_client(self.options.run_id))
         offers = agent_offers(await live_agents(listener, self.deploy_key, AGENT_WAIT_S), self.plan.timeouts.lease_s)
         report = await asyncio.to_thread(memory_report, self.plan, get_family(self.plan.family), self.source)
-        # An elastic node's replicas past its fewest are placed when they start (engine.controller.placing).
-        needs = {m.node: tuple(b // m.replicas * self.plan.nodes[m.node].replicas for b in m.rank_bytes) for m in report.nodes}
-        self.plan = place_on_agents(self.plan, needs, offers)
+        self.plan = place_on_agents(self.plan, deploy_needs(self.plan, report.nodes), offers)
         self.fleet.plan = self.plan
         self.hosts = {n.name: n.host for n in self.plan.nodes.values() if n.host != "local"}
         self.view.placed({n.name: f"{n.host} {n.device}" for n in self.plan.nodes.values() if n.host != "local"})
@@ -352,17 +350,18 @@ class Controller:
         for decision in autoscaler.decisions():
             where = ""
             if decision.direction == "out":
-                spot = self.placer.place(decision.node, self.fleet) if self.placer is not None else None
+                assert self.placer is not None  # made at deploy for an elastic node that scales
+                spot = self.placer.place(decision.node, self.fleet)
                 if isinstance(spot, NoRoom):
                     autoscaler.no_room(decision, spot.reason)
                     self.view.not_scaled(decision, spot.reason)
                     continue
                 key = (decision.node, self.fleet.free_replica(decision.node))
-                if spot is not None and self.remote is not None and spot.host != "local":
+                if self.remote is not None and spot.host != "local":
                     self.remote.placed[key] = spot.host
                 self._new_process(key)
-                self.fleet.add(key, autoscaler.share_of_new(key), spot.where if spot is not None else None)
-                where = spot.reason if spot is not None else ""
+                self.fleet.add(key, autoscaler.share_of_new(key), spot.where)
+                where = spot.reason
             else:
                 serving = [r for r in self.fleet.replicas.values() if r.node == decision.node and r.down is None
                            and r.state == "ready" and not r.draining]

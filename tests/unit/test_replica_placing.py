@@ -62,3 +62,13 @@ def test_a_node_on_a_named_agent_stays_on_it_and_a_local_node_on_this_host():
     fleet = fleet_of(("encoder", 0, None), ("decoder", 0, None))
     assert placer.place("encoder", fleet).where == ("h1", "cpu")
     assert placer.place("decoder", fleet).where == ("local", "cpu")
+
+
+def test_an_elastic_node_needs_room_at_deploy_for_its_fewest_replicas_only():
+    from engine.plan.memory import NodeMemory
+    from engine.plan.placement import deploy_needs
+
+    plan = plan_of("wan_t2v.yaml", "nodes.transformer.replicas={min: 1, max: 3}", "nodes.decoder.replicas=2")
+    memory = [NodeMemory("transformer", "any", "cpu", 3, "float32", {}, {"transformer": 100}, 20),
+              NodeMemory("decoder", "local", "cpu", 2, "float32", {}, {"vae_decoder": 10}, 5)]
+    assert deploy_needs(plan, memory) == {"transformer": (120,), "decoder": (30,)}
