@@ -126,8 +126,9 @@ class Autoscaler:
         self.events.append(event)
 
     def share_of_new(self, key: ReplicaKey) -> float:
-        """The share a replica about to start gets: weighed as the mean of its node's replicas."""
-        return self.shares(extra=key).get(key, 1.0)
+        """The share a replica about to start gets: weighed as the mean of its node's replicas (it counts as told)."""
+        self.sent[key] = share = self.shares(extra=key).get(key, 1.0)
+        return share
 
     def shares(self, extra: ReplicaKey | None = None) -> dict[ReplicaKey, float]:
         """Every budgeted replica's share of its host's cores (and ``extra``'s, about to start), by the busy share
