@@ -3,7 +3,10 @@
 The :class:`Autoscaler` feeds every heartbeat into a :class:`~engine.controller.scaling.LoadWindow`. Every
 ``TICK_S`` it asks the policy (:func:`~engine.controller.scaling.decide`) about each elastic node, when scaling is
 on, and returns the decisions for the controller to carry out (start a replica, drain one); each is recorded as a
-:class:`ScaleEvent` (log, the service's page and ``/metrics``). It also keeps the workers' shares of their host's
+:class:`ScaleEvent` (log, the service's page and ``/metrics``), with where a new replica went
+(:mod:`engine.controller.placing`), or that it found no room: then nothing starts and the node's next scale-out
+waits a cooldown. For a node on this host's CPU it counts the cores its workers leave idle (the policy scales such a
+node out on its busy share only with a core to spare). It also keeps the workers' shares of their host's
 cores in step with the work each does (:mod:`engine.plan.cpu_budget`): :meth:`Autoscaler.shares` after a change of
 replicas, and at most every window otherwise, the controller tells the workers whose share moved.
 """

@@ -13,7 +13,7 @@ stays out, and says why). Until it is ready again its node counts as live but no
 rather than fail. One that is not ready within ``timeouts.ready_s`` is taken out again.
 
 An elastic node (``replicas: {min, max}``) gains replicas with :meth:`Fleet.add` (started like a restart: serving
-once ready) and loses them by a drain: :meth:`Fleet.drain` takes a replica out of dispatch, it finishes the
+once ready; on the host and device the controller's placer chose, :mod:`engine.controller.placing`) and loses them by a drain: :meth:`Fleet.drain` takes a replica out of dispatch, it finishes the
 segments it was given or promised, and :meth:`Fleet.retire_drained` hands it back for the controller to stop; its
 process's exit is then no failure. Nothing it was given is lost or run twice.
 """
