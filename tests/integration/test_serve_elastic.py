@@ -78,3 +78,4 @@ def test_a_burst_scales_the_decoder_out_and_back_in_losing_and_repeating_no_job(
     log = served.log_text()
     assert code == 0 and "Traceback" not in log, log[-5000:]
     assert re.search(r"scale out 'decoder': (busy|\d)", log) and "scale in 'decoder': busy" in log, log[-3000:]
+    assert re.search(r"starting decoder\[1\] on local cpu: [\d.]+ GiB free for [\d.]+ [KM]iB", log), log[-3000:]
