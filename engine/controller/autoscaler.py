@@ -94,16 +94,19 @@ class Autoscaler:
         return found
 
     def spare_cores(self, node: str, now: float) -> float | None:
-        """For a node on this host's CPU: the cores its workers left idle over the window (each worker's threads
-        times its busy share, taken from the host's cores); None for other nodes."""
+        """For a node on this host's CPU: the cores its workers would leave idle with the shares the window's work
+        gives them (each worker's threads times its busy share, taken from the host's cores); None for other nodes.
+        The shares are those of the next re-balance, not the last: a node busy now gets the cores the others leave,
+        and a second replica would only split them."""
         if self.plan.nodes[node].device != "cpu" or self.plan.nodes[node].host != "local":
             return None
         cores = self.cores()
+        shares = self.shares() if self.cpu_budget else {}
         used = 0.0
         for key, info in self.fleet.replicas.items():
             if info.down is None and self.fleet.where(info) == ("local", "cpu"):
                 fixed = self.plan.nodes[info.node].threads
-                threads = thread_count(self.sent.get(key, 1.0), fixed, cores) if self.cpu_budget else fixed or cores
+                threads = thread_count(shares.get(key, 1.0), fixed, cores) if self.cpu_budget else fixed or cores
                 used += threads * (self.window.busy_share(*key, now - self.plan.scaling.window_s) or 0.0)
         return cores - used
 

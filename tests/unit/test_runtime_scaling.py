@@ -244,3 +244,25 @@ def test_a_busy_cpu_node_does_not_scale_out_onto_cores_its_host_has_in_full_use(
     controller, launcher = deployment(tmp_path / "roomy", *ELASTIC, cpu_budget=True)
     closed_loop(controller, clients=2, seconds=3, cores=64)
     assert [(e.node, e.direction, e.reason) for e in controller.autoscaler.events][:1] == [("decoder", "out", "busy")]
+
+
+def test_spare_cores_count_the_share_a_busy_node_gets_at_the_next_rebalance():
+    """The decoder idled at the last re-balance (told a quarter of 2 cores: one thread) and is busy all the last
+    window while the others idle: the re-balance gives it both cores, so none is spare for a second decoder."""
+    from types import SimpleNamespace
+
+    from engine.controller.autoscaler import Autoscaler
+    from engine.controller.fleet import ReplicaInfo
+    from engine.controller.scaling import Sample
+
+    plan = plan_of("wan_t2v.yaml", *ELASTIC)
+    infos = {(node, 0): ReplicaInfo(node, 0, state="ready") for node in plan.nodes}
+    fleet = SimpleNamespace(replicas=infos, where=lambda info: ("local", "cpu"))
+    now = [100.0]
+    autoscaler = Autoscaler(plan, fleet, scaling=True, cpu_budget=True, clock=lambda: now[0], cores=lambda: 2)
+    autoscaler.started(dict.fromkeys(infos, 0.25))
+    for t in (99.0, 99.5, 100.0):  # the window (0.5 s): the decoder busy throughout, the others idle
+        for key in infos:
+            autoscaler.window.observe(*key, Sample(t, t - 90.0 if key[0] == "decoder" else 0.0, 0))
+    assert autoscaler.spare_cores("decoder", now[0]) < 0.1
+    assert autoscaler.spare_cores("decoder", now[0]) is not None and plan.nodes["decoder"].device == "cpu"
