@@ -6,9 +6,11 @@ The trace: ``--requests`` requests whose prompts cycle through ``--prompts`` dif
 i mod ``--prompts``), every one with the graph's negative prompt and guidance on, seeds 42, 43, ... The engine runs
 it twice through graphs/wan_<task>.yaml, with every node's output cache (the default 256 MiB) and with none
 (``output_cache=0B``), the raw frames saved. Per side: the cache's hits, misses and seconds saved from the run's
-report, the median ``text_encode`` seconds of the hits and of the misses, and the run's seconds from first dispatch
-to last completion; then whether every request's frames are equal on both sides. A hit needs the whole key
-(prompt, negative prompt, guidance): the shared negative prompt alone does not make one.
+report, per part of the text encoding (the prompt's embedding, the negative prompt's: cached each by its own text)
+its hits and hit rate, the median ``text_encode`` seconds of the requests whose parts all hit, whose negative prompt
+alone hit (a new prompt), and whose parts all missed, and the run's seconds from first dispatch to last
+completion; then whether every request's frames are equal on both sides. The shared negative prompt hits from the
+second request on; a prompt hits when it repeats.
 """
 
 from __future__ import annotations
@@ -42,15 +44,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+PARTS = ("text_encode/prompt", "text_encode/negative_prompt")
+#: text_encode seconds by which parts hit: all, the negative prompt's alone (a new prompt), none
+HIT_KINDS = {"all": set(PARTS), "negative": {PARTS[1]}, "none": set()}
+
+
 def side(report: dict[str, Any]) -> dict[str, Any]:
     runs = report["requests"]
-    hits = [r["stage_seconds"]["text_encode"] for r in runs if "text_encode" in r["output_cache"]["hits"]]
-    misses = [r["stage_seconds"]["text_encode"] for r in runs if "text_encode" not in r["output_cache"]["hits"]]
+    seconds = {kind: median(found) if (found := [r["stage_seconds"]["text_encode"] for r in runs
+                                                 if set(r["output_cache"]["hits"]) == hits]) else None
+               for kind, hits in HIT_KINDS.items()}
+    parts = report["output_cache"]["parts"]
     first = min(on_run_clock(r, r["segments"][0]["dispatched"]) for r in runs)
     last = max(on_run_clock(r, r["segments"][-1]["done"]) for r in runs)
-    return {**report["output_cache"], "hit_rate": report["output_cache"]["hits"] / len(runs),
-            "text_encode_hit_seconds": median(hits) if hits else None,
-            "text_encode_miss_seconds": median(misses) if misses else None, "seconds": last - first}
+    return {**report["output_cache"],
+            "hit_rate": {part: parts[part]["hits"] / len(runs) if part in parts else 0.0 for part in PARTS},
+            "text_encode_seconds": seconds, "seconds": last - first}
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -84,14 +93,19 @@ def render(result: dict) -> str:
         return "-" if value is None else f"{value:.3f}"
 
     request = result["request"]
-    rows = [[name, str(s["hits"]), str(s["misses"]), f"{s['hit_rate']:.0%}", f"{s['saved_seconds']:.3f}",
-             cell(s["text_encode_hit_seconds"]), cell(s["text_encode_miss_seconds"]), f"{s['seconds']:.2f}"]
+    def part(s: dict, name: str) -> str:
+        hits = s["parts"].get(name, {}).get("hits", 0)
+        return f"{hits} ({s['hit_rate'][name]:.0%})"
+
+    rows = [[name, part(s, PARTS[0]), part(s, PARTS[1]), str(s["misses"]), f"{s['saved_seconds']:.3f}",
+             *(cell(s["text_encode_seconds"][kind]) for kind in HIT_KINDS), f"{s['seconds']:.2f}"]
             for name, s in ((n, result[n]) for n in ("cached", "uncached"))]
     return "\n".join([
         f"Output cache: {result['requests']} requests through {result['graph']} (model {result['model']}, "
         f"{request['height']}x{request['width']}x{request['frames']}, {request['steps']} steps), {result['prompts']} "
         f"different prompts in turn, every one with the negative prompt {result['negative_prompt']!r}", "",
-        table(["", "hits", "misses", "hit rate", "saved s", "text_encode s (hit)", "text_encode s (miss)", "run s"], rows),
+        table(["", "prompt hits", "negative prompt hits", "misses", "saved s", "text_encode s (both hit)",
+               "(negative hit)", "(none hit)", "run s"], rows),
         "", f"frames equal with and without the cache, every request: {result['frames_equal']}",
         machine_line(result["machine"])])
 

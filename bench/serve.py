@@ -260,12 +260,13 @@ async def open_loop(client, bodies: list[dict[str, Any]], offsets: list[float], 
 
 
 async def metrics(client) -> dict[str, dict[tuple[str, ...], float]]:
-    """The service's ``/metrics``: family name -> label values -> value."""
+    """The service's ``/metrics``: family name -> label values, in the order of the labels' names -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
     response = await client.get("/metrics")
     response.raise_for_status()
-    return {family.name: {tuple(sample.labels.values()): sample.value for sample in family.samples}
+    return {family.name: {tuple(value for _, value in sorted(sample.labels.items())): sample.value
+                          for sample in family.samples}
             for family in text_string_to_metric_families(response.text)}
 
 
@@ -297,7 +298,7 @@ async def measured_rate(client, bodies: list[dict[str, Any]], offsets: list[floa
                     "peak_replicas": int(peak.get(node, after["engine_replicas"][(node,)]))}
              for (node,) in after["engine_node_segments"]}
     scaling = [{"node": n, "direction": d, "reason": r, "count": int(c)}
-               for (n, d, r), c in change("engine_scale_events").items() if c]
+               for (d, n, r), c in change("engine_scale_events").items() if c]
     cache = {name: change(f"engine_output_cache_{name}")[()] for name in ("hits", "misses", "saved_seconds")}
     return {"outcomes": outcomes, "nodes": nodes, "scaling": scaling, "output_cache": cache}
 

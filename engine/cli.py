@@ -222,7 +222,7 @@ def _fit_on_agents(args: argparse.Namespace, plan: Plan, report: MemoryReport, f
     import asyncio
 
     from engine.plan.memory import memory_report
-    from engine.plan.placement import fit_on_agents, place_on_agents
+    from engine.plan.placement import deploy_needs, fit_on_agents, place_on_agents
     from engine.control.agents import agent_offers, live_agents
     from engine.agent.cli import broker_from, deploy_key_from
     from engine.controller.controller import AGENT_WAIT_S
@@ -230,7 +230,7 @@ def _fit_on_agents(args: argparse.Namespace, plan: Plan, report: MemoryReport, f
     broker = broker_from(args)
     births = asyncio.run(live_agents(broker, deploy_key_from(args), AGENT_WAIT_S))
     offers = agent_offers(births, plan.timeouts.lease_s)
-    placed = place_on_agents(plan, {node.node: node.rank_bytes for node in report.nodes}, offers)
+    placed = place_on_agents(plan, deploy_needs(plan, report.nodes), offers)
     devices = fit_on_agents(memory_report(placed, family, source).devices, offers)
     return placed, devices, {offer.agent for offer in offers}
 

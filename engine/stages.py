@@ -80,6 +80,20 @@ class StageSpec:
     #: randomness): a worker may then keep outputs for requests that repeat them (:mod:`engine.worker.output_cache`);
     #: a field in ``reads`` counts by its file's bytes. None: the stage always runs.
     cache_key: tuple[str, ...] | None = None
+    #: Parts of a cacheable stage's outputs that depend on fewer fields (a text encoder's embeddings of the prompt,
+    #: and of the negative prompt): each kept under a key of its own, so that a request sharing only a part's fields
+    #: (the usual negative prompt) reuses that part. The stage runs them one by one (:meth:`Stage.run_part`).
+    cache_parts: tuple["CachePart", ...] = ()
+
+
+@dataclass(frozen=True)
+class CachePart:
+    """Outputs of a stage that depend only on the weights and ``fields``, computed alone by ``Stage.run_part``
+    exactly as :meth:`Stage.run` computes them."""
+
+    name: str
+    fields: tuple[str, ...]
+    outputs: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -204,6 +218,15 @@ class Stage(ABC):
         self, request: RequestParams, inputs: Mapping[str, "torch.Tensor"], progress: ProgressFn
     ) -> dict[str, "torch.Tensor"]:
         """Run one request: read ``inputs`` (named as in ``spec.inputs``), return ``spec.outputs`` by name."""
+
+    def parts(self, request: RequestParams) -> tuple[str, ...]:
+        """The ``spec.cache_parts`` ``request`` needs, by name (a negative prompt only with guidance on); empty: the
+        stage caches whole (a stage declaring parts overrides this and :meth:`run_part`)."""
+        return ()
+
+    def run_part(self, part: str, request: RequestParams) -> dict[str, "torch.Tensor"]:
+        """The outputs of one of :meth:`parts`, alone."""
+        raise NotImplementedError(f"stage {self.spec.name!r} has no cache parts")
 
     def split(self, split: "Split") -> None:
         """From now on compute this rank's share of every request (a stage whose spec declares ``splits``); every

@@ -153,8 +153,9 @@ class StageDone(_Model):
     step_cache: dict[str, StepCacheStats] = Field(
         default_factory=dict, description="stage name -> DiT passes it ran and skipped (stages with a DiT loop)")
     backends: dict[str, BackendUse] = Field(default_factory=dict, description="stage -> how its backend chain ran")
-    cached: dict[str, bool] = Field(default_factory=dict, description="cacheable stage -> whether its outputs came "
-                                    "from the replica's output cache (a hit: the stage did not run)")
+    cached: dict[str, bool] = Field(default_factory=dict, description="cacheable stage, or stage/part for a stage cached "
+                                    "part by part -> whether its outputs came from the replica's output cache (a hit: "
+                                    "the stage or part did not run)")
     saved_s: float = Field(0.0, ge=0, description="seconds the cache hits saved (what those stages took when they ran)")
     waited_s: float = Field(0.0, ge=0, description="seconds the segment waited in the replica's queue before it started")
     busy_s: float = Field(0.0, ge=0, description="seconds the replica spent on the segment (stages, sending, writing)")

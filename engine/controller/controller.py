@@ -39,11 +39,12 @@ from engine.control.signing import read_key, run_key
 from engine.control.topics import AgentTopics, Topics
 from engine.errors import ControlError, EngineError, Interrupted, NodeError, PlanError
 from engine.plan.model import Plan
-from engine.plan.placement import ANY, place_on_agents
+from engine.plan.placement import ANY, deploy_needs, place_on_agents
 from engine.controller.access import RunAccess
 from engine.control.agents import agent_offers, live_agents
 from engine.worker.contract import spec_maker
 from engine.controller.autoscaler import Autoscaler
+from engine.controller.placing import NoRoom, ReplicaPlacer
 from engine.controller.fleet import Fleet, Launcher, ReplicaInfo, ReplicaKey, RestartPolicy
 from engine.plan.cpu_budget import budgeted, cpu_shares
 from engine.worker.launcher import LocalLauncher
@@ -117,8 +118,10 @@ class Controller:
     (tests run the controller against the in-memory bus and a fake launcher)."""
 
     def __init__(self, plan: Plan, source: Path, options: RunOptions, *, launcher: Launcher | None = None,
-                 connect: Callable[[BrokerAddress, str, bytes], ControlBus] | None = None):
+                 connect: Callable[[BrokerAddress, str, bytes], ControlBus] | None = None,
+                 placer: ReplicaPlacer | None = None):
         self.plan = plan
+        self.anywhere = frozenset(n.name for n in plan.nodes.values() if n.host == ANY)  #: placed at deploy
         self.source = source
         self.options = options
         self.topics = Topics(options.run_id)
@@ -139,6 +142,7 @@ class Controller:
         self.client: ControlBus | None = None
         self.scheduler: Scheduler | None = None
         self.autoscaler: Autoscaler | None = None
+        self.placer = placer  #: where scale-outs go; made at deploy when a node is elastic
         self.clock_zero = time.monotonic()
         self.ready_s = 0.0
         self.address: BrokerAddress | None = None  #: the broker, once deployed (the embedded one's port is known then)
@@ -220,7 +224,7 @@ class Controller:
         listener = self.access.address(address, AgentTopics.deployer_client(self.options.run_id))
         offers = agent_offers(await live_agents(listener, self.deploy_key, AGENT_WAIT_S), self.plan.timeouts.lease_s)
         report = await asyncio.to_thread(memory_report, self.plan, get_family(self.plan.family), self.source)
-        self.plan = place_on_agents(self.plan, {node.node: node.rank_bytes for node in report.nodes}, offers)
+        self.plan = place_on_agents(self.plan, deploy_needs(self.plan, report.nodes), offers)
         self.fleet.plan = self.plan
         self.hosts = {n.name: n.host for n in self.plan.nodes.values() if n.host != "local"}
         self.view.placed({n.name: f"{n.host} {n.device}" for n in self.plan.nodes.values() if n.host != "local"})
@@ -262,14 +266,17 @@ class Controller:
             await self.client.subscribe(topic)
         self.scheduler = Scheduler(self.plan, self.topics, self.client, self.fleet, self.view, self.options.out_dir,
                                    preview_dir=self.options.preview_dir)
-        self.autoscaler = Autoscaler(self.plan, self.fleet, scaling=self.options.autoscale)
+        self.autoscaler = Autoscaler(self.plan, self.fleet, scaling=self.options.autoscale,
+                                     cpu_budget=self.options.cpu_budget)
         make = spec_maker(self.plan, run_id=self.options.run_id, source=self.source,
                           broker=functools.partial(self.access.worker_broker, address), out_dir=self.options.out_dir,
                           save_frames=self.options.save_frames, heartbeat_s=self.options.heartbeat_s,
                           cpu_budget=self.options.cpu_budget, stream_video=self.options.stream_video)
         shares = cpu_shares(budgeted(self.plan, list(self.fleet.replicas)), {})
-        self.fleet.launch(lambda node, replica, share: (make(node, replica, share),
-                                                        self.access.worker_secrets(address, node, replica)), shares)
+        if self.placer is None and self.autoscaler.elastic and self.options.autoscale:
+            self.placer = await self._replica_placer()
+        self.fleet.launch(lambda node, replica, share, device: (make(node, replica, share, device),
+                                                                self.access.worker_secrets(address, node, replica)), shares)
         deadline = time.monotonic() + self.plan.timeouts.ready_s
         while not self.fleet.ready():
             if time.monotonic() > deadline:
@@ -277,6 +284,16 @@ class Controller:
                                 f"{', '.join(self.fleet.not_ready())}")
             await self._step()
         self.autoscaler.started(shares)
+
+    async def _replica_placer(self) -> ReplicaPlacer:
+        """Where scale-outs go: one replica's bytes per node (the memory report), this host's devices and the live
+        agents' offers."""
+        from engine.families import get_family
+        from engine.plan.memory import memory_report
+
+        report = await asyncio.to_thread(memory_report, self.plan, get_family(self.plan.family), self.source)
+        return ReplicaPlacer(self.plan, {m.node: m.weight_bytes + m.receive_bytes for m in report.nodes}, self.anywhere,
+                             agents=lambda: self.remote.offers() if self.remote is not None else [])
 
     async def serve_until(self, done: Callable[[], bool]) -> None:
         """Handle messages, dispatch and watch replicas until ``done()``."""
@@ -337,17 +354,27 @@ class Controller:
         assert self.client is not None
         changed = False
         for decision in autoscaler.decisions():
+            where = ""
             if decision.direction == "out":
+                assert self.placer is not None  # made at deploy for an elastic node that scales
+                spot = self.placer.place(decision.node, self.fleet)
+                if isinstance(spot, NoRoom):
+                    autoscaler.no_room(decision, spot.reason)
+                    self.view.not_scaled(decision, spot.reason)
+                    continue
                 key = (decision.node, self.fleet.free_replica(decision.node))
+                if self.remote is not None and spot.host != "local":
+                    self.remote.placed[key] = spot.host
                 self._new_process(key)
-                self.fleet.add(key, autoscaler.share_of_new(key))
+                self.fleet.add(key, autoscaler.share_of_new(key), spot.where)
+                where = spot.reason
             else:
                 serving = [r for r in self.fleet.replicas.values() if r.node == decision.node and r.down is None
                            and r.state == "ready" and not r.draining]
                 key = max(serving, key=lambda r: (-r.assigned, r.replica)).key  # the least busy, the newest first
                 self.fleet.drain(key)
-            autoscaler.record(decision, key[1])
-            self.view.scaled(decision, key[1])
+            autoscaler.record(decision, key[1], where)
+            self.view.scaled(decision, key[1], where)
             changed = True
         for info in self.fleet.retire_drained():
             self.client.post(self.topics.inbox(*info.key), Shutdown(reason="scaled in: its node needs fewer replicas"))

@@ -13,7 +13,7 @@ stays out, and says why). Until it is ready again its node counts as live but no
 rather than fail. One that is not ready within ``timeouts.ready_s`` is taken out again.
 
 An elastic node (``replicas: {min, max}``) gains replicas with :meth:`Fleet.add` (started like a restart: serving
-once ready) and loses them by a drain: :meth:`Fleet.drain` takes a replica out of dispatch, it finishes the
+once ready; on the host and device the controller's placer chose, :mod:`engine.controller.placing`) and loses them by a drain: :meth:`Fleet.drain` takes a replica out of dispatch, it finishes the
 segments it was given or promised, and :meth:`Fleet.retire_drained` hands it back for the controller to stop; its
 process's exit is then no failure. Nothing it was given is lost or run twice.
 """
@@ -33,8 +33,9 @@ from engine.worker.contract import WorkerSecrets, WorkerSpec
 from engine.controller.progress import ProgressView
 
 ReplicaKey = tuple[str, int]
-#: The spec and secrets of any replica of any node, given its share of its host's cores.
-WorkerMaker = Callable[[str, int, float], tuple[WorkerSpec, WorkerSecrets]]
+#: The spec and secrets of any replica of any node, given its share of its host's cores and its device (None: its
+#: node's).
+WorkerMaker = Callable[[str, int, float, str | None], tuple[WorkerSpec, WorkerSecrets]]
 RETIRE_GRACE_S = 10.0  #: a retired replica told to stop that has not exited after this long is killed
 
 
@@ -80,6 +81,7 @@ class ReplicaInfo:
     restarts: int = 0  #: times it was started again
     added: bool = False  #: started by a scale-out, not with the deployment
     draining: bool = False  #: taken out of dispatch: it finishes what it has, then it is stopped
+    where: tuple[str, str] | None = None  #: (host, device) a scale-out placed it on; None: its node's place
 
     @property
     def key(self) -> ReplicaKey:
@@ -111,12 +113,12 @@ class Fleet:
         makes the workers of later scale-outs."""
         self._make = make
         for key in self.replicas:
-            self._start(key, shares.get(key, 1.0))
+            self._start(key, shares.get(key, 1.0), None)
         self.view.deploying(len(self.replicas))
 
-    def _start(self, key: ReplicaKey, share: float) -> None:
+    def _start(self, key: ReplicaKey, share: float, device: str | None) -> None:
         assert self._make is not None
-        self._workers[key] = self._make(*key, share)
+        self._workers[key] = self._make(*key, share, device)
         self.launcher.start(*self._workers[key])
 
     # -- what replicas say ------------------------------------------------------------------------------------
@@ -245,7 +247,7 @@ class Fleet:
         self._restarted.setdefault(key, []).append(now)
         old = self.replicas[key]
         self.replicas[key] = ReplicaInfo(old.node, old.replica, restarts=old.restarts + 1,
-                                         peak_rss_bytes=old.peak_rss_bytes, added=old.added)
+                                         peak_rss_bytes=old.peak_rss_bytes, added=old.added, where=old.where)
         self._starting_since[key] = now
         self.monitor.forget(*key)  # what was heard of the old process says nothing of the new one
         self.launcher.start(*self._workers[key])
@@ -257,12 +259,13 @@ class Fleet:
         used = {r for (n, r) in [*self.replicas, *self._retiring] if n == node}
         return next(i for i in range(len(used) + 1) if i not in used)
 
-    def add(self, key: ReplicaKey, share: float) -> None:
-        """Start a new replica (a scale-out) with ``share`` of its host's cores; it serves once ready."""
-        self.replicas[key] = ReplicaInfo(*key, added=True)
+    def add(self, key: ReplicaKey, share: float, where: tuple[str, str] | None = None) -> None:
+        """Start a new replica (a scale-out) with ``share`` of its host's cores, on ``where`` (host, device; None: its
+        node's place); it serves once ready."""
+        self.replicas[key] = ReplicaInfo(*key, added=True, where=where)
         self._starting_since[key] = self.clock()
         self.monitor.forget(*key)
-        self._start(key, share)
+        self._start(key, share, where[1] if where is not None else None)
 
     def drain(self, key: ReplicaKey) -> None:
         """Give a replica no more work; once it has finished what it has, :meth:`retire_drained` hands it back."""
@@ -306,9 +309,13 @@ class Fleet:
                             "no live replica left", node=node)
         return min(live, key=lambda r: (r.assigned, r.replica)).replica
 
+    def where(self, info: ReplicaInfo) -> tuple[str, str]:
+        """(host, device) the replica runs on."""
+        return info.where or (self.plan.nodes[info.node].host, self.plan.nodes[info.node].device)
+
     def report(self, info: ReplicaInfo, stage: str | None = None, *, named: bool = True) -> str:
         """Why a replica is out, with its log tail; ``named`` puts the node, replica and stage in front."""
-        host = self.plan.nodes[info.node].host
+        host = self.where(info)[0]
         where = (f"node {info.node!r} replica {info.replica}" + (f" on host {host!r}" if host != "local" else "")
                  + (f" (stage {stage!r})" if stage else "") + ": ")
         tail = self.launcher.log_tail(info.key)

@@ -77,9 +77,12 @@ class ProgressView:
     def replica_added(self, info: Any) -> None:
         self._print(f"{info.node}[{info.replica}] is ready (scaled out): loaded in {info.load_s or 0:.1f} s")
 
-    def scaled(self, decision: Any, replica: int) -> None:
+    def scaled(self, decision: Any, replica: int, where: str = "") -> None:
         action = "starting" if decision.direction == "out" else "draining"
-        self._print(f"{decision} ({action} {decision.node}[{replica}])")
+        self._print(f"{decision} ({action} {decision.node}[{replica}]{' ' + where if where else ''})")
+
+    def not_scaled(self, decision: Any, why: str) -> None:
+        self._print(f"{decision}; {why}: not scaled out")
 
     def retired(self, info: Any) -> None:
         self._print(f"{info.node}[{info.replica}] drained: stopping it (scaled in)")

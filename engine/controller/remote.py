@@ -13,7 +13,8 @@ tail), its going away (its will, believed when no fresh announcement follows wit
 that shuts down publishes every client's will), or no fresh announcement from it within the lease takes its
 replicas out of service with that reason. A host that went away is named as such, ahead of its workers' own wills
 (believed later, :data:`~engine.control.heartbeat.WILL_GRACE_S`), and the run's end does not wait for its agent.
-:class:`HostLaunchers` routes each replica to the local or the remote launcher by its node's host.
+:class:`HostLaunchers` routes each replica to the local or the remote launcher by its host (its node's, or the agent a
+scale-out placed it on).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from engine.control.topics import AgentTopics
 from engine.errors import ControlError
 from engine.worker.contract import WorkerSecrets, WorkerSpec
 from engine.controller.fleet import Launcher, ReplicaKey
+from engine.control.agents import agent_offers
+from engine.plan.placement import Offer
 
 log = logging.getLogger(__name__)
 STOP_WAIT_S = 5.0  #: how long stop_all waits for the agents to report their workers stopped
@@ -47,6 +50,7 @@ class RemoteLauncher:
         self.client = client
         self.run_id = run_id
         self.hosts = hosts  #: node -> the agent it is placed on
+        self.placed: dict[ReplicaKey, str] = {}  #: replicas a scale-out placed on another agent than their node's
         self.lease_s = lease_s
         self.users = users  #: makes the workers' broker users, for agents whose user is their own; None: cannot
         self.topics = AgentTopics()
@@ -67,17 +71,26 @@ class RemoteLauncher:
 
     @property
     def agents(self) -> set[str]:
-        return set(self.hosts.values())
+        return set(self.hosts.values()) | set(self.placed.values())
+
+    def host_of(self, key: ReplicaKey) -> str | None:
+        """The agent a replica runs on; None for a replica of this host."""
+        return self.placed.get(key) or self.hosts.get(key[0])
+
+    def offers(self) -> list[Offer]:
+        """What the live agents offer now (every agent on the broker, not only this run's): where a scale-out of a
+        ``place.host: any`` node may go."""
+        return agent_offers(list(self._births.values()), self.lease_s)
 
     async def serve(self) -> None:
         """Follow the agents' reports and renew the run's lease; runs while the run is deployed."""
         self._loop = asyncio.get_running_loop()
         await self.client.subscribe(self.topics.jobs(self.run_id))
-        for agent in self.agents:
-            await self.client.subscribe(self.topics.birth(agent))
+        await self.client.subscribe(self.topics.all_births)
         started = renewed = resent = time.monotonic()
         while True:
-            quick = self._offline_since or any(self.hosts[spec.node] in self._births for spec in self._unsent.values())
+            quick = self._offline_since or any(self.host_of((spec.node, spec.replica)) in self._births
+                                               for spec in self._unsent.values())
             inbound = await self.client.receive(QUICK_TICK_S if quick else min(RESEND_S, self.lease_s / 6))
             if inbound is not None and inbound.sender == self.topics.signer_of(inbound.message):
                 self._on_message(inbound.message)
@@ -88,7 +101,7 @@ class RemoteLauncher:
                 renewed = now
             if now - resent > RESEND_S:
                 for order in self._unanswered.values():
-                    self.client.post(self.topics.orders(self.hosts[self._orders[order.order_id][0]]), order)
+                    self.client.post(self.topics.orders(self.host_of(self._orders[order.order_id])), order)
                 resent = now
             if now - started > self.lease_s:
                 self._absent_agents()
@@ -97,7 +110,7 @@ class RemoteLauncher:
     def _absent_agents(self) -> None:
         """Replicas placed on an agent that never said it is online are out, with the reason."""
         for agent in self.agents - self._online:
-            for key in [key for key in self._orders.values() if self.hosts[key[0]] == agent]:
+            for key in [key for key in self._orders.values() if self.host_of(key) == agent]:
                 self._exited.setdefault(key, f"agent {agent!r} is not online: no announcement from it within "
                                              f"{self.lease_s:g} s (is `engine agent --name {agent}` running on this broker?)")
 
@@ -112,7 +125,7 @@ class RemoteLauncher:
             if now - since > OFFLINE_GRACE_S:
                 del self._offline_since[agent]
                 self._gone.add(agent)
-                for key in [key for key in self._orders.values() if self.hosts[key[0]] == agent]:
+                for key in [key for key in self._orders.values() if self.host_of(key) == agent]:
                     self._exited.setdefault(key, f"host {agent!r} (agent {agent!r}) went away: the agent's broker "
                                                  "connection ended without a goodbye and it did not announce itself "
                                                  f"again within {OFFLINE_GRACE_S:g} s")
@@ -123,7 +136,7 @@ class RemoteLauncher:
         """Send the deploy orders whose agent has announced itself, with broker users for its workers if it needs
         them; a replica whose users cannot be made is out, with the reason."""
         for order_id, spec in list(self._unsent.items()):
-            agent = self.hosts[spec.node]
+            agent = self.host_of((spec.node, spec.replica))
             birth = self._births.get(agent)
             if birth is None:
                 continue
@@ -159,8 +172,7 @@ class RemoteLauncher:
             if not self._running():
                 self._stopped.set()
         elif isinstance(message, AgentBirth) and message.state == "online":
-            if message.agent in self.agents:
-                self._births[message.agent] = message
+            self._births[message.agent] = message
             if time.time() - message.time < self.lease_s:  # a retained birth of a dead agent stops getting younger
                 self._online.add(message.agent)
                 self._gone.discard(message.agent)
@@ -171,7 +183,7 @@ class RemoteLauncher:
     def _running(self) -> list[str]:
         """Orders whose workers an agent said it started and has not said it stopped, on agents not gone away."""
         return [order for order, state in self._state.items() if state == "starting"
-                and self.hosts[self._orders[order][0]] not in self._gone | set(self._offline_since)]
+                and self.host_of(self._orders[order]) not in self._gone | set(self._offline_since)]
 
     def _order(self, agent: str, order_id: str, action: str, workers: list[dict] | None = None) -> AgentOrder:
         order = AgentOrder(order_id=order_id, run_id=self.run_id, action=action, lease_s=self.lease_s,
@@ -200,7 +212,7 @@ class RemoteLauncher:
         return dict(self._exited)
 
     def kill(self, key: ReplicaKey) -> None:
-        self._order(self.hosts[key[0]], self._current[key], "stop")
+        self._order(self.host_of(key), self._current[key], "stop")
 
     def stop_all(self) -> None:
         """Order every agent to stop the run's workers and wait (bounded) for them to say so; from any thread."""
@@ -224,21 +236,21 @@ class HostLaunchers:
         self.local = local
         self.remote = remote
 
-    def _for(self, node: str) -> Launcher:
-        return self.remote if node in self.remote.hosts else self.local
+    def _for(self, key: ReplicaKey) -> Launcher:
+        return self.remote if self.remote.host_of(key) is not None else self.local
 
     def start(self, spec: WorkerSpec, secrets: WorkerSecrets) -> None:
-        self._for(spec.node).start(spec, secrets)
+        self._for((spec.node, spec.replica)).start(spec, secrets)
 
     def exited(self) -> dict[ReplicaKey, str]:
         return {**self.local.exited(), **self.remote.exited()}
 
     def kill(self, key: ReplicaKey) -> None:
-        self._for(key[0]).kill(key)
+        self._for(key).kill(key)
 
     def stop_all(self) -> None:
         self.remote.stop_all()
         self.local.stop_all()
 
     def log_tail(self, key: ReplicaKey) -> str:
-        return self._for(key[0]).log_tail(key)
+        return self._for(key).log_tail(key)

@@ -57,7 +57,8 @@ def build_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:
         "model": {"path": plan.model_path, "source": str(source), "dtype": plan.dtype},
         "ready_seconds": round(result.ready_s, 4),
         "seconds": round(result.seconds, 4),
-        "nodes": [{"node": r.node, "replica": r.replica, "host": plan.nodes[r.node].host, "pid": r.pid, "state": r.state,
+        "nodes": [{"node": r.node, "replica": r.replica, "host": r.where[0] if r.where else plan.nodes[r.node].host,
+                   "device": r.where[1] if r.where else plan.nodes[r.node].device, "pid": r.pid, "state": r.state,
                    "down": r.down,
                    "load_seconds": r.load_s, "param_bytes": r.param_bytes, "peak_rss_bytes": r.peak_rss_bytes,
                    "refused_messages": r.rejected, "receives_at": r.receives_at}
@@ -71,8 +72,20 @@ def build_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:
         "requests": requests,
         "output_cache": {"hits": sum(len(r["output_cache"]["hits"]) for r in requests),
                          "misses": sum(len(r["output_cache"]["misses"]) for r in requests),
-                         "saved_seconds": round(sum(r["output_cache"]["saved_seconds"] for r in requests), 4)},
+                         "saved_seconds": round(sum(r["output_cache"]["saved_seconds"] for r in requests), 4),
+                         # per cacheable stage, or stage/part (text_encode/negative_prompt) for one cached by parts
+                         "parts": cache_parts(requests)},
     }
+
+
+def cache_parts(requests: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Hits and misses of each cacheable stage or part over ``requests``."""
+    parts: dict[str, dict[str, int]] = {}
+    for request in requests:
+        for result in ("hits", "misses"):
+            for part in request["output_cache"][result]:
+                parts.setdefault(part, {"hits": 0, "misses": 0})[result] += 1
+    return dict(sorted(parts.items()))
 
 
 def write_report(result: RunResult, plan: Plan, source: Path) -> dict[str, Any]:

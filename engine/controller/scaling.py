@@ -7,7 +7,9 @@ time its serving replicas were busy and how many segments waited per replica. :f
 :class:`Decision` (or none):
 
 - out, when the busy share is above ``out_busy`` or more than ``out_waiting`` segments wait per replica, below
-  ``max``;
+  ``max``; a busy share alone not for a CPU node whose host's cores its workers already keep busy (less than a core
+  spare): another replica there would only split the same cores, each job slower (two one-thread decoders decode
+  a job slower than one on two threads); a queue still scales it out, as running jobs side by side beats waiting;
 - in, when over the longer ``in_window_s`` the node would still be under ``in_busy`` with one replica fewer and
   nothing waited, above ``min`` (quick to add, slow to remove: a lull between bursts keeps the replicas);
 - nothing while a replica of the node warms up or drains, within ``cooldown_s`` of the node's last change, or before
@@ -55,6 +57,8 @@ class NodeState:
     fewest: int
     most: int
     changed_at: float  #: the clock when its replica count last changed (or the deployment was ready)
+    #: cores of its host its workers leave idle (threads times busy share, summed), for a CPU node; None: not counted
+    spare_cores: float | None = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ def decide(node: str, state: NodeState, recent: NodeLoad | None, longer: NodeLoa
         return None
     n = state.replicas
     if n < state.most and recent is not None and recent.span_s >= policy.window_s * 0.999:
-        if recent.busy > policy.out_busy:
+        if recent.busy > policy.out_busy and (state.spare_cores is None or state.spare_cores >= 1):
             return Decision(node, "out", "busy", f"busy {recent.busy:.0%} of the last {recent.span_s:g} s over {n} "
                                                  f"replica(s), above {policy.out_busy:.0%}")
         if recent.waiting > policy.out_waiting:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.control.bus import ControlBus
@@ -48,11 +48,13 @@ class NodeTime:
 
 @dataclass
 class CacheUse:
-    """Cacheable stages run (misses) or skipped (hits), and the seconds the hits saved."""
+    """Cacheable stages (or their parts) run (misses) or skipped (hits), and the seconds the hits saved."""
 
     hits: int = 0
     misses: int = 0
     saved_s: float = 0.0
+    #: per stage, or stage/part for a stage cached part by part: (hits, misses)
+    by_part: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class RequestHandle:
@@ -278,6 +280,9 @@ class Scheduler:
         self.cache.hits += sum(done.cached.values())
         self.cache.misses += sum(not hit for hit in done.cached.values())
         self.cache.saved_s += done.saved_s
+        for part, hit in done.cached.items():
+            hits, misses = self.cache.by_part.get(part, (0, 0))
+            self.cache.by_part[part] = (hits + hit, misses + (not hit))
         request.stage_seconds.update(done.timings)
         request.step_cache.update(done.step_cache)
         request.segment_seconds[segment.index] = self.clock() - request.dispatched_at

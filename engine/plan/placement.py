@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from engine.display import human_bytes
 from engine.errors import PlanError
-from engine.plan.memory import DeviceFit
+from engine.plan.memory import DeviceFit, NodeMemory
 from engine.plan.model import Plan
 
 ANY = "any"
@@ -49,6 +49,12 @@ def place_on_agents(plan: Plan, needs: Mapping[str, Sequence[int]], offers: Sequ
         nodes[node.name] = dataclasses.replace(node, host=spots[0][0], device=devices[0],
                                                devices=devices if node.ranks > 1 else node.devices)
     return dataclasses.replace(plan, nodes=nodes)
+
+
+def deploy_needs(plan: Plan, nodes: Sequence[NodeMemory]) -> dict[str, tuple[int, ...]]:
+    """What each node needs on each rank's device where it is placed at deploy: the bytes of the replicas it starts
+    with (an elastic node's later ones are placed as they start, :mod:`engine.controller.placing`)."""
+    return {m.node: tuple(nbytes // m.replicas * plan.nodes[m.node].replicas for nbytes in m.rank_bytes) for m in nodes}
 
 
 def _fitting(free: Mapping[tuple[str, str], int], kind: str, needs: Sequence[int]) -> list[tuple[str, str]] | None:

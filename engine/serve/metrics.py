@@ -83,6 +83,13 @@ class _Live(Collector):
             family = CounterMetricFamily(f"engine_output_cache_{name}", text)
             family.add_metric([], value)
             yield family
+        lookups = CounterMetricFamily("engine_output_cache_lookups", "Output cache lookups per cacheable stage, or "
+                                      "stage/part for a stage cached part by part (text_encode/negative_prompt)",
+                                      labels=["part", "result"])
+        for part, (hits, misses) in sorted(cache.by_part.items()):
+            lookups.add_metric([part, "hit"], hits)
+            lookups.add_metric([part, "miss"], misses)
+        yield lookups
 
 
 class ServiceMetrics:

@@ -121,21 +121,22 @@ def worker_specs(plan: Plan, **settings: Any) -> list[WorkerSpec]:
 
 def spec_maker(plan: Plan, *, run_id: str, source: Path, broker: Callable[[str, int], dict[str, Any]], out_dir: Path,
                save_frames: bool, heartbeat_s: float, cpu_budget: bool = False,
-               stream_video: bool = False) -> Callable[[str, int, float], WorkerSpec]:
-    """The spec of any replica of any node (an elastic node's later ones too): ``make(node, replica, cpu_share)``;
-    ``broker(node, replica)`` is that replica's broker address."""
+               stream_video: bool = False) -> Callable[..., WorkerSpec]:
+    """The spec of any replica of any node (an elastic node's later ones too): ``make(node, replica, cpu_share,
+    device=None)``, on ``device`` if given (a scale-out placed elsewhere) else its node's; ``broker(node, replica)``
+    is that replica's broker address."""
     def end(edge, peer: str) -> EdgeEnd:  # noqa: ANN001 - PlannedEdge
         return EdgeEnd(name=edge.name, peer=peer, transport=edge.transport, protocol=edge.protocol, integrity=edge.integrity,
                        retries=edge.retries, slot_bytes=edge.slot_bytes, slots=edge.slots, tensors=edge.tensor_names,
                        declared=edge.tensors)
 
-    def spec(name: str, replica: int, cpu_share: float) -> WorkerSpec:
+    def spec(name: str, replica: int, cpu_share: float, device: str | None = None) -> WorkerSpec:
         node = plan.nodes[name]
         segments = tuple(SegmentSpec(index=s.index, stages=s.stages, inputs=s.inputs, outputs=s.outputs)
                          for s in plan.segments if s.node == node.name)
         return WorkerSpec(
             run_id=run_id, node=node.name, replica=replica, family=plan.family, task=plan.task,
-            source=str(source), device=node.device, devices=node.devices if node.ranks > 1 else (),
+            source=str(source), device=device or node.device, devices=node.devices if node.ranks > 1 else (),
             parallel=node.parallel, collective_timeout_s=plan.timeouts.heartbeat_s, rdma_device=node.rdma_device, dtype=node.dtype, components=node.components,
             configs=plan.configs,
             stages=node.stages, segments=segments,

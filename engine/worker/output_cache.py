@@ -7,6 +7,11 @@ source, components, dtype, device), the stage's name and the values of those fie
 field names (``StageSpec.reads``) in place of its path. A hit returns copies of the outputs kept from the miss,
 without running the stage; the cache holds at most ``capacity`` bytes of tensors, the least recently used going
 first. A cache never changes an output: a hit returns exactly what the stage returned for those inputs.
+
+A stage that declares parts (``StageSpec.cache_parts``: Wan's text encoder encodes the prompt and the negative prompt
+in separate calls) is cached part by part, each under a key of its fields alone: a new prompt with the usual
+negative prompt runs the prompt's part and takes the negative prompt's from the cache. Each part's hit or miss is
+counted under ``stage/part`` (``text_encode/negative_prompt``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,40 +79,53 @@ class OutputCache:
 
 
 class CachedStage(Stage):
-    """``stage`` behind ``cache``; :attr:`last` says whether its latest run was a hit."""
+    """``stage`` behind ``cache``; :attr:`last` says how its latest run's outputs came: per part (``stage/part``),
+    or for the whole stage (its name), a hit or a miss."""
 
     def __init__(self, stage: Stage, cache: OutputCache, identity: str):
         self.stage = stage
         self.spec = stage.spec
         self.cache = cache
         self.identity = identity
-        self.last: Outcome | None = None
+        self.last: dict[str, Outcome] = {}
 
-    def key(self, request: RequestParams) -> str:
-        """Digest of the weights' identity, the stage and the request fields its outputs depend on."""
+    def key(self, request: RequestParams, part: str = "") -> str:
+        """Digest of the weights' identity, the stage (and part) and the request fields its outputs depend on."""
+        names = next(p.fields for p in self.spec.cache_parts if p.name == part) if part else self.spec.cache_key or ()
         digest = hashlib.blake2b(digest_size=20)
         fields: dict[str, Any] = {}
-        for name in self.spec.cache_key or ():
+        for name in names:
             value = getattr(request, name)
             if name in self.spec.reads and value is not None:
                 value = hashlib.blake2b(Path(value).read_bytes(), digest_size=20).hexdigest()
             fields[name] = value
-        digest.update(json.dumps([self.identity, self.spec.name, fields], sort_keys=True, default=str).encode())
+        digest.update(json.dumps([self.identity, self.spec.name, part, fields], sort_keys=True, default=str).encode())
         return digest.hexdigest()
 
     def run(self, request: RequestParams, inputs: Mapping[str, "torch.Tensor"], progress: ProgressFn) -> dict[str, "torch.Tensor"]:
-        key = self.key(request)
+        parts = self.stage.parts(request) if self.spec.cache_parts else ()
+        if not parts:
+            outputs, outcome = self._cached(self.key(request), lambda: self.stage.run(request, inputs, progress))
+            self.last = {self.spec.name: outcome}
+            return outputs
+        outputs, self.last = {}, {}
+        for part in parts:
+            made, self.last[f"{self.spec.name}/{part}"] = self._cached(
+                self.key(request, part), lambda part=part: self.stage.run_part(part, request))
+            outputs.update(made)
+        return outputs
+
+    def _cached(self, key: str, compute: Callable[[], dict[str, "torch.Tensor"]]) -> tuple[dict[str, "torch.Tensor"], Outcome]:
+        """Copies of the outputs kept under ``key``, else ``compute()``'s, then kept."""
         entry = self.cache.get(key)
         if entry is not None:
-            self.last = Outcome(hit=True, saved_s=entry.seconds)
-            return {name: tensor.clone() for name, tensor in entry.outputs.items()}
+            return {name: tensor.clone() for name, tensor in entry.outputs.items()}, Outcome(hit=True, saved_s=entry.seconds)
         started = time.perf_counter()
-        outputs = self.stage.run(request, inputs, progress)
+        outputs = compute()
         seconds = time.perf_counter() - started
         kept = {name: tensor.detach().clone() for name, tensor in outputs.items()}
         self.cache.put(key, Entry(kept, sum(t.numel() * t.element_size() for t in kept.values()), seconds))
-        self.last = Outcome(hit=False, saved_s=0.0)
-        return outputs
+        return outputs, Outcome(hit=False, saved_s=0.0)
 
 
 def with_output_cache(stage: Stage, cache: OutputCache | None, identity: str) -> Stage:

@@ -534,10 +534,12 @@ class Worker:
             timings[name] = time.perf_counter() - started
             if caches:
                 step_cache[name] = functools.reduce(StepCacheStats.plus, (cache.stats for cache in caches))
-            if isinstance(stage, CachedStage) and stage.last is not None:
-                cached[name] = stage.last
+            hits = []
+            if isinstance(stage, CachedStage):
+                cached.update(stage.last)
+                hits = [part for part, outcome in stage.last.items() if outcome.hit]
             log.info("request %s: %s took %.3f s%s", request_id, name, timings[name],
-                     " (outputs from the cache)" if name in cached and cached[name].hit else "")
+                     f" (outputs from the cache: {', '.join(hits)})" if hits else "")
         return timings, step_cache, cached
 
     def _preview_sink(self, job: RunStage, every: int, loop: asyncio.AbstractEventLoop, stage: str) -> Sink | None:

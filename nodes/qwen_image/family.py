@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 
 from pydantic import Field, ValidationInfo, model_validator
 
-from engine.stages import (CHECK_FILES, MODEL_DTYPE, ComponentSpec, ConfigProblem, Configs, ModelFamily, RequestParams,
-                           RequestProblem, StageSpec, TensorSpec)
+from engine.stages import (CHECK_FILES, MODEL_DTYPE, CachePart, ComponentSpec, ConfigProblem, Configs, ModelFamily,
+                           RequestParams, RequestProblem, StageSpec, TensorSpec)
 from nodes.qwen_image.geometry import config_problems, latent_geometry, request_problems
 
 #: Prompt embeddings past this many tokens are cut off by QwenImagePipeline (its ``max_sequence_length``).
@@ -55,6 +55,9 @@ TEXT_ENCODE_T2I = StageSpec(
     outputs=TEXT_ENCODE_OUTPUTS,
     description="Qwen2.5-VL last hidden states of the prompt (and of the negative prompt with true CFG)",
     cache_key=("prompt", "negative_prompt", "true_cfg_scale"),
+    cache_parts=(CachePart("prompt", ("prompt",), ("prompt_embeds", "prompt_embeds_mask")),
+                 CachePart("negative_prompt", ("negative_prompt",),
+                           ("negative_prompt_embeds", "negative_prompt_embeds_mask"))),
 )
 TEXT_ENCODE_EDIT = StageSpec(
     "text_encode",

@@ -86,18 +86,22 @@ class QwenImageStage(Stage):
 class TextEncode(QwenImageStage):
     """Prompt embeddings of the real tokens, as ``_get_qwen_prompt_embeds`` returns them for one prompt."""
 
-    @torch.no_grad()
     def run(self, request, inputs, progress):
         assert isinstance(request, QwenImageRequest)
-        prompts = {"prompt": request.prompt}
-        if request.true_cfg:
-            prompts["negative_prompt"] = request.negative_prompt
-        image = resized_input_image(self.pipe, request) if isinstance(request, QwenImageEditRequest) else None
         outputs = {}
-        for name, prompt in prompts.items():
-            embeds, mask = self._encode(prompt, image)
-            outputs[f"{name}_embeds"], outputs[f"{name}_embeds_mask"] = embeds, mask
+        for part in self.parts(request):
+            outputs.update(self.run_part(part, request))
         return outputs
+
+    def parts(self, request) -> tuple[str, ...]:
+        return ("prompt", "negative_prompt") if request.true_cfg else ("prompt",)
+
+    @torch.no_grad()
+    def run_part(self, part: str, request) -> dict[str, torch.Tensor]:
+        # The pipeline encodes the prompt and the negative prompt in two calls of encode_prompt: one here is one there.
+        image = resized_input_image(self.pipe, request) if isinstance(request, QwenImageEditRequest) else None
+        embeds, mask = self._encode(getattr(request, part), image)
+        return {f"{part}_embeds": embeds, f"{part}_embeds_mask": mask}
 
     def _encode(self, prompt: str, image) -> tuple[torch.Tensor, torch.Tensor]:
         # A single prompt is never padded: its mask is all ones and its length the real token count.

@@ -21,8 +21,8 @@ from typing import ClassVar
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from engine.stages import (CHECK_FILES, MODEL_DTYPE, ComponentSpec, ConfigProblem, Configs, ModelFamily, RequestParams,
-                           RequestProblem, SequenceShape, StageSpec, TensorSpec)
+from engine.stages import (CHECK_FILES, MODEL_DTYPE, CachePart, ComponentSpec, ConfigProblem, Configs, ModelFamily,
+                           RequestParams, RequestProblem, SequenceShape, StageSpec, TensorSpec)
 from nodes.wan.geometry import config_problems, latent_geometry, request_problems
 
 #: The umT5 prompt length the Wan pipelines pad to.
@@ -41,6 +41,8 @@ TEXT_ENCODE = StageSpec(
     ),
     description="umT5 prompt embeddings (and negative prompt embeddings when guidance is on)",
     cache_key=("prompt", "negative_prompt", "guidance_scale"),
+    cache_parts=(CachePart("prompt", ("prompt",), ("prompt_embeds",)),
+                 CachePart("negative_prompt", ("negative_prompt",), ("negative_prompt_embeds",))),
 )
 IMAGE_ENCODE = StageSpec(
     "image_encode",

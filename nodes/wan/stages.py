@@ -89,22 +89,26 @@ class TextEncode(WanStage):
         super().__init__(device, dtype, geometry)
         self.pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, scheduler=None)
 
-    @torch.no_grad()
     def run(self, request: WanRequest, inputs, progress: ProgressFn) -> dict[str, torch.Tensor]:
-        # 1. The pipeline's encode_prompt (the I2V pipeline's is a copy): prompt cleaning, 512-token
-        #    padding, zeros past the real tokens. The negative prompt only with guidance on, as in __call__.
-        prompt_embeds, negative_prompt_embeds = self.pipe.encode_prompt(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            do_classifier_free_guidance=request.guidance_scale > 1.0,
-            max_sequence_length=TEXT_LEN,
-            device=self.device,
-        )
-        # 2. Hand over in the node's dtype, the one __call__ casts to before the transformer.
-        outputs = {"prompt_embeds": prompt_embeds.to(self.dtype)}
-        if negative_prompt_embeds is not None:
-            outputs["negative_prompt_embeds"] = negative_prompt_embeds.to(self.dtype)
+        # The prompt, and the negative prompt only with guidance on, as in __call__.
+        outputs: dict[str, torch.Tensor] = {}
+        for part in self.parts(request):
+            outputs.update(self.run_part(part, request))
         return outputs
+
+    def parts(self, request: WanRequest) -> tuple[str, ...]:
+        return ("prompt", "negative_prompt") if request.guidance_scale > 1.0 else ("prompt",)
+
+    @torch.no_grad()
+    def run_part(self, part: str, request: WanRequest) -> dict[str, torch.Tensor]:
+        # 1. The pipeline's encode_prompt (the I2V pipeline's is a copy) encodes the prompt and the negative prompt
+        #    (None as "") in two separate calls of _get_t5_prompt_embeds: prompt cleaning, 512-token padding, zeros
+        #    past the real tokens. One call here is one of those: the same embeddings.
+        text = request.prompt if part == "prompt" else request.negative_prompt or ""
+        embeds, _ = self.pipe.encode_prompt(prompt=text, do_classifier_free_guidance=False, max_sequence_length=TEXT_LEN,
+                                            device=self.device)
+        # 2. Hand over in the node's dtype, the one __call__ casts to before the transformer.
+        return {f"{part}_embeds": embeds.to(self.dtype)}
 
 
 class ImageEncode(WanStage):

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from engine.stages import (MODEL_DTYPE, ComponentSpec, ConfigProblem, Configs, ModelFamily, RequestParams,
+from engine.stages import (MODEL_DTYPE, CachePart, ComponentSpec, ConfigProblem, Configs, ModelFamily, RequestParams,
                            RequestProblem, StageSpec, TensorSpec)
 from nodes.z_image.geometry import config_problems, latent_geometry, request_problems
 
@@ -37,6 +37,8 @@ TEXT_ENCODE = StageSpec(
     ),
     description="Qwen3 second-to-last hidden states of the prompt's real tokens (and of the negative prompt with CFG)",
     cache_key=("prompt", "negative_prompt", "guidance_scale"),
+    cache_parts=(CachePart("prompt", ("prompt",), ("prompt_embeds",)),
+                 CachePart("negative_prompt", ("negative_prompt",), ("negative_prompt_embeds",))),
 )
 DENOISE = StageSpec(
     "denoise",

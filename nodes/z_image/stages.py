@@ -65,21 +65,25 @@ class ZImageStage(Stage):
 class TextEncode(ZImageStage):
     """Prompt embeddings of the real tokens, as ``encode_prompt`` returns them for one prompt."""
 
-    @torch.no_grad()
     def run(self, request, inputs, progress):
         assert isinstance(request, ZImageRequest)
-        # The pipeline hands over a list of [tokens, dim] tensors, one per prompt; an edge carries [1, tokens, dim].
-        prompt_embeds, negative_prompt_embeds = self.pipe.encode_prompt(
-            prompt=request.prompt,
-            device=self.device,
-            do_classifier_free_guidance=request.guidance,
-            negative_prompt=request.negative_prompt,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-        )
-        outputs = {"prompt_embeds": prompt_embeds[0].unsqueeze(0)}
-        if request.guidance:
-            outputs["negative_prompt_embeds"] = negative_prompt_embeds[0].unsqueeze(0)
+        outputs = {}
+        for part in self.parts(request):
+            outputs.update(self.run_part(part, request))
         return outputs
+
+    def parts(self, request) -> tuple[str, ...]:
+        return ("prompt", "negative_prompt") if request.guidance else ("prompt",)
+
+    @torch.no_grad()
+    def run_part(self, part: str, request) -> dict[str, torch.Tensor]:
+        # The pipeline's encode_prompt encodes the prompt and the negative prompt (None as "") in two separate calls
+        # of _encode_prompt: one here is one there. It hands over a list of [tokens, dim] tensors, one per prompt; an
+        # edge carries [1, tokens, dim].
+        text = request.prompt if part == "prompt" else request.negative_prompt or ""
+        embeds, _ = self.pipe.encode_prompt(prompt=text, device=self.device, do_classifier_free_guidance=False,
+                                            max_sequence_length=MAX_SEQUENCE_LENGTH)
+        return {f"{part}_embeds": embeds[0].unsqueeze(0)}
 
 
 class Denoise(ZImageStage):

@@ -67,8 +67,9 @@ def test_serve_takes_open_loop_jobs_at_two_rates_beside_the_pipeline(tmp_path):
         assert {node: n["segments"] for node, n in rate["nodes"].items()} == {"encoder": 3, "transformer": 3, "decoder": 3}
         assert all(n["busy_seconds"] > 0 and n["queue_wait_seconds"] >= 0 for n in rate["nodes"].values())
         assert 1 <= rate["nodes"]["decoder"]["peak_replicas"] <= 2
-        # every job has the benchmark's prompt, encoded once by the warm-up job: each job's text_encode is a hit
-        assert rate["output_cache"]["hits"] == 3 and rate["output_cache"]["misses"] == 0
+        # every job has the benchmark's prompt, encoded once by the warm-up job: each job's prompt and negative prompt
+        # embeddings are hits
+        assert rate["output_cache"]["hits"] == 2 * 3 and rate["output_cache"]["misses"] == 0
     monolithic = result["monolithic"]
     assert len(monolithic["latency_seconds"]) == 3 and len(monolithic["warmup_seconds"]) == 1
     assert result["capacity_jobs_per_minute"] == pytest.approx(monolithic["jobs_per_minute"])
@@ -80,7 +81,11 @@ def test_serve_takes_open_loop_jobs_at_two_rates_beside_the_pipeline(tmp_path):
 def test_cache_counts_hits_on_a_trace_of_repeated_prompts_and_changes_no_frame(tmp_path):
     result = bench("cache", *TINY, "--requests", "3", "--prompts", "2", "--out", str(tmp_path))
     cached, uncached = result["cached"], result["uncached"]
-    assert (cached["hits"], cached["misses"]) == (1, 2) and cached["saved_seconds"] > 0  # r3 repeats r1's prompt
+    # r3 repeats r1's prompt; r2 and r3 reuse r1's negative prompt
+    assert cached["parts"] == {"text_encode/prompt": {"hits": 1, "misses": 2},
+                               "text_encode/negative_prompt": {"hits": 2, "misses": 1}}
+    assert (cached["hits"], cached["misses"]) == (3, 3) and cached["saved_seconds"] > 0
+    assert cached["text_encode_seconds"]["negative"] is not None  # r2: a new prompt, the negative prompt's hit
     assert (uncached["hits"], uncached["misses"]) == (0, 0)  # no cache, no cacheable stage counted
     assert result["frames_equal"] is True
 

@@ -139,12 +139,19 @@ def test_engine_hosts_lists_the_live_agents_and_what_they_offer(cluster):
     assert wrong.returncode == 1 and "no agent announced itself" in wrong.stdout  # another key hears nothing
 
 
-def test_a_node_placed_on_any_goes_to_the_agent_with_room_for_it(cluster, tmp_path):
+def test_a_node_placed_on_any_goes_to_the_agent_with_room_for_it_and_so_does_its_scale_out(cluster, tmp_path):
     out = tmp_path / "out"
-    run = engine_run(cluster, out, "nodes.transformer.place.host=any")  # ~0.6 MiB: only h1 offers that much
+    requests = ", ".join(f"{{prompt: request {i}, seed: {i}}}" for i in range(6))
+    run = engine_run(cluster, out, "nodes.transformer.place.host=any",  # ~0.6 MiB: only h1 offers that much
+                     "nodes.transformer.replicas={min: 1, max: 2}", "scaling.window_s=1", "scaling.in_window_s=2",
+                     "scaling.cooldown_s=1", "request.steps=12", f"requests=[{requests}]")
     output, _ = run.communicate(timeout=240)
     assert run.returncode == 0, output[-3000:]
-    assert {n["node"]: n["host"] for n in json.loads((out / "report.json").read_text())["nodes"]}["transformer"] == "h1"
+    report = json.loads((out / "report.json").read_text())
+    hosts = {(n["node"], n["replica"]): (n["host"], n["device"]) for n in report["nodes"]}
+    # Six requests at once keep the transformer busy: it scales out, placed like the first (h1 alone has room).
+    assert hosts[("transformer", 0)] == hosts[("transformer", 1)] == ("h1", "cpu"), hosts
+    assert f"run {report['run_id']}: started transformer[1]" in cluster.agent_log("h1")
 
 
 def test_a_node_that_fits_no_agent_is_a_clear_error(cluster, tmp_path):

@@ -56,7 +56,7 @@ def test_a_burst_scales_the_decoder_out_and_back_in_losing_and_repeating_no_job(
         wait_until(lambda: metric(served, "engine_replicas").get('{node="decoder"}') == 1, 60, "decoder scaled in")
         wait_until(lambda: "decoder[1] drained: stopping it" in served.log_text(), 30, "the drained replica stopped")
         events = metric(served, "engine_scale_events_total")
-        assert events['{direction="out",node="decoder",reason="busy"}'] + events.get(
+        assert events.get('{direction="out",node="decoder",reason="busy"}', 0) + events.get(
             '{direction="out",node="decoder",reason="queue"}', 0) == 1
         assert events['{direction="in",node="decoder",reason="idle"}'] == 1
 
@@ -78,3 +78,4 @@ def test_a_burst_scales_the_decoder_out_and_back_in_losing_and_repeating_no_job(
     log = served.log_text()
     assert code == 0 and "Traceback" not in log, log[-5000:]
     assert re.search(r"scale out 'decoder': (busy|\d)", log) and "scale in 'decoder': busy" in log, log[-3000:]
+    assert re.search(r"starting decoder\[1\] on local cpu: [\d.]+ GiB free for [\d.]+ [KM]iB", log), log[-3000:]

@@ -334,3 +334,41 @@ def test_a_lease_counts_from_the_reconnect_while_the_agent_is_cut_off_from_the_b
     kept, job = asyncio.run(run())
     assert kept == "starting"
     assert job.state == "stopped" and "lease of 0.3 s ran out" in job.detail
+
+
+def test_a_replica_a_scale_out_placed_on_another_agent_is_ordered_there(tmp_path):
+    """The run's transformer is on h1; its replica 1 was placed on h2 (a `place.host: any` scale-out): its deploy and
+    stop orders go to h2, and every live agent's offer is seen, not only the run's agents'."""
+    from engine.controller.remote import RemoteLauncher
+
+    broker = MemoryBroker()
+
+    async def run():
+        launcher = RemoteLauncher(broker.connect("run1-deployer"), "run1", {"transformer": "h1"}, lease_s=60)
+        serving = asyncio.create_task(launcher.serve())
+        await asyncio.sleep(0.05)
+        agents = {}
+        for name in ("h1", "h2"):
+            agents[name] = broker.connect(f"agent-{name}")
+            await agents[name].subscribe(TOPICS.orders(name))
+            await agents[name].publish(TOPICS.birth(name), agent_module.announcement(AgentOptions(
+                name=name, broker=BrokerAddress("x", 1), deploy_key=broker.key, devices=("cpu",), models=(), address="a",
+                work_dir=tmp_path, memory={"cpu": 2**30}), "online", []), retain=True)
+        await asyncio.sleep(0.1)
+        offers = launcher.offers()
+        launcher.placed[("transformer", 1)] = "h2"
+        launcher.start(WorkerSpec.model_validate(spec_json("run1", tmp_path, replica=1)), None)  # type: ignore[arg-type]
+        deploy = await next_deploy(agents["h2"], 1)
+        launcher.kill(("transformer", 1))
+        stop = None
+        async with asyncio.timeout(1):
+            while stop is None:
+                inbound = await agents["h2"].receive(1)
+                stop = inbound.message if inbound is not None and inbound.message.action == "stop" else None
+        serving.cancel()
+        return offers, deploy, stop, launcher.agents
+
+    offers, deploy, stop, agents = asyncio.run(run())
+    assert sorted((o.agent, o.device, o.free_bytes) for o in offers) == [("h1", "cpu", 2**30), ("h2", "cpu", 2**30)]
+    assert deploy.order_id == "transformer-1" and deploy.workers[0]["replica"] == 1
+    assert stop.order_id == "transformer-1" and agents == {"h1", "h2"}

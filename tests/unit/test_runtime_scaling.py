@@ -14,12 +14,16 @@ from engine.control.memory import MemoryBroker
 from engine.control.messages import CpuShare, RunStage, Shutdown, StageDone
 from engine.control.topics import Topics
 from engine.controller.controller import Controller, RunOptions
+from engine.controller.placing import ReplicaPlacer
+from engine.plan.placement import Offer
 from engine.controller.tracker import State
 from tests.unit.test_runtime_scheduler import FakeLauncher, plan_of
 
 ELASTIC = ("nodes.decoder.replicas={min: 1, max: 2}", "scaling.window_s=0.5", "scaling.in_window_s=1",
            "scaling.cooldown_s=0.5")
 WORK_S = {"encoder": 0.01, "transformer": 0.01, "decoder": 0.12}
+GIB = 2**30
+ROOMY = [Offer("local", "cpu", 64 * GIB)]  #: this host as a fake: room for any replica
 
 
 class TimedLauncher(FakeLauncher):
@@ -31,6 +35,11 @@ class TimedLauncher(FakeLauncher):
         self.stopped: list[tuple[str, int]] = []
         self.shares: list[tuple[str, int, float]] = []
         self.finished: list[tuple[str, int, str]] = []  # node, replica, request of every segment answered
+        self.devices: dict[tuple[str, int], str] = {}  # the device each replica was started on
+
+    def start(self, spec, secrets) -> None:
+        self.devices[(spec.node, spec.replica)] = spec.device
+        super().start(spec, secrets)
 
     async def _worker(self, node: str, replica: int) -> None:
         key, client = (node, replica), self.topics.replica_client(node, replica)
@@ -75,12 +84,17 @@ class TimedLauncher(FakeLauncher):
             self.dead[key] = "process exited with code 0"
 
 
-def deployment(tmp_path: Path, *overrides: str, autoscale: bool = True) -> tuple[Controller, TimedLauncher]:
+def deployment(tmp_path: Path, *overrides: str, autoscale: bool = True, local: list[Offer] = ROOMY,
+               need: int = GIB, cpu_budget: bool = False) -> tuple[Controller, TimedLauncher]:
+    """The controller over fake workers; ``local``: this host's devices as the placer sees them, ``need``: one
+    replica's bytes of every node."""
     broker = MemoryBroker()
-    options = RunOptions(out_dir=tmp_path, quiet=True, autoscale=autoscale)
+    options = RunOptions(out_dir=tmp_path, quiet=True, autoscale=autoscale, cpu_budget=cpu_budget)
     launcher = TimedLauncher(broker, Topics(options.run_id))
-    controller = Controller(plan_of("wan_t2v.yaml", *overrides), tmp_path, options, launcher=launcher,
-                            connect=lambda address, client_id, key: broker.connect(client_id))
+    plan = plan_of("wan_t2v.yaml", *overrides)
+    placer = ReplicaPlacer(plan, dict.fromkeys(plan.nodes, need), frozenset(), local=lambda: local)
+    controller = Controller(plan, tmp_path, options, launcher=launcher,
+                            connect=lambda address, client_id, key: broker.connect(client_id), placer=placer)
     return controller, launcher
 
 
@@ -170,3 +184,85 @@ def test_workers_share_the_cores_by_the_work_they_do(tmp_path):
     assert told["decoder"] > 0.5 and all(told.get(node, 1 / 3) < 1 / 3 for node in ("encoder", "transformer"))
     assert sum(told.get(node, 1 / 3) for node in ("encoder", "transformer", "decoder")) <= 1.0 + 1e-6
 
+
+
+def test_a_scale_out_goes_to_a_free_local_device_and_the_event_says_why(tmp_path):
+    """The decoder on cuda:0 (room left there) scales out onto cuda:1, which no replica uses; the CPU's room does not
+    count for a cuda node."""
+    local = [Offer("local", "cpu", 64 * GIB), Offer("local", "cuda:0", 3 * GIB), Offer("local", "cuda:1", 2 * GIB)]
+    controller, launcher = deployment(tmp_path, *ELASTIC, "nodes.decoder.place.device=cuda:0", local=local)
+    requests = burst(controller, 24, then=lambda: bool(controller.autoscaler.events))
+    assert all(r.state == State.DONE for r in requests)
+    event = controller.autoscaler.events[0]
+    assert (event.node, event.direction, event.replica) == ("decoder", "out", 1)
+    assert launcher.devices[("decoder", 0)] == "cuda:0" and launcher.devices[("decoder", 1)] == "cuda:1"
+    assert "on local cuda:1: 2.00 GiB free for 1.00 GiB, a free device" in event.detail, event.detail
+
+
+def test_a_scale_out_with_no_room_starts_nothing_and_the_event_says_so(tmp_path):
+    controller, launcher = deployment(tmp_path, *ELASTIC, local=[Offer("local", "cpu", 100 * 2**20)])
+    requests = burst(controller, 24)
+    assert_each_ran_once(requests, launcher)
+    events = list(controller.autoscaler.events)
+    assert events and {(e.node, e.direction, e.reason, e.replica) for e in events} == {("decoder", "out", "no_room", None)}
+    assert "no room: a replica needs 1.00 GiB; free: local cpu 100.00 MiB" in events[0].detail, events[0].detail
+    assert ("decoder", 1) not in launcher.started and controller.autoscaler.counts[("decoder", "out", "no_room")] == len(events)
+    assert len(events) <= 1 + requests[-1].seconds / controller.plan.scaling.cooldown_s  # at most one a cooldown
+
+
+def closed_loop(controller: Controller, clients: int, seconds: float, cores: int) -> list:
+    """``clients`` each submitting a request as soon as its last one ended, for ``seconds``, the autoscaler seeing
+    ``cores`` cores on this host; every request."""
+    from nodes.wan.family import WanRequest
+
+    async def scenario():
+        async with controller.deployed() as scheduler:
+            controller.autoscaler.cores = lambda: cores
+            handles, end = [], asyncio.get_running_loop().time() + seconds
+
+            def more() -> bool:
+                if asyncio.get_running_loop().time() > end:
+                    return all(handle.finished for handle in handles)
+                while sum(not handle.finished for handle in handles) < clients:
+                    handles.append(scheduler.submit(WanRequest(prompt="a cat", seed=len(handles))))
+                return False
+
+            await controller.serve_until(more)
+            return [handle.request for handle in handles]
+
+    return asyncio.run(within(scenario(), 30))
+
+
+def test_a_busy_cpu_node_does_not_scale_out_onto_cores_its_host_has_in_full_use(tmp_path):
+    """Two requests in flight keep the decoder busy with at most one waiting: on a 1-core host, whose core the
+    decoder's thread keeps busy, no scale-out; with cores to spare, it scales out on the busy share."""
+    controller, launcher = deployment(tmp_path, *ELASTIC, cpu_budget=True)
+    requests = closed_loop(controller, clients=2, seconds=3, cores=1)
+    assert_each_ran_once(requests, launcher)
+    assert not controller.autoscaler.events and ("decoder", 1) not in launcher.started
+
+    controller, launcher = deployment(tmp_path / "roomy", *ELASTIC, cpu_budget=True)
+    closed_loop(controller, clients=2, seconds=3, cores=64)
+    assert [(e.node, e.direction, e.reason) for e in controller.autoscaler.events][:1] == [("decoder", "out", "busy")]
+
+
+def test_spare_cores_count_the_share_a_busy_node_gets_at_the_next_rebalance():
+    """The decoder idled at the last re-balance (told a quarter of 2 cores: one thread) and is busy all the last
+    window while the others idle: the re-balance gives it both cores, so none is spare for a second decoder."""
+    from types import SimpleNamespace
+
+    from engine.controller.autoscaler import Autoscaler
+    from engine.controller.fleet import ReplicaInfo
+    from engine.controller.scaling import Sample
+
+    plan = plan_of("wan_t2v.yaml", *ELASTIC)
+    infos = {(node, 0): ReplicaInfo(node, 0, state="ready") for node in plan.nodes}
+    fleet = SimpleNamespace(replicas=infos, where=lambda info: ("local", "cpu"))
+    now = [100.0]
+    autoscaler = Autoscaler(plan, fleet, scaling=True, cpu_budget=True, clock=lambda: now[0], cores=lambda: 2)
+    autoscaler.started(dict.fromkeys(infos, 0.25))
+    for t in (99.0, 99.5, 100.0):  # the window (0.5 s): the decoder busy throughout, the others idle
+        for key in infos:
+            autoscaler.window.observe(*key, Sample(t, t - 90.0 if key[0] == "decoder" else 0.0, 0))
+    assert autoscaler.spare_cores("decoder", now[0]) < 0.1
+    assert autoscaler.spare_cores("decoder", now[0]) is not None and plan.nodes["decoder"].device == "cpu"

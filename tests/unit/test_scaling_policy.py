@@ -107,3 +107,13 @@ def test_the_window_measures_busy_share_and_waiting_per_replica():
     assert window.busy_share("decoder", 1, since=15.0) == pytest.approx(0.5)
     window.observe("decoder", 1, Sample(21.0, 0.0, 0))  # a new process of replica 1 counts from 0 again
     assert window.busy_share("decoder", 1, since=0.0) is None
+
+
+def test_a_busy_cpu_node_on_cores_in_full_use_scales_out_only_for_a_queue():
+    busy = NodeLoad(busy=0.95, waiting=0.5, span_s=10)
+    cores_used = NodeState(1, 0, 0, 1, 4, 0.0, spare_cores=0.4)
+    assert decide("decoder", cores_used, busy, None, POLICY, now=20) is None
+    queued = decide("decoder", cores_used, NodeLoad(busy=0.95, waiting=2.0, span_s=10), None, POLICY, now=20)
+    assert (queued.direction, queued.reason) == ("out", "queue")
+    spare = NodeState(1, 0, 0, 1, 4, 0.0, spare_cores=1.2)
+    assert decide("decoder", spare, busy, None, POLICY, now=20).reason == "busy"

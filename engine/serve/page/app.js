@@ -33,7 +33,8 @@ function showServiceState(state) {
   scaling.replaceChildren(...state.scale_events.map((event) => {
     const item = document.createElement("li");
     const when = new Date(event.time * 1000).toLocaleTimeString();
-    item.textContent = `${when} scale ${event.direction} ${event.node}[${event.replica}]: ${event.detail}`;
+    const replica = event.replica === null ? "" : `[${event.replica}]`;  // null: no room, nothing started
+    item.textContent = `${when} scale ${event.direction} ${event.node}${replica}: ${event.detail}`;
     return item;
   }));
 }
