@@ -409,6 +409,9 @@ class Service:
             job.outputs = list(request.outputs)
             job.api = {**job.api, "step_cache": {stage: s.model_dump() for stage, s in request.step_cache.items()}}
             job.output_bytes = sum(Path(p).stat().st_size for p in request.outputs if Path(p).is_file())
+            # The final video supersedes the stream file: readers holding it open read on to its end, later ones
+            # get the final video (stream_video); a cancelled or failed job keeps what was decoded.
+            stream_path(self.options.outputs, job.id).unlink(missing_ok=True)
             self._finish(job, "completed", None, None)
         elif request.id in self._interrupting:
             self._finish(job, "failed", INTERRUPTED, request.events[-1].detail)

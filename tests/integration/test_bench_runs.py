@@ -75,7 +75,7 @@ def test_serve_takes_open_loop_jobs_at_two_rates_beside_the_pipeline(tmp_path):
     assert result["capacity_jobs_per_minute"] == pytest.approx(monolithic["jobs_per_minute"])
     assert result["nodes"] == {"encoder": 1, "transformer": 2, "decoder": 1}
     assert service["exit_code"] == 0  # stopped with SIGTERM, drained
-    assert len(list((tmp_path / "elastic" / "state" / "outputs").glob("video_*.mp4"))) == 1 + 2 * 3  # warm-up, both rates
+    assert len(list((tmp_path / "elastic" / "state" / "outputs").glob("video_*.mp4"))) == 1 + 2 * 3  # stream files go once their job completes  # warm-up, both rates
 
 
 def test_cache_counts_hits_on_a_trace_of_repeated_prompts_and_changes_no_frame(tmp_path):

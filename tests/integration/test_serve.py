@@ -454,14 +454,16 @@ def test_a_video_streams_while_it_is_decoded_to_slow_and_leaving_clients_alike(w
     # 1. Early: the first fragment arrived while the decoder had not finished (its file not ended yet, fewer
     #    frames in it than asked for), before the decoder logged its end.
     outputs = wan.state / "outputs"
-    stream = (outputs / f"{job['id']}.stream.mp4").read_bytes()
+    stream = fast.data
     assert fast.file_when_first_fragment is not None and b"mfra" not in fast.file_when_first_fragment
     assert len(decode(fast.file_when_first_fragment[:fragment_cuts(fast.file_when_first_fragment)[-1]])) < 17
     decoded_at = _logged_at(wan, rf"request {job['id']}: vae_decode took", timeout_s=10)
     assert fast.first_fragment_at < decoded_at + 0.001, (fast.first_fragment_at, decoded_at)
 
-    # 2. Whole: the stream is the file, playable after every fragment (one per latent frame: 1, then 4 frames).
-    assert fast.data == stream and slow.data == stream
+    # 2. Whole: every client that stayed got the same stream, playable after every fragment (one per latent frame:
+    #    1, then 4 frames); its file is gone, superseded by the final video.
+    assert slow.data == stream and leaving.data == stream[:len(leaving.data)]
+    assert not (outputs / f"{job['id']}.stream.mp4").exists()
     assert frames_at_each_cut(stream) == [1, 5, 9, 13, 17]
     exact = np.load(outputs / f"{job['id']}.npy")[0]
     final = decode((outputs / f"{job['id']}.mp4").read_bytes())
