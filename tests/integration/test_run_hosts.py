@@ -144,12 +144,13 @@ def test_a_node_placed_on_any_goes_to_the_agent_with_room_for_it_and_so_does_its
     requests = ", ".join(f"{{prompt: request {i}, seed: {i}}}" for i in range(6))
     run = engine_run(cluster, out, "nodes.transformer.place.host=any",  # ~0.6 MiB: only h1 offers that much
                      "nodes.transformer.replicas={min: 1, max: 2}", "scaling.window_s=1", "scaling.in_window_s=2",
-                     "scaling.cooldown_s=1", "request.steps=12", f"requests=[{requests}]")
+                     "scaling.cooldown_s=1", "scaling.out_waiting=0.5", "request.steps=12", f"requests=[{requests}]")
     output, _ = run.communicate(timeout=240)
     assert run.returncode == 0, output[-3000:]
     report = json.loads((out / "report.json").read_text())
     hosts = {(n["node"], n["replica"]): (n["host"], n["device"]) for n in report["nodes"]}
-    # Six requests at once keep the transformer busy: it scales out, placed like the first (h1 alone has room).
+    # Six requests at once keep a segment waiting at the transformer (two run at once per replica: its edge's two
+    # slots), above out_waiting: it scales out on its queue, placed like the first (h1 alone has room).
     assert hosts[("transformer", 0)] == hosts[("transformer", 1)] == ("h1", "cpu"), hosts
     assert f"run {report['run_id']}: started transformer[1]" in cluster.agent_log("h1")
 
