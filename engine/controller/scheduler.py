@@ -260,6 +260,9 @@ class Scheduler:
         segment = self.plan.segments[request.segment]
         sender = self.topics.replica_client(answer.node, answer.replica)
         if segment.node != answer.node or request.replica_of.get(segment.index) != answer.replica:
+            if any(self.plan.segments[index].node == answer.node and replica == answer.replica
+                   for index, replica in request.replica_of.items() if index < segment.index):
+                return None  # a repeat of an answer taken already (the replica answered a resent dispatch again)
             self.refuse(sender, f"{answer.kind!r} for {answer.request_id}, whose segment {segment.index} was not "
                                 "dispatched to it")
             return None

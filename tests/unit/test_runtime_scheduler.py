@@ -357,3 +357,23 @@ def test_progress_comes_from_the_denoising_steps_of_the_heartbeats(tmp_path):
         return seen
 
     assert deployed(plan_of("wan_t2v.yaml"), tmp_path, dit_runs_forever, scenario) == [0.0, 0.25, 0.75, 0.75]
+
+
+def test_a_repeated_answer_of_a_segment_taken_already_is_dropped_not_refused(tmp_path):
+    """A replica that answers a resent dispatch again sends its answer twice; the second comes once the request has
+    moved on. It is no impostor: dropped, not counted. The same answer from a replica never asked still is."""
+    async def scenario(controller, scheduler, launcher):
+        from nodes.wan.family import WanRequest
+
+        handle = scheduler.submit(WanRequest(prompt="a", seed=1, steps=4))
+        await controller.serve_until(lambda: any(node == "transformer" for node, _, _ in launcher.orders))
+        encoded = StageDone(request_id="r1", node="encoder", replica=0, attempt=0, timings={}, edges={}, outputs=[],
+                            peak_rss_bytes=0)
+        scheduler.on_answer(encoded)
+        assert scheduler.impostors == 0
+        scheduler.on_answer(encoded.model_copy(update={"replica": 1}))
+        assert scheduler.impostors == 1
+        return handle.request
+
+    request = deployed(plan_of("wan_t2v.yaml"), tmp_path, dit_runs_forever, scenario)
+    assert request.state == State.RUNNING and request.segment == 1
