@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from engine.context import holding
+
 
 @dataclass(frozen=True)
 class Picture:
@@ -40,11 +42,8 @@ _SINK: ContextVar[Sink | None] = ContextVar("preview_sink", default=None)
 @contextlib.contextmanager
 def previews(sink: Sink | None) -> Iterator[None]:
     """Denoising loops run on this thread while the block runs send their previews to ``sink`` (None: none)."""
-    token = _SINK.set(sink)
-    try:
+    with holding(_SINK, sink):
         yield
-    finally:
-        _SINK.reset(token)
 
 
 def active() -> Sink | None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.context import holding
 from engine.spec.schema import StepCacheSpec
 from engine.stages import RequestParams
 
@@ -31,12 +32,8 @@ def with_node_cache(request: RequestParams, node_cache: StepCacheSpec | None) ->
 @contextlib.contextmanager
 def collect() -> Iterator[list[StepCache]]:
     """The step caches opened on this thread while the block runs, in order."""
-    caches: list[StepCache] = []
-    token = _COLLECTOR.set(caches)
-    try:
+    with holding(_COLLECTOR, []) as caches:
         yield caches
-    finally:
-        _COLLECTOR.reset(token)
 
 
 def opened(cache: StepCache) -> None:

@@ -14,6 +14,9 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
+from engine.context import holding
+
+
 FrameSink = Callable[[Any], None]  #: takes one chunk of frames (a torch tensor; typed loosely: torch-free module)
 
 _SINK: ContextVar[FrameSink | None] = ContextVar("frame_sink", default=None)
@@ -22,11 +25,8 @@ _SINK: ContextVar[FrameSink | None] = ContextVar("frame_sink", default=None)
 @contextlib.contextmanager
 def listening(sink: FrameSink) -> Iterator[None]:
     """Stages run in this block (on this thread) hand their chunks of frames to ``sink``."""
-    token = _SINK.set(sink)
-    try:
+    with holding(_SINK, sink):
         yield
-    finally:
-        _SINK.reset(token)
 
 
 def stream_sink() -> FrameSink | None:
