@@ -8,7 +8,10 @@ on, and returns the decisions for the controller to carry out (start a replica, 
 waits a cooldown. For a node on this host's CPU it counts the cores its workers leave idle (the policy scales such a
 node out on its busy share only with a core to spare). It also keeps the workers' shares of their host's
 cores in step with the work each does (:mod:`engine.plan.cpu_budget`): :meth:`Autoscaler.shares` after a change of
-replicas, and at most every window otherwise, the controller tells the workers whose share moved.
+replicas, and every ``REBALANCE_S`` otherwise, the controller tells the workers whose share moved. The shares are
+measured over the whole window, so they move slowly; looking often matters at the start, when every worker has the
+same share until the first requests show which does the work (a fresh service's decoder would otherwise decode on
+one thread of two for a whole window).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ log = logging.getLogger("engine.scaling")
 
 TICK_S = 0.5  #: how often the policy looks
 SHARE_STEP = 0.05  #: a worker is told of its new share when it moved at least this much
+REBALANCE_S = 2.0  #: how often the shares are looked at (the window, if shorter)
 EVENTS_KEPT = 100
 
 
@@ -67,7 +71,11 @@ class Autoscaler:
         now = self.clock()
         self._changed_at = {node: now for node in self.plan.nodes}
         self.sent = dict(shares)
-        self._next_rebalance = now + self.plan.scaling.window_s
+        self._next_rebalance = now + self._rebalance_s
+
+    @property
+    def _rebalance_s(self) -> float:
+        return min(REBALANCE_S, self.plan.scaling.window_s)
 
     def observe(self, beat: Heartbeat) -> None:
         self.window.observe(beat.node, beat.replica, Sample(self.clock(), beat.busy_s, beat.waiting))
@@ -154,12 +162,12 @@ class Autoscaler:
         return cpu_shares(budgeted(self.plan, keys), weights)
 
     def moved_shares(self, force: bool = False) -> dict[ReplicaKey, float]:
-        """Shares that moved by ``SHARE_STEP`` or more since each worker was told, once a window (or now with
-        ``force``, after a change of replicas); they count as told."""
+        """Shares that moved by ``SHARE_STEP`` or more since each worker was told, every ``REBALANCE_S`` (or now
+        with ``force``, after a change of replicas); they count as told."""
         now = self.clock()
         if not self._changed_at or (not force and now < self._next_rebalance):
             return {}
-        self._next_rebalance = now + self.plan.scaling.window_s
+        self._next_rebalance = now + self._rebalance_s
         moved = {key: share for key, share in self.shares().items()
                  if abs(share - self.sent.get(key, 0.0)) >= SHARE_STEP}
         self.sent.update(moved)

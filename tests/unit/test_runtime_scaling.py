@@ -266,3 +266,31 @@ def test_spare_cores_count_the_share_a_busy_node_gets_at_the_next_rebalance():
             autoscaler.window.observe(*key, Sample(t, t - 90.0 if key[0] == "decoder" else 0.0, 0))
     assert autoscaler.spare_cores("decoder", now[0]) < 0.1
     assert autoscaler.spare_cores("decoder", now[0]) is not None and plan.nodes["decoder"].device == "cpu"
+
+
+def test_a_fresh_deployment_gives_the_busy_worker_its_cores_within_seconds_not_a_window():
+    """Every worker starts with the same share; the decoder busy since then is told its larger share at the first
+    look after ``REBALANCE_S``, well inside the 10 s window (which the shares are still measured over)."""
+    from types import SimpleNamespace
+
+    from engine.controller.autoscaler import REBALANCE_S, Autoscaler
+    from engine.controller.fleet import ReplicaInfo
+    from engine.controller.scaling import Sample
+
+    plan = plan_of("wan_t2v.yaml")
+    assert plan.scaling.window_s == 10.0 and REBALANCE_S < plan.scaling.window_s
+    infos = {(node, 0): ReplicaInfo(node, 0, state="ready") for node in plan.nodes}
+    fleet = SimpleNamespace(replicas=infos, where=lambda info: ("local", "cpu"))
+    now = [0.0]
+    autoscaler = Autoscaler(plan, fleet, scaling=False, cpu_budget=True, clock=lambda: now[0], cores=lambda: 2)
+    even = 1 / len(infos)
+    autoscaler.started(dict.fromkeys(infos, even))
+    for t in (0.5, 1.0, 1.5, 2.0):  # the decoder busy from the start, the others idle
+        now[0] = t
+        for key in infos:
+            autoscaler.window.observe(*key, Sample(t, t if key[0] == "decoder" else 0.0, 0))
+        moved = autoscaler.moved_shares()
+        assert not moved or t >= REBALANCE_S
+    assert moved[("decoder", 0)] > 0.9 and all(moved[key] < even for key in infos if key[0] != "decoder")
+    now[0] = 2.5
+    assert autoscaler.moved_shares() == {}  # told: nothing moved since, and the next look is REBALANCE_S on
