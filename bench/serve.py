@@ -5,7 +5,9 @@
 
 The baseline runs first: the same ``--jobs`` jobs (seeds 42, 43, ...) one after another through the diffusers
 pipeline in one fresh process, after ``--warmup`` untimed jobs (bench/monolithic.py). Its jobs per minute is the
-sequential capacity; a job's latency there is its pipeline call plus output writing (no queue).
+sequential capacity; a job's latency there is its pipeline call plus output writing (no queue). It runs again after
+each service: a shared machine's pace drifts by a fifth over minutes, so each service's ratios are taken against
+the mean of the pipeline's runs just before and just after it.
 
 Then `engine serve graphs/wan_<task>_two_dit.yaml` (encoder | two transformer replicas | decoder; the tiny model,
 128x224x17 and 4 steps by default; the graph's request defaults and its edge buffers sized for exactly that
@@ -344,6 +346,12 @@ def monolithic_figures(mono: dict[str, Any]) -> dict[str, Any]:
             "warmup_seconds": [r["seconds"] for r in mono["requests"] if r["warmup"]], "torch_threads": mono["torch_threads"]}
 
 
+def bracketing(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """The pipeline's pace and p50 around a service: the means of its runs just before and just after it."""
+    return {"jobs_per_minute": sum(r["jobs_per_minute"] for r in runs) / len(runs),
+            "p50_seconds": sum(r["p50_seconds"] for r in runs) / len(runs)}
+
+
 def measure(args: argparse.Namespace) -> dict:
     graph = graph_path(args.task, LAYOUT)
     out = work_dir(args.out, "serve")
@@ -353,12 +361,16 @@ def measure(args: argparse.Namespace) -> dict:
     info = machine()
 
     # 1. The pipeline: warm-up, then the jobs one after another; its pace is the sequential capacity.
-    mono = monolithic_figures(run_monolithic(args.task, source, [*[jobs[0]] * args.warmup, *jobs], out / "monolithic",
-                                             warmup=args.warmup, dtype=plan.dtype))
-    capacity = mono["jobs_per_minute"]
+    def pipeline(run: int) -> dict[str, Any]:
+        return monolithic_figures(run_monolithic(args.task, source, [*[jobs[0]] * args.warmup, *jobs],
+                                                 out / f"monolithic-{run}", warmup=args.warmup, dtype=plan.dtype))
+
+    pipelines = [pipeline(0)]
+    capacity = pipelines[0]["jobs_per_minute"]
     rates = args.rates or [load * capacity for load in args.loads]
 
-    # 2. Each service: launched, healthy, warmed up, then the same jobs at each rate.
+    # 2. Each service: launched, healthy, warmed up, then the same jobs at each rate; the pipeline again after it,
+    #    so that each service is compared with the pipeline just before and just after it (the machine's pace drifts).
     threads = [f"nodes.{node}.place.threads={args.worker_threads}" for node in plan.nodes
                if node in checked.loaded.spec.nodes] if args.worker_threads else []
     elastic = [f"nodes.{args.elastic}.replicas={{min: 1, max: {args.max_replicas}}}",
@@ -375,8 +387,10 @@ def measure(args: argparse.Namespace) -> dict:
                                                arrival_offsets(args.jobs, args.arrivals, args.seed)))
         if any(o["status"] != "completed" for o in warm):
             raise BenchError(f"a warm-up job of the {variant} service did not complete: {warm}")
+        pipelines.append(pipeline(len(pipelines)))
         services[variant] = {"ready_seconds": service.ready_seconds, "exit_code": service.exit_code,
                              "warmup_seconds": [o["ended"] - o["submitted"] for o in warm],
+                             "baseline": bracketing(pipelines[-2:]),
                              "rates": [rate_figures(r, capacity, m) for r, m in zip(rates, per_rate)]}
     return {
         "benchmark": "serve",
@@ -394,7 +408,8 @@ def measure(args: argparse.Namespace) -> dict:
         "elastic": {"node": args.elastic, "max_replicas": args.max_replicas, "window_s": args.scale_window_s,
                     "in_window_s": args.scale_in_window_s},
         "services": services,
-        "monolithic": mono,
+        "monolithic": pipelines[0],
+        "monolithic_runs": pipelines,
         "machine": finish_machine(info),
         "out": str(out),
     }
@@ -429,8 +444,19 @@ def render(result: dict) -> str:
         row.append(" / ".join(str(f["rates"][i]["nodes"][elastic["node"]]["peak_replicas"]) for f in services.values()))
         rows.append(row)
     lines.append(table(header, rows))
-    lines += ["", f"monolithic, one after another: {mono['jobs_per_minute']:.1f} jobs/min, p50 {cell(mono['p50_seconds'])} s, "
-                  f"p99 {cell(mono['p99_seconds'])} s (the capacity the loads are multiples of)", ""]
+    runs = result.get("monolithic_runs", [mono])
+    lines += ["", "monolithic, one after another: " + ", then ".join(
+        f"{r['jobs_per_minute']:.1f} jobs/min, p50 {cell(r['p50_seconds'])} s" for r in runs)
+        + " (before and after each service; the first run's pace is the capacity the loads are multiples of)", ""]
+    if all("baseline" in f for f in services.values()):
+        ratio_rows = []
+        for variant, figures in services.items():
+            base = figures["baseline"]
+            for r in figures["rates"]:
+                ratio_rows.append([variant, f"{r['load']:.2g}x", f"{r['jobs_per_minute'] / base['jobs_per_minute']:.2f}x",
+                                   "-" if r["p50_seconds"] is None else f"{r['p50_seconds'] / base['p50_seconds']:.2f}x"])
+        lines += [table(["service", "load", "jobs/min / pipeline's", "p50 / pipeline's"], ratio_rows),
+                  "(against the mean of the pipeline's runs just before and just after that service)", ""]
 
     node_names = list(next(iter(services.values()))["rates"][0]["nodes"])
     busy_rows = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +25,7 @@ SCRIPTS = ("overhead", "throughput", "control", "memory", "cold_start", "gpu_wan
 def load(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass of the script looks its module up there
     spec.loader.exec_module(module)
     return module
 
@@ -231,3 +233,25 @@ def test_the_streaming_bench_has_help_json_and_refuses_a_bad_size(capsys):
         streaming.parse_args(["--sizes", "48x64"])
     assert "--sizes: each size is HxWxF" in capsys.readouterr().err
     assert streaming.first_fragment_end(b"") is False
+
+
+def test_the_serving_bench_compares_each_service_with_the_pipeline_around_it():
+    serve = load("serve")
+    before, after = {"jobs_per_minute": 40.0, "p50_seconds": 1.5}, {"jobs_per_minute": 30.0, "p50_seconds": 2.5}
+    assert serve.bracketing([before, after]) == {"jobs_per_minute": 35.0, "p50_seconds": 2.0}
+
+    node = {"segments": 2, "busy_seconds": 3.0, "queue_wait_seconds": 0.5, "peak_replicas": 1}
+    rate = {"load": 0.5, "offered_jobs_per_minute": 20.0, "jobs_per_minute": 17.5, "p50_seconds": 2.6,
+            "p99_seconds": 3.0, "failed": 0, "failures": [], "scaling": [], "nodes": {"decoder": node}}
+    pipeline = {**before, "p99_seconds": 1.6, "torch_threads": 2}
+    result = {"graph": "g", "nodes": {"decoder": 1}, "model": "tiny", "seed": 0, "arrivals": "poisson", "jobs": 2,
+              "warmup": 1, "worker_threads": None, "request": {"height": 128, "width": 224, "frames": 17, "steps": 4},
+              "elastic": {"node": "decoder", "max_replicas": 2, "window_s": 3.0, "in_window_s": 20.0},
+              "services": {"fixed": {"ready_seconds": 9.0, "exit_code": 0, "baseline": serve.bracketing([before, after]),
+                                     "rates": [rate]}},
+              "monolithic": pipeline, "monolithic_runs": [pipeline, {**after, "p99_seconds": 2.6, "torch_threads": 2}],
+              "machine": {"cpu": "c", "cores": 2, "memory_gib": 1, "torch": "t", "torch_threads": 2, "loadavg_start": 0.0}}
+    text = serve.render(result)
+    assert "40.0 jobs/min, p50 1.50 s, then 30.0 jobs/min, p50 2.50 s" in text
+    ratios = next(line for line in text.splitlines() if line.startswith("fixed") and "0.5x" in line and "1.30x" in line)
+    assert "0.50x" in ratios  # 17.5 jobs/min against the pipelines' mean of 35, p50 2.6 s against their 2.0 s
