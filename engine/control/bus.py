@@ -10,7 +10,7 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from engine.control.messages import Message
 from engine.errors import ControlError
@@ -70,19 +70,29 @@ class ControlBus(Protocol):
     async def receive(self, timeout_s: float) -> Inbound | None:
         """The next message, or None if none arrived within ``timeout_s``; ControlError once the bus is closed."""
 
+    def nudge(self) -> None:
+        """Make a ``receive`` that waits now (or the next one) return None at once: its reader has work."""
+
     def messages(self) -> AsyncIterator[Inbound]:
         """Every received message until the bus is closed."""
 
 
 class InboxQueue:
-    """Received messages in arrival order; once the bus ends, readers get what was queued, then the end."""
+    """Received messages in arrival order; once the bus ends, readers get what was queued, then the end. A nudge
+    ends one wait early, as a timeout would."""
+
+    _NUDGE = object()
 
     def __init__(self) -> None:
-        self._queue: asyncio.Queue[Inbound | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()  #: Inbound, _NUDGE, or None (the end)
         self._ended: ControlError | None = None
 
     def put(self, inbound: Inbound) -> None:
         self._queue.put_nowait(inbound)
+
+    def nudge(self) -> None:
+        if self._ended is None:
+            self._queue.put_nowait(self._NUDGE)
 
     def end(self, error: ControlError) -> None:
         """No more messages; readers get what was queued, then ``error``."""
@@ -91,7 +101,7 @@ class InboxQueue:
             self._queue.put_nowait(None)
 
     async def get(self, timeout_s: float) -> Inbound | None:
-        """The next message; None on timeout; ControlError once the bus has ended."""
+        """The next message; None on timeout or a nudge; ControlError once the bus has ended."""
         if self._queue.empty():
             try:
                 async with asyncio.timeout(timeout_s):  # never wait_for (tests/unit/test_cancellation.py)
@@ -100,6 +110,8 @@ class InboxQueue:
                 return None
         else:
             inbound = self._queue.get_nowait()
+        if inbound is self._NUDGE:
+            return None
         if inbound is None:
             self._queue.put_nowait(None)  # keep the end marker for every other reader
             assert self._ended is not None
@@ -108,5 +120,6 @@ class InboxQueue:
 
     async def __aiter__(self) -> AsyncIterator[Inbound]:
         while (inbound := await self._queue.get()) is not None:
-            yield inbound
+            if inbound is not self._NUDGE:
+                yield inbound
         self._queue.put_nowait(None)

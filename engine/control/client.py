@@ -215,6 +215,9 @@ class ControlClient:
         """The next message, or None when none arrived within ``timeout_s``; ControlError once closed."""
         return await self._inbox.get(timeout_s)
 
+    def nudge(self) -> None:
+        self._inbox.nudge()
+
     async def messages(self) -> AsyncIterator[Inbound]:
         """Every received message, in arrival order, until the client is closed."""
         async for inbound in self._inbox:

@@ -122,6 +122,9 @@ class MemoryBus:
     async def receive(self, timeout_s: float) -> Inbound | None:
         return await self._inbox.get(timeout_s)
 
+    def nudge(self) -> None:
+        self._inbox.nudge()
+
     async def messages(self) -> AsyncIterator[Inbound]:
         async for inbound in self._inbox:
             yield inbound

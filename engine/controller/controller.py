@@ -302,6 +302,11 @@ class Controller:
             self.scheduler.tick()
             await self._step()
 
+    def wake(self) -> None:
+        """Tick now rather than after the current wait for a message (up to ``TICK_S``): a request was submitted."""
+        if self.client is not None:
+            self.client.nudge()
+
     def interrupt(self) -> None:
         """Stop at the next tick (Ctrl-C, SIGTERM): :class:`Interrupted` is raised there and every worker is stopped.
         A second call does not wait for the tick (a second Ctrl-C)."""

@@ -83,6 +83,7 @@ class Scheduler:
         self.fleet = fleet
         self.view = view
         self.out_dir = out_dir
+        self.ended = asyncio.Event()  #: set when a request ends (whoever follows the requests clears it)
         self.resend_s = resend_s
         self.clock = clock
         self.requests: list[TrackedRequest] = []
@@ -361,3 +362,4 @@ class Scheduler:
     def _ended(self, request: TrackedRequest) -> None:
         self.view.request_finished(request)
         self._handles[request.id]._ended.set()  # noqa: SLF001
+        self.ended.set()

@@ -353,6 +353,7 @@ class Service:
         params = self.request_type.model_validate(job.params)
         remaining = self.options.job_timeout_s - (time.time() - job.created_at)
         self.scheduler.submit(params, job.id, deadline_s=max(remaining, 0.0))
+        self.controller.wake()  # dispatched now, not at the controller's next tick
 
     def _retry_after_s(self) -> int:
         """How long until a queue place frees up, from the jobs finished so far (at least 1 s)."""
@@ -363,9 +364,14 @@ class Service:
     # -- mirroring the scheduler ------------------------------------------------------------------------------
 
     async def _sync_loop(self) -> None:
+        """Jobs follow their requests every ``SYNC_S`` (progress), and at once when a request ends."""
         while True:
             self._sync()
-            await asyncio.sleep(SYNC_S)
+            ended = self.scheduler.ended if self.scheduler is not None else asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SYNC_S):
+                    await ended.wait()
+            ended.clear()
 
     def _sync(self) -> None:
         if self.scheduler is None:

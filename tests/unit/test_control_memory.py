@@ -21,7 +21,7 @@ def status(state: str) -> Status:
 
 
 def test_both_buses_have_the_protocol_methods_with_the_same_signatures():
-    for name in ("publish", "clear_retained", "subscribe", "receive", "messages"):
+    for name in ("publish", "clear_retained", "subscribe", "receive", "nudge", "messages"):
         expected = inspect.signature(getattr(ControlBus, name))
         assert inspect.signature(getattr(ControlClient, name)) == expected, name
         assert inspect.signature(getattr(MemoryBus, name)) == expected, name
@@ -112,5 +112,27 @@ def test_receive_with_zero_timeout_drains_what_is_queued():
             while (inbound := await a.receive(0)) is not None:
                 drained.append(inbound.message.reason)
             assert drained == ["0", "1", "2"]
+
+    asyncio.run(scenario())
+
+
+def test_a_nudge_ends_a_wait_at_once_and_loses_no_message():
+    async def scenario():
+        broker = MemoryBroker()
+        async with broker.connect("a") as a:
+            await a.subscribe(TOPICS.controller)
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.05, a.nudge)
+            started = loop.time()
+            assert await a.receive(30) is None and loop.time() - started < 5  # woken, not timed out
+            await a.publish(TOPICS.controller, Shutdown(reason="after"))
+            a.nudge()
+            first = await a.receive(0)  # the message came before the nudge: it comes first
+            assert first is not None and first.message.reason == "after"
+            assert await a.receive(0) is None  # the nudge
+            a.nudge()
+            await a.publish(TOPICS.controller, Shutdown(reason="streamed"))
+            await a.close()
+            assert [inbound.message.reason async for inbound in a.messages()] == ["streamed"]  # nudges skipped
 
     asyncio.run(scenario())
