@@ -69,6 +69,9 @@ READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
 #: Longer than the service's 15 s keep-alive pings on an event stream: no byte for this long means it is stuck.
 READ_TIMEOUT_S = 60.0
+#: The pipeline's pace moving more than this between its runs around a service marks that service's ratios: the
+#: machine's own speed changed more than the comparison can bear.
+DRIFT_NOTED = 0.15
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -450,13 +453,16 @@ def render(result: dict) -> str:
         + " (before and after each service; the first run's pace is the capacity the loads are multiples of)", ""]
     if all("baseline" in f for f in services.values()):
         ratio_rows = []
-        for variant, figures in services.items():
-            base = figures["baseline"]
+        for index, (variant, figures) in enumerate(services.items()):
+            base, around = figures["baseline"], runs[index:index + 2]
+            drift = max(r["jobs_per_minute"] for r in around) / min(r["jobs_per_minute"] for r in around) - 1
             for r in figures["rates"]:
                 ratio_rows.append([variant, f"{r['load']:.2g}x", f"{r['jobs_per_minute'] / base['jobs_per_minute']:.2f}x",
-                                   "-" if r["p50_seconds"] is None else f"{r['p50_seconds'] / base['p50_seconds']:.2f}x"])
-        lines += [table(["service", "load", "jobs/min / pipeline's", "p50 / pipeline's"], ratio_rows),
-                  "(against the mean of the pipeline's runs just before and just after that service)", ""]
+                                   "-" if r["p50_seconds"] is None else f"{r['p50_seconds'] / base['p50_seconds']:.2f}x",
+                                   f"{drift:.0%}" + (" (unsteady machine)" if drift > DRIFT_NOTED else "")])
+        lines += [table(["service", "load", "jobs/min / pipeline's", "p50 / pipeline's", "pipeline's pace moved"], ratio_rows),
+                  "(against the mean of the pipeline's runs just before and just after that service; its pace moved by "
+                  "the last column between them)", ""]
 
     node_names = list(next(iter(services.values()))["rates"][0]["nodes"])
     busy_rows = []

@@ -255,3 +255,4 @@ def test_the_serving_bench_compares_each_service_with_the_pipeline_around_it():
     assert "40.0 jobs/min, p50 1.50 s, then 30.0 jobs/min, p50 2.50 s" in text
     ratios = next(line for line in text.splitlines() if line.startswith("fixed") and "0.5x" in line and "1.30x" in line)
     assert "0.50x" in ratios  # 17.5 jobs/min against the pipelines' mean of 35, p50 2.6 s against their 2.0 s
+    assert "33% (unsteady machine)" in ratios  # 40 then 30 jobs/min around it
