@@ -18,6 +18,7 @@ from pathlib import Path
 
 from engine.errors import NodeError
 from engine.worker.contract import WorkerSecrets, WorkerSpec
+from engine.worker.threads import SPIN_COUNT
 
 # util-linux setpriv sets PR_SET_PDEATHSIG, then execs the worker: nothing runs in the forked child but exec.
 SETPRIV = shutil.which("setpriv")
@@ -76,7 +77,8 @@ class LocalLauncher:
         log_path = self.deploy_dir / f"{stem}.log"
         if log_path.exists():  # started again: the log of the process it replaces says why
             log_path.replace(log_path.with_suffix(".previous.log"))
-        env = {**os.environ, "MC_LOG_LEVEL": os.environ.get("MC_LOG_LEVEL", "WARNING"), "PYTHONUNBUFFERED": "1", **self.env}
+        env = {**os.environ, "MC_LOG_LEVEL": os.environ.get("MC_LOG_LEVEL", "WARNING"), "PYTHONUNBUFFERED": "1",
+               "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", str(SPIN_COUNT)), **self.env}
         with log_path.open("w") as log:
             process = subprocess.Popen(
                 [SETPRIV, "--pdeathsig", "KILL", sys.executable, "-m", "engine.worker.worker", str(spec_path)],

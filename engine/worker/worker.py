@@ -55,7 +55,7 @@ from engine.worker.heap import release_freed_memory
 from engine.worker.inbound import InboundShapes
 from engine.worker.input_files import read_input_files, remove_input_files, write_input_files
 from engine.worker.output_cache import CachedStage, OutputCache, with_output_cache
-from engine.worker.threads import TorchThreads
+from engine.worker.threads import ComputeThread, TorchThreads
 from engine.control.replies import Replies
 from engine.stages import ProgressFn, Stage
 from engine.stepcache.stats import StepCacheStats, with_node_cache
@@ -144,6 +144,7 @@ class Worker:
         self.requests_done = 0
         self.queued_at: dict[tuple[str, int, int], float] = {}  #: run_stage question -> when it was queued
         self.threads = TorchThreads(spec.cpu_share, spec.threads, spec.cpu_budget)
+        self.compute = ComputeThread()  #: where torch runs (engine.worker.threads)
         self.output_cache = OutputCache(spec.output_cache_bytes) if spec.output_cache_bytes else None
         self.streams: dict[str, VideoStream] = {}  #: stream files the collector grows from a remote decoder's chunks
 
@@ -170,20 +171,10 @@ class Worker:
             if self.spec_path is None:
                 raise EngineError(f"{spec.node}[{spec.replica}] spans {len(spec.devices)} devices but has no spec file")
             self.group = await asyncio.to_thread(RankGroup.start, spec, self.spec_path)
-        components = await asyncio.to_thread(self.family.load_components, spec.task, spec.components,
-                                              Path(spec.source), spec.device, spec.dtype)
-        weights = f"{spec.family}:{spec.task}:{spec.source}:{','.join(spec.components)}:{spec.dtype}:{spec.device}"
-        built: dict[str, Stage] = {}
-        for name in spec.stages:
-            built[name] = self.family.build_stage(spec.task, name, components, spec.device, spec.dtype, spec.configs)
-        if self.group is not None:
-            split = await asyncio.to_thread(self.group.join)
-            for stage in built.values():
-                stage.split(split)
-        for name, stage in built.items():
-            stage = with_backends(stage, self.family, spec.task, spec.node, spec.backends.get(name, ()),
-                                  spec.strict_backends, components, spec.device, spec.source, spec.limits)
-            self.stages[name] = with_output_cache(stage, self.output_cache, weights)
+        components = await self.compute.run(self.family.load_components, spec.task, spec.components,
+                                            Path(spec.source), spec.device, spec.dtype)
+        split = await asyncio.to_thread(self.group.join) if self.group is not None else None
+        self.stages = await self.compute.run(self._build_stages, components, split)
         for edge in spec.inbound:
             self.receivers[edge.name] = await asyncio.to_thread(make_receiver, edge.transport, edge.name, edge.slot_bytes,
                                                                 edge.slots, integrity=edge.integrity, **self._mooncake(edge))
@@ -197,6 +188,21 @@ class Worker:
         await self.status("ready", receive_edges={name: r.location for name, r in self.receivers.items()},
                           param_bytes=param_bytes, load_s=load_s)
 
+    def _build_stages(self, components: Any, split: Any) -> dict[str, Stage]:
+        """The node's stages on its components: each split across the group's ranks (``split``, a several-device
+        replica), with its backends (a graph backend's parity gate runs the stage) and its output cache."""
+        spec = self.spec
+        weights = f"{spec.family}:{spec.task}:{spec.source}:{','.join(spec.components)}:{spec.dtype}:{spec.device}"
+        stages = {}
+        for name in spec.stages:
+            stage = self.family.build_stage(spec.task, name, components, spec.device, spec.dtype, spec.configs)
+            if split is not None:
+                stage.split(split)
+            stage = with_backends(stage, self.family, spec.task, spec.node, spec.backends.get(name, ()),
+                                  spec.strict_backends, components, spec.device, spec.source, spec.limits)
+            stages[name] = with_output_cache(stage, self.output_cache, weights)
+        return stages
+
     def _mooncake(self, edge: EdgeEnd) -> dict[str, Any]:
         """Mooncake options of an edge end: its protocol and this node's NIC (None: the environment's)."""
         if edge.transport != "mooncake":
@@ -209,6 +215,7 @@ class Worker:
                 endpoint.close()
         if self.group is not None:
             self.group.close()
+        self.compute.close()
 
     async def subscribe(self) -> None:
         """Subscribe before announcing ready: the first run_stage may follow the announcement at once."""
@@ -481,7 +488,7 @@ class Worker:
             sink_for = functools.partial(self._preview_sink, job, every, asyncio.get_running_loop())
             stream = self._video_stream(job, segment, request)
             compute = (self._compute, job.request_id, segment.stages, with_node_cache(request, spec.cache), tensors, sink_for)
-            timings, step_cache, cached = await asyncio.to_thread(*((stream.feeding, *compute) if stream else compute))
+            timings, step_cache, cached = await self.compute.run(*((stream.feeding, *compute) if stream else compute))
         finally:
             if files:
                 remove_input_files(fed_folder)
@@ -500,7 +507,7 @@ class Worker:
         self._end_stream(job.request_id)
         if finals:
             out_dir = Path(spec.out_dir)
-            paths = await asyncio.to_thread(self.family.write_output, request, finals, out_dir, output_stem(out_dir, job.request_id),
+            paths = await self.compute.run(self.family.write_output, request, finals, out_dir, output_stem(out_dir, job.request_id),
                                             meta={**spec.meta, "request_id": job.request_id}, save_frames=spec.save_frames)
             outputs = [str(p) for p in paths]
         self._release_received(job.request_id)

@@ -53,3 +53,24 @@ def test_a_wavering_share_does_not_change_the_threads_at_every_stage(monkeypatch
         assert off.start() == 1 and (off.apply() or torch.get_num_threads()) == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_workers_torch_runs_on_one_thread_in_the_order_given():
+    """One compute thread: one OpenMP team in the process (engine.worker.threads), and stages in order."""
+    import asyncio
+    import threading
+
+    from engine.worker.threads import ComputeThread
+
+    ran: list[tuple[int, int]] = []
+
+    async def scenario() -> None:
+        compute = ComputeThread()
+        try:
+            await asyncio.gather(*(compute.run(lambda i=i: ran.append((i, threading.get_ident()))) for i in range(8)))
+        finally:
+            compute.close()
+
+    asyncio.run(scenario())
+    assert [i for i, _ in ran] == list(range(8))
+    assert len({ident for _, ident in ran}) == 1 and ran[0][1] != threading.get_ident()
