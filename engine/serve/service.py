@@ -367,11 +367,13 @@ class Service:
         """Jobs follow their requests every ``SYNC_S`` (progress), and at once when a request ends."""
         while True:
             self._sync()
-            ended = self.scheduler.ended if self.scheduler is not None else asyncio.Event()
+            if self.scheduler is None:
+                await asyncio.sleep(SYNC_S)
+                continue
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SYNC_S):
-                    await ended.wait()
-            ended.clear()
+                    await self.scheduler.ended.wait()
+            self.scheduler.ended.clear()
 
     def _sync(self) -> None:
         if self.scheduler is None:
